@@ -1,0 +1,1 @@
+//! The boot-state contract (filled by issue #3).

@@ -1,0 +1,11 @@
+# Bundles and root filesystem images (protocol/, image-builder/).
+need_apt pkg-config pkg-config
+need_apt /usr/include/openssl/ssl.h libssl-dev
+need_apt openssl openssl
+need_apt mkfs.ext4 e2fsprogs
+need_apt mksquashfs squashfs-tools
+need_apt mkfs.erofs erofs-utils
+need_apt zstd zstd
+need_apt tar tar
+# The bita CLI reads and clones the archives kernex-image writes.
+need_cargo bita bita 0.15.0
