@@ -1,0 +1,1 @@
+//! U-Boot environment codec (issue #3).

@@ -1,0 +1,1 @@
+//! kernex-image library.
