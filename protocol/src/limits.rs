@@ -1,0 +1,38 @@
+//! Size limits for everything the protocol parses.
+//!
+//! Every length read from a bundle, an index or an archive header is checked
+//! against one of these before anything is allocated, so a hostile or corrupt
+//! file can at worst be rejected, never exhaust memory.
+
+/// Largest accepted manifest (JSON bytes).
+pub const MAX_MANIFEST_SIZE: u64 = 64 * 1024;
+/// Largest accepted detached signature (DER bytes).
+pub const MAX_SIGNATURE_SIZE: u64 = 64 * 1024;
+/// Most images (slot classes) one bundle may carry.
+pub const MAX_IMAGES: usize = 8;
+/// Largest image (slot content) a bundle may describe: 16 TiB.
+pub const MAX_IMAGE_SIZE: u64 = 1 << 44;
+/// Longest `compatible` string.
+pub const MAX_COMPATIBLE_LEN: usize = 64;
+/// Most free-form metadata entries in a manifest.
+pub const MAX_METADATA_ENTRIES: usize = 64;
+/// Longest metadata key.
+pub const MAX_METADATA_KEY_LEN: usize = 64;
+/// Longest metadata value.
+pub const MAX_METADATA_VALUE_LEN: usize = 4096;
+/// Largest chunk (uncompressed) any index or archive may describe: 16 MiB,
+/// bita's own maximum chunk size.
+pub const MAX_CHUNK_SIZE: u32 = 16 * 1024 * 1024;
+/// Largest chunk index file.
+pub const MAX_INDEX_SIZE: u64 = 256 * 1024 * 1024;
+/// Most pages one chunk index may have.
+pub const MAX_INDEX_PAGES: u32 = 1 << 20;
+/// Largest single index page.
+pub const MAX_INDEX_PAGE_SIZE: u32 = 1024 * 1024;
+/// Largest bita archive header (magic, dictionary, offset, checksum).
+pub const MAX_ARCHIVE_HEADER_SIZE: u64 = 512 * 1024 * 1024;
+/// Shortest chunk hash the protocol accepts, in bytes (see `index` for why 16
+/// is the default and 12 the floor).
+pub const MIN_CHUNK_HASH_LEN: u8 = 12;
+/// Longest chunk hash (a full BLAKE2b-512 digest).
+pub const MAX_CHUNK_HASH_LEN: u8 = 64;

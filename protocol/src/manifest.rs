@@ -1,0 +1,382 @@
+//! The bundle manifest: what a release is, for which hardware, and the
+//! digests that bind every byte of it.
+//!
+//! The manifest is JSON (kebab-case keys). Parsing is strict: a field this
+//! version does not know is an error, because an updater that silently
+//! ignored a field could install something its builder meant to forbid. A
+//! newer format raises `format`; optional, ignorable data goes in `metadata`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Sha256Digest;
+use crate::limits::*;
+use crate::signature::SignerInfo;
+
+/// The manifest format this crate writes and reads.
+pub const MANIFEST_FORMAT: u32 = 1;
+
+/// One release for one hardware class.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Manifest {
+    /// Manifest format version ([`MANIFEST_FORMAT`]).
+    pub format: u32,
+    /// Release version.
+    pub version: semver::Version,
+    /// Hardware class this release runs on, e.g. `raspberrypi4-64`.
+    pub compatible: String,
+    /// Oldest updater that may install this bundle.
+    pub min_updater_version: semver::Version,
+    /// One entry per slot class the bundle updates; `rootfs` is required.
+    pub images: Vec<ImageEntry>,
+    /// Free-form metadata (model name, quantisation, notes...). Updaters
+    /// ignore it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// The slot classes a bundle can update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SlotClass {
+    /// The root filesystem (kernel, userland, the updater itself).
+    Rootfs,
+    /// An agent partition (model weights, prompts, tools).
+    Agent,
+}
+
+impl SlotClass {
+    /// Name as used in manifests, configs and bundle member names.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlotClass::Rootfs => "rootfs",
+            SlotClass::Agent => "agent",
+        }
+    }
+}
+
+impl fmt::Display for SlotClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for SlotClass {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "rootfs" => Ok(SlotClass::Rootfs),
+            "agent" => Ok(SlotClass::Agent),
+            other => Err(format!(
+                "unknown slot class {other:?} (expected rootfs or agent)"
+            )),
+        }
+    }
+}
+
+/// Filesystem inside an image, so the updater knows how to mount it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FsType {
+    /// ext4
+    Ext4,
+    /// squashfs
+    Squashfs,
+    /// erofs
+    Erofs,
+    /// Raw bytes, not a filesystem Kernex knows.
+    Raw,
+}
+
+impl FsType {
+    /// Name as in manifests.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FsType::Ext4 => "ext4",
+            FsType::Squashfs => "squashfs",
+            FsType::Erofs => "erofs",
+            FsType::Raw => "raw",
+        }
+    }
+}
+
+impl fmt::Display for FsType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One image: the bytes a slot must hold after install, and how to get them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ImageEntry {
+    /// Which slot class this image goes to.
+    pub slot_class: SlotClass,
+    /// Filesystem inside the image.
+    pub filesystem: FsType,
+    /// Image size in bytes.
+    pub size: u64,
+    /// SHA-256 of the whole image.
+    pub sha256: Sha256Digest,
+    /// The compact chunk index (bundle member `<class>.kxi`).
+    pub index: IndexRef,
+    /// The bita chunk archive (bundle member `<class>.bita`).
+    pub archive: ArchiveRef,
+}
+
+/// Binds the chunk index: its head (fetched first by a device) and the whole
+/// file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct IndexRef {
+    /// Size of the index file.
+    pub size: u64,
+    /// SHA-256 of the index file.
+    pub sha256: Sha256Digest,
+    /// Size of the index head (fixed header + page table).
+    pub head_size: u64,
+    /// SHA-256 of the index head.
+    pub head_sha256: Sha256Digest,
+}
+
+/// Binds the bita archive: its header (dictionary) by digest; its chunk data
+/// is bound chunk by chunk through the index's chunk hashes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ArchiveRef {
+    /// Size of the whole archive file.
+    pub size: u64,
+    /// Size of the archive header; chunk data starts here.
+    pub header_size: u64,
+    /// SHA-256 of the archive header.
+    pub header_sha256: Sha256Digest,
+}
+
+/// What is wrong with a manifest.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// Larger than [`MAX_MANIFEST_SIZE`].
+    #[error("manifest is {found} bytes, more than the limit of {limit}")]
+    TooLarge {
+        /// The limit.
+        limit: u64,
+        /// The size found.
+        found: u64,
+    },
+    /// Not JSON, or not the schema (names the field).
+    #[error("manifest is not valid: {0}")]
+    Json(#[from] serde_json::Error),
+    /// A format this updater does not know.
+    #[error("manifest format {found} is not supported (this build reads format {MANIFEST_FORMAT})")]
+    UnsupportedFormat {
+        /// The format found.
+        found: u64,
+    },
+    /// Parsed, but a value is out of range.
+    #[error("manifest field {field}: {reason}")]
+    Invalid {
+        /// The field.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ManifestError {
+    ManifestError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Checks a `compatible` string: 1–64 characters of `a-z 0-9 - _ .`.
+pub fn check_compatible(compatible: &str) -> Result<(), ManifestError> {
+    if compatible.is_empty() || compatible.len() > MAX_COMPATIBLE_LEN {
+        return Err(invalid(
+            "compatible",
+            format!("must be 1 to {MAX_COMPATIBLE_LEN} characters"),
+        ));
+    }
+    if !compatible
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+    {
+        return Err(invalid(
+            "compatible",
+            format!("{compatible:?} may only hold a-z, 0-9, '-', '_' and '.'"),
+        ));
+    }
+    Ok(())
+}
+
+impl Manifest {
+    /// Parses and validates manifest bytes. Does not check the signature:
+    /// see [`crate::signature::verify_manifest`], the only way to get a
+    /// [`VerifiedManifest`].
+    pub fn from_slice(bytes: &[u8]) -> Result<Self, ManifestError> {
+        if bytes.len() as u64 > MAX_MANIFEST_SIZE {
+            return Err(ManifestError::TooLarge {
+                limit: MAX_MANIFEST_SIZE,
+                found: bytes.len() as u64,
+            });
+        }
+        // The format decides which schema applies, so read it first: a
+        // newer manifest gets "format 2 is not supported", not a complaint
+        // about the first new field.
+        #[derive(Deserialize)]
+        struct FormatOnly {
+            format: u64,
+        }
+        let format: FormatOnly = serde_json::from_slice(bytes)?;
+        if format.format != u64::from(MANIFEST_FORMAT) {
+            return Err(ManifestError::UnsupportedFormat {
+                found: format.format,
+            });
+        }
+        let manifest: Manifest = serde_json::from_slice(bytes)?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    /// Serialises the manifest (pretty JSON, stable key order).
+    pub fn to_vec(&self) -> Result<Vec<u8>, ManifestError> {
+        self.validate()?;
+        let mut out = serde_json::to_vec_pretty(self)?;
+        out.push(b'\n');
+        Ok(out)
+    }
+
+    /// Checks every value against the protocol's rules and limits.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        if self.format != MANIFEST_FORMAT {
+            return Err(ManifestError::UnsupportedFormat {
+                found: u64::from(self.format),
+            });
+        }
+        check_compatible(&self.compatible)?;
+        if self.images.is_empty() {
+            return Err(invalid("images", "a bundle needs at least one image"));
+        }
+        if self.images.len() > MAX_IMAGES {
+            return Err(invalid(
+                "images",
+                format!("{} images, more than the limit of {MAX_IMAGES}", self.images.len()),
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        for (i, image) in self.images.iter().enumerate() {
+            let field = |name: &str| format!("images[{i}].{name}");
+            if !seen.insert(image.slot_class) {
+                return Err(invalid(
+                    field("slot-class"),
+                    format!("{} appears twice", image.slot_class),
+                ));
+            }
+            if image.size == 0 || image.size > MAX_IMAGE_SIZE {
+                return Err(invalid(
+                    field("size"),
+                    format!("{} is outside 1..={MAX_IMAGE_SIZE}", image.size),
+                ));
+            }
+            if image.index.size > MAX_INDEX_SIZE || image.index.head_size > image.index.size {
+                return Err(invalid(
+                    field("index.size"),
+                    format!(
+                        "index of {} bytes (head {}) is outside the limit of {MAX_INDEX_SIZE}",
+                        image.index.size, image.index.head_size
+                    ),
+                ));
+            }
+            if image.archive.header_size > MAX_ARCHIVE_HEADER_SIZE
+                || image.archive.header_size > image.archive.size
+            {
+                return Err(invalid(
+                    field("archive.header-size"),
+                    format!(
+                        "archive header of {} bytes does not fit an archive of {} bytes within the limit of {MAX_ARCHIVE_HEADER_SIZE}",
+                        image.archive.header_size, image.archive.size
+                    ),
+                ));
+            }
+        }
+        if !seen.contains(&SlotClass::Rootfs) {
+            return Err(invalid("images", "a bundle must carry a rootfs image"));
+        }
+        if self.metadata.len() > MAX_METADATA_ENTRIES {
+            return Err(invalid(
+                "metadata",
+                format!(
+                    "{} entries, more than the limit of {MAX_METADATA_ENTRIES}",
+                    self.metadata.len()
+                ),
+            ));
+        }
+        for (key, value) in &self.metadata {
+            if key.is_empty() || key.len() > MAX_METADATA_KEY_LEN {
+                return Err(invalid(
+                    "metadata",
+                    format!("key {key:?} must be 1 to {MAX_METADATA_KEY_LEN} bytes"),
+                ));
+            }
+            if value.len() > MAX_METADATA_VALUE_LEN {
+                return Err(invalid(
+                    format!("metadata.{key}"),
+                    format!("value is longer than {MAX_METADATA_VALUE_LEN} bytes"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The image for a slot class, if the bundle carries one.
+    pub fn image(&self, class: SlotClass) -> Option<&ImageEntry> {
+        self.images.iter().find(|i| i.slot_class == class)
+    }
+}
+
+/// A manifest whose signature verified against a trusted keyring.
+///
+/// The only constructor is signature verification
+/// ([`crate::signature::verify_manifest`]); install code takes this type, so
+/// an unverified manifest cannot reach a slot.
+#[derive(Debug, Clone)]
+pub struct VerifiedManifest {
+    manifest: Manifest,
+    bytes: Vec<u8>,
+    signer: SignerInfo,
+}
+
+impl VerifiedManifest {
+    pub(crate) fn new(manifest: Manifest, bytes: Vec<u8>, signer: SignerInfo) -> Self {
+        Self {
+            manifest,
+            bytes,
+            signer,
+        }
+    }
+
+    /// The manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The exact bytes that were signed.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Who signed it.
+    pub fn signer(&self) -> &SignerInfo {
+        &self.signer
+    }
+}
+
+impl std::ops::Deref for VerifiedManifest {
+    type Target = Manifest;
+    fn deref(&self) -> &Manifest {
+        &self.manifest
+    }
+}

@@ -1,0 +1,385 @@
+//! Detached CMS (PKCS#7) signatures over the manifest, with X.509 chains.
+//!
+//! A bundle's `manifest.sig` is a DER-encoded CMS SignedData, detached
+//! (the content is `manifest.json`), carrying the signing certificate and any
+//! intermediates. A device trusts a keyring: one or more CA certificates in
+//! PEM. Verification checks, in order: the signer certificate is present and
+//! allowed to sign code (key usage digitalSignature, extended key usage
+//! codeSigning), is within its validity period, chains to a keyring CA, and
+//! its key produced the signature over exactly these manifest bytes. The same
+//! files verify with `openssl cms -verify -binary -inform DER -content
+//! manifest.json -CAfile ca.crt -purpose any`.
+
+use std::fmt;
+
+use openssl::asn1::Asn1Time;
+use openssl::cms::{CMSOptions, CmsContentInfo};
+use openssl::hash::MessageDigest;
+use openssl::pkcs7::{Pkcs7, Pkcs7Flags};
+use openssl::pkey::{PKey, Private};
+use openssl::stack::Stack;
+use openssl::x509::store::X509StoreBuilder;
+use openssl::x509::verify::X509VerifyParam;
+use openssl::x509::{X509, X509ExtendedKeyUsage, X509KeyUsage, X509PurposeId, X509Ref};
+use serde::Serialize;
+
+use crate::limits::MAX_SIGNATURE_SIZE;
+use crate::manifest::{Manifest, ManifestError, VerifiedManifest};
+
+/// Why a signature was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum SignatureError {
+    /// The keyring file holds no usable CA certificate.
+    #[error("keyring holds no CA certificate: {0}")]
+    Keyring(String),
+    /// The signing key or certificate could not be loaded.
+    #[error("signing key or certificate is not usable: {0}")]
+    SigningKey(String),
+    /// The bundle has no signature at all.
+    #[error("bundle is not signed")]
+    Unsigned,
+    /// Larger than [`MAX_SIGNATURE_SIZE`].
+    #[error("signature is {found} bytes, more than the limit of {limit}")]
+    TooLarge {
+        /// The limit.
+        limit: u64,
+        /// The size found.
+        found: u64,
+    },
+    /// Not a CMS/PKCS#7 structure.
+    #[error("signature is not a DER-encoded CMS SignedData structure: {0}")]
+    Malformed(String),
+    /// No certificate for the signer is included.
+    #[error("signature does not carry its signer's certificate")]
+    NoSignerCertificate,
+    /// The signer's certificate is not for code signing.
+    #[error("signer {signer} may not sign bundles: {reason}")]
+    WrongUsage {
+        /// Signer subject.
+        signer: String,
+        /// Which usage is missing.
+        reason: String,
+    },
+    /// The signer's certificate has expired (or is not yet valid).
+    #[error("signer certificate {signer} is not valid at the verification time: valid {not_before} to {not_after}")]
+    Expired {
+        /// Signer subject.
+        signer: String,
+        /// Start of validity.
+        not_before: String,
+        /// End of validity.
+        not_after: String,
+    },
+    /// Chain or signature check failed (unknown CA, tampered manifest...).
+    #[error("signature by {signer} does not verify against the keyring: {reason}")]
+    Verify {
+        /// Signer subject.
+        signer: String,
+        /// OpenSSL's reason.
+        reason: String,
+    },
+    /// Signature is fine but the signed manifest is not.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+}
+
+/// Who signed a bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SignerInfo {
+    /// Subject, e.g. `O=Kernex dev, CN=Kernex development signing`.
+    pub subject: String,
+    /// Issuer subject.
+    pub issuer: String,
+    /// Serial number (hex).
+    pub serial: String,
+    /// End of validity.
+    pub not_after: String,
+    /// SHA-256 fingerprint of the certificate (hex).
+    pub sha256_fingerprint: String,
+}
+
+impl fmt::Display for SignerInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (issued by {})", self.subject, self.issuer)
+    }
+}
+
+fn name_to_string(name: &openssl::x509::X509NameRef) -> String {
+    let parts: Vec<String> = name
+        .entries()
+        .map(|e| {
+            let key = e.object().nid().short_name().unwrap_or("?");
+            let value = e
+                .data()
+                .to_string()
+                .unwrap_or_else(|_| "?".into());
+            format!("{key}={value}")
+        })
+        .collect();
+    parts.join(", ")
+}
+
+impl SignerInfo {
+    fn of(cert: &X509Ref) -> Self {
+        let serial = cert
+            .serial_number()
+            .to_bn()
+            .and_then(|bn| bn.to_hex_str().map(|s| s.to_string()))
+            .unwrap_or_default();
+        let fingerprint = cert
+            .digest(MessageDigest::sha256())
+            .map(|d| hex::encode(&*d))
+            .unwrap_or_default();
+        SignerInfo {
+            subject: name_to_string(cert.subject_name()),
+            issuer: name_to_string(cert.issuer_name()),
+            serial,
+            not_after: cert.not_after().to_string(),
+            sha256_fingerprint: fingerprint,
+        }
+    }
+}
+
+/// A signing key with its certificate and chain.
+pub struct Signer {
+    key: PKey<Private>,
+    cert: X509,
+    chain: Stack<X509>,
+}
+
+impl fmt::Debug for Signer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Signer")
+            .field("cert", &SignerInfo::of(&self.cert))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Signer {
+    /// Loads a PEM private key and a PEM certificate file whose first
+    /// certificate is the signer's and whose others are intermediates to
+    /// include in every signature.
+    pub fn from_pem(key_pem: &[u8], cert_pem: &[u8]) -> Result<Self, SignatureError> {
+        let key = PKey::private_key_from_pem(key_pem)
+            .map_err(|e| SignatureError::SigningKey(format!("private key: {e}")))?;
+        let mut certs = X509::stack_from_pem(cert_pem)
+            .map_err(|e| SignatureError::SigningKey(format!("certificate: {e}")))?
+            .into_iter();
+        let cert = certs
+            .next()
+            .ok_or_else(|| SignatureError::SigningKey("certificate file holds no certificate".into()))?;
+        let cert_key = cert
+            .public_key()
+            .map_err(|e| SignatureError::SigningKey(e.to_string()))?;
+        if !key.public_eq(&cert_key) {
+            return Err(SignatureError::SigningKey(
+                "the private key does not belong to the certificate".into(),
+            ));
+        }
+        let mut chain = Stack::new().map_err(|e| SignatureError::SigningKey(e.to_string()))?;
+        for c in certs {
+            chain
+                .push(c)
+                .map_err(|e| SignatureError::SigningKey(e.to_string()))?;
+        }
+        Ok(Self { key, cert, chain })
+    }
+
+    /// The signer's identity.
+    pub fn info(&self) -> SignerInfo {
+        SignerInfo::of(&self.cert)
+    }
+
+    /// Signs `data`, returning a detached DER CMS signature.
+    pub fn sign(&self, data: &[u8]) -> Result<Vec<u8>, SignatureError> {
+        let cms = CmsContentInfo::sign(
+            Some(&self.cert),
+            Some(&self.key),
+            Some(&self.chain),
+            Some(data),
+            CMSOptions::DETACHED | CMSOptions::BINARY,
+        )
+        .map_err(|e| SignatureError::SigningKey(format!("signing failed: {e}")))?;
+        cms.to_der()
+            .map_err(|e| SignatureError::SigningKey(format!("encoding the signature: {e}")))
+    }
+}
+
+/// Trusted CA certificates.
+pub struct Keyring {
+    cas: Vec<X509>,
+}
+
+impl fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<String> = self.cas.iter().map(|c| name_to_string(c.subject_name())).collect();
+        f.debug_struct("Keyring").field("cas", &names).finish()
+    }
+}
+
+impl Keyring {
+    /// Loads every certificate from PEM text (one file may hold several).
+    pub fn from_pem(pem: &[u8]) -> Result<Self, SignatureError> {
+        let cas = X509::stack_from_pem(pem).map_err(|e| SignatureError::Keyring(e.to_string()))?;
+        if cas.is_empty() {
+            return Err(SignatureError::Keyring("no PEM certificate found".into()));
+        }
+        Ok(Self { cas })
+    }
+
+    /// Subjects of the trusted CAs.
+    pub fn subjects(&self) -> Vec<String> {
+        self.cas.iter().map(|c| name_to_string(c.subject_name())).collect()
+    }
+}
+
+/// Verification settings.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VerifyOptions {
+    /// Check certificate validity at this Unix time instead of now (for
+    /// devices whose clock is known to be wrong, and for tests).
+    pub at_time: Option<i64>,
+}
+
+/// Reads the signer certificate out of a signature without trusting it, for
+/// display (`bundle inspect`).
+pub fn signer_of(signature: &[u8]) -> Result<SignerInfo, SignatureError> {
+    let cert = signer_cert(signature)?;
+    Ok(SignerInfo::of(&cert))
+}
+
+fn signer_cert(signature: &[u8]) -> Result<X509, SignatureError> {
+    if signature.is_empty() {
+        return Err(SignatureError::Unsigned);
+    }
+    if signature.len() as u64 > MAX_SIGNATURE_SIZE {
+        return Err(SignatureError::TooLarge {
+            limit: MAX_SIGNATURE_SIZE,
+            found: signature.len() as u64,
+        });
+    }
+    let p7 = Pkcs7::from_der(signature).map_err(|e| SignatureError::Malformed(e.to_string()))?;
+    let empty = Stack::new().map_err(|e| SignatureError::Malformed(e.to_string()))?;
+    let signers = p7
+        .signers(&empty, Pkcs7Flags::empty())
+        .map_err(|_| SignatureError::NoSignerCertificate)?;
+    let mut signers = signers.into_iter();
+    let cert = signers.next().ok_or(SignatureError::NoSignerCertificate)?;
+    if signers.next().is_some() {
+        return Err(SignatureError::Malformed(
+            "more than one signer; Kernex bundles carry exactly one".into(),
+        ));
+    }
+    Ok(cert)
+}
+
+fn check_usage(cert: &X509Ref, signer: &str) -> Result<(), SignatureError> {
+    let wrong = |reason: &str| SignatureError::WrongUsage {
+        signer: signer.to_string(),
+        reason: reason.to_string(),
+    };
+    if let Some(ku) = cert.key_usage()
+        && !ku.contains(X509KeyUsage::DIGITAL_SIGNATURE)
+    {
+        return Err(wrong("key usage lacks digitalSignature"));
+    }
+    match cert.extended_key_usage() {
+        Some(eku) if eku.contains(X509ExtendedKeyUsage::CODE_SIGN) => Ok(()),
+        Some(_) => Err(wrong("extended key usage lacks codeSigning")),
+        None => Err(wrong(
+            "no extended key usage; a bundle signing certificate must carry codeSigning",
+        )),
+    }
+}
+
+/// Verifies a detached signature over `data` against `keyring`.
+pub fn verify_detached(
+    keyring: &Keyring,
+    data: &[u8],
+    signature: &[u8],
+    options: VerifyOptions,
+) -> Result<SignerInfo, SignatureError> {
+    let cert = signer_cert(signature)?;
+    let info = SignerInfo::of(&cert);
+    check_usage(&cert, &info.subject)?;
+
+    let now = match options.at_time {
+        Some(t) => Asn1Time::from_unix(t),
+        None => Asn1Time::days_from_now(0),
+    }
+    .map_err(|e| SignatureError::Malformed(e.to_string()))?;
+    let not_yet = cert.not_before().compare(&now).map(|o| o.is_gt()).unwrap_or(true);
+    let expired = cert.not_after().compare(&now).map(|o| o.is_lt()).unwrap_or(true);
+    if not_yet || expired {
+        return Err(SignatureError::Expired {
+            signer: info.subject.clone(),
+            not_before: cert.not_before().to_string(),
+            not_after: cert.not_after().to_string(),
+        });
+    }
+
+    let verify_err = |reason: String| SignatureError::Verify {
+        signer: info.subject.clone(),
+        reason,
+    };
+    let mut store = X509StoreBuilder::new().map_err(|e| verify_err(e.to_string()))?;
+    for ca in &keyring.cas {
+        store
+            .add_cert(ca.clone())
+            .map_err(|e| verify_err(e.to_string()))?;
+    }
+    // Usage is checked above (codeSigning); OpenSSL's default CMS purpose
+    // would demand S/MIME email protection instead.
+    store
+        .set_purpose(X509PurposeId::ANY)
+        .map_err(|e| verify_err(e.to_string()))?;
+    if let Some(t) = options.at_time {
+        let mut param = X509VerifyParam::new().map_err(|e| verify_err(e.to_string()))?;
+        param.set_time(t as _);
+        store.set_param(&param).map_err(|e| verify_err(e.to_string()))?;
+    }
+    let store = store.build();
+
+    let mut cms =
+        CmsContentInfo::from_der(signature).map_err(|e| SignatureError::Malformed(e.to_string()))?;
+    cms.verify(None, Some(&store), Some(data), None, CMSOptions::BINARY)
+        .map_err(|e| verify_err(openssl_reason(&e)))?;
+    Ok(info)
+}
+
+fn openssl_reason(e: &openssl::error::ErrorStack) -> String {
+    let reasons: Vec<String> = e
+        .errors()
+        .iter()
+        .map(|err| {
+            let mut s = err.reason().unwrap_or("unknown error").to_string();
+            if let Some(data) = err.data() {
+                s.push_str(&format!(" ({data})"));
+            }
+            s
+        })
+        .collect();
+    if reasons.is_empty() {
+        "verification failed".into()
+    } else {
+        reasons.join("; ")
+    }
+}
+
+/// Verifies the manifest's signature and parses it: the only way to obtain a
+/// [`VerifiedManifest`].
+pub fn verify_manifest(
+    keyring: &Keyring,
+    manifest_bytes: &[u8],
+    signature: &[u8],
+    options: VerifyOptions,
+) -> Result<VerifiedManifest, SignatureError> {
+    let signer = verify_detached(keyring, manifest_bytes, signature, options)?;
+    let manifest = Manifest::from_slice(manifest_bytes)?;
+    Ok(VerifiedManifest::new(
+        manifest,
+        manifest_bytes.to_vec(),
+        signer,
+    ))
+}
