@@ -1,8 +1,7 @@
 //! Slot names and where the booted slot is read from.
 
 use std::fmt;
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use crate::BootError;
@@ -115,36 +114,11 @@ impl BootedSlot {
         match self {
             BootedSlot::Fixed(s) => Ok(*s),
             BootedSlot::Cmdline(path) => {
-                let text = read_bounded(path, MAX_CMDLINE)?;
+                let bytes = crate::file::read_limited(path, MAX_CMDLINE)?;
+                let text = String::from_utf8_lossy(&bytes);
                 slot_from_cmdline(&text)?
                     .ok_or_else(|| BootError::NoSlotOnCmdline { path: path.clone() })
             }
         }
     }
-}
-
-/// Reads a text file of at most `limit` bytes.
-pub(crate) fn read_bounded(path: &Path, limit: u64) -> Result<String, BootError> {
-    let io_err = |source| BootError::Io {
-        action: "read",
-        path: path.to_owned(),
-        source,
-    };
-    let file = std::fs::File::open(path).map_err(io_err)?;
-    let mut bytes = Vec::new();
-    file.take(limit + 1)
-        .read_to_end(&mut bytes)
-        .map_err(io_err)?;
-    if bytes.len() as u64 > limit {
-        return Err(BootError::TooLarge {
-            path: path.to_owned(),
-            limit,
-        });
-    }
-    String::from_utf8(bytes).map_err(|_| {
-        io_err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "not UTF-8",
-        ))
-    })
 }

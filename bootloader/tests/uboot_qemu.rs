@@ -4,7 +4,6 @@
 //! flash, prints the slot it chose and powers off.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "common.rs"]
 mod common;
 
 use std::io::Read;

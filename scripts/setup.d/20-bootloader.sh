@@ -11,11 +11,16 @@
 #   the qemu-utils 10.x the machine already has. The backports suite is added
 #   in a private apt configuration under $KERNEX_CACHE (its own sources file
 #   and its own package lists), so the machine's apt setup is left untouched.
-# - cargo-fuzz: the fuzz target under bootloader/u-boot-env/fuzz.
+# - grub-common: grub-editenv (grubenv round trips) and grub-script-check
+#   (the GRUB snippet); make: bootloader/uboot/Makefile.
+# - cargo-fuzz: the fuzz target under bootloader/u-boot-env/fuzz (run on the
+#   stable toolchain with RUSTC_BOOTSTRAP=1, see its run-ci.sh).
 need_apt mkenvimage u-boot-tools
 need_apt mkimage u-boot-tools
 need_apt fw_printenv libubootenv-tool
 need_apt /usr/lib/u-boot/qemu_arm64/u-boot.bin u-boot-qemu
+need_apt grub-editenv grub-common
+need_apt make make
 # libFuzzer (built by cargo fuzz) needs a C++ compiler.
 need_apt g++ g++
 
