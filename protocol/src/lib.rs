@@ -6,6 +6,8 @@
 //! checked against a limit in [`limits`] before anything is allocated.
 
 pub mod archive;
+pub mod bundle;
+pub mod container;
 pub mod digest;
 pub mod index;
 pub mod limits;

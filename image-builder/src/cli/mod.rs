@@ -1,0 +1,62 @@
+//! The command line: one module per command.
+
+pub mod bundle;
+pub mod keys;
+
+use clap::{Parser, Subcommand};
+
+/// Build Kernex root filesystem images, signed release bundles and
+/// development keys.
+#[derive(Debug, Parser)]
+#[command(
+    name = "kernex-image",
+    version,
+    about = "Build Kernex root filesystem images, signed release bundles and development keys",
+    long_about = "kernex-image turns a root filesystem into what Kernex devices install.\n\n\
+A release goes through three steps: `rootfs` makes a reproducible filesystem image \
+(ext4, squashfs or erofs) from a directory or tarball; `bundle create` cuts that image \
+into content-defined chunks, compresses them into a bita archive, writes the compact \
+chunk index devices use to fetch only what changed, and signs the manifest with an \
+X.509 certificate; `bundle verify` checks a bundle exactly as a device will.\n\n\
+`keys create` makes a development CA and signing certificate. They are for development \
+and CI only: keep production signing keys in an HSM or an offline CA.",
+    after_help = "EXAMPLES:\n\
+    kernex-image keys create --out keys/\n\
+    kernex-image rootfs ./rootfs-dir --fs ext4 --out rootfs.img\n\
+    kernex-image bundle create --compatible qemu-aarch64 --version 1.2.0 \\\n\
+        --rootfs rootfs.img --key keys/signing.key --cert keys/signing.crt --out release-1.2.0.kxb\n\
+    kernex-image bundle inspect release-1.2.0.kxb --json\n\
+    kernex-image bundle verify release-1.2.0.kxb --keyring keys/ca.crt\n\n\
+EXIT STATUS:\n    0 on success, 1 on any error (the error names what failed), 2 on a usage error.\n\n\
+ENVIRONMENT:\n    RUST_LOG    log filter for the diagnostics written to stderr (default: warn)."
+)]
+pub struct Cli {
+    /// The command to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create development signing keys.
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
+    /// Build, inspect, verify and compare release bundles.
+    #[command(subcommand)]
+    Bundle(bundle::BundleCommand),
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Keys(cmd) => keys::run(cmd),
+        Command::Bundle(cmd) => bundle::run(cmd),
+    }
+}
+
+/// Prints `value` as pretty JSON on stdout.
+pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
