@@ -94,11 +94,20 @@ pub fn create_ca(org: &str, validity: Validity) -> Result<KeyPair> {
     b.set_subject_name(&subject)?;
     b.set_issuer_name(&subject)?;
     b.set_pubkey(&key)?;
-    let (nb, na) = (Asn1Time::from_unix(validity.not_before)?, Asn1Time::from_unix(validity.not_after)?);
+    let (nb, na) = (
+        Asn1Time::from_unix(validity.not_before)?,
+        Asn1Time::from_unix(validity.not_after)?,
+    );
     b.set_not_before(&nb)?;
     b.set_not_after(&na)?;
     b.append_extension(BasicConstraints::new().critical().ca().build()?)?;
-    b.append_extension(KeyUsage::new().critical().key_cert_sign().crl_sign().build()?)?;
+    b.append_extension(
+        KeyUsage::new()
+            .critical()
+            .key_cert_sign()
+            .crl_sign()
+            .build()?,
+    )?;
     let ski = SubjectKeyIdentifier::new().build(&b.x509v3_context(None, None))?;
     b.append_extension(ski)?;
     b.sign(&key, MessageDigest::sha256())?;
@@ -109,7 +118,13 @@ pub fn create_ca(org: &str, validity: Validity) -> Result<KeyPair> {
 }
 
 /// A leaf certificate issued by `ca`.
-pub fn create_leaf(ca: &KeyPair, org: &str, cn: &str, usage: Usage, validity: Validity) -> Result<KeyPair> {
+pub fn create_leaf(
+    ca: &KeyPair,
+    org: &str,
+    cn: &str,
+    usage: Usage,
+    validity: Validity,
+) -> Result<KeyPair> {
     let key = new_key()?;
     let mut b = X509::builder()?;
     b.set_version(2)?;
@@ -119,7 +134,10 @@ pub fn create_leaf(ca: &KeyPair, org: &str, cn: &str, usage: Usage, validity: Va
     b.set_subject_name(&subject)?;
     b.set_issuer_name(ca.cert.subject_name())?;
     b.set_pubkey(&key)?;
-    let (nb, na) = (Asn1Time::from_unix(validity.not_before)?, Asn1Time::from_unix(validity.not_after)?);
+    let (nb, na) = (
+        Asn1Time::from_unix(validity.not_before)?,
+        Asn1Time::from_unix(validity.not_after)?,
+    );
     b.set_not_before(&nb)?;
     b.set_not_after(&na)?;
     b.append_extension(BasicConstraints::new().critical().build()?)?;
@@ -129,7 +147,13 @@ pub fn create_leaf(ca: &KeyPair, org: &str, cn: &str, usage: Usage, validity: Va
             b.append_extension(ExtendedKeyUsage::new().code_signing().build()?)?;
         }
         Usage::TlsServer => {
-            b.append_extension(KeyUsage::new().critical().digital_signature().key_agreement().build()?)?;
+            b.append_extension(
+                KeyUsage::new()
+                    .critical()
+                    .digital_signature()
+                    .key_agreement()
+                    .build()?,
+            )?;
             b.append_extension(ExtendedKeyUsage::new().server_auth().build()?)?;
         }
     }
@@ -173,7 +197,13 @@ fn write_file(path: &Path, data: &[u8], private: bool) -> Result<()> {
 }
 
 /// Creates a development CA and signing certificate in `dir`.
-pub fn write_dev_keys(dir: &Path, org: &str, ca_days: u32, signing_days: u32, force: bool) -> Result<DevKeys> {
+pub fn write_dev_keys(
+    dir: &Path,
+    org: &str,
+    ca_days: u32,
+    signing_days: u32,
+    force: bool,
+) -> Result<DevKeys> {
     fs::create_dir_all(dir).with_context(|| format!("unable to create {}", dir.display()))?;
     let keys = DevKeys {
         ca_cert: dir.join("ca.crt"),
@@ -181,19 +211,38 @@ pub fn write_dev_keys(dir: &Path, org: &str, ca_days: u32, signing_days: u32, fo
         signing_cert: dir.join("signing.crt"),
         signing_key: dir.join("signing.key"),
     };
-    for p in [&keys.ca_cert, &keys.ca_key, &keys.signing_cert, &keys.signing_key] {
+    for p in [
+        &keys.ca_cert,
+        &keys.ca_key,
+        &keys.signing_cert,
+        &keys.signing_key,
+    ] {
         if p.exists() {
             if !force {
-                bail!("{} already exists; pass --force to replace the keys in {}", p.display(), dir.display());
+                bail!(
+                    "{} already exists; pass --force to replace the keys in {}",
+                    p.display(),
+                    dir.display()
+                );
             }
             fs::remove_file(p).with_context(|| format!("unable to remove {}", p.display()))?;
         }
     }
     let ca = create_ca(org, Validity::days_from_now(ca_days))?;
-    let leaf = create_leaf(&ca, org, &format!("{org} signing"), Usage::CodeSigning, Validity::days_from_now(signing_days))?;
+    let leaf = create_leaf(
+        &ca,
+        org,
+        &format!("{org} signing"),
+        Usage::CodeSigning,
+        Validity::days_from_now(signing_days),
+    )?;
     write_file(&keys.ca_key, &ca.key.private_key_to_pem_pkcs8()?, true)?;
     write_file(&keys.ca_cert, &ca.cert.to_pem()?, false)?;
-    write_file(&keys.signing_key, &leaf.key.private_key_to_pem_pkcs8()?, true)?;
+    write_file(
+        &keys.signing_key,
+        &leaf.key.private_key_to_pem_pkcs8()?,
+        true,
+    )?;
     write_file(&keys.signing_cert, &leaf.cert.to_pem()?, false)?;
     Ok(keys)
 }

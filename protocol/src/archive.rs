@@ -25,8 +25,8 @@ use sha2::Sha256;
 
 use crate::digest::Sha256Digest;
 use crate::index::{
-    ChunkHash, ChunkIndex, ChunkerParams, ChunkingAlgorithm, DEFAULT_HASH_LEN, IndexBuilder, Pushed,
-    StoredChunk,
+    ChunkHash, ChunkIndex, ChunkerParams, ChunkingAlgorithm, DEFAULT_HASH_LEN, IndexBuilder,
+    Pushed, StoredChunk,
 };
 use crate::limits::*;
 
@@ -347,7 +347,11 @@ pub fn build_archive<R: Read + Send + Unpin>(
     })
 }
 
-fn dictionary_for(index: &ChunkIndex, options: &ArchiveOptions, source_b2: Vec<u8>) -> ChunkDictionary {
+fn dictionary_for(
+    index: &ChunkIndex,
+    options: &ArchiveOptions,
+    source_b2: Vec<u8>,
+) -> ChunkDictionary {
     let params = index.params();
     let algorithm = match params.algorithm {
         ChunkingAlgorithm::RollSum => chunker_parameters::ChunkingAlgorithm::Rollsum,
@@ -446,7 +450,10 @@ pub fn archive_header_size(prefix: &[u8]) -> Result<u64, ArchiveError> {
 }
 
 /// Checks that a bita dictionary describes exactly the chunks of `index`.
-pub fn check_dictionary(dictionary: &ChunkDictionary, index: &ChunkIndex) -> Result<(), ArchiveError> {
+pub fn check_dictionary(
+    dictionary: &ChunkDictionary,
+    index: &ChunkIndex,
+) -> Result<(), ArchiveError> {
     let mismatch = |what: String| Err(ArchiveError::Mismatch(what));
     if dictionary.source_total_size != index.image_size() {
         return mismatch(format!(
@@ -498,7 +505,12 @@ pub fn check_dictionary(dictionary: &ChunkDictionary, index: &ChunkIndex) -> Res
     if dictionary.rebuild_order.len() as u64 != index.chunk_count() {
         return mismatch("rebuild order length differs".into());
     }
-    for (i, (a, (_, b, _))) in dictionary.rebuild_order.iter().zip(index.image_chunks()).enumerate() {
+    for (i, (a, (_, b, _))) in dictionary
+        .rebuild_order
+        .iter()
+        .zip(index.image_chunks())
+        .enumerate()
+    {
         if *a as usize != b {
             return mismatch(format!("rebuild order differs at chunk {i}"));
         }
@@ -530,7 +542,10 @@ impl VerifiedChunk {
 }
 
 /// Decompresses one stored chunk's archive bytes and checks its hash.
-pub fn verify_chunk(chunk: &StoredChunk, archive_bytes: &[u8]) -> Result<VerifiedChunk, ArchiveError> {
+pub fn verify_chunk(
+    chunk: &StoredChunk,
+    archive_bytes: &[u8],
+) -> Result<VerifiedChunk, ArchiveError> {
     let corrupt = |reason: String| ArchiveError::Chunk {
         hash: chunk.hash,
         offset: chunk.archive_offset,
@@ -578,7 +593,11 @@ mod tests {
                 x ^= x >> 7;
                 x ^= x << 17;
                 // Half compressible text-like, half noise.
-                if (i / 4096) % 2 == 0 { b"kernex "[i % 7] } else { x as u8 }
+                if (i / 4096) % 2 == 0 {
+                    b"kernex "[i % 7]
+                } else {
+                    x as u8
+                }
             })
             .collect()
     }
@@ -588,7 +607,8 @@ mod tests {
         let mut image = pseudo_random(3 << 20, 7);
         image.extend(vec![0u8; 1 << 20]);
         let mut data = Vec::new();
-        let built = build_archive(&image[..], &mut data, &ArchiveOptions::default(), &|_| {}).expect("builds");
+        let built = build_archive(&image[..], &mut data, &ArchiveOptions::default(), &|_| {})
+            .expect("builds");
         assert_eq!(built.image_size, image.len() as u64);
         assert_eq!(built.image_sha256, Sha256Digest::of(&image));
         assert_eq!(built.data_size, data.len() as u64);
@@ -598,13 +618,23 @@ mod tests {
         let mut rebuilt = Vec::new();
         for (_, _, chunk) in index.image_chunks() {
             let at = chunk.archive_offset as usize;
-            let v = verify_chunk(chunk, &data[at..at + chunk.archive_size as usize]).expect("verifies");
+            let v =
+                verify_chunk(chunk, &data[at..at + chunk.archive_size as usize]).expect("verifies");
             rebuilt.extend_from_slice(v.data());
         }
         assert_eq!(rebuilt, image);
         // Same input, same bytes, whatever the thread timing.
         let mut data2 = Vec::new();
-        let again = build_archive(&image[..], &mut data2, &ArchiveOptions { threads: 3, ..Default::default() }, &|_| {}).expect("builds");
+        let again = build_archive(
+            &image[..],
+            &mut data2,
+            &ArchiveOptions {
+                threads: 3,
+                ..Default::default()
+            },
+            &|_| {},
+        )
+        .expect("builds");
         assert_eq!(again.header, built.header);
         assert_eq!(data2, data);
     }
@@ -613,7 +643,8 @@ mod tests {
     fn corrupt_chunk_is_named() {
         let image = pseudo_random(200_000, 3);
         let mut data = Vec::new();
-        let built = build_archive(&image[..], &mut data, &ArchiveOptions::default(), &|_| {}).expect("builds");
+        let built = build_archive(&image[..], &mut data, &ArchiveOptions::default(), &|_| {})
+            .expect("builds");
         let chunk = built.index.stored_chunks()[0];
         let mut bytes = data[..chunk.archive_size as usize].to_vec();
         bytes[5] ^= 1;

@@ -15,7 +15,9 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::archive::{self, ArchiveError, BuiltArchive, VerifiedChunk};
-use crate::container::{self, BLOCK, BundleLayout, ContainerError, MANIFEST_MEMBER, SIGNATURE_MEMBER};
+use crate::container::{
+    self, BLOCK, BundleLayout, ContainerError, MANIFEST_MEMBER, SIGNATURE_MEMBER,
+};
 use crate::digest::Sha256Digest;
 use crate::index::{ChunkIndex, IndexError};
 use crate::limits::*;
@@ -125,7 +127,10 @@ pub struct ReleaseInfo {
 }
 
 /// The manifest describing `images`.
-pub fn manifest_for(release: &ReleaseInfo, images: &[ImageInput<'_>]) -> Result<Manifest, ManifestError> {
+pub fn manifest_for(
+    release: &ReleaseInfo,
+    images: &[ImageInput<'_>],
+) -> Result<Manifest, ManifestError> {
     let manifest = Manifest {
         format: MANIFEST_FORMAT,
         version: release.version.clone(),
@@ -170,9 +175,14 @@ pub fn write_bundle(
     images: &mut [(ImageInput<'_>, &mut dyn Read)],
 ) -> Result<u64, BundleError> {
     let manifest = Manifest::from_slice(manifest_bytes)?;
-    let layout = BundleLayout::compute(manifest_bytes.len() as u64, signature.len() as u64, &manifest);
+    let layout = BundleLayout::compute(
+        manifest_bytes.len() as u64,
+        signature.len() as u64,
+        &manifest,
+    );
     let member = |out: &mut dyn Write, name: &str, data: &[u8]| -> Result<(), BundleError> {
-        container::write_member_header(out, name, data.len() as u64).map_err(io_err("writing the bundle"))?;
+        container::write_member_header(out, name, data.len() as u64)
+            .map_err(io_err("writing the bundle"))?;
         out.write_all(data).map_err(io_err("writing the bundle"))?;
         container::write_padding(out, data.len() as u64).map_err(io_err("writing the bundle"))
     };
@@ -186,15 +196,25 @@ pub fn write_bundle(
                 reason: "images are not in manifest order".into(),
             });
         }
-        member(out, &container::index_member(input.class), &input.built.index_bytes)?;
+        member(
+            out,
+            &container::index_member(input.class),
+            &input.built.index_bytes,
+        )?;
         let name = container::archive_member(input.class);
-        container::write_member_header(out, &name, entry.archive.size).map_err(io_err("writing the bundle"))?;
-        out.write_all(&input.built.header).map_err(io_err("writing the bundle"))?;
-        let copied = io::copy(&mut data.take(input.built.data_size), out).map_err(io_err("copying chunk data"))?;
+        container::write_member_header(out, &name, entry.archive.size)
+            .map_err(io_err("writing the bundle"))?;
+        out.write_all(&input.built.header)
+            .map_err(io_err("writing the bundle"))?;
+        let copied = io::copy(&mut data.take(input.built.data_size), out)
+            .map_err(io_err("copying chunk data"))?;
         if copied != input.built.data_size {
             return Err(BundleError::Member {
                 member: name,
-                reason: format!("chunk data is {copied} bytes, expected {}", input.built.data_size),
+                reason: format!(
+                    "chunk data is {copied} bytes, expected {}",
+                    input.built.data_size
+                ),
             });
         }
         container::write_padding(out, entry.archive.size).map_err(io_err("writing the bundle"))?;
@@ -214,8 +234,14 @@ pub struct Bundle<R> {
     layout: BundleLayout,
 }
 
-fn read_exact_at<R: Read + Seek>(r: &mut R, offset: u64, len: u64, what: &str) -> Result<Vec<u8>, BundleError> {
-    r.seek(SeekFrom::Start(offset)).map_err(io_err(format!("seeking to {what}")))?;
+fn read_exact_at<R: Read + Seek>(
+    r: &mut R,
+    offset: u64,
+    len: u64,
+    what: &str,
+) -> Result<Vec<u8>, BundleError> {
+    r.seek(SeekFrom::Start(offset))
+        .map_err(io_err(format!("seeking to {what}")))?;
     let mut buf = Vec::new();
     let n = r
         .by_ref()
@@ -254,7 +280,9 @@ impl<R: Read + Seek> Bundle<R> {
     /// every member is where and as large as the manifest says. Does not
     /// check the signature.
     pub fn open(mut reader: R) -> Result<Self, BundleError> {
-        let file_size = reader.seek(SeekFrom::End(0)).map_err(io_err("measuring the bundle"))?;
+        let file_size = reader
+            .seek(SeekFrom::End(0))
+            .map_err(io_err("measuring the bundle"))?;
         let header = read_exact_at(&mut reader, 0, BLOCK, "the manifest header")?;
         let h = container::parse_member_header(&header, 0)?;
         if h.name != MANIFEST_MEMBER {
@@ -309,7 +337,12 @@ impl<R: Read + Seek> Bundle<R> {
                 });
             }
         }
-        let end = read_exact_at(&mut reader, layout.total_size - 2 * BLOCK, 2 * BLOCK, "the end marker")?;
+        let end = read_exact_at(
+            &mut reader,
+            layout.total_size - 2 * BLOCK,
+            2 * BLOCK,
+            "the end marker",
+        )?;
         if end.iter().any(|&b| b != 0) {
             return Err(BundleError::Member {
                 member: "end of archive".into(),
@@ -346,7 +379,11 @@ impl<R: Read + Seek> Bundle<R> {
     }
 
     /// Checks the signature against `keyring`.
-    pub fn verify(&self, keyring: &Keyring, options: VerifyOptions) -> Result<VerifiedManifest, BundleError> {
+    pub fn verify(
+        &self,
+        keyring: &Keyring,
+        options: VerifyOptions,
+    ) -> Result<VerifiedManifest, BundleError> {
         Ok(signature::verify_manifest(
             keyring,
             &self.manifest_bytes,
@@ -355,18 +392,34 @@ impl<R: Read + Seek> Bundle<R> {
         )?)
     }
 
-    fn entry<'m>(&self, manifest: &'m Manifest, class: SlotClass) -> Result<(&'m ImageEntry, crate::container::ImageSpans), BundleError> {
+    fn entry<'m>(
+        &self,
+        manifest: &'m Manifest,
+        class: SlotClass,
+    ) -> Result<(&'m ImageEntry, crate::container::ImageSpans), BundleError> {
         let entry = manifest.image(class).ok_or(BundleError::NoImage(class))?;
-        let spans = *self.layout.image(class).ok_or(BundleError::NoImage(class))?;
+        let spans = *self
+            .layout
+            .image(class)
+            .ok_or(BundleError::NoImage(class))?;
         Ok((entry, spans))
     }
 
     /// Reads an image's index and checks it against the manifest. With an
     /// unverified manifest this only proves consistency, not authenticity.
-    pub fn read_index(&mut self, manifest: &Manifest, class: SlotClass) -> Result<ChunkIndex, BundleError> {
+    pub fn read_index(
+        &mut self,
+        manifest: &Manifest,
+        class: SlotClass,
+    ) -> Result<ChunkIndex, BundleError> {
         let (entry, spans) = self.entry(manifest, class)?;
         let name = container::index_member(class);
-        let bytes = read_exact_at(&mut self.reader, spans.index.offset, spans.index.size, &name)?;
+        let bytes = read_exact_at(
+            &mut self.reader,
+            spans.index.offset,
+            spans.index.size,
+            &name,
+        )?;
         let head_size = entry.index.head_size as usize;
         let head = Sha256Digest::of(&bytes[..head_size.min(bytes.len())]);
         if head != entry.index.head_sha256 {
@@ -384,11 +437,16 @@ impl<R: Read + Seek> Bundle<R> {
                 found: whole,
             });
         }
-        let index = ChunkIndex::decode(&bytes).map_err(|source| BundleError::Index { class, source })?;
+        let index =
+            ChunkIndex::decode(&bytes).map_err(|source| BundleError::Index { class, source })?;
         if index.image_size() != entry.size {
             return Err(BundleError::Member {
                 member: name,
-                reason: format!("describes {} bytes, manifest says {}", index.image_size(), entry.size),
+                reason: format!(
+                    "describes {} bytes, manifest says {}",
+                    index.image_size(),
+                    entry.size
+                ),
             });
         }
         Ok(index)
@@ -404,7 +462,12 @@ impl<R: Read + Seek> Bundle<R> {
     ) -> Result<archive::ArchiveHeader, BundleError> {
         let (entry, spans) = self.entry(manifest, class)?;
         let name = container::archive_member(class);
-        let bytes = read_exact_at(&mut self.reader, spans.archive.offset, entry.archive.header_size, &name)?;
+        let bytes = read_exact_at(
+            &mut self.reader,
+            spans.archive.offset,
+            entry.archive.header_size,
+            &name,
+        )?;
         let digest = Sha256Digest::of(&bytes);
         if digest != entry.archive.header_sha256 {
             return Err(BundleError::Digest {
@@ -460,9 +523,13 @@ impl<R: Read + Seek> Bundle<R> {
                         .seek(SeekFrom::Start(data_start + chunk.archive_offset))
                         .map_err(io_err("seeking to a chunk"))?;
                     buf.resize(chunk.archive_size as usize, 0);
-                    self.reader.read_exact(&mut buf).map_err(io_err("reading a chunk"))?;
+                    self.reader
+                        .read_exact(&mut buf)
+                        .map_err(io_err("reading a chunk"))?;
                     let v = archive::verify_chunk(chunk, &buf).map_err(arch)?;
-                    if occurrences[id] > 1 && cached_bytes + u64::from(chunk.source_size) <= CACHE_BUDGET {
+                    if occurrences[id] > 1
+                        && cached_bytes + u64::from(chunk.source_size) <= CACHE_BUDGET
+                    {
                         cached_bytes += u64::from(chunk.source_size);
                         cache.insert(id, v.clone());
                     }
@@ -470,7 +537,8 @@ impl<R: Read + Seek> Bundle<R> {
                 }
             };
             hasher.update(verified_chunk.data());
-            out.write_all(verified_chunk.data()).map_err(io_err("writing the image"))?;
+            out.write_all(verified_chunk.data())
+                .map_err(io_err("writing the image"))?;
             written += verified_chunk.data().len() as u64;
             progress(written);
         }
@@ -503,7 +571,8 @@ impl<R: Read + Seek> Bundle<R> {
         let mut done = 0u64;
         let mut reports = Vec::new();
         for class in classes {
-            let report = self.extract_image(verified, class, &mut io::sink(), &|n| progress(done + n))?;
+            let report =
+                self.extract_image(verified, class, &mut io::sink(), &|n| progress(done + n))?;
             done += report.size;
             reports.push(report);
         }

@@ -141,12 +141,28 @@ impl BundleLayout {
     /// Every member in order: (name, header offset, data span).
     pub fn members(&self) -> Vec<(String, u64, Span)> {
         let mut out = vec![
-            (MANIFEST_MEMBER.to_string(), self.manifest.offset - BLOCK, self.manifest),
-            (SIGNATURE_MEMBER.to_string(), self.signature.offset - BLOCK, self.signature),
+            (
+                MANIFEST_MEMBER.to_string(),
+                self.manifest.offset - BLOCK,
+                self.manifest,
+            ),
+            (
+                SIGNATURE_MEMBER.to_string(),
+                self.signature.offset - BLOCK,
+                self.signature,
+            ),
         ];
         for image in &self.images {
-            out.push((index_member(image.class), image.index.offset - BLOCK, image.index));
-            out.push((archive_member(image.class), image.archive.offset - BLOCK, image.archive));
+            out.push((
+                index_member(image.class),
+                image.index.offset - BLOCK,
+                image.index,
+            ));
+            out.push((
+                archive_member(image.class),
+                image.archive.offset - BLOCK,
+                image.archive,
+            ));
         }
         out
     }
@@ -248,7 +264,13 @@ pub fn parse_member_header(block: &[u8], offset: u64) -> Result<MemberHeader, Co
     let sum: u64 = block
         .iter()
         .enumerate()
-        .map(|(i, &b)| if (148..156).contains(&i) { 32 } else { u64::from(b) })
+        .map(|(i, &b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                u64::from(b)
+            }
+        })
         .sum();
     if stored != sum {
         return Err(bad("header checksum mismatch"));
@@ -279,11 +301,25 @@ mod tests {
 
     #[test]
     fn header_round_trip_small_and_huge() {
-        for size in [0u64, 1, 511, 512, OCTAL_SIZE_MAX, OCTAL_SIZE_MAX + 1, 1 << 40] {
+        for size in [
+            0u64,
+            1,
+            511,
+            512,
+            OCTAL_SIZE_MAX,
+            OCTAL_SIZE_MAX + 1,
+            1 << 40,
+        ] {
             let mut out = Vec::new();
             write_member_header(&mut out, "rootfs.bita", size).expect("writes");
             let h = parse_member_header(&out, 0).expect("parses");
-            assert_eq!(h, MemberHeader { name: "rootfs.bita".into(), size });
+            assert_eq!(
+                h,
+                MemberHeader {
+                    name: "rootfs.bita".into(),
+                    size
+                }
+            );
         }
     }
 

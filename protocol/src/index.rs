@@ -120,7 +120,9 @@ pub enum IndexError {
     #[error("chunk index totals disagree with its header: {0}")]
     Totals(String),
     /// Well-formed, but not in the canonical form this version writes.
-    #[error("chunk index is not in canonical form (pages split differently than the format defines)")]
+    #[error(
+        "chunk index is not in canonical form (pages split differently than the format defines)"
+    )]
     NotCanonical,
 }
 
@@ -192,7 +194,10 @@ impl ChunkerParams {
                 ));
             }
             if self.filter_bits == 0 || self.filter_bits > 30 {
-                return Err(format!("filter bits {} is outside 1..=30", self.filter_bits));
+                return Err(format!(
+                    "filter bits {} is outside 1..=30",
+                    self.filter_bits
+                ));
             }
             if self.window_size == 0 || self.window_size > 4096 {
                 return Err(format!(
@@ -394,7 +399,12 @@ impl IndexHead {
             1 => ChunkingAlgorithm::RollSum,
             2 => ChunkingAlgorithm::BuzHash,
             3 => ChunkingAlgorithm::FixedSize,
-            other => return Err(header_err("chunking algorithm", format!("unknown code {other}"))),
+            other => {
+                return Err(header_err(
+                    "chunking algorithm",
+                    format!("unknown code {other}"),
+                ));
+            }
         };
         if bytes[10] != 0 || bytes[11] != 0 {
             return Err(header_err("reserved", "must be zero"));
@@ -434,15 +444,21 @@ impl IndexHead {
         if archive_data_offset > MAX_ARCHIVE_HEADER_SIZE {
             return Err(header_err(
                 "archive data offset",
-                format!("{archive_data_offset} is more than the limit of {MAX_ARCHIVE_HEADER_SIZE}"),
+                format!(
+                    "{archive_data_offset} is more than the limit of {MAX_ARCHIVE_HEADER_SIZE}"
+                ),
             ));
         }
         let pages_size = le_u64(bytes, 56);
-        let head_size = INDEX_HEADER_SIZE as u64 + u64::from(page_count) * PAGE_TABLE_ENTRY_SIZE as u64;
+        let head_size =
+            INDEX_HEADER_SIZE as u64 + u64::from(page_count) * PAGE_TABLE_ENTRY_SIZE as u64;
         if head_size + pages_size > MAX_INDEX_SIZE {
             return Err(header_err(
                 "pages size",
-                format!("index of {} bytes is more than the limit of {MAX_INDEX_SIZE}", head_size + pages_size),
+                format!(
+                    "index of {} bytes is more than the limit of {MAX_INDEX_SIZE}",
+                    head_size + pages_size
+                ),
             ));
         }
         if (bytes.len() as u64) < head_size {
@@ -514,7 +530,10 @@ impl IndexHead {
         }
         let page_count = le_u32(header, 28);
         if page_count > MAX_INDEX_PAGES {
-            return Err(header_err("page count", format!("{page_count} is too many")));
+            return Err(header_err(
+                "page count",
+                format!("{page_count} is too many"),
+            ));
         }
         Ok(INDEX_HEADER_SIZE as u64 + u64::from(page_count) * PAGE_TABLE_ENTRY_SIZE as u64)
     }
@@ -616,7 +635,10 @@ impl IndexBuilder {
         };
         match self.runs.last_mut() {
             Some(run) if run.chunk == id => run.count += 1,
-            _ => self.runs.push(Run { chunk: id, count: 1 }),
+            _ => self.runs.push(Run {
+                chunk: id,
+                count: 1,
+            }),
         }
         pushed
     }
@@ -744,7 +766,10 @@ impl ChunkIndex {
         if bytes.len() as u64 > MAX_INDEX_SIZE {
             return Err(header_err(
                 "size",
-                format!("{} bytes is more than the limit of {MAX_INDEX_SIZE}", bytes.len()),
+                format!(
+                    "{} bytes is more than the limit of {MAX_INDEX_SIZE}",
+                    bytes.len()
+                ),
             ));
         }
         let head = IndexHead::decode(bytes)?;
@@ -826,7 +851,10 @@ impl ChunkIndex {
                                 .get(&hash)
                                 .ok_or_else(|| err(&format!("repeat of unknown chunk {hash}")))?
                         };
-                        runs.push(Run { chunk: id, count: 1 });
+                        runs.push(Run {
+                            chunk: id,
+                            count: 1,
+                        });
                         chunk_count += 1;
                         image_size += u64::from(chunks[id as usize].source_size);
                         after_entry = true;
@@ -836,7 +864,8 @@ impl ChunkIndex {
                         if !after_entry {
                             return Err(err("run without a preceding chunk"));
                         }
-                        let more = read_varint(data, &mut pos).ok_or_else(|| err("bad run length"))?;
+                        let more =
+                            read_varint(data, &mut pos).ok_or_else(|| err("bad run length"))?;
                         if more == 0 || more > head.chunk_count {
                             return Err(err(&format!("run length {more} is out of range")));
                         }
@@ -874,9 +903,10 @@ impl ChunkIndex {
         for run in runs {
             match merged.last_mut() {
                 Some(last) if last.chunk == run.chunk => {
-                    last.count = last.count.checked_add(run.count).ok_or_else(|| {
-                        IndexError::Totals("run too long".into())
-                    })?
+                    last.count = last
+                        .count
+                        .checked_add(run.count)
+                        .ok_or_else(|| IndexError::Totals("run too long".into()))?
                 }
                 _ => merged.push(run),
             }
@@ -969,7 +999,10 @@ impl ChunkIndex {
 
     /// Stored chunks whose hash is not in `have`: what a device holding
     /// `have` must fetch.
-    pub fn missing<'a>(&'a self, have: &'a HashSet<ChunkHash>) -> impl Iterator<Item = &'a StoredChunk> + 'a {
+    pub fn missing<'a>(
+        &'a self,
+        have: &'a HashSet<ChunkHash>,
+    ) -> impl Iterator<Item = &'a StoredChunk> + 'a {
         self.chunks.iter().filter(move |c| !have.contains(&c.hash))
     }
 }
@@ -1016,7 +1049,9 @@ impl Delta {
             }
         }
         // Chunk parameters must agree for any chunk to be shared.
-        let comparable = old.is_some_and(|o| o.head.params == new.head.params && o.head.hash_len == new.head.hash_len);
+        let comparable = old.is_some_and(|o| {
+            o.head.params == new.head.params && o.head.hash_len == new.head.hash_len
+        });
         for chunk in &new.chunks {
             if comparable && have.contains(&chunk.hash) {
                 delta.chunks_reused += 1;
@@ -1047,7 +1082,15 @@ mod tests {
         let a = vec![1u8; 100];
         let z = vec![0u8; 200];
         let c = vec![3u8; 50];
-        let idx = build(&[(&a, 10), (&z, 5), (&z, 5), (&z, 5), (&c, 50), (&a, 10), (&z, 5)]);
+        let idx = build(&[
+            (&a, 10),
+            (&z, 5),
+            (&z, 5),
+            (&z, 5),
+            (&c, 50),
+            (&a, 10),
+            (&z, 5),
+        ]);
         let bytes = idx.encode();
         let back = ChunkIndex::decode(&bytes).expect("decodes");
         assert_eq!(back, idx);

@@ -263,7 +263,10 @@ impl Manifest {
         if self.images.len() > MAX_IMAGES {
             return Err(invalid(
                 "images",
-                format!("{} images, more than the limit of {MAX_IMAGES}", self.images.len()),
+                format!(
+                    "{} images, more than the limit of {MAX_IMAGES}",
+                    self.images.len()
+                ),
             ));
         }
         let mut seen = BTreeSet::new();

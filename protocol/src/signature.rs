@@ -61,7 +61,9 @@ pub enum SignatureError {
         reason: String,
     },
     /// The signer's certificate has expired (or is not yet valid).
-    #[error("signer certificate {signer} is not valid at the verification time: valid {not_before} to {not_after}")]
+    #[error(
+        "signer certificate {signer} is not valid at the verification time: valid {not_before} to {not_after}"
+    )]
     Expired {
         /// Signer subject.
         signer: String,
@@ -110,10 +112,7 @@ fn name_to_string(name: &openssl::x509::X509NameRef) -> String {
         .entries()
         .map(|e| {
             let key = e.object().nid().short_name().unwrap_or("?");
-            let value = e
-                .data()
-                .to_string()
-                .unwrap_or_else(|_| "?".into());
+            let value = e.data().to_string().unwrap_or_else(|_| "?".into());
             format!("{key}={value}")
         })
         .collect();
@@ -166,9 +165,9 @@ impl Signer {
         let mut certs = X509::stack_from_pem(cert_pem)
             .map_err(|e| SignatureError::SigningKey(format!("certificate: {e}")))?
             .into_iter();
-        let cert = certs
-            .next()
-            .ok_or_else(|| SignatureError::SigningKey("certificate file holds no certificate".into()))?;
+        let cert = certs.next().ok_or_else(|| {
+            SignatureError::SigningKey("certificate file holds no certificate".into())
+        })?;
         let cert_key = cert
             .public_key()
             .map_err(|e| SignatureError::SigningKey(e.to_string()))?;
@@ -213,7 +212,11 @@ pub struct Keyring {
 
 impl fmt::Debug for Keyring {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let names: Vec<String> = self.cas.iter().map(|c| name_to_string(c.subject_name())).collect();
+        let names: Vec<String> = self
+            .cas
+            .iter()
+            .map(|c| name_to_string(c.subject_name()))
+            .collect();
         f.debug_struct("Keyring").field("cas", &names).finish()
     }
 }
@@ -230,7 +233,10 @@ impl Keyring {
 
     /// Subjects of the trusted CAs.
     pub fn subjects(&self) -> Vec<String> {
-        self.cas.iter().map(|c| name_to_string(c.subject_name())).collect()
+        self.cas
+            .iter()
+            .map(|c| name_to_string(c.subject_name()))
+            .collect()
     }
 }
 
@@ -309,8 +315,16 @@ pub fn verify_detached(
         None => Asn1Time::days_from_now(0),
     }
     .map_err(|e| SignatureError::Malformed(e.to_string()))?;
-    let not_yet = cert.not_before().compare(&now).map(|o| o.is_gt()).unwrap_or(true);
-    let expired = cert.not_after().compare(&now).map(|o| o.is_lt()).unwrap_or(true);
+    let not_yet = cert
+        .not_before()
+        .compare(&now)
+        .map(|o| o.is_gt())
+        .unwrap_or(true);
+    let expired = cert
+        .not_after()
+        .compare(&now)
+        .map(|o| o.is_lt())
+        .unwrap_or(true);
     if not_yet || expired {
         return Err(SignatureError::Expired {
             signer: info.subject.clone(),
@@ -337,12 +351,14 @@ pub fn verify_detached(
     if let Some(t) = options.at_time {
         let mut param = X509VerifyParam::new().map_err(|e| verify_err(e.to_string()))?;
         param.set_time(t as _);
-        store.set_param(&param).map_err(|e| verify_err(e.to_string()))?;
+        store
+            .set_param(&param)
+            .map_err(|e| verify_err(e.to_string()))?;
     }
     let store = store.build();
 
-    let mut cms =
-        CmsContentInfo::from_der(signature).map_err(|e| SignatureError::Malformed(e.to_string()))?;
+    let mut cms = CmsContentInfo::from_der(signature)
+        .map_err(|e| SignatureError::Malformed(e.to_string()))?;
     cms.verify(None, Some(&store), Some(data), None, CMSOptions::BINARY)
         .map_err(|e| verify_err(openssl_reason(&e)))?;
     Ok(info)

@@ -19,6 +19,7 @@ use crate::{fsdetect, progress};
 
 /// Bundle commands.
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 pub enum BundleCommand {
     /// Build and sign a bundle from filesystem images.
     #[command(long_about = "Build and sign a bundle from filesystem images.\n\n\
@@ -42,10 +43,12 @@ every image: index and archive header digests, every chunk's hash, and the whole
 SHA-256. Exits 0 only if everything verifies; otherwise prints what failed and exits 1.")]
     Verify(VerifyArgs),
     /// Show what a device running one release downloads to update to another.
-    #[command(long_about = "Show what a device running OLD downloads to install NEW.\n\n\
+    #[command(
+        long_about = "Show what a device running OLD downloads to install NEW.\n\n\
 For each image: the index head, the index pages and the compressed chunks the device does \
 not already hold, plus the manifest, signature and container headers. Neither bundle's \
-signature is checked.")]
+signature is checked."
+    )]
     Delta(DeltaArgs),
 }
 
@@ -172,12 +175,24 @@ pub struct CreateSummary {
 }
 
 fn create(args: CreateArgs) -> Result<()> {
-    let key = fs::read(&args.key).with_context(|| format!("unable to read signing key {}", args.key.display()))?;
-    let cert = fs::read(&args.cert).with_context(|| format!("unable to read signing certificate {}", args.cert.display()))?;
-    let signer = Signer::from_pem(&key, &cert)
-        .with_context(|| format!("unable to load signing key {} with certificate {}", args.key.display(), args.cert.display()))?;
+    let key = fs::read(&args.key)
+        .with_context(|| format!("unable to read signing key {}", args.key.display()))?;
+    let cert = fs::read(&args.cert)
+        .with_context(|| format!("unable to read signing certificate {}", args.cert.display()))?;
+    let signer = Signer::from_pem(&key, &cert).with_context(|| {
+        format!(
+            "unable to load signing key {} with certificate {}",
+            args.key.display(),
+            args.cert.display()
+        )
+    })?;
     let options = ArchiveOptions {
-        chunker: ChunkerParams::rollsum(args.avg_chunk_size, args.min_chunk_size, args.max_chunk_size, 64),
+        chunker: ChunkerParams::rollsum(
+            args.avg_chunk_size,
+            args.min_chunk_size,
+            args.max_chunk_size,
+            64,
+        ),
         hash_len: args.hash_length,
         zstd_level: args.compression_level,
         threads: args.threads,
@@ -224,7 +239,8 @@ fn create(args: CreateArgs) -> Result<()> {
     let size = {
         let mut data: Vec<(ImageInput<'_>, &mut dyn std::io::Read)> = Vec::new();
         for f in files.iter_mut() {
-            f.seek(SeekFrom::Start(0)).context("unable to rewind chunk data")?;
+            f.seek(SeekFrom::Start(0))
+                .context("unable to rewind chunk data")?;
         }
         for (input, file) in inputs.into_iter().zip(files.iter_mut()) {
             data.push((input, file as &mut dyn std::io::Read));
@@ -240,9 +256,15 @@ fn create(args: CreateArgs) -> Result<()> {
             .set_permissions(fs::Permissions::from_mode(0o644))
             .context("unable to set the bundle's permissions")?;
     }
-    tmp.as_file().sync_all().context("unable to sync the bundle")?;
-    tmp.persist(&args.out)
-        .with_context(|| format!("unable to move the bundle into place at {}", args.out.display()))?;
+    tmp.as_file()
+        .sync_all()
+        .context("unable to sync the bundle")?;
+    tmp.persist(&args.out).with_context(|| {
+        format!(
+            "unable to move the bundle into place at {}",
+            args.out.display()
+        )
+    })?;
     let summary = CreateSummary {
         bundle: args.out.clone(),
         size,
@@ -280,17 +302,26 @@ fn build_image(
     options: &ArchiveOptions,
     quiet: bool,
 ) -> Result<(BuiltArchive, File)> {
-    let file = File::open(path).with_context(|| format!("unable to open {class} image {}", path.display()))?;
+    let file = File::open(path)
+        .with_context(|| format!("unable to open {class} image {}", path.display()))?;
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
     let mut data = tempfile::tempfile_in(out_dir)
         .with_context(|| format!("unable to create a temporary file in {}", out_dir.display()))?;
     let bar = progress::bytes(len, class.as_str(), quiet);
     let built = {
         let mut writer = BufWriter::with_capacity(1 << 20, &mut data);
-        let built = archive::build_archive(BufReader::with_capacity(1 << 20, file), &mut writer, options, &|n| {
-            bar.set_position(n)
-        })
-        .with_context(|| format!("unable to build the {class} archive from {}", path.display()))?;
+        let built = archive::build_archive(
+            BufReader::with_capacity(1 << 20, file),
+            &mut writer,
+            options,
+            &|n| bar.set_position(n),
+        )
+        .with_context(|| {
+            format!(
+                "unable to build the {class} archive from {}",
+                path.display()
+            )
+        })?;
         writer.flush().context("unable to write chunk data")?;
         built
     };
@@ -339,8 +370,10 @@ pub struct InspectOutput {
 }
 
 fn open(path: &Path) -> Result<Bundle<BufReader<File>>> {
-    let file = File::open(path).with_context(|| format!("unable to open bundle {}", path.display()))?;
-    Bundle::open(BufReader::new(file)).with_context(|| format!("{} is not a valid bundle", path.display()))
+    let file =
+        File::open(path).with_context(|| format!("unable to open bundle {}", path.display()))?;
+    Bundle::open(BufReader::new(file))
+        .with_context(|| format!("{} is not a valid bundle", path.display()))
 }
 
 fn inspect(args: InspectArgs) -> Result<()> {
@@ -352,9 +385,13 @@ fn inspect(args: InspectArgs) -> Result<()> {
     };
     let mut images = Vec::new();
     for image in &manifest.images {
-        let index = b
-            .read_index(&manifest, image.slot_class)
-            .with_context(|| format!("unable to read the {} index of {}", image.slot_class, args.bundle.display()))?;
+        let index = b.read_index(&manifest, image.slot_class).with_context(|| {
+            format!(
+                "unable to read the {} index of {}",
+                image.slot_class,
+                args.bundle.display()
+            )
+        })?;
         images.push(IndexStats {
             slot_class: image.slot_class,
             chunker: *index.params(),
@@ -406,7 +443,10 @@ fn inspect(args: InspectArgs) -> Result<()> {
             "  index       {} bytes ({} pages, head {} bytes, {}-byte hashes)",
             image.index.size, stats.index_pages, stats.index_head_bytes, stats.hash_length
         );
-        println!("  archive     {} bytes (header {} bytes)", image.archive.size, image.archive.header_size);
+        println!(
+            "  archive     {} bytes (header {} bytes)",
+            image.archive.size, image.archive.header_size
+        );
     }
     Ok(())
 }
@@ -430,14 +470,20 @@ pub struct VerifyOutput {
 fn verify(args: VerifyArgs) -> Result<()> {
     let mut pem = Vec::new();
     for path in &args.keyring {
-        let mut data = fs::read(path).with_context(|| format!("unable to read keyring {}", path.display()))?;
+        let mut data =
+            fs::read(path).with_context(|| format!("unable to read keyring {}", path.display()))?;
         pem.push(b'\n');
         pem.append(&mut data);
     }
     let keyring = Keyring::from_pem(&pem).context("unable to load the keyring")?;
     let mut b = open(&args.bundle)?;
     let verified = b
-        .verify(&keyring, VerifyOptions { at_time: args.at_time })
+        .verify(
+            &keyring,
+            VerifyOptions {
+                at_time: args.at_time,
+            },
+        )
         .with_context(|| format!("signature of {} does not verify", args.bundle.display()))?;
     let total: u64 = verified.images.iter().map(|i| i.size).sum();
     let bar = progress::bytes(total, "verify", args.json);
@@ -544,8 +590,14 @@ fn delta(args: DeltaArgs) -> Result<()> {
     if args.json {
         return super::print_json(&out);
     }
-    println!("{} -> {}: a device downloads {} bytes (full bundle: {} bytes)", out.from, out.to, out.total_bytes, out.full_bundle_bytes);
-    println!("  manifest + signature + headers: {} bytes", out.manifest_bytes);
+    println!(
+        "{} -> {}: a device downloads {} bytes (full bundle: {} bytes)",
+        out.from, out.to, out.total_bytes, out.full_bundle_bytes
+    );
+    println!(
+        "  manifest + signature + headers: {} bytes",
+        out.manifest_bytes
+    );
     for i in &out.images {
         println!(
             "  {:<6} index head {} B, {} index pages {} B, {} chunks {} B ({} chunks reused); bita header alone: {} B",

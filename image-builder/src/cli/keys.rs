@@ -11,13 +11,15 @@ use crate::keys;
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
     /// Create a development CA and a bundle signing certificate.
-    #[command(long_about = "Create a development CA and a bundle signing certificate.\n\n\
+    #[command(
+        long_about = "Create a development CA and a bundle signing certificate.\n\n\
 Writes four files to the output directory: ca.crt (the keyring devices trust), ca.key, \
 signing.crt (key usage digitalSignature, extended key usage codeSigning, issued by the CA) \
 and signing.key. Keys are ECDSA P-256; private keys are written with mode 0600.\n\n\
 NEVER use these keys in production: they are plain files on disk. Production signing keys \
 belong in an HSM or an offline CA; rotate the signing certificate by issuing a new one under \
-the same CA, revoke by shipping a new keyring in a later image.")]
+the same CA, revoke by shipping a new keyring in a later image."
+    )]
     Create(CreateArgs),
 }
 
@@ -48,14 +50,28 @@ pub struct CreateArgs {
 pub fn run(cmd: KeysCommand) -> Result<()> {
     match cmd {
         KeysCommand::Create(args) => {
-            let written = keys::write_dev_keys(&args.out, &args.org, args.ca_days, args.signing_days, args.force)?;
+            let written = keys::write_dev_keys(
+                &args.out,
+                &args.org,
+                args.ca_days,
+                args.signing_days,
+                args.force,
+            )?;
             if args.json {
                 return super::print_json(&written);
             }
-            eprintln!("warning: these are DEVELOPMENT keys; never sign production releases with them");
+            eprintln!(
+                "warning: these are DEVELOPMENT keys; never sign production releases with them"
+            );
             println!("keyring (CA certificate): {}", written.ca_cert.display());
-            println!("signing certificate:      {}", written.signing_cert.display());
-            println!("signing key:              {}", written.signing_key.display());
+            println!(
+                "signing certificate:      {}",
+                written.signing_cert.display()
+            );
+            println!(
+                "signing key:              {}",
+                written.signing_key.display()
+            );
             println!("CA key:                   {}", written.ca_key.display());
             Ok(())
         }

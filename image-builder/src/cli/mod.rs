@@ -2,6 +2,7 @@
 
 pub mod bundle;
 pub mod keys;
+pub mod rootfs;
 
 use clap::{Parser, Subcommand};
 
@@ -38,10 +39,21 @@ pub struct Cli {
 
 /// Top-level commands.
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 pub enum Command {
     /// Create development signing keys.
     #[command(subcommand)]
     Keys(keys::KeysCommand),
+    /// Build a reproducible ext4, squashfs or erofs image from a directory or tarball.
+    #[command(
+        long_about = "Build a reproducible ext4, squashfs or erofs image from a directory or tarball.\n\n\
+The same input gives the same bytes: the tree is staged in sorted order, every timestamp is \
+set to --timestamp (SOURCE_DATE_EPOCH), owners come from the tarball (root for a directory \
+built by a non-root user), and UUIDs and hash seeds are derived from the content. Uses \
+mkfs.ext4 (e2fsprogs), mksquashfs (squashfs-tools) or mkfs.erofs (erofs-utils). Extended \
+attributes are not carried over."
+    )]
+    Rootfs(rootfs::RootfsArgs),
     /// Build, inspect, verify and compare release bundles.
     #[command(subcommand)]
     Bundle(bundle::BundleCommand),
@@ -51,6 +63,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Keys(cmd) => keys::run(cmd),
+        Command::Rootfs(args) => rootfs::run(args),
         Command::Bundle(cmd) => bundle::run(cmd),
     }
 }
