@@ -24,7 +24,7 @@ const CENTURY: i64 = 100 * 365 * 86_400;
 fn image() -> Vec<u8> {
     // Deterministic: compressible text, noise, and a run of zeros.
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut out = Vec::with_capacity(300_000);
+    let mut out = Vec::with_capacity(500_000);
     for i in 0..200_000usize {
         x ^= x << 13;
         x ^= x >> 7;
@@ -35,7 +35,7 @@ fn image() -> Vec<u8> {
             x as u8
         });
     }
-    out.extend(std::iter::repeat_n(0u8, 100_000));
+    out.extend(std::iter::repeat_n(0u8, 300_000));
     out
 }
 
