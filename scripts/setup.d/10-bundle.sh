@@ -7,5 +7,6 @@ need_apt mksquashfs squashfs-tools
 need_apt mkfs.erofs erofs-utils
 need_apt zstd zstd
 need_apt tar tar
-# The bita CLI reads and clones the archives kernex-image writes.
-need_cargo bita bita 0.15.0
+# The bita CLI reads and clones the archives kernex-image writes (zstd
+# chunks: crates.io's default bita build only has brotli).
+need_cargo bita bita 0.15.0 --no-default-features --features zstd-compression

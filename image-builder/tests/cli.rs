@@ -1,0 +1,381 @@
+//! `kernex-image` end to end, as a vendor runs it, with the real peers:
+//! the `bita` CLI reads and clones our archives, `openssl cms -verify`
+//! checks our signatures, `tar` unpacks our bundles. A missing peer fails
+//! the test (scripts/setup installs them).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+fn kernex_image() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kernex-image"))
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn run_json(cmd: &mut Command) -> Value {
+    serde_json::from_slice(&run(cmd).stdout).expect("JSON output")
+}
+
+/// A peer tool from PATH or the setup cache; panics (never skips) if absent.
+fn peer(name: &str) -> Command {
+    let cache = std::env::var("KERNEX_CACHE").unwrap_or_else(|_| "/var/cache/kernex-ci".into());
+    let cached = Path::new(&cache).join("cargo-bin/bin").join(name);
+    if cached.exists() {
+        return Command::new(cached);
+    }
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).exists()))
+        .unwrap_or(false);
+    assert!(found, "{name} is not installed: run scripts/setup");
+    Command::new(name)
+}
+
+fn sha256_file(path: &Path) -> String {
+    hex::encode(Sha256::digest(fs::read(path).unwrap()))
+}
+
+struct Release {
+    dir: tempfile::TempDir,
+}
+
+impl Release {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Keys, a small root filesystem, an ext4 image and a signed bundle.
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Release { dir };
+        run(kernex_image()
+            .args(["keys", "create", "--out"])
+            .arg(r.path("keys")));
+        let root = r.path("root");
+        fs::create_dir_all(root.join("etc")).unwrap();
+        fs::create_dir_all(root.join("usr/bin")).unwrap();
+        fs::write(root.join("etc/agent.conf"), "model=qwen-1.5b\n").unwrap();
+        // Some real, compressible-but-not-trivial content.
+        for (i, entry) in fs::read_dir("/usr/bin")
+            .unwrap()
+            .flatten()
+            .take(40)
+            .enumerate()
+        {
+            let p = entry.path();
+            if p.is_file() && fs::metadata(&p).map(|m| m.len() < 2 << 20).unwrap_or(false) {
+                fs::copy(&p, root.join(format!("usr/bin/tool{i}"))).unwrap();
+            }
+        }
+        r.build("1.0.0", "rootfs-1.img", "release-1.kxb");
+        r
+    }
+
+    fn build(&self, version: &str, image: &str, bundle: &str) {
+        run(kernex_image()
+            .arg("rootfs")
+            .arg(self.path("root"))
+            .args(["--fs", "ext4", "--timestamp", "1700000000", "--out"])
+            .arg(self.path(image)));
+        run(kernex_image()
+            .args([
+                "bundle",
+                "create",
+                "--compatible",
+                "qemu-aarch64",
+                "--version",
+                version,
+            ])
+            .arg("--rootfs")
+            .arg(self.path(image))
+            .arg("--key")
+            .arg(self.path("keys/signing.key"))
+            .arg("--cert")
+            .arg(self.path("keys/signing.crt"))
+            .args(["--meta", "model=qwen-1.5b", "--out"])
+            .arg(self.path(bundle)));
+    }
+
+    fn unpack(&self, bundle: &str) -> PathBuf {
+        let out = self.path(&format!("{bundle}.d"));
+        fs::create_dir_all(&out).unwrap();
+        run(Command::new("tar")
+            .arg("-xf")
+            .arg(self.path(bundle))
+            .arg("-C")
+            .arg(&out));
+        out
+    }
+}
+
+#[test]
+fn create_inspect_verify_round_trip() {
+    let r = Release::new();
+    let inspect = run_json(
+        kernex_image()
+            .args(["bundle", "inspect", "--json"])
+            .arg(r.path("release-1.kxb")),
+    );
+    assert_eq!(inspect["verified"], false);
+    assert_eq!(inspect["manifest"]["version"], "1.0.0");
+    assert_eq!(inspect["manifest"]["compatible"], "qemu-aarch64");
+    assert_eq!(inspect["manifest"]["metadata"]["model"], "qwen-1.5b");
+    let image = &inspect["manifest"]["images"][0];
+    assert_eq!(image["slot-class"], "rootfs");
+    assert_eq!(image["filesystem"], "ext4");
+    assert_eq!(image["sha256"], sha256_file(&r.path("rootfs-1.img")));
+    assert!(inspect["images"][0]["chunks"].as_u64().unwrap() > 10);
+
+    let verify = run_json(
+        kernex_image()
+            .args(["bundle", "verify", "--json", "--keyring"])
+            .arg(r.path("keys/ca.crt"))
+            .arg(r.path("release-1.kxb")),
+    );
+    assert_eq!(verify["verified"], true);
+    assert_eq!(
+        verify["images"][0]["sha256"],
+        sha256_file(&r.path("rootfs-1.img"))
+    );
+
+    // Human output too.
+    let human = run(kernex_image()
+        .args(["bundle", "verify", "--keyring"])
+        .arg(r.path("keys/ca.crt"))
+        .arg(r.path("release-1.kxb")));
+    assert!(String::from_utf8_lossy(&human.stdout).starts_with("OK: "));
+}
+
+#[test]
+fn bundles_are_reproducible_apart_from_the_signature() {
+    let r = Release::new();
+    r.build("1.0.0", "rootfs-again.img", "release-again.kxb");
+    assert_eq!(
+        sha256_file(&r.path("rootfs-1.img")),
+        sha256_file(&r.path("rootfs-again.img"))
+    );
+    let a = r.unpack("release-1.kxb");
+    let b = r.unpack("release-again.kxb");
+    for member in ["manifest.json", "rootfs.kxi", "rootfs.bita"] {
+        assert_eq!(
+            sha256_file(&a.join(member)),
+            sha256_file(&b.join(member)),
+            "{member}"
+        );
+    }
+}
+
+#[test]
+fn bita_cli_reads_and_clones_our_archive() {
+    let r = Release::new();
+    let dir = r.unpack("release-1.kxb");
+    let info = run(peer("bita").arg("info").arg(dir.join("rootfs.bita")));
+    let text =
+        String::from_utf8_lossy(&info.stdout).to_string() + &String::from_utf8_lossy(&info.stderr);
+    assert!(
+        text.to_lowercase().contains("chunk"),
+        "bita info said: {text}"
+    );
+    let cloned = r.path("cloned.img");
+    run(peer("bita")
+        .arg("clone")
+        .arg(dir.join("rootfs.bita"))
+        .arg(&cloned));
+    assert_eq!(sha256_file(&cloned), sha256_file(&r.path("rootfs-1.img")));
+    // And with the old image as a seed, after a one-file change.
+    fs::write(r.path("root/etc/agent.conf"), "model=qwen-1.5b-q5\n").unwrap();
+    r.build("1.0.1", "rootfs-2.img", "release-2.kxb");
+    let dir2 = r.unpack("release-2.kxb");
+    let cloned2 = r.path("cloned-2.img");
+    run(peer("bita")
+        .arg("clone")
+        .arg("--seed")
+        .arg(r.path("rootfs-1.img"))
+        .arg(dir2.join("rootfs.bita"))
+        .arg(&cloned2));
+    assert_eq!(sha256_file(&cloned2), sha256_file(&r.path("rootfs-2.img")));
+}
+
+#[test]
+fn openssl_cms_verifies_our_signature_and_rejects_a_tampered_manifest() {
+    let r = Release::new();
+    let dir = r.unpack("release-1.kxb");
+    let verify = |content: &Path| {
+        peer("openssl")
+            .args([
+                "cms", "-verify", "-binary", "-inform", "DER", "-purpose", "any", "-in",
+            ])
+            .arg(dir.join("manifest.sig"))
+            .arg("-content")
+            .arg(content)
+            .arg("-CAfile")
+            .arg(r.path("keys/ca.crt"))
+            .args(["-out", "/dev/null"])
+            .output()
+            .unwrap()
+    };
+    let ok = verify(&dir.join("manifest.json"));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let tampered = r.path("tampered.json");
+    let text = fs::read_to_string(dir.join("manifest.json"))
+        .unwrap()
+        .replace("1.0.0", "9.0.0");
+    fs::write(&tampered, text).unwrap();
+    assert!(!verify(&tampered).status.success());
+}
+
+#[test]
+fn one_small_file_change_costs_a_small_delta() {
+    let r = Release::new();
+    fs::write(r.path("root/etc/agent.conf"), "model=qwen-1.5b-q5\n").unwrap();
+    r.build("1.0.1", "rootfs-2.img", "release-2.kxb");
+    let delta = run_json(
+        kernex_image()
+            .args(["bundle", "delta", "--json"])
+            .arg(r.path("release-1.kxb"))
+            .arg(r.path("release-2.kxb")),
+    );
+    let total = delta["total-bytes"].as_u64().unwrap();
+    let full = delta["full-bundle-bytes"].as_u64().unwrap();
+    let image = &delta["images"][0];
+    assert!(image["chunks-reused"].as_u64().unwrap() > 0, "{delta}");
+    assert!(
+        total * 10 < full,
+        "delta {total} of a {full}-byte bundle: {delta}"
+    );
+}
+
+#[test]
+fn bad_input_fails_with_a_named_reason_and_exit_code_1() {
+    let r = Release::new();
+    let golden = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../protocol/tests/golden");
+    let cases = [
+        ("truncated.kxb", "truncated"),
+        ("tampered-manifest.kxb", "does not verify"),
+        ("bitflip-chunk.kxb", "is corrupt"),
+        ("unsigned.kxb", "not signed"),
+        ("unknown-ca.kxb", "unable to get local issuer certificate"),
+        ("expired-signer.kxb", "not valid at the verification time"),
+        ("wrong-usage.kxb", "codeSigning"),
+        ("unknown-field.kxb", "reboot-policy"),
+        ("oversized-manifest.kxb", "more than the limit"),
+    ];
+    for (file, reason) in cases {
+        let out = kernex_image()
+            .args(["bundle", "verify", "--keyring"])
+            .arg(golden.join("ca.crt"))
+            .arg(golden.join(file))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{file}: {stderr}");
+        assert!(
+            stderr.contains(reason),
+            "{file}: expected {reason:?} in {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{file}: {stderr}");
+    }
+    // A key that does not belong to the certificate.
+    let out = kernex_image()
+        .args([
+            "bundle",
+            "create",
+            "--compatible",
+            "qemu-aarch64",
+            "--version",
+            "1.0.0",
+        ])
+        .arg("--rootfs")
+        .arg(r.path("rootfs-1.img"))
+        .arg("--key")
+        .arg(r.path("keys/ca.key"))
+        .arg("--cert")
+        .arg(r.path("keys/signing.crt"))
+        .arg("--out")
+        .arg(r.path("never.kxb"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not belong to the certificate"));
+    assert!(!r.path("never.kxb").exists());
+    // Keys are not overwritten by accident.
+    let out = kernex_image()
+        .args(["keys", "create", "--out"])
+        .arg(r.path("keys"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
+    // A bad compatible string.
+    let out = kernex_image()
+        .args([
+            "bundle",
+            "create",
+            "--compatible",
+            "Bad Board!",
+            "--version",
+            "1.0.0",
+        ])
+        .arg("--rootfs")
+        .arg(r.path("rootfs-1.img"))
+        .arg("--key")
+        .arg(r.path("keys/signing.key"))
+        .arg("--cert")
+        .arg(r.path("keys/signing.crt"))
+        .arg("--out")
+        .arg(r.path("never.kxb"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("compatible"));
+}
+
+#[test]
+fn private_keys_are_not_world_readable() {
+    use std::os::unix::fs::PermissionsExt;
+    let r = Release::new();
+    for key in ["ca.key", "signing.key"] {
+        let mode = fs::metadata(r.path("keys").join(key))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{key} has mode {mode:o}");
+    }
+}
+
+#[test]
+fn help_reads_like_a_man_page() {
+    let out = run(kernex_image().arg("--help"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in ["EXAMPLES:", "EXIT STATUS:", "bundle create", "keys create"] {
+        assert!(text.contains(needle), "--help lacks {needle:?}");
+    }
+    for sub in [
+        &["bundle", "create", "--help"][..],
+        &["bundle", "verify", "--help"],
+        &["rootfs", "--help"],
+        &["keys", "create", "--help"],
+    ] {
+        let out = run(kernex_image().args(sub));
+        assert!(out.stdout.len() > 400, "{sub:?} help is too thin");
+    }
+}
