@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::io::{self, Read, Write};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, mpsc};
 use std::task::{Context, Poll};
 
@@ -198,13 +199,15 @@ pub fn build_archive<R: Read + Send + Unpin>(
     let level = options.zstd_level;
     let (work_tx, work_rx) = mpsc::sync_channel::<(u64, Bytes)>(threads * 4);
     let (image_tx, image_rx) = mpsc::sync_channel::<Bytes>(threads * 4);
-    let (done_tx, done_rx) = mpsc::sync_channel::<Hashed>(threads * 4);
+    let (done_tx, done_rx) = mpsc::sync_channel::<Result<Hashed, ArchiveError>>(threads * 4);
+    let stop = AtomicBool::new(false);
     let work_rx = Mutex::new(work_rx);
     let claimed: Mutex<HashSet<ChunkHash>> = Mutex::new(HashSet::new());
     let chunker_config = options.chunker.to_bitar();
 
     std::thread::scope(|scope| -> Result<BuiltArchive, ArchiveError> {
         // Producer: cut the image into chunks.
+        let stop = &stop;
         let producer = scope.spawn(move || -> Result<(), ArchiveError> {
             let mut chunks = chunker_config.new_chunker(BlockingAsyncRead(input));
             let mut seq = 0u64;
@@ -212,7 +215,10 @@ pub fn build_archive<R: Read + Send + Unpin>(
                 while let Some(next) = chunks.next().await {
                     let (_, chunk) = next.map_err(io_err("reading the image"))?;
                     let data = chunk.into_inner();
-                    if image_tx.send(data.clone()).is_err() || work_tx.send((seq, data)).is_err() {
+                    if stop.load(Ordering::Relaxed)
+                        || image_tx.send(data.clone()).is_err()
+                        || work_tx.send((seq, data)).is_err()
+                    {
                         break; // the consumer stopped on an error
                     }
                     seq += 1;
@@ -236,34 +242,42 @@ pub fn build_archive<R: Read + Send + Unpin>(
             let done_tx = done_tx.clone();
             let work_rx = &work_rx;
             let claimed = &claimed;
-            scope.spawn(move || -> Result<(), ArchiveError> {
-                let mut compressor = zstd::bulk::Compressor::new(level)
-                    .map_err(|e| ArchiveError::Zstd(e.to_string()))?;
+            scope.spawn(move || {
+                let mut compressor = match zstd::bulk::Compressor::new(level) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = done_tx.send(Err(ArchiveError::Zstd(e.to_string())));
+                        return;
+                    }
+                };
                 loop {
                     let next = match work_rx.lock() {
                         Ok(rx) => rx.recv(),
-                        Err(_) => return Ok(()),
+                        Err(_) => return,
                     };
-                    let Ok((seq, data)) = next else { return Ok(()) };
+                    let Ok((seq, data)) = next else { return };
                     let hash = ChunkHash::of(&data, hash_len);
                     let first = claimed.lock().map(|mut c| c.insert(hash)).unwrap_or(true);
-                    let compressed = if first {
-                        Some(
-                            compressor
-                                .compress(&data)
-                                .map_err(|e| ArchiveError::Zstd(e.to_string()))?,
-                        )
+                    let item = if first {
+                        compressor
+                            .compress(&data)
+                            .map_err(|e| ArchiveError::Zstd(e.to_string()))
+                            .map(|c| Hashed {
+                                seq,
+                                hash,
+                                data,
+                                compressed: Some(c),
+                            })
                     } else {
-                        None
-                    };
-                    let item = Hashed {
-                        seq,
-                        hash,
-                        data,
-                        compressed,
+                        Ok(Hashed {
+                            seq,
+                            hash,
+                            data,
+                            compressed: None,
+                        })
                     };
                     if done_tx.send(item).is_err() {
-                        return Ok(());
+                        return;
                     }
                 }
             });
@@ -272,58 +286,66 @@ pub fn build_archive<R: Read + Send + Unpin>(
 
         // Consumer: put chunks back in order, decide stored or repeat, write.
         let mut builder = IndexBuilder::new(options.chunker, hash_len);
-        let mut pending: BTreeMap<u64, Hashed> = BTreeMap::new();
-        let mut next_seq = 0u64;
         let mut consumed = 0u64;
         let mut data_size = 0u64;
-        let mut result = Ok(());
-        for item in done_rx.iter() {
-            pending.insert(item.seq, item);
-            while let Some(item) = pending.remove(&next_seq) {
-                next_seq += 1;
-                let len = item.data.len() as u32;
-                consumed += u64::from(len);
-                if builder.contains(&item.hash) {
-                    builder.push(item.hash, len, 0);
-                } else {
-                    // A worker may have skipped compressing this chunk if a
-                    // later duplicate claimed it first; compress it here.
-                    let compressed = match item.compressed {
-                        Some(c) => c,
-                        None => zstd::bulk::compress(&item.data, level)
-                            .map_err(|e| ArchiveError::Zstd(e.to_string()))?,
-                    };
-                    let stored: &[u8] = if compressed.len() < item.data.len() {
-                        &compressed
+        let mut consume = || -> Result<(), ArchiveError> {
+            let mut pending: BTreeMap<u64, Hashed> = BTreeMap::new();
+            let mut next_seq = 0u64;
+            for item in done_rx.iter() {
+                let item = item?;
+                pending.insert(item.seq, item);
+                while let Some(item) = pending.remove(&next_seq) {
+                    next_seq += 1;
+                    let len = item.data.len() as u32;
+                    consumed += u64::from(len);
+                    if builder.contains(&item.hash) {
+                        builder.push(item.hash, len, 0);
                     } else {
-                        &item.data
-                    };
-                    if let Err(e) = data_out.write_all(stored) {
-                        result = Err(ArchiveError::Io {
-                            context: "writing chunk data",
-                            source: e,
-                        });
-                        break;
+                        // A worker skips compressing a chunk when a later
+                        // duplicate claimed it first; compress it here.
+                        let compressed = match item.compressed {
+                            Some(c) => c,
+                            None => zstd::bulk::compress(&item.data, level)
+                                .map_err(|e| ArchiveError::Zstd(e.to_string()))?,
+                        };
+                        let stored: &[u8] = if compressed.len() < item.data.len() {
+                            &compressed
+                        } else {
+                            &item.data
+                        };
+                        data_out
+                            .write_all(stored)
+                            .map_err(io_err("writing chunk data"))?;
+                        data_size += stored.len() as u64;
+                        let pushed = builder.push(item.hash, len, stored.len() as u32);
+                        debug_assert_eq!(pushed, Pushed::Stored);
                     }
-                    data_size += stored.len() as u64;
-                    let pushed = builder.push(item.hash, len, stored.len() as u32);
-                    debug_assert_eq!(pushed, Pushed::Stored);
+                    progress(consumed);
                 }
-                progress(consumed);
             }
-            if result.is_err() {
-                break;
+            if !pending.is_empty() {
+                return Err(ArchiveError::Options(
+                    "a worker thread stopped before hashing every chunk".into(),
+                ));
             }
+            Ok(())
+        };
+        let consumed_all = consume();
+        // Whatever happened, let every thread finish: stop the producer,
+        // and drain the work queue it may be blocked on.
+        drop(done_rx);
+        if consumed_all.is_err() {
+            stop.store(true, Ordering::Relaxed);
         }
-        drop(done_rx); // unblocks workers and the producer if we stopped early
+        while let Ok(Ok(_)) = work_rx.lock().map(|rx| rx.recv()) {}
         let produced = producer
             .join()
             .map_err(|_| ArchiveError::Options("chunker thread failed".into()))?;
         let (image_sha256, source_b2) = digester
             .join()
             .map_err(|_| ArchiveError::Options("digest thread failed".into()))?;
-        result?;
         produced?;
+        consumed_all?;
         let image_size = consumed;
         if image_size == 0 || image_size > MAX_IMAGE_SIZE {
             return Err(ArchiveError::ImageSize(image_size));
@@ -637,6 +659,64 @@ mod tests {
         .expect("builds");
         assert_eq!(again.header, built.header);
         assert_eq!(data2, data);
+    }
+
+    /// A writer that fails after `left` bytes, like a full disk.
+    struct FullDisk {
+        left: usize,
+    }
+
+    impl Write for FullDisk {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.left == 0 {
+                return Err(io::Error::new(io::ErrorKind::StorageFull, "disk full"));
+            }
+            let n = buf.len().min(self.left);
+            self.left -= n;
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn write_failure_stops_every_thread_and_is_reported() {
+        // Large enough that the producer is still chunking when the
+        // consumer fails, so a missed wake-up would hang here.
+        let image = pseudo_random(16 << 20, 11);
+        let err = build_archive(
+            &image[..],
+            &mut FullDisk { left: 50_000 },
+            &ArchiveOptions::default(),
+            &|_| {},
+        )
+        .expect_err("must fail");
+        assert!(err.to_string().contains("disk full"), "{err}");
+    }
+
+    #[test]
+    fn read_failure_is_reported() {
+        struct Broken(usize);
+        impl Read for Broken {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                if self.0 == 0 {
+                    return Err(io::Error::other("medium error"));
+                }
+                let n = buf.len().min(self.0);
+                buf[..n].fill(7);
+                self.0 -= n;
+                Ok(n)
+            }
+        }
+        let err = build_archive(
+            Broken(3 << 20),
+            &mut Vec::new(),
+            &ArchiveOptions::default(),
+            &|_| {},
+        )
+        .expect_err("must fail");
+        assert!(err.to_string().contains("medium error"), "{err}");
     }
 
     #[test]
