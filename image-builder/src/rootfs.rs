@@ -8,8 +8,10 @@
 //!
 //! - **ext4** (`mkfs.ext4 -d`, e2fsprogs 1.47.0): a private `mke2fs.conf`
 //!   (`MKE2FS_CONFIG`) so the host's defaults do not leak in, `LC_ALL=C` (the
-//!   tree is walked in `alphasort` order), `-U <uuid>`,
-//!   `-E hash_seed=<a second UUID derived from the content>,root_owner=0:0,nodiscard,lazy_itable_init=0,lazy_journal_init=0`,
+//!   tree is walked in `alphasort` order), `-U <uuid>` (stable across
+//!   releases: derived from the label unless given, never from the content,
+//!   because ext4 seeds its metadata checksums with it),
+//!   `-E hash_seed=<a second UUID derived from the first>,root_owner=0:0,nodiscard,lazy_itable_init=0,lazy_journal_init=0`,
 //!   `-T default -b 4096 -I 256` (`-N` when the tree needs more inodes),
 //!   `E2FSPROGS_FAKE_TIME=<timestamp>` (2^40 for 0, which libext2fs reads
 //!   as "unset"; the time fields keep only its low bits, all zero). mke2fs
@@ -105,7 +107,8 @@ pub struct RootfsOptions {
     pub label: Option<String>,
     /// Every timestamp in the image (SOURCE_DATE_EPOCH).
     pub timestamp: u64,
-    /// Filesystem UUID (ext4, erofs); derived from the content when `None`.
+    /// Filesystem UUID (ext4, erofs); when `None`, derived from the label
+    /// (stable across releases, so ext4 metadata checksums stay put).
     pub uuid: Option<String>,
 }
 
@@ -209,9 +212,18 @@ pub fn build_rootfs(input: &Path, out: &Path, opts: &RootfsOptions) -> Result<Ro
     apply_metadata(&root, &owners, opts.timestamp, as_root)?;
     let tree = describe_tree(&root, &owners)?;
 
+    // The UUID (and the ext4 hash seed derived from it) must NOT follow
+    // the content: ext4's metadata checksums are seeded with the UUID, so a
+    // UUID that changed with every release would change every group
+    // descriptor, bitmap and inode table block, and a one-file update
+    // would cost megabytes. It is stable per label instead.
     let uuid = match &opts.uuid {
         Some(u) => parse_uuid(u)?,
-        None => uuid_from(&tree.digest, b"kernex-rootfs-uuid"),
+        None => {
+            let label = opts.label.as_deref().unwrap_or("");
+            let seed: [u8; 32] = Sha256::digest(label.as_bytes()).into();
+            uuid_from(&seed, b"kernex-rootfs-uuid")
+        }
     };
 
     let tmp_out = work.path().join("image");
@@ -957,7 +969,8 @@ fn make_ext4(
     if size < MIB || size % 1024 != 0 {
         bail!("ext4 size {size} bytes is too small or not a multiple of 1 KiB");
     }
-    let hash_seed = uuid_from(&tree.digest, b"kernex-rootfs-ext4-hash-seed");
+    let uuid_digest: [u8; 32] = Sha256::digest(uuid.as_bytes()).into();
+    let hash_seed = uuid_from(&uuid_digest, b"kernex-rootfs-ext4-hash-seed");
     let inodes = ext4_inodes(tree);
     let default_inodes = size / 16384;
     let mut cmd = tool_command("mkfs.ext4");

@@ -49,7 +49,8 @@ pub enum Command {
         long_about = "Build a reproducible ext4, squashfs or erofs image from a directory or tarball.\n\n\
 The same input gives the same bytes: the tree is staged in sorted order, every timestamp is \
 set to --timestamp (SOURCE_DATE_EPOCH), owners come from the tarball (root for a directory \
-built by a non-root user), and UUIDs and hash seeds are derived from the content. Uses \
+built by a non-root user), and the UUID and hash seed are fixed per label (not per content, \
+so a small change stays a small delta). Uses \
 mkfs.ext4 (e2fsprogs), mksquashfs (squashfs-tools) or mkfs.erofs (erofs-utils). Extended \
 attributes are not carried over."
     )]

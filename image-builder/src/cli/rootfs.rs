@@ -29,7 +29,8 @@ pub struct RootfsArgs {
     /// defaults to $SOURCE_DATE_EPOCH, else 0.
     #[arg(long, env = "SOURCE_DATE_EPOCH", default_value_t = 0)]
     pub timestamp: u64,
-    /// Filesystem UUID (ext4, erofs); default: derived from the content.
+    /// Filesystem UUID (ext4, erofs); default: derived from --label, the same
+    /// for every release (ext4 seeds its metadata checksums with it).
     #[arg(long)]
     pub uuid: Option<String>,
     /// Print the report as JSON.
