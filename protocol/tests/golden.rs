@@ -14,7 +14,9 @@ use kernex_protocol::signature::{Keyring, SignatureError, VerifyOptions};
 use kernex_protocol::{ManifestError, SlotClass};
 
 fn golden(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name)
 }
 
 fn keyring() -> Keyring {
@@ -39,7 +41,10 @@ fn valid_bundle_verifies_and_extracts_the_exact_image() {
     let verified = bundle.verify(&keyring(), VerifyOptions::default()).unwrap();
     assert_eq!(verified.version.to_string(), "1.0.0");
     assert_eq!(verified.compatible, "qemu-aarch64");
-    assert_eq!(verified.signer().subject, "O=Kernex golden, CN=Kernex golden signing");
+    assert_eq!(
+        verified.signer().subject,
+        "O=Kernex golden, CN=Kernex golden signing"
+    );
     let mut image = Vec::new();
     let report = bundle
         .extract_image(&verified, SlotClass::Rootfs, &mut image, &|_| {})
@@ -71,7 +76,9 @@ fn truncated_bundle_is_rejected_as_truncated() {
 fn every_prefix_of_the_valid_bundle_is_rejected() {
     let bytes = fs::read(golden("valid.kxb")).unwrap();
     // Every 97th cut plus the edges of each member.
-    let cuts = (0..bytes.len()).step_by(97).chain([0, 1, 511, 512, 513, bytes.len() - 1]);
+    let cuts = (0..bytes.len())
+        .step_by(97)
+        .chain([0, 1, 511, 512, 513, bytes.len() - 1]);
     for cut in cuts {
         let result = Bundle::open(Cursor::new(bytes[..cut].to_vec()));
         assert!(result.is_err(), "a bundle cut at {cut} bytes was accepted");
@@ -92,7 +99,16 @@ fn tampered_manifest_fails_the_signature() {
 #[test]
 fn flipped_chunk_bit_is_found_by_content_verification() {
     let err = verify_fully("bitflip-chunk.kxb").unwrap_err();
-    assert!(matches!(err, BundleError::Archive { class: SlotClass::Rootfs, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            BundleError::Archive {
+                class: SlotClass::Rootfs,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("is corrupt"), "{err}");
 }
 
@@ -132,7 +148,9 @@ fn signer_from_an_unknown_ca_is_rejected() {
 fn expired_signer_is_rejected_now_and_accepted_at_a_time_it_was_valid() {
     let bundle = open("expired-signer.kxb").unwrap();
     match bundle.verify(&keyring(), VerifyOptions::default()) {
-        Err(BundleError::Signature(SignatureError::Expired { signer, not_after, .. })) => {
+        Err(BundleError::Signature(SignatureError::Expired {
+            signer, not_after, ..
+        })) => {
             assert!(signer.contains("expired"));
             assert!(not_after.contains("2002"), "{not_after}");
         }
