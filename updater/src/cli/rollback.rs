@@ -1,0 +1,13 @@
+//! `kernex-updater rollback`.
+
+use anyhow::{Context as _, Result};
+
+use super::Context;
+
+/// Makes the other slot boot next.
+pub fn run(ctx: &mut Context) -> Result<()> {
+    let slot =
+        crate::boot::rollback(&ctx.config, ctx.flow.as_mut()).context("unable to roll back")?;
+    println!("slot {slot} boots next (reboot to roll back)");
+    Ok(())
+}

@@ -1,0 +1,499 @@
+//! Where bundle bytes come from: a local file, or an HTTP(S) URL read with
+//! Range requests through the link profile (rate limit, daily budget).
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::LinkProfile;
+use crate::error::{UpdateError, io_err};
+use crate::store::DataDir;
+
+/// Receives fetched bytes in order.
+pub type Sink<'a> = dyn FnMut(&[u8]) -> Result<(), UpdateError> + 'a;
+
+/// A readable bundle.
+pub trait Source: std::fmt::Debug {
+    /// The file path or URL, for messages.
+    fn name(&self) -> &str;
+    /// Size of the bundle, once known (after the first fetch).
+    fn total_size(&self) -> Option<u64>;
+    /// Streams bytes `offset..offset+len` to `sink`, in order, each byte
+    /// once: a dropped connection is resumed where it stopped.
+    fn fetch(&mut self, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<(), UpdateError>;
+    /// Bytes received so far (for HTTP, every body byte the server sent).
+    fn fetched_bytes(&self) -> u64;
+    /// Requests made so far.
+    fn requests(&self) -> u64;
+
+    /// Reads `offset..offset+len` into memory.
+    fn read_range(&mut self, offset: u64, len: u64) -> Result<Vec<u8>, UpdateError> {
+        let mut out = Vec::with_capacity(len.min(1 << 24) as usize);
+        self.fetch(offset, len, &mut |b| {
+            out.extend_from_slice(b);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+}
+
+/// Opens `location`: `http://` or `https://` is a URL, anything else a path.
+pub fn open(location: &str, link: Link) -> Result<Box<dyn Source>, UpdateError> {
+    if location.starts_with("http://") || location.starts_with("https://") {
+        Ok(Box::new(HttpSource::new(location, link)))
+    } else {
+        Ok(Box::new(FileSource::open(Path::new(location))?))
+    }
+}
+
+/// A bundle file on local storage (or a USB stick). Not subject to the link
+/// profile.
+#[derive(Debug)]
+pub struct FileSource {
+    path: PathBuf,
+    name: String,
+    file: fs::File,
+    size: u64,
+    fetched: u64,
+    requests: u64,
+}
+
+impl FileSource {
+    /// Opens the file.
+    pub fn open(path: &Path) -> Result<Self, UpdateError> {
+        let file = fs::File::open(path).map_err(io_err("open the bundle", path))?;
+        let size = file
+            .metadata()
+            .map_err(io_err("stat the bundle", path))?
+            .len();
+        Ok(Self {
+            path: path.to_owned(),
+            name: path.display().to_string(),
+            file,
+            size,
+            fetched: 0,
+            requests: 0,
+        })
+    }
+}
+
+impl Source for FileSource {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn total_size(&self) -> Option<u64> {
+        Some(self.size)
+    }
+
+    fn fetch(&mut self, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<(), UpdateError> {
+        self.requests += 1;
+        if offset.saturating_add(len) > self.size {
+            return Err(UpdateError::Bundle(format!(
+                "{} is truncated: {} bytes, needs at least {}",
+                self.name,
+                self.size,
+                offset.saturating_add(len)
+            )));
+        }
+        self.file
+            .seek(SeekFrom::Start(offset))
+            .map_err(io_err("seek in the bundle", &self.path))?;
+        let mut left = len;
+        let mut buf = vec![0u8; 256 * 1024];
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            self.file
+                .read_exact(&mut buf[..n])
+                .map_err(io_err("read the bundle", &self.path))?;
+            self.fetched += n as u64;
+            sink(&buf[..n])?;
+            left -= n as u64;
+        }
+        Ok(())
+    }
+
+    fn fetched_bytes(&self) -> u64 {
+        self.fetched
+    }
+
+    fn requests(&self) -> u64 {
+        self.requests
+    }
+}
+
+/// Bytes downloaded on one UTC day, persisted in the data dir.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct DailyUsage {
+    /// Days since the Unix epoch (UTC).
+    pub day: u64,
+    /// Bytes downloaded that day.
+    pub bytes: u64,
+}
+
+/// Today, in days since the Unix epoch (UTC).
+pub fn utc_day() -> u64 {
+    crate::store::now() / 86_400
+}
+
+/// The link profile in force: a token bucket for the rate and the daily
+/// budget counter.
+#[derive(Debug)]
+pub struct Link {
+    rate: Option<u64>,
+    tokens: f64,
+    last: Instant,
+    budget: Option<u64>,
+    usage: DailyUsage,
+    unsaved: u64,
+    data: Option<DataDir>,
+}
+
+/// Budget counter is persisted at least every this many bytes.
+const BUDGET_SAVE_EVERY: u64 = 256 * 1024;
+
+impl Link {
+    /// No limits (tests, local files).
+    pub fn unlimited() -> Self {
+        Self {
+            rate: None,
+            tokens: 0.0,
+            last: Instant::now(),
+            budget: None,
+            usage: DailyUsage::default(),
+            unsaved: 0,
+            data: None,
+        }
+    }
+
+    /// The link profile, with today's usage from the data dir.
+    pub fn new(profile: &LinkProfile, data: &DataDir) -> Result<Self, UpdateError> {
+        let today = utc_day();
+        let usage = match data.read::<DailyUsage>(&data.budget_path())? {
+            Some(u) if u.day == today => u,
+            _ => DailyUsage {
+                day: today,
+                bytes: 0,
+            },
+        };
+        let rate = profile.rate_limit.filter(|&r| r > 0);
+        Ok(Self {
+            rate,
+            tokens: 0.0,
+            last: Instant::now(),
+            budget: if profile.metered {
+                profile.daily_budget
+            } else {
+                None
+            },
+            usage,
+            unsaved: 0,
+            data: Some(data.clone()),
+        })
+    }
+
+    /// Today's usage.
+    pub fn usage(&self) -> DailyUsage {
+        self.usage
+    }
+
+    fn roll_day(&mut self) {
+        let today = utc_day();
+        if today != self.usage.day {
+            self.usage = DailyUsage {
+                day: today,
+                bytes: 0,
+            };
+        }
+    }
+
+    /// Fails if today's budget is spent.
+    pub fn check(&mut self) -> Result<(), UpdateError> {
+        self.roll_day();
+        match self.budget {
+            Some(budget) if self.usage.bytes >= budget => {
+                self.save()?;
+                Err(UpdateError::BudgetSpent {
+                    budget,
+                    used: self.usage.bytes,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Accounts for `n` received bytes: waits as the rate limit requires,
+    /// and fails once the budget is spent.
+    pub fn take(&mut self, n: u64) -> Result<(), UpdateError> {
+        self.usage.bytes += n;
+        self.unsaved += n;
+        if self.unsaved >= BUDGET_SAVE_EVERY {
+            self.save()?;
+        }
+        if let Some(rate) = self.rate {
+            // Token bucket holding at most a quarter second of traffic.
+            let now = Instant::now();
+            let cap = (rate as f64 / 4.0).max(1.0);
+            self.tokens =
+                (self.tokens + now.duration_since(self.last).as_secs_f64() * rate as f64).min(cap);
+            self.last = now;
+            self.tokens -= n as f64;
+            if self.tokens < 0.0 {
+                std::thread::sleep(Duration::from_secs_f64(-self.tokens / rate as f64));
+                self.last = Instant::now();
+                self.tokens = 0.0;
+            }
+        }
+        if let Some(budget) = self.budget
+            && self.usage.bytes > budget
+        {
+            self.save()?;
+            return Err(UpdateError::BudgetSpent {
+                budget,
+                used: self.usage.bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Persists today's usage.
+    pub fn save(&mut self) -> Result<(), UpdateError> {
+        if let Some(data) = &self.data
+            && self.unsaved > 0
+        {
+            data.write(&data.budget_path(), &self.usage)?;
+        }
+        self.unsaved = 0;
+        Ok(())
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        let _ = self.save();
+    }
+}
+
+/// Attempts per range before giving up (the count restarts whenever a
+/// connection delivered data).
+pub const MAX_ATTEMPTS: u32 = 8;
+/// First retry delay; doubles on each failed attempt.
+pub const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest retry delay.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// A bundle behind an HTTP(S) URL, read with Range requests over one
+/// keep-alive agent.
+#[derive(Debug)]
+pub struct HttpSource {
+    url: String,
+    agent: ureq::Agent,
+    link: Link,
+    total: Option<u64>,
+    fetched: u64,
+    requests: u64,
+    warned_no_range: bool,
+}
+
+enum Attempt {
+    /// The sink failed: stop.
+    Fatal(UpdateError),
+    /// Worth retrying.
+    Retry(String),
+}
+
+impl HttpSource {
+    /// Over `url`.
+    pub fn new(url: &str, link: Link) -> Self {
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(15)))
+            .timeout_recv_response(Some(Duration::from_secs(30)))
+            .timeout_per_read(Some(Duration::from_secs(30)))
+            .tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .provider(ureq::tls::TlsProvider::NativeTls)
+                    .build(),
+            )
+            .build();
+        Self {
+            url: url.to_owned(),
+            agent: ureq::Agent::new_with_config(config),
+            link,
+            total: None,
+            fetched: 0,
+            requests: 0,
+            warned_no_range: false,
+        }
+    }
+
+    fn download_err(&self, reason: String) -> UpdateError {
+        UpdateError::Download {
+            url: self.url.clone(),
+            reason,
+        }
+    }
+
+    /// One request for `pos..end`; advances `pos` by what reached the sink.
+    fn attempt(&mut self, pos: &mut u64, end: u64, sink: &mut Sink<'_>) -> Result<(), Attempt> {
+        self.requests += 1;
+        let mut resp = self
+            .agent
+            .get(&self.url)
+            .header("Range", format!("bytes={}-{}", *pos, end - 1))
+            .call()
+            .map_err(|e| Attempt::Retry(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let mut skip = 0u64;
+        match status {
+            206 => {
+                let range = header("content-range").unwrap_or_default();
+                let (start, total) = parse_content_range(&range).ok_or_else(|| {
+                    Attempt::Fatal(self.download_err(format!(
+                        "206 response with an unusable Content-Range {range:?}"
+                    )))
+                })?;
+                if start != *pos {
+                    return Err(Attempt::Fatal(self.download_err(format!(
+                        "asked for bytes from {}, server sent from {start}",
+                        *pos
+                    ))));
+                }
+                self.total = Some(total);
+            }
+            200 => {
+                // No Range support: the whole body comes; skip to `pos`.
+                if !self.warned_no_range {
+                    tracing::warn!(url = %self.url, "server ignores Range requests: every request downloads from the start of the bundle");
+                    self.warned_no_range = true;
+                }
+                if let Some(len) = header("content-length").and_then(|l| l.parse().ok()) {
+                    self.total = Some(len);
+                }
+                skip = *pos;
+            }
+            416 => {
+                return Err(Attempt::Fatal(self.download_err(format!(
+                    "the server has no bytes {}..{end} (416): the bundle is truncated",
+                    *pos
+                ))));
+            }
+            s if (500..600).contains(&s) || s == 408 || s == 429 => {
+                return Err(Attempt::Retry(format!("HTTP {s}")));
+            }
+            s => {
+                return Err(Attempt::Fatal(
+                    self.download_err(format!("HTTP status {s}")),
+                ));
+            }
+        }
+        let mut reader = resp.body_mut().as_reader();
+        let mut buf = vec![0u8; 64 * 1024];
+        while *pos < end {
+            let want = if skip > 0 {
+                skip.min(buf.len() as u64)
+            } else {
+                (end - *pos).min(buf.len() as u64)
+            } as usize;
+            let n = match reader.read(&mut buf[..want]) {
+                Ok(0) => return Err(Attempt::Retry("connection closed early".into())),
+                Ok(n) => n,
+                Err(e) => return Err(Attempt::Retry(e.to_string())),
+            };
+            self.fetched += n as u64;
+            self.link.take(n as u64).map_err(Attempt::Fatal)?;
+            if skip > 0 {
+                skip -= n as u64;
+                continue;
+            }
+            sink(&buf[..n]).map_err(Attempt::Fatal)?;
+            *pos += n as u64;
+        }
+        if status == 206 {
+            // Read the (empty) rest so the connection goes back to the pool.
+            let _ = reader.read(&mut buf[..1]);
+        }
+        Ok(())
+    }
+}
+
+/// `bytes START-END/TOTAL` → (START, TOTAL).
+fn parse_content_range(value: &str) -> Option<(u64, u64)> {
+    let rest = value.trim().strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (start, _) = range.split_once('-')?;
+    Some((start.trim().parse().ok()?, total.trim().parse().ok()?))
+}
+
+impl Source for HttpSource {
+    fn name(&self) -> &str {
+        &self.url
+    }
+
+    fn total_size(&self) -> Option<u64> {
+        self.total
+    }
+
+    fn fetch(&mut self, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<(), UpdateError> {
+        if let Some(total) = self.total
+            && offset.saturating_add(len) > total
+        {
+            return Err(UpdateError::Bundle(format!(
+                "{} is truncated: {total} bytes, needs at least {}",
+                self.url,
+                offset.saturating_add(len)
+            )));
+        }
+        let end = offset + len;
+        let mut pos = offset;
+        let mut failures = 0u32;
+        while pos < end {
+            self.link.check()?;
+            let before = pos;
+            match self.attempt(&mut pos, end, sink) {
+                Ok(()) => {}
+                Err(Attempt::Fatal(e)) => {
+                    self.link.save()?;
+                    return Err(e);
+                }
+                Err(Attempt::Retry(reason)) => {
+                    if pos > before {
+                        failures = 0;
+                    }
+                    failures += 1;
+                    if failures >= MAX_ATTEMPTS {
+                        self.link.save()?;
+                        return Err(self.download_err(format!(
+                            "{reason} (gave up after {failures} attempts at byte {pos})"
+                        )));
+                    }
+                    let delay = FIRST_BACKOFF
+                        .saturating_mul(1 << (failures - 1).min(16))
+                        .min(MAX_BACKOFF);
+                    tracing::info!(url = %self.url, at = pos, %reason, ?delay, "retrying");
+                    std::thread::sleep(delay);
+                }
+            }
+        }
+        self.link.save()?;
+        Ok(())
+    }
+
+    fn fetched_bytes(&self) -> u64 {
+        self.fetched
+    }
+
+    fn requests(&self) -> u64 {
+        self.requests
+    }
+}
