@@ -111,6 +111,28 @@ impl Release {
             .arg(self.path(bundle)));
     }
 
+    /// `bundle create` of rootfs-1.img into never.kxb, for the failure cases.
+    fn create_cmd(&self, compatible: &str, key: &str) -> Command {
+        let mut cmd = kernex_image();
+        cmd.args([
+            "bundle",
+            "create",
+            "--compatible",
+            compatible,
+            "--version",
+            "1.0.0",
+        ])
+        .arg("--rootfs")
+        .arg(self.path("rootfs-1.img"))
+        .arg("--key")
+        .arg(self.path(key))
+        .arg("--cert")
+        .arg(self.path("keys/signing.crt"))
+        .arg("--out")
+        .arg(self.path("never.kxb"));
+        cmd
+    }
+
     fn unpack(&self, bundle: &str) -> PathBuf {
         let out = self.path(&format!("{bundle}.d"));
         fs::create_dir_all(&out).unwrap();
@@ -295,23 +317,8 @@ fn bad_input_fails_with_a_named_reason_and_exit_code_1() {
         assert!(!stderr.contains("panicked"), "{file}: {stderr}");
     }
     // A key that does not belong to the certificate.
-    let out = kernex_image()
-        .args([
-            "bundle",
-            "create",
-            "--compatible",
-            "qemu-aarch64",
-            "--version",
-            "1.0.0",
-        ])
-        .arg("--rootfs")
-        .arg(r.path("rootfs-1.img"))
-        .arg("--key")
-        .arg(r.path("keys/ca.key"))
-        .arg("--cert")
-        .arg(r.path("keys/signing.crt"))
-        .arg("--out")
-        .arg(r.path("never.kxb"))
+    let out = r
+        .create_cmd("qemu-aarch64", "keys/ca.key")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -326,23 +333,8 @@ fn bad_input_fails_with_a_named_reason_and_exit_code_1() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
     // A bad compatible string.
-    let out = kernex_image()
-        .args([
-            "bundle",
-            "create",
-            "--compatible",
-            "Bad Board!",
-            "--version",
-            "1.0.0",
-        ])
-        .arg("--rootfs")
-        .arg(r.path("rootfs-1.img"))
-        .arg("--key")
-        .arg(r.path("keys/signing.key"))
-        .arg("--cert")
-        .arg(r.path("keys/signing.crt"))
-        .arg("--out")
-        .arg(r.path("never.kxb"))
+    let out = r
+        .create_cmd("Bad Board!", "keys/signing.key")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
