@@ -10,3 +10,6 @@ need_apt tar tar
 # The bita CLI reads and clones the archives kernex-image writes (zstd
 # chunks: crates.io's default bita build only has brotli).
 need_cargo bita bita 0.15.0 --no-default-features --features zstd-compression
+# bench/bundle.sh (not run by the tests): JSON parsing and command timing.
+need_apt jq jq
+need_apt hyperfine hyperfine
