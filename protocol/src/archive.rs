@@ -573,6 +573,13 @@ pub fn verify_chunk(
         offset: chunk.archive_offset,
         reason,
     };
+    // Decompression allocates the declared size up front: bound it first.
+    if chunk.source_size > MAX_CHUNK_SIZE {
+        return Err(corrupt(format!(
+            "source size {} is more than the limit of {MAX_CHUNK_SIZE}",
+            chunk.source_size
+        )));
+    }
     if archive_bytes.len() != chunk.archive_size as usize {
         return Err(corrupt(format!(
             "{} bytes, expected {}",
@@ -717,6 +724,19 @@ mod tests {
         )
         .expect_err("must fail");
         assert!(err.to_string().contains("medium error"), "{err}");
+    }
+
+    #[test]
+    fn oversized_chunk_is_rejected_before_allocating() {
+        let data = zstd::bulk::compress(b"kernex", 3).expect("compresses");
+        let chunk = StoredChunk {
+            hash: ChunkHash::of(b"kernex", DEFAULT_HASH_LEN),
+            source_size: u32::MAX,
+            archive_offset: 0,
+            archive_size: data.len() as u32,
+        };
+        let err = verify_chunk(&chunk, &data).expect_err("must fail");
+        assert!(err.to_string().contains("limit"), "{err}");
     }
 
     #[test]

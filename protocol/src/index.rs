@@ -452,12 +452,12 @@ impl IndexHead {
         let pages_size = le_u64(bytes, 56);
         let head_size =
             INDEX_HEADER_SIZE as u64 + u64::from(page_count) * PAGE_TABLE_ENTRY_SIZE as u64;
-        if head_size + pages_size > MAX_INDEX_SIZE {
+        // `pages_size` is any u64 here: add without overflowing.
+        if pages_size > MAX_INDEX_SIZE - head_size {
             return Err(header_err(
                 "pages size",
                 format!(
-                    "index of {} bytes is more than the limit of {MAX_INDEX_SIZE}",
-                    head_size + pages_size
+                    "{pages_size} bytes of pages after a {head_size}-byte head is more than the index limit of {MAX_INDEX_SIZE}"
                 ),
             ));
         }
@@ -1121,6 +1121,24 @@ mod tests {
                 assert!(result.is_err(), "flip at {at}");
             }
         }
+    }
+
+    #[test]
+    fn huge_pages_size_is_rejected_without_overflow() {
+        let mut bytes = build(&[(&[7u8; 100], 10)]).encode();
+        bytes[56..64].copy_from_slice(&u64::MAX.to_le_bytes());
+        let err = IndexHead::decode(&bytes).expect_err("must fail");
+        assert!(
+            matches!(
+                err,
+                IndexError::Header {
+                    field: "pages size",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(ChunkIndex::decode(&bytes).is_err());
     }
 
     #[test]

@@ -23,6 +23,9 @@ pub const MAX_METADATA_VALUE_LEN: usize = 4096;
 /// Largest chunk (uncompressed) any index or archive may describe: 16 MiB,
 /// bita's own maximum chunk size.
 pub const MAX_CHUNK_SIZE: u32 = 16 * 1024 * 1024;
+/// Largest bita archive: its header plus chunk data, which is never larger
+/// than the image (a chunk that does not compress is stored raw).
+pub const MAX_ARCHIVE_SIZE: u64 = MAX_ARCHIVE_HEADER_SIZE + MAX_IMAGE_SIZE;
 /// Largest chunk index file.
 pub const MAX_INDEX_SIZE: u64 = 256 * 1024 * 1024;
 /// Most pages one chunk index may have.

@@ -293,6 +293,17 @@ impl Manifest {
                     ),
                 ));
             }
+            // The bundle layout adds these sizes up before the signature
+            // is checked, so each must be bounded.
+            if image.archive.size > MAX_ARCHIVE_SIZE {
+                return Err(invalid(
+                    field("archive.size"),
+                    format!(
+                        "{} is more than the limit of {MAX_ARCHIVE_SIZE}",
+                        image.archive.size
+                    ),
+                ));
+            }
             if image.archive.header_size > MAX_ARCHIVE_HEADER_SIZE
                 || image.archive.header_size > image.archive.size
             {
@@ -381,5 +392,58 @@ impl std::ops::Deref for VerifiedManifest {
     type Target = Manifest;
     fn deref(&self) -> &Manifest {
         &self.manifest
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::container::BundleLayout;
+
+    fn manifest() -> Manifest {
+        let digest = Sha256Digest::of(b"kernex");
+        Manifest {
+            format: MANIFEST_FORMAT,
+            version: semver::Version::new(1, 0, 0),
+            compatible: "qemu-aarch64".into(),
+            min_updater_version: semver::Version::new(0, 1, 0),
+            images: vec![ImageEntry {
+                slot_class: SlotClass::Rootfs,
+                filesystem: FsType::Ext4,
+                size: 4096,
+                sha256: digest,
+                index: IndexRef {
+                    size: 100,
+                    sha256: digest,
+                    head_size: 84,
+                    head_sha256: digest,
+                },
+                archive: ArchiveRef {
+                    size: 1000,
+                    header_size: 200,
+                    header_sha256: digest,
+                },
+            }],
+            metadata: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn huge_archive_size_is_rejected_before_the_layout_adds_it_up() {
+        let mut m = manifest();
+        let bytes = m.to_vec().expect("serialises");
+        assert_eq!(Manifest::from_slice(&bytes).expect("parses"), m);
+        m.images[0].archive.size = u64::MAX - 100;
+        let bytes = serde_json::to_vec(&m).expect("serialises");
+        let err = Manifest::from_slice(&bytes).expect_err("must fail");
+        assert!(err.to_string().contains("archive.size"), "{err}");
+        // At the limit, every image's members still add up without overflow.
+        let mut m = manifest();
+        m.images[0].size = MAX_IMAGE_SIZE;
+        m.images[0].index.size = MAX_INDEX_SIZE;
+        m.images[0].archive.size = MAX_ARCHIVE_SIZE;
+        m.validate().expect("within limits");
+        let layout = BundleLayout::compute(MAX_MANIFEST_SIZE, MAX_SIGNATURE_SIZE, &m);
+        assert!(layout.total_size > MAX_ARCHIVE_SIZE);
     }
 }

@@ -8,7 +8,9 @@
 //! codeSigning), is within its validity period, chains to a keyring CA, and
 //! its key produced the signature over exactly these manifest bytes. The same
 //! files verify with `openssl cms -verify -binary -inform DER -content
-//! manifest.json -CAfile ca.crt -purpose any`.
+//! manifest.json -CAfile ca.crt -purpose any`. The digest must be SHA-256
+//! (OpenSSL's default for the EC and RSA keys Kernex uses); any other is
+//! rejected before OpenSSL sees the signature.
 
 use std::fmt;
 
@@ -357,11 +359,65 @@ pub fn verify_detached(
     }
     let store = store.build();
 
+    check_digest_algorithms(signature)?;
     let mut cms = CmsContentInfo::from_der(signature)
         .map_err(|e| SignatureError::Malformed(e.to_string()))?;
     cms.verify(None, Some(&store), Some(data), None, CMSOptions::BINARY)
         .map_err(|e| verify_err(openssl_reason(&e)))?;
     Ok(info)
+}
+
+/// DER contents of the SHA-256 algorithm identifier (2.16.840.1.101.3.4.2.1).
+const SHA256_OID: &[u8] = &[0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01];
+
+/// Splits the DER element at the start of `input` into its contents and the
+/// bytes after it, if its tag is `tag`. Definite lengths only (DER).
+fn der_element(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+    let (&found, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = match first {
+        0x00..=0x7f => (usize::from(first), rest),
+        0x81..=0x84 => {
+            let (len, rest) = rest.split_at_checked(usize::from(first & 0x7f))?;
+            let len = len.iter().fold(0usize, |n, &b| (n << 8) | usize::from(b));
+            (len, rest)
+        }
+        _ => return None,
+    };
+    let (contents, rest) = rest.split_at_checked(len)?;
+    (found == tag).then_some((contents, rest))
+}
+
+/// Checks that the SignedData's digest algorithm set is SHA-256 alone, the
+/// only digest Kernex signs with, before OpenSSL verifies it.
+///
+/// OpenSSL 3.0 (3.0.19 included) leaks a BIO in `CMS_verify` when that set
+/// (which no signature covers) is empty or names a digest it cannot compute
+/// (openssl/openssl#30471): anyone could edit a published bundle's signature
+/// so that every verification attempt leaks memory.
+fn check_digest_algorithms(signature: &[u8]) -> Result<(), SignatureError> {
+    let malformed = || SignatureError::Malformed("no SignedData digest algorithm set".into());
+    let (content_info, _) = der_element(signature, 0x30).ok_or_else(malformed)?;
+    let (_, rest) = der_element(content_info, 0x06).ok_or_else(malformed)?;
+    let (explicit, _) = der_element(rest, 0xa0).ok_or_else(malformed)?;
+    let (signed_data, _) = der_element(explicit, 0x30).ok_or_else(malformed)?;
+    let (_, rest) = der_element(signed_data, 0x02).ok_or_else(malformed)?;
+    let (mut set, _) = der_element(rest, 0x31).ok_or_else(malformed)?;
+    let not_sha256 = || {
+        SignatureError::Malformed("signature names a digest algorithm other than SHA-256".into())
+    };
+    if set.is_empty() {
+        return Err(not_sha256());
+    }
+    while !set.is_empty() {
+        let (algorithm, rest) = der_element(set, 0x30).ok_or_else(malformed)?;
+        let (oid, parameters) = der_element(algorithm, 0x06).ok_or_else(malformed)?;
+        if oid != SHA256_OID || !(parameters.is_empty() || parameters == [0x05, 0x00]) {
+            return Err(not_sha256());
+        }
+        set = rest;
+    }
+    Ok(())
 }
 
 fn openssl_reason(e: &openssl::error::ErrorStack) -> String {
@@ -398,4 +454,100 @@ pub fn verify_manifest(
         manifest_bytes.to_vec(),
         signer,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CA and a code-signing certificate issued by it, made here so the
+    /// test needs no files.
+    fn ca_and_signer() -> (Keyring, Signer) {
+        use openssl::bn::{BigNum, MsbOption};
+        use openssl::ec::{EcGroup, EcKey};
+        use openssl::nid::Nid;
+        use openssl::x509::extension::{BasicConstraints, ExtendedKeyUsage, KeyUsage};
+        use openssl::x509::{X509Builder, X509NameBuilder};
+
+        let key = || {
+            let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).expect("curve");
+            PKey::from_ec_key(EcKey::generate(&group).expect("key")).expect("pkey")
+        };
+        let cert = |cn: &str, key: &PKey<Private>, issuer: Option<(&X509, &PKey<Private>)>| {
+            let mut name = X509NameBuilder::new().expect("name");
+            name.append_entry_by_text("CN", cn).expect("cn");
+            let name = name.build();
+            let mut b = X509Builder::new().expect("builder");
+            b.set_version(2).expect("version");
+            let mut serial = BigNum::new().expect("bn");
+            serial.rand(64, MsbOption::MAYBE_ZERO, false).expect("rand");
+            b.set_serial_number(&serial.to_asn1_integer().expect("serial"))
+                .expect("serial");
+            b.set_subject_name(&name).expect("subject");
+            b.set_pubkey(key).expect("pubkey");
+            b.set_not_before(&Asn1Time::days_from_now(0).expect("time"))
+                .expect("not before");
+            b.set_not_after(&Asn1Time::days_from_now(1).expect("time"))
+                .expect("not after");
+            let signing_key = match issuer {
+                Some((ca, ca_key)) => {
+                    b.set_issuer_name(ca.subject_name()).expect("issuer");
+                    b.append_extension(KeyUsage::new().digital_signature().build().expect("ku"))
+                        .expect("ku");
+                    b.append_extension(
+                        ExtendedKeyUsage::new().code_signing().build().expect("eku"),
+                    )
+                    .expect("eku");
+                    ca_key
+                }
+                None => {
+                    b.set_issuer_name(&name).expect("issuer");
+                    b.append_extension(
+                        BasicConstraints::new().critical().ca().build().expect("bc"),
+                    )
+                    .expect("bc");
+                    key
+                }
+            };
+            b.sign(signing_key, MessageDigest::sha256()).expect("sign");
+            b.build()
+        };
+        let ca_key = key();
+        let ca = cert("test CA", &ca_key, None);
+        let signer_key = key();
+        let signer = cert("test signer", &signer_key, Some((&ca, &ca_key)));
+        let keyring = Keyring::from_pem(&ca.to_pem().expect("pem")).expect("keyring");
+        let signer = Signer::from_pem(
+            &signer_key.private_key_to_pem_pkcs8().expect("pem"),
+            &signer.to_pem().expect("pem"),
+        )
+        .expect("signer");
+        (keyring, signer)
+    }
+
+    #[test]
+    fn digest_algorithm_other_than_sha256_is_rejected_before_openssl_verifies() {
+        let (keyring, signer) = ca_and_signer();
+        let data = b"manifest bytes";
+        let signature = signer.sign(data).expect("signs");
+        verify_detached(&keyring, data, &signature, VerifyOptions::default())
+            .expect("the untouched signature verifies");
+        // The SignedData's digest set is not covered by the signature: change
+        // its SHA-256 to an OID no digest has (the last arc 1 -> 99).
+        let at = signature
+            .windows(SHA256_OID.len())
+            .position(|w| w == SHA256_OID)
+            .expect("names SHA-256");
+        let mut edited = signature.clone();
+        edited[at + SHA256_OID.len() - 1] = 99;
+        let err = verify_detached(&keyring, data, &edited, VerifyOptions::default())
+            .expect_err("must fail");
+        assert!(err.to_string().contains("SHA-256"), "{err}");
+        for cut in 0..signature.len() {
+            assert!(
+                check_digest_algorithms(&signature[..cut]).is_err(),
+                "cut at {cut}"
+            );
+        }
+    }
 }
