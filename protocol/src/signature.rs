@@ -164,6 +164,15 @@ impl Signer {
     pub fn from_pem(key_pem: &[u8], cert_pem: &[u8]) -> Result<Self, SignatureError> {
         let key = PKey::private_key_from_pem(key_pem)
             .map_err(|e| SignatureError::SigningKey(format!("private key: {e}")))?;
+        // Devices accept SHA-256 signatures only (see `verify_detached`);
+        // OpenSSL signs with SHA-256 for EC and RSA keys, but with SHA-512
+        // for Ed25519/Ed448, which devices would then reject.
+        if !matches!(key.id(), openssl::pkey::Id::EC | openssl::pkey::Id::RSA) {
+            return Err(SignatureError::SigningKey(format!(
+                "{:?} keys are not supported; use an EC (P-256) or RSA key",
+                key.id()
+            )));
+        }
         let mut certs = X509::stack_from_pem(cert_pem)
             .map_err(|e| SignatureError::SigningKey(format!("certificate: {e}")))?
             .into_iter();
@@ -523,6 +532,14 @@ mod tests {
         )
         .expect("signer");
         (keyring, signer)
+    }
+
+    #[test]
+    fn ed25519_signing_keys_are_refused_up_front() {
+        let key = PKey::generate_ed25519().expect("key");
+        let pem = key.private_key_to_pem_pkcs8().expect("pem");
+        let err = Signer::from_pem(&pem, b"").expect_err("must fail");
+        assert!(err.to_string().contains("not supported"), "{err}");
     }
 
     #[test]
