@@ -7,29 +7,34 @@
 //! does not help, as bita does). Alongside it comes the compact
 //! [`ChunkIndex`] a device downloads instead of the dictionary.
 
-use std::collections::{BTreeMap, HashSet};
-use std::io::{self, Read, Write};
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, mpsc};
-use std::task::{Context, Poll};
-
-use bitar::chunk_dictionary::{
-    ChunkCompression, ChunkDescriptor, ChunkDictionary, ChunkerParameters, chunk_compression,
-    chunker_parameters,
-};
-use blake2::{Blake2b512, Digest};
-use bytes::Bytes;
-use futures_util::StreamExt;
-use prost::Message;
-use sha2::Sha256;
+use std::io;
 
 use crate::digest::Sha256Digest;
-use crate::index::{
-    ChunkHash, ChunkIndex, ChunkerParams, ChunkingAlgorithm, DEFAULT_HASH_LEN, IndexBuilder,
-    Pushed, StoredChunk,
-};
+use crate::index::{ChunkHash, ChunkIndex, ChunkerParams, DEFAULT_HASH_LEN, StoredChunk};
 use crate::limits::*;
+
+// Writing archives and reading their dictionaries needs bitar (and through
+// it an async runtime's traits); the device only verifies chunks, so all of
+// that is behind the `bita` feature.
+#[cfg(feature = "bita")]
+use {
+    crate::index::{ChunkingAlgorithm, IndexBuilder, Pushed},
+    bitar::chunk_dictionary::{
+        ChunkCompression, ChunkDescriptor, ChunkDictionary, ChunkerParameters, chunk_compression,
+        chunker_parameters,
+    },
+    blake2::{Blake2b512, Digest},
+    bytes::Bytes,
+    futures_util::StreamExt,
+    prost::Message,
+    sha2::Sha256,
+    std::collections::{BTreeMap, HashSet},
+    std::io::{Read, Write},
+    std::pin::Pin,
+    std::sync::atomic::{AtomicBool, Ordering},
+    std::sync::{Mutex, mpsc},
+    std::task::{Context, Poll},
+};
 
 /// bita archive magic.
 pub const BITA_MAGIC: &[u8; 6] = b"BITA1\0";
@@ -86,6 +91,7 @@ pub enum ArchiveError {
     },
 }
 
+#[cfg(feature = "bita")]
 fn io_err(context: &'static str) -> impl FnOnce(io::Error) -> ArchiveError {
     move |source| ArchiveError::Io { context, source }
 }
@@ -114,6 +120,7 @@ impl Default for ArchiveOptions {
     }
 }
 
+#[cfg(feature = "bita")]
 impl ArchiveOptions {
     fn validate(&self) -> Result<(), ArchiveError> {
         self.chunker.validate().map_err(ArchiveError::Options)?;
@@ -152,10 +159,12 @@ pub struct BuiltArchive {
     pub data_size: u64,
 }
 
+#[cfg(feature = "bita")]
 /// A `std::io::Read` seen as a tokio `AsyncRead`, for bitar's streaming
 /// chunker. Reads block; it is only polled from a dedicated thread.
 struct BlockingAsyncRead<R>(R);
 
+#[cfg(feature = "bita")]
 impl<R: Read + Unpin> tokio::io::AsyncRead for BlockingAsyncRead<R> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -173,6 +182,7 @@ impl<R: Read + Unpin> tokio::io::AsyncRead for BlockingAsyncRead<R> {
     }
 }
 
+#[cfg(feature = "bita")]
 struct Hashed {
     seq: u64,
     hash: ChunkHash,
@@ -180,6 +190,7 @@ struct Hashed {
     compressed: Option<Vec<u8>>,
 }
 
+#[cfg(feature = "bita")]
 /// Cuts `input` into chunks, hashes and compresses them in parallel, writes
 /// each stored chunk's data to `data_out` in archive order, and returns the
 /// bita header and compact index. `progress` is called with the number of
@@ -369,6 +380,7 @@ pub fn build_archive<R: Read + Send + Unpin>(
     })
 }
 
+#[cfg(feature = "bita")]
 fn dictionary_for(
     index: &ChunkIndex,
     options: &ArchiveOptions,
@@ -412,6 +424,7 @@ fn dictionary_for(
     }
 }
 
+#[cfg(feature = "bita")]
 /// A parsed bita archive header.
 #[derive(Debug, Clone)]
 pub struct ArchiveHeader {
@@ -421,6 +434,7 @@ pub struct ArchiveHeader {
     pub size: u64,
 }
 
+#[cfg(feature = "bita")]
 /// Parses a bita archive header from its bytes (exactly the header).
 pub fn parse_archive_header(bytes: &[u8]) -> Result<ArchiveHeader, ArchiveError> {
     let size = archive_header_size(bytes)?;
@@ -471,6 +485,7 @@ pub fn archive_header_size(prefix: &[u8]) -> Result<u64, ArchiveError> {
     Ok(size)
 }
 
+#[cfg(feature = "bita")]
 /// Checks that a bita dictionary describes exactly the chunks of `index`.
 pub fn check_dictionary(
     dictionary: &ChunkDictionary,
@@ -610,7 +625,7 @@ pub fn verify_chunk(
     })
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "bita"))]
 mod tests {
     use super::*;
 

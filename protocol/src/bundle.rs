@@ -8,13 +8,11 @@
 //! [`Bundle::verify_contents`] take that verified manifest and check every
 //! index, archive header and chunk against it.
 
-use std::collections::HashMap;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
-use crate::archive::{self, ArchiveError, BuiltArchive, VerifiedChunk};
+use crate::archive::{ArchiveError, BuiltArchive};
 use crate::container::{
     self, BLOCK, BundleLayout, ContainerError, MANIFEST_MEMBER, SIGNATURE_MEMBER,
 };
@@ -26,6 +24,12 @@ use crate::manifest::{
     VerifiedManifest,
 };
 use crate::signature::{self, Keyring, SignatureError, VerifyOptions};
+#[cfg(feature = "bita")]
+use {
+    crate::archive::{self, VerifiedChunk},
+    sha2::{Digest, Sha256},
+    std::collections::HashMap,
+};
 
 /// Why a bundle was rejected.
 #[derive(Debug, thiserror::Error)]
@@ -452,6 +456,7 @@ impl<R: Read + Seek> Bundle<R> {
         Ok(index)
     }
 
+    #[cfg(feature = "bita")]
     /// Reads an image's bita header, checks it against the manifest and the
     /// index.
     pub fn read_archive_header(
@@ -490,6 +495,7 @@ impl<R: Read + Seek> Bundle<R> {
         Ok(header)
     }
 
+    #[cfg(feature = "bita")]
     /// Writes the image of `class` to `out`, checking every chunk and the
     /// whole image against the verified manifest. `progress` gets the image
     /// bytes written so far.
@@ -560,6 +566,7 @@ impl<R: Read + Seek> Bundle<R> {
         })
     }
 
+    #[cfg(feature = "bita")]
     /// Checks every image in full (index, archive header, every chunk, the
     /// image digest) without writing it anywhere.
     pub fn verify_contents(

@@ -209,6 +209,7 @@ impl ChunkerParams {
         Ok(())
     }
 
+    #[cfg(feature = "bita")]
     /// The same parameters as a bitar chunker configuration.
     pub fn to_bitar(&self) -> bitar::chunker::Config {
         let filter = bitar::chunker::FilterConfig {
