@@ -38,6 +38,10 @@ pub const MAX_REQUEST: u64 = 8 * 1024 * 1024;
 pub const BATCH_CHUNKS: usize = 32;
 /// Bytes written between two syncs of the slot and the journal.
 pub const BATCH_BYTES: u64 = 2 * 1024 * 1024;
+/// Times a chunk is fetched before a corrupt download is final: a bit
+/// flipped on the way (a broken proxy, bad RAM in a router) is fetched
+/// again, a chunk corrupt on the server fails the install.
+pub const CHUNK_ATTEMPTS: u32 = 4;
 
 /// Install settings.
 #[derive(Debug, Clone, Copy, Default)]
@@ -72,6 +76,8 @@ pub struct InstallReport {
     pub chunks_from_seed: u64,
     /// Stored chunks already in the target slot (from the journal).
     pub chunks_resumed: u64,
+    /// Downloads of a chunk fetched again because it did not verify.
+    pub chunks_refetched: u64,
 }
 
 /// The manifest and signature of a bundle, and its layout.
@@ -458,8 +464,12 @@ fn clone_image(
     // 3. The rest from the source, adjacent chunks in one request.
     let data_start = job.spans.archive.offset + index.archive_data_offset();
     let fetched_at_start = source.fetched_bytes();
+    // Failed downloads per stored chunk; a chunk that does not verify is
+    // fetched again (with the rest of its request) after a backoff.
+    let mut failures: HashMap<usize, u32> = HashMap::new();
     let mut i = 0;
     while i < todo.len() {
+        let group_start = i;
         let first = todo[i];
         let mut group = vec![first];
         let mut end = stored[first].archive_offset + u64::from(stored[first].archive_size);
@@ -478,6 +488,7 @@ fn clone_image(
         let start = stored[first].archive_offset;
         let mut buf: Vec<u8> = Vec::new();
         let mut next = 0usize;
+        let mut corrupt: Option<usize> = None;
         let result = source.fetch(
             data_start + start,
             end - start,
@@ -492,12 +503,14 @@ fn clone_image(
                     buf.extend_from_slice(&bytes[..n]);
                     bytes = &bytes[n..];
                     if buf.len() == chunk.archive_size as usize {
-                        let verified =
-                            archive::verify_chunk(chunk, &buf).map_err(|e| UpdateError::Chunk {
+                        let verified = archive::verify_chunk(chunk, &buf).map_err(|e| {
+                            corrupt = Some(next);
+                            UpdateError::Chunk {
                                 class,
                                 offset: offsets[id].first().copied().unwrap_or(0),
                                 reason: format!("downloaded chunk does not verify: {e}"),
-                            })?;
+                            }
+                        })?;
                         writer.put(id, &verified, &offsets[id])?;
                         report.chunks_fetched += 1;
                         buf.clear();
@@ -510,7 +523,36 @@ fn clone_image(
         if let Err(e) = result {
             let fetched = source.fetched_bytes() - fetched_at_start;
             writer.commit(Some(fetched))?;
-            return Err(e);
+            let Some(bad) = corrupt else {
+                return Err(e);
+            };
+            // Everything before the bad chunk is written; start again there.
+            let id = group[bad];
+            let n = failures.entry(id).or_insert(0);
+            *n += 1;
+            if *n >= CHUNK_ATTEMPTS {
+                return Err(match e {
+                    UpdateError::Chunk {
+                        class,
+                        offset,
+                        reason,
+                    } => UpdateError::Chunk {
+                        class,
+                        offset,
+                        reason: format!("{reason} (fetched {n} times)"),
+                    },
+                    other => other,
+                });
+            }
+            let delay = crate::source::FIRST_BACKOFF
+                .saturating_mul(1 << (*n - 1))
+                .min(crate::source::MAX_BACKOFF);
+            tracing::warn!(%class, chunk = id, error = %e, ?delay, "fetching the chunk again");
+            report.chunks_refetched += 1;
+            std::thread::sleep(delay);
+            i = group_start + bad;
+            writer.pending.downloaded_bytes = fetched_before + fetched;
+            continue;
         }
         let fetched = source.fetched_bytes() - fetched_at_start;
         writer.commit(Some(fetched))?;

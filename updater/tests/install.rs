@@ -176,6 +176,17 @@ fn downgrade_is_refused_unless_allowed() {
     );
 }
 
+/// Responses whose body reached bundle offset `at`.
+fn requests_covering(server: &Server, at: u64) -> u64 {
+    server
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(start, sent)| (*start..start + sent).contains(&at))
+        .count() as u64
+}
+
 #[test]
 fn http_faults_end_in_an_error_or_a_complete_install() {
     let keys = keys();
@@ -183,11 +194,44 @@ fn http_faults_end_in_an_error_or_a_complete_install() {
     let b = bundle(&v1, "1.0.0", &keys.signer);
     let size = b.bytes.len() as u64;
 
-    // A corrupted chunk: clear error, B never set to boot.
+    // A chunk corrupted on the way once: fetched again, the install completes.
+    let dev = Device::new(&keys, &v1);
+    let server = Server::start(b.bytes.clone(), Fault::CorruptOnce(size * 3 / 4));
+    let report = install(&dev, &server.url).unwrap();
+    assert_eq!(report.chunks_refetched, 1, "{report:?}");
+    assert_eq!(file_sha256(&dev.path("slot-b.img")), sha256(&v1));
+    assert_eq!(file_sha256(&dev.path("slot-a.img")), sha256(&v1));
+    assert_eq!(dev.flow().primary_slot().unwrap(), Some(Slot::B));
+    assert_eq!(
+        requests_covering(&server, size * 3 / 4),
+        2,
+        "{:?}",
+        server.take_log()
+    );
+
+    // A chunk corrupt on the server: fetched CHUNK_ATTEMPTS times, then a
+    // clear error naming the chunk; B never set to boot.
     let dev = Device::new(&keys, &v1);
     let server = Server::start(b.bytes.clone(), Fault::Corrupt(size * 3 / 4));
     let err = install(&dev, &server.url).unwrap_err().to_string();
     assert!(err.contains("does not verify"), "{err}");
+    assert!(
+        err.contains("rootfs chunk at image offset") && err.contains("at archive offset"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "fetched {} times",
+            kernex_updater::install::CHUNK_ATTEMPTS
+        )),
+        "{err}"
+    );
+    assert_eq!(
+        requests_covering(&server, size * 3 / 4),
+        u64::from(kernex_updater::install::CHUNK_ATTEMPTS),
+        "{:?}",
+        server.take_log()
+    );
     assert_eq!(file_sha256(&dev.path("slot-a.img")), sha256(&v1));
     assert_eq!(dev.flow().primary_slot().unwrap(), Some(Slot::A));
     let status = kernex_updater::status(&dev.load(), dev.flow().as_mut()).unwrap();

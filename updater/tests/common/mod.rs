@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Cursor, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kernex_image::keys::{self, KeyPair, Usage, Validity};
@@ -155,6 +155,8 @@ pub enum Fault {
     None,
     /// Flip a bit of the byte at this bundle offset in every response.
     Corrupt(u64),
+    /// Flip that bit only in the first response that covers the byte.
+    CorruptOnce(u64),
     /// Close each connection after this many body bytes.
     CloseEvery(u64),
     /// Ignore Range: always 200 with the whole body.
@@ -179,13 +181,15 @@ impl Server {
         let requests = Arc::new(AtomicU64::new(0));
         let log = Arc::new(Mutex::new(Vec::new()));
         let body = Arc::new(body);
+        let corrupted = Arc::new(AtomicBool::new(false));
         let (s, r, l) = (served.clone(), requests.clone(), log.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
                 let (body, s, r, l) = (body.clone(), s.clone(), r.clone(), l.clone());
+                let corrupted = corrupted.clone();
                 std::thread::spawn(move || {
-                    let _ = handle(conn, &body, fault, &s, &r, &l);
+                    let _ = handle(conn, &body, fault, &corrupted, &s, &r, &l);
                 });
             }
         });
@@ -210,6 +214,7 @@ fn handle(
     conn: TcpStream,
     body: &[u8],
     fault: Fault,
+    corrupted: &AtomicBool,
     served: &AtomicU64,
     requests: &AtomicU64,
     log: &Mutex<Vec<(u64, u64)>>,
@@ -281,6 +286,12 @@ fn handle(
         let mut data = body[start as usize..end as usize].to_vec();
         if let Fault::Corrupt(at) = fault
             && (start..end).contains(&at)
+        {
+            data[(at - start) as usize] ^= 0x10;
+        }
+        if let Fault::CorruptOnce(at) = fault
+            && (start..end).contains(&at)
+            && !corrupted.swap(true, Ordering::SeqCst)
         {
             data[(at - start) as usize] ^= 0x10;
         }
