@@ -731,11 +731,55 @@ fn run(
     };
     let refs: Vec<(SlotClass, &[u8])> = indexes.iter().map(|(c, b)| (*c, b.as_slice())).collect();
     data.write_slot(target, &record, &refs)?;
+    #[cfg(debug_assertions)]
+    pause_at("slot-record");
     flow.set_try_next(target, TRY_ATTEMPTS)?;
+    #[cfg(debug_assertions)]
+    pause_at("env-write");
     data.clear_pending()?;
     report.bytes_fetched = source.fetched_bytes();
     report.requests = source.requests();
     Ok(report)
+}
+
+/// Debug builds only (never compiled into a release): whether
+/// `KERNEX_TEST_PAUSE_AT` names this `step` (`step` for its first
+/// occurrence, `step:N` for its N-th), so a power-cut test can stop the
+/// process exactly there with [`stop_self`] and SIGKILL it.
+#[cfg(debug_assertions)]
+pub(crate) fn pause_requested(step: &str) -> bool {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static HITS: AtomicU32 = AtomicU32::new(0);
+    let Ok(want) = std::env::var("KERNEX_TEST_PAUSE_AT") else {
+        return false;
+    };
+    let (name, nth) = match want.split_once(':') {
+        Some((name, n)) => (name, n.parse().unwrap_or(1)),
+        None => (want.as_str(), 1),
+    };
+    name == step && HITS.fetch_add(1, Ordering::SeqCst) + 1 == nth
+}
+
+/// Debug builds only: stops this process (SIGSTOP, through `kill`, as the
+/// crate has no unsafe code); carries on if it is continued instead.
+#[cfg(debug_assertions)]
+pub(crate) fn stop_self() {
+    tracing::warn!("KERNEX_TEST_PAUSE_AT: stopping");
+    let pid = std::process::id().to_string();
+    if let Err(e) = std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+    {
+        tracing::warn!("unable to stop: {e}");
+    }
+}
+
+/// Debug builds only: [`stop_self`] when `step` is the one requested.
+#[cfg(debug_assertions)]
+fn pause_at(step: &str) {
+    if pause_requested(step) {
+        stop_self();
+    }
 }
 
 /// Re-reads every image of `target` and checks size and SHA-256.

@@ -155,3 +155,149 @@ fn kill_9_at_random_points_then_resume() {
         started.elapsed().as_secs_f64()
     );
 }
+
+/// Where each stored rootfs chunk lies in the bundle.
+fn chunk_spans(bundle: &[u8]) -> Vec<(u64, u64)> {
+    let mut opened = Bundle::open(Cursor::new(bundle.to_vec())).unwrap();
+    let manifest = opened.unverified_manifest().clone();
+    let index = opened.read_index(&manifest, SlotClass::Rootfs).unwrap();
+    let data_start = opened
+        .layout()
+        .image(SlotClass::Rootfs)
+        .unwrap()
+        .archive
+        .offset
+        + index.archive_data_offset();
+    index
+        .stored_chunks()
+        .iter()
+        .map(|c| {
+            let a = data_start + c.archive_offset;
+            (a, a + u64::from(c.archive_size))
+        })
+        .collect()
+}
+
+/// Whether the process is stopped (state `T` in /proc/<pid>/stat).
+fn is_stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next().map(|st| st == "T"))
+        })
+        .unwrap_or(false)
+}
+
+/// Power cuts at exact steps, not random ones: in the middle of a journal
+/// write (a torn record on disk), between writing the slot record and the
+/// boot env, and right after the boot env. The updater binary stops itself
+/// at the step (`KERNEX_TEST_PAUSE_AT`, debug builds only) and is SIGKILLed
+/// there; then the same invariants as the random test hold.
+#[test]
+fn kill_9_at_named_steps() {
+    if !cfg!(debug_assertions) {
+        eprintln!("KERNEX_TEST_PAUSE_AT is compiled into debug builds only: skipped");
+        return;
+    }
+    let keys = keys();
+    let v1 = image(2 * 1024 * 1024, 1);
+    let v2 = image(2 * 1024 * 1024, 2);
+    let b = bundle(&v2, "2.0.0", &keys.signer);
+    let spans = chunk_spans(&b.bytes);
+    let server = Server::start(b.bytes.clone(), Fault::None);
+    for step in [
+        "journal-write",
+        "journal-write:3",
+        "slot-record",
+        "env-write",
+    ] {
+        let dev = Device::new(&keys, &v1);
+        let a_before = file_sha256(&dev.path("slot-a.img"));
+        let journal = dev.path("data/install/journal");
+        server.take_log();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kernex-updater"))
+            .args([
+                "--config",
+                dev.config.to_str().unwrap(),
+                "install",
+                &server.url,
+            ])
+            .env("RUST_LOG", "error")
+            .env("KERNEX_TEST_PAUSE_AT", step)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !is_stopped(child.id()) {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("{step}: the updater never reached the step ({status})");
+            }
+            assert!(Instant::now() < deadline, "{step}: not stopped in 60 s");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+
+        // The booted slot is untouched; A boots, or B once B verified.
+        assert_eq!(file_sha256(&dev.path("slot-a.img")), a_before, "{step}");
+        let primary = dev.flow().primary_slot().unwrap();
+        match step {
+            "env-write" => {
+                assert_eq!(primary, Some(Slot::B), "{step}");
+                assert_eq!(file_sha256(&dev.path("slot-b.img")), sha256(&v2));
+            }
+            _ => assert_eq!(primary, Some(Slot::A), "{step}"),
+        }
+        // What the run left: a torn journal, or a recorded slot B.
+        let mut journaled = std::collections::HashSet::new();
+        if step.starts_with("journal-write") {
+            let len = std::fs::metadata(&journal).unwrap().len();
+            assert_ne!(
+                (len - kernex_updater::journal::JOURNAL_HEADER as u64)
+                    % kernex_updater::journal::JOURNAL_RECORD as u64,
+                0,
+                "{step}: the journal ends in a torn record"
+            );
+            let text = std::fs::read_to_string(dev.path("data/install/state.json")).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let m: Sha256Digest = v["manifest-sha256"].as_str().unwrap().parse().unwrap();
+            for (_, id) in kernex_updater::journal::read(&journal, &m, Slot::B).unwrap() {
+                journaled.insert(id);
+            }
+            assert!(!journaled.is_empty(), "{step}: nothing journaled");
+        } else {
+            assert!(dev.path("data/slot-B/record.json").exists(), "{step}");
+            journaled.extend(0..spans.len() as u32);
+        }
+        server.take_log();
+
+        // A re-run completes and downloads no journaled (or, once B is
+        // recorded, no) chunk again.
+        let out = Command::new(env!("CARGO_BIN_EXE_kernex-updater"))
+            .args([
+                "--config",
+                dev.config.to_str().unwrap(),
+                "install",
+                &server.url,
+            ])
+            .env("RUST_LOG", "error")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{step}: {out:?}");
+        for (start, sent) in server.take_log() {
+            for &id in &journaled {
+                let (a, b) = spans[id as usize];
+                assert!(
+                    start + sent <= a || start >= b,
+                    "{step}: chunk {id} ({a}..{b}) downloaded again by a request at {start}+{sent}"
+                );
+            }
+        }
+        assert_eq!(file_sha256(&dev.path("slot-b.img")), sha256(&v2), "{step}");
+        assert_eq!(file_sha256(&dev.path("slot-a.img")), a_before, "{step}");
+        assert_eq!(dev.flow().primary_slot().unwrap(), Some(Slot::B), "{step}");
+        assert!(!journal.exists(), "{step}");
+    }
+}
