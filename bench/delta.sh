@@ -1,0 +1,293 @@
+#!/usr/bin/env bash
+# Delta install benchmark (prints numbers; it is not a test).
+#
+# A ~200 MB ext4 rootfs (v1) and two updates: (a) one small file changed,
+# (b) ~20 MB of files changed. For each: what a device holding v1 downloads
+# and how long `kernex-updater install` takes (file-backed slots, bundle
+# served over loopback HTTP with Range by bench/range_server.py), next to
+# `bita clone --seed v1.img` over the same server, the `zstd --patch-from`
+# patch size (the near-floor), and `dd` of the image to a file; plus one
+# run of (b) through the updater's own 1 Mbit/s link rate limit.
+#
+# Usage: bench/delta.sh [--size MB] [--changed MB] [--work-dir DIR] [--keep]
+set -euo pipefail
+
+die() { echo "bench/delta.sh: error: $*" >&2; exit 1; }
+log() { printf '== [%3ds] %s\n' "$SECONDS" "$*" >&2; }
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/.." && pwd)
+size_mb=${BENCH_IMAGE_MB:-200}
+changed_mb=${BENCH_CHANGED_MB:-20}
+zstd_level=${BENCH_ZSTD_PATCH_LEVEL:-19}
+rate=${BENCH_RATE:-125000} # bytes/s: 1 Mbit/s
+target_dir=${CARGO_TARGET_DIR:-$repo/target}
+work_root=${BENCH_WORK_DIR:-$target_dir/bench-delta}
+keep=0
+timestamp=1700000000
+while (($#)); do
+    case $1 in
+        --size) size_mb=${2:?}; shift 2 ;;
+        --changed) changed_mb=${2:?}; shift 2 ;;
+        --work-dir) work_root=${2:?}; shift 2 ;;
+        --keep) keep=1; shift ;;
+        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        *) die "unknown argument: $1" ;;
+    esac
+done
+for n in "$size_mb" "$changed_mb" "$zstd_level" "$rate"; do
+    [[ $n =~ ^[0-9]+$ ]] || die "not a number: $n"
+done
+((size_mb >= 32)) || die "--size must be at least 32 (MB)"
+for tool in jq openssl tar zstd dd python3 /usr/bin/time; do
+    command -v "$tool" >/dev/null || die "$tool is missing"
+done
+
+log "building kernex-image and kernex-updater (release)"
+(cd "$repo" && cargo build --release --quiet -p kernex-image -p kernex-updater) ||
+    die "cargo build --release failed"
+kx=$target_dir/release/kernex-image
+ku=$target_dir/release/kernex-updater
+: "${KERNEX_CACHE:=/var/cache/kernex-ci}"
+bita=$(command -v bita 2>/dev/null || echo "$KERNEX_CACHE/cargo-bin/bin/bita")
+[[ -x $bita ]] || die "bita is not installed: run scripts/setup"
+"$bita" compress --help | grep -q zstd || die "$bita has no zstd support: run scripts/setup"
+cores=$(nproc)
+
+mkdir -p "$work_root"
+work=$(mktemp -d "$work_root/run.XXXXXX")
+server_pid=
+cleanup() {
+    local rc=$?
+    [[ -n $server_pid ]] && kill "$server_pid" 2>/dev/null
+    if ((keep)); then echo "kept: $work" >&2; else rm -rf "$work"; fi
+    exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+log "work dir $work"
+load_before=$(cut -d' ' -f1 /proc/loadavg)
+
+"$kx" keys create --out "$work/keys" >"$work/keys.log" 2>&1 || die "kernex-image keys create failed"
+key=$work/keys/signing.key
+cert=$work/keys/signing.crt
+ca=$work/keys/ca.crt
+[[ -f $key && -f $cert && -f $ca ]] || die "kernex-image keys create did not write $work/keys/{ca.crt,signing.key,signing.crt}"
+
+# ------------------------------------------------------------ images
+# Same recipe as bench/bundle.sh: ~72 % of the image sampled from this
+# machine's /usr and /etc, 8 % deterministic pseudo-random blobs.
+prandom() {
+    local k
+    k=$(printf 'kernex-bench %s' "$2" | sha256sum | cut -c1-32)
+    head -c "$1" /dev/zero | openssl enc -aes-128-ctr -K "$k" -iv 00000000000000000000000000000000
+}
+copy_sample() {
+    local budget=$1 dest=$2; shift 2
+    local roots=() d
+    for d in "$@"; do [[ -d /$d ]] && roots+=("/$d"); done
+    find "${roots[@]}" -xdev -type f -links 1 -readable -size -8M \
+        ! -name '*.a' ! -name '*.o' ! -name '*.pyc' -printf '%s %p\n' 2>/dev/null |
+        LC_ALL=C sort -k2 >"$work/candidates" || true
+    awk -v budget="$budget" '
+        { size[NR] = $1; path[NR] = substr($0, length($1) + 3); total += $1 }
+        END {
+            k = int(total / budget); if (k < 1) k = 1
+            for (j = 0; j < k && sum < budget * 0.99; j++)
+                for (i = 1 + j; i <= NR; i += k)
+                    if (!(i in taken) && sum + size[i] <= budget) { taken[i] = 1; sum += size[i] }
+            for (i = 1; i <= NR; i++) if (i in taken) print path[i]
+        }' "$work/candidates" >"$work/picked"
+    tar -C / --no-recursion -cf - -T "$work/picked" 2>/dev/null | tar -C "$dest" -xf -
+}
+make_tree() {
+    local dir=$1 bytes=$(($2 * 1024 * 1024 * 72 / 100)) i
+    mkdir -p "$dir"/{etc,lib/firmware,var/lib/assets,tmp,root}
+    copy_sample $((bytes * 60 / 100)) "$dir" usr/bin usr/sbin usr/lib/x86_64-linux-gnu usr/libexec
+    copy_sample $((bytes * 12 / 100)) "$dir" usr/include usr/lib/python3 usr/share/perl usr/share/perl5 etc
+    copy_sample $((bytes * 12 / 100)) "$dir" usr/share/doc usr/share/man usr/share/locale
+    for i in 1 2 3 4; do prandom $((bytes * 8 / 100 / 8)) "firmware-$i" >"$dir/lib/firmware/blob-$i.bin"; done
+    for i in 1 2 3 4; do prandom $((bytes * 8 / 100 / 8)) "asset-$i" >"$dir/var/lib/assets/asset-$i.pak"; done
+    printf 'server = "https://updates.example.com"\nlog-level = "info"\n' >"$dir/etc/agent.conf"
+}
+make_image() {
+    "$kx" rootfs "$1" --fs ext4 --size $((size_mb * 1024 * 1024)) --timestamp "$timestamp" \
+        --label rootfs --out "$2" >/dev/null || die "kernex-image rootfs failed for $1"
+}
+
+log "generating the ${size_mb} MB v1 image"
+make_tree "$work/tree" "$size_mb"
+make_image "$work/tree" "$work/v1.img"
+
+log "v2a: one small file changed"
+sed -i 's/"info"/"debug"/' "$work/tree/etc/agent.conf"
+make_image "$work/tree" "$work/v2a.img"
+
+log "v2b: ~${changed_mb} MB of files changed"
+# Binaries and libraries, in path order from the middle of the list, each
+# rewritten as a new build would (same size, different bytes: the first
+# half kept, the second half new), until changed_mb MB of files changed.
+budget=$((changed_mb * 1024 * 1024))
+(cd "$work/tree" && find usr -type f -size +64k -printf '%s %p\n' | LC_ALL=C sort -k2) >"$work/files"
+total_files=$(wc -l <"$work/files")
+changed=0
+nfiles=0
+while read -r sz path; do
+    ((changed >= budget)) && break
+    half=$((sz / 2))
+    { head -c "$half" "$work/tree/$path"; prandom $((sz - half)) "v2-$path"; } >"$work/tmpfile"
+    cat "$work/tmpfile" >"$work/tree/$path"
+    changed=$((changed + sz))
+    nfiles=$((nfiles + 1))
+done < <(tail -n +$((total_files / 3)) "$work/files")
+make_image "$work/tree" "$work/v2b.img"
+img_bytes=$(stat -c %s "$work/v1.img")
+
+# ------------------------------------------------------------ bundles, archives
+log "bundles (kernex-image defaults) and bita archives (bita defaults, zstd)"
+mkdir -p "$work/srv"
+for v in v1 v2a v2b; do
+    ver=1.0.0; [[ $v == v2a ]] && ver=2.0.0; [[ $v == v2b ]] && ver=2.1.0
+    "$kx" bundle create --compatible bench-x86_64 --version $ver --rootfs "$work/$v.img" \
+        --key "$key" --cert "$cert" --out "$work/srv/$v.kxb" --json >/dev/null ||
+        die "bundle create $v failed"
+done
+for v in v2a v2b; do
+    "$bita" compress -f --input "$work/$v.img" --compression zstd "$work/srv/$v.bita" >/dev/null 2>&1 ||
+        die "bita compress $v failed"
+done
+full_zstd=$(zstd -19 -T0 --long=27 -c "$work/v2b.img" 2>/dev/null | wc -c)
+
+# ------------------------------------------------------------ server
+: >"$work/server.log"
+python3 "$here/range_server.py" "$work/srv" "$work/server.log" >"$work/port" &
+server_pid=$!
+for _ in $(seq 50); do [[ -s $work/port ]] && break; sleep 0.1; done
+port=$(cat "$work/port")
+[[ -n $port ]] || die "range server did not start"
+url=http://127.0.0.1:$port
+served() { awk -v p="$1" '$1 == p { s += $3; n++ } END { printf "%d %d\n", s, n }' "$work/server.log"; }
+
+# ------------------------------------------------------------ the device
+# Slot B gets v1 by a full local install (timed: the dd comparison), then B
+# is booted and committed, so v1 is the recorded seed for every update.
+dev=$work/dev
+mkdir -p "$dev"
+cp "$ca" "$dev/keyring.pem"
+write_config() {
+    cat >"$dev/system.toml" <<EOF
+compatible = "bench-x86_64"
+data-dir = "$dev/data"
+keyring = "$dev/keyring.pem"
+[slots.rootfs]
+A = "$dev/slot-a.img"
+B = "$dev/slot-b.img"
+[bootloader]
+backend = "file"
+path = "$dev/boot-state"
+booted-slot = "$1"
+[link]
+$2
+EOF
+}
+write_config A ""
+: >"$dev/slot-a.img"
+now() { date +%s.%N; }
+secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
+log "full local install of v1 (no seed)"
+sync
+t0=$(now)
+"$ku" --config "$dev/system.toml" install "$work/srv/v1.kxb" --json >"$work/full.json" || die "install v1 failed"
+t1=$(now)
+full_time=$(secs "$t0" "$t1")
+write_config B ""
+"$ku" --config "$dev/system.toml" mark-good >/dev/null || die "mark-good failed"
+cp -a "$dev" "$work/dev-v1" # the state every update starts from
+
+log "dd of the image to a file"
+sync
+t0=$(now)
+dd if="$work/v2b.img" of="$work/dd.img" bs=4M conv=fsync status=none
+t1=$(now)
+dd_time=$(secs "$t0" "$t1")
+rm -f "$work/dd.img"
+
+reset_device() { rm -rf "$dev" && cp -a "$work/dev-v1" "$dev"; }
+
+# install CASE LINK-LINES: kernex-updater install of CASE.kxb over HTTP.
+declare -A kx_bytes kx_req kx_time kx_rss
+kernex_run() {
+    local v=$1 link=$2 tag=$3
+    reset_device
+    write_config B "$link"
+    : >"$work/server.log"
+    sync
+    local t0 t1
+    t0=$(now)
+    /usr/bin/time -v -o "$work/time-$tag" "$ku" --config "$dev/system.toml" install "$url/$v.kxb" --json \
+        >"$work/install-$tag.json" || die "install $v ($tag) failed"
+    t1=$(now)
+    kx_time[$tag]=$(secs "$t0" "$t1")
+    read -r kx_bytes[$tag] kx_req[$tag] < <(served "/$v.kxb")
+    kx_rss[$tag]=$(awk -F': ' '/Maximum resident/ { print $2 }' "$work/time-$tag")
+    cmp -s "$dev/slot-a.img" "$work/$v.img" || die "slot A does not hold $v after the install"
+}
+
+declare -A bita_bytes bita_req bita_time patch_bytes
+for v in v2a v2b; do
+    log "$v: kernex-updater install over HTTP"
+    kernex_run "$v" "" "$v"
+    log "$v: bita clone --seed v1.img"
+    : >"$work/server.log"
+    t0=$(now)
+    "$bita" clone -f --seed "$work/v1.img" "$url/$v.bita" "$work/bita-out.img" >/dev/null 2>&1 ||
+        die "bita clone $v failed"
+    t1=$(now)
+    bita_time[$v]=$(secs "$t0" "$t1")
+    read -r bita_bytes[$v] bita_req[$v] < <(served "/$v.bita")
+    cmp -s "$work/bita-out.img" "$work/$v.img" || die "bita clone $v produced a different image"
+    rm -f "$work/bita-out.img"
+    log "$v: zstd -$zstd_level --long --patch-from=v1.img"
+    patch_bytes[$v]=$(zstd -q -"$zstd_level" --long=28 -T0 --patch-from="$work/v1.img" -c "$work/$v.img" | wc -c)
+done
+log "v2b through the updater's ${rate} B/s link rate limit"
+kernex_run v2b "rate-limit = $rate" limited
+load_after=$(cut -d' ' -f1 /proc/loadavg)
+
+# ------------------------------------------------------------ report
+mib() { awk -v b="$1" 'BEGIN { printf "%.1f MiB", b / 1048576 }'; }
+kib() { awk -v b="$1" 'BEGIN { printf "%.1f KiB", b / 1024 }'; }
+x() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+mbps() { awk -v b="$1" -v t="$2" 'BEGIN { printf "%.1f MB/s", b / t / 1e6 }'; }
+busy() { awk -v l="$1" -v c="$cores" 'BEGIN { exit !(l > c / 2) }'; }
+note=""
+if busy "$load_before" || busy "$load_after"; then note=" — BUSY MACHINE: timings are noisy"; fi
+limited_rate=$(awk -v b="${kx_bytes[limited]}" -v t="${kx_time[limited]}" 'BEGIN { printf "%.0f", b / t }')
+
+echo
+echo "## Delta install: kernex-updater vs bita clone vs zstd --patch-from"
+echo
+echo "v1: ${size_mb} MiB ext4 ($img_bytes bytes) from \`kernex-image rootfs\`; (a) one small file changed; (b) $nfiles files, $(mib "$changed") changed (second half of each rewritten)"
+echo "kernex-image defaults (RollSum avg 32 KiB, min 8 KiB, max 4 MiB, zstd 9); bita 0.15 defaults with zstd; $cores cores; load average $load_before before, $load_after after$note"
+echo "bytes = response body bytes counted by the HTTP server (bench/range_server.py, loopback, Range + keep-alive); times are wall clock, one run each"
+echo
+echo "| | (a) one small file | (b) ~${changed_mb} MB of files |"
+echo "| --- | ---: | ---: |"
+echo "| kernex-updater install: bytes downloaded | ${kx_bytes[v2a]} ($(kib "${kx_bytes[v2a]}")) | ${kx_bytes[v2b]} ($(mib "${kx_bytes[v2b]}")) |"
+echo "| kernex-updater install: HTTP requests | ${kx_req[v2a]} | ${kx_req[v2b]} |"
+echo "| kernex-updater install: time | ${kx_time[v2a]} s | ${kx_time[v2b]} s |"
+echo "| kernex-updater install: peak RSS | ${kx_rss[v2a]} KiB | ${kx_rss[v2b]} KiB |"
+echo "| bita clone --seed v1.img: bytes downloaded | ${bita_bytes[v2a]} ($(kib "${bita_bytes[v2a]}")) | ${bita_bytes[v2b]} ($(mib "${bita_bytes[v2b]}")) |"
+echo "| bita clone: HTTP requests | ${bita_req[v2a]} | ${bita_req[v2b]} |"
+echo "| bita clone: time | ${bita_time[v2a]} s | ${bita_time[v2b]} s |"
+echo "| kernex / bita bytes (goal ≤ 0.6) | $(x "${kx_bytes[v2a]}" "${bita_bytes[v2a]}") | $(x "${kx_bytes[v2b]}" "${bita_bytes[v2b]}") |"
+echo "| zstd -$zstd_level --long --patch-from=v1.img: patch | ${patch_bytes[v2a]} ($(kib "${patch_bytes[v2a]}")) | ${patch_bytes[v2b]} ($(mib "${patch_bytes[v2b]}")) |"
+echo "| kernex / zstd patch (goal ≤ 1.5) | $(x "${kx_bytes[v2a]}" "${patch_bytes[v2a]}") | $(x "${kx_bytes[v2b]}" "${patch_bytes[v2b]}") |"
+echo
+echo "| full image | |"
+echo "| --- | ---: |"
+echo "| zstd -19 --long of the whole v2b image | $full_zstd ($(mib "$full_zstd")) |"
+echo "| full local install of v1 (kernex-updater, bundle file, no seed) | $full_time s ($(mbps "$img_bytes" "$full_time")) |"
+echo "| dd bs=4M conv=fsync of the image to a file | $dd_time s ($(mbps "$img_bytes" "$dd_time")) |"
+echo "| full install / dd throughput (goal ≥ 0.8) | $(x "$dd_time" "$full_time") |"
+echo "| (b) through the updater's $rate B/s (1 Mbit/s) link rate limit | ${kx_time[limited]} s for ${kx_bytes[limited]} bytes: $limited_rate B/s ($(x "$limited_rate" "$rate") of the limit) |"
