@@ -1,1 +1,131 @@
-//! The control plane: axum API, sqlx store, rollout scheduler, web UI. Empty until the control-plane issue lands.
+//! The Kernex control plane: device enrollment, releases, deployments and
+//! the audit log, over an HTTP API (`http::app`) backed by a sqlx store
+//! (SQLite or PostgreSQL) and an object store for bundles.
+
+pub mod audit;
+pub mod auth;
+pub mod blobs;
+pub mod config;
+pub mod http;
+pub mod store;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use sqlx::Row;
+
+use crate::blobs::Blobs;
+use crate::config::Config;
+use crate::store::{Store, new_id, now_ms};
+
+/// What every handler shares.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The database.
+    pub store: Store,
+    /// The blob store.
+    pub blobs: Blobs,
+    /// Upload spool directory.
+    pub spool: PathBuf,
+    /// Limits and timings.
+    pub config: Arc<Config>,
+    /// Request metrics.
+    pub metrics: Arc<http::metrics::Metrics>,
+}
+
+impl AppState {
+    /// Opens the store (migrating it) and the blob store for `config`.
+    pub async fn open(config: Config) -> Result<Self> {
+        std::fs::create_dir_all(&config.data_dir).with_context(|| {
+            format!(
+                "unable to create the data directory {}",
+                config.data_dir.display()
+            )
+        })?;
+        let store = Store::connect(&config.database_url()).await?;
+        store.migrate().await?;
+        let blobs = Blobs::local(&config.blob_dir())?;
+        let spool = config.spool_dir();
+        std::fs::create_dir_all(&spool)
+            .with_context(|| format!("unable to create {}", spool.display()))?;
+        Ok(AppState {
+            store,
+            blobs,
+            spool,
+            config: Arc::new(config),
+            metrics: Arc::new(http::metrics::Metrics::new()),
+        })
+    }
+}
+
+/// The first admin, created on first start.
+#[derive(Debug)]
+pub struct FirstAdmin {
+    /// Organisation name.
+    pub organization: String,
+    /// Email.
+    pub email: String,
+    /// One-time password: shown once, stored only as an argon2 hash.
+    pub password: String,
+}
+
+/// Creates the default organisation and its admin when the database has no
+/// organisation yet. Returns the admin's password the one time it is made.
+pub async fn bootstrap(state: &AppState) -> Result<Option<FirstAdmin>> {
+    let n: i64 = sqlx::query("SELECT COUNT(*) AS n FROM organizations")
+        .fetch_one(state.store.pool())
+        .await?
+        .try_get("n")?;
+    if n > 0 {
+        return Ok(None);
+    }
+    let org = &state.config.default_organization;
+    let org_id = create_organization(&state.store, org).await?;
+    let password = store::new_secret("pw")?;
+    let password = password
+        .get(3..27)
+        .context("generated password too short")?
+        .to_string();
+    auth::create_user(
+        &state.store,
+        &org_id,
+        &state.config.admin_email,
+        &password,
+        auth::Role::Admin,
+    )
+    .await?;
+    audit::append(
+        &state.store,
+        audit::Entry {
+            org_id: &org_id,
+            actor: "system",
+            action: "organization.bootstrap",
+            target: &format!("user:{}", state.config.admin_email),
+            result: "ok",
+            detail: serde_json::json!({}),
+        },
+    )
+    .await?;
+    Ok(Some(FirstAdmin {
+        organization: org.clone(),
+        email: state.config.admin_email.clone(),
+        password,
+    }))
+}
+
+/// Creates an organisation; returns its id.
+pub async fn create_organization(store: &Store, name: &str) -> Result<String> {
+    let id = new_id()?;
+    let now = now_ms();
+    sqlx::query(
+        "INSERT INTO organizations (id, name, metadata, created_at, updated_at) VALUES ($1, $2, '{}', $3, $3)",
+    )
+    .bind(&id)
+    .bind(name)
+    .bind(now)
+    .execute(store.pool())
+    .await
+    .with_context(|| format!("unable to create organisation {name:?}"))?;
+    Ok(id)
+}

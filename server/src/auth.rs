@@ -1,0 +1,197 @@
+//! Operators and devices: argon2 password hashes, bearer tokens (stored as
+//! SHA-256), roles, and the extractors that authenticate a request.
+
+use anyhow::{Context, anyhow};
+use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use axum::extract::FromRequestParts;
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+
+use crate::AppState;
+use crate::http::error::Error;
+use crate::store::{Store, new_id, now_ms, secret_hash};
+
+/// Operator roles, least to most powerful.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// May read everything in the organisation.
+    ReadOnly,
+    /// May also upload releases, deploy, manage enrollment tokens and devices.
+    Ops,
+    /// May also manage users and the organisation's keyring.
+    Admin,
+}
+
+impl Role {
+    /// The database spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::ReadOnly => "read_only",
+            Role::Ops => "ops",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// Parses the database spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "read_only" => Some(Role::ReadOnly),
+            "ops" => Some(Role::Ops),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// Hashes a password with argon2id and a random salt.
+pub fn hash_password(password: &str) -> anyhow::Result<String> {
+    let mut salt = [0u8; 16];
+    openssl::rand::rand_bytes(&mut salt)?;
+    let salt = SaltString::encode_b64(&salt).map_err(|e| anyhow!("salt: {e}"))?;
+    Ok(Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map_err(|e| anyhow!("unable to hash password: {e}"))?
+        .to_string())
+}
+
+/// Checks a password against a stored hash.
+pub fn verify_password(password: &str, hash: &str) -> bool {
+    PasswordHash::new(hash)
+        .map(|h| {
+            Argon2::default()
+                .verify_password(password.as_bytes(), &h)
+                .is_ok()
+        })
+        .unwrap_or(false)
+}
+
+/// Creates a user; returns its id.
+pub async fn create_user(
+    store: &Store,
+    org_id: &str,
+    email: &str,
+    password: &str,
+    role: Role,
+) -> anyhow::Result<String> {
+    let id = new_id()?;
+    let password = password.to_string();
+    let hash = tokio::task::spawn_blocking(move || hash_password(&password))
+        .await
+        .context("hashing task failed")??;
+    sqlx::query(
+        "INSERT INTO users (id, org_id, email, password_hash, role, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(&id)
+    .bind(org_id)
+    .bind(email)
+    .bind(&hash)
+    .bind(role.as_str())
+    .bind(now_ms())
+    .execute(store.pool())
+    .await?;
+    Ok(id)
+}
+
+/// An authenticated operator.
+#[derive(Debug, Clone)]
+pub struct Operator {
+    /// User id.
+    pub user_id: String,
+    /// Organisation id: every query is scoped to it.
+    pub org_id: String,
+    /// Email.
+    pub email: String,
+    /// Role.
+    pub role: Role,
+}
+
+impl Operator {
+    /// 403 unless the operator has at least `role`.
+    pub fn require(&self, role: Role) -> Result<(), Error> {
+        if self.role >= role {
+            Ok(())
+        } else {
+            Err(Error::Forbidden)
+        }
+    }
+
+    /// How the audit log names this operator.
+    pub fn actor(&self) -> String {
+        format!("user:{}", self.email)
+    }
+}
+
+fn bearer(parts: &Parts) -> Option<&str> {
+    let value = parts.headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}
+
+impl FromRequestParts<AppState> for Operator {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
+        let token = bearer(parts).ok_or(Error::Unauthorized)?;
+        if !token.starts_with("kxo_") {
+            return Err(Error::Unauthorized);
+        }
+        let row = sqlx::query(
+            "SELECT u.id, u.org_id, u.email, u.role FROM api_tokens t JOIN users u ON u.id = t.user_id WHERE t.token_hash = $1 AND t.revoked = 0 AND t.expires_at > $2",
+        )
+        .bind(secret_hash(token))
+        .bind(now_ms())
+        .fetch_optional(state.store.pool())
+        .await?
+        .ok_or(Error::Unauthorized)?;
+        let role: String = row.try_get("role")?;
+        Ok(Operator {
+            user_id: row.try_get("id")?,
+            org_id: row.try_get("org_id")?,
+            email: row.try_get("email")?,
+            role: Role::parse(&role)
+                .ok_or_else(|| Error::Internal(anyhow!("unknown role {role:?} in the database")))?,
+        })
+    }
+}
+
+/// An authenticated, non-revoked device.
+#[derive(Debug, Clone)]
+pub struct Device {
+    /// Internal id (primary key).
+    pub pk: String,
+    /// Organisation id.
+    pub org_id: String,
+    /// The device's own id (unique per organisation).
+    pub device_id: String,
+}
+
+impl FromRequestParts<AppState> for Device {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
+        let token = bearer(parts).ok_or(Error::Unauthorized)?;
+        if !token.starts_with("kxd_") {
+            return Err(Error::Unauthorized);
+        }
+        let row = sqlx::query(
+            "SELECT id, org_id, device_id FROM devices WHERE credential_hash = $1 AND revoked = 0",
+        )
+        .bind(secret_hash(token))
+        .fetch_optional(state.store.pool())
+        .await?
+        .ok_or(Error::Unauthorized)?;
+        Ok(Device {
+            pk: row.try_get("id")?,
+            org_id: row.try_get("org_id")?,
+            device_id: row.try_get("device_id")?,
+        })
+    }
+}

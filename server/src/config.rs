@@ -1,0 +1,83 @@
+//! Server configuration: a TOML file (kebab-case keys, see
+//! `server.example.toml`), overridden by command-line flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+
+/// Everything the server needs to start.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Data directory: the SQLite file and the local blob store live here.
+    pub data_dir: PathBuf,
+    /// Database URL; default `sqlite://<data-dir>/kernex.db`.
+    pub database_url: Option<String>,
+    /// Largest release bundle accepted, in bytes.
+    pub max_bundle_bytes: u64,
+    /// Largest JSON request body, in bytes.
+    pub max_json_bytes: usize,
+    /// A device with no contact for this many seconds is shown offline.
+    pub offline_after_secs: u64,
+    /// Lifetime of an operator bearer token, in seconds.
+    pub token_ttl_secs: u64,
+    /// Name of the organisation created on first start.
+    pub default_organization: String,
+    /// Email of the admin user created on first start.
+    pub admin_email: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("kernex-data"),
+            database_url: None,
+            max_bundle_bytes: 8 << 30,
+            max_json_bytes: 256 << 10,
+            offline_after_secs: 30 * 60,
+            token_ttl_secs: 12 * 3600,
+            default_organization: "default".into(),
+            admin_email: "admin@localhost".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Parses a TOML document.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        toml::from_str(text).context("invalid server configuration")
+    }
+
+    /// Reads and parses a TOML file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("unable to read {}", path.display()))?;
+        Self::from_toml(&text).with_context(|| format!("in {}", path.display()))
+    }
+
+    /// The database URL to use.
+    pub fn database_url(&self) -> String {
+        match &self.database_url {
+            Some(url) => url.clone(),
+            None => format!(
+                "sqlite://{}?mode=rwc",
+                self.data_dir.join("kernex.db").display()
+            ),
+        }
+    }
+
+    /// The local blob directory.
+    pub fn blob_dir(&self) -> PathBuf {
+        self.data_dir.join("blobs")
+    }
+
+    /// Where uploads are spooled before they are verified.
+    pub fn spool_dir(&self) -> PathBuf {
+        self.data_dir.join("spool")
+    }
+}

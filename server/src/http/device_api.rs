@@ -1,0 +1,549 @@
+//! The device API (`/api/v1/device/...`): enroll, poll, heartbeat, report,
+//! logs, bundle download. Devices authenticate with the credential that
+//! enrollment returned (`Authorization: Bearer kxd_...`).
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use utoipa::ToSchema;
+
+use crate::AppState;
+use crate::audit;
+use crate::auth::Device;
+use crate::http::enrollment::check_tags;
+use crate::http::{ApiJson, Error, Result};
+use crate::store::{new_id, new_secret, now_ms, secret_hash};
+
+/// Routes.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/enroll", post(enroll))
+        .route("/poll", get(poll))
+        .route("/heartbeat", post(heartbeat))
+        .route("/report", post(report))
+        .route("/logs", post(logs))
+        .route("/releases/{id}/bundle", get(download))
+}
+
+/// Enrollment request.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    /// The factory enrollment token.
+    pub enrollment_token: String,
+    /// The device's own id, unique in the organisation (e.g. a serial).
+    pub device_id: String,
+    /// Hardware class, e.g. `raspberrypi4-64`.
+    pub hardware_class: String,
+    /// Free-form hardware facts.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub hardware_metadata: serde_json::Map<String, serde_json::Value>,
+    /// Extra tags (added to the token's).
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+/// Enrollment result. The credential is shown only here.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EnrollResponse {
+    /// Internal device id.
+    pub id: String,
+    /// The device credential: `Authorization: Bearer <credential>`.
+    pub credential: String,
+}
+
+fn check_name(what: &str, v: &str) -> Result<()> {
+    let ok = !v.is_empty()
+        && v.len() <= 128
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._:-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::BadRequest(format!(
+            "{what}: 1-128 characters of letters, digits and ._:-"
+        )))
+    }
+}
+
+/// Enroll with an enrollment token. Idempotent: the same device id with the
+/// same token is the same device (no new row); its credential is rotated
+/// and the new one returned, since only a hash of the old one is kept.
+#[utoipa::path(post, path = "/api/v1/device/enroll", request_body = EnrollRequest,
+    responses((status = 200, body = EnrollResponse), (status = 201, body = EnrollResponse), (status = 401), (status = 409)))]
+pub async fn enroll(
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<EnrollRequest>,
+) -> Result<(StatusCode, ApiJson<EnrollResponse>)> {
+    check_name("device_id", &req.device_id)?;
+    check_name("hardware_class", &req.hardware_class)?;
+    check_tags(&req.tags)?;
+    let token = sqlx::query(
+        "SELECT id, org_id, tags FROM enrollment_tokens WHERE token_hash = $1 AND revoked = 0 AND (expires_at IS NULL OR expires_at > $2)",
+    )
+    .bind(secret_hash(&req.enrollment_token))
+    .bind(now_ms())
+    .fetch_optional(state.store.pool())
+    .await?
+    .ok_or(Error::Unauthorized)?;
+    let token_id: String = token.try_get("id")?;
+    let org_id: String = token.try_get("org_id")?;
+    let token_tags: String = token.try_get("tags")?;
+    let mut tags: Vec<String> = serde_json::from_str(&token_tags).unwrap_or_default();
+    tags.extend(req.tags.iter().cloned());
+    tags.sort();
+    tags.dedup();
+
+    let credential = new_secret("kxd")?;
+    let now = now_ms();
+    for _ in 0..3 {
+        let existing = sqlx::query(
+            "SELECT id, enrollment_token_id FROM devices WHERE org_id = $1 AND device_id = $2",
+        )
+        .bind(&org_id)
+        .bind(&req.device_id)
+        .fetch_optional(state.store.pool())
+        .await?;
+        if let Some(row) = existing {
+            let id: String = row.try_get("id")?;
+            let by: Option<String> = row.try_get("enrollment_token_id")?;
+            if by.as_deref() != Some(token_id.as_str()) {
+                return Err(Error::Conflict(format!(
+                    "device {} is already enrolled with another token",
+                    req.device_id
+                )));
+            }
+            sqlx::query("UPDATE devices SET credential_hash = $1 WHERE id = $2 AND revoked = 0")
+                .bind(secret_hash(&credential))
+                .bind(&id)
+                .execute(state.store.pool())
+                .await?;
+            record(&state, &org_id, &req.device_id, "device.re-enroll", &id).await?;
+            return Ok((StatusCode::OK, ApiJson(EnrollResponse { id, credential })));
+        }
+        let id = new_id()?;
+        let mut tx = state.store.begin_write().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO devices (id, org_id, device_id, hardware_class, hardware_metadata, status, credential_hash, enrollment_token_id, revoked, registered_at) VALUES ($1, $2, $3, $4, $5, 'offline', $6, $7, 0, $8)",
+        )
+        .bind(&id)
+        .bind(&org_id)
+        .bind(&req.device_id)
+        .bind(&req.hardware_class)
+        .bind(serde_json::Value::Object(req.hardware_metadata.clone()).to_string())
+        .bind(secret_hash(&credential))
+        .bind(&token_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await;
+        match inserted {
+            Ok(_) => {}
+            // Enrolled concurrently: go round and take the existing row.
+            Err(e) if crate::http::error::is_unique_violation(&e) => continue,
+            Err(e) => return Err(e.into()),
+        }
+        for tag in &tags {
+            sqlx::query("INSERT INTO device_tags (device_pk, org_id, tag) VALUES ($1, $2, $3)")
+                .bind(&id)
+                .bind(&org_id)
+                .bind(tag)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        record(&state, &org_id, &req.device_id, "device.enroll", &id).await?;
+        return Ok((
+            StatusCode::CREATED,
+            ApiJson(EnrollResponse { id, credential }),
+        ));
+    }
+    Err(Error::Conflict("enrollment raced; retry".into()))
+}
+
+async fn record(
+    state: &AppState,
+    org_id: &str,
+    device_id: &str,
+    action: &str,
+    id: &str,
+) -> Result<()> {
+    audit::append(
+        &state.store,
+        audit::Entry {
+            org_id,
+            actor: &format!("device:{device_id}"),
+            action,
+            target: &format!("device:{id}"),
+            result: "ok",
+            detail: serde_json::json!({}),
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// What the device should run.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DesiredState {
+    /// Release id.
+    pub release_id: String,
+    /// Release version.
+    pub version: String,
+    /// Bundle size in bytes.
+    pub size: i64,
+    /// SHA-256 of the bundle file.
+    pub sha256: String,
+    /// Where to download it (supports `Range`).
+    pub url: String,
+}
+
+async fn touch(state: &AppState, device: &Device) -> Result<()> {
+    sqlx::query("UPDATE devices SET last_seen_at = $1 WHERE id = $2")
+        .bind(now_ms())
+        .bind(&device.pk)
+        .execute(state.store.pool())
+        .await?;
+    Ok(())
+}
+
+/// Poll for desired state: 200 with the release to install, 204 when there
+/// is nothing to do.
+#[utoipa::path(get, path = "/api/v1/device/poll", responses((status = 200, body = DesiredState), (status = 204), (status = 401)))]
+pub async fn poll(State(state): State<AppState>, device: Device) -> Result<Response> {
+    touch(&state, &device).await?;
+    let row = sqlx::query(
+        "SELECT r.id, r.version, r.size, r.sha256, d.current_version FROM devices d JOIN releases r ON r.id = d.desired_release_id WHERE d.id = $1",
+    )
+    .bind(&device.pk)
+    .fetch_optional(state.store.pool())
+    .await?;
+    let Some(row) = row else {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    };
+    let version: String = row.try_get("version")?;
+    let current: Option<String> = row.try_get("current_version")?;
+    if current.as_deref() == Some(version.as_str()) {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    let release_id: String = row.try_get("id")?;
+    Ok(ApiJson(DesiredState {
+        url: format!("/api/v1/device/releases/{release_id}/bundle"),
+        release_id,
+        version,
+        size: row.try_get("size")?,
+        sha256: row.try_get("sha256")?,
+    })
+    .into_response())
+}
+
+/// Inventory sent with each heartbeat (as `kernex-updater status --json`
+/// and sysinfo report it).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    /// CPU use, percent.
+    pub cpu_percent: Option<f64>,
+    /// Memory in use, bytes.
+    pub memory_used_bytes: Option<u64>,
+    /// Memory total, bytes.
+    pub memory_total_bytes: Option<u64>,
+    /// Disk in use, bytes.
+    pub disk_used_bytes: Option<u64>,
+    /// Disk total, bytes.
+    pub disk_total_bytes: Option<u64>,
+    /// Hottest sensor, °C.
+    pub temperature_celsius: Option<f64>,
+    /// Seconds since boot.
+    pub uptime_secs: Option<u64>,
+    /// Slot booted (A/B).
+    pub booted_slot: Option<String>,
+    /// Slot the bootloader tries first.
+    pub primary_slot: Option<String>,
+    /// Release version running.
+    pub version: Option<String>,
+    /// Updater version.
+    pub updater_version: Option<String>,
+    /// Anything else (kept, not interpreted).
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Memory use above which a device is degraded, percent.
+pub const DEGRADED_MEMORY_PERCENT: f64 = 90.0;
+
+/// Heartbeat with inventory.
+#[utoipa::path(post, path = "/api/v1/device/heartbeat", request_body = Heartbeat,
+    responses((status = 204), (status = 400), (status = 401)))]
+pub async fn heartbeat(
+    State(state): State<AppState>,
+    device: Device,
+    ApiJson(hb): ApiJson<Heartbeat>,
+) -> Result<StatusCode> {
+    for (what, v) in [
+        ("booted_slot", &hb.booted_slot),
+        ("primary_slot", &hb.primary_slot),
+        ("version", &hb.version),
+    ] {
+        if let Some(v) = v {
+            check_name(what, v)?;
+        }
+    }
+    let memory_percent = match (hb.memory_used_bytes, hb.memory_total_bytes) {
+        (Some(used), Some(total)) if total > 0 => Some(used as f64 * 100.0 / total as f64),
+        _ => None,
+    };
+    let degraded = memory_percent.is_some_and(|m| m > DEGRADED_MEMORY_PERCENT);
+    let now = now_ms();
+    let current: String = sqlx::query("SELECT status FROM devices WHERE id = $1")
+        .bind(&device.pk)
+        .fetch_one(state.store.pool())
+        .await?
+        .try_get("status")?;
+    let status = if degraded {
+        "degraded"
+    } else if current == "updating" || current == "reverted" || current == "error" {
+        current.as_str()
+    } else {
+        "online"
+    };
+    let inventory = serde_json::to_string(&hb).map_err(|e| Error::Internal(e.into()))?;
+    let mut tx = state.store.begin_write().await?;
+    sqlx::query(
+        "INSERT INTO heartbeats (id, device_pk, org_id, at, cpu_percent, memory_percent, status, inventory) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(new_id()?)
+    .bind(&device.pk)
+    .bind(&device.org_id)
+    .bind(now)
+    .bind(hb.cpu_percent)
+    .bind(memory_percent)
+    .bind(if degraded { "degraded" } else { "healthy" })
+    .bind(&inventory)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE devices SET last_seen_at = $1, status = $2, booted_slot = COALESCE($3, booted_slot), primary_slot = COALESCE($4, primary_slot), current_version = COALESCE($5, current_version) WHERE id = $6",
+    )
+    .bind(now)
+    .bind(status)
+    .bind(&hb.booted_slot)
+    .bind(&hb.primary_slot)
+    .bind(&hb.version)
+    .bind(&device.pk)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Install progress and outcome.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Report {
+    /// downloading, installed, rebooted, committed, reverted, failed.
+    pub state: String,
+    /// Release the report is about.
+    pub release_id: Option<String>,
+    /// Bytes downloaded so far.
+    pub bytes_done: Option<i64>,
+    /// Bytes to download.
+    pub bytes_total: Option<i64>,
+    /// Version now running (committed) or still running (reverted).
+    pub version: Option<String>,
+    /// Slot booted.
+    pub booted_slot: Option<String>,
+    /// Why (reverted, failed).
+    pub reason: Option<String>,
+}
+
+/// Report progress or outcome of an install.
+#[utoipa::path(post, path = "/api/v1/device/report", request_body = Report,
+    responses((status = 204), (status = 400), (status = 401)))]
+pub async fn report(
+    State(state): State<AppState>,
+    device: Device,
+    ApiJson(r): ApiJson<Report>,
+) -> Result<StatusCode> {
+    let status = match r.state.as_str() {
+        "downloading" | "installed" | "rebooted" => "updating",
+        "committed" => "online",
+        "reverted" => "reverted",
+        "failed" => "error",
+        other => return Err(Error::BadRequest(format!("unknown report state {other:?}"))),
+    };
+    if let Some(v) = &r.version {
+        check_name("version", v)?;
+    }
+    if let Some(v) = &r.booted_slot {
+        check_name("booted_slot", v)?;
+    }
+    let reason = r
+        .reason
+        .as_deref()
+        .map(|s| s.chars().take(2000).collect::<String>());
+    let now = now_ms();
+    let mut tx = state.store.begin_write().await?;
+    // The deployment this report belongs to: the newest one for this device
+    // (for the named release if one is given).
+    let dep = sqlx::query(
+        "SELECT dd.deployment_id, p.release_id FROM deployment_devices dd JOIN deployments p ON p.id = dd.deployment_id WHERE dd.device_pk = $1 AND ($2 IS NULL OR p.release_id = $2) ORDER BY p.created_at DESC LIMIT 1",
+    )
+    .bind(&device.pk)
+    .bind(&r.release_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let mut version = r.version.clone();
+    if let Some(dep) = &dep {
+        let deployment_id: String = dep.try_get("deployment_id")?;
+        let release_id: String = dep.try_get("release_id")?;
+        sqlx::query(
+            "UPDATE deployment_devices SET state = $1, bytes_done = COALESCE($2, bytes_done), bytes_total = COALESCE($3, bytes_total), reason = $4, updated_at = $5 WHERE deployment_id = $6 AND device_pk = $7",
+        )
+        .bind(&r.state)
+        .bind(r.bytes_done)
+        .bind(r.bytes_total)
+        .bind(&reason)
+        .bind(now)
+        .bind(&deployment_id)
+        .bind(&device.pk)
+        .execute(&mut *tx)
+        .await?;
+        if r.state == "committed" && version.is_none() {
+            version = Some(
+                sqlx::query("SELECT version FROM releases WHERE id = $1")
+                    .bind(&release_id)
+                    .fetch_one(&mut *tx)
+                    .await?
+                    .try_get("version")?,
+            );
+        }
+        // Close the deployment when every device has an outcome.
+        let open: i64 = sqlx::query(
+            "SELECT COUNT(*) AS n FROM deployment_devices WHERE deployment_id = $1 AND state NOT IN ('committed', 'reverted', 'failed')",
+        )
+        .bind(&deployment_id)
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get("n")?;
+        if open == 0 {
+            let failed: i64 = sqlx::query(
+                "SELECT COUNT(*) AS n FROM deployment_devices WHERE deployment_id = $1 AND state <> 'committed'",
+            )
+            .bind(&deployment_id)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("n")?;
+            sqlx::query("UPDATE deployments SET status = $1, completed_at = $2 WHERE id = $3 AND status = 'in_progress'")
+                .bind(if failed == 0 { "success" } else { "failed" })
+                .bind(now)
+                .bind(&deployment_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+    }
+    let status_reason = if status == "online" {
+        None
+    } else {
+        reason.clone()
+    };
+    sqlx::query(
+        "UPDATE devices SET last_seen_at = $1, status = $2, status_reason = $3, current_version = COALESCE($4, current_version), booted_slot = COALESCE($5, booted_slot) WHERE id = $6",
+    )
+    .bind(now)
+    .bind(status)
+    .bind(&status_reason)
+    .bind(if r.state == "committed" || r.state == "reverted" { version.clone() } else { None })
+    .bind(&r.booted_slot)
+    .bind(&device.pk)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// One log line.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LogLine {
+    /// debug, info, warn, error.
+    pub level: String,
+    /// The message (cut at 8 KiB).
+    pub message: String,
+    /// When, unix ms (default: received).
+    pub at: Option<i64>,
+}
+
+/// A batch of log lines.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LogBatch {
+    /// At most 1000 lines.
+    pub entries: Vec<LogLine>,
+}
+
+/// Upload a batch of log lines.
+#[utoipa::path(post, path = "/api/v1/device/logs", request_body = LogBatch,
+    responses((status = 204), (status = 400), (status = 401)))]
+pub async fn logs(
+    State(state): State<AppState>,
+    device: Device,
+    ApiJson(batch): ApiJson<LogBatch>,
+) -> Result<StatusCode> {
+    if batch.entries.len() > 1000 {
+        return Err(Error::BadRequest("at most 1000 log lines per batch".into()));
+    }
+    let now = now_ms();
+    let mut tx = state.store.begin_write().await?;
+    for line in &batch.entries {
+        if !["debug", "info", "warn", "error"].contains(&line.level.as_str()) {
+            return Err(Error::BadRequest(format!(
+                "unknown log level {:?}",
+                line.level
+            )));
+        }
+        let mut message = line.message.clone();
+        if message.len() > 8192 {
+            let mut cut = 8192;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        sqlx::query(
+            "INSERT INTO device_logs (id, device_pk, org_id, at, level, message) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(new_id()?)
+        .bind(&device.pk)
+        .bind(&device.org_id)
+        .bind(line.at.unwrap_or(now))
+        .bind(&line.level)
+        .bind(&message)
+        .execute(&mut *tx)
+        .await?;
+    }
+    sqlx::query("UPDATE devices SET last_seen_at = $1 WHERE id = $2")
+        .bind(now)
+        .bind(&device.pk)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Download a release bundle of the device's organisation, with `Range`.
+#[utoipa::path(get, path = "/api/v1/device/releases/{id}/bundle",
+    responses((status = 200), (status = 206), (status = 401), (status = 404), (status = 416)))]
+pub async fn download(
+    State(state): State<AppState>,
+    device: Device,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response> {
+    crate::http::releases::serve_bundle(&state, &device.org_id, &id, &headers).await
+}

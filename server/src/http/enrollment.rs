@@ -1,0 +1,183 @@
+//! Enrollment tokens: issued per factory batch by an operator, presented by
+//! devices at enrollment. Only their SHA-256 is stored.
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{delete, post};
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use utoipa::ToSchema;
+
+use crate::AppState;
+use crate::auth::{Operator, Role};
+use crate::http::{ApiJson, Error, Result, audited};
+use crate::store::{new_id, new_secret, now_ms, secret_hash};
+
+/// Routes.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/enrollment-tokens", post(create).get(list))
+        .route("/enrollment-tokens/{id}", delete(revoke))
+}
+
+/// A new enrollment token.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewEnrollmentToken {
+    /// What the batch is, e.g. `factory line 2, 2026-11`.
+    pub label: String,
+    /// Tags every device enrolled with it gets.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Expiry, unix ms (none: never).
+    pub expires_at: Option<i64>,
+}
+
+/// An enrollment token (the secret only in the creation response).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EnrollmentToken {
+    /// Id.
+    pub id: String,
+    /// Label.
+    pub label: String,
+    /// Tags given to enrolled devices.
+    pub tags: Vec<String>,
+    /// Created, unix ms.
+    pub created_at: i64,
+    /// Expiry, unix ms.
+    pub expires_at: Option<i64>,
+    /// Revoked.
+    pub revoked: bool,
+    /// The secret: returned once, at creation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+/// Validates tags: 1-64 characters of `[A-Za-z0-9._:=-]`.
+pub fn check_tags(tags: &[String]) -> Result<()> {
+    if tags.len() > 64 {
+        return Err(Error::BadRequest("at most 64 tags".into()));
+    }
+    for t in tags {
+        let ok = !t.is_empty()
+            && t.len() <= 64
+            && t.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._:=-".contains(c));
+        if !ok {
+            return Err(Error::BadRequest(format!(
+                "tag {t:?}: 1-64 characters of letters, digits and ._:=-"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Create an enrollment token (ops).
+#[utoipa::path(post, path = "/api/v1/enrollment-tokens", request_body = NewEnrollmentToken,
+    responses((status = 201, body = EnrollmentToken), (status = 403)))]
+pub async fn create(
+    State(state): State<AppState>,
+    op: Operator,
+    ApiJson(req): ApiJson<NewEnrollmentToken>,
+) -> Result<(StatusCode, ApiJson<EnrollmentToken>)> {
+    op.require(Role::Ops)?;
+    audited(&state, &op, "enrollment_token.create", "enrollment_token", async {
+        check_tags(&req.tags)?;
+        if req.label.len() > 200 {
+            return Err(Error::BadRequest("label: at most 200 characters".into()));
+        }
+        let id = new_id()?;
+        let token = new_secret("kxe")?;
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO enrollment_tokens (id, org_id, token_hash, label, tags, created_by, created_at, expires_at, revoked) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0)",
+        )
+        .bind(&id)
+        .bind(&op.org_id)
+        .bind(secret_hash(&token))
+        .bind(&req.label)
+        .bind(serde_json::to_string(&req.tags).map_err(|e| Error::Internal(e.into()))?)
+        .bind(&op.user_id)
+        .bind(now)
+        .bind(req.expires_at)
+        .execute(state.store.pool())
+        .await?;
+        let target = format!("enrollment_token:{id}");
+        Ok((
+            (
+                StatusCode::CREATED,
+                ApiJson(EnrollmentToken {
+                    id,
+                    label: req.label.clone(),
+                    tags: req.tags.clone(),
+                    created_at: now,
+                    expires_at: req.expires_at,
+                    revoked: false,
+                    token: Some(token),
+                }),
+            ),
+            target,
+        ))
+    })
+    .await
+}
+
+/// List enrollment tokens (without secrets).
+#[utoipa::path(get, path = "/api/v1/enrollment-tokens", responses((status = 200, body = [EnrollmentToken])))]
+pub async fn list(
+    State(state): State<AppState>,
+    op: Operator,
+) -> Result<ApiJson<Vec<EnrollmentToken>>> {
+    let rows = sqlx::query(
+        "SELECT id, label, tags, created_at, expires_at, revoked FROM enrollment_tokens WHERE org_id = $1 ORDER BY created_at DESC",
+    )
+    .bind(&op.org_id)
+    .fetch_all(state.store.pool())
+    .await?;
+    let mut out = Vec::new();
+    for r in rows {
+        let tags: String = r.try_get("tags")?;
+        out.push(EnrollmentToken {
+            id: r.try_get("id")?,
+            label: r.try_get("label")?,
+            tags: serde_json::from_str(&tags).unwrap_or_default(),
+            created_at: r.try_get("created_at")?,
+            expires_at: r.try_get("expires_at")?,
+            revoked: r.try_get::<i64, _>("revoked")? != 0,
+            token: None,
+        });
+    }
+    Ok(ApiJson(out))
+}
+
+/// Revoke an enrollment token (ops). Devices already enrolled stay.
+#[utoipa::path(delete, path = "/api/v1/enrollment-tokens/{id}",
+    responses((status = 204), (status = 403), (status = 404)))]
+pub async fn revoke(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(id): Path<String>,
+) -> Result<StatusCode> {
+    op.require(Role::Ops)?;
+    audited(
+        &state,
+        &op,
+        "enrollment_token.revoke",
+        &format!("enrollment_token:{id}"),
+        async {
+            let done = sqlx::query(
+                "UPDATE enrollment_tokens SET revoked = 1 WHERE id = $1 AND org_id = $2",
+            )
+            .bind(&id)
+            .bind(&op.org_id)
+            .execute(state.store.pool())
+            .await?;
+            if done.rows_affected() == 0 {
+                return Err(Error::NotFound("no such enrollment token"));
+            }
+            Ok((StatusCode::NO_CONTENT, String::new()))
+        },
+    )
+    .await
+}

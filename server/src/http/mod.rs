@@ -1,0 +1,110 @@
+//! The HTTP API. `app(state)` builds the whole router without a socket, so
+//! tests drive it with `tower::ServiceExt::oneshot`.
+
+pub mod audit_log;
+pub mod deployments;
+pub mod device_api;
+pub mod devices;
+pub mod enrollment;
+pub mod error;
+pub mod metrics;
+pub mod openapi;
+pub mod releases;
+pub mod session;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request};
+use axum::response::{IntoResponse, Response};
+use axum::{Router, middleware};
+use serde::de::DeserializeOwned;
+use tower_http::trace::TraceLayer;
+
+use crate::AppState;
+use crate::audit;
+use crate::auth::Operator;
+pub use error::{Error, Result};
+
+/// The application: operator API, device API, OpenAPI document, metrics.
+pub fn app(state: AppState) -> Router {
+    let json_limit = state.config.max_json_bytes;
+    let api = Router::new()
+        .merge(session::router())
+        .merge(enrollment::router())
+        .merge(releases::router())
+        .merge(devices::router())
+        .merge(deployments::router())
+        .merge(audit_log::router())
+        .merge(openapi::router())
+        .nest("/device", device_api::router());
+    Router::new()
+        .nest("/api/v1", api)
+        .merge(metrics::router())
+        .fallback(|| async { Error::NotFound("no such endpoint") })
+        .layer(DefaultBodyLimit::max(json_limit))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// `Json` whose rejections are API errors (400 for malformed JSON and
+/// unknown fields, 413 for oversized bodies), always with a JSON body.
+#[derive(Debug)]
+pub struct ApiJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Error;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(ApiJson(v)),
+            Err(JsonRejection::BytesRejection(b))
+                if b.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE =>
+            {
+                Err(Error::TooLarge(0))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl<T: serde::Serialize> IntoResponse for ApiJson<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}
+
+/// Runs a mutating operation and records it in the audit log with its
+/// outcome, success or not.
+pub async fn audited<T>(
+    state: &AppState,
+    op: &Operator,
+    action: &str,
+    target: &str,
+    work: impl Future<Output = Result<(T, String)>>,
+) -> Result<T> {
+    let outcome = work.await;
+    let (result, target) = match &outcome {
+        Ok((_, t)) => ("ok".to_string(), if t.is_empty() { target } else { t }),
+        Err(e) => (format!("error: {}", e.summary()), target),
+    };
+    audit::append(
+        &state.store,
+        audit::Entry {
+            org_id: &op.org_id,
+            actor: &op.actor(),
+            action,
+            target,
+            result: &result,
+            detail: serde_json::json!({}),
+        },
+    )
+    .await?;
+    outcome.map(|(v, _)| v)
+}

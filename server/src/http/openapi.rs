@@ -1,0 +1,48 @@
+//! The OpenAPI document, generated from the handlers (utoipa), served at
+//! `/api/v1/openapi.json`.
+
+use axum::routing::get;
+use axum::{Json, Router};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::AppState;
+use crate::http::{audit_log, deployments, device_api, devices, enrollment, releases, session};
+
+/// The API description.
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(title = "Kernex control plane", description = "Operator API and device API"),
+    modifiers(&Bearer),
+    security(("bearer" = [])),
+    paths(
+        session::login, session::me, session::create_user, session::list_users,
+        session::set_keyring, session::get_keyring,
+        enrollment::create, enrollment::list, enrollment::revoke,
+        releases::upload, releases::list, releases::detail, releases::remove, releases::download_operator,
+        devices::list, devices::detail, devices::revoke,
+        deployments::create, deployments::list, deployments::detail,
+        audit_log::list,
+        device_api::enroll, device_api::poll, device_api::heartbeat, device_api::report,
+        device_api::logs, device_api::download,
+    )
+)]
+pub struct ApiDoc;
+
+#[derive(Debug)]
+struct Bearer;
+
+impl Modify for Bearer {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// Routes.
+pub fn router() -> Router<AppState> {
+    Router::new().route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
+}

@@ -1,0 +1,100 @@
+//! `kernex-server`: the Kernex control plane.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use kernex_server::config::Config;
+use kernex_server::{AppState, bootstrap, http};
+
+/// The Kernex control plane: device enrollment, signed releases,
+/// deployments and an append-only audit log, over an HTTP API.
+///
+/// With no options it keeps everything in ./kernex-data: an embedded SQLite
+/// database (kernex.db) and a blob directory (blobs/). On the first start it
+/// creates the default organisation and an admin user and prints the
+/// admin's one-time password; log in with `POST /api/v1/login`.
+///
+/// The API is described at /api/v1/openapi.json; Prometheus metrics are at
+/// /metrics. Logs go to stderr; set RUST_LOG (e.g. `kernex_server=debug`)
+/// to change their level.
+///
+/// EXAMPLES:
+///     kernex-server
+///     kernex-server --listen 0.0.0.0:8080 --database-url postgres://kernex@db/kernex
+///     kernex-server --config /etc/kernex/server.toml
+#[derive(Debug, Parser)]
+#[command(name = "kernex-server", version, verbatim_doc_comment)]
+struct Args {
+    /// TOML configuration file (see server.example.toml); flags override it.
+    #[arg(long, value_name = "FILE", env = "KERNEX_SERVER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Directory for the SQLite database, blobs and the upload spool
+    /// [default: ./kernex-data].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// sqlite://FILE?mode=rwc or postgres://USER@HOST/DB
+    /// [default: sqlite in the data directory].
+    #[arg(long, value_name = "URL", env = "DATABASE_URL")]
+    database_url: Option<String>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Args::parse()) {
+        eprintln!("kernex-server: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(d) = args.data_dir {
+        config.data_dir = d;
+    }
+    if let Some(u) = args.database_url {
+        config.database_url = Some(u);
+    }
+    if let Some(l) = args.listen {
+        config.listen = l;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("unable to start the async runtime")?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> Result<()> {
+    let listen = config.listen;
+    let state = AppState::open(config).await?;
+    if let Some(admin) = bootstrap(&state).await? {
+        println!(
+            "Created organisation {:?} and admin {:?}.\nOne-time admin password (shown only now): {}",
+            admin.organization, admin.email, admin.password
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("unable to listen on {listen}"))?;
+    tracing::info!(%listen, "kernex-server listening");
+    axum::serve(listener, http::app(state))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .context("server failed")
+}

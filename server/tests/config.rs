@@ -1,0 +1,25 @@
+//! The checked-in example configuration parses and matches the defaults.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use kernex_server::config::Config;
+
+#[test]
+fn example_config_parses() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("server.example.toml");
+    let c = Config::load(&path).unwrap();
+    let d = Config::default();
+    assert_eq!(c.listen, d.listen);
+    assert_eq!(c.max_bundle_bytes, d.max_bundle_bytes);
+    assert_eq!(c.max_json_bytes, d.max_json_bytes);
+    assert_eq!(c.offline_after_secs, 1800);
+    assert_eq!(c.token_ttl_secs, d.token_ttl_secs);
+    assert_eq!(c.default_organization, "default");
+    assert!(c.database_url.is_none());
+    assert!(c.database_url().starts_with("sqlite://"));
+}
+
+#[test]
+fn unknown_keys_are_rejected() {
+    let e = Config::from_toml("listen = \"127.0.0.1:1\"\ncolour = \"red\"\n").unwrap_err();
+    assert!(format!("{e:#}").contains("colour"), "{e:#}");
+}
