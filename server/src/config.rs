@@ -23,6 +23,10 @@ pub struct Config {
     pub max_json_bytes: usize,
     /// A device with no contact for this many seconds is shown offline.
     pub offline_after_secs: u64,
+    /// Heartbeats older than this many days are deleted.
+    pub heartbeat_retention_days: u32,
+    /// Device log lines older than this many days are deleted.
+    pub log_retention_days: u32,
     /// Lifetime of an operator bearer token, in seconds.
     pub token_ttl_secs: u64,
     /// Name of the organisation created on first start.
@@ -40,6 +44,8 @@ impl Default for Config {
             max_bundle_bytes: 8 << 30,
             max_json_bytes: 256 << 10,
             offline_after_secs: 30 * 60,
+            heartbeat_retention_days: 7,
+            log_retention_days: 30,
             token_ttl_secs: 12 * 3600,
             default_organization: "default".into(),
             admin_email: "admin@localhost".into(),

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod blobs;
 pub mod config;
 pub mod http;
+pub mod retention;
 pub mod store;
 
 use std::path::PathBuf;

@@ -87,10 +87,19 @@ async fn serve(config: Config) -> Result<()> {
             admin.organization, admin.email, admin.password
         );
     }
+    tokio::spawn(kernex_server::retention::run(
+        state.store.clone(),
+        state.config.heartbeat_retention_days,
+        state.config.log_retention_days,
+    ));
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("unable to listen on {listen}"))?;
-    tracing::info!(%listen, "kernex-server listening");
+    let local = listener
+        .local_addr()
+        .context("unable to read the bound address")?;
+    println!("kernex-server listening on http://{local}");
+    tracing::info!(%local, "kernex-server listening");
     axum::serve(listener, http::app(state))
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;

@@ -24,6 +24,7 @@ both!(
     release_upload_conflict_and_delete,
     audit_log_is_a_hash_chain,
     openapi_and_metrics,
+    device_logs_and_retention,
 );
 
 async fn login_and_roles(h: Arc<Harness>) {
@@ -1181,4 +1182,91 @@ async fn openapi_and_metrics(h: Arc<Harness>) {
         text.contains("kernex_http_request_duration_seconds_bucket"),
         "{text}"
     );
+}
+
+async fn device_logs_and_retention(h: Arc<Harness>) {
+    let (_, token) = h.enrollment_token(&h.admin, &[]).await;
+    let (device, cred) = h.enroll(&token, "logger", "qemu-aarch64").await;
+    let now = kernex_server::store::now_ms();
+    let day = 86_400_000i64;
+    let (s, _) = h
+        .call(
+            Method::POST,
+            "/api/v1/device/logs",
+            Some(&cred),
+            Some(json!({"entries": [
+                {"level": "info", "message": "fresh", "at": now - 1000},
+                {"level": "error", "message": "disk full", "at": now - 2000},
+                {"level": "info", "message": "ancient", "at": now - 31 * day},
+            ]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/device/logs",
+            Some(&cred),
+            Some(json!({"entries": [{"level": "loud", "message": "x"}]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let path = format!("/api/v1/devices/{device}/logs");
+    let (_, all) = h.call(Method::GET, &path, Some(&h.admin), None).await;
+    let messages: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(messages, ["fresh", "disk full", "ancient"]);
+    let (_, errors) = h
+        .call(
+            Method::GET,
+            &format!("{path}?level=error"),
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    assert_eq!(errors.as_array().unwrap().len(), 1);
+    assert_eq!(errors[0]["message"], "disk full");
+    let (_, none) = h
+        .call(
+            Method::GET,
+            &format!("{path}?level=%27%20OR%201%3D1%20--"),
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    assert_eq!(none, json!([]));
+    // Heartbeats: one now, one 8 days old (inserted directly).
+    let (s, _) = h
+        .call(
+            Method::POST,
+            "/api/v1/device/heartbeat",
+            Some(&cred),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    sqlx::query("INSERT INTO heartbeats (id, device_pk, org_id, at, status, inventory) SELECT 'old', id, org_id, $1, 'healthy', '{}' FROM devices WHERE id = $2")
+        .bind(now - 8 * day)
+        .bind(&device)
+        .execute(h.state.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(h.count("heartbeats").await, 2);
+    let pruned = kernex_server::retention::prune(&h.state.store, now, 7, 30)
+        .await
+        .unwrap();
+    assert_eq!(
+        pruned,
+        kernex_server::retention::Pruned {
+            heartbeats: 1,
+            logs: 1
+        }
+    );
+    assert_eq!(h.count("heartbeats").await, 1);
+    let (_, all) = h.call(Method::GET, &path, Some(&h.admin), None).await;
+    assert_eq!(all.as_array().unwrap().len(), 2);
 }

@@ -13,6 +13,8 @@ fn example_config_parses() {
     assert_eq!(c.max_json_bytes, d.max_json_bytes);
     assert_eq!(c.offline_after_secs, 1800);
     assert_eq!(c.token_ttl_secs, d.token_ttl_secs);
+    assert_eq!(c.heartbeat_retention_days, 7);
+    assert_eq!(c.log_retention_days, 30);
     assert_eq!(c.default_organization, "default");
     assert!(c.database_url.is_none());
     assert!(c.database_url().starts_with("sqlite://"));

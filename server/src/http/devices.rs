@@ -19,6 +19,7 @@ pub fn router() -> Router<AppState> {
         .route("/devices", get(list))
         .route("/devices/{id}", get(detail))
         .route("/devices/{id}/revoke", post(revoke))
+        .route("/devices/{id}/logs", get(logs))
 }
 
 /// Filters for the device list; all optional, combined with AND.
@@ -209,4 +210,66 @@ pub async fn revoke(
         },
     )
     .await
+}
+
+/// Log filters.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct LogFilter {
+    /// Only this level: debug, info, warn, error.
+    pub level: Option<String>,
+    /// Only lines before this time, unix ms (paging).
+    pub before: Option<i64>,
+    /// At most this many (default 200, max 2000).
+    pub limit: Option<i64>,
+}
+
+/// One log line.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LogLine {
+    /// When, unix ms.
+    pub at: i64,
+    /// Level.
+    pub level: String,
+    /// Message.
+    pub message: String,
+}
+
+/// A device's log lines, newest first.
+#[utoipa::path(get, path = "/api/v1/devices/{id}/logs", params(LogFilter),
+    responses((status = 200, body = [LogLine]), (status = 404)))]
+pub async fn logs(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(id): Path<String>,
+    filter: Result<Query<LogFilter>, axum::extract::rejection::QueryRejection>,
+) -> Result<ApiJson<Vec<LogLine>>> {
+    let Query(f) = filter?;
+    let exists = sqlx::query("SELECT id FROM devices WHERE id = $1 AND org_id = $2")
+        .bind(&id)
+        .bind(&op.org_id)
+        .fetch_optional(state.store.pool())
+        .await?;
+    if exists.is_none() {
+        return Err(Error::NotFound("no such device"));
+    }
+    let rows = sqlx::query(
+        "SELECT at, level, message FROM device_logs WHERE device_pk = $1 AND org_id = $2 AND ($3 IS NULL OR level = $3) AND at < $4 ORDER BY at DESC LIMIT $5",
+    )
+    .bind(&id)
+    .bind(&op.org_id)
+    .bind(&f.level)
+    .bind(f.before.unwrap_or(i64::MAX))
+    .bind(f.limit.unwrap_or(200).clamp(1, 2000))
+    .fetch_all(state.store.pool())
+    .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        out.push(LogLine {
+            at: r.try_get("at")?,
+            level: r.try_get("level")?,
+            message: r.try_get("message")?,
+        });
+    }
+    Ok(ApiJson(out))
 }

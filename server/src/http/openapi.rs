@@ -20,7 +20,7 @@ use crate::http::{audit_log, deployments, device_api, devices, enrollment, relea
         session::set_keyring, session::get_keyring,
         enrollment::create, enrollment::list, enrollment::revoke,
         releases::upload, releases::list, releases::detail, releases::remove, releases::download_operator,
-        devices::list, devices::detail, devices::revoke,
+        devices::list, devices::detail, devices::revoke, devices::logs,
         deployments::create, deployments::list, deployments::detail,
         audit_log::list,
         device_api::enroll, device_api::poll, device_api::heartbeat, device_api::report,

@@ -50,6 +50,7 @@ async fn pg_admin() -> sqlx::AnyPool {
     sqlx::any::install_default_drivers();
     sqlx::any::AnyPoolOptions::new()
         .max_connections(1)
+        .acquire_timeout(std::time::Duration::from_secs(10))
         .connect(&postgres_admin_url())
         .await
         .expect("PostgreSQL must be reachable at 127.0.0.1:5432 (run scripts/setup)")

@@ -1,0 +1,127 @@
+//! The `kernex-server` binary: first start creates the admin and prints its
+//! one-time password, which logs in over real TCP; a restart does not.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the server on a free port; returns it, its address and the
+/// lines it printed before listening.
+fn start(data_dir: &std::path::Path) -> (Server, String, Vec<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kernex-server"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .env_remove("DATABASE_URL")
+        .env_remove("KERNEX_SERVER_CONFIG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let server = Server(child);
+    let mut lines = Vec::new();
+    loop {
+        let mut line = String::new();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "server exited: {lines:?}"
+        );
+        if let Some(addr) = line
+            .trim()
+            .strip_prefix("kernex-server listening on http://")
+        {
+            return (server, addr.to_string(), lines);
+        }
+        lines.push(line.trim().to_string());
+    }
+}
+
+fn post_json(addr: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response.split_once("\r\n\r\n").unwrap().1.to_string();
+    (status, body)
+}
+
+#[test]
+fn first_start_prints_a_one_time_admin_password_that_logs_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (server, addr, lines) = start(&data);
+    let password = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("One-time admin password (shown only now): "))
+        .unwrap_or_else(|| panic!("no password in {lines:?}"))
+        .to_string();
+    let login = format!(r#"{{"email": "admin@localhost", "password": "{password}"}}"#);
+    let (status, body) = post_json(&addr, "/api/v1/login", &login);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"token\":\"kxo_"), "{body}");
+    let (status, _) = post_json(
+        &addr,
+        "/api/v1/login",
+        r#"{"email": "admin@localhost", "password": "nope"}"#,
+    );
+    assert_eq!(status, 401);
+    assert!(data.join("kernex.db").exists());
+    drop(server);
+
+    // Second start on the same data: no new admin, the old password works.
+    let (_server, addr, lines) = start(&data);
+    assert!(lines.iter().all(|l| !l.contains("password")), "{lines:?}");
+    let (status, _) = post_json(&addr, "/api/v1/login", &login);
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn help_reads_like_a_man_page() {
+    let out = Command::new(env!("CARGO_BIN_EXE_kernex-server"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    for want in [
+        "--data-dir",
+        "--database-url",
+        "--listen",
+        "--config",
+        "EXAMPLES:",
+        "one-time password",
+    ] {
+        assert!(text.contains(want), "--help lacks {want}:\n{text}");
+    }
+}
+
+#[test]
+fn a_bad_config_file_is_an_error_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("server.toml");
+    std::fs::write(&cfg, "listen = 5\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kernex-server"))
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("server.toml"), "{err}");
+}
