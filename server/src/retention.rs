@@ -30,6 +30,10 @@ pub async fn prune(store: &Store, now: i64, heartbeat_days: u32, log_days: u32) 
         .execute(store.pool())
         .await?
         .rows_affected();
+    sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1")
+        .bind(now.saturating_sub(crate::http::idempotency::TTL_MS))
+        .execute(store.pool())
+        .await?;
     Ok(Pruned { heartbeats, logs })
 }
 

@@ -25,6 +25,7 @@ both!(
     audit_log_is_a_hash_chain,
     openapi_and_metrics,
     device_logs_and_retention,
+    idempotency_keys_replay_instead_of_repeating,
 );
 
 async fn login_and_roles(h: Arc<Harness>) {
@@ -1269,4 +1270,94 @@ async fn device_logs_and_retention(h: Arc<Harness>) {
     assert_eq!(h.count("heartbeats").await, 1);
     let (_, all) = h.call(Method::GET, &path, Some(&h.admin), None).await;
     assert_eq!(all.as_array().unwrap().len(), 2);
+}
+
+async fn idempotency_keys_replay_instead_of_repeating(h: Arc<Harness>) {
+    let (_, token) = h.enrollment_token(&h.admin, &[]).await;
+    let (_, cred) = h.enroll(&token, "retrier", "qemu-aarch64").await;
+    let logs =
+        |msg: &str| Body::from(json!({"entries": [{"level": "info", "message": msg}]}).to_string());
+    let headers = [
+        ("content-type", "application/json"),
+        ("idempotency-key", "batch-1"),
+    ];
+    let (s, first, _) = h
+        .raw(
+            Method::POST,
+            "/api/v1/device/logs",
+            Some(&cred),
+            &headers,
+            logs("once"),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert!(first.get("idempotent-replayed").is_none());
+    // The retry is answered from the store; the batch is not stored twice.
+    let (s, again, _) = h
+        .raw(
+            Method::POST,
+            "/api/v1/device/logs",
+            Some(&cred),
+            &headers,
+            logs("once"),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(again["idempotent-replayed"], "true");
+    assert_eq!(h.count("device_logs").await, 1);
+    // The same key with another body: 422, nothing stored.
+    let (s, _, body) = h
+        .raw(
+            Method::POST,
+            "/api/v1/device/logs",
+            Some(&cred),
+            &headers,
+            logs("other"),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"], "unprocessable");
+    assert_eq!(h.count("device_logs").await, 1);
+    // Keys are per caller: another device may use the same key.
+    let (_, cred2) = h.enroll(&token, "retrier-2", "qemu-aarch64").await;
+    let (s, _, _) = h
+        .raw(
+            Method::POST,
+            "/api/v1/device/logs",
+            Some(&cred2),
+            &headers,
+            logs("once"),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(h.count("device_logs").await, 2);
+    // A JSON response (an error here) is replayed byte for byte.
+    let bad = [
+        ("content-type", "application/json"),
+        ("idempotency-key", "user-1"),
+    ];
+    let user =
+        || Body::from(json!({"email": "x@y", "password": "short", "role": "ops"}).to_string());
+    let (s1, _, b1) = h
+        .raw(Method::POST, "/api/v1/users", Some(&h.admin), &bad, user())
+        .await;
+    let (s2, h2, b2) = h
+        .raw(Method::POST, "/api/v1/users", Some(&h.admin), &bad, user())
+        .await;
+    assert_eq!((s1, s2), (StatusCode::BAD_REQUEST, StatusCode::BAD_REQUEST));
+    assert_eq!(b1, b2);
+    assert_eq!(h2["content-type"], "application/json");
+    // Without a key, requests run each time.
+    let (s, _) = h
+        .call(
+            Method::POST,
+            "/api/v1/device/logs",
+            Some(&cred),
+            Some(json!({"entries": [{"level": "info", "message": "once"}]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(h.count("device_logs").await, 3);
+    assert_eq!(h.count("idempotency_keys").await, 3);
 }

@@ -7,6 +7,7 @@ pub mod device_api;
 pub mod devices;
 pub mod enrollment;
 pub mod error;
+pub mod idempotency;
 pub mod metrics;
 pub mod openapi;
 pub mod releases;
@@ -40,6 +41,10 @@ pub fn app(state: AppState) -> Router {
         .nest("/api/v1", api)
         .merge(metrics::router())
         .fallback(|| async { Error::NotFound("no such endpoint") })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            idempotency::layer,
+        ))
         .layer(DefaultBodyLimit::max(json_limit))
         .layer(middleware::from_fn_with_state(
             state.clone(),
