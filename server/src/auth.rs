@@ -101,6 +101,8 @@ pub async fn create_user(
 /// An authenticated operator.
 #[derive(Debug, Clone)]
 pub struct Operator {
+    /// SHA-256 of the token used (for logout).
+    pub token_hash: String,
     /// User id.
     pub user_id: String,
     /// Organisation id: every query is scoped to it.
@@ -127,6 +129,32 @@ impl Operator {
     }
 }
 
+/// The session cookie set by `POST /login` (for the web UI).
+pub const SESSION_COOKIE: &str = "kernex_session";
+
+/// The operator token from the session cookie. Only honoured for safe
+/// methods or JSON requests: a cross-site form cannot send
+/// `application/json` without a CORS preflight, which is never granted, and
+/// the cookie is `SameSite=Strict` besides.
+fn session_cookie(parts: &Parts) -> Option<&str> {
+    let safe = matches!(parts.method.as_str(), "GET" | "HEAD");
+    let json = parts
+        .headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !safe && !json {
+        return None;
+    }
+    parts
+        .headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| c.trim().strip_prefix(SESSION_COOKIE)?.strip_prefix('='))
+}
+
 fn bearer(parts: &Parts) -> Option<&str> {
     let value = parts.headers.get(AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
@@ -139,7 +167,9 @@ impl FromRequestParts<AppState> for Operator {
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
-        let token = bearer(parts).ok_or(Error::Unauthorized)?;
+        let token = bearer(parts)
+            .or_else(|| session_cookie(parts))
+            .ok_or(Error::Unauthorized)?;
         if !token.starts_with("kxo_") {
             return Err(Error::Unauthorized);
         }
@@ -153,6 +183,7 @@ impl FromRequestParts<AppState> for Operator {
         .ok_or(Error::Unauthorized)?;
         let role: String = row.try_get("role")?;
         Ok(Operator {
+            token_hash: secret_hash(token),
             user_id: row.try_get("id")?,
             org_id: row.try_get("org_id")?,
             email: row.try_get("email")?,

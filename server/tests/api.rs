@@ -26,6 +26,7 @@ both!(
     openapi_and_metrics,
     device_logs_and_retention,
     idempotency_keys_replay_instead_of_repeating,
+    session_cookie_and_logout,
 );
 
 async fn login_and_roles(h: Arc<Harness>) {
@@ -223,6 +224,8 @@ fn operator_endpoints(f: &Fixture) -> Vec<(Method, String, Option<Value>, bool)>
             false,
         ),
         (Method::GET, "/api/v1/audit".into(), None, false),
+        // Last: it ends the sessions used above.
+        (Method::POST, "/api/v1/logout".into(), None, false),
     ]
 }
 
@@ -282,6 +285,12 @@ async fn auth_matrix(h: Arc<Harness>) {
         .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
 
+    // org2's lists are empty of org1's things.
+    let (_, devices) = h
+        .call(Method::GET, "/api/v1/devices", Some(&other), None)
+        .await;
+    assert_eq!(devices, json!([]));
+
     for (method, path, body, mutating) in operator_endpoints(&f) {
         // Unauthenticated, a garbage token and a device credential: 401.
         for token in [None, Some("kxo_nonsense"), Some(f.credential.as_str())] {
@@ -332,11 +341,6 @@ async fn auth_matrix(h: Arc<Harness>) {
             }
         }
     }
-    // org2's lists are empty of org1's things.
-    let (_, devices) = h
-        .call(Method::GET, "/api/v1/devices", Some(&other), None)
-        .await;
-    assert_eq!(devices, json!([]));
 
     // Device endpoints: unauthenticated, operator token, garbage → 401.
     for (method, path, body) in device_endpoints(&f) {
@@ -1360,4 +1364,101 @@ async fn idempotency_keys_replay_instead_of_repeating(h: Arc<Harness>) {
     assert_eq!(s, StatusCode::NO_CONTENT);
     assert_eq!(h.count("device_logs").await, 3);
     assert_eq!(h.count("idempotency_keys").await, 3);
+}
+
+async fn session_cookie_and_logout(h: Arc<Harness>) {
+    h.user("web@example.com", "ops").await;
+    let (s, headers, body) = h
+        .raw(
+            Method::POST,
+            "/api/v1/login",
+            None,
+            &[("content-type", "application/json")],
+            Body::from(
+                json!({"email": "web@example.com", "password": "correct horse battery"})
+                    .to_string(),
+            ),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let cookie = headers["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let token = serde_json::from_slice::<Value>(&body).unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pair = cookie.split(';').next().unwrap().to_string();
+    assert_eq!(pair, format!("kernex_session={token}"));
+    // The cookie authenticates reads and JSON writes...
+    let (s, _, _) = h
+        .raw(
+            Method::GET,
+            "/api/v1/me",
+            None,
+            &[("cookie", &pair)],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _, _) = h
+        .raw(
+            Method::POST,
+            "/api/v1/enrollment-tokens",
+            None,
+            &[("cookie", &pair), ("content-type", "application/json")],
+            Body::from(r#"{"label": "from the UI"}"#),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    // ...but not a form post (what a cross-site page could send).
+    let (s, _, _) = h
+        .raw(
+            Method::POST,
+            "/api/v1/devices/x/revoke",
+            None,
+            &[
+                ("cookie", &pair),
+                ("content-type", "application/x-www-form-urlencoded"),
+            ],
+            Body::from("a=b"),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // Logout revokes the token for bearer and cookie alike.
+    let (s, headers, _) = h
+        .raw(
+            Method::POST,
+            "/api/v1/logout",
+            Some(&token),
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert!(
+        headers["set-cookie"]
+            .to_str()
+            .unwrap()
+            .contains("Max-Age=0")
+    );
+    let (s, _) = h.call(Method::GET, "/api/v1/me", Some(&token), None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _, _) = h
+        .raw(
+            Method::GET,
+            "/api/v1/me",
+            None,
+            &[("cookie", &pair)],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // The admin's own token is unaffected.
+    let (s, _) = h
+        .call(Method::GET, "/api/v1/me", Some(&h.admin), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
 }

@@ -16,7 +16,7 @@ use crate::http::{audit_log, deployments, device_api, devices, enrollment, relea
     modifiers(&Bearer),
     security(("bearer" = [])),
     paths(
-        session::login, session::me, session::create_user, session::list_users,
+        session::login, session::logout, session::me, session::create_user, session::list_users,
         session::set_keyring, session::get_keyring,
         enrollment::create, enrollment::list, enrollment::revoke,
         releases::upload, releases::list, releases::detail, releases::remove, releases::download_operator,

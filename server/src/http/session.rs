@@ -2,7 +2,8 @@
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
@@ -17,6 +18,7 @@ use crate::store::{new_secret, now_ms, secret_hash};
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/login", post(login))
+        .route("/logout", post(logout))
         .route("/me", get(me))
         .route("/users", post(create_user).get(list_users))
         .route("/org/keyring", put(set_keyring).get(get_keyring))
@@ -47,11 +49,11 @@ pub struct LoginResponse {
 
 /// Log in with email and password.
 #[utoipa::path(post, path = "/api/v1/login", request_body = LoginRequest,
-    responses((status = 200, body = LoginResponse), (status = 401)))]
+    responses((status = 200, body = LoginResponse, description = "also sets the kernex_session cookie"), (status = 401)))]
 pub async fn login(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<LoginRequest>,
-) -> Result<ApiJson<LoginResponse>> {
+) -> Result<Response> {
     let org = req
         .organization
         .unwrap_or_else(|| state.config.default_organization.clone());
@@ -92,11 +94,36 @@ pub async fn login(
     .bind(expires_at)
     .execute(state.store.pool())
     .await?;
-    Ok(ApiJson(LoginResponse {
+    let cookie = format!(
+        "{}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+        auth::SESSION_COOKIE,
+        state.config.token_ttl_secs
+    );
+    let mut response = ApiJson(LoginResponse {
         token,
         expires_at,
         role,
-    }))
+    })
+    .into_response();
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        response.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    Ok(response)
+}
+
+/// End the session: the token (bearer or cookie) stops working.
+#[utoipa::path(post, path = "/api/v1/logout", responses((status = 204), (status = 401)))]
+pub async fn logout(State(state): State<AppState>, op: Operator) -> Result<Response> {
+    sqlx::query("UPDATE api_tokens SET revoked = 1 WHERE token_hash = $1")
+        .bind(&op.token_hash)
+        .execute(state.store.pool())
+        .await?;
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    response.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_static("kernex_session=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"),
+    );
+    Ok(response)
 }
 
 // argon2id hash of a random password nobody knows.
