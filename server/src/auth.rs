@@ -182,9 +182,14 @@ impl FromRequestParts<AppState> for Operator {
         .await?
         .ok_or(Error::Unauthorized)?;
         let role: String = row.try_get("role")?;
+        let user_id: String = row.try_get("id")?;
+        state.limits.check(
+            &format!("user:{user_id}"),
+            state.config.user_requests_per_minute,
+        )?;
         Ok(Operator {
             token_hash: secret_hash(token),
-            user_id: row.try_get("id")?,
+            user_id,
             org_id: row.try_get("org_id")?,
             email: row.try_get("email")?,
             role: Role::parse(&role)
@@ -219,8 +224,13 @@ impl FromRequestParts<AppState> for Device {
         .fetch_optional(state.store.pool())
         .await?
         .ok_or(Error::Unauthorized)?;
+        let pk: String = row.try_get("id")?;
+        state.limits.check(
+            &format!("device:{pk}"),
+            state.config.device_requests_per_minute,
+        )?;
         Ok(Device {
-            pk: row.try_get("id")?,
+            pk,
             org_id: row.try_get("org_id")?,
             device_id: row.try_get("device_id")?,
         })

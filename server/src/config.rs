@@ -27,6 +27,12 @@ pub struct Config {
     pub heartbeat_retention_days: u32,
     /// Device log lines older than this many days are deleted.
     pub log_retention_days: u32,
+    /// Requests per minute one device may make (0: unlimited).
+    pub device_requests_per_minute: u32,
+    /// Requests per minute one operator may make (0: unlimited).
+    pub user_requests_per_minute: u32,
+    /// Bundle uploads per minute one operator may make (0: unlimited).
+    pub uploads_per_minute: u32,
     /// Lifetime of an operator bearer token, in seconds.
     pub token_ttl_secs: u64,
     /// Name of the organisation created on first start.
@@ -46,6 +52,9 @@ impl Default for Config {
             offline_after_secs: 30 * 60,
             heartbeat_retention_days: 7,
             log_retention_days: 30,
+            device_requests_per_minute: 100,
+            user_requests_per_minute: 1000,
+            uploads_per_minute: 10,
             token_ttl_secs: 12 * 3600,
             default_organization: "default".into(),
             admin_email: "admin@localhost".into(),

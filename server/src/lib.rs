@@ -33,6 +33,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// Request metrics.
     pub metrics: Arc<http::metrics::Metrics>,
+    /// Per-caller rate limits.
+    pub limits: Arc<http::rate_limit::RateLimiter>,
 }
 
 impl AppState {
@@ -56,6 +58,7 @@ impl AppState {
             spool,
             config: Arc::new(config),
             metrics: Arc::new(http::metrics::Metrics::new()),
+            limits: Arc::new(http::rate_limit::RateLimiter::default()),
         })
     }
 }

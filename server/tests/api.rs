@@ -1462,3 +1462,48 @@ async fn session_cookie_and_logout(h: Arc<Harness>) {
         .await;
     assert_eq!(s, StatusCode::OK);
 }
+
+/// Rate limits need their own configuration; SQLite only (the limiter is in
+/// memory and does not touch the store).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_answer_429_with_retry_after() {
+    let h = Harness::with_config(common::Db::Sqlite, |c| {
+        c.device_requests_per_minute = 3;
+        c.uploads_per_minute = 1;
+    })
+    .await;
+    let (_, token) = h.enrollment_token(&h.admin, &[]).await;
+    let (_, cred) = h.enroll(&token, "chatty", "qemu-aarch64").await;
+    let (_, other) = h.enroll(&token, "quiet", "qemu-aarch64").await;
+    for _ in 0..3 {
+        let (s, _) = h
+            .call(Method::GET, "/api/v1/device/poll", Some(&cred), None)
+            .await;
+        assert_eq!(s, StatusCode::NO_CONTENT);
+    }
+    let (s, headers, body) = h
+        .raw(
+            Method::GET,
+            "/api/v1/device/poll",
+            Some(&cred),
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    let wait: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=20).contains(&wait), "{wait}");
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"], "too many requests");
+    // Another device is not affected.
+    let (s, _) = h
+        .call(Method::GET, "/api/v1/device/poll", Some(&other), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    // Uploads: the second within the minute is refused before it is read.
+    let (s, _) = h.upload(&h.admin, b"not a bundle".to_vec()).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    let (s, v) = h.upload(&h.admin, b"not a bundle".to_vec()).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    h.finish().await;
+}

@@ -15,6 +15,9 @@ fn example_config_parses() {
     assert_eq!(c.token_ttl_secs, d.token_ttl_secs);
     assert_eq!(c.heartbeat_retention_days, 7);
     assert_eq!(c.log_retention_days, 30);
+    assert_eq!(c.device_requests_per_minute, 100);
+    assert_eq!(c.user_requests_per_minute, 1000);
+    assert_eq!(c.uploads_per_minute, 10);
     assert_eq!(c.default_organization, "default");
     assert!(c.database_url.is_none());
     assert!(c.database_url().starts_with("sqlite://"));

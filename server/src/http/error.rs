@@ -23,6 +23,8 @@ pub enum Error {
     Conflict(String),
     /// 413: body larger than the limit (bytes).
     TooLarge(u64),
+    /// 429: over the rate limit; seconds until the next request may pass.
+    TooManyRequests(u64),
     /// 416: the Range cannot be served; the resource's size.
     RangeNotSatisfiable(u64),
     /// 422: well-formed but rejected (e.g. a bundle that does not verify).
@@ -44,6 +46,7 @@ impl Error {
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::RangeNotSatisfiable(_) => StatusCode::RANGE_NOT_SATISFIABLE,
+            Error::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -82,6 +85,9 @@ impl Error {
                 json!({"error": "range not satisfiable", "detail": {"size": size}})
             }
             Error::Unprocessable(d) => json!({"error": "unprocessable", "detail": d}),
+            Error::TooManyRequests(secs) => {
+                json!({"error": "too many requests", "detail": {"retry_after_secs": secs}})
+            }
             Error::Internal(_) => json!({"error": "internal server error", "detail": null}),
         }
     }
@@ -98,6 +104,11 @@ impl IntoResponse for Error {
                 response
                     .headers_mut()
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Error::TooManyRequests(secs) => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(*secs));
             }
             Error::RangeNotSatisfiable(size) => {
                 if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {

@@ -10,6 +10,7 @@ pub mod error;
 pub mod idempotency;
 pub mod metrics;
 pub mod openapi;
+pub mod rate_limit;
 pub mod releases;
 pub mod session;
 

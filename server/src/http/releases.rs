@@ -109,6 +109,10 @@ pub async fn upload(
     body: Body,
 ) -> Result<(StatusCode, ApiJson<Release>)> {
     op.require(Role::Ops)?;
+    state.limits.check(
+        &format!("upload:{}", op.user_id),
+        state.config.uploads_per_minute,
+    )?;
     audited(&state, &op, "release.upload", "release", async {
         let keyring_pem: Option<String> =
             sqlx::query("SELECT keyring_pem FROM organizations WHERE id = $1")

@@ -65,6 +65,9 @@ impl Harness {
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config {
             data_dir: dir.path().join("data"),
+            // The bad-bundle tests upload a dozen files in a few seconds;
+            // rate limits are tested on their own.
+            uploads_per_minute: 0,
             ..Config::default()
         };
         let mut pg_database = None;

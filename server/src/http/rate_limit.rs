@@ -1,0 +1,82 @@
+//! Per-caller rate limits (token buckets, in memory, per server process):
+//! each device, each operator, and bundle uploads per operator. Over the
+//! limit → 429 with `Retry-After`.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crate::http::Error;
+
+/// Token buckets by key.
+#[derive(Debug, Default)]
+pub struct RateLimiter {
+    buckets: Mutex<HashMap<String, Bucket>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// Buckets kept before idle ones are dropped.
+const MAX_BUCKETS: usize = 200_000;
+
+impl RateLimiter {
+    /// Takes one token from `key`'s bucket of `per_minute` (also its burst
+    /// size); 429 when empty. `per_minute == 0` disables the limit.
+    pub fn check(&self, key: &str, per_minute: u32) -> Result<(), Error> {
+        if per_minute == 0 {
+            return Ok(());
+        }
+        let rate = f64::from(per_minute) / 60.0;
+        let capacity = f64::from(per_minute);
+        let now = Instant::now();
+        let mut buckets = self
+            .buckets
+            .lock()
+            .map_err(|_| Error::Internal(anyhow::anyhow!("rate limiter lock poisoned")))?;
+        if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(key) {
+            // Full buckets are the same as no bucket: drop them.
+            buckets
+                .retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < capacity);
+        }
+        let bucket = buckets.entry(key.to_string()).or_insert(Bucket {
+            tokens: capacity,
+            at: now,
+        });
+        bucket.tokens =
+            (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * rate).min(capacity);
+        bucket.at = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            Ok(())
+        } else {
+            let wait = ((1.0 - bucket.tokens) / rate).ceil();
+            Err(Error::TooManyRequests(wait as u64))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_empties_then_refuses() {
+        let l = RateLimiter::default();
+        for _ in 0..3 {
+            l.check("a", 3).unwrap();
+        }
+        match l.check("a", 3) {
+            Err(Error::TooManyRequests(secs)) => assert!((1..=20).contains(&secs), "{secs}"),
+            other => panic!("{other:?}"),
+        }
+        // Other keys have their own bucket; 0 is unlimited.
+        l.check("b", 3).unwrap();
+        for _ in 0..1000 {
+            l.check("c", 0).unwrap();
+        }
+    }
+}
