@@ -1,6 +1,7 @@
-//! Retention: heartbeats are kept 7 days and device logs 30 days (the
-//! defaults; configurable). `prune` deletes what is older; the server runs
-//! it every hour.
+//! Retention: raw heartbeats older than a day are folded into daily rows
+//! (`heartbeats_daily`: count, CPU and memory averages, memory peak,
+//! degraded count) and deleted; daily rows are kept `heartbeat_days` (7)
+//! and device logs `log_days` (30). The server runs `prune` every hour.
 
 use anyhow::Result;
 
@@ -9,8 +10,10 @@ use crate::store::{Store, now_ms};
 /// What `prune` removed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Pruned {
-    /// Heartbeat rows removed.
+    /// Raw heartbeat rows folded into daily rows and removed.
     pub heartbeats: u64,
+    /// Daily heartbeat rows removed.
+    pub daily: u64,
     /// Log lines removed.
     pub logs: u64,
 }
@@ -20,11 +23,36 @@ const DAY_MS: i64 = 86_400_000;
 /// Deletes heartbeats older than `heartbeat_days` and logs older than
 /// `log_days`, measured from `now` (unix ms).
 pub async fn prune(store: &Store, now: i64, heartbeat_days: u32, log_days: u32) -> Result<Pruned> {
+    // Fold whole days that ended more than 24 hours ago.
+    let cutoff = (now - DAY_MS).div_euclid(DAY_MS) * DAY_MS;
+    let mut tx = store.begin_write().await?;
+    sqlx::query(
+        "INSERT INTO heartbeats_daily (device_pk, org_id, day, samples, cpu_percent_sum, cpu_samples, memory_percent_sum, memory_percent_max, memory_samples, degraded_samples) \
+         SELECT device_pk, org_id, at - (at % 86400000), COUNT(*), COALESCE(SUM(cpu_percent), 0), COUNT(cpu_percent), COALESCE(SUM(memory_percent), 0), MAX(memory_percent), COUNT(memory_percent), SUM(CASE WHEN status = 'degraded' THEN 1 ELSE 0 END) \
+         FROM heartbeats WHERE at < $1 GROUP BY device_pk, org_id, at - (at % 86400000) \
+         ON CONFLICT (device_pk, day) DO UPDATE SET \
+           samples = heartbeats_daily.samples + excluded.samples, \
+           cpu_percent_sum = heartbeats_daily.cpu_percent_sum + excluded.cpu_percent_sum, \
+           cpu_samples = heartbeats_daily.cpu_samples + excluded.cpu_samples, \
+           memory_percent_sum = heartbeats_daily.memory_percent_sum + excluded.memory_percent_sum, \
+           memory_percent_max = CASE WHEN excluded.memory_percent_max IS NULL OR heartbeats_daily.memory_percent_max > excluded.memory_percent_max THEN heartbeats_daily.memory_percent_max ELSE excluded.memory_percent_max END, \
+           memory_samples = heartbeats_daily.memory_samples + excluded.memory_samples, \
+           degraded_samples = heartbeats_daily.degraded_samples + excluded.degraded_samples",
+    )
+    .bind(cutoff)
+    .execute(&mut *tx)
+    .await?;
     let heartbeats = sqlx::query("DELETE FROM heartbeats WHERE at < $1")
-        .bind(now.saturating_sub(i64::from(heartbeat_days) * DAY_MS))
-        .execute(store.pool())
+        .bind(cutoff)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
+    let daily = sqlx::query("DELETE FROM heartbeats_daily WHERE day < $1")
+        .bind(now.saturating_sub(i64::from(heartbeat_days) * DAY_MS))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    tx.commit().await?;
     let logs = sqlx::query("DELETE FROM device_logs WHERE at < $1")
         .bind(now.saturating_sub(i64::from(log_days) * DAY_MS))
         .execute(store.pool())
@@ -34,7 +62,11 @@ pub async fn prune(store: &Store, now: i64, heartbeat_days: u32, log_days: u32) 
         .bind(now.saturating_sub(crate::http::idempotency::TTL_MS))
         .execute(store.pool())
         .await?;
-    Ok(Pruned { heartbeats, logs })
+    Ok(Pruned {
+        heartbeats,
+        daily,
+        logs,
+    })
 }
 
 /// Prunes every hour, forever (spawned by the binary).
@@ -43,7 +75,12 @@ pub async fn run(store: Store, heartbeat_days: u32, log_days: u32) {
     loop {
         tick.tick().await;
         match prune(&store, now_ms(), heartbeat_days, log_days).await {
-            Ok(p) => tracing::info!(heartbeats = p.heartbeats, logs = p.logs, "pruned old rows"),
+            Ok(p) => tracing::info!(
+                heartbeats = p.heartbeats,
+                daily = p.daily,
+                logs = p.logs,
+                "pruned old rows"
+            ),
             Err(e) => tracing::warn!(error = format!("{e:#}"), "pruning failed"),
         }
     }

@@ -19,6 +19,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "idempotency",
         include_str!("../migrations/0002_idempotency.sql"),
     ),
+    (
+        3,
+        "heartbeats_daily",
+        include_str!("../migrations/0003_heartbeats_daily.sql"),
+    ),
 ];
 
 /// Which database is behind the pool.

@@ -27,6 +27,7 @@ both!(
     device_logs_and_retention,
     idempotency_keys_replay_instead_of_repeating,
     session_cookie_and_logout,
+    failed_install_marks_the_release_unstable,
 );
 
 async fn login_and_roles(h: Arc<Harness>) {
@@ -1254,23 +1255,50 @@ async fn device_logs_and_retention(h: Arc<Harness>) {
         )
         .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
-    sqlx::query("INSERT INTO heartbeats (id, device_pk, org_id, at, status, inventory) SELECT 'old', id, org_id, $1, 'healthy', '{}' FROM devices WHERE id = $2")
-        .bind(now - 8 * day)
-        .bind(&device)
-        .execute(h.state.store.pool())
-        .await
-        .unwrap();
-    assert_eq!(h.count("heartbeats").await, 2);
+    // Older ones, inserted directly: 8 days old, and two 2 days old.
+    for (id, at, cpu, mem, status) in [
+        ("old", now - 8 * day, 5.0, 40.0, "healthy"),
+        ("two-a", now - 2 * day, 10.0, 50.0, "healthy"),
+        ("two-b", now - 2 * day + 1000, 30.0, 95.0, "degraded"),
+    ] {
+        sqlx::query("INSERT INTO heartbeats (id, device_pk, org_id, at, cpu_percent, memory_percent, status, inventory) SELECT $1, id, org_id, $2, $3, $4, $5, '{}' FROM devices WHERE id = $6")
+            .bind(id)
+            .bind(at)
+            .bind(cpu)
+            .bind(mem)
+            .bind(status)
+            .bind(&device)
+            .execute(h.state.store.pool())
+            .await
+            .unwrap();
+    }
+    assert_eq!(h.count("heartbeats").await, 4);
+    let expected = kernex_server::retention::Pruned {
+        heartbeats: 3,
+        daily: 1,
+        logs: 1,
+    };
     let pruned = kernex_server::retention::prune(&h.state.store, now, 7, 30)
         .await
         .unwrap();
-    assert_eq!(
-        pruned,
-        kernex_server::retention::Pruned {
-            heartbeats: 1,
-            logs: 1
-        }
-    );
+    assert_eq!(pruned, expected);
+    // The two 2-day-old samples are one daily row; the 8-day-old one is gone.
+    let row = sqlx::query("SELECT samples, cpu_percent_sum, cpu_samples, memory_percent_max, degraded_samples FROM heartbeats_daily")
+        .fetch_one(h.state.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(row.try_get::<i64, _>("samples").unwrap(), 2);
+    assert_eq!(row.try_get::<f64, _>("cpu_percent_sum").unwrap(), 40.0);
+    assert_eq!(row.try_get::<i64, _>("cpu_samples").unwrap(), 2);
+    assert_eq!(row.try_get::<f64, _>("memory_percent_max").unwrap(), 95.0);
+    assert_eq!(row.try_get::<i64, _>("degraded_samples").unwrap(), 1);
+    assert_eq!(h.count("heartbeats_daily").await, 1);
+    // Pruning again changes nothing.
+    let again = kernex_server::retention::prune(&h.state.store, now, 7, 30)
+        .await
+        .unwrap();
+    assert_eq!(again, kernex_server::retention::Pruned::default());
+    assert_eq!(h.count("heartbeats_daily").await, 1);
     assert_eq!(h.count("heartbeats").await, 1);
     let (_, all) = h.call(Method::GET, &path, Some(&h.admin), None).await;
     assert_eq!(all.as_array().unwrap().len(), 2);
@@ -1505,5 +1533,86 @@ async fn rate_limits_answer_429_with_retry_after() {
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
     let (s, v) = h.upload(&h.admin, b"not a bundle".to_vec()).await;
     assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    h.finish().await;
+}
+
+async fn failed_install_marks_the_release_unstable(h: Arc<Harness>) {
+    let f = fixture(&h).await;
+    let path = format!("/api/v1/releases/{}", f.release);
+    let (_, rel) = h.call(Method::GET, &path, Some(&h.admin), None).await;
+    assert_eq!(rel["unstable"], false);
+    let report = json!({"state": "failed", "release_id": f.release, "reason": "sha256 mismatch in chunk 17"});
+    let (s, _) = h
+        .call(
+            Method::POST,
+            "/api/v1/device/report",
+            Some(&f.credential),
+            Some(report),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (_, rel) = h.call(Method::GET, &path, Some(&h.admin), None).await;
+    assert_eq!(rel["unstable"], true);
+    let (_, d) = h
+        .call(
+            Method::GET,
+            &format!("/api/v1/devices/{}", f.device),
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    assert_eq!(d["status"], "error");
+    assert_eq!(d["status_reason"], "sha256 mismatch in chunk 17");
+    let (_, dep) = h
+        .call(
+            Method::GET,
+            &format!("/api/v1/deployments/{}", f.deployment),
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    assert_eq!(dep["status"], "failed");
+    assert_eq!(dep["devices"][0]["reason"], "sha256 mismatch in chunk 17");
+}
+
+/// A device with no contact for `offline-after-secs` is shown offline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_devices_are_offline() {
+    let h = Harness::with_config(common::Db::Sqlite, |c| c.offline_after_secs = 1).await;
+    let (_, token) = h.enrollment_token(&h.admin, &[]).await;
+    let (device, cred) = h.enroll(&token, "sleepy", "qemu-aarch64").await;
+    let (s, _) = h
+        .call(
+            Method::POST,
+            "/api/v1/device/heartbeat",
+            Some(&cred),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let path = format!("/api/v1/devices/{device}");
+    let (_, d) = h.call(Method::GET, &path, Some(&h.admin), None).await;
+    assert_eq!(d["status"], "online");
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let (_, d) = h.call(Method::GET, &path, Some(&h.admin), None).await;
+    assert_eq!(d["status"], "offline");
+    let (_, list) = h
+        .call(
+            Method::GET,
+            "/api/v1/devices?status=offline",
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let (_, list) = h
+        .call(
+            Method::GET,
+            "/api/v1/devices?status=online",
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    assert_eq!(list, json!([]));
     h.finish().await;
 }

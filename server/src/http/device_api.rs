@@ -414,6 +414,14 @@ pub async fn report(
         .bind(&device.pk)
         .execute(&mut *tx)
         .await?;
+        if r.state == "failed" {
+            // SEED behaviour: a release that fails on a device is marked
+            // unstable for operators to see.
+            sqlx::query("UPDATE releases SET unstable = 1 WHERE id = $1")
+                .bind(&release_id)
+                .execute(&mut *tx)
+                .await?;
+        }
         if r.state == "committed" && version.is_none() {
             version = Some(
                 sqlx::query("SELECT version FROM releases WHERE id = $1")
