@@ -164,6 +164,7 @@ pub fn manifest_for(
             })
             .collect(),
         metadata: release.metadata.clone(),
+        health: None,
     };
     manifest.validate()?;
     Ok(manifest)

@@ -39,3 +39,13 @@ pub const MAX_ARCHIVE_HEADER_SIZE: u64 = 512 * 1024 * 1024;
 pub const MIN_CHUNK_HASH_LEN: u8 = 12;
 /// Longest chunk hash (a full BLAKE2b-512 digest).
 pub const MAX_CHUNK_HASH_LEN: u8 = 64;
+/// Most health checks in one health spec.
+pub const MAX_HEALTH_CHECKS: usize = 32;
+/// Longest string in a health check (URL, name, argument, prompt).
+pub const MAX_HEALTH_STRING_LEN: usize = 4096;
+/// Most arguments of a health check command.
+pub const MAX_HEALTH_ARGS: usize = 64;
+/// Longest duration in a health spec, seconds (one day).
+pub const MAX_HEALTH_SECONDS: u64 = 86_400;
+/// Most tokens an `llm` health check may ask to generate.
+pub const MAX_HEALTH_LLM_TOKENS: u32 = 4096;

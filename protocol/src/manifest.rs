@@ -36,6 +36,287 @@ pub struct Manifest {
     /// ignore it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
+    /// What the device's health watchdog checks after booting this release
+    /// on trial (optional: older manifests have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthSpec>,
+}
+
+/// When a release booted on trial is healthy. Every field is optional so a
+/// device-local table (`[health]` in system.toml) can override single
+/// values; the updater fills in its defaults.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct HealthSpec {
+    /// Seconds from the start of the watchdog run by which every check must
+    /// have passed and stayed passing for the stability window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<u64>,
+    /// Seconds every check must keep passing after all first passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stability_window: Option<u64>,
+    /// Most revert reboots in a row (no endless rollback loops).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_revert_reboots: Option<u32>,
+    /// The checks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checks: Option<Vec<HealthCheck>>,
+}
+
+/// How a `service` check watches its service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServiceMode {
+    /// A systemd unit: `ActiveState` and the growth of `NRestarts`.
+    #[default]
+    Systemd,
+    /// The watchdog starts `command` itself, restarts it with backoff and
+    /// counts the restarts (images without systemd).
+    Supervise,
+}
+
+/// One health check (`type` names which).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum HealthCheck {
+    /// A service is up and not crash-looping: restarted `max-restarts`
+    /// times within `window` seconds is a crash loop.
+    #[serde(rename_all = "kebab-case")]
+    Service {
+        /// The unit (systemd) or a name for the supervised process.
+        name: String,
+        /// Systemd or supervise.
+        #[serde(default)]
+        mode: ServiceMode,
+        /// Program and arguments (supervise mode).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        command: Vec<String>,
+        /// Restarts within the window that make a crash loop (default 3).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_restarts: Option<u32>,
+        /// The window in seconds (default 300).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        window: Option<u64>,
+        /// First restart delay in milliseconds, doubled per restart up to
+        /// 30 s (supervise mode, default 1000).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backoff_ms: Option<u64>,
+    },
+    /// An HTTP GET answers `status` (default 200) and, if given, a body
+    /// containing `body-contains`, within `timeout` seconds (default 5).
+    #[serde(rename_all = "kebab-case")]
+    Http {
+        /// The URL (http or https).
+        url: String,
+        /// Expected status.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        status: Option<u16>,
+        /// Expected body substring.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        body_contains: Option<String>,
+        /// Seconds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout: Option<u64>,
+    },
+    /// A command exits 0 within `timeout` seconds (default 10).
+    #[serde(rename_all = "kebab-case")]
+    Command {
+        /// Program and arguments.
+        command: Vec<String>,
+        /// Seconds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout: Option<u64>,
+    },
+    /// The filesystem holding `path` has at least `min-free` bytes free.
+    #[serde(rename_all = "kebab-case")]
+    Disk {
+        /// A path on the filesystem.
+        path: String,
+        /// Bytes.
+        min_free: u64,
+    },
+    /// At least `min-available` bytes of memory are available.
+    #[serde(rename_all = "kebab-case")]
+    Memory {
+        /// Bytes.
+        min_available: u64,
+    },
+    /// Inference smoke test: load a GGUF model, generate `tokens` tokens
+    /// for `prompt`, at `min-tokens-per-second` or faster, with the peak
+    /// RSS at most `max-rss` bytes and, if given, output containing
+    /// `expect`.
+    #[serde(rename_all = "kebab-case")]
+    Llm {
+        /// The GGUF file.
+        model: String,
+        /// The prompt.
+        prompt: String,
+        /// Tokens to generate.
+        tokens: u32,
+        /// Floor on the generation speed.
+        min_tokens_per_second: u32,
+        /// Ceiling on the peak resident set size, bytes.
+        max_rss: u64,
+        /// Expected output substring.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expect: Option<String>,
+    },
+}
+
+impl HealthCheck {
+    /// Checks sizes and ranges against the protocol's limits; `field` names
+    /// this check in errors.
+    pub fn validate(&self, field: &str) -> Result<(), ManifestError> {
+        let text = |name: &str, value: &str, max: usize| {
+            if value.len() > max {
+                Err(invalid(
+                    format!("{field}.{name}"),
+                    format!("longer than {max} bytes"),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        let argv = |argv: &[String]| {
+            if argv.is_empty() || argv.len() > MAX_HEALTH_ARGS {
+                return Err(invalid(
+                    format!("{field}.command"),
+                    format!("must hold 1 to {MAX_HEALTH_ARGS} strings"),
+                ));
+            }
+            argv.iter()
+                .try_for_each(|a| text("command", a, MAX_HEALTH_STRING_LEN))
+        };
+        let seconds = |name: &str, value: Option<u64>| match value {
+            Some(v) if v == 0 || v > MAX_HEALTH_SECONDS => Err(invalid(
+                format!("{field}.{name}"),
+                format!("{v} is outside 1..={MAX_HEALTH_SECONDS}"),
+            )),
+            _ => Ok(()),
+        };
+        match self {
+            HealthCheck::Service {
+                name,
+                mode,
+                command,
+                max_restarts,
+                window,
+                backoff_ms,
+            } => {
+                if name.is_empty() {
+                    return Err(invalid(format!("{field}.name"), "must not be empty"));
+                }
+                text("name", name, MAX_HEALTH_STRING_LEN)?;
+                match mode {
+                    ServiceMode::Supervise => argv(command)?,
+                    ServiceMode::Systemd if !command.is_empty() => {
+                        return Err(invalid(
+                            format!("{field}.command"),
+                            "only for mode \"supervise\"",
+                        ));
+                    }
+                    ServiceMode::Systemd => {}
+                }
+                if max_restarts.is_some_and(|n| n == 0 || n > 1000) {
+                    return Err(invalid(
+                        format!("{field}.max-restarts"),
+                        "must be 1 to 1000",
+                    ));
+                }
+                seconds("window", *window)?;
+                if backoff_ms.is_some_and(|ms| ms > MAX_HEALTH_SECONDS * 1000) {
+                    return Err(invalid(
+                        format!("{field}.backoff-ms"),
+                        format!("more than {MAX_HEALTH_SECONDS} s"),
+                    ));
+                }
+            }
+            HealthCheck::Http {
+                url,
+                body_contains,
+                timeout,
+                ..
+            } => {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(invalid(format!("{field}.url"), "must be http(s)"));
+                }
+                text("url", url, MAX_HEALTH_STRING_LEN)?;
+                text(
+                    "body-contains",
+                    body_contains.as_deref().unwrap_or(""),
+                    MAX_HEALTH_STRING_LEN,
+                )?;
+                seconds("timeout", *timeout)?;
+            }
+            HealthCheck::Command { command, timeout } => {
+                argv(command)?;
+                seconds("timeout", *timeout)?;
+            }
+            HealthCheck::Disk { path, .. } => text("path", path, MAX_HEALTH_STRING_LEN)?,
+            HealthCheck::Memory { .. } => {}
+            HealthCheck::Llm {
+                model,
+                prompt,
+                tokens,
+                expect,
+                ..
+            } => {
+                text("model", model, MAX_HEALTH_STRING_LEN)?;
+                text("prompt", prompt, MAX_HEALTH_STRING_LEN)?;
+                text(
+                    "expect",
+                    expect.as_deref().unwrap_or(""),
+                    MAX_HEALTH_STRING_LEN,
+                )?;
+                if *tokens == 0 || *tokens > MAX_HEALTH_LLM_TOKENS {
+                    return Err(invalid(
+                        format!("{field}.tokens"),
+                        format!("must be 1 to {MAX_HEALTH_LLM_TOKENS}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl HealthSpec {
+    /// Checks every value against the protocol's limits.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        for (name, value) in [
+            ("health.deadline", self.deadline),
+            ("health.stability-window", self.stability_window),
+        ] {
+            if let Some(v) = value
+                && v > MAX_HEALTH_SECONDS
+            {
+                return Err(invalid(
+                    name,
+                    format!("{v} is more than {MAX_HEALTH_SECONDS}"),
+                ));
+            }
+        }
+        if self.deadline == Some(0) {
+            return Err(invalid("health.deadline", "must be at least 1"));
+        }
+        if self.max_revert_reboots.is_some_and(|n| n > 100) {
+            return Err(invalid("health.max-revert-reboots", "more than 100"));
+        }
+        let checks = self.checks.as_deref().unwrap_or_default();
+        if checks.len() > MAX_HEALTH_CHECKS {
+            return Err(invalid(
+                "health.checks",
+                format!(
+                    "{} checks, more than the limit of {MAX_HEALTH_CHECKS}",
+                    checks.len()
+                ),
+            ));
+        }
+        for (i, check) in checks.iter().enumerate() {
+            check.validate(&format!("health.checks[{i}]"))?;
+        }
+        Ok(())
+    }
 }
 
 /// The slot classes a bundle can update.
@@ -342,6 +623,9 @@ impl Manifest {
                 ));
             }
         }
+        if let Some(health) = &self.health {
+            health.validate()?;
+        }
         Ok(())
     }
 
@@ -425,7 +709,50 @@ mod tests {
                 },
             }],
             metadata: BTreeMap::new(),
+            health: None,
         }
+    }
+
+    #[test]
+    fn health_spec_round_trips_and_is_bounded() {
+        let mut m = manifest();
+        let json = br#"{"deadline": 300, "stability-window": 60, "checks": [
+            {"type": "service", "name": "agent", "mode": "supervise", "command": ["/usr/bin/agent"]},
+            {"type": "http", "url": "http://127.0.0.1:8080/health", "body-contains": "ok"},
+            {"type": "llm", "model": "/agent/m.gguf", "prompt": "Hi", "tokens": 8,
+             "min-tokens-per-second": 5, "max-rss": 1000000000}]}"#;
+        m.health = Some(serde_json::from_slice(json).expect("parses"));
+        let bytes = m.to_vec().expect("serialises");
+        assert_eq!(Manifest::from_slice(&bytes).expect("parses"), m);
+        let unknown = br#"{"checks": [{"type": "command", "command": ["true"], "retries": 2}]}"#;
+        let err = serde_json::from_slice::<HealthSpec>(unknown).expect_err("unknown field");
+        assert!(err.to_string().contains("retries"), "{err}");
+        let many = HealthSpec {
+            checks: Some(vec![
+                HealthCheck::Memory { min_available: 1 };
+                MAX_HEALTH_CHECKS + 1
+            ]),
+            ..HealthSpec::default()
+        };
+        m.health = Some(many);
+        let err = m.validate().expect_err("too many checks");
+        assert!(err.to_string().contains("health.checks"), "{err}");
+        m.health = Some(HealthSpec {
+            checks: Some(vec![HealthCheck::Service {
+                name: "agent".into(),
+                mode: ServiceMode::Supervise,
+                command: vec![],
+                max_restarts: None,
+                window: None,
+                backoff_ms: None,
+            }]),
+            ..HealthSpec::default()
+        });
+        let err = m.validate().expect_err("supervise needs a command");
+        assert!(
+            err.to_string().contains("health.checks[0].command"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod boot;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod health;
 pub mod install;
 pub mod journal;
 pub mod slot;

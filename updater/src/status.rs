@@ -29,6 +29,8 @@ pub struct Status {
     pub last_install: Option<LastInstall>,
     /// Download use today on the link.
     pub link: LinkStatus,
+    /// The health watchdog's last decision.
+    pub health: Option<crate::health::HealthRecord>,
 }
 
 /// One slot.
@@ -150,6 +152,7 @@ pub fn status(config: &SystemConfig, flow: &mut dyn BootFlow) -> Result<Status, 
         slots,
         pending_install,
         last_install: data.last_install()?,
+        health: crate::health::last_record(&data)?,
         link: LinkStatus {
             metered: config.link.metered,
             rate_limit: config.link.rate_limit,
@@ -237,6 +240,13 @@ impl std::fmt::Display for Status {
         match &self.last_install {
             Some(l) => writeln!(f, "last install  {:?}: {}", l.outcome, l.reason)?,
             None => writeln!(f, "last install  none")?,
+        }
+        if let Some(h) = &self.health {
+            writeln!(
+                f,
+                "health        {:?} slot {}: {}",
+                h.outcome, h.slot, h.reason
+            )?;
         }
         write!(
             f,

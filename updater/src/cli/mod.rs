@@ -1,5 +1,6 @@
 //! The command line: one module per command.
 
+pub mod health;
 pub mod install;
 pub mod mark;
 pub mod rollback;
@@ -49,6 +50,9 @@ pub enum Command {
     MarkBad,
     /// Boot the other slot next, if it holds a verified image (no download).
     Rollback,
+    /// The health watchdog: commit the booted slot on trial, or revert it.
+    #[command(subcommand)]
+    Health(health::HealthCommand),
 }
 
 /// What every command gets: the config and the boot-state backend.
@@ -88,5 +92,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::MarkGood => mark::good(&mut ctx),
         Command::MarkBad => mark::bad(&mut ctx),
         Command::Rollback => rollback::run(&mut ctx),
+        Command::Health(cmd) => health::run(&mut ctx, cmd),
     }
 }
