@@ -28,3 +28,16 @@ fi
 if ! psql -h 127.0.0.1 -U postgres -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'test'" | grep -q 1; then
     psql -h 127.0.0.1 -U postgres -d postgres -c "CREATE DATABASE test" >/dev/null
 fi
+
+# moto in server mode: the S3-compatible server tests/s3.rs runs the S3 blob
+# store against. From PyPI, pinned, in a venv under the cache (Debian's
+# Python is externally managed).
+moto_version=5.2.1
+moto_dir=$KERNEX_CACHE/moto
+if [[ ! -x $moto_dir/bin/moto_server ]] || ! "$moto_dir/bin/pip" show moto 2>/dev/null | grep -qx "Version: $moto_version"; then
+    need_apt python3 python3
+    need_apt /usr/share/doc/python3-venv python3-venv
+    echo "setup: moto[server] $moto_version into $moto_dir" >&2
+    python3 -m venv "$moto_dir"
+    "$moto_dir/bin/pip" install --quiet --disable-pip-version-check "moto[server]==$moto_version"
+fi

@@ -1,6 +1,8 @@
 //! Blob storage (release bundles) through the `object_store` crate: a local
-//! directory by default. Keys are content-addressed (`bundles/<sha256>.kxb`),
-//! so a bundle uploaded twice, or to two organisations, is stored once.
+//! directory by default, an S3-compatible bucket in production. Keys are
+//! content-addressed (`bundles/<sha256>.kxb`), so a bundle uploaded twice,
+//! or to two organisations, is stored once. With S3, downloads are
+//! redirected to presigned URLs (the bucket or a CDN serves the bytes).
 
 use std::ops::Range;
 use std::path::Path;
@@ -9,8 +11,10 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
+use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
+use object_store::signer::Signer;
 use object_store::{GetOptions, GetRange, ObjectStore, WriteMultipart};
 use tokio::io::AsyncReadExt;
 
@@ -18,6 +22,25 @@ use tokio::io::AsyncReadExt;
 #[derive(Debug, Clone)]
 pub struct Blobs {
     store: Arc<dyn ObjectStore>,
+    signer: Option<Arc<dyn Signer>>,
+}
+
+/// Where an S3-compatible bucket is and how to reach it. Unset values come
+/// from the usual `AWS_*` environment variables.
+#[derive(Debug, Clone, Default)]
+pub struct S3Settings {
+    /// Bucket name.
+    pub bucket: String,
+    /// Endpoint URL for S3-compatible servers (MinIO, Ceph, moto...).
+    pub endpoint: Option<String>,
+    /// Region.
+    pub region: Option<String>,
+    /// Access key id.
+    pub access_key_id: Option<String>,
+    /// Secret access key.
+    pub secret_access_key: Option<String>,
+    /// Allow `http://` endpoints.
+    pub allow_http: bool,
 }
 
 /// The key of a bundle with this SHA-256.
@@ -34,7 +57,53 @@ impl Blobs {
             .with_context(|| format!("unable to open the blob directory {}", dir.display()))?;
         Ok(Blobs {
             store: Arc::new(fs),
+            signer: None,
         })
+    }
+
+    /// An S3-compatible bucket (path-style requests).
+    pub fn s3(settings: &S3Settings) -> Result<Self> {
+        let mut b = AmazonS3Builder::from_env()
+            .with_bucket_name(&settings.bucket)
+            .with_allow_http(settings.allow_http)
+            .with_virtual_hosted_style_request(false);
+        if let Some(v) = &settings.endpoint {
+            b = b.with_endpoint(v);
+        }
+        if let Some(v) = &settings.region {
+            b = b.with_region(v);
+        }
+        if let Some(v) = &settings.access_key_id {
+            b = b.with_access_key_id(v);
+        }
+        if let Some(v) = &settings.secret_access_key {
+            b = b.with_secret_access_key(v);
+        }
+        let s3 = Arc::new(
+            b.build()
+                .with_context(|| format!("unable to configure S3 bucket {}", settings.bucket))?,
+        );
+        Ok(Blobs {
+            store: s3.clone(),
+            signer: Some(s3),
+        })
+    }
+
+    /// A presigned GET URL for `key`, valid `ttl`, when the store is S3.
+    pub async fn presigned_get(
+        &self,
+        key: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Option<String>> {
+        match &self.signer {
+            None => Ok(None),
+            Some(signer) => Ok(Some(
+                signer
+                    .signed_url(axum::http::Method::GET, &ObjectPath::from(key), ttl)
+                    .await?
+                    .to_string(),
+            )),
+        }
     }
 
     /// Whether `key` exists.

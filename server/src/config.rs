@@ -17,6 +17,20 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Database URL; default `sqlite://<data-dir>/kernex.db`.
     pub database_url: Option<String>,
+    /// Blob store: unset for `<data-dir>/blobs`, or `s3://BUCKET`.
+    pub blob_store: Option<String>,
+    /// S3 endpoint for S3-compatible servers (default: AWS_ENDPOINT or AWS).
+    pub s3_endpoint: Option<String>,
+    /// S3 region (default: AWS_REGION or us-east-1).
+    pub s3_region: Option<String>,
+    /// S3 access key id (default: AWS_ACCESS_KEY_ID).
+    pub s3_access_key_id: Option<String>,
+    /// S3 secret access key (default: AWS_SECRET_ACCESS_KEY).
+    pub s3_secret_access_key: Option<String>,
+    /// Allow an `http://` S3 endpoint.
+    pub s3_allow_http: bool,
+    /// Lifetime of presigned download URLs, in seconds.
+    pub presign_ttl_secs: u64,
     /// Largest release bundle accepted, in bytes.
     pub max_bundle_bytes: u64,
     /// Largest JSON request body, in bytes.
@@ -47,6 +61,13 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("kernex-data"),
             database_url: None,
+            blob_store: None,
+            s3_endpoint: None,
+            s3_region: None,
+            s3_access_key_id: None,
+            s3_secret_access_key: None,
+            s3_allow_http: false,
+            presign_ttl_secs: 3600,
             max_bundle_bytes: 8 << 30,
             max_json_bytes: 256 << 10,
             offline_after_secs: 30 * 60,
@@ -89,6 +110,28 @@ impl Config {
     /// The local blob directory.
     pub fn blob_dir(&self) -> PathBuf {
         self.data_dir.join("blobs")
+    }
+
+    /// Opens the configured blob store.
+    pub fn blobs(&self) -> Result<crate::blobs::Blobs> {
+        match &self.blob_store {
+            None => crate::blobs::Blobs::local(&self.blob_dir()),
+            Some(url) => {
+                let bucket = url
+                    .strip_prefix("s3://")
+                    .map(|b| b.trim_end_matches('/'))
+                    .filter(|b| !b.is_empty() && !b.contains('/'))
+                    .with_context(|| format!("blob-store {url:?}: expected s3://BUCKET"))?;
+                crate::blobs::Blobs::s3(&crate::blobs::S3Settings {
+                    bucket: bucket.to_string(),
+                    endpoint: self.s3_endpoint.clone(),
+                    region: self.s3_region.clone(),
+                    access_key_id: self.s3_access_key_id.clone(),
+                    secret_access_key: self.s3_secret_access_key.clone(),
+                    allow_http: self.s3_allow_http,
+                })
+            }
+        }
     }
 
     /// Where uploads are spooled before they are verified.

@@ -48,7 +48,7 @@ impl AppState {
         })?;
         let store = Store::connect(&config.database_url()).await?;
         store.migrate().await?;
-        let blobs = Blobs::local(&config.blob_dir())?;
+        let blobs = config.blobs()?;
         let spool = config.spool_dir();
         std::fs::create_dir_all(&spool)
             .with_context(|| format!("unable to create {}", spool.display()))?;

@@ -23,6 +23,7 @@ use kernex_server::{AppState, bootstrap, http};
 /// EXAMPLES:
 ///     kernex-server
 ///     kernex-server --listen 0.0.0.0:8080 --database-url postgres://kernex@db/kernex
+///     kernex-server --database-url postgres://kernex@db/kernex --blob-store s3://kernex-releases
 ///     kernex-server --config /etc/kernex/server.toml
 #[derive(Debug, Parser)]
 #[command(name = "kernex-server", version, verbatim_doc_comment)]
@@ -38,6 +39,10 @@ struct Args {
     /// [default: sqlite in the data directory].
     #[arg(long, value_name = "URL", env = "DATABASE_URL")]
     database_url: Option<String>,
+    /// Blob store: s3://BUCKET (credentials, region and endpoint from the
+    /// config file or AWS_* variables) [default: DATA-DIR/blobs].
+    #[arg(long, value_name = "URL")]
+    blob_store: Option<String>,
     /// Address to listen on [default: 127.0.0.1:8080].
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
@@ -67,6 +72,9 @@ fn run(args: Args) -> Result<()> {
     }
     if let Some(u) = args.database_url {
         config.database_url = Some(u);
+    }
+    if let Some(b) = args.blob_store {
+        config.blob_store = Some(b);
     }
     if let Some(l) = args.listen {
         config.listen = l;

@@ -20,6 +20,9 @@ fn example_config_parses() {
     assert_eq!(c.uploads_per_minute, 10);
     assert_eq!(c.default_organization, "default");
     assert!(c.database_url.is_none());
+    assert!(c.blob_store.is_none());
+    assert!(!c.s3_allow_http);
+    assert_eq!(c.presign_ttl_secs, 3600);
     assert!(c.database_url().starts_with("sqlite://"));
 }
 
@@ -27,4 +30,16 @@ fn example_config_parses() {
 fn unknown_keys_are_rejected() {
     let e = Config::from_toml("listen = \"127.0.0.1:1\"\ncolour = \"red\"\n").unwrap_err();
     assert!(format!("{e:#}").contains("colour"), "{e:#}");
+}
+
+#[test]
+fn blob_store_urls_are_checked() {
+    for bad in ["s3://", "s3://a/b", "gs://bucket", "bucket"] {
+        let c = Config {
+            blob_store: Some(bad.into()),
+            ..Config::default()
+        };
+        let e = c.blobs().unwrap_err();
+        assert!(format!("{e:#}").contains("s3://BUCKET"), "{bad}: {e:#}");
+    }
 }

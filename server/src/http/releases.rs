@@ -333,6 +333,14 @@ pub async fn serve_bundle(
     let size =
         u64::try_from(row.try_get::<i64, _>("size")?).map_err(|e| Error::Internal(e.into()))?;
     let sha256: String = row.try_get("sha256")?;
+    // S3: send the client to a presigned URL; the bucket serves Range.
+    let ttl = std::time::Duration::from_secs(state.config.presign_ttl_secs);
+    if let Some(url) = state.blobs.presigned_get(&key, ttl).await? {
+        let mut response = StatusCode::TEMPORARY_REDIRECT.into_response();
+        let location = HeaderValue::from_str(&url).map_err(|e| Error::Internal(e.into()))?;
+        response.headers_mut().insert(header::LOCATION, location);
+        return Ok(response);
+    }
     let range = match headers.get(header::RANGE) {
         None => None,
         Some(v) => {
