@@ -383,12 +383,13 @@ async fn auth_matrix(h: Arc<Harness>) {
             Some(json!({"enrollment_token": f.enrollment, "device_id": "dev-1", "hardware_class": "qemu-aarch64"})),
         )
         .await;
-    assert!(s.is_success(), "{s} {body}");
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.get("credential").is_none());
     let (s, _) = h
         .call(
             Method::GET,
             "/api/v1/device/poll",
-            Some(body["credential"].as_str().unwrap()),
+            Some(&f.credential),
             None,
         )
         .await;

@@ -75,7 +75,7 @@ fn check_name(what: &str, v: &str) -> Result<()> {
 /// same token is the same device (no new row); its credential is rotated
 /// and the new one returned, since only a hash of the old one is kept.
 #[utoipa::path(post, path = "/api/v1/device/enroll", request_body = EnrollRequest,
-    responses((status = 200, body = EnrollResponse), (status = 201, body = EnrollResponse), (status = 401), (status = 409)))]
+    responses((status = 200, body = EnrollResponse), (status = 201, body = EnrollResponse), (status = 401), (status = 403, description = "the device was revoked"), (status = 409)))]
 pub async fn enroll(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<EnrollRequest>,
@@ -103,7 +103,7 @@ pub async fn enroll(
     let now = now_ms();
     for _ in 0..3 {
         let existing = sqlx::query(
-            "SELECT id, enrollment_token_id FROM devices WHERE org_id = $1 AND device_id = $2",
+            "SELECT id, enrollment_token_id, revoked FROM devices WHERE org_id = $1 AND device_id = $2",
         )
         .bind(&org_id)
         .bind(&req.device_id)
@@ -117,6 +117,9 @@ pub async fn enroll(
                     "device {} is already enrolled with another token",
                     req.device_id
                 )));
+            }
+            if row.try_get::<i64, _>("revoked")? != 0 {
+                return Err(Error::Forbidden);
             }
             sqlx::query("UPDATE devices SET credential_hash = $1 WHERE id = $2 AND revoked = 0")
                 .bind(secret_hash(&credential))
