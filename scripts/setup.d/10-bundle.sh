@@ -13,3 +13,6 @@ need_cargo bita bita 0.15.0 --no-default-features --features zstd-compression
 # bench/bundle.sh (not run by the tests): JSON parsing and command timing.
 need_apt jq jq
 need_apt hyperfine hyperfine
+# bench/delta.sh (not run by the tests): casync and GNU time.
+need_apt casync casync
+need_apt /usr/bin/time time
