@@ -31,5 +31,7 @@ pub use error::BootError;
 pub use flow::{BootFlow, File, Grub, MAX_STATE_FILE, UBoot};
 pub use grubenv::{GRUB_ENV_HEADER, GRUB_ENV_SIZE, GrubEnv, MAX_GRUB_ENV_SIZE};
 pub use slot::{BootedSlot, MAX_CMDLINE, PROC_CMDLINE, Slot, slot_from_cmdline};
-pub use state::{BOOT_ORDER, BootState, DEFAULT_ATTEMPTS, DEFAULT_ORDER, MAX_ATTEMPTS, Vars};
+pub use state::{
+    BOOT_ORDER, BootSelection, BootState, DEFAULT_ATTEMPTS, DEFAULT_ORDER, MAX_ATTEMPTS, Vars,
+};
 pub use u_boot_env;

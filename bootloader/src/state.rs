@@ -28,6 +28,15 @@ pub struct BootState {
     pub b_left: u32,
 }
 
+/// The slot a boot chose ([`BootState::select_boot`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BootSelection {
+    /// The slot booted.
+    pub slot: Slot,
+    /// No slot had attempts left: the counters were reset.
+    pub fallback: bool,
+}
+
 /// Read/write access to a bootloader's variables.
 pub trait Vars {
     /// The value of `name`, if set.
@@ -164,6 +173,30 @@ impl BootState {
         self.set_left(slot, DEFAULT_ATTEMPTS);
         if !self.order.contains(&slot) {
             self.order.push(slot);
+        }
+    }
+
+    /// What the boot script (`uboot/boot.cmd`, the `kernex-select` part,
+    /// and `grub/grub.cfg`) does at power-on: take the first slot of
+    /// `BOOT_ORDER` with attempts left and count one attempt; if none has
+    /// any, reset both counters and boot the first slot of `BOOT_ORDER`,
+    /// counting that attempt too. Simulated devices "boot" through this;
+    /// `tests/uboot_qemu.rs` checks real U-Boot makes the same choices.
+    pub fn select_boot(&mut self) -> BootSelection {
+        if let Some(slot) = self.primary() {
+            self.set_left(slot, self.attempts_left(slot) - 1);
+            return BootSelection {
+                slot,
+                fallback: false,
+            };
+        }
+        self.a_left = DEFAULT_ATTEMPTS;
+        self.b_left = DEFAULT_ATTEMPTS;
+        let slot = self.order.first().copied().unwrap_or(Slot::A);
+        self.set_left(slot, DEFAULT_ATTEMPTS - 1);
+        BootSelection {
+            slot,
+            fallback: true,
         }
     }
 

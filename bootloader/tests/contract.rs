@@ -214,3 +214,38 @@ fn backend_from_config() {
     }));
     assert!(bad.is_err());
 }
+
+/// The boot script's choices, as simulated devices make them: the same
+/// sequence `tests/uboot_qemu.rs` watches real U-Boot take.
+#[test]
+fn select_boot_walks_the_order_then_falls_back() {
+    let mut state = BootState::default();
+    let mut seen = Vec::new();
+    for _ in 0..7 {
+        let pick = state.select_boot();
+        seen.push((pick.slot.name(), pick.fallback));
+    }
+    assert_eq!(
+        seen,
+        [
+            ("A", false),
+            ("A", false),
+            ("A", false),
+            ("B", false),
+            ("B", false),
+            ("B", false),
+            ("A", true),
+        ]
+    );
+    assert_eq!((state.a_left, state.b_left), (2, 3));
+    // An update: B first with 3 attempts; B boots, is committed, boots again.
+    state.set_try_next(Slot::B, 3).unwrap();
+    assert_eq!(state.select_boot().slot, Slot::B);
+    state.mark_good(Slot::B);
+    assert_eq!(state.select_boot().slot, Slot::B);
+    assert_eq!(state.b_left, 2);
+    // B marked bad: A boots next.
+    state.mark_bad(Slot::B);
+    let pick = state.select_boot();
+    assert_eq!((pick.slot, pick.fallback), (Slot::A, false));
+}

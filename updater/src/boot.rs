@@ -23,7 +23,9 @@ pub fn mark_bad(flow: &mut dyn BootFlow) -> Result<Slot, UpdateError> {
 }
 
 /// Makes the other slot boot next, if its record says it holds a verified
-/// image. No download; takes effect on the next boot.
+/// image and its images still hash to what that record's manifest says
+/// (the previous release must be intact before switching). No download;
+/// takes effect on the next boot.
 pub fn rollback(config: &SystemConfig, flow: &mut dyn BootFlow) -> Result<Slot, UpdateError> {
     let data = DataDir::new(&config.data_dir);
     let other = flow.booted_slot()?.other();
@@ -34,6 +36,8 @@ pub fn rollback(config: &SystemConfig, flow: &mut dyn BootFlow) -> Result<Slot, 
     }
     match data.slot_record(other)? {
         Some(r) if r.verified => {
+            let manifest = r.manifest()?;
+            crate::install::verify_images(config, &manifest.images, other)?;
             flow.set_try_next(other, TRY_ATTEMPTS)?;
             Ok(other)
         }

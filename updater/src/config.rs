@@ -35,6 +35,9 @@ pub struct SystemConfig {
     /// successful install.
     #[serde(default = "default_reboot_command")]
     pub reboot_command: Vec<String>,
+    /// The control plane the daemon talks to (`[server]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<crate::daemon::ServerConfig>,
     /// The health watchdog's device-local settings (`[health]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<crate::health::HealthConfig>,

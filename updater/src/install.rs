@@ -803,7 +803,17 @@ fn verify_slots(
     verified: &VerifiedManifest,
     target: Slot,
 ) -> Result<(), UpdateError> {
-    for entry in &verified.images {
+    verify_images(config, &verified.images, target)
+}
+
+/// Re-reads each of `images` from its slot `target` and checks size and
+/// SHA-256 against the entry.
+pub fn verify_images(
+    config: &SystemConfig,
+    images: &[kernex_protocol::manifest::ImageEntry],
+    target: Slot,
+) -> Result<(), UpdateError> {
+    for entry in images {
         let pair = config
             .slots
             .pair(entry.slot_class)

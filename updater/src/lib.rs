@@ -11,6 +11,7 @@
 pub mod boot;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod error;
 pub mod health;
 pub mod install;

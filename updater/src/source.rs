@@ -297,6 +297,7 @@ pub struct HttpSource {
     fetched: u64,
     requests: u64,
     warned_no_range: bool,
+    bearer: Option<String>,
 }
 
 enum Attempt {
@@ -328,7 +329,15 @@ impl HttpSource {
             fetched: 0,
             requests: 0,
             warned_no_range: false,
+            bearer: None,
         }
+    }
+
+    /// Sends `Authorization: Bearer <credential>` with every request (the
+    /// control plane's device download endpoint).
+    pub fn with_bearer(mut self, credential: &str) -> Self {
+        self.bearer = Some(credential.to_owned());
+        self
     }
 
     fn download_err(&self, reason: String) -> UpdateError {
@@ -341,12 +350,14 @@ impl HttpSource {
     /// One request for `pos..end`; advances `pos` by what reached the sink.
     fn attempt(&mut self, pos: &mut u64, end: u64, sink: &mut Sink<'_>) -> Result<(), Attempt> {
         self.requests += 1;
-        let mut resp = self
+        let mut request = self
             .agent
             .get(&self.url)
-            .header("Range", format!("bytes={}-{}", *pos, end - 1))
-            .call()
-            .map_err(|e| Attempt::Retry(e.to_string()))?;
+            .header("Range", format!("bytes={}-{}", *pos, end - 1));
+        if let Some(credential) = &self.bearer {
+            request = request.header("Authorization", format!("Bearer {credential}"));
+        }
+        let mut resp = request.call().map_err(|e| Attempt::Retry(e.to_string()))?;
         let status = resp.status().as_u16();
         let header = |name: &str| {
             resp.headers()

@@ -17,6 +17,11 @@ fn example_config_parses() {
     assert!(config.link.metered);
     assert_eq!(config.link.daily_budget, Some(200_000_000));
     assert_eq!(config.reboot_command, vec!["systemctl", "reboot"]);
+    let server = config.server.unwrap();
+    assert_eq!(server.url, "https://kernex.example.com");
+    assert_eq!(server.poll_interval, 60);
+    assert_eq!(server.tags, vec!["site-berlin"]);
+    assert!(server.allow_downgrade);
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! The command line: one module per command.
 
+pub mod daemon;
 pub mod health;
 pub mod install;
 pub mod mark;
@@ -53,7 +54,27 @@ pub enum Command {
     /// The health watchdog: commit the booted slot on trial, or revert it.
     #[command(subcommand)]
     Health(health::HealthCommand),
+    /// Talk to the control plane: enroll, heartbeat, poll, install what it
+    /// assigns, report every step; run the health watchdog at boot.
+    #[command(long_about = DAEMON_ABOUT)]
+    Daemon(daemon::DaemonArgs),
 }
+
+const DAEMON_ABOUT: &str = "Talk to the control plane named by the [server] table of the config.\n\n\
+At start (after every boot): report whether the slot an install or rollback \
+rebooted into came up, or that the bootloader fell back; if the booted slot \
+is on trial, run the health watchdog (as `health run`) and report its \
+verdict.\n\n\
+Then every poll interval (60 s, jittered by 10 %): enroll once with the \
+enrollment token (the credential is kept in the data dir, mode 0600), \
+deliver queued reports and log lines in order, send a heartbeat with \
+inventory, and poll. When the server assigns a release, install it into \
+the inactive slot (only missing chunks are downloaded, resumable) inside \
+the download window the server gives, report progress, then run the \
+reboot command. A `rollback` from the server boots the other slot after \
+re-verifying it: no download.\n\n\
+Offline, reports and logs wait on disk and the daemon retries after 1, 2, \
+4 ... 60 s; the running slot is never touched.";
 
 /// What every command gets: the config and the boot-state backend.
 #[derive(Debug)]
@@ -85,6 +106,10 @@ impl Context {
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
+    if let Command::Daemon(args) = cli.command {
+        // The daemon loads the config again after every (simulated) boot.
+        return daemon::run(&cli.config, args);
+    }
     let mut ctx = Context::load(cli.config)?;
     match cli.command {
         Command::Status(args) => status::run(&mut ctx, args),
@@ -93,5 +118,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::MarkBad => mark::bad(&mut ctx),
         Command::Rollback => rollback::run(&mut ctx),
         Command::Health(cmd) => health::run(&mut ctx, cmd),
+        Command::Daemon(_) => Ok(()),
     }
 }

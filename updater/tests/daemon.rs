@@ -1,0 +1,595 @@
+//! `kernex-updater daemon` against a real control plane: the kernex-server
+//! library serving its HTTP API on 127.0.0.1 (SQLite), operated over HTTP
+//! like an operator would, and the real updater binary as a simulated
+//! device (slot files, boot-state file, simulated boots). The device
+//! enrolls, heartbeats, installs what it is assigned by delta, reboots,
+//! commits, ships its logs; a second install fetches only what changed;
+//! reassigning the release in the other slot switches back without a
+//! download; a device cut off from the server keeps its assignment pending
+//! and finishes when the link is back; queued reports arrive in order.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Keys, bundle, edit, image, keys};
+use serde_json::{Value, json};
+
+/// A kernex-server on 127.0.0.1:PORT, run by a tokio runtime on its own
+/// thread for the life of the test process.
+struct ControlPlane {
+    url: String,
+    admin: String,
+    _dir: tempfile::TempDir,
+}
+
+impl ControlPlane {
+    fn start(keys: &Keys) -> ControlPlane {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("server");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let config = kernex_server::config::Config {
+                    data_dir,
+                    // A simulated device polls every second.
+                    device_requests_per_minute: 0,
+                    uploads_per_minute: 0,
+                    ..kernex_server::config::Config::default()
+                };
+                let state = kernex_server::AppState::open(config).await.unwrap();
+                let admin = kernex_server::bootstrap(&state).await.unwrap().unwrap();
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let addr = listener.local_addr().unwrap();
+                tx.send((addr, admin.email, admin.password)).unwrap();
+                axum::serve(listener, kernex_server::http::app(state))
+                    .await
+                    .unwrap();
+            });
+        });
+        let (addr, email, password) = rx.recv_timeout(Duration::from_secs(60)).unwrap();
+        let url = format!("http://{addr}");
+        let (s, v) = call(
+            &url,
+            "POST",
+            "/api/v1/login",
+            None,
+            Some(json!({"organization": "default", "email": email, "password": password})),
+        );
+        assert_eq!(s, 200, "{v}");
+        let admin = v["token"].as_str().unwrap().to_string();
+        let cp = ControlPlane {
+            url,
+            admin,
+            _dir: dir,
+        };
+        let pem = String::from_utf8(keys.ca_pem.clone()).unwrap();
+        let (s, v) = cp.op("PUT", "/api/v1/org/keyring", Some(json!({ "pem": pem })));
+        assert_eq!(s, 204, "{v}");
+        cp
+    }
+
+    fn op(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        call(&self.url, method, path, Some(&self.admin), body)
+    }
+
+    fn upload(&self, bundle: &[u8]) -> String {
+        let resp = ureq::post(format!("{}/api/v1/releases", self.url))
+            .header("Authorization", format!("Bearer {}", self.admin))
+            .header("Content-Type", "application/octet-stream")
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .send(bundle)
+            .unwrap();
+        let status = resp.status().as_u16();
+        let v: Value =
+            serde_json::from_slice(&resp.into_body().read_to_vec().unwrap()).unwrap_or(Value::Null);
+        assert_eq!(status, 201, "{v}");
+        v["id"].as_str().unwrap().to_string()
+    }
+
+    fn enrollment_token(&self) -> String {
+        let (s, v) = self.op(
+            "POST",
+            "/api/v1/enrollment-tokens",
+            Some(json!({"label": "test line", "tags": ["site-lab"]})),
+        );
+        assert_eq!(s, 201, "{v}");
+        v["token"].as_str().unwrap().to_string()
+    }
+
+    fn device(&self, device_id: &str) -> Option<Value> {
+        let (s, v) = self.op("GET", "/api/v1/devices", None);
+        assert_eq!(s, 200, "{v}");
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["device_id"] == device_id)
+            .cloned()
+    }
+
+    fn deploy(&self, release: &str, device: &str) -> String {
+        let (s, v) = self.op(
+            "POST",
+            "/api/v1/deployments",
+            Some(json!({"release_id": release, "devices": [device]})),
+        );
+        assert_eq!(s, 201, "{v}");
+        v["id"].as_str().unwrap().to_string()
+    }
+
+    fn deployment(&self, id: &str) -> Value {
+        let (s, v) = self.op("GET", &format!("/api/v1/deployments/{id}"), None);
+        assert_eq!(s, 200, "{v}");
+        v
+    }
+}
+
+fn call(
+    base: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let agent = ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build(),
+    );
+    let url = format!("{base}{path}");
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let resp = match (method, body) {
+        ("GET", _) => {
+            let mut r = agent.get(&url);
+            if let Some(a) = &auth {
+                r = r.header("Authorization", a);
+            }
+            r.call()
+        }
+        (m, body) => {
+            let mut r = match m {
+                "POST" => agent.post(&url),
+                "PUT" => agent.put(&url),
+                _ => panic!("method {m}"),
+            }
+            .header("Content-Type", "application/json");
+            if let Some(a) = &auth {
+                r = r.header("Authorization", a);
+            }
+            r.send(serde_json::to_vec(&body.unwrap_or(json!({}))).unwrap())
+        }
+    }
+    .unwrap();
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().read_to_vec().unwrap();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+/// A simulated device running `kernex-updater daemon --simulate-boot`.
+struct SimDevice {
+    dev: common::Device,
+    child: Option<Child>,
+}
+
+impl SimDevice {
+    fn new(keys: &Keys, factory: &[u8], server: &str, token: &str, device_id: &str) -> SimDevice {
+        let dev = common::Device::new(keys, factory);
+        let p = |n: &str| dev.path(n).display().to_string();
+        let text = format!(
+            "compatible = \"qemu-aarch64\"\ndata-dir = \"{}\"\nkeyring = \"{}\"\nreboot-command = [\"true\"]\n\
+             [slots.rootfs]\nA = \"{}\"\nB = \"{}\"\n\
+             [bootloader]\nbackend = \"file\"\npath = \"{}\"\ncmdline = \"{}\"\n\
+             [server]\nurl = \"{server}\"\nenrollment-token = \"{token}\"\ndevice-id = \"{device_id}\"\npoll-interval = 1\n\
+             [health]\ndeadline = 20\nstability-window = 0\n",
+            p("data"),
+            p("keyring.pem"),
+            p("slot-a.img"),
+            p("slot-b.img"),
+            p("boot-state"),
+            p("cmdline"),
+        );
+        std::fs::write(&dev.config, text).unwrap();
+        SimDevice { dev, child: None }
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::File::create(self.dev.path("daemon.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_kernex-updater"))
+            .arg("--config")
+            .arg(&self.dev.config)
+            .args(["daemon", "--simulate-boot"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dev.path("daemon.log")).unwrap_or_default()
+    }
+
+    fn status(&self) -> Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_kernex-updater"))
+            .arg("--config")
+            .arg(&self.dev.config)
+            .args(["status", "--json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+impl Drop for SimDevice {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn wait_for<T>(
+    what: &str,
+    device: &SimDevice,
+    timeout: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!(
+                "timed out waiting for {what}; daemon log:\n{}",
+                device.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+const MIB: usize = 1024 * 1024;
+
+#[test]
+fn daemon_enrolls_installs_by_delta_commits_and_switches_back() {
+    let keys = keys();
+    let cp = ControlPlane::start(&keys);
+    let v1_img = image(4 * MIB, 1);
+    let v2_img = edit(&v1_img, MIB + 4096, 200);
+    let v1 = bundle(&v1_img, "1.0.0", &keys.signer);
+    let v2 = bundle(&v2_img, "1.0.1", &keys.signer);
+    let r1 = cp.upload(&v1.bytes);
+    let r2 = cp.upload(&v2.bytes);
+    let token = cp.enrollment_token();
+
+    // The factory image in slot A is v1's image, without a record.
+    let mut dev = SimDevice::new(&keys, &image(4 * MIB, 9), &cp.url, &token, "sim-1");
+    dev.start();
+    let d = wait_for(
+        "enrollment and a heartbeat",
+        &dev,
+        Duration::from_secs(60),
+        || {
+            cp.device("sim-1")
+                .filter(|d| d["status"] == "online" && d["booted_slot"] == "A")
+        },
+    );
+    let id = d["id"].as_str().unwrap().to_string();
+    assert_eq!(d["hardware_class"], "qemu-aarch64");
+    assert!(
+        d["tags"].as_array().unwrap().contains(&json!("site-lab")),
+        "{d}"
+    );
+    // The credential is private.
+    let cred = dev.dev.path("data/credential.json");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&cred).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+
+    // v1: the whole image is new (the factory image shares nothing).
+    let dep1 = cp.deploy(&r1, &id);
+    wait_for(
+        "1.0.0 committed in slot B",
+        &dev,
+        Duration::from_secs(90),
+        || {
+            cp.device("sim-1").filter(|d| {
+                d["current_version"] == "1.0.0"
+                    && d["booted_slot"] == "B"
+                    && d["status"] == "online"
+            })
+        },
+    );
+    let dep = wait_for(
+        "deployment 1 success",
+        &dev,
+        Duration::from_secs(30),
+        || Some(cp.deployment(&dep1)).filter(|d| d["status"] == "success"),
+    );
+    assert_eq!(dep["devices"][0]["state"], "committed", "{dep}");
+    let st = dev.status();
+    assert_eq!(st["booted-slot"], "B", "{st}");
+    assert_eq!(st["committed"], true, "{st}");
+    assert_eq!(
+        common::file_sha256(&dev.dev.path("slot-b.img")),
+        common::sha256(&v1_img)
+    );
+
+    // v2: one small edit; only the changed chunks travel.
+    let dep2 = cp.deploy(&r2, &id);
+    wait_for(
+        "1.0.1 committed in slot A",
+        &dev,
+        Duration::from_secs(90),
+        || {
+            cp.device("sim-1")
+                .filter(|d| d["current_version"] == "1.0.1" && d["booted_slot"] == "A")
+        },
+    );
+    let dep = wait_for(
+        "deployment 2 success",
+        &dev,
+        Duration::from_secs(30),
+        || Some(cp.deployment(&dep2)).filter(|d| d["status"] == "success"),
+    );
+    let fetched = dep["devices"][0]["bytes_done"].as_i64().unwrap();
+    assert!(
+        fetched > 0 && (fetched as usize) < v2.bytes.len() / 4,
+        "a one-edit delta fetched {fetched} of a {} byte bundle",
+        v2.bytes.len()
+    );
+    assert_eq!(
+        common::file_sha256(&dev.dev.path("slot-a.img")),
+        common::sha256(&v2_img)
+    );
+    // Slot B still holds 1.0.0, untouched.
+    assert_eq!(
+        common::file_sha256(&dev.dev.path("slot-b.img")),
+        common::sha256(&v1_img)
+    );
+
+    // Back to 1.0.0: slot B holds it; it is re-verified, not downloaded.
+    let dep3 = cp.deploy(&r1, &id);
+    let started = Instant::now();
+    wait_for(
+        "1.0.0 again, in slot B",
+        &dev,
+        Duration::from_secs(60),
+        || {
+            cp.device("sim-1")
+                .filter(|d| d["current_version"] == "1.0.0" && d["booted_slot"] == "B")
+        },
+    );
+    let switch = started.elapsed();
+    let dep = wait_for(
+        "deployment 3 success",
+        &dev,
+        Duration::from_secs(30),
+        || Some(cp.deployment(&dep3)).filter(|d| d["status"] == "success"),
+    );
+    let fetched = dep["devices"][0]["bytes_done"].as_i64().unwrap();
+    assert!(
+        fetched < 64 * 1024,
+        "switching back fetched {fetched} bytes"
+    );
+    assert!(
+        switch < Duration::from_secs(30),
+        "switching back took {switch:?}"
+    );
+
+    // The daemon's log lines reached the server.
+    let (s, logs) = cp.op("GET", &format!("/api/v1/devices/{id}/logs"), None);
+    assert_eq!(s, 200, "{logs}");
+    let text = logs.to_string();
+    assert!(text.contains("enrolled"), "{text}");
+    assert!(text.contains("installed; rebooting into it"), "{text}");
+}
+
+/// Forwards 127.0.0.1 connections to `upstream` while `up` is set;
+/// refuses (closes at once) otherwise: a link that drops.
+struct Link {
+    addr: SocketAddr,
+    up: Arc<AtomicBool>,
+}
+
+impl Link {
+    fn start(upstream: SocketAddr) -> Link {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(AtomicBool::new(true));
+        let flag = up.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(client) = conn else { continue };
+                if !flag.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let flag = flag.clone();
+                pump(client, server, flag);
+            }
+        });
+        Link { addr, up }
+    }
+}
+
+fn pump(a: TcpStream, b: TcpStream, up: Arc<AtomicBool>) {
+    for (mut from, mut to) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
+        let up = up.clone();
+        std::thread::spawn(move || {
+            from.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let mut buf = [0u8; 16 * 1024];
+            loop {
+                if !up.load(Ordering::SeqCst) {
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                    let _ = from.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
+                match from.read(&mut buf) {
+                    Ok(0) => {
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                        return;
+                    }
+                    Ok(n) => {
+                        if to.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::WouldBlock
+                            || e.kind() == std::io::ErrorKind::TimedOut => {}
+                    Err(_) => return,
+                }
+            }
+        });
+    }
+}
+
+#[test]
+fn offline_device_keeps_its_assignment_and_delivers_in_order() {
+    let keys = keys();
+    let cp = ControlPlane::start(&keys);
+    let img = image(2 * MIB, 3);
+    let v1 = bundle(&img, "2.0.0", &keys.signer);
+    let r1 = cp.upload(&v1.bytes);
+    let token = cp.enrollment_token();
+    let upstream: SocketAddr = cp.url.trim_start_matches("http://").parse().unwrap();
+    let link = Link::start(upstream);
+    let mut dev = SimDevice::new(
+        &keys,
+        &image(2 * MIB, 8),
+        &format!("http://{}", link.addr),
+        &token,
+        "sim-2",
+    );
+    dev.start();
+    let d = wait_for("enrollment", &dev, Duration::from_secs(60), || {
+        cp.device("sim-2").filter(|d| d["status"] == "online")
+    });
+    let id = d["id"].as_str().unwrap().to_string();
+
+    // The link goes down; a deployment made meanwhile stays pending.
+    link.up.store(false, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_secs(2));
+    let dep = cp.deploy(&r1, &id);
+    std::thread::sleep(Duration::from_secs(4));
+    let v = cp.deployment(&dep);
+    assert_eq!(v["devices"][0]["state"], "assigned", "{v}");
+    assert_eq!(dev.status()["booted-slot"], "A");
+    assert!(dev.log().contains("cycle failed"), "{}", dev.log());
+
+    // Back online: it installs, reboots, commits, and says so.
+    link.up.store(true, Ordering::SeqCst);
+    wait_for(
+        "2.0.0 committed after the link came back",
+        &dev,
+        Duration::from_secs(90),
+        || {
+            cp.device("sim-2")
+                .filter(|d| d["current_version"] == "2.0.0" && d["booted_slot"] == "B")
+        },
+    );
+    wait_for("deployment success", &dev, Duration::from_secs(30), || {
+        Some(cp.deployment(&dep)).filter(|d| d["status"] == "success")
+    });
+    drop(dev);
+
+    // Messages queued while offline go out oldest first.
+    let data = tempfile::tempdir().unwrap();
+    let mut outbox = kernex_updater::daemon::outbox::Outbox::open(data.path()).unwrap();
+    for i in 0..5 {
+        outbox
+            .push(
+                "/api/v1/device/logs",
+                json!({"entries": [{"level": "info", "message": format!("queued line {i}")}]}),
+            )
+            .unwrap();
+    }
+    // A message the server can never accept is set aside, not retried forever.
+    outbox
+        .push(
+            "/api/v1/device/logs",
+            json!({"entries": [{"level": "loud", "message": "x"}]}),
+        )
+        .unwrap();
+    let down = kernex_updater::daemon::client::Client::new(&format!("http://{}", link.addr));
+    link.up.store(false, Ordering::SeqCst);
+    let err = outbox.deliver(&down, "whatever").unwrap_err();
+    assert!(
+        matches!(err, kernex_updater::daemon::client::ClientError::Offline(_)),
+        "{err}"
+    );
+    assert_eq!(outbox.len().unwrap(), 6);
+    link.up.store(true, Ordering::SeqCst);
+    let (s, t) = cp.op(
+        "POST",
+        "/api/v1/enrollment-tokens",
+        Some(json!({"label": "second"})),
+    );
+    assert_eq!(s, 201);
+    let client = kernex_updater::daemon::client::Client::new(&cp.url);
+    let enrolled = client
+        .enroll(&kernex_updater::daemon::client::EnrollRequest {
+            enrollment_token: t["token"].as_str().unwrap(),
+            device_id: "sim-3",
+            hardware_class: "qemu-aarch64",
+            hardware_metadata: serde_json::Map::new(),
+            tags: &[],
+        })
+        .unwrap();
+    let done = outbox.deliver(&client, &enrolled.credential).unwrap();
+    assert_eq!((done.sent, done.rejected, done.left), (5, 1, 0), "{done:?}");
+    let (s, logs) = cp.op(
+        "GET",
+        &format!("/api/v1/devices/{}/logs", enrolled.id),
+        None,
+    );
+    assert_eq!(s, 200);
+    let mut messages: Vec<(i64, String)> = logs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["at"].as_i64().unwrap(),
+                l["message"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    // Stamped on receipt: delivered in queue order, so sorted by arrival
+    // they read 0..5.
+    messages.sort();
+    let expected: Vec<String> = (0..5).map(|i| format!("queued line {i}")).collect();
+    assert_eq!(
+        messages.into_iter().map(|m| m.1).collect::<Vec<_>>(),
+        expected
+    );
+}
