@@ -31,6 +31,24 @@ pub struct Status {
     pub link: LinkStatus,
     /// The health watchdog's last decision.
     pub health: Option<crate::health::HealthRecord>,
+    /// The daemon's link to the control plane (`[server]` configured).
+    pub server: Option<ServerStatus>,
+}
+
+/// What the daemon knows about the control plane.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ServerStatus {
+    /// The control plane.
+    pub url: String,
+    /// The server's id for this device, once enrolled.
+    pub enrolled_as: Option<String>,
+    /// Reports and log batches waiting to be delivered.
+    pub queued_messages: usize,
+    /// The install or rollback waiting for its reboot.
+    pub awaiting: Option<crate::daemon::state::Awaiting>,
+    /// The release given up on, and why.
+    pub given_up: Option<crate::daemon::state::GivenUp>,
 }
 
 /// One slot.
@@ -153,12 +171,35 @@ pub fn status(config: &SystemConfig, flow: &mut dyn BootFlow) -> Result<Status, 
         pending_install,
         last_install: data.last_install()?,
         health: crate::health::last_record(&data)?,
+        server: match &config.server {
+            Some(server) => Some(server_status(&data, &server.url)?),
+            None => None,
+        },
         link: LinkStatus {
             metered: config.link.metered,
             rate_limit: config.link.rate_limit,
             daily_budget: config.link.daily_budget,
             used_today: usage.bytes,
         },
+    })
+}
+
+fn server_status(data: &DataDir, url: &str) -> Result<ServerStatus, UpdateError> {
+    let daemon = crate::daemon::state::load(data)?;
+    let outbox = data.root().join("outbox");
+    let queued_messages = match std::fs::read_dir(&outbox) {
+        Ok(entries) => entries
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+            .count(),
+        Err(_) => 0,
+    };
+    Ok(ServerStatus {
+        url: url.to_owned(),
+        enrolled_as: crate::daemon::state::credential(data, url)?.map(|c| c.id),
+        queued_messages,
+        awaiting: daemon.awaiting,
+        given_up: daemon.given_up,
     })
 }
 
@@ -246,6 +287,24 @@ impl std::fmt::Display for Status {
                 f,
                 "health        {:?} slot {}: {}",
                 h.outcome, h.slot, h.reason
+            )?;
+        }
+        if let Some(server) = &self.server {
+            writeln!(
+                f,
+                "server        {} ({}), {} messages queued{}",
+                server.url,
+                server
+                    .enrolled_as
+                    .as_deref()
+                    .map(|id| format!("enrolled as {id}"))
+                    .unwrap_or_else(|| "not enrolled".into()),
+                server.queued_messages,
+                server
+                    .awaiting
+                    .as_ref()
+                    .map(|a| format!(", {} awaits its reboot into slot {}", a.version, a.slot))
+                    .unwrap_or_default()
             )?;
         }
         write!(

@@ -334,6 +334,8 @@ fn daemon_enrolls_installs_by_delta_commits_and_switches_back() {
     let st = dev.status();
     assert_eq!(st["booted-slot"], "B", "{st}");
     assert_eq!(st["committed"], true, "{st}");
+    assert_eq!(st["server"]["enrolled-as"], json!(id), "{st}");
+    assert_eq!(st["server"]["awaiting"], Value::Null, "{st}");
     assert_eq!(
         common::file_sha256(&dev.dev.path("slot-b.img")),
         common::sha256(&v1_img)
