@@ -9,6 +9,7 @@ pub mod config;
 pub mod http;
 pub mod retention;
 pub mod store;
+pub mod ui;
 
 use std::path::PathBuf;
 use std::sync::Arc;

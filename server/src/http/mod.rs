@@ -41,6 +41,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .nest("/api/v1", api)
         .merge(metrics::router())
+        .merge(crate::ui::router())
         .fallback(|| async { Error::NotFound("no such endpoint") })
         .layer(middleware::from_fn_with_state(
             state.clone(),

@@ -1,0 +1,113 @@
+// Kernex web UI: progressive enhancement only. Every page works without
+// this script except the upload (which needs a progress bar and a raw body).
+// - [data-refresh]: re-fetch the element's HTML every data-interval seconds
+//   while the page is visible (live status, charts, progress);
+// - form[data-confirm]: ask before a destructive action;
+// - form[data-upload]: send the chosen file to /ui/releases/upload with
+//   XMLHttpRequest, showing upload progress.
+"use strict";
+(function () {
+  var csrf = function () {
+    var input = document.querySelector('input[name="csrf"]');
+    return input ? input.value : "";
+  };
+
+  function refresh(el) {
+    var url = el.getAttribute("data-refresh");
+    var secs = parseInt(el.getAttribute("data-interval") || "10", 10);
+    var busy = false;
+    setInterval(function () {
+      if (document.hidden || busy) return;
+      busy = true;
+      fetch(url, { credentials: "same-origin", headers: { Accept: "text/html" } })
+        .then(function (r) {
+          if (r.status === 200) return r.text();
+          throw new Error("HTTP " + r.status);
+        })
+        .then(function (html) {
+          el.innerHTML = html;
+          el.removeAttribute("data-stale");
+        })
+        .catch(function () {
+          el.setAttribute("data-stale", "true");
+        })
+        .finally(function () {
+          busy = false;
+        });
+    }, Math.max(2, secs) * 1000);
+  }
+
+  // Delegated, so forms inside refreshed fragments are covered too.
+  function confirmForms() {
+    document.addEventListener("submit", function (e) {
+      var form = e.target;
+      if (form.matches && form.matches("form[data-confirm]") &&
+          !window.confirm(form.getAttribute("data-confirm"))) {
+        e.preventDefault();
+      }
+    });
+  }
+
+  function upload(form) {
+    var input = form.querySelector('input[type="file"]');
+    var bar = form.querySelector("progress");
+    var out = form.querySelector("output");
+    var button = form.querySelector('button[type="submit"]');
+    form.addEventListener("submit", function (e) {
+      e.preventDefault();
+      if (!input.files.length) {
+        out.textContent = "Choose a bundle file first.";
+        return;
+      }
+      var file = input.files[0];
+      var xhr = new XMLHttpRequest();
+      xhr.open("POST", form.getAttribute("action"));
+      xhr.setRequestHeader("Content-Type", "application/octet-stream");
+      xhr.setRequestHeader("X-CSRF-Token", csrf());
+      bar.hidden = false;
+      bar.max = file.size || 1;
+      bar.value = 0;
+      button.disabled = true;
+      out.textContent = "Uploading " + file.name + "…";
+      xhr.upload.addEventListener("progress", function (ev) {
+        if (ev.lengthComputable) {
+          bar.max = ev.total;
+          bar.value = ev.loaded;
+          if (ev.loaded === ev.total) out.textContent = "Verifying the signature and every image…";
+        }
+      });
+      xhr.addEventListener("load", function () {
+        button.disabled = false;
+        var body = {};
+        try { body = JSON.parse(xhr.responseText); } catch (_) { body = {}; }
+        if (xhr.status === 201) {
+          bar.value = bar.max;
+          out.className = "ok";
+          out.textContent = "Uploaded release " + body.version + " (" + body.compatible + ").";
+          var link = document.createElement("a");
+          link.href = "/ui/releases/" + encodeURIComponent(body.id);
+          link.textContent = " Open it";
+          link.id = "uploaded-release";
+          out.appendChild(link);
+        } else {
+          out.className = "error";
+          var detail = body.detail;
+          if (detail && typeof detail === "object") detail = JSON.stringify(detail);
+          out.textContent = "Upload refused (" + xhr.status + "): " + (detail || body.error || xhr.statusText);
+        }
+      });
+      xhr.addEventListener("error", function () {
+        button.disabled = false;
+        out.className = "error";
+        out.textContent = "The upload failed: the connection was lost.";
+      });
+      xhr.send(file);
+    });
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    document.querySelectorAll("[data-refresh]").forEach(refresh);
+    document.querySelectorAll("form[data-upload]").forEach(upload);
+    confirmForms();
+  });
+})();

@@ -1,0 +1,317 @@
+//! The audit log (filtered), users and roles, the organisation's keyring.
+
+use axum::extract::{Query, State};
+use maud::html;
+use serde::Deserialize;
+use sqlx::Row;
+
+use super::format;
+use super::layout::{self, Nav, heading, status_badge};
+use super::{Form, Session, UiError, UiResult, csrf_field, see_other};
+use crate::AppState;
+use crate::audit;
+use crate::auth::Role;
+use crate::http::ApiJson;
+use crate::http::session::{self, Keyring, NewUser};
+
+/// Audit filters; all optional.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    actor: Option<String>,
+    action: Option<String>,
+    target: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    before: Option<String>,
+}
+
+/// `%value%` for LIKE, with the wildcards in the value escaped.
+fn like(v: &Option<String>) -> Option<String> {
+    v.as_ref().map(|s| {
+        let escaped = s
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_");
+        format!("%{escaped}%")
+    })
+}
+
+fn clean(v: Option<String>) -> Option<String> {
+    v.map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+}
+
+const PAGE: i64 = 200;
+
+/// `GET /ui/audit`: the audit log, newest first, filtered by who, what, on
+/// what and when; and whether the hash chain verifies.
+pub async fn audit(
+    State(state): State<AppState>,
+    s: Session,
+    query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> UiResult {
+    let Query(q) = query.map_err(|e| UiError::bad_request(e.body_text()))?;
+    let (actor, action, target) = (clean(q.actor), clean(q.action), clean(q.target));
+    let (since_s, until_s) = (clean(q.since), clean(q.until));
+    let date = |v: &Option<String>, what: &str| -> UiResult<Option<i64>> {
+        match v {
+            None => Ok(None),
+            Some(d) => format::parse_date(d).map(Some).ok_or_else(|| {
+                UiError::bad_request(format!("{what}: a date as YYYY-MM-DD, not {d:?}."))
+            }),
+        }
+    };
+    let since = date(&since_s, "From")?;
+    // Inclusive: the whole `until` day.
+    let until = date(&until_s, "To")?.map(|t| t + 86_400_000);
+    let before = match clean(q.before) {
+        None => None,
+        Some(b) => Some(
+            b.parse::<i64>()
+                .map_err(|_| UiError::bad_request("before: a sequence number."))?,
+        ),
+    };
+    let rows = sqlx::query(
+        "SELECT seq, at, actor, action, target, result FROM audit_log WHERE org_id = $1 \
+         AND ($2 IS NULL OR actor LIKE $2 ESCAPE '\\') \
+         AND ($3 IS NULL OR action LIKE $3 ESCAPE '\\') \
+         AND ($4 IS NULL OR target LIKE $4 ESCAPE '\\') \
+         AND ($5 IS NULL OR at >= $5) AND ($6 IS NULL OR at < $6) AND ($7 IS NULL OR seq < $7) \
+         ORDER BY seq DESC LIMIT $8",
+    )
+    .bind(&s.op.org_id)
+    .bind(like(&actor))
+    .bind(like(&action))
+    .bind(like(&target))
+    .bind(since)
+    .bind(until)
+    .bind(before)
+    .bind(PAGE)
+    .fetch_all(state.store.pool())
+    .await?;
+    let broken = audit::verify_chain(&state.store, &s.op.org_id).await?;
+    let mut entries = Vec::with_capacity(rows.len());
+    for r in &rows {
+        entries.push((
+            r.try_get::<i64, _>("seq")?,
+            r.try_get::<i64, _>("at")?,
+            r.try_get::<String, _>("actor")?,
+            r.try_get::<String, _>("action")?,
+            r.try_get::<String, _>("target")?,
+            r.try_get::<String, _>("result")?,
+        ));
+    }
+    let older = (entries.len() as i64 == PAGE)
+        .then(|| entries.last().map(|e| e.0))
+        .flatten();
+    let keep = |name: &str, v: &Option<String>| {
+        v.as_ref()
+            .map(|v| format!("&{name}={}", format::url_encode(v)))
+            .unwrap_or_default()
+    };
+    let filters = [
+        keep("actor", &actor),
+        keep("action", &action),
+        keep("target", &target),
+        keep("since", &since_s),
+        keep("until", &until_s),
+    ]
+    .concat();
+    let input =
+        |name: &'static str, label: &'static str, kind: &'static str, v: &Option<String>| {
+            html! {
+                div.field {
+                    label for=(name) { (label) }
+                    input id=(name) type=(kind) name=(name) value=(v.as_deref().unwrap_or(""));
+                }
+            }
+        };
+    Ok(layout::page(
+        &s,
+        Nav::Audit,
+        "Audit log",
+        html! {
+            (heading("Audit log", Some(html! {
+                @match broken {
+                    None => { (status_badge("ok")) " The hash chain verifies: no entry was changed or removed." }
+                    Some(seq) => { (status_badge("error")) " The hash chain breaks at entry " (seq) ": the log was tampered with." }
+                }
+            })))
+            form.filters method="get" action="/ui/audit" {
+                (input("actor", "User", "text", &actor))
+                (input("action", "Action", "text", &action))
+                (input("target", "Target", "text", &target))
+                (input("since", "From", "date", &since_s))
+                (input("until", "To", "date", &until_s))
+                div.field.actions { button type="submit" { "Filter" } a href="/ui/audit" { "Clear" } }
+            }
+            @if entries.is_empty() { p.empty { "No entry matches." } } @else {
+                div.table-wrap { table {
+                    thead { tr { th scope="col" { "#" } th scope="col" { "Time" } th scope="col" { "User" } th scope="col" { "Action" } th scope="col" { "Target" } th scope="col" { "Result" } } }
+                    tbody { @for (seq, at, actor, action, target, result) in &entries { tr {
+                        td { (seq) } td.nowrap { (format::time(*at)) } td { (actor) } td { code { (action) } } td.small { (target) }
+                        td { @if result == "ok" { (status_badge("ok")) } @else { span.badge.bad { (result) } } }
+                    } } }
+                } }
+                @if let Some(seq) = older { p { a href={ "/ui/audit?before=" (seq) (filters) } { "Older entries" } } }
+            }
+        },
+    ))
+}
+
+/// Query of the users page.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsersQuery {
+    created: Option<String>,
+}
+
+/// `GET /ui/users` (admin).
+pub async fn users(
+    State(state): State<AppState>,
+    s: Session,
+    query: Result<Query<UsersQuery>, axum::extract::rejection::QueryRejection>,
+) -> UiResult {
+    if !s.can(Role::Admin) {
+        return Err(UiError::forbidden());
+    }
+    let created = query.ok().and_then(|q| q.0.created);
+    let ApiJson(list) = session::list_users(State(state), s.op.clone()).await?;
+    Ok(layout::page(
+        &s,
+        Nav::Users,
+        "Users",
+        html! {
+            (heading("Users and roles", Some(html! { "read-only: sees everything · ops: also uploads, deploys, enrolls · admin: also users and keyring" })))
+            @if let Some(e) = created { p.notice role="status" { "Created " (e) "." } }
+            section.panel {
+                h2 { "New user" }
+                form method="post" action="/ui/users" {
+                    (csrf_field(&s))
+                    div.field { label for="email" { "Email" } input #email type="email" name="email" required maxlength="254" autocomplete="off"; }
+                    div.field { label for="password" { "Initial password (at least 12 characters)" } input #password type="password" name="password" required minlength="12" autocomplete="new-password"; }
+                    div.field { label for="role" { "Role" }
+                        select #role name="role" {
+                            option value="read_only" { "read-only" }
+                            option value="ops" { "ops" }
+                            option value="admin" { "admin" }
+                        }
+                    }
+                    div.field.actions { button.primary type="submit" { "Create user" } }
+                }
+            }
+            div.table-wrap { table {
+                thead { tr { th scope="col" { "Email" } th scope="col" { "Role" } } }
+                tbody { @for u in &list { tr { td { (u.email) } td { span.badge.role { (u.role.as_str().replace('_', "-")) } } } } }
+            } }
+        },
+    ))
+}
+
+/// `POST /ui/users` (admin, enforced by the API).
+pub async fn create_user(State(state): State<AppState>, form: Form) -> UiResult {
+    let email = form.required("email", "The email")?.to_string();
+    let password = form.required("password", "The password")?.to_string();
+    let role = form
+        .get("role")
+        .and_then(Role::parse)
+        .ok_or_else(|| UiError::bad_request("Role: read_only, ops or admin."))?;
+    session::create_user(
+        State(state),
+        form.session.op.clone(),
+        ApiJson(NewUser {
+            email: email.clone(),
+            password,
+            role,
+        }),
+    )
+    .await?;
+    Ok(see_other(&format!(
+        "/ui/users?created={}",
+        format::url_encode(&email)
+    )))
+}
+
+/// A certificate as shown.
+struct Cert {
+    subject: String,
+    issuer: String,
+    not_after: String,
+    sha256: String,
+}
+
+fn name(n: &openssl::x509::X509NameRef) -> String {
+    n.entries()
+        .map(|e| {
+            let key = e.object().nid().short_name().unwrap_or("?");
+            let value = e.data().to_string().unwrap_or_default();
+            format!("{key}={value}")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn certs(pem: &str) -> Vec<Cert> {
+    openssl::x509::X509::stack_from_pem(pem.as_bytes())
+        .unwrap_or_default()
+        .iter()
+        .map(|c| Cert {
+            subject: name(c.subject_name()),
+            issuer: name(c.issuer_name()),
+            not_after: c.not_after().to_string(),
+            sha256: c
+                .digest(openssl::hash::MessageDigest::sha256())
+                .map(|d| hex::encode(d.as_ref()))
+                .unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// `GET /ui/keyring`: the CA certificates bundles must chain to.
+pub async fn keyring(State(state): State<AppState>, s: Session) -> UiResult {
+    let pem = match session::get_keyring(State(state), s.op.clone()).await {
+        Ok(ApiJson(k)) => Some(k.pem),
+        Err(crate::http::Error::NotFound(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let list = pem.as_deref().map(certs).unwrap_or_default();
+    Ok(layout::page(
+        &s,
+        Nav::Keyring,
+        "Keyring",
+        html! {
+            (heading("Organisation keyring", Some(html! { "Release bundles must be signed by a certificate that chains to one of these CAs." })))
+            @if list.is_empty() { p.notice { "No keyring set: no release can be uploaded until an admin sets one." } } @else {
+                div.table-wrap { table {
+                    thead { tr { th scope="col" { "Subject" } th scope="col" { "Issuer" } th scope="col" { "Expires" } th scope="col" { "SHA-256 fingerprint" } } }
+                    tbody { @for c in &list { tr { td { (c.subject) } td { (c.issuer) } td { (c.not_after) } td.mono.small { (c.sha256) } } } }
+                } }
+            }
+            @if s.can(Role::Admin) {
+                section.panel {
+                    h2 { "Replace the keyring" }
+                    form method="post" action="/ui/keyring" data-confirm="Replace the organisation's keyring? Bundles signed under other CAs will be refused." {
+                        (csrf_field(&s))
+                        div.field {
+                            label for="pem" { "CA certificates (PEM)" }
+                            textarea #pem name="pem" rows="8" required placeholder="-----BEGIN CERTIFICATE-----" {}
+                        }
+                        div.field.actions { button.primary type="submit" { "Set keyring" } }
+                    }
+                }
+            }
+        },
+    ))
+}
+
+/// `POST /ui/keyring` (admin, enforced by the API).
+pub async fn set_keyring(State(state): State<AppState>, form: Form) -> UiResult {
+    let pem = form.required("pem", "The PEM text")?.to_string();
+    session::set_keyring(
+        State(state),
+        form.session.op.clone(),
+        ApiJson(Keyring { pem }),
+    )
+    .await?;
+    Ok(see_other("/ui/keyring"))
+}

@@ -1,0 +1,416 @@
+//! Deployments (assign a release to devices, with a confirmation step) and
+//! enrollment tokens (create, shown once; revoke).
+
+use std::collections::{BTreeMap, HashMap};
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use maud::{Markup, html};
+use serde::Deserialize;
+
+use super::charts;
+use super::format;
+use super::layout::{self, Nav, heading, status_badge};
+use super::{Form, Session, UiError, UiResult, csrf_field, see_other};
+use crate::AppState;
+use crate::auth::Role;
+use crate::http::ApiJson;
+use crate::http::deployments::{self, Deployment, NewDeployment};
+use crate::http::devices::{self, Device, DeviceFilter};
+use crate::http::enrollment::{self, NewEnrollmentToken};
+use crate::http::releases::{self, Release};
+
+async fn releases_of(state: &AppState, s: &Session) -> UiResult<Vec<Release>> {
+    let ApiJson(list) = releases::list(State(state.clone()), s.op.clone()).await?;
+    Ok(list)
+}
+
+async fn devices_of(state: &AppState, s: &Session) -> UiResult<Vec<Device>> {
+    let ApiJson(list) = devices::list(
+        State(state.clone()),
+        s.op.clone(),
+        Ok(Query(DeviceFilter {
+            tag: None,
+            hardware_class: None,
+            version: None,
+            status: None,
+            limit: Some(5000),
+        })),
+    )
+    .await?;
+    Ok(list)
+}
+
+/// Query of the deployments page.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentsQuery {
+    release: Option<String>,
+}
+
+/// `GET /ui/deployments`: the deployments and, for ops, the form to assign
+/// a release (pick the release first: only compatible devices are listed).
+pub async fn deployments(
+    State(state): State<AppState>,
+    s: Session,
+    query: Result<Query<DeploymentsQuery>, axum::extract::rejection::QueryRejection>,
+) -> UiResult {
+    let Query(q) = query.map_err(|e| UiError::bad_request(e.body_text()))?;
+    let ApiJson(list) = deployments::list(State(state.clone()), s.op.clone()).await?;
+    let releases = releases_of(&state, &s).await?;
+    let versions: HashMap<&str, &str> = releases
+        .iter()
+        .map(|r| (r.id.as_str(), r.version.as_str()))
+        .collect();
+    let chosen = q
+        .release
+        .as_deref()
+        .and_then(|id| releases.iter().find(|r| r.id == id));
+    let candidates: Vec<Device> = match chosen {
+        Some(r) => devices_of(&state, &s)
+            .await?
+            .into_iter()
+            .filter(|d| d.hardware_class == r.compatible && !d.revoked)
+            .collect(),
+        None => Vec::new(),
+    };
+    Ok(layout::page(
+        &s,
+        Nav::Deployments,
+        "Deployments",
+        html! {
+            (heading("Deployments", Some(html! { "Assign a release to chosen devices. Staged rollouts with waves come with the rollouts pages." })))
+            @if s.can(Role::Ops) {
+                section.panel {
+                    h2 { "New deployment" }
+                    @if releases.is_empty() {
+                        p.empty { "Upload a release first." }
+                    } @else {
+                        form.filters method="get" action="/ui/deployments" {
+                            div.field {
+                                label for="release" { "Release" }
+                                select #release name="release" {
+                                    @for r in &releases {
+                                        option value=(r.id) selected[chosen.is_some_and(|c| c.id == r.id)] {
+                                            (r.version) " (" (r.compatible) ")" @if r.unstable { " — unstable" }
+                                        }
+                                    }
+                                }
+                            }
+                            div.field.actions { button type="submit" { "Choose devices" } }
+                        }
+                        @if let Some(r) = chosen {
+                            form method="post" action="/ui/deployments/confirm" {
+                                (csrf_field(&s))
+                                input type="hidden" name="release_id" value=(r.id);
+                                fieldset {
+                                    legend { "Devices (" (r.compatible) ")" }
+                                    @if candidates.is_empty() { p.empty { "No enrolled " (r.compatible) " device." } }
+                                    @for d in &candidates {
+                                        div.check {
+                                            input type="checkbox" name="device" value=(d.id) id={ "dev-" (d.id) };
+                                            label for={ "dev-" (d.id) } { (d.device_id) " — " (d.current_version.as_deref().unwrap_or("unknown")) " " (status_badge(&d.status)) }
+                                        }
+                                    }
+                                }
+                                div.field {
+                                    label for="description" { "Description" }
+                                    input #description type="text" name="description" maxlength="500";
+                                }
+                                button.primary type="submit" disabled[candidates.is_empty()] { "Review deployment" }
+                            }
+                        }
+                    }
+                }
+            }
+            @if list.is_empty() { p.empty { "No deployment yet." } } @else {
+                div.table-wrap { table {
+                    thead { tr { th scope="col" { "Deployment" } th scope="col" { "Release" } th scope="col" { "Status" } th scope="col" { "Description" } th scope="col" { "Created" } } }
+                    tbody { @for d in &list { tr {
+                        td { a href={ "/ui/deployments/" (d.id) } { (d.id.get(..8).unwrap_or(&d.id)) } }
+                        td { (versions.get(d.release_id.as_str()).copied().unwrap_or("deleted")) }
+                        td { (status_badge(&d.status)) }
+                        td { (d.description) }
+                        td { (format::time(d.created_at)) }
+                    } } }
+                } }
+            }
+        },
+    ))
+}
+
+fn new_deployment(form: &Form) -> UiResult<NewDeployment> {
+    let release_id = form.required("release_id", "The release")?.to_string();
+    let devices = form.all("device");
+    if devices.is_empty() {
+        return Err(UiError::bad_request("Choose at least one device."));
+    }
+    Ok(NewDeployment {
+        release_id,
+        devices,
+        description: form.get("description").unwrap_or("").to_string(),
+    })
+}
+
+/// `POST /ui/deployments/confirm`: shows what will happen, with a button
+/// that really deploys.
+pub async fn confirm_deploy(State(state): State<AppState>, form: Form) -> UiResult {
+    let s = &form.session;
+    if !s.can(Role::Ops) {
+        return Err(UiError::forbidden());
+    }
+    let req = new_deployment(&form)?;
+    let ApiJson(release) = releases::detail(
+        State(state.clone()),
+        s.op.clone(),
+        Path(req.release_id.clone()),
+    )
+    .await?;
+    let all = devices_of(&state, s).await?;
+    let by_id: BTreeMap<&str, &Device> = all.iter().map(|d| (d.id.as_str(), d)).collect();
+    let mut chosen = Vec::new();
+    for id in &req.devices {
+        match by_id.get(id.as_str()) {
+            Some(d) => chosen.push(*d),
+            None => {
+                return Err(UiError::not_found(
+                    "One of the chosen devices does not exist.",
+                ));
+            }
+        }
+    }
+    Ok(layout::page(
+        s,
+        Nav::Deployments,
+        "Confirm deployment",
+        html! {
+            (heading("Confirm deployment", None))
+            section.panel.confirm {
+                p { "Deploy release " strong { (release.version) } " (" (release.compatible) ", " (format::ibytes(release.size)) ") to "
+                    strong { (chosen.len()) " device(s)" } "? Each downloads the chunks it lacks and installs at once." }
+                @if release.unstable { p.notice role="alert" { "This release is marked unstable: devices reported failed installs." } }
+                ul { @for d in &chosen { li { (d.device_id) " — now " (d.current_version.as_deref().unwrap_or("unknown")) } } }
+                form method="post" action="/ui/deployments" {
+                    (csrf_field(s))
+                    input type="hidden" name="release_id" value=(req.release_id);
+                    input type="hidden" name="description" value=(req.description);
+                    @for d in &req.devices { input type="hidden" name="device" value=(d); }
+                    button.primary type="submit" { "Deploy now" }
+                    " "
+                    a href={ "/ui/deployments?release=" (req.release_id) } { "Cancel" }
+                }
+            }
+        },
+    ))
+}
+
+/// `POST /ui/deployments`: the API's deployment.
+pub async fn deploy(State(state): State<AppState>, form: Form) -> UiResult {
+    let req = new_deployment(&form)?;
+    let (_, ApiJson(created)) =
+        deployments::create(State(state), form.session.op.clone(), ApiJson(req)).await?;
+    Ok(see_other(&format!("/ui/deployments/{}", created.id)))
+}
+
+async fn deployment_body(
+    state: &AppState,
+    s: &Session,
+    id: &str,
+) -> UiResult<(Deployment, Markup)> {
+    let ApiJson(d) =
+        deployments::detail(State(state.clone()), s.op.clone(), Path(id.to_string())).await?;
+    let names: HashMap<String, String> = devices_of(state, s)
+        .await?
+        .into_iter()
+        .map(|d| (d.id, d.device_id))
+        .collect();
+    let states = d.devices.as_deref().unwrap_or_default();
+    let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
+    for st in states {
+        *counts.entry(st.state.as_str()).or_default() += 1;
+    }
+    let counts: Vec<(String, u64)> = counts
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    let markup = html! {
+        p { "Status: " (status_badge(&d.status)) }
+        (charts::bars("Devices by state", &counts))
+        div.table-wrap { table {
+            thead { tr { th scope="col" { "Device" } th scope="col" { "State" } th scope="col" { "Download" } th scope="col" { "Updated" } } }
+            tbody { @for st in states { tr {
+                td { a href={ "/ui/devices/" (st.device) } { (names.get(&st.device).map(String::as_str).unwrap_or(&st.device)) } }
+                td { (status_badge(&st.state)) @if let Some(r) = &st.reason { br; span.small { (r) } } }
+                td { @if let (Some(done), Some(total)) = (st.bytes_done, st.bytes_total) {
+                    (charts::progress(done, total, "download")) " " span.small { (format::ibytes(done)) " / " (format::ibytes(total)) }
+                } }
+                td { (format::time(st.updated_at)) }
+            } } }
+        } }
+    };
+    Ok((d, markup))
+}
+
+/// `GET /ui/deployments/{id}`.
+pub async fn deployment(
+    State(state): State<AppState>,
+    s: Session,
+    Path(id): Path<String>,
+) -> UiResult {
+    let (d, body) = deployment_body(&state, &s, &id).await?;
+    let ApiJson(release) = releases::detail(
+        State(state.clone()),
+        s.op.clone(),
+        Path(d.release_id.clone()),
+    )
+    .await
+    .unwrap_or(ApiJson(Release {
+        id: d.release_id.clone(),
+        version: "deleted release".into(),
+        compatible: String::new(),
+        signer: String::new(),
+        size: 0,
+        sha256: String::new(),
+        unstable: false,
+        created_at: 0,
+        manifest: None,
+    }));
+    Ok(layout::page(
+        &s,
+        Nav::Deployments,
+        "Deployment",
+        html! {
+            nav.crumbs aria-label="Breadcrumb" { a href="/ui/deployments" { "Deployments" } " / " (d.id.get(..8).unwrap_or(&d.id)) }
+            (heading(&format!("Deployment of {}", release.version), Some(html! { "created " (format::time(d.created_at)) @if !d.description.is_empty() { " · " (d.description) } })))
+            div data-refresh={ "/ui/deployments/" (d.id) "/live" } data-interval="5" aria-live="polite" { (body) }
+        },
+    ))
+}
+
+/// `GET /ui/deployments/{id}/live`.
+pub async fn deployment_live(
+    State(state): State<AppState>,
+    s: Session,
+    Path(id): Path<String>,
+) -> UiResult {
+    let (_, body) = deployment_body(&state, &s, &id).await?;
+    Ok(layout::fragment(body))
+}
+
+async fn tokens_page(state: &AppState, s: &Session, created: Option<(String, String)>) -> UiResult {
+    let ApiJson(list) = enrollment::list(State(state.clone()), s.op.clone()).await?;
+    Ok(layout::page(
+        s,
+        Nav::Tokens,
+        "Enrollment tokens",
+        html! {
+            (heading("Enrollment tokens", Some(html! { "A factory line enrolls devices with a token; every device enrolled with it gets its tags." })))
+            @if let Some((label, token)) = &created {
+                section.panel.secret role="status" {
+                    h2 { "Token created: " (label) }
+                    p { "Copy it now: it is shown only once and stored only as a hash." }
+                    p { code #new-token.mono { (token) } }
+                }
+            }
+            @if s.can(Role::Ops) {
+                section.panel {
+                    h2 { "New token" }
+                    form method="post" action="/ui/enrollment-tokens" {
+                        (csrf_field(s))
+                        div.field {
+                            label for="label" { "Label" }
+                            input #label type="text" name="label" required maxlength="200" placeholder="factory line 2, batch 2026-11";
+                        }
+                        div.field {
+                            label for="tags" { "Tags (separated by spaces or commas)" }
+                            input #tags type="text" name="tags" placeholder="site-a metered";
+                        }
+                        div.field {
+                            label for="expires_days" { "Expires after (days, empty: never)" }
+                            input #expires_days type="number" name="expires_days" min="1" max="3650";
+                        }
+                        div.field.actions { button.primary type="submit" { "Create token" } }
+                    }
+                }
+            }
+            @if list.is_empty() { p.empty { "No enrollment token yet." } } @else {
+                div.table-wrap { table {
+                    thead { tr { th scope="col" { "Label" } th scope="col" { "Tags" } th scope="col" { "Created" } th scope="col" { "Expires" } th scope="col" { "State" }
+                        @if s.can(Role::Ops) { th scope="col" { span.visually-hidden { "Actions" } } } } }
+                    tbody { @for t in &list { tr {
+                        td { (t.label) }
+                        td { @for tag in &t.tags { span.tag { (tag) } " " } }
+                        td { (format::time(t.created_at)) }
+                        td { @match t.expires_at { Some(e) => (format::time(e)), None => "never" } }
+                        td { @if t.revoked { (status_badge("revoked")) } @else if t.expires_at.is_some_and(|e| e < crate::store::now_ms()) { (status_badge("expired")) } @else { (status_badge("ok")) } }
+                        @if s.can(Role::Ops) { td {
+                            @if !t.revoked {
+                                form.inline method="post" action={ "/ui/enrollment-tokens/" (t.id) "/revoke" } data-confirm={ "Revoke the token \u{201c}" (t.label) "\u{201d}? Devices already enrolled stay." } {
+                                    (csrf_field(s))
+                                    button.danger.small type="submit" { "Revoke" span.visually-hidden { " " (t.label) } }
+                                }
+                            }
+                        } }
+                    } } }
+                } }
+            }
+        },
+    ))
+}
+
+/// `GET /ui/enrollment-tokens`.
+pub async fn tokens(State(state): State<AppState>, s: Session) -> UiResult {
+    tokens_page(&state, &s, None).await
+}
+
+/// `POST /ui/enrollment-tokens`: creates a token and shows it once (the
+/// page is not cached and a reload does not show it again).
+pub async fn create_token(State(state): State<AppState>, form: Form) -> UiResult {
+    let label = form.required("label", "The label")?.to_string();
+    let tags: Vec<String> = form
+        .get("tags")
+        .unwrap_or("")
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+        .collect();
+    let expires_at = match form.get("expires_days") {
+        None => None,
+        Some(d) => {
+            let days: i64 = d
+                .parse()
+                .ok()
+                .filter(|d| (1..=3650).contains(d))
+                .ok_or_else(|| UiError::bad_request("Expiry: a number of days from 1 to 3650."))?;
+            Some(crate::store::now_ms() + days * 86_400_000)
+        }
+    };
+    let (status, ApiJson(created)) = enrollment::create(
+        State(state.clone()),
+        form.session.op.clone(),
+        ApiJson(NewEnrollmentToken {
+            label: label.clone(),
+            tags,
+            expires_at,
+        }),
+    )
+    .await?;
+    let token = created
+        .token
+        .ok_or_else(|| anyhow::anyhow!("the created token has no secret"))?;
+    let mut response = tokens_page(&state, &form.session, Some((label, token))).await?;
+    if status == StatusCode::CREATED {
+        *response.status_mut() = StatusCode::CREATED;
+    }
+    Ok(response)
+}
+
+/// `POST /ui/enrollment-tokens/{id}/revoke`.
+pub async fn revoke_token(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    form: Form,
+) -> UiResult {
+    enrollment::revoke(State(state), form.session.op, Path(id)).await?;
+    Ok(see_other("/ui/enrollment-tokens"))
+}

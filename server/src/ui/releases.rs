@@ -1,0 +1,316 @@
+//! Releases: list, upload (the script sends the file to `upload`, which
+//! runs the API's upload), manifest, and the delta between two releases.
+
+use std::io::Write;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use kernex_protocol::bundle::Bundle;
+use kernex_protocol::index::Delta;
+use kernex_protocol::manifest::Manifest;
+use maud::{Markup, html};
+use serde::Deserialize;
+use sqlx::Row;
+
+use super::format;
+use super::layout::{self, Nav, heading, status_badge};
+use super::{CsrfHeader, Session, UiError, UiResult};
+use crate::AppState;
+use crate::auth::Role;
+use crate::http::ApiJson;
+use crate::http::releases::{self, Release};
+
+async fn all(state: &AppState, s: &Session) -> UiResult<Vec<Release>> {
+    let ApiJson(list) = releases::list(State(state.clone()), s.op.clone()).await?;
+    Ok(list)
+}
+
+fn release_select(name: &str, label: &str, list: &[Release], current: Option<&str>) -> Markup {
+    html! {
+        div.field {
+            label for=(name) { (label) }
+            select #(name) name=(name) required {
+                @for r in list {
+                    option value=(r.id) selected[current == Some(r.id.as_str())] { (r.version) " (" (r.compatible) ")" }
+                }
+            }
+        }
+    }
+}
+
+/// `GET /ui/releases`.
+pub async fn list(State(state): State<AppState>, s: Session) -> UiResult {
+    let list = all(&state, &s).await?;
+    let limit = state.config.max_bundle_bytes;
+    Ok(layout::page(
+        &s,
+        Nav::Releases,
+        "Releases",
+        html! {
+            (heading("Releases", None))
+            @if s.can(Role::Ops) {
+                section.panel {
+                    h2 { "Upload a release" }
+                    form #upload method="post" action="/ui/releases/upload" enctype="application/octet-stream" data-upload {
+                        div.field {
+                            label for="bundle" { "Signed bundle (.kxb), at most " (format::bytes(limit)) }
+                            input #bundle type="file" name="bundle" accept=".kxb,application/octet-stream" required;
+                        }
+                        div.field.actions { button.primary type="submit" { "Upload" } }
+                        div.upload-status {
+                            progress #upload-progress value="0" max="1" aria-label="Upload progress" hidden {}
+                            output #upload-result for="bundle" aria-live="polite" {}
+                        }
+                        noscript { p.small { "Uploading needs JavaScript; without it use the API: "
+                            code { "curl --data-binary @release.kxb -H 'authorization: Bearer …' /api/v1/releases" } } }
+                    }
+                    p.small { "The bundle is verified against the organisation's keyring and every image is checked before it is stored." }
+                }
+            }
+            @if list.is_empty() { p.empty { "No release yet." } } @else {
+                div.table-wrap { table {
+                    thead { tr { th scope="col" { "Version" } th scope="col" { "Hardware class" } th scope="col" { "Size" }
+                        th scope="col" { "Signer" } th scope="col" { "State" } th scope="col" { "Uploaded" } } }
+                    tbody { @for r in &list { tr {
+                        td { a href={ "/ui/releases/" (r.id) } { (r.version) } }
+                        td { (r.compatible) }
+                        td { (format::ibytes(r.size)) }
+                        td.small { (r.signer) }
+                        td { @if r.unstable { (status_badge("unstable")) } @else { (status_badge("ok")) } }
+                        td { (format::time(r.created_at)) }
+                    } } }
+                } }
+                @if list.len() >= 2 {
+                    section.panel {
+                        h2 { "Delta between two releases" }
+                        p.small { "What a device running the first release downloads to install the second: the chunks it does not hold, from the stored chunk indexes." }
+                        form.filters method="get" action="/ui/releases/delta" {
+                            (release_select("from", "From", &list, list.get(1).map(|r| r.id.as_str())))
+                            (release_select("to", "To", &list, list.first().map(|r| r.id.as_str())))
+                            div.field.actions { button type="submit" { "Compute delta" } }
+                        }
+                    }
+                }
+            }
+        },
+    ))
+}
+
+/// `POST /ui/releases/upload`: the body is the bundle; the CSRF token is in
+/// the `X-CSRF-Token` header. Answers the API's JSON (the script shows it).
+pub async fn upload(
+    State(state): State<AppState>,
+    s: Session,
+    _csrf: CsrfHeader,
+    body: Body,
+) -> Response {
+    match releases::upload(State(state), s.op, body).await {
+        Ok(created) => created.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `GET /ui/releases/{id}`: the release and its signed manifest.
+pub async fn detail(State(state): State<AppState>, s: Session, Path(id): Path<String>) -> UiResult {
+    let ApiJson(r) = releases::detail(State(state.clone()), s.op.clone(), Path(id)).await?;
+    let raw = r.manifest.clone().unwrap_or_default();
+    let typed: Option<Manifest> = serde_json::from_value(raw.clone()).ok();
+    let pretty = serde_json::to_string_pretty(&raw).unwrap_or_default();
+    Ok(layout::page(
+        &s,
+        Nav::Releases,
+        &r.version,
+        html! {
+            nav.crumbs aria-label="Breadcrumb" { a href="/ui/releases" { "Releases" } " / " (r.version) }
+            (heading(&format!("Release {}", r.version), Some(html! { (r.compatible) " · uploaded " (format::time(r.created_at)) })))
+            dl.facts {
+                dt { "State" } dd { @if r.unstable { (status_badge("unstable")) " failed installs were reported" } @else { (status_badge("ok")) } }
+                dt { "Signer" } dd { (r.signer) }
+                dt { "Bundle size" } dd { (format::ibytes(r.size)) }
+                dt { "SHA-256" } dd.mono { (r.sha256) }
+                @if let Some(m) = &typed {
+                    dt { "Minimum updater" } dd { (m.min_updater_version) }
+                }
+            }
+            @if let Some(m) = &typed {
+                h2 { "Images" }
+                div.table-wrap { table {
+                    thead { tr { th scope="col" { "Slot class" } th scope="col" { "Filesystem" } th scope="col" { "Size" } th scope="col" { "SHA-256" } th scope="col" { "Chunk index" } } }
+                    tbody { @for i in &m.images { tr {
+                        td { (i.slot_class.as_str()) }
+                        td { (serde_json::to_value(i.filesystem).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()) }
+                        td { (format::bytes(i.size)) }
+                        td.mono.small { (i.sha256.to_string()) }
+                        td { (format::bytes(i.index.size)) }
+                    } } }
+                } }
+                @if !m.metadata.is_empty() {
+                    h2 { "Metadata" }
+                    dl.facts { @for (k, v) in &m.metadata { dt { (k) } dd { (v) } } }
+                }
+                @if let Some(h) = &m.health {
+                    h2 { "Health spec" }
+                    pre { (serde_json::to_string_pretty(h).unwrap_or_default()) }
+                }
+            }
+            details {
+                summary { "Signed manifest (JSON)" }
+                pre { (pretty) }
+            }
+            p { a href={ "/api/v1/releases/" (r.id) "/bundle" } download { "Download the bundle" } }
+        },
+    ))
+}
+
+/// Delta query.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeltaQuery {
+    from: Option<String>,
+    to: Option<String>,
+}
+
+/// One image's delta.
+struct ImageDelta {
+    class: String,
+    delta: Delta,
+    image_size: u64,
+}
+
+/// The delta between two stored bundles.
+struct BundleDelta {
+    images: Vec<ImageDelta>,
+    total: u64,
+    full: u64,
+}
+
+async fn spool_blob(state: &AppState, key: &str) -> UiResult<tempfile::NamedTempFile> {
+    let mut file = tempfile::NamedTempFile::new_in(&state.spool)
+        .map_err(|e| anyhow::anyhow!("unable to create a spool file: {e}"))?;
+    let mut stream = state.blobs.get(key, None).await?;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| anyhow::anyhow!("reading blob {key}: {e}"))?;
+        file.write_all(&chunk)
+            .map_err(|e| anyhow::anyhow!("writing the spool file: {e}"))?;
+    }
+    Ok(file)
+}
+
+fn compute_delta(old: &std::path::Path, new: &std::path::Path) -> anyhow::Result<BundleDelta> {
+    let mut old = Bundle::open(std::fs::File::open(old)?)?;
+    let mut new = Bundle::open(std::fs::File::open(new)?)?;
+    // Both were verified at upload; the indexes are checked against them.
+    let old_manifest = old.unverified_manifest().clone();
+    let new_manifest = new.unverified_manifest().clone();
+    let mut images = Vec::new();
+    for image in &new_manifest.images {
+        let class = image.slot_class;
+        let new_index = new.read_index(&new_manifest, class)?;
+        let old_index = match old_manifest.image(class) {
+            Some(_) => Some(old.read_index(&old_manifest, class)?),
+            None => None,
+        };
+        images.push(ImageDelta {
+            class: class.as_str().to_string(),
+            delta: Delta::between(old_index.as_ref(), &new_index),
+            image_size: image.size,
+        });
+    }
+    let layout = new.layout();
+    let manifest_bytes = layout.signature.end();
+    let total = manifest_bytes + images.iter().map(|i| i.delta.total_bytes()).sum::<u64>();
+    Ok(BundleDelta {
+        images,
+        total,
+        full: layout.total_size,
+    })
+}
+
+async fn blob_of(state: &AppState, org: &str, id: &str) -> UiResult<(String, String, String)> {
+    let row = sqlx::query(
+        "SELECT blob_key, version, compatible FROM releases WHERE id = $1 AND org_id = $2",
+    )
+    .bind(id)
+    .bind(org)
+    .fetch_optional(state.store.pool())
+    .await?
+    .ok_or_else(|| UiError::not_found("No such release."))?;
+    Ok((
+        row.try_get("blob_key")?,
+        row.try_get("version")?,
+        row.try_get("compatible")?,
+    ))
+}
+
+/// `GET /ui/releases/delta?from=&to=`.
+pub async fn delta(
+    State(state): State<AppState>,
+    s: Session,
+    query: Result<Query<DeltaQuery>, axum::extract::rejection::QueryRejection>,
+) -> UiResult {
+    let Query(q) = query.map_err(|e| UiError::bad_request(e.body_text()))?;
+    let (Some(from), Some(to)) = (q.from, q.to) else {
+        return Err(UiError::bad_request(
+            "Choose the two releases (from and to).",
+        ));
+    };
+    let (old_key, old_version, old_class) = blob_of(&state, &s.op.org_id, &from).await?;
+    let (new_key, new_version, new_class) = blob_of(&state, &s.op.org_id, &to).await?;
+    let old_file = spool_blob(&state, &old_key).await?;
+    let new_file = spool_blob(&state, &new_key).await?;
+    let (old_path, new_path) = (old_file.path().to_path_buf(), new_file.path().to_path_buf());
+    let d = tokio::task::spawn_blocking(move || compute_delta(&old_path, &new_path))
+        .await
+        .map_err(|e| anyhow::anyhow!("delta task failed: {e}"))?
+        .map_err(|e| {
+            UiError::page(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Delta unavailable",
+                format!("The stored bundles could not be compared: {e:#}"),
+            )
+        })?;
+    drop((old_file, new_file));
+    let list = all(&state, &s).await?;
+    let saved = if d.full > 0 {
+        100.0 - d.total as f64 * 100.0 / d.full as f64
+    } else {
+        0.0
+    };
+    Ok(layout::page(
+        &s,
+        Nav::Releases,
+        "Delta",
+        html! {
+            nav.crumbs aria-label="Breadcrumb" { a href="/ui/releases" { "Releases" } " / delta" }
+            (heading(&format!("{old_version} → {new_version}"), None))
+            @if old_class != new_class {
+                p.notice role="status" { "These releases are for different hardware classes (" (old_class) ", " (new_class) "): no device installs one over the other." }
+            }
+            div.cards {
+                div.card data-delta-total=(d.total) { span.big { (format::bytes(d.total)) } span { "downloaded per device" } }
+                div.card { span.big { (format::bytes(d.full)) } span { "full bundle" } }
+                div.card { span.big { (format!("{saved:.0} %")) } span { "saved" } }
+            }
+            div.table-wrap { table {
+                thead { tr { th scope="col" { "Image" } th scope="col" { "Image size" } th scope="col" { "Chunks fetched" }
+                    th scope="col" { "Chunk bytes" } th scope="col" { "Chunks reused" } th scope="col" { "Index bytes" } } }
+                tbody { @for i in &d.images { tr {
+                    td { (i.class) } td { (format::bytes(i.image_size)) }
+                    td { (i.delta.chunks_fetched) } td { (format::bytes(i.delta.chunk_bytes)) }
+                    td { (i.delta.chunks_reused) }
+                    td { (format::bytes(i.delta.index_head_bytes + i.delta.index_page_bytes)) }
+                } } }
+            } }
+            @if list.len() >= 2 {
+                form.filters method="get" action="/ui/releases/delta" {
+                    (release_select("from", "From", &list, Some(&from)))
+                    (release_select("to", "To", &list, Some(&to)))
+                    div.field.actions { button type="submit" { "Compute delta" } }
+                }
+            }
+        },
+    ))
+}
