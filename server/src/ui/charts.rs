@@ -11,8 +11,8 @@ pub fn bars(title: &str, items: &[(String, u64)]) -> Markup {
     let max = items.iter().map(|(_, v)| *v).max().unwrap_or(0).max(1);
     let row = 26u32;
     let height = (items.len() as u32).max(1) * row + 4;
-    let label_w = 150u32;
-    let bar_w = 260u32;
+    let label_w = 120u32;
+    let bar_w = 190u32;
     html! {
         figure.chart {
             figcaption { (title) }
@@ -25,8 +25,8 @@ pub fn bars(title: &str, items: &[(String, u64)]) -> Markup {
                     @for (i, (label, value)) in items.iter().enumerate() {
                         @let y = i as u32 * row + 2;
                         @let w = ((*value as f64 / max as f64) * f64::from(bar_w)).round().max(2.0);
-                        text x=(label_w - 8) y=(y + 17) text-anchor="end" class="label" { (truncate(label, 20)) }
-                        rect x=(label_w) y=(y + 4) width=(w) height=(row - 8) rx="3" class={ "bar " (bar_class(label)) };
+                        text x=(label_w - 8) y=(y + 17) text-anchor="end" class="label" { (truncate(label, 18)) }
+                        rect x=(label_w) y=(y + 4) width=(w) height=(row - 8) rx="3" class={ "bar " (bar_class(label)) } {}
                         text x={ (f64::from(label_w) + w + 6.0) } y=(y + 17) class="value" { (value) }
                     }
                 }
@@ -76,6 +76,11 @@ pub fn lines(title: &str, series: &[Series<'_>], y_max: f64, unit: &str) -> Mark
     let x = |t: i64| left + (t - t0) as f64 / (t1 - t0) as f64 * (w - left - right);
     let y = |v: f64| top + (1.0 - (v / y_max).clamp(0.0, 1.0)) * (h - top - bottom);
     let empty = series.iter().all(|s| s.points.is_empty());
+    let clock = if t1 - t0 < 3_600_000 {
+        format::clock_secs
+    } else {
+        format::clock
+    };
     html! {
         figure.chart.wide {
             figcaption { (title) }
@@ -85,20 +90,20 @@ pub fn lines(title: &str, series: &[Series<'_>], y_max: f64, unit: &str) -> Mark
                 svg role="img" aria-label=(title) viewBox={ "0 0 " (w) " " (h) } width="100%" preserveAspectRatio="xMinYMin meet" {
                     title { (title) }
                     @for frac in [0.0, 0.5, 1.0] {
-                        line x1=(left) x2=(w - right) y1=(y(frac * y_max)) y2=(y(frac * y_max)) class="grid";
+                        line x1=(left) x2=(w - right) y1=(y(frac * y_max)) y2=(y(frac * y_max)) class="grid" {}
                         text x=(left - 6.0) y=(y(frac * y_max) + 4.0) text-anchor="end" class="label" {
                             (format!("{:.0}{unit}", frac * y_max))
                         }
                     }
-                    text x=(left) y=(h - 6.0) class="label" { (format::clock(t0)) }
-                    text x=(w - right) y=(h - 6.0) text-anchor="end" class="label" { (format::clock(t1)) " UTC" }
+                    text x=(left) y=(h - 6.0) class="label" { (clock(t0)) }
+                    text x=(w - right) y=(h - 6.0) text-anchor="end" class="label" { (clock(t1)) " UTC" }
                     @for s in series {
                         @if s.points.len() == 1 {
-                            circle cx=(x(s.points[0].0)) cy=(y(s.points[0].1)) r="3" class={ "dot " (s.class) };
+                            circle cx=(x(s.points[0].0)) cy=(y(s.points[0].1)) r="3" class={ "dot " (s.class) } {}
                         } @else {
                             polyline class={ "line " (s.class) } points=(
                                 s.points.iter().map(|(t, v)| format!("{:.1},{:.1}", x(*t), y(*v))).collect::<Vec<_>>().join(" ")
-                            );
+                            ) {}
                         }
                     }
                 }

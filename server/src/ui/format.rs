@@ -22,6 +22,12 @@ pub fn clock(ms: i64) -> String {
     format!("{:02}:{:02}", rem / 3600, rem % 3600 / 60)
 }
 
+/// Unix milliseconds as `HH:MM:SS` (short chart axes).
+pub fn clock_secs(ms: i64) -> String {
+    let rem = ms.div_euclid(1000).rem_euclid(86_400);
+    format!("{:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
 /// How long ago, e.g. `5 min ago`.
 pub fn ago(ms: i64) -> String {
     let secs = now_ms().saturating_sub(ms) / 1000;

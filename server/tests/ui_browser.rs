@@ -1,0 +1,778 @@
+//! The web UI in a real browser: Debian's headless Chromium driven through
+//! chromedriver (W3C WebDriver over HTTP on 127.0.0.1), against the real
+//! `kernex-server` binary on 127.0.0.1:0 with SQLite. Simulated devices
+//! talk to the device API over HTTP. A missing chromium or chromedriver is
+//! a failure (scripts/setup.d/50-ui.sh installs them).
+//!
+//! Screenshots of every page land in `$CARGO_TARGET_TMPDIR/ui-screenshots/`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// Kills a child process when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into()
+}
+
+/// A JSON request; (status, parsed body or Null).
+fn request(
+    agent: &ureq::Agent,
+    method: &str,
+    url: &str,
+    bearer: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let auth = bearer.map(|t| format!("Bearer {t}"));
+    let mut response = match (method, body) {
+        ("GET", _) => {
+            let mut r = agent.get(url);
+            if let Some(a) = &auth {
+                r = r.header("authorization", a);
+            }
+            r.call()
+        }
+        ("DELETE", _) => {
+            let mut r = agent.delete(url);
+            if let Some(a) = &auth {
+                r = r.header("authorization", a);
+            }
+            r.call()
+        }
+        (m, body) => {
+            let mut r = if m == "PUT" {
+                agent.put(url)
+            } else {
+                agent.post(url)
+            };
+            if let Some(a) = &auth {
+                r = r.header("authorization", a);
+            }
+            r.header("content-type", "application/json")
+                .send(body.unwrap_or(json!({})).to_string())
+        }
+    }
+    .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+    let status = response.status().as_u16();
+    let text = response
+        .body_mut()
+        .with_config()
+        .limit(64 * 1024 * 1024)
+        .read_to_string()
+        .unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// A minimal W3C WebDriver client.
+struct Browser {
+    agent: ureq::Agent,
+    base: String,
+    shots: PathBuf,
+    _driver: Proc,
+    _profile: tempfile::TempDir,
+}
+
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+const TAB: &str = "\u{E004}";
+const ENTER: &str = "\u{E007}";
+
+impl Browser {
+    fn start(shots: PathBuf) -> Browser {
+        for tool in ["/usr/bin/chromium", "/usr/bin/chromedriver"] {
+            assert!(
+                Path::new(tool).exists(),
+                "{tool} is missing: run scripts/setup (setup.d/50-ui.sh installs chromium and chromium-driver)"
+            );
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let driver = Proc(
+            Command::new("/usr/bin/chromedriver")
+                .arg(format!("--port={port}"))
+                .arg("--allowed-ips=127.0.0.1")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let agent = agent();
+        let driver_url = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut r) = agent.get(&format!("{driver_url}/status")).call() {
+                let v: Value =
+                    serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+                if v["value"]["ready"] == true {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "chromedriver did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let profile = tempfile::tempdir().unwrap();
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:loggingPrefs": {"performance": "ALL"},
+            "goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                "args": [
+                    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                    "--no-first-run", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync",
+                    "--disable-dev-shm-usage", "--window-size=1280,900",
+                    format!("--user-data-dir={}", profile.path().display()),
+                ],
+            },
+        }}});
+        let (status, v) = request(
+            &agent,
+            "POST",
+            &format!("{driver_url}/session"),
+            None,
+            Some(caps),
+        );
+        assert_eq!(status, 200, "new session: {v}");
+        let id = v["value"]["sessionId"].as_str().unwrap().to_string();
+        std::fs::create_dir_all(&shots).unwrap();
+        Browser {
+            agent,
+            base: format!("{driver_url}/session/{id}"),
+            shots,
+            _driver: driver,
+            _profile: profile,
+        }
+    }
+
+    fn cmd(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let (status, v) = request(
+            &self.agent,
+            method,
+            &format!("{}{path}", self.base),
+            None,
+            body,
+        );
+        assert_eq!(status, 200, "{method} {path}: {v}");
+        v["value"].clone()
+    }
+
+    fn goto(&self, url: &str) {
+        self.cmd("POST", "/url", Some(json!({"url": url})));
+    }
+
+    fn url(&self) -> String {
+        self.cmd("GET", "/url", None).as_str().unwrap().to_string()
+    }
+
+    fn find(&self, css: &str) -> String {
+        let v = self.cmd(
+            "POST",
+            "/element",
+            Some(json!({"using": "css selector", "value": css})),
+        );
+        v[ELEMENT].as_str().unwrap().to_string()
+    }
+
+    fn exists(&self, css: &str) -> bool {
+        let (status, _) = request(
+            &self.agent,
+            "POST",
+            &format!("{}/element", self.base),
+            None,
+            Some(json!({"using": "css selector", "value": css})),
+        );
+        status == 200
+    }
+
+    fn wait_for(&self, css: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.exists(css) {
+            assert!(
+                Instant::now() < deadline,
+                "{css} did not appear on {}",
+                self.url()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.find(css)
+    }
+
+    fn click(&self, css: &str) {
+        let el = self.find(css);
+        self.cmd("POST", &format!("/element/{el}/click"), Some(json!({})));
+    }
+
+    fn type_into(&self, css: &str, text: &str) {
+        let el = self.find(css);
+        self.cmd("POST", &format!("/element/{el}/clear"), Some(json!({})));
+        self.cmd(
+            "POST",
+            &format!("/element/{el}/value"),
+            Some(json!({"text": text})),
+        );
+    }
+
+    fn text(&self, css: &str) -> String {
+        let el = self.find(css);
+        self.cmd("GET", &format!("/element/{el}/text"), None)
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    fn js(&self, script: &str) -> Value {
+        self.cmd(
+            "POST",
+            "/execute/sync",
+            Some(json!({"script": script, "args": []})),
+        )
+    }
+
+    fn js_async(&self, script: &str) -> Value {
+        self.cmd(
+            "POST",
+            "/execute/async",
+            Some(json!({"script": script, "args": []})),
+        )
+    }
+
+    /// Presses keys on whatever has the focus (no element targeted).
+    fn keys(&self, text: &str) {
+        let mut actions = Vec::new();
+        for c in text.chars() {
+            actions.push(json!({"type": "keyDown", "value": c.to_string()}));
+            actions.push(json!({"type": "keyUp", "value": c.to_string()}));
+        }
+        self.cmd(
+            "POST",
+            "/actions",
+            Some(json!({"actions": [{"type": "key", "id": "keyboard", "actions": actions}]})),
+        );
+    }
+
+    fn focused_id(&self) -> String {
+        self.js("return document.activeElement ? document.activeElement.id : ''")
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+
+    fn wait_url(&self, suffix: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.url().ends_with(suffix) {
+            assert!(
+                Instant::now() < deadline,
+                "expected a URL ending in {suffix}, at {}",
+                self.url()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn screenshot(&self, name: &str) {
+        let b64 = self.cmd("GET", "/screenshot", None);
+        let png = openssl::base64::decode_block(b64.as_str().unwrap()).unwrap();
+        assert!(png.starts_with(b"\x89PNG"), "{name}: not a PNG");
+        std::fs::write(self.shots.join(format!("{name}.png")), png).unwrap();
+    }
+
+    fn window(&self, width: u32, height: u32) {
+        self.cmd(
+            "POST",
+            "/window/rect",
+            Some(json!({"width": width, "height": height})),
+        );
+    }
+
+    /// URLs of every request the browser made since the last call.
+    fn requested_urls(&self) -> Vec<String> {
+        let (status, v) = request(
+            &self.agent,
+            "POST",
+            &format!("{}/se/log", self.base),
+            None,
+            Some(json!({"type": "performance"})),
+        );
+        assert_eq!(status, 200, "performance log: {v}");
+        let mut urls = Vec::new();
+        for entry in v["value"].as_array().unwrap() {
+            let message: Value =
+                serde_json::from_str(entry["message"].as_str().unwrap_or("{}")).unwrap();
+            let m = &message["message"];
+            if m["method"] == "Network.requestWillBeSent" {
+                urls.push(m["params"]["request"]["url"].as_str().unwrap().to_string());
+            }
+        }
+        urls
+    }
+
+    fn accept_dialog(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (status, _) = request(
+                &self.agent,
+                "POST",
+                &format!("{}/alert/accept", self.base),
+                None,
+                Some(json!({})),
+            );
+            if status == 200 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "no confirmation dialog");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.agent.delete(&self.base).call();
+    }
+}
+
+fn golden(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../protocol/tests/golden")
+        .join(name)
+}
+
+/// Starts kernex-server; returns it, its origin and the admin password.
+fn start_server(data_dir: &Path) -> (Proc, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kernex-server"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .env_remove("DATABASE_URL")
+        .env_remove("KERNEX_SERVER_CONFIG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let server = Proc(child);
+    let mut password = None;
+    loop {
+        let mut line = String::new();
+        assert!(out.read_line(&mut line).unwrap() > 0, "server exited");
+        if let Some(p) = line
+            .trim()
+            .strip_prefix("One-time admin password (shown only now): ")
+        {
+            password = Some(p.to_string());
+        }
+        if let Some(addr) = line.trim().strip_prefix("kernex-server listening on ") {
+            return (server, addr.to_string(), password.expect("admin password"));
+        }
+    }
+}
+
+#[test]
+fn operator_flows_in_a_real_browser() {
+    let started = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, origin, password) = start_server(&dir.path().join("data"));
+    assert!(origin.starts_with("http://127.0.0.1:"), "{origin}");
+    let api = |path: &str| format!("{origin}/api/v1{path}");
+    let http = agent();
+
+    // The fleet, through the real API: keyring, a read-only user, three
+    // devices with heartbeats and logs, one of them degraded.
+    let (s, v) = request(
+        &http,
+        "POST",
+        &api("/login"),
+        None,
+        Some(json!({"email": "admin@localhost", "password": password})),
+    );
+    assert_eq!(s, 200, "{v}");
+    let admin = v["token"].as_str().unwrap().to_string();
+    let ca = std::fs::read_to_string(golden("ca.crt")).unwrap();
+    let (s, _) = request(
+        &http,
+        "PUT",
+        &api("/org/keyring"),
+        Some(&admin),
+        Some(json!({"pem": ca})),
+    );
+    assert_eq!(s, 204);
+    let (s, _) = request(
+        &http,
+        "POST",
+        &api("/users"),
+        Some(&admin),
+        Some(
+            json!({"email": "viewer@localhost", "password": "viewer password 1", "role": "read_only"}),
+        ),
+    );
+    assert_eq!(s, 201);
+    let (s, v) = request(
+        &http,
+        "POST",
+        &api("/enrollment-tokens"),
+        Some(&admin),
+        Some(json!({"label": "factory", "tags": ["site-a"]})),
+    );
+    assert_eq!(s, 201);
+    let enrollment = v["token"].as_str().unwrap().to_string();
+    let mut devices = Vec::new();
+    for (i, class) in ["qemu-aarch64", "qemu-aarch64", "raspberrypi4-64"]
+        .iter()
+        .enumerate()
+    {
+        let (s, v) = request(
+            &http,
+            "POST",
+            &api("/device/enroll"),
+            None,
+            Some(json!({
+            "enrollment_token": enrollment, "device_id": format!("edge-{i:02}"), "hardware_class": class})),
+        );
+        assert_eq!(s, 201, "{v}");
+        devices.push((
+            v["id"].as_str().unwrap().to_string(),
+            v["credential"].as_str().unwrap().to_string(),
+        ));
+    }
+    for (cpu, mem) in [(12.0, 410), (48.0, 520), (30.0, 480), (22.0, 450)] {
+        let (s, _) = request(
+            &http,
+            "POST",
+            &api("/device/heartbeat"),
+            Some(&devices[0].1),
+            Some(json!({
+            "cpu_percent": cpu, "memory_used_bytes": mem, "memory_total_bytes": 1000,
+            "version": "1.0.0", "booted_slot": "A", "primary_slot": "A", "uptime_secs": 3600})),
+        );
+        assert_eq!(s, 204);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (s, _) = request(
+        &http,
+        "POST",
+        &api("/device/heartbeat"),
+        Some(&devices[1].1),
+        Some(json!({"cpu_percent": 5.0, "version": "1.0.0"})),
+    );
+    assert_eq!(s, 204);
+    let (s, _) = request(
+        &http,
+        "POST",
+        &api("/device/heartbeat"),
+        Some(&devices[2].1),
+        Some(json!({"memory_used_bytes": 960, "memory_total_bytes": 1000})),
+    );
+    assert_eq!(s, 204);
+    let (s, _) = request(
+        &http,
+        "POST",
+        &api("/device/logs"),
+        Some(&devices[0].1),
+        Some(json!({"entries": [
+        {"level": "info", "message": "llm service ready"},
+        {"level": "error", "message": "tool call timed out"}]})),
+    );
+    assert_eq!(s, 204);
+
+    let b = Browser::start(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ui-screenshots"));
+    let _ = b.requested_urls();
+
+    // Keyboard-only login: focus moves by Tab, text is typed, Enter submits.
+    b.goto(&format!("{origin}/ui/"));
+    b.wait_url("/ui/login?next=/ui/");
+    b.screenshot("01-login");
+    for _ in 0..10 {
+        if b.focused_id() == "email" {
+            break;
+        }
+        b.keys(TAB);
+    }
+    assert_eq!(b.focused_id(), "email", "Tab reaches the email field");
+    b.keys("admin@localhost");
+    b.keys(TAB);
+    assert_eq!(b.focused_id(), "password");
+    b.keys(&password);
+    b.keys(ENTER);
+    b.wait_url("/ui/");
+    b.wait_for("[data-count=total]");
+
+    // The overview's counts are the API's.
+    let (_, list) = request(&http, "GET", &api("/devices"), Some(&admin), None);
+    let list = list.as_array().unwrap().clone();
+    let shown = b.js("var o = {}; document.querySelectorAll('[data-count]').forEach(function (e) { o[e.getAttribute('data-count')] = parseInt(e.querySelector('.big').textContent, 10); }); return o;");
+    assert_eq!(shown["total"], list.len(), "{shown}");
+    for status in [
+        "online", "degraded", "offline", "updating", "reverted", "error",
+    ] {
+        let n = list.iter().filter(|d| d["status"] == status).count();
+        assert_eq!(shown[status], n, "{status}: {shown}");
+    }
+    assert_eq!(shown["degraded"], 1);
+    // Every bar is drawn (SVG elements must be closed in HTML to stay
+    // siblings, not nest).
+    let bars = b.js("return document.querySelectorAll('figure.chart svg > rect.bar').length");
+    assert_eq!(bars, 6 + 2 + 2, "status, version and class bars");
+    assert!(
+        b.text("main").contains("edge-02"),
+        "the degraded device needs attention"
+    );
+    b.screenshot("02-overview");
+
+    // Device list with a filter, then a device's detail.
+    b.goto(&format!("{origin}/ui/devices?hardware_class=qemu-aarch64"));
+    let rows = b.js("return document.querySelectorAll('main tbody tr').length");
+    assert_eq!(rows, 2);
+    b.screenshot("03-devices");
+    b.click("main tbody tr a");
+    b.wait_for("svg > polyline.s1");
+    b.wait_for("svg > polyline.s2");
+    let page = b.text("main");
+    assert!(
+        page.contains("llm service ready") && page.contains("tool call timed out"),
+        "{page}"
+    );
+    assert!(page.contains("unattested") && page.contains("Booted slot"));
+    let points = b.js(
+        "return document.querySelector('svg polyline.s1').getAttribute('points').split(' ').length",
+    );
+    assert_eq!(points, 4, "one CPU point per heartbeat");
+    b.screenshot("04-device");
+    // The level filter, by keyboard and click.
+    let el = b.find("#level");
+    b.cmd(
+        "POST",
+        &format!("/element/{el}/value"),
+        Some(json!({"text": "error"})),
+    );
+    b.click(".filters button[type=submit]");
+    b.wait_url("level=error");
+    let page = b.text("main");
+    assert!(
+        page.contains("tool call timed out") && !page.contains("llm service ready"),
+        "{page}"
+    );
+
+    // A CSRF-less post from the page's own origin is refused.
+    let status = b.js_async("var done = arguments[0]; fetch('/ui/enrollment-tokens', {method: 'POST', headers: {'content-type': 'application/x-www-form-urlencoded'}, body: 'label=no-csrf'}).then(function (r) { done(r.status); });");
+    assert_eq!(status, 403);
+
+    // Upload a release through the page: progress, verification, result.
+    b.goto(&format!("{origin}/ui/releases"));
+    let file = b.find("#bundle");
+    b.cmd(
+        "POST",
+        &format!("/element/{file}/value"),
+        Some(json!({"text": golden("valid.kxb").canonicalize().unwrap().display().to_string()})),
+    );
+    b.click("#upload button[type=submit]");
+    b.wait_for("#uploaded-release");
+    let progress = b.js(
+        "var p = document.getElementById('upload-progress'); return [p.value, p.max, p.hidden];",
+    );
+    assert_eq!(progress[0], progress[1], "{progress}");
+    assert_eq!(progress[2], false);
+    let (_, releases) = request(&http, "GET", &api("/releases"), Some(&admin), None);
+    assert_eq!(releases.as_array().unwrap().len(), 1);
+    let release = releases[0]["id"].as_str().unwrap().to_string();
+    b.screenshot("05-releases");
+    b.click("#uploaded-release");
+    b.wait_for("details pre");
+    assert!(
+        b.text("main")
+            .contains(releases[0]["version"].as_str().unwrap())
+    );
+    b.screenshot("06-release");
+
+    // An enrollment token: created, shown once, and it enrolls a device.
+    b.goto(&format!("{origin}/ui/enrollment-tokens"));
+    b.type_into("#label", "line 3");
+    b.type_into("#tags", "site-b metered");
+    b.click("form[action='/ui/enrollment-tokens'] button[type=submit]");
+    let token = b.text(&format!("#{}", "new-token"));
+    assert!(token.starts_with("kxe_"), "{token}");
+    let (s, v) = request(
+        &http,
+        "POST",
+        &api("/device/enroll"),
+        None,
+        Some(json!({
+        "enrollment_token": token, "device_id": "edge-10", "hardware_class": "qemu-aarch64"})),
+    );
+    assert_eq!(s, 201, "{v}");
+    b.screenshot("07-enrollment");
+    // Revoke the first token, through the confirmation dialog.
+    b.goto(&format!("{origin}/ui/enrollment-tokens"));
+    assert!(
+        !b.text("main").contains(&token),
+        "a token is shown only once"
+    );
+    b.click("form[data-confirm] button");
+    b.accept_dialog();
+    b.wait_for("main .badge.bad");
+    let (_, tokens) = request(&http, "GET", &api("/enrollment-tokens"), Some(&admin), None);
+    assert_eq!(
+        tokens
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["revoked"] == true)
+            .count(),
+        1
+    );
+
+    // A deployment: choose, review, confirm; the page follows its progress.
+    b.goto(&format!("{origin}/ui/deployments?release={release}"));
+    b.click(&format!("input[value='{}']", devices[0].0));
+    b.type_into("#description", "canary");
+    b.click("form[action='/ui/deployments/confirm'] button[type=submit]");
+    b.wait_for("form[action='/ui/deployments'] button.primary");
+    b.screenshot("08-deploy-confirm");
+    b.click("form[action='/ui/deployments'] button.primary");
+    b.wait_for("[data-refresh]");
+    assert!(b.text("main").contains("assigned"));
+    let (s, _) = request(
+        &http,
+        "POST",
+        &api("/device/report"),
+        Some(&devices[0].1),
+        Some(json!({
+        "state": "downloading", "release_id": release, "bytes_done": 300, "bytes_total": 1000})),
+    );
+    assert_eq!(s, 204);
+    // The live fragment picks the progress up without a reload.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !b.text("main").contains("downloading") {
+        assert!(
+            Instant::now() < deadline,
+            "the deployment page did not update live"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    b.screenshot("09-deployment");
+
+    for (path, name) in [
+        ("/ui/audit", "10-audit"),
+        ("/ui/users", "11-users"),
+        ("/ui/keyring", "12-keyring"),
+    ] {
+        b.goto(&format!("{origin}{path}"));
+        b.wait_for("main h1");
+        b.screenshot(name);
+    }
+    assert!(b.text("main").contains("SHA-256 fingerprint"));
+    b.goto(&format!("{origin}/ui/audit?action=release"));
+    let audit = b.text("main");
+    assert!(
+        audit.contains("release.upload") && !audit.contains("enrollment_token.create"),
+        "{audit}"
+    );
+
+    // Tablet width: nothing overflows sideways.
+    b.window(820, 1180);
+    for (path, name) in [
+        ("/ui/".to_string(), "13-tablet-overview"),
+        (format!("/ui/devices/{}", devices[0].0), "14-tablet-device"),
+    ] {
+        b.goto(&format!("{origin}{path}"));
+        b.wait_for("main h1");
+        let overflow = b.js(
+            "return document.documentElement.scrollWidth - document.documentElement.clientWidth",
+        );
+        assert_eq!(overflow, 0, "{path} scrolls sideways at tablet width");
+        b.screenshot(name);
+    }
+    b.window(1280, 900);
+
+    // Log out; a read-only operator sees no mutating control and a forged
+    // post is refused.
+    b.click("form[action='/ui/logout'] button");
+    b.wait_url("/ui/login");
+    b.type_into("#email", "viewer@localhost");
+    b.type_into("#password", "viewer password 1");
+    b.click("form[action='/ui/login'] button[type=submit]");
+    b.wait_for("[data-count=total]");
+    for path in [
+        "/ui/".to_string(),
+        "/ui/devices".to_string(),
+        format!("/ui/devices/{}", devices[0].0),
+        "/ui/releases".to_string(),
+        format!("/ui/releases/{release}"),
+        "/ui/deployments".to_string(),
+        "/ui/enrollment-tokens".to_string(),
+        "/ui/audit".to_string(),
+        "/ui/keyring".to_string(),
+    ] {
+        b.goto(&format!("{origin}{path}"));
+        b.wait_for("main h1");
+        let forms = b.js("return Array.from(document.querySelectorAll('form')).filter(function (f) { return f.method === 'post'; }).map(function (f) { return f.getAttribute('action'); })");
+        assert_eq!(forms, json!(["/ui/logout"]), "{path}: only the logout form");
+        assert_eq!(b.js("return document.querySelectorAll('input[type=file], button.danger, button.primary').length"), 0, "{path}");
+    }
+    b.screenshot("15-read-only-releases");
+    let before = request(&http, "GET", &api("/enrollment-tokens"), Some(&admin), None)
+        .1
+        .as_array()
+        .unwrap()
+        .len();
+    let status = b.js_async("var done = arguments[0]; var csrf = document.querySelector('input[name=csrf]').value; fetch('/ui/enrollment-tokens', {method: 'POST', headers: {'content-type': 'application/x-www-form-urlencoded'}, body: 'label=forged&csrf=' + encodeURIComponent(csrf)}).then(function (r) { done(r.status); });");
+    assert_eq!(status, 403, "the role check refuses a forged post");
+    let after = request(&http, "GET", &api("/enrollment-tokens"), Some(&admin), None)
+        .1
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(before, after);
+    b.goto(&format!("{origin}/ui/users"));
+    assert!(b.text("main").contains("403"));
+
+    // No request left 127.0.0.1: every network URL the browser asked for
+    // was this server's. (Chromium's own chrome:// pages and inline data
+    // never touch the network.)
+    let urls = b.requested_urls();
+    let network: Vec<&String> = urls
+        .iter()
+        .filter(|u| {
+            !u.starts_with("chrome://") && !u.starts_with("data:") && !u.starts_with("about:")
+        })
+        .collect();
+    assert!(
+        network.len() > 30,
+        "the performance log recorded the session: {urls:?}"
+    );
+    for url in &network {
+        assert!(
+            url.starts_with(&format!("{origin}/")),
+            "the browser requested {url}"
+        );
+    }
+    let own = b.js("return performance.getEntriesByType('navigation').concat(performance.getEntriesByType('resource')).map(function (e) { return e.name; })");
+    for url in own.as_array().unwrap() {
+        assert!(
+            url.as_str().unwrap().starts_with(&format!("{origin}/")),
+            "resource {url}"
+        );
+    }
+    eprintln!(
+        "browser flows took {:.1} s; screenshots in {}",
+        started.elapsed().as_secs_f64(),
+        b.shots.display()
+    );
+}
