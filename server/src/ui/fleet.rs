@@ -184,13 +184,13 @@ pub async fn devices(
 ) -> UiResult {
     let Query(q) = query.map_err(|e| UiError::bad_request(e.body_text()))?;
     let status = nonempty(q.status);
-    if let Some(st) = &status {
-        if !STATUSES.contains(&st.as_str()) {
-            return Err(UiError::bad_request(format!(
-                "Unknown status {st:?}: one of {}.",
-                STATUSES.join(", ")
-            )));
-        }
+    if let Some(st) = &status
+        && !STATUSES.contains(&st.as_str())
+    {
+        return Err(UiError::bad_request(format!(
+            "Unknown status {st:?}: one of {}.",
+            STATUSES.join(", ")
+        )));
     }
     let filter = DeviceFilter {
         tag: nonempty(q.tag),
@@ -389,12 +389,12 @@ pub async fn device(
 ) -> UiResult {
     let Query(q) = query.map_err(|e| UiError::bad_request(e.body_text()))?;
     let level = nonempty(q.level);
-    if let Some(l) = &level {
-        if !["debug", "info", "warn", "error"].contains(&l.as_str()) {
-            return Err(UiError::bad_request(format!(
-                "Unknown log level {l:?}: one of debug, info, warn, error."
-            )));
-        }
+    if let Some(l) = &level
+        && !["debug", "info", "warn", "error"].contains(&l.as_str())
+    {
+        return Err(UiError::bad_request(format!(
+            "Unknown log level {l:?}: one of debug, info, warn, error."
+        )));
     }
     let d = load_device(&state, &s, &id).await?;
     let crate::http::ApiJson(logs) = devices::logs(
