@@ -341,6 +341,125 @@ fn bad_input_fails_with_a_named_reason_and_exit_code_1() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("compatible"));
 }
 
+/// `bundle create --health`: the spec lands in the signed manifest, where
+/// the device's watchdog reads it; a bad spec stops the build with the
+/// field it names, and no bundle is written.
+#[test]
+fn health_spec_lands_in_the_signed_manifest() {
+    let r = Release::new();
+    fs::write(
+        r.path("health.toml"),
+        r#"deadline = 300
+stability-window = 60
+max-revert-reboots = 2
+
+[[checks]]
+type = "http"
+url = "http://127.0.0.1:8080/health"
+status = 200
+body-contains = "ok"
+
+[[checks]]
+type = "llm"
+model = "/opt/agent/model.gguf"
+prompt = "The capital of France is"
+tokens = 8
+min-tokens-per-second = 5
+max-rss = 1073741824
+expect = "Paris"
+"#,
+    )
+    .unwrap();
+    let created = run_json(
+        r.create_cmd("qemu-aarch64", "keys/signing.key")
+            .arg("--health")
+            .arg(r.path("health.toml"))
+            .arg("--json"),
+    );
+    assert_eq!(created["manifest"]["health"]["deadline"], 300);
+    let inspect = run_json(
+        kernex_image()
+            .args(["bundle", "inspect", "--json"])
+            .arg(r.path("never.kxb")),
+    );
+    let health = &inspect["manifest"]["health"];
+    assert_eq!(health["stability-window"], 60);
+    assert_eq!(health["max-revert-reboots"], 2);
+    assert_eq!(health["checks"][0]["type"], "http");
+    assert_eq!(health["checks"][0]["body-contains"], "ok");
+    assert_eq!(health["checks"][1]["type"], "llm");
+    assert_eq!(health["checks"][1]["tokens"], 8);
+    assert_eq!(health["checks"][1]["max-rss"], 1073741824u64);
+    assert_eq!(health["checks"][1]["expect"], "Paris");
+    // It is in the manifest the signature covers.
+    let verify = run_json(
+        kernex_image()
+            .args(["bundle", "verify", "--json", "--keyring"])
+            .arg(r.path("keys/ca.crt"))
+            .arg(r.path("never.kxb")),
+    );
+    assert_eq!(verify["verified"], true);
+    let manifest: Value =
+        serde_json::from_slice(&fs::read(r.unpack("never.kxb").join("manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest["health"], *health);
+    let human = run(kernex_image()
+        .args(["bundle", "inspect"])
+        .arg(r.path("never.kxb")));
+    assert!(
+        String::from_utf8_lossy(&human.stdout)
+            .contains("health:       2 checks (http, llm), deadline 300 s, stability window 60 s"),
+        "{}",
+        String::from_utf8_lossy(&human.stdout)
+    );
+    // The same spec as JSON.
+    fs::write(r.path("health.json"), serde_json::to_vec(&health).unwrap()).unwrap();
+    fs::remove_file(r.path("never.kxb")).unwrap();
+    let created = run_json(
+        r.create_cmd("qemu-aarch64", "keys/signing.key")
+            .arg("--health")
+            .arg(r.path("health.json"))
+            .arg("--json"),
+    );
+    assert_eq!(created["manifest"]["health"], *health);
+    fs::remove_file(r.path("never.kxb")).unwrap();
+
+    // Bad specs: the reason names the field; nothing is written.
+    let cases = [
+        (
+            "unknown-key.toml",
+            "deadline = 10\nretries = 3\n",
+            "retries",
+        ),
+        (
+            "zero-tokens.toml",
+            "[[checks]]\ntype = \"llm\"\nmodel = \"m.gguf\"\nprompt = \"hi\"\ntokens = 0\nmin-tokens-per-second = 1\nmax-rss = 1\n",
+            "health.checks[0].tokens",
+        ),
+        ("zero-deadline.toml", "deadline = 0\n", "health.deadline"),
+        ("not-toml.toml", "deadline = = 3\n", "invalid health spec"),
+        ("missing.toml", "", "unable to read health spec"),
+    ];
+    for (file, text, reason) in cases {
+        if !text.is_empty() {
+            fs::write(r.path(file), text).unwrap();
+        }
+        let out = r
+            .create_cmd("qemu-aarch64", "keys/signing.key")
+            .arg("--health")
+            .arg(r.path(file))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{file}: {stderr}");
+        assert!(
+            stderr.contains(reason),
+            "{file}: expected {reason:?} in {stderr}"
+        );
+        assert!(!r.path("never.kxb").exists(), "{file}");
+    }
+}
+
 #[test]
 fn private_keys_are_not_world_readable() {
     use std::os::unix::fs::PermissionsExt;

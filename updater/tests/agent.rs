@@ -95,6 +95,7 @@ fn bundle_create(dev: &AgentDevice, rootfs: &Path, agent: Option<&Path>, out: &P
         compression_level: 3,
         threads: 1,
         json: true,
+        health: None,
     }))
     .unwrap();
 }

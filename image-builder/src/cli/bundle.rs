@@ -11,6 +11,7 @@ use kernex_protocol::archive::{self, ArchiveOptions, BuiltArchive};
 use kernex_protocol::bundle::{self, Bundle, ImageInput, ReleaseInfo};
 use kernex_protocol::container;
 use kernex_protocol::index::{ChunkIndex, ChunkerParams, Delta};
+use kernex_protocol::manifest::HealthSpec;
 use kernex_protocol::signature::{self, Keyring, Signer, VerifyOptions};
 use kernex_protocol::{FsType, Manifest, SlotClass};
 use serde::Serialize;
@@ -83,6 +84,14 @@ pub struct CreateArgs {
     /// Free-form metadata, repeatable: --meta model=qwen-1.5b --meta quant=Q4_K_M.
     #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = parse_meta)]
     pub metadata: Vec<(String, String)>,
+    /// Health spec for the device's watchdog after it boots this release on
+    /// trial: a TOML file with the keys of system.toml's `[health]` table at
+    /// the top level (deadline, stability-window, max-revert-reboots,
+    /// [[checks]] with type = service/http/command/llm/disk/memory), or the
+    /// same as JSON when the name ends in .json. Checked against the
+    /// protocol's limits before anything is built.
+    #[arg(long, value_name = "FILE")]
+    pub health: Option<PathBuf>,
     /// Average chunk size in bytes (rounded down to a power of two).
     #[arg(long, default_value_t = 32 * 1024)]
     pub avg_chunk_size: u32,
@@ -174,7 +183,46 @@ pub struct CreateSummary {
     pub signer: signature::SignerInfo,
 }
 
+/// One line about a health spec: its checks by type and its timings.
+fn describe_health(health: &HealthSpec) -> String {
+    let checks = health.checks.as_deref().unwrap_or_default();
+    let types: Vec<String> = checks
+        .iter()
+        .map(|c| {
+            serde_json::to_value(c)
+                .ok()
+                .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_string))
+                .unwrap_or_else(|| "?".into())
+        })
+        .collect();
+    let mut line = format!("{} checks ({})", checks.len(), types.join(", "));
+    if let Some(d) = health.deadline {
+        line.push_str(&format!(", deadline {d} s"));
+    }
+    if let Some(w) = health.stability_window {
+        line.push_str(&format!(", stability window {w} s"));
+    }
+    line
+}
+
+/// Reads and checks a health spec file (`bundle create --health`).
+pub fn read_health_spec(path: &Path) -> Result<HealthSpec> {
+    let text = fs::read_to_string(path)
+        .with_context(|| format!("unable to read health spec {}", path.display()))?;
+    let spec: HealthSpec = if path.extension().is_some_and(|e| e == "json") {
+        serde_json::from_str(&text)
+            .with_context(|| format!("invalid health spec {} (JSON)", path.display()))?
+    } else {
+        toml::from_str(&text)
+            .with_context(|| format!("invalid health spec {} (TOML)", path.display()))?
+    };
+    spec.validate()
+        .with_context(|| format!("invalid health spec {}", path.display()))?;
+    Ok(spec)
+}
+
 fn create(args: CreateArgs) -> Result<()> {
+    let health = args.health.as_deref().map(read_health_spec).transpose()?;
     let key = fs::read(&args.key)
         .with_context(|| format!("unable to read signing key {}", args.key.display()))?;
     let cert = fs::read(&args.cert)
@@ -228,7 +276,8 @@ fn create(args: CreateArgs) -> Result<()> {
             built: archive,
         })
         .collect();
-    let manifest = bundle::manifest_for(&release, &inputs)?;
+    let mut manifest = bundle::manifest_for(&release, &inputs)?;
+    manifest.health = health;
     let manifest_bytes = manifest.to_vec()?;
     let sig = signer.sign(&manifest_bytes)?;
 
@@ -282,6 +331,9 @@ fn create(args: CreateArgs) -> Result<()> {
         size,
         summary.signer.subject
     );
+    if let Some(health) = &summary.manifest.health {
+        println!("  health {}", describe_health(health));
+    }
     for image in &summary.manifest.images {
         println!(
             "  {:<6} {:>12} bytes {:<8} sha256 {}  archive {} bytes",
@@ -426,6 +478,9 @@ fn inspect(args: InspectArgs) -> Result<()> {
     }
     for (k, v) in &m.metadata {
         println!("meta:         {k} = {v}");
+    }
+    if let Some(health) = &m.health {
+        println!("health:       {}", describe_health(health));
     }
     for (image, stats) in m.images.iter().zip(&out.images) {
         println!("image {}:", image.slot_class);
