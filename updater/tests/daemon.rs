@@ -13,6 +13,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -594,4 +595,83 @@ fn offline_device_keeps_its_assignment_and_delivers_in_order() {
         messages.into_iter().map(|m| m.1).collect::<Vec<_>>(),
         expected
     );
+}
+
+fn alive(pid: &str) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+fn pids(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The agent keeps running after the watchdog's verdict, supervised by the
+/// daemon (no systemd), and comes back when it dies. No server is needed
+/// for that: the control plane here is unreachable.
+#[test]
+fn daemon_keeps_the_agent_running_after_the_commit() {
+    let keys = keys();
+    let mut dev = SimDevice::new(
+        &keys,
+        &image(MIB, 5),
+        "http://127.0.0.1:9",
+        "unused",
+        "sim-4",
+    );
+    let pid_file = dev.dev.path("agent.pids");
+    let mut text = std::fs::read_to_string(&dev.dev.config).unwrap();
+    text.push_str(&format!(
+        "[[health.checks]]\ntype = \"service\"\nname = \"agent\"\nmode = \"supervise\"\n\
+         command = [\"sh\", \"-c\", \"echo $$ >> {}; exec sleep 600\"]\nbackoff-ms = 100\n",
+        pid_file.display()
+    ));
+    std::fs::write(&dev.dev.config, text).unwrap();
+    dev.start();
+    // The watchdog starts the agent, commits, stops its probe; the daemon
+    // starts it again and keeps it.
+    wait_for(
+        "the agent under the daemon",
+        &dev,
+        Duration::from_secs(60),
+        || {
+            let last = pids(&pid_file).last().cloned()?;
+            alive(&last).then_some(last)
+        },
+    );
+    // The watchdog's run is over (it stops its own instance at the verdict,
+    // possibly before that one wrote its pid): the daemon's instance stays.
+    std::thread::sleep(Duration::from_secs(3));
+    let first = pids(&pid_file).last().cloned().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(alive(&first), "the agent stopped:\n{}", dev.log());
+    assert_eq!(
+        pids(&pid_file).last(),
+        Some(&first),
+        "the agent was restarted without dying"
+    );
+    assert!(
+        dev.log().contains("committed") || dev.status()["committed"] == true,
+        "{}",
+        dev.log()
+    );
+    // It dies: the daemon starts it again.
+    Command::new("kill")
+        .args(["-KILL", &first])
+        .status()
+        .unwrap();
+    let second = wait_for("the agent restarted", &dev, Duration::from_secs(30), || {
+        let p = pids(&pid_file);
+        let last = p.last().cloned()?;
+        (last != first && alive(&last)).then_some(last)
+    });
+    drop(dev);
+    // Killing the daemon (SIGKILL) orphans the agent's process group: clean up.
+    let _ = Command::new("kill").args(["-KILL", &second]).status();
 }

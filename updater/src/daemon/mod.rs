@@ -17,6 +17,7 @@
 //! writes the chosen slot to the kernel command line file the bootloader
 //! config names, and starts over as the freshly booted system.
 
+pub mod agent;
 pub mod client;
 pub mod inventory;
 pub mod logs;
@@ -159,6 +160,8 @@ struct Daemon<'a> {
     sampler: inventory::Sampler,
     credential: Option<Credential>,
     failures: u32,
+    /// The supervised agent services (stopped when dropped).
+    agents: Option<agent::Agents>,
 }
 
 fn now_ms() -> i64 {
@@ -204,6 +207,7 @@ impl<'a> Daemon<'a> {
             sampler: inventory::Sampler::new(),
             credential,
             failures: 0,
+            agents: None,
             ctx,
         })
     }
@@ -223,6 +227,9 @@ impl<'a> Daemon<'a> {
             // The watchdog ran the reboot command itself.
             return self.await_reboot();
         }
+        // The slot is the one to run: keep its agent services up.
+        let booted = self.ctx.flow.booted_slot()?;
+        self.agents = agent::Agents::start(agent::services(&self.ctx.config, booted));
         loop {
             if *cycles_left == Some(0) {
                 // Last chance to deliver what the final cycle queued.
@@ -706,6 +713,8 @@ impl<'a> Daemon<'a> {
     /// After the reboot command: a simulated device boots again now; a
     /// real one waits to be taken down.
     fn await_reboot(&mut self) -> Result<Next> {
+        // A real reboot ends them; a simulated one must too.
+        self.agents = None;
         let cmd = &self.ctx.config.reboot_command;
         if self.options.simulate_boot {
             simulate_power_on(&self.ctx.config)?;

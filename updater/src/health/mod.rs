@@ -24,7 +24,7 @@ use crate::config::SystemConfig;
 use crate::error::UpdateError;
 use crate::store::{DataDir, now};
 
-pub use checks::Verdict;
+pub use checks::{Probe, Verdict};
 
 /// Default deadline, seconds.
 pub const DEFAULT_DEADLINE: u64 = 300;
