@@ -77,7 +77,7 @@ pub fn diversity_order(targets: &mut Vec<Target>) {
         keys.sort();
         for (rank, (h, key)) in keys.into_iter().enumerate() {
             if let Some(mut members) = groups.remove(&key) {
-                members.sort_by_key(|t| (stable_hash(&t.pk), t.pk.clone()));
+                members.sort_by_cached_key(|t| (stable_hash(&t.pk), t.pk.clone()));
                 ranked.push((
                     (rank as u64, format!("{}/{}", class.0, class.1), h),
                     members,
@@ -108,7 +108,10 @@ pub fn diversity_order(targets: &mut Vec<Target>) {
         {
             seen_hw.clear();
         }
-        if heads.iter().all(|(_, t)| seen_site.contains(&site(t))) {
+        if heads
+            .iter()
+            .all(|(_, t)| seen_site.contains(t.site.as_deref().unwrap_or("")))
+        {
             seen_site.clear();
         }
         if heads.iter().all(|(_, t)| seen_link.contains(&t.link_class)) {
@@ -118,7 +121,7 @@ pub fn diversity_order(targets: &mut Vec<Target>) {
             .iter()
             .map(|(g, t)| {
                 let score = 4 * u8::from(!seen_hw.contains(&t.hardware_class))
-                    + 2 * u8::from(!seen_site.contains(&site(t)))
+                    + 2 * u8::from(!seen_site.contains(t.site.as_deref().unwrap_or("")))
                     + u8::from(!seen_link.contains(&t.link_class));
                 (score, Reverse(last[*g]), Reverse(*g))
             })
