@@ -53,6 +53,14 @@ pub struct Config {
     pub default_organization: String,
     /// Email of the admin user created on first start.
     pub admin_email: String,
+    /// Milliseconds between rollout scheduler passes (0: no scheduler).
+    pub scheduler_interval_ms: u64,
+    /// Lifetime of the scheduler lease, seconds: another replica takes
+    /// over this long after the holder stops renewing it.
+    pub scheduler_lease_secs: u64,
+    /// A manual server clock, stepped through `POST /api/v1/test/clock`,
+    /// for the fleet simulator and tests. Never enable in production.
+    pub test_clock: bool,
 }
 
 impl Default for Config {
@@ -79,6 +87,9 @@ impl Default for Config {
             token_ttl_secs: 12 * 3600,
             default_organization: "default".into(),
             admin_email: "admin@localhost".into(),
+            scheduler_interval_ms: 5000,
+            scheduler_lease_secs: 15,
+            test_clock: false,
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod blobs;
 pub mod config;
 pub mod http;
 pub mod retention;
+pub mod rollouts;
 pub mod store;
 pub mod ui;
 
@@ -36,6 +37,13 @@ pub struct AppState {
     pub metrics: Arc<http::metrics::Metrics>,
     /// Per-caller rate limits.
     pub limits: Arc<http::rate_limit::RateLimiter>,
+    /// Where "now" comes from for rollouts and the device API (a manual
+    /// clock with `test-clock = true`).
+    pub clock: Arc<dyn rollouts::time::Clock>,
+    /// Bundle bytes served per second (the HTTP layer's egress count).
+    pub egress: Arc<rollouts::time::EgressMeter>,
+    /// This replica's name in the scheduler lease.
+    pub instance_id: String,
 }
 
 impl AppState {
@@ -57,9 +65,16 @@ impl AppState {
             store,
             blobs,
             spool,
-            config: Arc::new(config),
             metrics: Arc::new(http::metrics::Metrics::new()),
             limits: Arc::new(http::rate_limit::RateLimiter::default()),
+            clock: if config.test_clock {
+                Arc::new(rollouts::time::ManualClock::new(now_ms()))
+            } else {
+                Arc::new(rollouts::time::SystemClock)
+            },
+            egress: Arc::new(rollouts::time::EgressMeter::default()),
+            instance_id: new_id()?,
+            config: Arc::new(config),
         })
     }
 }

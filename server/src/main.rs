@@ -100,6 +100,7 @@ async fn serve(config: Config) -> Result<()> {
         state.config.heartbeat_retention_days,
         state.config.log_retention_days,
     ));
+    tokio::spawn(kernex_server::rollouts::scheduler::run(state.clone()));
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("unable to listen on {listen}"))?;
@@ -108,10 +109,11 @@ async fn serve(config: Config) -> Result<()> {
         .context("unable to read the bound address")?;
     println!("kernex-server listening on http://{local}");
     tracing::info!(%local, "kernex-server listening");
-    axum::serve(listener, http::app(state))
+    axum::serve(listener, http::app(state.clone()))
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await
-        .context("server failed")
+        .context("server failed")?;
+    kernex_server::rollouts::scheduler::release_lease(&state).await
 }

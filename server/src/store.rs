@@ -24,6 +24,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "heartbeats_daily",
         include_str!("../migrations/0003_heartbeats_daily.sql"),
     ),
+    (
+        4,
+        "rollouts",
+        include_str!("../migrations/0004_rollouts.sql"),
+    ),
 ];
 
 /// Which database is behind the pool.

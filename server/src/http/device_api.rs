@@ -46,6 +46,15 @@ pub struct EnrollRequest {
     /// Extra tags (added to the token's).
     #[serde(default)]
     pub tags: Vec<String>,
+    /// Link class, e.g. ethernet, wifi, metered-4g (rollout scheduling).
+    #[serde(default)]
+    pub link_class: Option<String>,
+    /// Site or cell tag (rollout scheduling).
+    #[serde(default)]
+    pub site: Option<String>,
+    /// IANA time zone, e.g. Europe/Berlin (maintenance windows).
+    #[serde(default)]
+    pub time_zone: Option<String>,
 }
 
 /// Enrollment result. The credential is shown only here.
@@ -83,6 +92,12 @@ pub async fn enroll(
     check_name("device_id", &req.device_id)?;
     check_name("hardware_class", &req.hardware_class)?;
     check_tags(&req.tags)?;
+    let link = crate::http::rollouts::DeviceLink {
+        link_class: req.link_class.clone(),
+        site: req.site.clone(),
+        time_zone: req.time_zone.clone(),
+    };
+    crate::http::rollouts::check_link(&link)?;
     let token = sqlx::query(
         "SELECT id, org_id, tags FROM enrollment_tokens WHERE token_hash = $1 AND revoked = 0 AND (expires_at IS NULL OR expires_at > $2)",
     )
@@ -126,6 +141,7 @@ pub async fn enroll(
                 .bind(&id)
                 .execute(state.store.pool())
                 .await?;
+            set_link(&state, &id, &link).await?;
             record(&state, &org_id, &req.device_id, "device.re-enroll", &id).await?;
             return Ok((StatusCode::OK, ApiJson(EnrollResponse { id, credential })));
         }
@@ -159,6 +175,7 @@ pub async fn enroll(
                 .await?;
         }
         tx.commit().await?;
+        set_link(&state, &id, &link).await?;
         record(&state, &org_id, &req.device_id, "device.enroll", &id).await?;
         return Ok((
             StatusCode::CREATED,
@@ -166,6 +183,27 @@ pub async fn enroll(
         ));
     }
     Err(Error::Conflict("enrollment raced; retry".into()))
+}
+
+/// Stores the link fields a device sent (absent ones are left alone).
+async fn set_link(
+    state: &AppState,
+    pk: &str,
+    link: &crate::http::rollouts::DeviceLink,
+) -> Result<()> {
+    if link.link_class.is_none() && link.site.is_none() && link.time_zone.is_none() {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE devices SET link_class = COALESCE($1, link_class), site = COALESCE($2, site), time_zone = COALESCE($3, time_zone) WHERE id = $4",
+    )
+    .bind(&link.link_class)
+    .bind(&link.site)
+    .bind(&link.time_zone)
+    .bind(pk)
+    .execute(state.store.pool())
+    .await?;
+    Ok(())
 }
 
 async fn record(
@@ -203,11 +241,33 @@ pub struct DesiredState {
     pub sha256: String,
     /// Where to download it (supports `Range`).
     pub url: String,
+    /// `install` (the default) or `rollback`: boot the other slot, which
+    /// holds `version`; no download. Set for rollouts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    /// The rollout this belongs to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollout_id: Option<String>,
+    /// Start downloading only inside this window (server clock).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub download_window: Option<DownloadWindow>,
+    /// Hint: poll again after this many seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub poll_after_secs: Option<u64>,
+}
+
+/// When a device may start its download (unix ms, server clock).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+pub struct DownloadWindow {
+    /// Not before this.
+    pub not_before_ms: i64,
+    /// Not at or after this (a download under way may finish).
+    pub not_after_ms: i64,
 }
 
 async fn touch(state: &AppState, device: &Device) -> Result<()> {
     sqlx::query("UPDATE devices SET last_seen_at = $1 WHERE id = $2")
-        .bind(now_ms())
+        .bind(state.clock.now_ms())
         .bind(&device.pk)
         .execute(state.store.pool())
         .await?;
@@ -219,6 +279,12 @@ async fn touch(state: &AppState, device: &Device) -> Result<()> {
 #[utoipa::path(get, path = "/api/v1/device/poll", responses((status = 200, body = DesiredState), (status = 204), (status = 401)))]
 pub async fn poll(State(state): State<AppState>, device: Device) -> Result<Response> {
     touch(&state, &device).await?;
+    if let Some(answer) = crate::rollouts::device::poll(&state, &device).await? {
+        return Ok(match answer {
+            Some(desired) => ApiJson(desired).into_response(),
+            None => StatusCode::NO_CONTENT.into_response(),
+        });
+    }
     let row = sqlx::query(
         "SELECT r.id, r.version, r.size, r.sha256, d.current_version FROM devices d JOIN releases r ON r.id = d.desired_release_id WHERE d.id = $1",
     )
@@ -240,6 +306,10 @@ pub async fn poll(State(state): State<AppState>, device: Device) -> Result<Respo
         version,
         size: row.try_get("size")?,
         sha256: row.try_get("sha256")?,
+        action: None,
+        rollout_id: None,
+        download_window: None,
+        poll_after_secs: None,
     })
     .into_response())
 }
@@ -271,6 +341,15 @@ pub struct Heartbeat {
     pub version: Option<String>,
     /// Updater version.
     pub updater_version: Option<String>,
+    /// Link class, e.g. ethernet, wifi, metered-4g.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_class: Option<String>,
+    /// Site or cell tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
+    /// IANA time zone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
     /// Anything else (kept, not interpreted).
     #[serde(default)]
     #[schema(value_type = Object)]
@@ -302,7 +381,13 @@ pub async fn heartbeat(
         _ => None,
     };
     let degraded = memory_percent.is_some_and(|m| m > DEGRADED_MEMORY_PERCENT);
-    let now = now_ms();
+    let link = crate::http::rollouts::DeviceLink {
+        link_class: hb.link_class.clone(),
+        site: hb.site.clone(),
+        time_zone: hb.time_zone.clone(),
+    };
+    crate::http::rollouts::check_link(&link)?;
+    let now = state.clock.now_ms();
     let current: String = sqlx::query("SELECT status FROM devices WHERE id = $1")
         .bind(&device.pk)
         .fetch_one(state.store.pool())
@@ -342,6 +427,7 @@ pub async fn heartbeat(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
+    set_link(&state, &device.pk, &link).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -349,7 +435,9 @@ pub async fn heartbeat(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Report {
-    /// downloading, installed, rebooted, committed, reverted, failed.
+    /// downloading, installed, rebooted, committed, reverted, failed,
+    /// rolled_back (after a rollback action: release_id and version are
+    /// what now runs).
     pub state: String,
     /// Release the report is about.
     pub release_id: Option<String>,
@@ -375,7 +463,7 @@ pub async fn report(
 ) -> Result<StatusCode> {
     let status = match r.state.as_str() {
         "downloading" | "installed" | "rebooted" => "updating",
-        "committed" => "online",
+        "committed" | "rolled_back" => "online",
         "reverted" => "reverted",
         "failed" => "error",
         other => return Err(Error::BadRequest(format!("unknown report state {other:?}"))),
@@ -390,8 +478,10 @@ pub async fn report(
         .reason
         .as_deref()
         .map(|s| s.chars().take(2000).collect::<String>());
-    let now = now_ms();
+    let now = state.clock.now_ms();
     let mut tx = state.store.begin_write().await?;
+    let rollout_version =
+        crate::rollouts::device::report(&mut tx, &device, &r, reason.as_deref(), now).await?;
     // The deployment this report belongs to: the newest one for this device
     // (for the named release if one is given).
     let dep = sqlx::query(
@@ -401,7 +491,7 @@ pub async fn report(
     .bind(&r.release_id)
     .fetch_optional(&mut *tx)
     .await?;
-    let mut version = r.version.clone();
+    let mut version = r.version.clone().or(rollout_version);
     if let Some(dep) = &dep {
         let deployment_id: String = dep.try_get("deployment_id")?;
         let release_id: String = dep.try_get("release_id")?;
@@ -469,7 +559,7 @@ pub async fn report(
     .bind(now)
     .bind(status)
     .bind(&status_reason)
-    .bind(if r.state == "committed" || r.state == "reverted" { version.clone() } else { None })
+    .bind(if matches!(r.state.as_str(), "committed" | "reverted" | "rolled_back") { version.clone() } else { None })
     .bind(&r.booted_slot)
     .bind(&device.pk)
     .execute(&mut *tx)
@@ -509,7 +599,7 @@ pub async fn logs(
     if batch.entries.len() > 1000 {
         return Err(Error::BadRequest("at most 1000 log lines per batch".into()));
     }
-    let now = now_ms();
+    let now = state.clock.now_ms();
     let mut tx = state.store.begin_write().await?;
     for line in &batch.entries {
         if !["debug", "info", "warn", "error"].contains(&line.level.as_str()) {
@@ -556,5 +646,16 @@ pub async fn download(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response> {
-    crate::http::releases::serve_bundle(&state, &device.org_id, &id, &headers).await
+    let response =
+        crate::http::releases::serve_bundle(&state, &device.org_id, &id, &headers).await?;
+    if response.status().is_success()
+        && let Some(n) = response
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+    {
+        state.egress.add(&device.org_id, state.clock.now_ms(), n);
+    }
+    Ok(response)
 }

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod rate_limit;
 pub mod releases;
+pub mod rollouts;
 pub mod session;
 
 use axum::extract::rejection::JsonRejection;
@@ -35,6 +36,7 @@ pub fn app(state: AppState) -> Router {
         .merge(releases::router())
         .merge(devices::router())
         .merge(deployments::router())
+        .merge(rollouts::router())
         .merge(audit_log::router())
         .merge(openapi::router())
         .nest("/device", device_api::router());

@@ -7,7 +7,9 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::AppState;
-use crate::http::{audit_log, deployments, device_api, devices, enrollment, releases, session};
+use crate::http::{
+    audit_log, deployments, device_api, devices, enrollment, releases, rollouts, session,
+};
 
 /// The API description.
 #[derive(Debug, OpenApi)]
@@ -23,6 +25,9 @@ use crate::http::{audit_log, deployments, device_api, devices, enrollment, relea
         devices::list, devices::detail, devices::revoke, devices::logs,
         deployments::create, deployments::list, deployments::detail,
         audit_log::list,
+        rollouts::create, rollouts::list, rollouts::detail, rollouts::preview, rollouts::preview_spec,
+        rollouts::start, rollouts::pause, rollouts::resume, rollouts::abort, rollouts::rollback,
+        rollouts::samples, rollouts::egress, rollouts::set_link, rollouts::get_clock, rollouts::set_clock,
         device_api::enroll, device_api::poll, device_api::heartbeat, device_api::report,
         device_api::logs, device_api::download,
     )

@@ -1,0 +1,230 @@
+//! The device side of rollouts: what `GET /device/poll` answers a device
+//! that a live rollout governs, and how `POST /device/report` moves its
+//! per-device state (late and out-of-order reports never move it back).
+
+use sqlx::Row;
+
+use super::plan::DAY_MS;
+use super::rank;
+use super::scheduler::Tx;
+use super::spec::RolloutSpec;
+use crate::AppState;
+use crate::auth::Device;
+use crate::http::device_api::{DesiredState, DownloadWindow, Report};
+use crate::http::{Error, Result};
+
+/// The device's poll answer when a rollout governs it: `Some(None)` is
+/// "nothing to do now" (204), `None` is "no rollout: ask deployments".
+pub async fn poll(state: &AppState, device: &Device) -> Result<Option<Option<DesiredState>>> {
+    let now = state.clock.now_ms();
+    let Some(row) = sqlx::query(
+        "SELECT rd.rollout_id, rd.state, rd.active, rd.window_start, rd.window_end, rd.from_release_id, r.status, r.release_id \
+         FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id \
+         WHERE rd.device_pk = $1 AND r.status IN ('scheduled', 'running', 'paused', 'rolled_back') \
+         ORDER BY r.created_at DESC LIMIT 1",
+    )
+    .bind(&device.pk)
+    .fetch_optional(state.store.pool())
+    .await?
+    else {
+        return Ok(None);
+    };
+    let rollout_id: String = row.try_get("rollout_id")?;
+    let dev_state: String = row.try_get("state")?;
+    let status: String = row.try_get("status")?;
+    let window_start: Option<i64> = row.try_get("window_start")?;
+    let window_end: Option<i64> = row.try_get("window_end")?;
+    if dev_state == "rolling_back" {
+        let Some(from) = row.try_get::<Option<String>, _>("from_release_id")? else {
+            return Ok(Some(None));
+        };
+        let mut d = desired(state, &from).await?;
+        d.action = Some("rollback".into());
+        d.rollout_id = Some(rollout_id);
+        d.poll_after_secs = Some(60);
+        return Ok(Some(Some(d)));
+    }
+    let live = status == "running" || status == "paused";
+    let installing = matches!(
+        dev_state.as_str(),
+        "scheduled" | "downloading" | "installed" | "rebooting"
+    );
+    if !live || !installing {
+        return Ok(Some(None));
+    }
+    let release_id: String = row.try_get("release_id")?;
+    let mut d = desired(state, &release_id).await?;
+    d.action = Some("install".into());
+    d.rollout_id = Some(rollout_id);
+    if let (Some(not_before_ms), Some(not_after_ms)) = (window_start, window_end) {
+        d.download_window = Some(DownloadWindow {
+            not_before_ms,
+            not_after_ms,
+        });
+        d.poll_after_secs = Some(if now < not_before_ms {
+            u64::try_from((not_before_ms - now).div_euclid(1000).max(1)).unwrap_or(60)
+        } else {
+            60
+        });
+    }
+    Ok(Some(Some(d)))
+}
+
+async fn desired(state: &AppState, release_id: &str) -> Result<DesiredState> {
+    let r = sqlx::query("SELECT id, version, size, sha256 FROM releases WHERE id = $1")
+        .bind(release_id)
+        .fetch_optional(state.store.pool())
+        .await?
+        .ok_or(Error::NotFound("no such release"))?;
+    let id: String = r.try_get("id")?;
+    Ok(DesiredState {
+        url: format!("/api/v1/device/releases/{id}/bundle"),
+        release_id: id,
+        version: r.try_get("version")?,
+        size: r.try_get("size")?,
+        sha256: r.try_get("sha256")?,
+        action: None,
+        rollout_id: None,
+        download_window: None,
+        poll_after_secs: None,
+    })
+}
+
+/// Applies a report to the rollout record it names (if any). Returns the
+/// version the device now runs when the report implies one.
+pub async fn report(
+    tx: &mut Tx,
+    device: &Device,
+    r: &Report,
+    reason: Option<&str>,
+    now: i64,
+) -> Result<Option<String>> {
+    // The record: for rolled_back, the rollout whose previous release the
+    // device now runs again; otherwise the newest rollout of the named
+    // release (or the newest live one when no release is named).
+    let row = if r.state == "rolled_back" {
+        sqlx::query(
+            "SELECT rd.rollout_id, rd.state, rd.bytes_done, rd.link_class, r.status, r.spec, r.release_id, rd.from_version FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id \
+             WHERE rd.device_pk = $1 AND ($2 IS NULL OR rd.from_release_id = $2) AND rd.state IN ('rolling_back', 'committed', 'rolled_back') ORDER BY r.created_at DESC LIMIT 1",
+        )
+        .bind(&device.pk)
+        .bind(&r.release_id)
+        .fetch_optional(&mut **tx)
+        .await?
+    } else {
+        sqlx::query(
+            "SELECT rd.rollout_id, rd.state, rd.bytes_done, rd.link_class, r.status, r.spec, r.release_id, rd.from_version FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id \
+             WHERE rd.device_pk = $1 AND (($2 IS NULL AND r.status IN ('running', 'paused', 'rolled_back')) OR r.release_id = $2) ORDER BY r.created_at DESC LIMIT 1",
+        )
+        .bind(&device.pk)
+        .bind(&r.release_id)
+        .fetch_optional(&mut **tx)
+        .await?
+    };
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let rollout_id: String = row.try_get("rollout_id")?;
+    let old: String = row.try_get("state")?;
+    let status: String = row.try_get("status")?;
+    let release_id: String = row.try_get("release_id")?;
+    let mut new = match r.state.as_str() {
+        "rebooted" => "rebooting".to_string(),
+        s => s.to_string(),
+    };
+    // A device of a rolled-back rollout that commits later is sent back.
+    if new == "committed" && status == "rolled_back" {
+        new = "rolling_back".into();
+    }
+    let progress = new == "downloading" && old == "downloading";
+    if rank(&new) < rank(&old) || (rank(&new) == rank(&old) && new != old && !progress) {
+        // Late: about an earlier step than the record shows. Nothing to move.
+        tracing::debug!(device = %device.pk, rollout = %rollout_id, old, new, "late report ignored");
+        return Ok(None);
+    }
+    let old_done: i64 = row.try_get("bytes_done")?;
+    let done = r.bytes_done.map(|b| b.max(0));
+    if let Some(done) = done
+        && done > old_done
+    {
+        let link: String = row.try_get("link_class")?;
+        let spec: RolloutSpec = serde_json::from_str(&row.try_get::<String, _>("spec")?)
+            .map_err(|e| Error::Internal(e.into()))?;
+        let day = now.div_euclid(DAY_MS);
+        sqlx::query(
+            "INSERT INTO device_daily_bytes (device_pk, day, granted, reported) VALUES ($1, $2, 0, $3) \
+             ON CONFLICT (device_pk, day) DO UPDATE SET reported = device_daily_bytes.reported + excluded.reported",
+        )
+        .bind(&device.pk)
+        .bind(day)
+        .bind(done - old_done)
+        .execute(&mut **tx)
+        .await?;
+        // A metered device that used up today's budget gives its
+        // bandwidth back; it gets a new window on another day.
+        if let Some(budget) = spec.bandwidth.class(&link).budget_bytes_per_day {
+            let used: i64 = sqlx::query(
+                "SELECT reported FROM device_daily_bytes WHERE device_pk = $1 AND day = $2",
+            )
+            .bind(&device.pk)
+            .bind(day)
+            .fetch_one(&mut **tx)
+            .await?
+            .try_get("reported")?;
+            if u64::try_from(used).unwrap_or(0) >= budget {
+                sqlx::query(
+                    "UPDATE rollout_devices SET active = 0 WHERE rollout_id = $1 AND device_pk = $2",
+                )
+                .bind(&rollout_id)
+                .bind(&device.pk)
+                .execute(&mut **tx)
+                .await?;
+            }
+        }
+    }
+    // Bandwidth is held while downloading, given back after it.
+    let active_sql = match new.as_str() {
+        "downloading" => "active",
+        _ => "0",
+    };
+    sqlx::query(&format!(
+        "UPDATE rollout_devices SET state = $1, active = {active_sql}, bytes_done = CASE WHEN $2 IS NULL OR $2 < bytes_done THEN bytes_done ELSE $2 END, bytes_total = COALESCE($3, bytes_total), reason = COALESCE($4, reason), last_progress_at = $5, updated_at = $5 WHERE rollout_id = $6 AND device_pk = $7"
+    ))
+    .bind(&new)
+    .bind(done)
+    .bind(r.bytes_total)
+    .bind(reason)
+    .bind(now)
+    .bind(&rollout_id)
+    .bind(&device.pk)
+    .execute(&mut **tx)
+    .await?;
+    let version = match new.as_str() {
+        "committed" | "rolling_back" if r.state == "committed" => {
+            sqlx::query("UPDATE devices SET desired_release_id = $1 WHERE id = $2")
+                .bind(&release_id)
+                .bind(&device.pk)
+                .execute(&mut **tx)
+                .await?;
+            Some(
+                sqlx::query("SELECT version FROM releases WHERE id = $1")
+                    .bind(&release_id)
+                    .fetch_one(&mut **tx)
+                    .await?
+                    .try_get("version")?,
+            )
+        }
+        "rolled_back" => {
+            sqlx::query(
+                "UPDATE devices SET desired_release_id = (SELECT from_release_id FROM rollout_devices WHERE rollout_id = $1 AND device_pk = $2) WHERE id = $2",
+            )
+            .bind(&rollout_id)
+            .bind(&device.pk)
+            .execute(&mut **tx)
+            .await?;
+            row.try_get::<Option<String>, _>("from_version")?
+        }
+        _ => None,
+    };
+    Ok(version)
+}

@@ -1,0 +1,376 @@
+//! Rollouts: a release delivered to a selected part of the fleet in
+//! staggered waves, each gated on the health of the previous one, with
+//! downloads scheduled into maintenance windows under a fleet egress cap,
+//! a concurrency limit and metered daily budgets.
+//!
+//! * [`spec`]: what the operator asks for, and its validation.
+//! * [`plan`]: wave membership (diversity first) and the projection the
+//!   preview shows.
+//! * [`time`]: the injectable clock, the egress meter, maintenance windows.
+//! * [`scheduler`]: the background pass that starts, gates, promotes,
+//!   pauses, rolls back and admits downloads (one replica at a time).
+//! * [`device`]: what poll and report do for a device in a rollout.
+//!
+//! Targets and their exact delta bytes are computed here, from the chunk
+//! indexes of the two releases' bundles in the blob store.
+
+pub mod device;
+pub mod plan;
+pub mod scheduler;
+pub mod spec;
+pub mod time;
+
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Seek, SeekFrom};
+
+use futures_util::StreamExt;
+use kernex_protocol::bundle::Bundle;
+use kernex_protocol::container;
+use kernex_protocol::index::Delta;
+use sqlx::Row;
+
+use crate::AppState;
+use crate::blobs::Blobs;
+use crate::http::{Error, Result};
+use plan::Target;
+use spec::{DEFAULT_LINK_CLASS, RolloutSpec};
+
+/// Per-device states. `offline` is not stored: it is shown for a device
+/// that has not been seen for `offline-after-secs` while not done.
+pub const STATES: &[&str] = &[
+    "pending",
+    "scheduled",
+    "downloading",
+    "installed",
+    "rebooting",
+    "committed",
+    "reverted",
+    "failed",
+    "rolling_back",
+    "rolled_back",
+    "cancelled",
+];
+
+/// Order of progress: a report never moves a device backwards.
+pub fn rank(state: &str) -> u8 {
+    match state {
+        "pending" | "cancelled" => 0,
+        "scheduled" => 1,
+        "downloading" => 2,
+        "installed" => 3,
+        "rebooting" => 4,
+        "committed" | "reverted" | "failed" => 5,
+        "rolling_back" => 6,
+        "rolled_back" => 7,
+        _ => 0,
+    }
+}
+
+/// A release as the planner needs it.
+#[derive(Debug, Clone)]
+pub struct ReleaseRef {
+    /// Id.
+    pub id: String,
+    /// Version.
+    pub version: String,
+    /// Hardware class.
+    pub compatible: String,
+}
+
+/// Loads a release of the organisation (404 if none).
+pub async fn release(state: &AppState, org_id: &str, id: &str) -> Result<ReleaseRef> {
+    let row =
+        sqlx::query("SELECT id, version, compatible FROM releases WHERE id = $1 AND org_id = $2")
+            .bind(id)
+            .bind(org_id)
+            .fetch_optional(state.store.pool())
+            .await?
+            .ok_or(Error::NotFound("no such release"))?;
+    Ok(ReleaseRef {
+        id: row.try_get("id")?,
+        version: row.try_get("version")?,
+        compatible: row.try_get("compatible")?,
+    })
+}
+
+/// Reads a blob as a seekable file, one range request per buffer fill.
+/// Used from a blocking thread.
+struct BlobReader {
+    rt: tokio::runtime::Handle,
+    blobs: Blobs,
+    key: String,
+    size: u64,
+    pos: u64,
+    buf: Vec<u8>,
+    buf_at: u64,
+}
+
+impl Read for BlobReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos >= self.size || out.is_empty() {
+            return Ok(0);
+        }
+        let have = self.buf_at <= self.pos && self.pos < self.buf_at + self.buf.len() as u64;
+        if !have {
+            let want = (out.len() as u64).max(1 << 20);
+            let end = (self.pos + want).min(self.size);
+            let (blobs, key, range) = (self.blobs.clone(), self.key.clone(), self.pos..end);
+            let bytes = self.rt.block_on(async move {
+                let mut stream = blobs.get(&key, Some(range)).await?;
+                let mut buf = Vec::new();
+                while let Some(chunk) = stream.next().await {
+                    buf.extend_from_slice(&chunk?);
+                }
+                anyhow::Ok(buf)
+            });
+            self.buf = bytes.map_err(std::io::Error::other)?;
+            self.buf_at = self.pos;
+            if self.buf.is_empty() {
+                return Ok(0);
+            }
+        }
+        let start = usize::try_from(self.pos - self.buf_at).map_err(std::io::Error::other)?;
+        let n = out.len().min(self.buf.len() - start);
+        out[..n].copy_from_slice(&self.buf[start..start + n]);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for BlobReader {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        let new = match pos {
+            SeekFrom::Start(p) => Some(p),
+            SeekFrom::End(d) => self.size.checked_add_signed(d),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        self.pos = new.ok_or_else(|| std::io::Error::other("seek before the start of the blob"))?;
+        Ok(self.pos)
+    }
+}
+
+async fn open_release(
+    state: &AppState,
+    id: &str,
+) -> Result<Bundle<std::io::BufReader<BlobReader>>> {
+    let row = sqlx::query("SELECT blob_key, size FROM releases WHERE id = $1")
+        .bind(id)
+        .fetch_optional(state.store.pool())
+        .await?
+        .ok_or(Error::NotFound("no such release"))?;
+    let reader = BlobReader {
+        rt: tokio::runtime::Handle::current(),
+        blobs: state.blobs.clone(),
+        key: row.try_get("blob_key")?,
+        size: u64::try_from(row.try_get::<i64, _>("size")?)
+            .map_err(|e| Error::Internal(e.into()))?,
+        pos: 0,
+        buf: Vec::new(),
+        buf_at: 0,
+    };
+    tokio::task::spawn_blocking(move || Bundle::open(std::io::BufReader::new(reader)))
+        .await
+        .map_err(|e| Error::Internal(e.into()))?
+        .map_err(|e| Error::Internal(anyhow::anyhow!("stored bundle {id} unreadable: {e}")))
+}
+
+/// The exact bytes a device running `from` (None: nothing to seed from)
+/// downloads to install `to`: manifest, signature and container headers,
+/// then per image the index head, the index pages and the compressed
+/// chunks it does not hold — what `kernex-image bundle delta` prints.
+/// Computed once per pair from the chunk indexes and kept.
+pub async fn release_delta(state: &AppState, from: Option<&str>, to: &str) -> Result<u64> {
+    let from_key = from.unwrap_or("");
+    if let Some(row) = sqlx::query(
+        "SELECT bytes FROM release_deltas WHERE from_release_id = $1 AND to_release_id = $2",
+    )
+    .bind(from_key)
+    .bind(to)
+    .fetch_optional(state.store.pool())
+    .await?
+    {
+        let b: i64 = row.try_get("bytes")?;
+        return Ok(u64::try_from(b).unwrap_or(0));
+    }
+    let new = open_release(state, to).await?;
+    let old = match from {
+        Some(f) => Some(open_release(state, f).await?),
+        None => None,
+    };
+    let (bytes, max_chunk) = tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, u64)> {
+        let mut new = new;
+        let mut old = old;
+        let new_manifest = new.unverified_manifest().clone();
+        let layout = new.layout().clone();
+        let mut total = layout.signature.end() + container::padding(layout.signature.size);
+        let mut max_chunk = 0u64;
+        for image in &new_manifest.images {
+            let class = image.slot_class;
+            let new_index = new.read_index(&new_manifest, class)?;
+            let old_index = match old.as_mut() {
+                Some(o) => {
+                    let m = o.unverified_manifest().clone();
+                    match m.image(class) {
+                        Some(_) => Some(o.read_index(&m, class)?),
+                        None => None,
+                    }
+                }
+                None => None,
+            };
+            total += Delta::between(old_index.as_ref(), &new_index).total_bytes();
+            max_chunk = max_chunk.max(
+                new_index
+                    .stored_chunks()
+                    .iter()
+                    .map(|c| u64::from(c.archive_size))
+                    .max()
+                    .unwrap_or(0),
+            );
+        }
+        Ok((total, max_chunk))
+    })
+    .await
+    .map_err(|e| Error::Internal(e.into()))??;
+    let b = i64::try_from(bytes).map_err(|e| Error::Internal(e.into()))?;
+    let m = i64::try_from(max_chunk).map_err(|e| Error::Internal(e.into()))?;
+    let inserted = sqlx::query(
+        "INSERT INTO release_deltas (from_release_id, to_release_id, bytes, max_chunk) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(from_key)
+    .bind(to)
+    .bind(b)
+    .bind(m)
+    .execute(state.store.pool())
+    .await;
+    match inserted {
+        Ok(_) => {}
+        Err(e) if crate::http::error::is_unique_violation(&e) => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(bytes)
+}
+
+/// Who a spec targets, and why others were left out.
+#[derive(Debug, Default)]
+pub struct Targets {
+    /// In diversity order.
+    pub targets: Vec<Target>,
+    /// Already on the release's version.
+    pub already_current: u64,
+    /// In another scheduled, running or paused rollout.
+    pub busy: u64,
+}
+
+/// Selects the devices `spec` targets, with their exact delta bytes, in
+/// diversity order. `exclude_rollout` is the rollout itself (not "busy").
+pub async fn targets(
+    state: &AppState,
+    org_id: &str,
+    spec: &RolloutSpec,
+    release: &ReleaseRef,
+    exclude_rollout: Option<&str>,
+) -> Result<Targets> {
+    if let Some(c) = &spec.selector.hardware_class
+        && c != &release.compatible
+    {
+        return Err(Error::Unprocessable(format!(
+            "selector.hardware_class {c} does not match the release's {}",
+            release.compatible
+        )));
+    }
+    let pool = state.store.pool();
+    let rows = sqlx::query(
+        "SELECT id, device_id, hardware_class, current_version, link_class, site, time_zone FROM devices WHERE org_id = $1 AND revoked = 0 AND hardware_class = $2",
+    )
+    .bind(org_id)
+    .bind(&release.compatible)
+    .fetch_all(pool)
+    .await?;
+    let mut tags: HashMap<String, HashSet<String>> = HashMap::new();
+    if !spec.selector.tags.is_empty() {
+        for r in sqlx::query("SELECT device_pk, tag FROM device_tags WHERE org_id = $1")
+            .bind(org_id)
+            .fetch_all(pool)
+            .await?
+        {
+            tags.entry(r.try_get("device_pk")?)
+                .or_default()
+                .insert(r.try_get("tag")?);
+        }
+    }
+    let mut busy: HashSet<String> = HashSet::new();
+    for r in sqlx::query(
+        "SELECT rd.device_pk FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id WHERE r.org_id = $1 AND r.status IN ('scheduled', 'running', 'paused') AND r.id <> $2",
+    )
+    .bind(org_id)
+    .bind(exclude_rollout.unwrap_or(""))
+    .fetch_all(pool)
+    .await?
+    {
+        busy.insert(r.try_get("device_pk")?);
+    }
+    let mut versions: HashMap<String, String> = HashMap::new();
+    for r in sqlx::query("SELECT id, version FROM releases WHERE org_id = $1 AND compatible = $2")
+        .bind(org_id)
+        .bind(&release.compatible)
+        .fetch_all(pool)
+        .await?
+    {
+        versions.insert(r.try_get("version")?, r.try_get("id")?);
+    }
+    let mut out = Targets::default();
+    let mut deltas: HashMap<Option<String>, u64> = HashMap::new();
+    for r in rows {
+        let pk: String = r.try_get("id")?;
+        if !spec.selector.tags.is_empty() {
+            let have = tags.get(&pk);
+            if !spec
+                .selector
+                .tags
+                .iter()
+                .all(|t| have.is_some_and(|h| h.contains(t)))
+            {
+                continue;
+            }
+        }
+        let current: Option<String> = r.try_get("current_version")?;
+        if !spec.selector.current_versions.is_empty()
+            && !current
+                .as_ref()
+                .is_some_and(|c| spec.selector.current_versions.contains(c))
+        {
+            continue;
+        }
+        if current.as_deref() == Some(release.version.as_str()) {
+            out.already_current += 1;
+            continue;
+        }
+        if busy.contains(&pk) {
+            out.busy += 1;
+            continue;
+        }
+        let from = current.as_ref().and_then(|v| versions.get(v)).cloned();
+        let bytes = match deltas.get(&from) {
+            Some(b) => *b,
+            None => {
+                let b = release_delta(state, from.as_deref(), &release.id).await?;
+                deltas.insert(from.clone(), b);
+                b
+            }
+        };
+        let link: Option<String> = r.try_get("link_class")?;
+        out.targets.push(Target {
+            pk,
+            device_id: r.try_get("device_id")?,
+            hardware_class: r.try_get("hardware_class")?,
+            link_class: link.unwrap_or_else(|| DEFAULT_LINK_CLASS.to_string()),
+            site: r.try_get("site")?,
+            time_zone: r.try_get("time_zone")?,
+            from_release_id: from,
+            from_version: current,
+            bytes,
+        });
+    }
+    plan::diversity_order(&mut out.targets);
+    Ok(out)
+}
