@@ -47,9 +47,11 @@ impl ControlPlane {
                     // A simulated device polls every second.
                     device_requests_per_minute: 0,
                     uploads_per_minute: 0,
+                    scheduler_interval_ms: 300,
                     ..kernex_server::config::Config::default()
                 };
                 let state = kernex_server::AppState::open(config).await.unwrap();
+                tokio::spawn(kernex_server::rollouts::scheduler::run(state.clone()));
                 let admin = kernex_server::bootstrap(&state).await.unwrap().unwrap();
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 let addr = listener.local_addr().unwrap();
@@ -674,4 +676,86 @@ fn daemon_keeps_the_agent_running_after_the_commit() {
     drop(dev);
     // Killing the daemon (SIGKILL) orphans the agent's process group: clean up.
     let _ = Command::new("kill").args(["-KILL", &second]).status();
+}
+
+/// A rollout through the scheduler (download window in the poll), then its
+/// rollback: the device gets `action: rollback`, boots its other slot after
+/// re-verifying it, and reports `rolled_back`.
+#[test]
+fn rollout_then_rollback_through_the_scheduler() {
+    let keys = keys();
+    let cp = ControlPlane::start(&keys);
+    let v1_img = image(2 * MIB, 11);
+    let v2_img = edit(&v1_img, 4096, 100);
+    let r1 = cp.upload(&bundle(&v1_img, "3.0.0", &keys.signer).bytes);
+    let r2 = cp.upload(&bundle(&v2_img, "3.1.0", &keys.signer).bytes);
+    let token = cp.enrollment_token();
+    let mut dev = SimDevice::new(&keys, &image(2 * MIB, 12), &cp.url, &token, "sim-5");
+    dev.start();
+    let d = wait_for("enrollment", &dev, Duration::from_secs(60), || {
+        cp.device("sim-5").filter(|d| d["status"] == "online")
+    });
+    let id = d["id"].as_str().unwrap().to_string();
+    let dep = cp.deploy(&r1, &id);
+    wait_for("3.0.0 committed", &dev, Duration::from_secs(60), || {
+        Some(cp.deployment(&dep)).filter(|d| d["status"] == "success")
+    });
+
+    let rollout = |release: &str| {
+        let (s, v) = cp.op(
+            "POST",
+            "/api/v1/rollouts",
+            Some(json!({"name": "to 3.1.0", "release_id": release,
+                        "selector": {"tags": ["site-lab"]},
+                        "waves": [{"percent": 100, "soak_secs": 0}]})),
+        );
+        assert_eq!(s, 201, "{v}");
+        v["id"].as_str().unwrap().to_string()
+    };
+    let ro = rollout(&r2);
+    let (s, v) = cp.op("POST", &format!("/api/v1/rollouts/{ro}/start"), None);
+    assert!(s == 200 || s == 204, "{s} {v}");
+    wait_for("rollout completed", &dev, Duration::from_secs(90), || {
+        let (_, v) = cp.op("GET", &format!("/api/v1/rollouts/{ro}"), None);
+        (v["status"] == "completed").then_some(v)
+    });
+    let d = cp.device("sim-5").unwrap();
+    assert_eq!(
+        (d["current_version"].as_str(), d["booted_slot"].as_str()),
+        (Some("3.1.0"), Some("A")),
+        "{d}"
+    );
+
+    let (s, v) = cp.op("POST", &format!("/api/v1/rollouts/{ro}/rollback"), None);
+    assert!(s == 200 || s == 204, "{s} {v}");
+    let started = Instant::now();
+    wait_for(
+        "rolled back to 3.0.0 in slot B",
+        &dev,
+        Duration::from_secs(60),
+        || {
+            cp.device("sim-5")
+                .filter(|d| d["current_version"] == "3.0.0" && d["booted_slot"] == "B")
+        },
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "rollback took {:?}",
+        started.elapsed()
+    );
+    let v = wait_for(
+        "rolled_back in the rollout record",
+        &dev,
+        Duration::from_secs(30),
+        || {
+            let (_, v) = cp.op("GET", &format!("/api/v1/rollouts/{ro}"), None);
+            v.to_string().contains("rolled_back").then_some(v)
+        },
+    );
+    assert!(
+        dev.log().contains("rolling back: booting the other slot"),
+        "{}",
+        dev.log()
+    );
+    assert_eq!(dev.status()["booted-slot"], "B", "{v}");
 }
