@@ -593,7 +593,8 @@ fn operator_flows_in_a_real_browser() {
     assert_eq!(releases.as_array().unwrap().len(), 1);
     let release = releases[0]["id"].as_str().unwrap().to_string();
     b.screenshot("05-releases");
-    b.click("#uploaded-release");
+    // The page moves on to the new release.
+    b.wait_url(&format!("/ui/releases/{release}"));
     b.wait_for("details pre");
     assert!(
         b.text("main")

@@ -235,7 +235,7 @@ async fn deployment_body(
         .collect();
     let markup = html! {
         p { "Status: " (status_badge(&d.status)) }
-        (charts::bars("Devices by state", &counts))
+        (charts::stacked("Devices by state", &[("devices".to_string(), counts)], charts::bar_class))
         div.table-wrap { table {
             thead { tr { th scope="col" { "Device" } th scope="col" { "State" } th scope="col" { "Download" } th scope="col" { "Updated" } } }
             tbody { @for st in states { tr {
