@@ -79,7 +79,7 @@ pub async fn deployments(
         Nav::Deployments,
         "Deployments",
         html! {
-            (heading("Deployments", Some(html! { "Assign a release to chosen devices. Staged rollouts with waves come with the rollouts pages." })))
+            (heading("Deployments", Some(html! { "Assign a release to chosen devices at once. For staged waves with health gates and a bandwidth budget, use a rollout." })))
             @if s.can(Role::Ops) {
                 section.panel {
                     h2 { "New deployment" }
