@@ -1014,6 +1014,14 @@ fn rollout_lifecycle_in_a_real_browser() {
         std::thread::sleep(Duration::from_millis(300));
     }
     b.screenshot("23-rollout-wave-1-done");
+    // The overview lists it; the committed device's page shows it.
+    b.goto(&format!("{origin}/ui/"));
+    assert!(
+        b.text("main").contains("spring update"),
+        "the overview lists the running rollout"
+    );
+    b.goto(&format!("{origin}/ui/rollouts/{rollout}"));
+    b.wait_for("[data-status=running]");
 
     // Pause and resume, each confirmed.
     b.click("button[data-action=pause]");

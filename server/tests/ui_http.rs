@@ -793,6 +793,12 @@ async fn rollouts_through_the_pages(h: Arc<Harness>) {
             "{page}"
         );
     }
+    // The targeted device's page lists the rollout.
+    let (_, page) = get(&h, &ui, &format!("/ui/devices/{}", devices[1].0)).await;
+    assert!(
+        page.contains(&format!("href=\"/ui/rollouts/{id}\"")),
+        "{page}"
+    );
     // A transition the state does not allow is a 409 page.
     let (s, _, page) = post_owned(
         &h,
