@@ -89,6 +89,8 @@
           link.textContent = " Open it";
           link.id = "uploaded-release";
           out.appendChild(link);
+          // Then show it (its manifest), as the list is now stale.
+          setTimeout(function () { window.location.assign(link.href); }, 1200);
         } else {
           out.className = "error";
           var detail = body.detail;

@@ -358,7 +358,16 @@ fn golden(name: &str) -> PathBuf {
 
 /// Starts kernex-server; returns it, its origin and the admin password.
 fn start_server(data_dir: &Path) -> (Proc, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kernex-server"))
+    start_server_with(data_dir, None)
+}
+
+/// Starts kernex-server with a configuration file.
+fn start_server_with(data_dir: &Path, config: Option<&Path>) -> (Proc, String, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kernex-server"));
+    if let Some(c) = config {
+        command.arg("--config").arg(c);
+    }
+    let mut child = command
         .args(["--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
         .env_remove("DATABASE_URL")
@@ -593,7 +602,8 @@ fn operator_flows_in_a_real_browser() {
     assert_eq!(releases.as_array().unwrap().len(), 1);
     let release = releases[0]["id"].as_str().unwrap().to_string();
     b.screenshot("05-releases");
-    b.click("#uploaded-release");
+    // The page moves on to the new release.
+    b.wait_url(&format!("/ui/releases/{release}"));
     b.wait_for("details pre");
     assert!(
         b.text("main")
@@ -775,4 +785,314 @@ fn operator_flows_in_a_real_browser() {
         started.elapsed().as_secs_f64(),
         b.shots.display()
     );
+}
+
+/// A simulated device answering its poll the way kernex-updater does:
+/// install (downloading → installed → rebooted → committed) or roll back.
+/// Returns what it did.
+fn device_step(http: &ureq::Agent, api: &dyn Fn(&str) -> String, cred: &str) -> Option<String> {
+    let (s, d) = request(http, "GET", &api("/device/poll"), Some(cred), None);
+    if s == 204 {
+        return None;
+    }
+    assert_eq!(s, 200, "poll: {d}");
+    let release = d["release_id"].as_str().unwrap();
+    let version = d["version"].as_str().unwrap();
+    let report = |body: Value| {
+        let (s, v) = request(http, "POST", &api("/device/report"), Some(cred), Some(body));
+        assert_eq!(s, 204, "report: {v}");
+    };
+    if d["action"] == "rollback" {
+        report(
+            json!({"state": "rolled_back", "release_id": release, "version": version, "booted_slot": "A"}),
+        );
+        return Some("rolled_back".into());
+    }
+    let size = d["size"].as_i64().unwrap();
+    report(
+        json!({"state": "downloading", "release_id": release, "bytes_done": size / 2, "bytes_total": size}),
+    );
+    report(
+        json!({"state": "downloading", "release_id": release, "bytes_done": size, "bytes_total": size}),
+    );
+    report(json!({"state": "installed", "release_id": release}));
+    report(json!({"state": "rebooted", "release_id": release, "booted_slot": "B"}));
+    report(
+        json!({"state": "committed", "release_id": release, "version": version, "booted_slot": "B"}),
+    );
+    Some("committed".into())
+}
+
+#[test]
+fn rollout_lifecycle_in_a_real_browser() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        "scheduler-interval-ms = 200\ndevice-requests-per-minute = 0\nuser-requests-per-minute = 0\n",
+    )
+    .unwrap();
+    let (_server, origin, password) = start_server_with(&dir.path().join("data"), Some(&config));
+    let api = |path: &str| format!("{origin}/api/v1{path}");
+    let http = agent();
+    // Two real signed releases whose second rewrites a tenth of the first.
+    let made = kernex_sim::releases::make_releases(
+        &dir.path().join("releases"),
+        "qemu-aarch64",
+        &[semver::Version::new(1, 0, 0), semver::Version::new(1, 1, 0)],
+        2 * 1024 * 1024,
+        0.1,
+        7,
+    )
+    .unwrap();
+    let (s, v) = request(
+        &http,
+        "POST",
+        &api("/login"),
+        None,
+        Some(json!({"email": "admin@localhost", "password": password})),
+    );
+    assert_eq!(s, 200, "{v}");
+    let admin = v["token"].as_str().unwrap().to_string();
+    let ca = std::fs::read_to_string(&made.ca_pem).unwrap();
+    let (s, _) = request(
+        &http,
+        "PUT",
+        &api("/org/keyring"),
+        Some(&admin),
+        Some(json!({"pem": ca})),
+    );
+    assert_eq!(s, 204);
+    let mut ids = Vec::new();
+    for bundle in &made.bundles {
+        let mut r = http
+            .post(&api("/releases"))
+            .header("authorization", &format!("Bearer {admin}"))
+            .header("content-type", "application/octet-stream")
+            .send(std::fs::read(bundle).unwrap())
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 201);
+        let v: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+        ids.push(v["id"].as_str().unwrap().to_string());
+    }
+    let (old, new) = (ids[0].clone(), ids[1].clone());
+    let (s, v) = request(
+        &http,
+        "POST",
+        &api("/enrollment-tokens"),
+        Some(&admin),
+        Some(json!({"label": "rollout fleet", "tags": ["site-a"]})),
+    );
+    assert_eq!(s, 201);
+    let enrollment = v["token"].as_str().unwrap().to_string();
+    let mut creds = Vec::new();
+    for i in 0..4 {
+        let (s, v) = request(
+            &http,
+            "POST",
+            &api("/device/enroll"),
+            None,
+            Some(json!({
+            "enrollment_token": enrollment, "device_id": format!("pi-{i}"), "hardware_class": "qemu-aarch64"})),
+        );
+        assert_eq!(s, 201, "{v}");
+        let cred = v["credential"].as_str().unwrap().to_string();
+        let (s, _) = request(
+            &http,
+            "POST",
+            &api("/device/heartbeat"),
+            Some(&cred),
+            Some(json!({
+            "version": "1.0.0", "booted_slot": "A", "primary_slot": "A", "cpu_percent": 10.0})),
+        );
+        assert_eq!(s, 204);
+        creds.push(cred);
+    }
+
+    let b = Browser::start(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ui-screenshots"));
+    b.goto(&format!("{origin}/ui/login"));
+    b.type_into("#email", "admin@localhost");
+    b.type_into("#password", &password);
+    b.click("form[action='/ui/login'] button[type=submit]");
+    b.wait_for("[data-count=total]");
+
+    // The delta between the two releases, from their chunk indexes.
+    b.goto(&format!("{origin}/ui/releases/delta?from={old}&to={new}"));
+    let delta: u64 = b
+        .js("return document.querySelector('[data-delta-total]').getAttribute('data-delta-total')")
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let full = std::fs::metadata(&made.bundles[1]).unwrap().len();
+    assert!(
+        delta > 0 && delta < full / 2,
+        "a tenth changed: {delta} of {full}"
+    );
+    b.screenshot("20-release-delta");
+
+    // Create a rollout: the preview's numbers are the API's.
+    b.goto(&format!("{origin}/ui/rollouts"));
+    let select = b.find("#release_id");
+    b.cmd(
+        "POST",
+        &format!("/element/{select}/value"),
+        Some(json!({"text": "1.1.0"})),
+    );
+    b.type_into("#name", "spring update");
+    b.type_into("#waves", "1, 100%");
+    b.type_into("#soak_minutes", "0");
+    b.click("form.rollout button[type=submit]");
+    b.wait_for("[data-preview=bytes]");
+    let (s, expected) = request(
+        &http,
+        "POST",
+        &api("/rollouts/preview"),
+        Some(&admin),
+        Some(json!({
+        "name": "spring update", "release_id": new,
+        "waves": [{"count": 1, "soak_secs": 0}, {"percent": 100.0, "soak_secs": 0}],
+        "bandwidth": {"egress_cap_bytes_per_sec": 125_000_000u64,
+            "link_classes": {"metered-4g": {"rate_bytes_per_sec": 500_000, "budget_bytes_per_day": 50_000_000u64, "cost_per_gb": 5.0}}}})),
+    );
+    assert_eq!(s, 200, "{expected}");
+    assert_eq!(expected["targets"], 4);
+    let shown_bytes: u64 = b
+        .js("return document.querySelector('[data-preview=bytes]').getAttribute('data-value')")
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(shown_bytes, expected["total_bytes"].as_u64().unwrap());
+    for w in expected["waves"].as_array().unwrap() {
+        let n = w["wave"].as_u64().unwrap();
+        let cell: u64 = b.js(&format!("return document.querySelector('tr[data-wave=\"{n}\"] td[data-bytes]').getAttribute('data-bytes')"))
+            .as_str().unwrap().parse().unwrap();
+        assert_eq!(cell, w["bytes"].as_u64().unwrap(), "wave {n}");
+    }
+    assert_eq!(
+        b.js("return document.querySelectorAll('figure.chart svg > rect.bar').length"),
+        6,
+        "bytes, cost and duration bars for two waves"
+    );
+    b.screenshot("21-rollout-preview");
+    b.click("form[action='/ui/rollouts'] button.primary");
+    b.wait_for("button[data-action=start]");
+    b.screenshot("22-rollout-draft");
+
+    // Start it (confirmed), and watch wave 1 complete live.
+    b.click("button[data-action=start]");
+    b.accept_dialog();
+    b.wait_for("[data-status=running]");
+    let rollout = b.url().rsplit('/').next().unwrap().to_string();
+    // Only wave 1's devices act, so wave 2 is still running afterwards.
+    let (_, r) = request(
+        &http,
+        "GET",
+        &api(&format!("/rollouts/{rollout}")),
+        Some(&admin),
+        None,
+    );
+    let first: Vec<usize> = r["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["wave"] == 1)
+        .map(|d| d["device_id"].as_str().unwrap()[3..].parse().unwrap())
+        .collect();
+    assert_eq!(first.len(), 1, "{r}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !b.exists("tr[data-wave='1'][data-wave-status='done']") {
+        for i in &first {
+            device_step(&http, &api, &creds[*i]);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "wave 1 did not complete: {}",
+            b.text("#live")
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    b.screenshot("23-rollout-wave-1-done");
+    // The overview lists it; the committed device's page shows it.
+    b.goto(&format!("{origin}/ui/"));
+    assert!(
+        b.text("main").contains("spring update"),
+        "the overview lists the running rollout"
+    );
+    b.goto(&format!("{origin}/ui/rollouts/{rollout}"));
+    b.wait_for("[data-status=running]");
+
+    // Pause and resume, each confirmed.
+    b.click("button[data-action=pause]");
+    b.accept_dialog();
+    b.wait_for("[data-status=paused]");
+    let (_, r) = request(
+        &http,
+        "GET",
+        &api(&format!("/rollouts/{rollout}")),
+        Some(&admin),
+        None,
+    );
+    assert_eq!(r["status"], "paused");
+    b.click("button[data-action=resume]");
+    b.accept_dialog();
+    b.wait_for("button[data-action=pause]");
+    // Every device commits; the rollout completes.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        for c in &creds {
+            device_step(&http, &api, c);
+        }
+        let (_, r) = request(
+            &http,
+            "GET",
+            &api(&format!("/rollouts/{rollout}")),
+            Some(&admin),
+            None,
+        );
+        if r["status"] == "completed" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rollout did not complete: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    b.wait_for("[data-status=completed]");
+    b.screenshot("24-rollout-completed");
+
+    // Roll back (confirmed): every device boots its other slot.
+    b.click("button[data-action=rollback]");
+    b.accept_dialog();
+    b.wait_for("[data-status=rolled_back]");
+    let mut rolled = 0;
+    for c in &creds {
+        if device_step(&http, &api, c).as_deref() == Some("rolled_back") {
+            rolled += 1;
+        }
+    }
+    assert_eq!(rolled, 4, "every updated device was told to roll back");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !b.text("#live").contains("rolled back") {
+        assert!(
+            Instant::now() < deadline,
+            "the page did not show the rollback: {}",
+            b.text("#live")
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    b.screenshot("25-rollout-rolled-back");
+    b.goto(&format!("{origin}/ui/audit?action=rollout"));
+    let audit = b.text("main");
+    for action in [
+        "rollout.create",
+        "rollout.start",
+        "rollout.pause",
+        "rollout.resume",
+        "rollout.rollback",
+    ] {
+        assert!(audit.contains(action), "the audit log shows {action}");
+    }
 }

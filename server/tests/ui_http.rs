@@ -691,8 +691,184 @@ async fn bad_input_gets_an_error_page(h: Arc<Harness>) {
     }
 }
 
+async fn rollouts_through_the_pages(h: Arc<Harness>) {
+    let devices = fleet(&h).await;
+    let (s, body) = h
+        .upload(&h.admin, std::fs::read(golden("valid.kxb")).unwrap())
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    let release = body["id"].as_str().unwrap().to_string();
+    let password = first_password(&h).await;
+    let ui = login(&h, "ui-admin@localhost", &password).await;
+    let (s, page) = get(&h, &ui, "/ui/rollouts").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(page.contains("New rollout"), "{page}");
+    let fields = |waves: &'static str| {
+        vec![
+            ("release_id", release.clone()),
+            ("name", "r1".to_string()),
+            ("waves", waves.to_string()),
+            ("soak_minutes", "0".to_string()),
+            ("promote_max_error_pct", "1".to_string()),
+            ("rollback_error_pct", "5".to_string()),
+            ("promote_min_committed_pct", "90".to_string()),
+            ("egress_cap_mb_s", "125".to_string()),
+            ("metered_budget_mb_day", "50".to_string()),
+            ("metered_cost_per_gb", "5".to_string()),
+            ("csrf", ui.csrf.clone()),
+        ]
+    };
+    // The preview page shows the API's numbers.
+    let (s, _, page) = post_owned(&h, &ui, "/ui/rollouts/preview", fields("1, 100%")).await;
+    assert_eq!(s, StatusCode::OK, "{page}");
+    let (s, api) = h
+        .call(Method::POST, "/api/v1/rollouts/preview", Some(&h.admin), Some(json!({
+            "release_id": release, "waves": [{"count": 1, "soak_secs": 0}, {"percent": 100.0, "soak_secs": 0}]})))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{api}");
+    let targets = api["targets"].as_u64().unwrap();
+    assert!(targets >= 1 && targets < devices.len() as u64, "{api}");
+    assert!(
+        page.contains(&format!(
+            "data-preview=\"bytes\" data-value=\"{}\"",
+            api["total_bytes"]
+        )),
+        "{page}"
+    );
+    assert!(
+        page.contains(&format!(
+            "data-preview=\"targets\"><span class=\"big\">{targets}</span>"
+        )),
+        "{page}"
+    );
+    assert_eq!(h.count("rollouts").await, 0, "a preview saves nothing");
+    // Bad input: a page that names the field.
+    for (waves, needle) in [("abc", "Wave \"abc\""), ("", "at least one")] {
+        let (s, _, page) = post_owned(&h, &ui, "/ui/rollouts/preview", fields(waves)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{page}");
+        assert!(page.contains(&needle.replace('"', "&quot;")), "{page}");
+    }
+    let mut half_window = fields("100%");
+    half_window.push(("window_start", "01:00".into()));
+    let (s, _, page) = post_owned(&h, &ui, "/ui/rollouts/preview", half_window).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(page.contains("Maintenance window"));
+    // Create, then start, pause, resume, abort.
+    let (s, hd, page) = post_owned(&h, &ui, "/ui/rollouts", fields("1, 100%")).await;
+    assert_eq!(s, StatusCode::SEE_OTHER, "{page}");
+    let location = hd.get("location").unwrap().to_str().unwrap().to_string();
+    let id = location.rsplit('/').next().unwrap().to_string();
+    let (s, page) = get(&h, &ui, &location).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        page.contains("data-action=\"start\"") && page.contains("Preview"),
+        "{page}"
+    );
+    for (action, status) in [
+        ("start", "running"),
+        ("pause", "paused"),
+        ("resume", "running"),
+        ("abort", "aborted"),
+    ] {
+        let (s, _, page) = post_owned(
+            &h,
+            &ui,
+            &format!("/ui/rollouts/{id}/{action}"),
+            vec![("csrf", ui.csrf.clone())],
+        )
+        .await;
+        assert_eq!(s, StatusCode::SEE_OTHER, "{action}: {page}");
+        let (_, api) = h
+            .call(
+                Method::GET,
+                &format!("/api/v1/rollouts/{id}"),
+                Some(&h.admin),
+                None,
+            )
+            .await;
+        assert_eq!(api["status"], status, "{action}");
+        let (_, page) = get(&h, &ui, &format!("/ui/rollouts/{id}/live")).await;
+        assert!(
+            page.contains(&format!("data-status=\"{status}\"")),
+            "{page}"
+        );
+    }
+    // The targeted device's page lists the rollout.
+    let (_, page) = get(&h, &ui, &format!("/ui/devices/{}", devices[1].0)).await;
+    assert!(
+        page.contains(&format!("href=\"/ui/rollouts/{id}\"")),
+        "{page}"
+    );
+    // A transition the state does not allow is a 409 page.
+    let (s, _, page) = post_owned(
+        &h,
+        &ui,
+        &format!("/ui/rollouts/{id}/pause"),
+        vec![("csrf", ui.csrf.clone())],
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{page}");
+    let explode = format!("/ui/rollouts/{id}/explode");
+    let (s, _, _) = post_owned(&h, &ui, &explode, vec![("csrf", ui.csrf.clone())]).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _, _) = post_owned(&h, &ui, &explode, vec![]).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "no CSRF token");
+    // A read-only operator sees the rollout but no control, and is refused.
+    h.user("viewer@localhost", "read_only").await;
+    let viewer = login(&h, "viewer@localhost", "correct horse battery").await;
+    for path in ["/ui/rollouts".to_string(), format!("/ui/rollouts/{id}")] {
+        let (s, page) = get(&h, &viewer, &path).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(
+            page.matches("method=\"post\"").count(),
+            1,
+            "{path}: only logout"
+        );
+    }
+    let (s, _, _) = post(
+        &h,
+        &viewer,
+        &format!("/ui/rollouts/{id}/rollback"),
+        &[("csrf", &viewer.csrf)],
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _, _) = post(
+        &h,
+        &viewer,
+        "/ui/rollouts/preview",
+        &[
+            ("csrf", &viewer.csrf),
+            ("release_id", &release),
+            ("waves", "100%"),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (_, api) = h
+        .call(
+            Method::GET,
+            &format!("/api/v1/rollouts/{id}"),
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    assert_eq!(api["status"], "aborted");
+}
+
+async fn post_owned(
+    h: &Harness,
+    ui: &Ui,
+    path: &str,
+    fields: Vec<(&str, String)>,
+) -> (StatusCode, HeaderMap, String) {
+    let pairs: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    post(h, ui, path, &pairs).await
+}
+
 both!(
     every_page_renders_for_an_admin,
+    rollouts_through_the_pages,
     csrf_is_checked_on_every_mutation,
     read_only_sees_no_controls_and_is_refused,
     bad_input_gets_an_error_page,

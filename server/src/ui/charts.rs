@@ -8,6 +8,11 @@ use super::format;
 
 /// Horizontal bars, one per `(label, value)`, for counts.
 pub fn bars(title: &str, items: &[(String, u64)]) -> Markup {
+    bars_with(title, items, |v| v.to_string())
+}
+
+/// Horizontal bars with each value written by `show`.
+pub fn bars_with(title: &str, items: &[(String, u64)], show: impl Fn(u64) -> String) -> Markup {
     let max = items.iter().map(|(_, v)| *v).max().unwrap_or(0).max(1);
     let row = 26u32;
     let height = (items.len() as u32).max(1) * row + 4;
@@ -27,7 +32,7 @@ pub fn bars(title: &str, items: &[(String, u64)]) -> Markup {
                         @let w = ((*value as f64 / max as f64) * f64::from(bar_w)).round().max(2.0);
                         text x=(label_w - 8) y=(y + 17) text-anchor="end" class="label" { (truncate(label, 18)) }
                         rect x=(label_w) y=(y + 4) width=(w) height=(row - 8) rx="3" class={ "bar " (bar_class(label)) } {}
-                        text x={ (f64::from(label_w) + w + 6.0) } y=(y + 17) class="value" { (value) }
+                        text x={ (f64::from(label_w) + w + 6.0) } y=(y + 17) class="value" { (show(*value)) }
                     }
                 }
             }
@@ -35,7 +40,69 @@ pub fn bars(title: &str, items: &[(String, u64)]) -> Markup {
     }
 }
 
-fn bar_class(label: &str) -> &'static str {
+/// Horizontal stacked bars: per row, segments `(name, count)` coloured by
+/// `class(name)`, with a legend.
+pub fn stacked(
+    title: &str,
+    rows: &[(String, Vec<(String, u64)>)],
+    class: impl Fn(&str) -> &'static str,
+) -> Markup {
+    let max = rows
+        .iter()
+        .map(|(_, segs)| segs.iter().map(|s| s.1).sum::<u64>())
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let row = 28u32;
+    let height = (rows.len() as u32).max(1) * row + 4;
+    let (label_w, bar_w) = (80.0_f64, 330.0_f64);
+    let mut names: Vec<&str> = rows
+        .iter()
+        .flat_map(|(_, segs)| segs.iter().map(|s| s.0.as_str()))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    // Each row: its label, y, segments (name, count, x, width), end, total.
+    type Seg<'s> = (&'s str, u64, f64, f64);
+    let laid: Vec<(&str, f64, Vec<Seg<'_>>, f64, u64)> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, (label, segs))| {
+            let mut x = label_w;
+            let mut out = Vec::new();
+            for (name, n) in segs {
+                let w = *n as f64 / max as f64 * bar_w;
+                out.push((name.as_str(), *n, x, w));
+                x += w;
+            }
+            let total = segs.iter().map(|s| s.1).sum();
+            (label.as_str(), f64::from(i as u32 * row + 2), out, x, total)
+        })
+        .collect();
+    html! {
+        figure.chart {
+            figcaption { (title) }
+            svg role="img" aria-label=(title) viewBox={ "0 0 " (label_w + bar_w + 50.0) " " (height) } width="100%" preserveAspectRatio="xMinYMin meet" {
+                title { (title) }
+                @for (label, y, segs, end, total) in &laid {
+                    text x=(label_w - 8.0) y=(y + 18.0) text-anchor="end" class="label" { (label) }
+                    @for (name, n, x, w) in segs {
+                        rect x=(x) y=(y + 4.0) width=(w) height=(f64::from(row) - 8.0) class={ "bar " (class(name)) } {
+                            title { (name) ": " (n) }
+                        }
+                    }
+                    text x=(end + 6.0) y=(y + 18.0) class="value" { (total) }
+                }
+            }
+            ul.legend {
+                @for n in &names { li { span class={ "swatch bar-" (class(n)) } {} (n.replace('_', " ")) } }
+            }
+        }
+    }
+}
+
+/// The colour class of a status or state.
+pub fn bar_class(label: &str) -> &'static str {
     match label {
         "online" | "committed" => "good",
         "updating" | "downloading" | "installed" | "rebooted" | "assigned" => "busy",

@@ -71,6 +71,12 @@ async fn overview_body(state: &AppState, s: &Session) -> UiResult<Markup> {
         .iter()
         .filter(|d| ATTENTION.contains(&d.status.as_str()) && !d.revoked)
         .collect();
+    let crate::http::ApiJson(rollouts) =
+        crate::http::rollouts::list(State(state.clone()), s.op.clone()).await?;
+    let active: Vec<_> = rollouts
+        .into_iter()
+        .filter(|r| matches!(r.status.as_str(), "scheduled" | "running" | "paused"))
+        .collect();
     Ok(html! {
         div.cards {
             div.card data-count="total" {
@@ -86,6 +92,17 @@ async fn overview_body(state: &AppState, s: &Session) -> UiResult<Markup> {
             (charts::bars("Devices by status", &by_status))
             (charts::bars("Devices by version", &by_version))
             (charts::bars("Devices by hardware class", &by_class))
+        }
+        @if !active.is_empty() {
+            section {
+                h2 { "Rollouts in progress" }
+                ul.plain { @for r in &active {
+                    @let committed = r.states.get("committed").copied().unwrap_or(0);
+                    li { a href={ "/ui/rollouts/" (r.id) } { @if r.name.is_empty() { (r.id.get(..8).unwrap_or(&r.id)) } @else { (r.name) } }
+                        " " (status_badge(&r.status)) " wave " (r.current_wave) "/" (r.spec.waves.len()) " "
+                        (charts::progress(committed, r.devices_total, "committed")) }
+                } }
+            }
         }
         section {
             h2 { "Needs attention (" (attention.len()) ")" }
@@ -415,6 +432,13 @@ pub async fn device(
     .bind(&s.op.org_id)
     .fetch_all(state.store.pool())
     .await?;
+    let rollout_rows = sqlx::query(
+        "SELECT rd.rollout_id, rd.wave, rd.state, rd.from_version, rd.delta_bytes, rd.bytes_done, rd.reason, rd.updated_at, ro.name, ro.status, r.version FROM rollout_devices rd JOIN rollouts ro ON ro.id = rd.rollout_id JOIN releases r ON r.id = ro.release_id WHERE rd.device_pk = $1 AND ro.org_id = $2 ORDER BY rd.updated_at DESC LIMIT 50",
+    )
+    .bind(&id)
+    .bind(&s.op.org_id)
+    .fetch_all(state.store.pool())
+    .await?;
     let live = device_live_body(&state, &s, &d).await?;
     Ok(layout::page(
         &s,
@@ -445,6 +469,34 @@ pub async fn device(
                         tbody { @for l in &logs { tr class={ "lvl-" (l.level) } {
                             td.nowrap { (format::time(l.at)) } td { span class={ "lvl lvl-" (l.level) } { (l.level) } } td.msg { (l.message) }
                         } } }
+                    } }
+                }
+            }
+            section {
+                h2 { "Rollouts" }
+                @if rollout_rows.is_empty() { p.empty { "In no rollout." } } @else {
+                    div.table-wrap { table {
+                        thead { tr { th scope="col" { "Rollout" } th scope="col" { "Version" } th scope="col" { "Wave" } th scope="col" { "State" } th scope="col" { "Download" } th scope="col" { "Updated" } } }
+                        tbody { @for r in &rollout_rows {
+                            @let rid: String = r.try_get("rollout_id").unwrap_or_default();
+                            @let name: String = r.try_get("name").unwrap_or_default();
+                            @let wave: i64 = r.try_get("wave").unwrap_or_default();
+                            @let st: String = r.try_get("state").unwrap_or_default();
+                            @let from: Option<String> = r.try_get("from_version").unwrap_or_default();
+                            @let delta: i64 = r.try_get("delta_bytes").unwrap_or_default();
+                            @let done: i64 = r.try_get("bytes_done").unwrap_or_default();
+                            @let reason: Option<String> = r.try_get("reason").unwrap_or_default();
+                            @let at: i64 = r.try_get("updated_at").unwrap_or_default();
+                            @let version: String = r.try_get("version").unwrap_or_default();
+                            tr {
+                                td { a href={ "/ui/rollouts/" (rid) } { @if name.is_empty() { (rid.get(..8).unwrap_or(&rid)) } @else { (name) } } }
+                                td { (from.as_deref().unwrap_or("?")) " → " (version) }
+                                td { (wave + 1) }
+                                td { (status_badge(&st)) @if let Some(r) = reason { br; span.small { (r) } } }
+                                td { (charts::progress(done, delta, "download")) " " span.small { (format::ibytes(delta)) " delta" } }
+                                td { (format::time(at)) }
+                            }
+                        } }
                     } }
                 }
             }

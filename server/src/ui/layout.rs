@@ -25,6 +25,7 @@ pub enum Nav {
     Devices,
     Releases,
     Deployments,
+    Rollouts,
     Tokens,
     Audit,
     Users,
@@ -46,10 +47,11 @@ fn head(title: &str) -> Markup {
 
 /// A full page for a logged-in operator.
 pub fn page(s: &Session, nav: Nav, title: &str, body: Markup) -> Response {
-    let entries: [(Nav, &str, &str, Role); 8] = [
+    let entries: [(Nav, &str, &str, Role); 9] = [
         (Nav::Overview, "/ui/", "Overview", Role::ReadOnly),
         (Nav::Devices, "/ui/devices", "Devices", Role::ReadOnly),
         (Nav::Releases, "/ui/releases", "Releases", Role::ReadOnly),
+        (Nav::Rollouts, "/ui/rollouts", "Rollouts", Role::ReadOnly),
         (
             Nav::Deployments,
             "/ui/deployments",
@@ -316,11 +318,15 @@ pub fn heading(title: &str, subtitle: Option<Markup>) -> Markup {
 /// A status badge.
 pub fn status_badge(status: &str) -> Markup {
     let class = match status {
-        "online" | "committed" | "success" | "ok" => "good",
-        "updating" | "downloading" | "installed" | "rebooted" | "assigned" | "in_progress"
-        | "pending" => "busy",
-        "degraded" | "offline" => "warn",
-        "reverted" | "error" | "failed" | "rolled_back" | "revoked" | "unstable" => "bad",
+        "online" | "committed" | "success" | "ok" | "done" | "completed" => "good",
+        "updating" | "downloading" | "installed" | "rebooted" | "rebooting" | "assigned"
+        | "in_progress" | "pending" | "running" | "current" | "scheduled" | "rolling_back" => {
+            "busy"
+        }
+        "degraded" | "offline" | "paused" | "expired" => "warn",
+        "reverted" | "error" | "failed" | "rolled_back" | "revoked" | "unstable" | "aborted" => {
+            "bad"
+        }
         _ => "neutral",
     };
     html! { span class={ "badge " (class) } { (status.replace('_', " ")) } }

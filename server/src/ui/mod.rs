@@ -23,6 +23,7 @@ mod format;
 mod layout;
 mod operations;
 mod releases;
+mod rollouts;
 
 use axum::Router;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
@@ -82,6 +83,11 @@ pub fn router() -> Router<AppState> {
             "/ui/enrollment-tokens/{id}/revoke",
             post(operations::revoke_token),
         )
+        .route("/ui/rollouts", get(rollouts::list).post(rollouts::create))
+        .route("/ui/rollouts/preview", post(rollouts::preview))
+        .route("/ui/rollouts/{id}", get(rollouts::detail))
+        .route("/ui/rollouts/{id}/live", get(rollouts::live))
+        .route("/ui/rollouts/{id}/{action}", post(rollouts::act))
         .route("/ui/audit", get(admin::audit))
         .route("/ui/users", get(admin::users).post(admin::create_user))
         .route("/ui/keyring", get(admin::keyring).post(admin::set_keyring))

@@ -79,7 +79,7 @@ pub async fn deployments(
         Nav::Deployments,
         "Deployments",
         html! {
-            (heading("Deployments", Some(html! { "Assign a release to chosen devices. Staged rollouts with waves come with the rollouts pages." })))
+            (heading("Deployments", Some(html! { "Assign a release to chosen devices at once. For staged waves with health gates and a bandwidth budget, use a rollout." })))
             @if s.can(Role::Ops) {
                 section.panel {
                     h2 { "New deployment" }
@@ -235,7 +235,7 @@ async fn deployment_body(
         .collect();
     let markup = html! {
         p { "Status: " (status_badge(&d.status)) }
-        (charts::bars("Devices by state", &counts))
+        (charts::stacked("Devices by state", &[("devices".to_string(), counts)], charts::bar_class))
         div.table-wrap { table {
             thead { tr { th scope="col" { "Device" } th scope="col" { "State" } th scope="col" { "Download" } th scope="col" { "Updated" } } }
             tbody { @for st in states { tr {
