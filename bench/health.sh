@@ -34,9 +34,17 @@ model=${KERNEX_LLM_MODEL:-$KERNEX_CACHE/models/SmolLM2-135M-Instruct.Q4_1.gguf}
 command -v python3 >/dev/null || die "python3 missing"
 
 target_dir=${CARGO_TARGET_DIR:-$repo/target}
-log "building kernex-updater (release, --features llm)"
-(cd "$repo" && cargo build --release --locked -p kernex-updater --features llm >&2)
-updater=$target_dir/release/kernex-updater
+# BENCH_PROFILE=debug reuses the test build (dependencies and llama.cpp are
+# optimised in it too; only the updater's own code is not).
+profile=${BENCH_PROFILE:-release}
+case $profile in
+    release) flags=(--release) ;;
+    debug) flags=() ;;
+    *) die "BENCH_PROFILE must be release or debug" ;;
+esac
+log "building kernex-updater ($profile, --features llm)"
+(cd "$repo" && cargo build "${flags[@]}" --locked -p kernex-updater --features llm >&2)
+updater=$target_dir/$profile/kernex-updater
 
 work=$(mktemp -d)
 cleanup() { [[ -n ${http_pid:-} ]] && kill "$http_pid" 2>/dev/null; rm -rf "$work"; }
@@ -130,7 +138,7 @@ read -r oth_t oth_m < <(run_case "other checks" "$other_checks")
 read -r all_t all_m < <(run_case "all checks" "$llm_check$other_checks")
 
 echo
-echo "kernex-updater health run, median of $runs, $(nproc) cores, $(date -u +%F)"
+echo "kernex-updater health run ($profile build), median of $runs, $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%F)"
 echo "model: $(basename "$model") ($(( $(stat -c %s "$model") / 1048576 )) MiB), $tokens tokens"
 echo
 printf '| %-44s | %8s | %13s |\n' "checks" "time" "peak RSS"
