@@ -421,7 +421,7 @@ fn pcr_slot(pcr: u8) -> Result<PcrSlot, DeviceError> {
     PcrSlot::try_from(1u32 << pcr).map_err(tpm("PCR slot"))
 }
 
-mod opt_hex {
+pub(crate) mod opt_hex {
     use serde::{Deserialize, Deserializer, Serializer};
 
     /// Longest accepted hex string: a 4 KiB certificate.

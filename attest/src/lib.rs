@@ -15,6 +15,7 @@
 
 pub mod credential;
 pub mod device;
+pub mod identity;
 pub mod measure;
 pub mod public;
 pub mod quote;
@@ -22,7 +23,8 @@ mod wire;
 
 pub use credential::{ActivationError, CredentialChallenge};
 pub use device::{AkBlob, DeviceError, Endorsement, Tpm};
+pub use identity::{Activation, TpmIdentity};
 pub use measure::{DEFAULT_SLOT_PCR, expected_slot_pcr, extend, slot_measurement};
 pub use public::{AkPublic, EkPublic, PublicKeyError};
-pub use quote::{Quote, QuoteError, QuoteInfo, VerifiedQuote, verify_quote};
+pub use quote::{Quote, QuoteError, QuoteInfo, VerifiedQuote, fresh_nonce, verify_quote};
 pub use wire::WireError;

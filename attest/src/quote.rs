@@ -25,6 +25,16 @@ pub const MAX_QUOTED_PCRS: usize = 24;
 /// The longest nonce (`TPM2B_DATA` holds at most 64 bytes).
 pub const MAX_NONCE_SIZE: usize = 64;
 
+/// The nonce size the verifier uses.
+pub const NONCE_SIZE: usize = 32;
+
+/// A fresh random nonce for a quote request (openssl's CSPRNG).
+pub fn fresh_nonce() -> Result<[u8; NONCE_SIZE], openssl::error::ErrorStack> {
+    let mut nonce = [0u8; NONCE_SIZE];
+    openssl::rand::rand_bytes(&mut nonce)?;
+    Ok(nonce)
+}
+
 /// A quote as the device sends it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
