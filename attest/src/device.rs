@@ -125,6 +125,17 @@ pub struct AkBlob {
 #[allow(missing_debug_implementations)]
 pub struct Tpm {
     ctx: Context,
+    /// The EK, created on first use and flushed on drop: recreating it is
+    /// an RSA key generation inside the TPM (the bulk of a quote's time).
+    ek: Option<KeyHandle>,
+}
+
+impl Drop for Tpm {
+    fn drop(&mut self) {
+        if let Some(ek) = self.ek.take() {
+            self.flush(ek);
+        }
+    }
 }
 
 impl Tpm {
@@ -138,16 +149,21 @@ impl Tpm {
         };
         let conf = TctiNameConf::from_str(tcti).map_err(open_err)?;
         let ctx = Context::new(conf).map_err(open_err)?;
-        Ok(Self { ctx })
+        Ok(Self { ctx, ek: None })
     }
 
     fn create_ek(&mut self) -> Result<KeyHandle, DeviceError> {
-        ek::create_ek_object_2(
+        if let Some(ek) = self.ek {
+            return Ok(ek);
+        }
+        let ek = ek::create_ek_object_2(
             &mut self.ctx,
             AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048),
             DefaultKey,
         )
-        .map_err(tpm("CreatePrimary (endorsement key)"))
+        .map_err(tpm("CreatePrimary (endorsement key)"))?;
+        self.ek = Some(ek);
+        Ok(ek)
     }
 
     fn flush(&mut self, handle: impl Into<ObjectHandle>) {
@@ -160,7 +176,6 @@ impl Tpm {
     pub fn endorsement(&mut self) -> Result<Endorsement, DeviceError> {
         let ek = self.create_ek()?;
         let read = self.ctx.read_public(ek);
-        self.flush(ek);
         let (public, _, _) = read.map_err(tpm("ReadPublic (endorsement key)"))?;
         let public = public.marshall().map_err(tpm("marshal EK public"))?;
         let certificate = match ek::retrieve_ek_pubcert(
@@ -191,7 +206,6 @@ impl Tpm {
             None,
             DefaultKey,
         );
-        self.flush(ek);
         let created = created.map_err(tpm("Create (attestation key)"))?;
         Ok(AkBlob {
             public: created
@@ -209,13 +223,10 @@ impl Tpm {
         let ek = self.create_ek()?;
         match ak::load_ak(&mut self.ctx, ek, None, private, public) {
             Ok(handle) => Ok((ek, handle)),
-            Err(e) => {
-                self.flush(ek);
-                Err(DeviceError::Tpm {
-                    operation: "Load (attestation key)",
-                    source: e,
-                })
-            }
+            Err(e) => Err(DeviceError::Tpm {
+                operation: "Load (attestation key)",
+                source: e,
+            }),
         }
     }
 
@@ -236,7 +247,6 @@ impl Tpm {
         let result = self.activate_with_sessions(ak_handle, ek, blob, secret);
         self.ctx.clear_sessions();
         self.flush(ak_handle);
-        self.flush(ek);
         result.map(|d| d.value().to_vec())
     }
 
@@ -396,12 +406,11 @@ impl Tpm {
             .build()
             .map_err(tpm("PCR selection"))?;
         let data = Data::try_from(nonce.to_vec()).map_err(tpm("nonce"))?;
-        let (ek, ak_handle) = self.load_ak(ak)?;
+        let (_, ak_handle) = self.load_ak(ak)?;
         let quoted = self.ctx.execute_with_nullauth_session(|ctx| {
             ctx.quote(ak_handle, data, SignatureScheme::Null, selection)
         });
         self.flush(ak_handle);
-        self.flush(ek);
         let (attest, signature) = quoted.map_err(tpm("Quote"))?;
         let pcr_values = self.read_pcrs(pcrs)?;
         Ok(Quote {
