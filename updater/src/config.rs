@@ -41,6 +41,9 @@ pub struct SystemConfig {
     /// The health watchdog's device-local settings (`[health]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<crate::health::HealthConfig>,
+    /// The TPM for `attest` (`[tpm]`: `tcti`, `pcr`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<crate::cli::attest::TpmConfig>,
 }
 
 fn default_reboot_command() -> Vec<String> {

@@ -1,5 +1,6 @@
 //! The command line: one module per command.
 
+pub mod attest;
 pub mod daemon;
 pub mod health;
 pub mod install;
@@ -58,6 +59,9 @@ pub enum Command {
     /// assigns, report every step; run the health watchdog at boot.
     #[command(long_about = DAEMON_ABOUT)]
     Daemon(daemon::DaemonArgs),
+    /// TPM identity (EK, AK, credential activation), slot measurement, quotes.
+    #[command(subcommand, long_about = attest::ABOUT)]
+    Attest(attest::AttestCommand),
 }
 
 const DAEMON_ABOUT: &str = "Talk to the control plane named by the [server] table of the config.\n\n\
@@ -118,6 +122,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::MarkBad => mark::bad(&mut ctx),
         Command::Rollback => rollback::run(&mut ctx),
         Command::Health(cmd) => health::run(&mut ctx, cmd),
+        Command::Attest(cmd) => attest::run(&mut ctx, cmd),
         Command::Daemon(_) => Ok(()),
     }
 }
