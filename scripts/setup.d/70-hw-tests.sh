@@ -11,7 +11,7 @@
 # - mtools + dosfstools: the FAT boot partition is built in a file (mkfs.vfat
 #   --offset, mcopy -i img@@offset), fdisk's sfdisk writes the partition
 #   table into the disk image file: no root, no loop devices.
-# - cpio: the guest's initramfs.
+# - binutils: strip (the guest gets a stripped kernex-updater).
 # - A Debian amd64 kernel (linux-image-6.1.0-N-amd64, N = what the
 #   linux-image-amd64 metapackage points at) and busybox-static (amd64),
 #   fetched with `apt-get download` (apt checks each .deb against the signed
@@ -22,7 +22,7 @@
 need_apt mcopy mtools
 need_apt mkfs.vfat dosfstools
 need_apt sfdisk fdisk
-need_apt cpio cpio
+need_apt strip binutils
 need_apt xz xz-utils
 
 if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
