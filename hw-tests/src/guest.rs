@@ -129,7 +129,11 @@ for m in $(cat /etc/modules.list); do
 done
 i=0
 while [ ! -b /dev/vda4 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
-mount -t vfat /dev/vda1 /boot || echo "KERNEX-HW: cannot mount the boot partition"
+# `sync`: the env file's rename must reach the disk before a power cut.
+# The updater fsyncs the new file but cannot fsync a vfat directory; without
+# this mount option a cut within the writeback window (30 s) loses the
+# commit (seen here: the counter U-Boot read back was the old one).
+mount -t vfat -o sync /dev/vda1 /boot || echo "KERNEX-HW: cannot mount the boot partition"
 mount -t ext4 /dev/vda4 /data || echo "KERNEX-HW: cannot mount the data partition"
 mkdir -p /data/kernex
 if [ -b /dev/vdb ]; then
