@@ -1,0 +1,192 @@
+//! What the guest is made of, found on the build host.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::run;
+
+/// U-Boot for QEMU's `pc` machine (Debian's u-boot-qemu). The 32-bit build: the
+/// 64-bit one (qemu-x86_64) resets the board in zboot before the kernel
+/// prints anything; the 32-bit one boots the same x86_64 bzImage.
+pub const UBOOT_ROM: &str = "/usr/lib/u-boot/qemu-x86/u-boot.rom";
+
+/// Kernel modules the guest loads, in dependency order (the Debian amd64
+/// kernel builds virtio, ext4 and vfat as modules).
+pub const MODULES: &[&str] = &[
+    "kernel/drivers/virtio/virtio_ring.ko",
+    "kernel/drivers/virtio/virtio.ko",
+    "kernel/drivers/virtio/virtio_pci_legacy_dev.ko",
+    "kernel/drivers/virtio/virtio_pci_modern_dev.ko",
+    "kernel/drivers/virtio/virtio_pci.ko",
+    "kernel/drivers/block/virtio_blk.ko",
+    "kernel/lib/crc16.ko",
+    "kernel/fs/mbcache.ko",
+    "kernel/fs/jbd2/jbd2.ko",
+    "kernel/crypto/crc32c_generic.ko",
+    "kernel/fs/ext4/ext4.ko",
+    "kernel/fs/fat/fat.ko",
+    "kernel/fs/fat/vfat.ko",
+    "kernel/fs/nls/nls_cp437.ko",
+    "kernel/fs/nls/nls_utf8.ko",
+    "kernel/fs/nls/nls_ascii.ko",
+];
+
+/// The kernel, modules and BusyBox unpacked by scripts/setup.d/70-hw-tests.sh.
+#[derive(Debug, Clone)]
+pub struct Assets {
+    pub root: PathBuf,
+    pub kernel_release: String,
+    /// The `kernex-updater` binary and the shared libraries it needs
+    /// (guest path, host path), the dynamic loader included.
+    pub updater: PathBuf,
+    pub libraries: Vec<(String, PathBuf)>,
+}
+
+impl Assets {
+    /// Finds everything; a missing piece is an error naming how to get it.
+    pub fn find(updater: PathBuf) -> Result<Self> {
+        let dir = std::env::var_os("KERNEX_HW_ASSETS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(
+                    std::env::var_os("KERNEX_CACHE")
+                        .unwrap_or_else(|| "/var/cache/kernex-ci".into()),
+                )
+                .join("hw-tests")
+            });
+        let pinned = std::fs::read_to_string(dir.join("PINNED")).with_context(|| {
+            format!(
+                "{}/PINNED is missing: run scripts/setup (scripts/setup.d/70-hw-tests.sh fetches the kernel and BusyBox)",
+                dir.display()
+            )
+        })?;
+        let kernel_release = pinned
+            .lines()
+            .find_map(|l| l.strip_prefix("kernel-release "))
+            .context("PINNED names no kernel-release")?
+            .trim()
+            .to_owned();
+        for tool in [
+            "qemu-system-x86_64",
+            "mkimage",
+            "sfdisk",
+            "mkfs.vfat",
+            "mcopy",
+            "mke2fs",
+        ] {
+            which(tool)?;
+        }
+        if !Path::new(UBOOT_ROM).exists() {
+            bail!("{UBOOT_ROM} is missing: install u-boot-qemu (scripts/setup)");
+        }
+        let libraries = shared_libraries(&updater)?;
+        let assets = Assets {
+            root: dir.join("root"),
+            kernel_release,
+            updater,
+            libraries,
+        };
+        for p in [assets.kernel(), assets.busybox()] {
+            if !p.exists() {
+                bail!("{} is missing: run scripts/setup", p.display());
+            }
+        }
+        Ok(assets)
+    }
+
+    pub fn kernel(&self) -> PathBuf {
+        self.root
+            .join(format!("boot/vmlinuz-{}", self.kernel_release))
+    }
+
+    pub fn busybox(&self) -> PathBuf {
+        self.root.join("bin/busybox")
+    }
+
+    pub fn module(&self, rel: &str) -> PathBuf {
+        self.root
+            .join(format!("lib/modules/{}", self.kernel_release))
+            .join(rel)
+    }
+}
+
+/// Absolute path of `tool` on PATH.
+pub fn which(tool: &str) -> Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path).chain(["/usr/sbin".into(), "/sbin".into()]) {
+        let p = dir.join(tool);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    bail!("{tool} not found: run scripts/setup (scripts/setup.d/70-hw-tests.sh)")
+}
+
+/// The shared libraries `binary` loads (from `ldd`), as (path in the
+/// guest, path on the host): the guest gets the host's own copies.
+fn shared_libraries(binary: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let out = run(Command::new("ldd").arg(binary))?;
+    let mut libs = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let line = line.trim();
+        // "libssl.so.3 => /lib/x86_64-linux-gnu/libssl.so.3 (0x...)" or
+        // "/lib64/ld-linux-x86-64.so.2 (0x...)"; "linux-vdso.so.1 (0x...)" has no file.
+        let (guest, host) = match line.split_once(" => ") {
+            Some((_, rest)) => {
+                let host = rest.split_whitespace().next().unwrap_or_default();
+                (host.to_owned(), host.to_owned())
+            }
+            None => {
+                let p = line.split_whitespace().next().unwrap_or_default();
+                (p.to_owned(), p.to_owned())
+            }
+        };
+        if !guest.starts_with('/') {
+            continue;
+        }
+        let host = std::fs::canonicalize(&host).with_context(|| format!("ldd names {host}"))?;
+        libs.push((guest, host));
+    }
+    if libs.is_empty() {
+        bail!("ldd {} listed no libraries", binary.display());
+    }
+    Ok(libs)
+}
+
+/// Builds `kernex-updater` (debug profile) with the cargo that runs the
+/// tests, into the target directory the tests were built in, and returns
+/// its path. Building it here, rather than trusting whatever binary is in
+/// the target directory, makes sure the guest runs this checkout's updater.
+pub fn build_updater() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // <target>/debug/deps/<test-binary>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("test binary is not in <target>/<profile>/deps")?
+        .to_path_buf();
+    let target_dir = profile_dir
+        .parent()
+        .context("no target directory above the profile directory")?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    run(Command::new(cargo)
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "kernex-updater",
+            "--bin",
+            "kernex-updater",
+        ])
+        .arg("--manifest-path")
+        .arg(&manifest)
+        .env("CARGO_TARGET_DIR", target_dir))?;
+    let bin = target_dir.join("debug/kernex-updater");
+    if !bin.is_file() {
+        bail!("cargo build did not produce {}", bin.display());
+    }
+    Ok(bin)
+}

@@ -1,0 +1,409 @@
+//! A release for the guest: a slot image holding `/boot/vmlinuz` (the
+//! Debian amd64 kernel) and `/boot/initrd.img` (the whole userland: BusyBox,
+//! `kernex-updater` with its libraries, the kernel modules, an init and a
+//! tiny "agent"), built with `kernex-image`, and its signed bundle.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use kernex_image::rootfs::{Filesystem, RootfsOptions, build_rootfs};
+
+use crate::assets::{Assets, MODULES};
+use crate::cpio::{self, Entry};
+use crate::run;
+
+/// The hardware class of the QEMU x86_64 test board.
+pub const COMPATIBLE: &str = "qemu-x86_64";
+
+/// Disk layout as the guest sees it (virtio-blk, MBR).
+pub const BOOT_DEV: &str = "/dev/vda1";
+pub const SLOT_A_DEV: &str = "/dev/vda2";
+pub const SLOT_B_DEV: &str = "/dev/vda3";
+pub const DATA_DEV: &str = "/dev/vda4";
+/// The second disk carrying bundles (ext4, read-only).
+pub const BUNDLES_DEV: &str = "/dev/vdb";
+
+/// How a release behaves once booted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Behaviour {
+    /// Comes up; its agent keeps running.
+    Healthy,
+    /// Comes up; its agent exits with status 1 a second after every start.
+    AgentCrashLoops,
+    /// The kernel never reaches userspace: the initramfs has no /init and
+    /// there is no root filesystem, so the kernel panics (and, with
+    /// `panic=5`, resets the board).
+    KernelPanics,
+}
+
+/// One release.
+#[derive(Debug, Clone)]
+pub struct Release {
+    pub version: String,
+    pub behaviour: Behaviour,
+}
+
+/// The files of one release.
+#[derive(Debug, Clone)]
+pub struct Built {
+    pub release: Release,
+    /// The slot (rootfs) image.
+    pub image: PathBuf,
+    /// The signed bundle.
+    pub bundle: PathBuf,
+}
+
+/// Development keys (kernex-image keys create).
+#[derive(Debug, Clone)]
+pub struct Keys {
+    pub dir: PathBuf,
+}
+
+impl Keys {
+    pub fn create(dir: &Path) -> Result<Self> {
+        kernex_image_cli(&["keys", "create", "--out", &dir.display().to_string()])?;
+        Ok(Keys {
+            dir: dir.to_path_buf(),
+        })
+    }
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+}
+
+/// Runs one `kernex-image` command line in this process (the CLI's own code).
+pub fn kernex_image_cli(args: &[&str]) -> Result<()> {
+    let cli = kernex_image::cli::Cli::try_parse_from(
+        std::iter::once("kernex-image").chain(args.iter().copied()),
+    )
+    .map_err(|e| anyhow::anyhow!("kernex-image {args:?}: {e}"))?;
+    kernex_image::cli::run(cli).with_context(|| format!("kernex-image {args:?}"))
+}
+
+/// The device's config (the same for every release).
+fn system_toml(behaviour: Behaviour) -> String {
+    let _ = behaviour;
+    format!(
+        r#"compatible = "{COMPATIBLE}"
+data-dir = "/data/kernex"
+keyring = "/etc/kernex/keyring.pem"
+reboot-command = ["reboot", "-f"]
+
+[slots.rootfs]
+A = "{SLOT_A_DEV}"
+B = "{SLOT_B_DEV}"
+
+[bootloader]
+backend = "u-boot"
+fw-env-config = "/etc/fw_env.config"
+
+[health]
+deadline = 120
+stability-window = 5
+
+[[health.checks]]
+type = "service"
+name = "agent"
+mode = "supervise"
+command = ["/usr/bin/agent"]
+max-restarts = 3
+window = 120
+backoff-ms = 200
+"#
+    )
+}
+
+/// /init of the guest: mounts, runs the health watchdog (which commits the
+/// slot on trial or reverts it and reboots), then a shell on the console
+/// for the test runner.
+const INIT: &str = r#"#!/bin/sh
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+exec </dev/console >/dev/console 2>&1
+for m in $(cat /etc/modules.list); do
+    insmod "/lib/modules/$m" || echo "KERNEX-HW: insmod $m failed"
+done
+i=0
+while [ ! -b /dev/vda4 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+# `sync`: the env file's rename must reach the disk before a power cut.
+# The updater fsyncs the new file but cannot fsync a vfat directory; without
+# this mount option a cut within the writeback window (30 s) loses the
+# commit (seen here: the counter U-Boot read back was the old one).
+mount -t vfat -o sync /dev/vda1 /boot || echo "KERNEX-HW: cannot mount the boot partition"
+mount -t ext4 /dev/vda4 /data || echo "KERNEX-HW: cannot mount the data partition"
+mkdir -p /data/kernex
+if [ -b /dev/vdb ]; then
+    mount -t ext4 -o ro /dev/vdb /bundles || echo "KERNEX-HW: cannot mount the bundles disk"
+fi
+echo "KERNEX-HW: up version=$(cat /etc/kernex-release) cmdline=$(cat /proc/cmdline)"
+# The watchdog's verdict from the previous boot (status --json shows only
+# the latest one, and this boot's run replaces it).
+if [ -f /data/kernex/health.json ]; then
+    echo "KERNEX-HW: previous health verdict: $(tr -d '\n' </data/kernex/health.json)"
+fi
+kernex-updater health run
+echo "KERNEX-HW: health run exited $?"
+echo "KERNEX-HW: shell ready"
+exec /bin/sh
+"#;
+
+fn agent(behaviour: Behaviour) -> &'static str {
+    match behaviour {
+        Behaviour::AgentCrashLoops => {
+            "#!/bin/sh\necho \"agent: cannot load the model\"\nsleep 1\nexit 1\n"
+        }
+        _ => "#!/bin/sh\nwhile true; do sleep 10; done\n",
+    }
+}
+
+const BUSYBOX_APPLETS: &[&str] = &[
+    "sh",
+    "mount",
+    "umount",
+    "cat",
+    "echo",
+    "sleep",
+    "mkdir",
+    "insmod",
+    "reboot",
+    "ls",
+    "sync",
+    "dd",
+    "sha256sum",
+    "grep",
+    "ps",
+    "kill",
+    "rm",
+    "cp",
+    "true",
+    "false",
+    "test",
+    "[",
+    "uname",
+    "head",
+    "tail",
+    "wc",
+    "tr",
+    "hexdump",
+    "od",
+    "sed",
+    "awk",
+    "dmesg",
+    "poweroff",
+];
+
+/// The initramfs (gzip-compressed newc cpio) of a release.
+pub fn initramfs(assets: &Assets, keys: &Keys, release: &Release) -> Result<Vec<u8>> {
+    let mut e = Vec::new();
+    let dir = |p: &str| Entry::Dir {
+        path: p.to_owned(),
+        mode: 0o755,
+    };
+    for d in [
+        "bin",
+        "sbin",
+        "usr",
+        "usr/bin",
+        "usr/sbin",
+        "etc",
+        "etc/kernex",
+        "dev",
+        "proc",
+        "sys",
+        "boot",
+        "data",
+        "bundles",
+        "tmp",
+        "lib",
+        "lib64",
+        "lib/modules",
+        "lib/x86_64-linux-gnu",
+        "root",
+    ] {
+        e.push(dir(d));
+    }
+    e.push(Entry::CharDev {
+        path: "dev/console".into(),
+        mode: 0o600,
+        major: 5,
+        minor: 1,
+    });
+    e.push(Entry::File {
+        path: "etc/kernex-release".into(),
+        mode: 0o644,
+        data: format!("{}\n", release.version).into_bytes(),
+    });
+    if release.behaviour != Behaviour::KernelPanics {
+        e.push(Entry::File {
+            path: "init".into(),
+            mode: 0o755,
+            data: INIT.as_bytes().to_vec(),
+        });
+    }
+    e.push(Entry::File {
+        path: "bin/busybox".into(),
+        mode: 0o755,
+        data: std::fs::read(assets.busybox())?,
+    });
+    for applet in BUSYBOX_APPLETS {
+        e.push(Entry::Symlink {
+            path: format!("bin/{applet}"),
+            target: "busybox".into(),
+        });
+    }
+    e.push(Entry::File {
+        path: "usr/bin/kernex-updater".into(),
+        mode: 0o755,
+        data: stripped(&assets.updater)?,
+    });
+    e.push(Entry::File {
+        path: "usr/bin/agent".into(),
+        mode: 0o755,
+        data: agent(release.behaviour).as_bytes().to_vec(),
+    });
+    for (guest, host) in &assets.libraries {
+        e.push(Entry::File {
+            path: guest.trim_start_matches('/').to_owned(),
+            mode: 0o755,
+            data: std::fs::read(host).with_context(|| format!("read {}", host.display()))?,
+        });
+    }
+    let mut list = String::new();
+    let mut loaded: Vec<String> = Vec::new();
+    for (i, m) in MODULES.iter().enumerate() {
+        let file = m.rsplit('/').next().unwrap_or(m);
+        let name = format!("{i:02}-{file}");
+        let data = std::fs::read(assets.module(m))
+            .with_context(|| format!("read module {}", assets.module(m).display()))?;
+        // The module's .modinfo names what must be loaded before it.
+        for dep in module_depends(&data) {
+            if !loaded
+                .iter()
+                .any(|l| l.replace('-', "_") == dep.replace('-', "_"))
+            {
+                anyhow::bail!(
+                    "module {file} needs {dep}, which is not loaded before it (assets::MODULES)"
+                );
+            }
+        }
+        loaded.push(file.trim_end_matches(".ko").to_owned());
+        e.push(Entry::File {
+            path: format!("lib/modules/{name}"),
+            mode: 0o644,
+            data,
+        });
+        list.push_str(&name);
+        list.push('\n');
+    }
+    e.push(Entry::File {
+        path: "etc/modules.list".into(),
+        mode: 0o644,
+        data: list.into_bytes(),
+    });
+    e.push(Entry::File {
+        path: "etc/kernex/system.toml".into(),
+        mode: 0o644,
+        data: system_toml(release.behaviour).into_bytes(),
+    });
+    e.push(Entry::File {
+        path: "etc/kernex/keyring.pem".into(),
+        mode: 0o644,
+        data: std::fs::read(keys.ca())?,
+    });
+    e.push(Entry::File {
+        path: "etc/fw_env.config".into(),
+        mode: 0o644,
+        data: format!(
+            "/boot/{} 0x0 {:#x}\n",
+            crate::disk::ENV_FILE,
+            crate::disk::ENV_SIZE
+        )
+        .into_bytes(),
+    });
+    let archive = cpio::write(&e);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&archive)?;
+    Ok(gz.finish()?)
+}
+
+/// The `depends=` list of a kernel module's .modinfo.
+fn module_depends(module: &[u8]) -> Vec<String> {
+    let key = b"depends=";
+    module
+        .split(|b| *b == 0)
+        .find_map(|field| field.strip_prefix(key))
+        .map(|v| {
+            String::from_utf8_lossy(v)
+                .split(',')
+                .filter(|d| !d.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The binary without its debug info (a debug build is >100 MB with it).
+fn stripped(bin: &Path) -> Result<Vec<u8>> {
+    let out = tempfile_path(bin, "stripped");
+    run(std::process::Command::new("strip")
+        .arg("-o")
+        .arg(&out)
+        .arg(bin))?;
+    let data = std::fs::read(&out)?;
+    let _ = std::fs::remove_file(&out);
+    Ok(data)
+}
+
+fn tempfile_path(near: &Path, suffix: &str) -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "kernex-hw-{}-{}-{suffix}",
+        std::process::id(),
+        near.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    ))
+}
+
+/// Builds the slot image and the signed bundle of `release` into `dir`.
+pub fn build(assets: &Assets, keys: &Keys, release: &Release, dir: &Path) -> Result<Built> {
+    let stage = dir.join(format!("rootfs-{}", release.version));
+    std::fs::create_dir_all(stage.join("boot"))?;
+    std::fs::copy(assets.kernel(), stage.join("boot/vmlinuz"))?;
+    std::fs::write(
+        stage.join("boot/initrd.img"),
+        initramfs(assets, keys, release)?,
+    )?;
+    let image = dir.join(format!("rootfs-{}.ext4", release.version));
+    let mut opts = RootfsOptions::new(Filesystem::Ext4);
+    opts.label = Some("kernex-rootfs".into());
+    build_rootfs(&stage, &image, &opts)
+        .with_context(|| format!("rootfs image of {}", release.version))?;
+    let bundle = dir.join(format!("release-{}.kxb", release.version));
+    kernex_image_cli(&[
+        "bundle",
+        "create",
+        "--compatible",
+        COMPATIBLE,
+        "--version",
+        &release.version,
+        "--rootfs",
+        &image.display().to_string(),
+        "--key",
+        &keys.dir.join("signing.key").display().to_string(),
+        "--cert",
+        &keys.dir.join("signing.crt").display().to_string(),
+        "--out",
+        &bundle.display().to_string(),
+        "--threads",
+        "2",
+    ])?;
+    Ok(Built {
+        release: release.clone(),
+        image,
+        bundle,
+    })
+}

@@ -1,0 +1,269 @@
+//! QEMU (`pc` machine, x86_64) with U-Boot as its firmware, driven over
+//! the serial console: every byte the board prints goes to a log file (the
+//! test's artefact) and to a buffer the runner waits on.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::assets::UBOOT_ROM;
+
+/// How long one boot (U-Boot + kernel + userland) may take. Generous: the
+/// board is emulated (TCG) on a shared, loaded machine.
+pub fn boot_timeout() -> Duration {
+    let secs = std::env::var("KERNEX_HW_BOOT_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(240);
+    Duration::from_secs(secs)
+}
+
+/// A running board.
+#[derive(Debug)]
+pub struct Machine {
+    child: Child,
+    stdin: ChildStdin,
+    console: Arc<Mutex<Vec<u8>>>,
+    /// Console bytes before this offset have been consumed by `wait_for`.
+    cursor: usize,
+    log: PathBuf,
+}
+
+impl Machine {
+    /// Powers the board on: `disk` as the first virtio disk, `bundles` (if
+    /// any) as the second, the console appended to `log`.
+    pub fn start(disk: &Path, bundles: Option<&Path>, log: &Path) -> Result<Self> {
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args([
+            "-M",
+            "pc",
+            "-m",
+            "512",
+            "-smp",
+            "1",
+            "-nographic",
+            "-nic",
+            "none",
+        ])
+        .args(["-bios", UBOOT_ROM])
+        .arg("-drive")
+        .arg(format!("if=virtio,format=raw,file={}", disk.display()));
+        if let Some(b) = bundles {
+            cmd.arg("-drive").arg(format!(
+                "if=virtio,format=raw,readonly=on,file={}",
+                b.display()
+            ));
+        }
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .context("start qemu-system-x86_64 (scripts/setup)")?;
+        let stdin = child.stdin.take().context("qemu stdin")?;
+        let console = Arc::new(Mutex::new(Vec::new()));
+        let mut logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("open {}", log.display()))?;
+        let _ = writeln!(logf, "\n===== kernex-hw-tests: power on =====");
+        for stream in [
+            Box::new(child.stdout.take().context("qemu stdout")?) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().context("qemu stderr")?),
+        ] {
+            let console = Arc::clone(&console);
+            let mut logf = logf.try_clone()?;
+            std::thread::spawn(move || {
+                let mut stream = stream;
+                let mut buf = [0u8; 4096];
+                loop {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            let _ = logf.write_all(&buf[..n]);
+                            if let Ok(mut c) = console.lock() {
+                                c.extend_from_slice(&buf[..n]);
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        Ok(Machine {
+            child,
+            stdin,
+            console,
+            cursor: 0,
+            log: log.to_path_buf(),
+        })
+    }
+
+    fn text(&self) -> String {
+        let c = self.console.lock().map(|c| c.clone()).unwrap_or_default();
+        String::from_utf8_lossy(&c).into_owned()
+    }
+
+    /// The console output not yet consumed.
+    pub fn pending(&self) -> String {
+        let c = self.console.lock().map(|c| c.clone()).unwrap_or_default();
+        String::from_utf8_lossy(&c[self.cursor.min(c.len())..]).into_owned()
+    }
+
+    /// Waits until the console prints `needle` (after what earlier waits
+    /// consumed); returns the output up to and including it. Fails — after
+    /// powering the board off — when `timeout` passes or QEMU exits first.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<String> {
+        let started = Instant::now();
+        loop {
+            {
+                let c = self.console.lock().map(|c| c.clone()).unwrap_or_default();
+                let tail = &c[self.cursor.min(c.len())..];
+                if let Some(pos) = find(tail, needle.as_bytes()) {
+                    let end = self.cursor + pos + needle.len();
+                    let out = String::from_utf8_lossy(&c[self.cursor..end]).into_owned();
+                    self.cursor = end;
+                    return Ok(out);
+                }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(200));
+                bail!(
+                    "QEMU exited ({status}) before the console printed {needle:?}; log: {}\n{}",
+                    self.log.display(),
+                    last_lines(&self.pending(), 40)
+                );
+            }
+            if started.elapsed() > timeout {
+                let pending = self.pending();
+                self.power_off();
+                bail!(
+                    "the console did not print {needle:?} within {timeout:?}; log: {}\n{}",
+                    self.log.display(),
+                    last_lines(&pending, 40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for whichever of `needles` the console prints first; returns its index.
+    pub fn wait_for_any(&mut self, needles: &[&str], timeout: Duration) -> Result<usize> {
+        let started = Instant::now();
+        loop {
+            {
+                let c = self.console.lock().map(|c| c.clone()).unwrap_or_default();
+                let tail = &c[self.cursor.min(c.len())..];
+                let hit = needles
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, n)| find(tail, n.as_bytes()).map(|p| (p, i, n.len())))
+                    .min();
+                if let Some((pos, i, len)) = hit {
+                    self.cursor += pos + len;
+                    return Ok(i);
+                }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                bail!(
+                    "QEMU exited ({status}) before the console printed any of {needles:?}; log: {}",
+                    self.log.display()
+                );
+            }
+            if started.elapsed() > timeout {
+                let pending = self.pending();
+                self.power_off();
+                bail!(
+                    "the console printed none of {needles:?} within {timeout:?}; log: {}\n{}",
+                    self.log.display(),
+                    last_lines(&pending, 40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the guest's shell after a boot.
+    pub fn wait_for_shell(&mut self) -> Result<String> {
+        let out = self.wait_for("KERNEX-HW: shell ready", boot_timeout())?;
+        // Let the shell start reading before typing into it.
+        std::thread::sleep(Duration::from_secs(1));
+        Ok(out)
+    }
+
+    /// Types `line` into the console.
+    pub fn send(&mut self, line: &str) -> Result<()> {
+        // The UART has a small FIFO and the guest is emulated: type slowly.
+        for chunk in line.as_bytes().chunks(16) {
+            self.stdin.write_all(chunk)?;
+            self.stdin.flush()?;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.stdin.write_all(b"\n")?;
+        self.stdin.flush()?;
+        Ok(())
+    }
+
+    /// Runs a shell command in the guest; returns what it printed and its
+    /// exit status. The markers are built by the shell (`"@@""B"`), so the
+    /// echo of the typed command never matches them.
+    pub fn sh(&mut self, command: &str, timeout: Duration) -> Result<(String, i32)> {
+        self.send(&format!(
+            "echo \"@@KX\"\"BEGIN\"; {command}; echo \"@@KX\"\"END $?\""
+        ))?;
+        self.wait_for("@@KXBEGIN", timeout)?;
+        let out = self.wait_for("@@KXEND ", timeout)?;
+        let status_line = self.wait_for("\n", timeout)?;
+        let status = status_line.trim().parse().unwrap_or(-1);
+        let out = out.trim_end_matches("@@KXEND ").replace('\r', "");
+        Ok((out.trim().to_owned(), status))
+    }
+
+    /// `kernex-updater status --json` in the guest.
+    pub fn status(&mut self) -> Result<serde_json::Value> {
+        let (out, code) = self.sh("kernex-updater status --json", Duration::from_secs(120))?;
+        if code != 0 {
+            bail!("kernex-updater status --json exited {code}:\n{out}");
+        }
+        let start = out.find('{').context("status printed no JSON")?;
+        serde_json::from_str(&out[start..])
+            .with_context(|| format!("status --json is not JSON:\n{out}"))
+    }
+
+    /// Cuts the power (SIGKILL to QEMU: no sync, no shutdown).
+    pub fn power_off(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(&self.log) {
+            let _ = writeln!(f, "\n===== kernex-hw-tests: power cut =====");
+        }
+    }
+
+    /// The whole console output of this power cycle so far.
+    pub fn console(&self) -> String {
+        self.text()
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() {
+        return Some(0);
+    }
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

@@ -1,0 +1,333 @@
+//! The whole-system scenarios (hw-tests/README.md): real U-Boot
+//! (qemu-x86_64), a real Debian kernel, the factory A/B disk, the real
+//! `kernex-updater` in the guest. Assertions are on what U-Boot prints and
+//! on `kernex-updater status --json` in the guest. Console logs are kept
+//! under the directory each test prints.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use kernex_hw_tests::assets::{self, Assets};
+use kernex_hw_tests::disk::{self, FactoryEnv};
+use kernex_hw_tests::guest::{self, Behaviour, Built, Keys, Release};
+use kernex_hw_tests::machine::{Machine, boot_timeout};
+use serde_json::Value;
+
+struct Fixture {
+    dir: PathBuf,
+    v1: Built,
+    v2: Built,
+    v3: Built,
+    v4: Built,
+}
+
+/// Releases are built once per test run and shared by the scenarios.
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = artefacts_root().join("releases");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let updater = assets::build_updater().unwrap();
+        let assets = Assets::find(updater).unwrap();
+        let keys = Keys::create(&dir.join("keys")).unwrap();
+        let build = |version: &str, behaviour| {
+            guest::build(
+                &assets,
+                &keys,
+                &Release {
+                    version: version.into(),
+                    behaviour,
+                },
+                &dir,
+            )
+            .unwrap()
+        };
+        Fixture {
+            v1: build("1.0.0", Behaviour::Healthy),
+            v2: build("2.0.0", Behaviour::Healthy),
+            v3: build("3.0.0", Behaviour::AgentCrashLoops),
+            v4: build("4.0.0", Behaviour::KernelPanics),
+            dir,
+        }
+    })
+}
+
+/// `<target>/hw-tests` (next to the test binary), or KERNEX_HW_ARTEFACTS.
+fn artefacts_root() -> PathBuf {
+    if let Some(d) = std::env::var_os("KERNEX_HW_ARTEFACTS") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().unwrap();
+    exe.parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("hw-tests")
+}
+
+/// One scenario's board: its factory disk, a bundles disk, its console log.
+struct Board {
+    dir: PathBuf,
+    disk: PathBuf,
+    bundles: Option<PathBuf>,
+    log: PathBuf,
+}
+
+impl Board {
+    fn new(name: &str, bundles: &[&Built]) -> Board {
+        let f = fixture();
+        let dir = artefacts_root().join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        eprintln!("hw-tests {name}: console log and disk in {}", dir.display());
+        let disk = dir.join("disk.img");
+        disk::factory_image(
+            &disk,
+            &dir.join("work"),
+            &f.v1.image,
+            &FactoryEnv::default(),
+        )
+        .unwrap();
+        let bundles = if bundles.is_empty() {
+            None
+        } else {
+            let path = dir.join("bundles.img");
+            let files: Vec<&Path> = bundles.iter().map(|b| b.bundle.as_path()).collect();
+            disk::bundles_disk(&path, &dir.join("work"), &files).unwrap();
+            Some(path)
+        };
+        let _ = &f.dir;
+        Board {
+            log: dir.join("console.log"),
+            dir,
+            disk,
+            bundles,
+        }
+    }
+
+    fn power_on(&self) -> Machine {
+        Machine::start(&self.disk, self.bundles.as_deref(), &self.log).unwrap()
+    }
+
+    /// The env U-Boot and the updater share, read from the disk image.
+    fn env(&self, name: &str) -> Option<String> {
+        let env = disk::read_env(&self.disk, &self.dir).unwrap();
+        env.get(name).map(str::to_owned)
+    }
+}
+
+fn slot<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["slots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["slot"] == name)
+        .unwrap_or_else(|| panic!("no slot {name} in {status}"))
+}
+
+/// Waits for U-Boot's choice and the guest's shell; returns the status.
+fn boots(m: &mut Machine, uboot_says: &str) -> Value {
+    m.wait_for(uboot_says, boot_timeout()).unwrap();
+    m.wait_for_shell().unwrap();
+    m.status().unwrap()
+}
+
+#[test]
+fn s1_factory_image_boots_slot_a_and_commits_it() {
+    let board = Board::new("s1-factory", &[]);
+    let mut m = board.power_on();
+    let st = boots(&mut m, "Kernex: booting slot A (A left 2, B left 0)");
+    assert_eq!(st["booted-slot"], "A", "{st}");
+    assert_eq!(st["primary-slot"], "A", "{st}");
+    assert_eq!(st["committed"], true, "{st}");
+    assert_eq!(slot(&st, "A")["attempts-left"], 3, "{st}");
+    assert_eq!(st["health"]["outcome"], "committed", "{st}");
+    // The commit reached the env file U-Boot reads at the next power-on.
+    m.sh("sync", Duration::from_secs(30)).unwrap();
+    m.power_off();
+    assert_eq!(board.env("BOOT_A_LEFT").as_deref(), Some("3"));
+    assert_eq!(board.env("BOOT_ORDER").as_deref(), Some("A B"));
+}
+
+const INSTALL_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// Installs `bundle` (on the bundles disk) in the guest; checks it succeeded.
+fn install(m: &mut Machine, bundle: &Built) {
+    let name = bundle.bundle.file_name().unwrap().to_string_lossy();
+    let (out, code) = m
+        .sh(
+            &format!("kernex-updater install /bundles/{name}"),
+            INSTALL_TIMEOUT,
+        )
+        .unwrap();
+    assert_eq!(code, 0, "install {name} failed:\n{out}");
+}
+
+/// A committed factory board (slot A committed, as after scenario 1).
+fn factory_booted(m: &mut Machine) {
+    let st = boots(m, "Kernex: booting slot A (A left 2, B left 0)");
+    assert_eq!(st["booted-slot"], "A", "{st}");
+    assert_eq!(st["committed"], true, "{st}");
+}
+
+#[test]
+fn s2_update_to_v2_boots_b_on_trial_commits_and_stays_on_b() {
+    let f = fixture();
+    let board = Board::new("s2-update", &[&f.v2]);
+    let mut m = board.power_on();
+    factory_booted(&mut m);
+    install(&mut m, &f.v2);
+    let st = m.status().unwrap();
+    assert_eq!(st["primary-slot"], "B", "{st}");
+    assert_eq!(slot(&st, "B")["version"], "2.0.0", "{st}");
+    assert_eq!(slot(&st, "B")["verified"], true, "{st}");
+    assert_eq!(slot(&st, "B")["attempts-left"], 3, "{st}");
+
+    // U-Boot tries B first and counts the attempt; the watchdog commits it.
+    m.send("reboot -f").unwrap();
+    let st = boots(&mut m, "Kernex: booting slot B (A left 3, B left 2)");
+    assert_eq!(st["booted-slot"], "B", "{st}");
+    assert_eq!(st["committed"], true, "{st}");
+    assert_eq!(st["health"]["outcome"], "committed", "{st}");
+    assert_eq!(st["health"]["slot"], "B", "{st}");
+    assert_eq!(slot(&st, "B")["attempts-left"], 3, "{st}");
+
+    // B stays primary across the next reboot.
+    m.send("reboot -f").unwrap();
+    let st = boots(&mut m, "Kernex: booting slot B (A left 3, B left 2)");
+    assert_eq!(st["booted-slot"], "B", "{st}");
+    assert_eq!(st["primary-slot"], "B", "{st}");
+    assert_eq!(st["committed"], true, "{st}");
+    m.power_off();
+    assert_eq!(board.env("BOOT_ORDER").as_deref(), Some("B A"));
+}
+
+#[test]
+fn s3_agent_crash_loop_in_v3_is_reverted_to_a_with_the_reason() {
+    let f = fixture();
+    let board = Board::new("s3-crash-loop", &[&f.v3]);
+    let mut m = board.power_on();
+    factory_booted(&mut m);
+    install(&mut m, &f.v3);
+    m.send("reboot -f").unwrap();
+    // B on trial; its agent crash-loops; the watchdog marks B bad (counter
+    // 0, last in BOOT_ORDER) and reboots: U-Boot goes straight back to A
+    // (B left 0, not 1: the watchdog reverted, the counter did not run out).
+    m.wait_for(
+        "Kernex: booting slot B (A left 3, B left 2)",
+        boot_timeout(),
+    )
+    .unwrap();
+    m.wait_for("KERNEX-HW: up version=3.0.0", boot_timeout())
+        .unwrap();
+    m.wait_for(
+        "Kernex: booting slot A (A left 2, B left 0)",
+        boot_timeout(),
+    )
+    .unwrap();
+    let verdict = m
+        .wait_for("KERNEX-HW: previous health verdict: ", boot_timeout())
+        .map(|_| m.wait_for("\n", Duration::from_secs(30)).unwrap())
+        .unwrap();
+    let verdict: Value = serde_json::from_str(verdict.trim()).unwrap();
+    assert_eq!(verdict["outcome"], "reverted", "{verdict}");
+    assert_eq!(verdict["slot"], "B", "{verdict}");
+    assert_eq!(verdict["version"], "3.0.0", "{verdict}");
+    let reason = verdict["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("service agent restarted 3 times") && reason.contains("exit status 1"),
+        "{reason}"
+    );
+    m.wait_for_shell().unwrap();
+    let st = m.status().unwrap();
+    assert_eq!(st["booted-slot"], "A", "{st}");
+    assert_eq!(st["primary-slot"], "A", "{st}");
+    assert_eq!(st["committed"], true, "{st}");
+    assert_eq!(slot(&st, "B")["attempts-left"], 0, "{st}");
+    assert_eq!(
+        st["boot-state"]["order"],
+        serde_json::json!(["A", "B"]),
+        "{st}"
+    );
+}
+
+#[test]
+fn s4_v4_kernel_never_comes_up_and_u_boot_falls_back_to_a() {
+    let f = fixture();
+    let board = Board::new("s4-kernel-panic", &[&f.v4]);
+    let mut m = board.power_on();
+    factory_booted(&mut m);
+    install(&mut m, &f.v4);
+    m.send("reboot -f").unwrap();
+    // Three attempts at B, each a kernel panic (no userspace, no watchdog),
+    // then U-Boot moves on to A by itself.
+    for left in [2, 1, 0] {
+        m.wait_for(
+            &format!("Kernex: booting slot B (A left 3, B left {left})"),
+            boot_timeout(),
+        )
+        .unwrap();
+        m.wait_for("Kernel panic", boot_timeout()).unwrap();
+    }
+    let st = boots(&mut m, "Kernex: booting slot A (A left 2, B left 0)");
+    assert!(!m.console().contains("KERNEX-HW: up version=4.0.0"));
+    assert_eq!(st["booted-slot"], "A", "{st}");
+    assert_eq!(st["committed"], true, "{st}");
+    assert_eq!(slot(&st, "B")["attempts-left"], 0, "{st}");
+}
+
+#[test]
+fn s5_power_cuts_during_an_install_leave_a_booting_and_a_rerun_completes() {
+    let f = fixture();
+    let board = Board::new("s5-power-cut", &[&f.v2]);
+    let mut m = board.power_on();
+    factory_booted(&mut m);
+    let start = "kernex-updater install /bundles/release-2.0.0.kxb >/tmp/install.log 2>&1 &";
+
+    // Cut 1: a second after the install started (signature checked, the
+    // target guarded, little or nothing written).
+    m.send(start).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    m.power_off();
+    let mut m = board.power_on();
+    let st = boots(&mut m, "Kernex: booting slot A (A left 2, B left 0)");
+    assert_eq!(st["booted-slot"], "A", "{st}");
+    assert_eq!(st["primary-slot"], "A", "{st}");
+
+    // Cut 2: in the middle of the clone, once chunks are journaled.
+    m.send(start).unwrap();
+    let (out, code) = m
+        .sh(
+            "i=0; while [ $i -lt 600 ]; do s=$(wc -c </data/kernex/install/journal 2>/dev/null || echo 0); [ \"$s\" -gt 64 ] && break; sleep 0.2; i=$((i+1)); done; echo journal=$s",
+            INSTALL_TIMEOUT,
+        )
+        .unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("journal=0"), "the journal never grew: {out}");
+    m.power_off();
+    let mut m = board.power_on();
+    let st = boots(&mut m, "Kernex: booting slot A (A left 2, B left 0)");
+    assert_eq!(st["booted-slot"], "A", "{st}");
+    assert_eq!(st["primary-slot"], "A", "{st}");
+    assert!(
+        !st["pending-install"].is_null(),
+        "the cut install is pending: {st}"
+    );
+
+    // The re-run resumes and completes; B is tried next.
+    install(&mut m, &f.v2);
+    let st = m.status().unwrap();
+    assert_eq!(st["primary-slot"], "B", "{st}");
+    assert_eq!(slot(&st, "B")["version"], "2.0.0", "{st}");
+    assert_eq!(slot(&st, "B")["verified"], true, "{st}");
+    assert!(st["pending-install"].is_null(), "{st}");
+    m.send("reboot -f").unwrap();
+    let st = boots(&mut m, "Kernex: booting slot B (A left 3, B left 2)");
+    assert_eq!(st["booted-slot"], "B", "{st}");
+    assert_eq!(st["committed"], true, "{st}");
+}
