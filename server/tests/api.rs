@@ -28,6 +28,7 @@ both!(
     idempotency_keys_replay_instead_of_repeating,
     session_cookie_and_logout,
     failed_install_marks_the_release_unstable,
+    device_tags_are_replaced_and_filtered_on,
 );
 
 async fn login_and_roles(h: Arc<Harness>) {
@@ -209,6 +210,12 @@ fn operator_endpoints(f: &Fixture) -> Vec<(Method, String, Option<Value>, bool)>
             Method::POST,
             format!("/api/v1/devices/{}/revoke", f.device),
             None,
+            true,
+        ),
+        (
+            Method::PUT,
+            format!("/api/v1/devices/{}/tags", f.device),
+            Some(json!({"tags": ["lab", "site-b"]})),
             true,
         ),
         (Method::GET, "/api/v1/deployments".into(), None, false),
@@ -1616,4 +1623,84 @@ async fn silent_devices_are_offline() {
         .await;
     assert_eq!(list, json!([]));
     h.finish().await;
+}
+
+async fn device_tags_are_replaced_and_filtered_on(h: Arc<Harness>) {
+    let (_, token) = h.enrollment_token(&h.admin, &["lab"]).await;
+    let (device, _) = h.enroll(&token, "tagged-1", "qemu-aarch64").await;
+    let path = format!("/api/v1/devices/{device}/tags");
+    let (s, v) = h
+        .call(
+            Method::PUT,
+            &path,
+            Some(&h.admin.clone()),
+            Some(json!({"tags": ["site-b", "canary", "site-b"]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    let (_, d) = h
+        .call(
+            Method::GET,
+            &format!("/api/v1/devices/{device}"),
+            Some(&h.admin.clone()),
+            None,
+        )
+        .await;
+    assert_eq!(d["tags"], json!(["canary", "site-b"]), "{d}");
+    let (_, list) = h
+        .call(
+            Method::GET,
+            "/api/v1/devices?tag=canary",
+            Some(&h.admin.clone()),
+            None,
+        )
+        .await;
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    let (_, list) = h
+        .call(
+            Method::GET,
+            "/api/v1/devices?tag=lab",
+            Some(&h.admin.clone()),
+            None,
+        )
+        .await;
+    assert_eq!(
+        list.as_array().unwrap().len(),
+        0,
+        "the enrollment tag was replaced: {list}"
+    );
+    // Bad tags: 400 naming the tag, nothing changed.
+    let (s, v) = h
+        .call(
+            Method::PUT,
+            &path,
+            Some(&h.admin.clone()),
+            Some(json!({"tags": ["no spaces"]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v.to_string().contains("no spaces"), "{v}");
+    let (_, d) = h
+        .call(
+            Method::GET,
+            &format!("/api/v1/devices/{device}"),
+            Some(&h.admin.clone()),
+            None,
+        )
+        .await;
+    assert_eq!(d["tags"], json!(["canary", "site-b"]), "{d}");
+    // Unknown device: 404.
+    let (s, _) = h
+        .call(
+            Method::PUT,
+            "/api/v1/devices/nope/tags",
+            Some(&h.admin.clone()),
+            Some(json!({"tags": []})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (_, audit) = h
+        .call(Method::GET, "/api/v1/audit", Some(&h.admin.clone()), None)
+        .await;
+    assert!(audit.to_string().contains("device.tags"), "{audit}");
 }

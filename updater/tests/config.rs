@@ -22,6 +22,8 @@ fn example_config_parses() {
     assert_eq!(server.poll_interval, 60);
     assert_eq!(server.tags, vec!["site-berlin"]);
     assert!(server.allow_downgrade);
+    let tpm = config.tpm.unwrap();
+    assert_eq!((tpm.tcti.as_str(), tpm.pcr), ("device:/dev/tpmrm0", 14));
 }
 
 #[test]

@@ -1,9 +1,9 @@
-//! Devices as operators see them: list with filters, detail, revoke.
+//! Devices as operators see them: list with filters, detail, tags, revoke.
 
 use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use utoipa::{IntoParams, ToSchema};
@@ -19,6 +19,7 @@ pub fn router() -> Router<AppState> {
         .route("/devices", get(list))
         .route("/devices/{id}", get(detail))
         .route("/devices/{id}/revoke", post(revoke))
+        .route("/devices/{id}/tags", put(set_tags))
         .route("/devices/{id}/logs", get(logs))
 }
 
@@ -209,6 +210,57 @@ pub async fn revoke(
             Ok((StatusCode::NO_CONTENT, String::new()))
         },
     )
+    .await
+}
+
+/// A device's tags, replaced as a whole.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceTags {
+    /// The tags (at most 64; 1-64 characters of letters, digits and ._:=-).
+    pub tags: Vec<String>,
+}
+
+/// Replace a device's tags (ops): what rollout selectors and the device
+/// list filter on.
+#[utoipa::path(put, path = "/api/v1/devices/{id}/tags", request_body = DeviceTags,
+    responses((status = 204), (status = 400), (status = 403), (status = 404)))]
+pub async fn set_tags(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<DeviceTags>,
+) -> Result<StatusCode> {
+    op.require(Role::Ops)?;
+    crate::http::enrollment::check_tags(&req.tags)?;
+    let mut tags = req.tags;
+    tags.sort();
+    tags.dedup();
+    audited(&state, &op, "device.tags", &format!("device:{id}"), async {
+        let mut tx = state.store.begin_write().await?;
+        let found = sqlx::query("SELECT id FROM devices WHERE id = $1 AND org_id = $2")
+            .bind(&id)
+            .bind(&op.org_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if found.is_none() {
+            return Err(Error::NotFound("no such device"));
+        }
+        sqlx::query("DELETE FROM device_tags WHERE device_pk = $1")
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+        for tag in &tags {
+            sqlx::query("INSERT INTO device_tags (device_pk, org_id, tag) VALUES ($1, $2, $3)")
+                .bind(&id)
+                .bind(&op.org_id)
+                .bind(tag)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok((StatusCode::NO_CONTENT, String::new()))
+    })
     .await
 }
 

@@ -22,7 +22,7 @@ use crate::http::{
         session::set_keyring, session::get_keyring,
         enrollment::create, enrollment::list, enrollment::revoke,
         releases::upload, releases::list, releases::detail, releases::remove, releases::download_operator,
-        devices::list, devices::detail, devices::revoke, devices::logs,
+        devices::list, devices::detail, devices::revoke, devices::set_tags, devices::logs,
         deployments::create, deployments::list, deployments::detail,
         audit_log::list,
         rollouts::create, rollouts::list, rollouts::detail, rollouts::preview, rollouts::preview_spec,
