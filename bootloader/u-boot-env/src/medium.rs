@@ -123,6 +123,12 @@ impl Medium for FileMedium {
             }
         }
         self.file = OpenOptions::new().read(true).write(true).open(&self.path)?;
+        // On vfat (the env file on a Raspberry Pi's boot partition) the
+        // directory sync above fails and a file's directory entry is its
+        // inode: syncing the renamed file is what writes the entry and the
+        // FAT, so a power cut after this returns keeps the new env
+        // (hw-tests scenario 5 lost a commit without it).
+        self.file.sync_all()?;
         Ok(true)
     }
 }
