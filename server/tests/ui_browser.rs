@@ -1075,7 +1075,10 @@ fn rollout_lifecycle_in_a_real_browser() {
     }
     assert_eq!(rolled, 4, "every updated device was told to roll back");
     let deadline = Instant::now() + Duration::from_secs(15);
-    while !b.text("#live").contains("rolled back") {
+    // The page picks the devices' reports up live (per-wave states).
+    while !(b.text("#live").contains("rolled_back: 1")
+        && b.text("#live").contains("rolled_back: 3"))
+    {
         assert!(
             Instant::now() < deadline,
             "the page did not show the rollback: {}",
