@@ -156,8 +156,7 @@ fn shared_libraries(binary: &Path) -> Result<Vec<(String, PathBuf)>> {
 }
 
 /// Builds `kernex-updater` (debug profile) with the cargo that runs the
-/// tests, into the target directory the tests were built in, and returns
-/// its path. Building it here, rather than trusting whatever binary is in
+/// tests, into `<target>/hw-tests-updater`, and returns its path. Building it here, rather than trusting whatever binary is in
 /// the target directory, makes sure the guest runs this checkout's updater.
 pub fn build_updater() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
@@ -170,6 +169,7 @@ pub fn build_updater() -> Result<PathBuf> {
     let target_dir = profile_dir
         .parent()
         .context("no target directory above the profile directory")?;
+    let own_dir = target_dir.join("hw-tests-updater");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
     run(Command::new(cargo)
@@ -183,8 +183,11 @@ pub fn build_updater() -> Result<PathBuf> {
         ])
         .arg("--manifest-path")
         .arg(&manifest)
-        .env("CARGO_TARGET_DIR", target_dir))?;
-    let bin = target_dir.join("debug/kernex-updater");
+        // A target dir of its own: building into the tests' one would
+        // replace the `kernex-updater` other test binaries run (built with
+        // other features, e.g. `tpm`) while they run.
+        .env("CARGO_TARGET_DIR", &own_dir))?;
+    let bin = own_dir.join("debug/kernex-updater");
     if !bin.is_file() {
         bail!("cargo build did not produce {}", bin.display());
     }
