@@ -5,13 +5,13 @@
 //! - Enrollment round trip: MakeCredential in software → TPM2_ActivateCredential.
 //! - Verifier throughput on one core: `verify_quote` on one quote, repeated.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
 #[path = "../tests/common/mod.rs"]
 mod common;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
 
 use kernex_attest::{
     AkPublic, CredentialChallenge, DEFAULT_SLOT_PCR, EkPublic, Tpm, expected_slot_pcr, verify_quote,
@@ -26,6 +26,10 @@ fn env_or(name: &str, default: u64) -> u64 {
 }
 
 fn stats(label: &str, mut samples: Vec<Duration>) {
+    if samples.is_empty() {
+        println!("{label:<34} no samples (BENCH_ROUNDS=0)");
+        return;
+    }
     samples.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let mean = samples.iter().map(|d| ms(*d)).sum::<f64>() / samples.len() as f64;
@@ -38,17 +42,18 @@ fn stats(label: &str, mut samples: Vec<Duration>) {
     );
 }
 
-fn main() {
+fn main() -> Result<()> {
     let rounds = env_or("BENCH_ROUNDS", 50) as usize;
     let verify_secs = env_or("BENCH_VERIFY_SECS", 3);
     let swtpm = common::Swtpm::start();
-    let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
-    let ek = EkPublic::parse(&tpm.endorsement().unwrap().public).unwrap();
-    let blob = tpm.create_ak().unwrap();
-    let ak = AkPublic::parse(&blob.public).unwrap();
+    let mut tpm = Tpm::open(&swtpm.tcti()).context("unable to open swtpm")?;
+    let endorsement = tpm.endorsement().context("unable to read the EK")?;
+    let ek = EkPublic::parse(&endorsement.public).context("the EK the TPM returned")?;
+    let blob = tpm.create_ak().context("unable to create an AK")?;
+    let ak = AkPublic::parse(&blob.public).context("the AK the TPM returned")?;
     let measurement = Sha256Digest::of(b"bench rootfs");
     tpm.extend_slot_measurement(DEFAULT_SLOT_PCR, &measurement)
-        .unwrap();
+        .context("unable to extend the slot PCR")?;
     let expected = BTreeMap::from([(DEFAULT_SLOT_PCR, expected_slot_pcr(&measurement))]);
 
     println!("kernex-attest benchmark (swtpm on 127.0.0.1, RSA-2048 EK and AK, one PCR)");
@@ -57,9 +62,11 @@ fn main() {
     let mut nonce = [0u8; 32];
     for _ in 0..rounds {
         let start = Instant::now();
-        openssl::rand::rand_bytes(&mut nonce).unwrap();
-        let q = tpm.quote(&blob, &nonce, &[DEFAULT_SLOT_PCR]).unwrap();
-        verify_quote(&ak, &q, &nonce, &expected).unwrap();
+        openssl::rand::rand_bytes(&mut nonce).context("no random nonce")?;
+        let q = tpm
+            .quote(&blob, &nonce, &[DEFAULT_SLOT_PCR])
+            .context("quote failed")?;
+        verify_quote(&ak, &q, &nonce, &expected).context("the quote does not verify")?;
         quote_rt.push(start.elapsed());
         quote = Some((q, nonce));
     }
@@ -70,11 +77,13 @@ fn main() {
     let mut cold = Vec::new();
     for _ in 0..rounds.min(20) {
         let start = Instant::now();
-        openssl::rand::rand_bytes(&mut nonce).unwrap();
-        let mut fresh = Tpm::open(&swtpm.tcti()).unwrap();
-        let q = fresh.quote(&blob, &nonce, &[DEFAULT_SLOT_PCR]).unwrap();
+        openssl::rand::rand_bytes(&mut nonce).context("no random nonce")?;
+        let mut fresh = Tpm::open(&swtpm.tcti()).context("unable to open swtpm")?;
+        let q = fresh
+            .quote(&blob, &nonce, &[DEFAULT_SLOT_PCR])
+            .context("quote failed")?;
         drop(fresh);
-        verify_quote(&ak, &q, &nonce, &expected).unwrap();
+        verify_quote(&ak, &q, &nonce, &expected).context("the quote does not verify")?;
         cold.push(start.elapsed());
     }
     stats("quote round trip, new connection", cold);
@@ -82,21 +91,21 @@ fn main() {
     let mut activation = Vec::new();
     for _ in 0..rounds.min(20) {
         let start = Instant::now();
-        let c = CredentialChallenge::new(&ek, &ak).unwrap();
+        let c = CredentialChallenge::new(&ek, &ak).context("MakeCredential failed")?;
         let answer = tpm
             .activate_credential(&blob, &c.id_object, &c.encrypted_secret)
-            .unwrap();
-        c.check(&answer).unwrap();
+            .context("ActivateCredential failed")?;
+        c.check(&answer).context("the activation answer is wrong")?;
         activation.push(start.elapsed());
     }
     stats("credential activation round trip", activation);
 
-    let (quote, nonce) = quote.unwrap();
+    let (quote, nonce) = quote.context("BENCH_ROUNDS must be at least 1")?;
     let start = Instant::now();
     let mut n = 0u64;
     while start.elapsed() < Duration::from_secs(verify_secs) {
         for _ in 0..100 {
-            verify_quote(&ak, &quote, &nonce, &expected).unwrap();
+            verify_quote(&ak, &quote, &nonce, &expected).context("the quote does not verify")?;
         }
         n += 100;
     }
@@ -107,9 +116,10 @@ fn main() {
     let start = Instant::now();
     let mut m = 0u64;
     while start.elapsed() < Duration::from_secs(verify_secs) {
-        CredentialChallenge::new(&ek, &ak).unwrap();
+        CredentialChallenge::new(&ek, &ak).context("MakeCredential failed")?;
         m += 1;
     }
     let per_sec = m as f64 / start.elapsed().as_secs_f64();
     println!("MakeCredential (software) one core  {per_sec:>9.0} challenges/s");
+    Ok(())
 }
