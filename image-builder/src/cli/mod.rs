@@ -1,6 +1,7 @@
 //! The command line: one module per command.
 
 pub mod bundle;
+pub mod disk;
 pub mod keys;
 pub mod rootfs;
 
@@ -58,6 +59,10 @@ attributes are not carried over."
     /// Build, inspect, verify and compare release bundles.
     #[command(subcommand)]
     Bundle(bundle::BundleCommand),
+    /// Write factory disk images for a board (partition table, boot files,
+    /// boot state, slots, data partition).
+    #[command(subcommand)]
+    Disk(disk::DiskCommand),
 }
 
 /// Runs a parsed command line.
@@ -66,6 +71,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys(cmd) => keys::run(cmd),
         Command::Rootfs(args) => rootfs::run(args),
         Command::Bundle(cmd) => bundle::run(cmd),
+        Command::Disk(cmd) => disk::run(cmd),
     }
 }
 
