@@ -16,6 +16,8 @@ need_apt mkfs.vfat dosfstools
 need_apt mcopy mtools
 need_apt fw_printenv libubootenv-tool
 need_apt grub-editenv grub-common
+# - u-boot-tools: mkimage, the reference the boot.scr we write is compared with.
+need_apt mkimage u-boot-tools
 # meta-kernex (yocto/): oelint-adv lints the layer (yocto/tests/lint.sh).
 # From PyPI, pinned, in a venv under the cache (Debian's Python is
 # externally managed). bitbake itself is not packaged for Debian 12.

@@ -135,7 +135,7 @@ impl Table {
     /// Checks the entries lie inside the usable area and do not overlap.
     pub fn check(&self) -> Result<()> {
         let sectors = self.disk_size / SECTOR;
-        if self.disk_size % SECTOR != 0 {
+        if !self.disk_size.is_multiple_of(SECTOR) {
             bail!("disk size {} is not a multiple of {SECTOR}", self.disk_size);
         }
         let (first, last) = match self.kind {
