@@ -503,8 +503,8 @@ impl BoardProfile {
                 ));
             }
             match (p.role, p.fat_bits) {
-                (Role::Boot, Some(16)) if p.size.0 > 2 << 30 => {
-                    return Err(format!("{what}: FAT16 holds at most 2GiB"));
+                (Role::Boot, Some(16)) if p.size.0 > 2 << 30 || p.size.0 < 4 << 20 => {
+                    return Err(format!("{what}: FAT16 needs 4MiB to 2GiB"));
                 }
                 (Role::Boot, Some(32)) if p.size.0 < 33 << 20 => {
                     return Err(format!(

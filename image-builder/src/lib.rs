@@ -10,5 +10,7 @@ pub mod cli;
 pub mod disk;
 pub mod fsdetect;
 pub mod keys;
+pub mod preauth;
 pub mod progress;
+pub mod provision;
 pub mod rootfs;

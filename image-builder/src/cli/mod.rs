@@ -3,6 +3,7 @@
 pub mod bundle;
 pub mod disk;
 pub mod keys;
+pub mod provision;
 pub mod rootfs;
 
 use clap::{Parser, Subcommand};
@@ -63,6 +64,10 @@ attributes are not carried over."
     /// boot state, slots, data partition).
     #[command(subcommand)]
     Disk(disk::DiskCommand),
+    /// Provision one board on a factory line: write the disk image, read the
+    /// TPM's EK, pre-authorise the device, write its identity, report.
+    #[command(long_about = provision::LONG_ABOUT)]
+    Provision(provision::ProvisionArgs),
 }
 
 /// Runs a parsed command line.
@@ -72,6 +77,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rootfs(args) => rootfs::run(args),
         Command::Bundle(cmd) => bundle::run(cmd),
         Command::Disk(cmd) => disk::run(cmd),
+        Command::Provision(args) => provision::run(args),
     }
 }
 

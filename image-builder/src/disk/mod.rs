@@ -126,6 +126,8 @@ pub struct DiskRecord {
     pub board: String,
     /// The board's hardware class.
     pub compatible: String,
+    /// Where the device mounts the data partition.
+    pub data_mount: String,
     /// MBR or GPT.
     pub partition_table: TableKind,
     /// Disk size in bytes.
@@ -330,6 +332,7 @@ pub fn create(opts: &CreateOptions) -> Result<CreateReport> {
     let record = DiskRecord {
         board: board.name.clone(),
         compatible: board.compatible.clone(),
+        data_mount: board.device.data_mount.clone(),
         partition_table: board.partition_table,
         size: table.disk_size,
         partitions: placed.clone(),

@@ -49,17 +49,26 @@ pub fn mkfs_vfat(
     volume_id: u32,
 ) -> Result<()> {
     let mut cmd = Command::new("mkfs.vfat");
-    if bits == 32 {
+    let sectors = size / 512;
+    let per_cluster = if bits == 32 {
         // FAT32 needs at least 65525 clusters (readers such as mtools and
         // some firmware insist): the largest cluster up to 4 KiB that
         // leaves enough, with room for the FATs and reserved sectors.
-        let sectors = size / 512;
-        let mut per_cluster = 8;
-        while per_cluster > 1 && sectors / per_cluster < 66_000 {
-            per_cluster /= 2;
+        let mut n = 8;
+        while n > 1 && sectors / n < 66_000 {
+            n /= 2;
         }
-        cmd.arg("-s").arg(per_cluster.to_string());
-    }
+        n
+    } else {
+        // FAT16: 4085 to 65524 clusters; the smallest cluster that stays
+        // below the maximum.
+        let mut n = 1;
+        while n < 64 && sectors / n > 65_000 {
+            n *= 2;
+        }
+        n
+    };
+    cmd.arg("-s").arg(per_cluster.to_string());
     run(
         cmd.arg("-F")
             .arg(bits.to_string())
