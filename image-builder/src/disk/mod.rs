@@ -362,6 +362,14 @@ pub fn create(opts: &CreateOptions) -> Result<CreateReport> {
         data_spec.label_or_default(),
         data_stage.path(),
     )?;
+    // mkfs.ext4 -d copies the builder's uid and gid: the device's files
+    // belong to root.
+    let mut chown = String::new();
+    for path in staged_paths(data_stage.path(), Path::new("/"))? {
+        chown.push_str(&format!("sif {path} uid 0\nsif {path} gid 0\n"));
+    }
+    tools::debugfs(&disk_path, data.start, &chown, true)
+        .context("unable to give the data partition's files to root")?;
 
     disk.sync_all().context("unable to sync the disk image")?;
     drop(disk);
@@ -911,6 +919,25 @@ pub fn fw_env_config(board: &BoardProfile) -> Option<String> {
         )),
         BootloaderSpec::Grub { .. } => None,
     }
+}
+
+/// Every file and directory below `dir`, as absolute paths in the
+/// filesystem made from it.
+fn staged_paths(dir: &Path, rel: &Path) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut entries: Vec<_> = fs::read_dir(dir)
+        .with_context(|| format!("unable to read {}", dir.display()))?
+        .collect::<std::io::Result<_>>()
+        .with_context(|| format!("unable to read {}", dir.display()))?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let path = rel.join(e.file_name());
+        out.push(path.display().to_string());
+        if e.path().is_dir() {
+            out.extend(staged_paths(&e.path(), &path)?);
+        }
+    }
+    Ok(out)
 }
 
 fn stage_data(
