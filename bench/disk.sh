@@ -30,9 +30,9 @@ secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
 root=$work/root
 rm -rf "$root"; mkdir -p "$root/usr/lib" "$root/etc"
 head -c $((size_mb * 1024 * 1024 / 2)) /dev/urandom > "$root/usr/lib/blob.bin"
-yes "kernex factory benchmark line" | head -c $((size_mb * 1024 * 1024 / 2 - 4 * 1024 * 1024)) > "$root/etc/text.conf"
+head -c $((size_mb * 1024 * 1024 / 2 - 4 * 1024 * 1024)) < <(yes "kernex factory benchmark line") > "$root/etc/text.conf"
 "$bin" keys create --out "$work/keys" --force >/dev/null 2>&1
-"$bin" rootfs "$root" --out "$work/rootfs.img" >/dev/null
+"$bin" rootfs "$root" --size $(((size_mb + 30) * 1024 * 1024)) --out "$work/rootfs.img" >/dev/null
 "$bin" bundle create --compatible qemu-aarch64 --version 1.0.0 --rootfs "$work/rootfs.img" \
     --key "$work/keys/signing.key" --cert "$work/keys/signing.crt" --out "$work/r.kxb" >/dev/null
 image_bytes=$(stat -c %s "$work/rootfs.img")
