@@ -343,14 +343,7 @@ pub fn create(opts: &CreateOptions) -> Result<CreateReport> {
         boot_state: boot_state.clone(),
     };
     let data_stage = tempfile::tempdir().context("unable to create a temporary directory")?;
-    stage_data(
-        board,
-        &placed,
-        &record,
-        &records,
-        opts.fill_b,
-        data_stage.path(),
-    )?;
+    stage_data(board, &placed, &record, &records, data_stage.path())?;
     let data_spec = board
         .partition(Role::Data)
         .map(|(_, p)| p)
@@ -945,7 +938,6 @@ fn stage_data(
     placed: &[Placed],
     record: &DiskRecord,
     slot_records: &SlotRecords,
-    _fill_b: bool,
     stage: &Path,
 ) -> Result<()> {
     let mut names = Vec::new();
