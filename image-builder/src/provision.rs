@@ -197,6 +197,11 @@ pub fn provision(opts: &ProvisionOptions) -> Result<ProvisionReport> {
             opts.server
         );
     }
+    if let (Ok(image), Ok(target)) = (opts.image.canonicalize(), opts.target.canonicalize()) {
+        if image == target {
+            bail!("--target {} is the image itself", opts.target.display());
+        }
+    }
     let data = find_data_partition(&opts.image)?;
     let image_size = std::fs::metadata(&opts.image)
         .with_context(|| format!("unable to read {}", opts.image.display()))?

@@ -475,6 +475,14 @@ fn rejections_fail_clearly_and_leave_the_target_untouched() {
     assert!(err.contains("swtpm:host=127.0.0.1,port=1"), "{err}");
     assert!(!target.exists());
 
+    let err = failing(&mut provision(
+        &disk,
+        &disk,
+        &server.url,
+        &["--device-id", "SN-2"],
+    ));
+    assert!(err.contains("is the image itself"), "{err}");
+
     let not_a_disk = r.path("rootfs-1.img");
     let err = failing(&mut provision(
         &not_a_disk,
@@ -492,5 +500,66 @@ fn rejections_fail_clearly_and_leave_the_target_untouched() {
             .requests()
             .iter()
             .all(|(auth, _)| auth.as_deref() != Some(&*format!("Bearer {API_TOKEN}")))
+    );
+}
+
+#[test]
+fn provision_finds_the_data_partition_of_a_gpt_disk() {
+    let r = Release::new();
+    let server = Server::start();
+    let x86 = fs::read_to_string(repo().join("image-builder/boards/x86-64-efi.toml")).unwrap();
+    let small = x86
+        .replace(
+            "size = \"256MiB\"\nfat-bits = 32",
+            "size = \"8MiB\"\nfat-bits = 16",
+        )
+        .replace("size = \"4GiB\"", "size = \"16MiB\"")
+        .replace("size = \"2GiB\"", "size = \"16MiB\"");
+    let profile = r.path("small-efi.toml");
+    fs::write(&profile, small).unwrap();
+    let vendor = r.path("vendor/EFI/BOOT");
+    fs::create_dir_all(&vendor).unwrap();
+    fs::write(vendor.join("BOOTX64.EFI"), "grub").unwrap();
+    let disk = r.path("efi.img");
+    let disk_report = run_json(
+        kernex_image()
+            .args(["disk", "create", "--board"])
+            .arg(&profile)
+            .arg("--bundle")
+            .arg(r.bundle_for("x86-64-efi", "2.0.0"))
+            .arg("--keyring")
+            .arg(r.path("keys/ca.crt"))
+            .arg("--boot-files")
+            .arg(r.path("vendor"))
+            .arg("--output")
+            .arg(&disk)
+            .arg("--json"),
+    );
+    assert_eq!(disk_report["partition-table"], "gpt");
+    let target = r.path("efi-target.img");
+    let report = run_json(&mut provision(
+        &disk,
+        &target,
+        &server.url,
+        &["--device-id", "X86-1", "--json"],
+    ));
+    assert_eq!(report["board"], "x86-64-efi");
+    assert_eq!(report["image-version"], "2.0.0");
+    let off = data_offset(&disk_report);
+    let system: toml::Table = toml::from_str(
+        &String::from_utf8(debugfs_cat(&target, off, "/etc/kernex/system.toml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(system["server"]["device-id"].as_str(), Some("X86-1"));
+    assert_eq!(system["bootloader"]["backend"].as_str(), Some("grub"));
+    assert_eq!(
+        system["bootloader"]["grubenv"].as_str(),
+        Some("/boot/efi/EFI/BOOT/grubenv")
+    );
+    assert!(
+        system["slots"]["rootfs"]["A"]
+            .as_str()
+            .unwrap()
+            .starts_with("/dev/disk/by-partuuid/")
     );
 }
