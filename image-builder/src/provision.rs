@@ -197,10 +197,10 @@ pub fn provision(opts: &ProvisionOptions) -> Result<ProvisionReport> {
             opts.server
         );
     }
-    if let (Ok(image), Ok(target)) = (opts.image.canonicalize(), opts.target.canonicalize()) {
-        if image == target {
-            bail!("--target {} is the image itself", opts.target.display());
-        }
+    if let (Ok(image), Ok(target)) = (opts.image.canonicalize(), opts.target.canonicalize())
+        && image == target
+    {
+        bail!("--target {} is the image itself", opts.target.display());
     }
     let data = find_data_partition(&opts.image)?;
     let image_size = std::fs::metadata(&opts.image)
