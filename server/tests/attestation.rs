@@ -23,6 +23,7 @@ use swtpm::Swtpm;
 both!(
     factory_preauthorisation_and_enrollment_policy,
     activation_then_quotes_attested_mismatch_and_rejections,
+    the_factory_line_client_preauthorises_what_the_device_enrolls_with,
 );
 
 mod gate_on_sqlite {
@@ -807,4 +808,72 @@ async fn gate_body(h: Arc<Harness>) {
     step().await;
     let d = detail(rid.clone()).await;
     assert_eq!(d["status"], "rolled_back", "a mismatch is a failure: {d}");
+}
+
+/// `kernex-image provision`'s pre-authorisation client against the real
+/// server on loopback: what the line records is what the board's updater
+/// enrolls with (the same EK read through the same device code).
+async fn the_factory_line_client_preauthorises_what_the_device_enrolls_with(h: Arc<Harness>) {
+    use kernex_image::preauth::{Outcome, PreauthRequest, preauthorize};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = kernex_server::http::app(h.state.clone());
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let board = DeviceTpm::new();
+    let other = DeviceTpm::new();
+    let ek = board.tpm().endorsement().unwrap();
+    let request = PreauthRequest {
+        device_id: "line-1".into(),
+        ek_public: Some(hex::encode(&ek.public)),
+        ek_certificate: ek.certificate.as_ref().map(hex::encode),
+    };
+    let send = |request: PreauthRequest, token: String| {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || preauthorize(&url, &token, &request))
+    };
+    let (outcome, recorded) = send(request.clone(), h.admin.clone())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcome, Outcome::Created);
+    assert_eq!(recorded.ek_fingerprint, request.ek_fingerprint());
+    let (outcome, _) = send(request.clone(), h.admin.clone())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcome, Outcome::AlreadyPresent, "the line may retry");
+    // A second board claiming the serial is refused; so is a bad token.
+    let mut claim = request.clone();
+    claim.ek_public = Some(hex::encode(&other.identity.ek_public));
+    claim.ek_certificate = None;
+    assert!(send(claim, h.admin.clone()).await.unwrap().is_err());
+    assert!(
+        send(request.clone(), "kxt_wrong".into())
+            .await
+            .unwrap()
+            .is_err()
+    );
+
+    let line = token(&h, true, true).await;
+    let (s, v) = enroll(&h, &line, "line-1", Some(other.identity_json())).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    let (s, v) = enroll(&h, &line, "line-1", Some(board.identity_json())).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let credential = v["credential"].as_str().unwrap().to_string();
+    let (s, ok) = h
+        .call(
+            Method::POST,
+            "/api/v1/device/activate",
+            Some(&credential),
+            Some(json!({"credential": board.activate(&v)})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{ok}");
+    assert_eq!(
+        Some(ok["ek_fingerprint"].as_str().unwrap().to_string()),
+        request.ek_fingerprint()
+    );
+    server.abort();
 }
