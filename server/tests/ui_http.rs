@@ -761,7 +761,12 @@ async fn rollouts_through_the_pages(h: Arc<Harness>) {
     let location = hd.get("location").unwrap().to_str().unwrap().to_string();
     let id = location.rsplit('/').next().unwrap().to_string();
     let (_, api) = h
-        .call(Method::GET, &format!("/api/v1/rollouts/{id}"), Some(&h.admin), None)
+        .call(
+            Method::GET,
+            &format!("/api/v1/rollouts/{id}"),
+            Some(&h.admin),
+            None,
+        )
         .await;
     for wave in api["spec"]["waves"].as_array().unwrap() {
         assert_eq!(wave["gates"]["require_attestation"], true, "{api}");

@@ -288,7 +288,7 @@ impl<'a> Daemon<'a> {
                     state::save(&self.data, &st)?;
                 }
             } else {
-                let health = crate::health::last_record(&self.data)?
+                let health = crate::health::last_revert(&self.data)?
                     .filter(|h| h.slot == a.slot && h.at >= a.at);
                 let reason = match health {
                     Some(h) => h.reason,
