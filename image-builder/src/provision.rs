@@ -275,6 +275,14 @@ fn write_target(image: &Path, target: &Path, size: u64, quiet: bool) -> Result<S
     let block_device = std::fs::metadata(target)
         .map(|m| m.file_type().is_block_device())
         .unwrap_or(false);
+    // A card that is not inserted must not turn /dev/sdX into a file in
+    // devtmpfs (RAM) and a "successful" provisioning.
+    if !block_device && target.starts_with("/dev") {
+        bail!(
+            "{} is not a block device (is the card or disk inserted?)",
+            target.display()
+        );
+    }
     let out = if block_device {
         let mut f = OpenOptions::new()
             .write(true)

@@ -18,7 +18,8 @@ CREATE TABLE tpm_preauthorizations (
     created_at BIGINT NOT NULL,
     UNIQUE (org_id, device_id)
 );
-CREATE INDEX tpm_preauthorizations_ek ON tpm_preauthorizations (org_id, ek_fingerprint);
+-- One TPM, one device id (NULLs, the serial-only records, are distinct).
+CREATE UNIQUE INDEX tpm_preauthorizations_ek ON tpm_preauthorizations (org_id, ek_fingerprint);
 
 -- Operator policy per enrollment token (a factory batch).
 ALTER TABLE enrollment_tokens ADD COLUMN require_preauthorization BIGINT NOT NULL DEFAULT 0;
@@ -42,7 +43,7 @@ ALTER TABLE devices ADD COLUMN attested_at BIGINT;
 -- The one outstanding quote nonce (hex) and when it was issued.
 ALTER TABLE devices ADD COLUMN quote_nonce TEXT;
 ALTER TABLE devices ADD COLUMN quote_nonce_at BIGINT;
-CREATE INDEX devices_org_ek ON devices (org_id, ek_fingerprint);
+CREATE UNIQUE INDEX devices_org_ek ON devices (org_id, ek_fingerprint);
 
 -- An outstanding credential-activation challenge (one per device).
 CREATE TABLE tpm_activations (
@@ -52,5 +53,9 @@ CREATE TABLE tpm_activations (
     slot_pcr BIGINT NOT NULL,
     -- Hex SHA-256 of the credential the TPM must release.
     credential_hash TEXT NOT NULL,
+    -- A re-enrollment of a device bound to its TPM: the SHA-256 of the new
+    -- device credential, which replaces the old one only when the TPM
+    -- answers (knowing the public EK is not enough to take a device over).
+    pending_credential_hash TEXT,
     created_at BIGINT NOT NULL
 );

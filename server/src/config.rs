@@ -58,6 +58,10 @@ pub struct Config {
     /// Lifetime of the scheduler lease, seconds: another replica takes
     /// over this long after the holder stops renewing it.
     pub scheduler_lease_secs: u64,
+    /// Serve HTTPS with this certificate chain (PEM); with `tls-key`.
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    pub tls_key: Option<PathBuf>,
     /// An attestation older than this is shown as stale, and the device is
     /// asked for a fresh quote after half of it.
     pub attestation_max_age_secs: u64,
@@ -92,6 +96,8 @@ impl Default for Config {
             admin_email: "admin@localhost".into(),
             scheduler_interval_ms: 5000,
             scheduler_lease_secs: 15,
+            tls_cert: None,
+            tls_key: None,
             attestation_max_age_secs: 24 * 3600,
             test_clock: false,
         }

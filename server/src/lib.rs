@@ -10,6 +10,7 @@ pub mod http;
 pub mod retention;
 pub mod rollouts;
 pub mod store;
+pub mod tls;
 pub mod ui;
 
 use std::path::PathBuf;

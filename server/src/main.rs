@@ -46,6 +46,12 @@ struct Args {
     /// Address to listen on [default: 127.0.0.1:8080].
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
+    /// Serve HTTPS with this certificate chain (PEM), with --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The TLS certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 fn main() {
@@ -79,6 +85,12 @@ fn run(args: Args) -> Result<()> {
     if let Some(l) = args.listen {
         config.listen = l;
     }
+    if let Some(c) = args.tls_cert {
+        config.tls_cert = Some(c);
+    }
+    if let Some(k) = args.tls_key {
+        config.tls_key = Some(k);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -88,6 +100,11 @@ fn run(args: Args) -> Result<()> {
 
 async fn serve(config: Config) -> Result<()> {
     let listen = config.listen;
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(kernex_server::tls::acceptor(cert, key)?),
+        (None, None) => None,
+        _ => anyhow::bail!("tls-cert and tls-key go together"),
+    };
     let state = AppState::open(config).await?;
     if let Some(admin) = bootstrap(&state).await? {
         println!(
@@ -107,13 +124,26 @@ async fn serve(config: Config) -> Result<()> {
     let local = listener
         .local_addr()
         .context("unable to read the bound address")?;
-    println!("kernex-server listening on http://{local}");
-    tracing::info!(%local, "kernex-server listening");
-    axum::serve(listener, http::app(state.clone()))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
-        .context("server failed")?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("kernex-server listening on {scheme}://{local}");
+    tracing::info!(%local, scheme, "kernex-server listening");
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    match tls {
+        Some(acceptor) => {
+            let listener = kernex_server::tls::TlsListener::new(listener, acceptor)
+                .context("unable to start the TLS listener")?;
+            axum::serve(listener, http::app(state.clone()))
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        None => {
+            axum::serve(listener, http::app(state.clone()))
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    }
+    .context("server failed")?;
     kernex_server::rollouts::scheduler::release_lease(&state).await
 }

@@ -408,6 +408,52 @@ async fn activation_then_quotes_attested_mismatch_and_rejections(h: Arc<Harness>
     // The TPM is now bound to the id: the other TPM cannot take it over.
     let (s, v) = enroll(&h, &line, "sn-1", Some(other.identity_json())).await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    // Nor can someone who knows the (public) EK: re-enrolling with the
+    // board's EK and a foreign AK yields a credential that works only once
+    // the board's TPM answers, which it cannot for another AK.
+    let mut forged = board.identity_json();
+    forged["ak-public"] = json!(hex::encode(&other.identity.ak_public));
+    let (s, v) = enroll(&h, &line, "sn-1", Some(forged)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let forged_credential = v["credential"].as_str().unwrap().to_string();
+    assert_eq!(
+        poll(&h, &forged_credential).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let (s, err) = h
+        .call(
+            Method::POST,
+            "/api/v1/device/activate",
+            Some(&forged_credential),
+            Some(json!({"credential": "11".repeat(32)})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{err}");
+    assert_eq!(
+        poll(&h, &forged_credential).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert!(
+        poll(&h, &credential).await.0.is_success(),
+        "the board's credential still works"
+    );
+    // The board itself re-enrolls: its new credential takes over only
+    // after its TPM answered.
+    let (s, v) = enroll(&h, &line, "sn-1", Some(board.identity_json())).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let renewed = v["credential"].as_str().unwrap().to_string();
+    assert_eq!(poll(&h, &renewed).await.0, StatusCode::UNAUTHORIZED);
+    let (s, ok) = h
+        .call(
+            Method::POST,
+            "/api/v1/device/activate",
+            Some(&renewed),
+            Some(json!({"credential": board.activate(&v)})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{ok}");
+    assert_eq!(poll(&h, &credential).await.0, StatusCode::UNAUTHORIZED);
+    let credential = renewed;
     let (s, v) = enroll(&h, &line, "sn-2", Some(board.identity_json())).await;
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
 

@@ -307,19 +307,59 @@ enum Attempt {
     Retry(String),
 }
 
+/// Largest CA bundle read.
+const MAX_CA_FILE: u64 = 1024 * 1024;
+
+/// The TLS settings of every HTTPS connection the updater makes: the
+/// system's trust store, or only the CA certificates in `ca` (PEM) when a
+/// private CA is pinned (`[server] ca`).
+pub fn tls_config(ca: Option<&Path>) -> Result<ureq::tls::TlsConfig, UpdateError> {
+    let builder = ureq::tls::TlsConfig::builder().provider(ureq::tls::TlsProvider::NativeTls);
+    let Some(ca) = ca else {
+        return Ok(builder.build());
+    };
+    let bad = |reason: String| UpdateError::Config {
+        path: ca.to_owned(),
+        reason,
+    };
+    let pem = crate::store::read_limited(ca, MAX_CA_FILE)
+        .map_err(|e| bad(format!("unable to read the CA certificates: {e}")))?;
+    let certs = ureq::tls::parse_pem(&pem)
+        .filter_map(|item| match item {
+            Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c.to_owned())),
+            Ok(_) => None,
+            Err(e) => Some(Err(e)),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(format!("not PEM certificates: {e}")))?;
+    if certs.is_empty() {
+        return Err(bad("no CERTIFICATE in the file".into()));
+    }
+    Ok(builder
+        .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(certs)))
+        .build())
+}
+
 impl HttpSource {
-    /// Over `url`.
+    /// Over `url`, trusting the system's CAs.
     pub fn new(url: &str, link: Link) -> Self {
+        Self::with_tls(
+            url,
+            link,
+            ureq::tls::TlsConfig::builder()
+                .provider(ureq::tls::TlsProvider::NativeTls)
+                .build(),
+        )
+    }
+
+    /// Over `url`, with these TLS settings ([`tls_config`]).
+    pub fn with_tls(url: &str, link: Link, tls: ureq::tls::TlsConfig) -> Self {
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(15)))
             .timeout_recv_response(Some(Duration::from_secs(30)))
             .timeout_per_read(Some(Duration::from_secs(30)))
-            .tls_config(
-                ureq::tls::TlsConfig::builder()
-                    .provider(ureq::tls::TlsProvider::NativeTls)
-                    .build(),
-            )
+            .tls_config(tls)
             .build();
         Self {
             url: url.to_owned(),

@@ -555,7 +555,10 @@ fn offline_device_keeps_its_assignment_and_delivers_in_order() {
             json!({"entries": [{"level": "loud", "message": "x"}]}),
         )
         .unwrap();
-    let down = kernex_updater::daemon::client::Client::new(&format!("http://{}", link.addr));
+    let down = kernex_updater::daemon::client::Client::new(
+        &format!("http://{}", link.addr),
+        kernex_updater::source::tls_config(None).unwrap(),
+    );
     link.up.store(false, Ordering::SeqCst);
     let err = outbox.deliver(&down, "whatever").unwrap_err();
     assert!(
@@ -570,7 +573,10 @@ fn offline_device_keeps_its_assignment_and_delivers_in_order() {
         Some(json!({"label": "second"})),
     );
     assert_eq!(s, 201);
-    let client = kernex_updater::daemon::client::Client::new(&cp.url);
+    let client = kernex_updater::daemon::client::Client::new(
+        &cp.url,
+        kernex_updater::source::tls_config(None).unwrap(),
+    );
     let enrolled = client
         .enroll(&kernex_updater::daemon::client::EnrollRequest {
             enrollment_token: t["token"].as_str().unwrap(),

@@ -438,7 +438,11 @@ pub async fn check_enrollment(
             "this TPM (EK {fp}) is already enrolled as device {other}"
         )));
     }
-    let challenge = CredentialChallenge::new(&ek, &ak).map_err(|e| Error::Internal(e.into()))?;
+    // openssl refuses to encrypt to an EK it cannot use (e.g. a tiny
+    // modulus): the device's input, not a server fault.
+    let challenge = CredentialChallenge::new(&ek, &ak).map_err(|e| {
+        Error::Unprocessable(format!("ek_public: unable to encrypt to this EK: {e}"))
+    })?;
     Ok(EnrollmentCheck {
         tpm: Some(TpmEnrollment {
             ek_fingerprint: fp,
@@ -452,10 +456,13 @@ pub async fn check_enrollment(
 
 /// Records the outstanding challenge of a device (replacing any earlier
 /// one) and whether it must complete it; returns what the device gets.
+/// `pending_credential`: the SHA-256 of a new device credential that takes
+/// effect only when the challenge is answered (a device bound to its TPM).
 pub async fn store_activation(
     state: &AppState,
     device_pk: &str,
     check: &EnrollmentCheck,
+    pending_credential: Option<&str>,
 ) -> Result<Option<Activation>> {
     let mut tx = state.store.begin_write().await?;
     if check.tpm_required {
@@ -472,17 +479,29 @@ pub async fn store_activation(
         tx.commit().await?;
         return Ok(None);
     };
-    sqlx::query(
-        "INSERT INTO tpm_activations (device_pk, ek_fingerprint, ak_public, slot_pcr, credential_hash, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+    let inserted = sqlx::query(
+        "INSERT INTO tpm_activations (device_pk, ek_fingerprint, ak_public, slot_pcr, credential_hash, pending_credential_hash, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(device_pk)
     .bind(&tpm.ek_fingerprint)
     .bind(&tpm.ak_public)
     .bind(i64::from(tpm.slot_pcr))
     .bind(hex::encode(Sha256::digest(tpm.challenge.expected())))
+    .bind(pending_credential)
     .bind(state.clock.now_ms())
     .execute(&mut *tx)
-    .await?;
+    .await;
+    match inserted {
+        Ok(_) => {}
+        // Two enrollments of the same device at once: the other one's
+        // challenge stands; this one retries.
+        Err(e) if crate::http::error::is_unique_violation(&e) => {
+            return Err(Error::Conflict(
+                "another enrollment of this device is under way; retry".into(),
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    }
     tx.commit().await?;
     Ok(Some(Activation::from(&tpm.challenge)))
 }
@@ -529,9 +548,10 @@ async fn record(state: &AppState, device: &Device, action: &str, result: &str) -
         (status = 409, description = "no challenge outstanding, or it expired")))]
 pub async fn activate(
     State(state): State<AppState>,
-    device: Device,
+    headers: axum::http::HeaderMap,
     ApiJson(answer): ApiJson<ActivationAnswer>,
 ) -> Result<ApiJson<Activated>> {
+    let device = activating_device(&state, &headers).await?;
     let outcome = activate_inner(&state, &device, &answer).await;
     let result = match &outcome {
         Ok(_) => "ok".to_string(),
@@ -541,6 +561,35 @@ pub async fn activate(
     outcome.map(ApiJson)
 }
 
+/// The device answering a challenge: by its credential, or by the new
+/// credential of a re-enrollment that waits for this answer.
+async fn activating_device(state: &AppState, headers: &axum::http::HeaderMap) -> Result<Device> {
+    let token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .filter(|t| t.starts_with("kxd_"))
+        .ok_or(Error::Unauthorized)?;
+    let hash = crate::store::secret_hash(token);
+    let row = sqlx::query(
+        "SELECT d.id, d.org_id, d.device_id FROM devices d WHERE d.revoked = 0 AND (d.credential_hash = $1 OR d.id = (SELECT a.device_pk FROM tpm_activations a WHERE a.pending_credential_hash = $1))",
+    )
+    .bind(&hash)
+    .fetch_optional(state.store.pool())
+    .await?
+    .ok_or(Error::Unauthorized)?;
+    let pk: String = row.try_get("id")?;
+    state.limits.check(
+        &format!("device:{pk}"),
+        state.config.device_requests_per_minute,
+    )?;
+    Ok(Device {
+        pk,
+        org_id: row.try_get("org_id")?,
+        device_id: row.try_get("device_id")?,
+    })
+}
+
 async fn activate_inner(
     state: &AppState,
     device: &Device,
@@ -548,7 +597,7 @@ async fn activate_inner(
 ) -> Result<Activated> {
     let credential = decode_hex("credential", &answer.credential, 256)?;
     let row = sqlx::query(
-        "SELECT ek_fingerprint, ak_public, slot_pcr, credential_hash, created_at FROM tpm_activations WHERE device_pk = $1",
+        "SELECT ek_fingerprint, ak_public, slot_pcr, credential_hash, pending_credential_hash, created_at FROM tpm_activations WHERE device_pk = $1",
     )
     .bind(&device.pk)
     .fetch_optional(state.store.pool())
@@ -558,11 +607,15 @@ async fn activate_inner(
             "no credential activation is outstanding: enroll with a TPM identity first".into(),
         )
     })?;
-    // One answer per challenge, right or wrong.
-    let taken = sqlx::query("DELETE FROM tpm_activations WHERE device_pk = $1")
-        .bind(&device.pk)
-        .execute(state.store.pool())
-        .await?;
+    let want: String = row.try_get("credential_hash")?;
+    // One answer per challenge, right or wrong; and this very challenge,
+    // not one a concurrent re-enrollment put in its place.
+    let taken =
+        sqlx::query("DELETE FROM tpm_activations WHERE device_pk = $1 AND credential_hash = $2")
+            .bind(&device.pk)
+            .bind(&want)
+            .execute(state.store.pool())
+            .await?;
     if taken.rows_affected() == 0 {
         return Err(Error::Conflict(
             "the challenge was answered concurrently: enroll again".into(),
@@ -574,7 +627,6 @@ async fn activate_inner(
             "the credential-activation challenge expired: enroll again".into(),
         ));
     }
-    let want: String = row.try_get("credential_hash")?;
     let got = hex::encode(Sha256::digest(&credential));
     if !openssl::memcmp::eq(want.as_bytes(), got.as_bytes()) {
         return Err(Error::Refused(
@@ -582,15 +634,27 @@ async fn activate_inner(
         ));
     }
     let ek_fingerprint: String = row.try_get("ek_fingerprint")?;
-    sqlx::query(
-        "UPDATE devices SET ek_fingerprint = $1, ak_public = $2, slot_pcr = $3, attestation = 'pending', attestation_reason = NULL, attested_version = NULL, attested_at = NULL, quote_nonce = NULL, quote_nonce_at = NULL WHERE id = $4",
+    let pending: Option<String> = row.try_get("pending_credential_hash")?;
+    let bound = sqlx::query(
+        "UPDATE devices SET ek_fingerprint = $1, ak_public = $2, slot_pcr = $3, credential_hash = COALESCE($4, credential_hash), attestation = 'pending', attestation_reason = NULL, attested_version = NULL, attested_at = NULL, quote_nonce = NULL, quote_nonce_at = NULL WHERE id = $5",
     )
     .bind(&ek_fingerprint)
     .bind(row.try_get::<String, _>("ak_public")?)
     .bind(row.try_get::<i64, _>("slot_pcr")?)
+    .bind(&pending)
     .bind(&device.pk)
     .execute(state.store.pool())
-    .await?;
+    .await;
+    match bound {
+        Ok(_) => {}
+        // The unique (org, EK) index: another device id got this TPM first.
+        Err(e) if crate::http::error::is_unique_violation(&e) => {
+            return Err(Error::Conflict(format!(
+                "this TPM (EK {ek_fingerprint}) is already bound to another device"
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    }
     Ok(Activated {
         ek_fingerprint,
         attestation: "pending".into(),

@@ -141,7 +141,7 @@ pub async fn enroll(
     let now = now_ms();
     for _ in 0..3 {
         let existing = sqlx::query(
-            "SELECT id, enrollment_token_id, revoked, ek_fingerprint FROM devices WHERE org_id = $1 AND device_id = $2",
+            "SELECT id, enrollment_token_id, revoked, ek_fingerprint, tpm_required FROM devices WHERE org_id = $1 AND device_id = $2",
         )
         .bind(&org_id)
         .bind(&req.device_id)
@@ -150,7 +150,13 @@ pub async fn enroll(
         if let Some(row) = existing {
             let id: String = row.try_get("id")?;
             let by: Option<String> = row.try_get("enrollment_token_id")?;
-            if by.as_deref() != Some(token_id.as_str()) {
+            let bound: Option<String> = row.try_get("ek_fingerprint")?;
+            // A row that must prove a TPM and never did holds nothing: it
+            // may be someone squatting on a pre-authorised serial with
+            // another token. The board itself (its TPM checked below) takes
+            // it over.
+            let unproven = bound.is_none() && row.try_get::<i64, _>("tpm_required")? != 0;
+            if by.as_deref() != Some(token_id.as_str()) && !unproven {
                 return Err(Error::Conflict(format!(
                     "device {} is already enrolled with another token",
                     req.device_id
@@ -159,7 +165,6 @@ pub async fn enroll(
             if row.try_get::<i64, _>("revoked")? != 0 {
                 return Err(Error::Forbidden);
             }
-            let bound: Option<String> = row.try_get("ek_fingerprint")?;
             let check = check_enrollment(
                 &state,
                 &org_id,
@@ -170,13 +175,23 @@ pub async fn enroll(
                 bound.as_deref(),
             )
             .await?;
-            sqlx::query("UPDATE devices SET credential_hash = $1 WHERE id = $2 AND revoked = 0")
+            if bound.is_some() {
+                // Bound to a TPM: the new credential replaces the old one
+                // only when that TPM answers the challenge. The EK is public;
+                // knowing it must not be enough to take the device over.
+            } else {
+                sqlx::query(
+                    "UPDATE devices SET credential_hash = $1, enrollment_token_id = $2 WHERE id = $3 AND revoked = 0",
+                )
                 .bind(secret_hash(&credential))
+                .bind(&token_id)
                 .bind(&id)
                 .execute(state.store.pool())
                 .await?;
+            }
             set_link(&state, &id, &link).await?;
-            let activation = store_activation(&state, &id, &check).await?;
+            let pending = bound.is_some().then(|| secret_hash(&credential));
+            let activation = store_activation(&state, &id, &check, pending.as_deref()).await?;
             record(&state, &org_id, &req.device_id, "device.re-enroll", &id).await?;
             return Ok((
                 StatusCode::OK,
@@ -228,7 +243,7 @@ pub async fn enroll(
         }
         tx.commit().await?;
         set_link(&state, &id, &link).await?;
-        let activation = store_activation(&state, &id, &check).await?;
+        let activation = store_activation(&state, &id, &check, None).await?;
         record(&state, &org_id, &req.device_id, "device.enroll", &id).await?;
         return Ok((
             StatusCode::CREATED,

@@ -124,9 +124,9 @@ struct Counts {
 }
 
 /// Counts a wave's outcomes. With `attested_version` (the attestation
-/// gate), a committed device counts once a verified quote for that version
-/// says `attested`, as an error when it says `mismatch`, and not yet
-/// otherwise.
+/// gate), a committed device counts once a quote for that version, verified
+/// after its commit, says `attested`; as an error when it says `mismatch`;
+/// and not yet otherwise.
 async fn wave_counts(
     tx: &mut Tx,
     id: &str,
@@ -135,7 +135,7 @@ async fn wave_counts(
     attested_version: Option<&str>,
 ) -> Result<Counts> {
     let rows = sqlx::query(
-        "SELECT rd.state, rd.active, d.last_seen_at, d.attestation, d.attested_version FROM rollout_devices rd JOIN devices d ON d.id = rd.device_pk WHERE rd.rollout_id = $1 AND rd.wave = $2",
+        "SELECT rd.state, rd.active, rd.updated_at, d.last_seen_at, d.attestation, d.attested_version, d.attested_at FROM rollout_devices rd JOIN devices d ON d.id = rd.device_pk WHERE rd.rollout_id = $1 AND rd.wave = $2",
     )
     .bind(id)
     .bind(wave)
@@ -157,11 +157,17 @@ async fn wave_counts(
             Some(want) => {
                 let quoted: Option<String> = r.try_get("attested_version")?;
                 let verdict: String = r.try_get("attestation")?;
-                Some(if quoted.as_deref() == Some(want) {
-                    verdict
-                } else {
-                    "none".into()
-                })
+                // Only a verdict on a quote made after the device reported
+                // this state (its commit) counts: not an older one.
+                let at: Option<i64> = r.try_get("attested_at")?;
+                let since: i64 = r.try_get("updated_at")?;
+                Some(
+                    if quoted.as_deref() == Some(want) && at.is_some_and(|t| t >= since) {
+                        verdict
+                    } else {
+                        "none".into()
+                    },
+                )
             }
             None => None,
         };

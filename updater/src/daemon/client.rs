@@ -138,17 +138,14 @@ pub struct Client {
 }
 
 impl Client {
-    /// Over `base`.
-    pub fn new(base: &str) -> Self {
+    /// Over `base`, with these TLS settings
+    /// ([`crate::source::tls_config`]).
+    pub fn new(base: &str, tls: ureq::tls::TlsConfig) -> Self {
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(15)))
             .timeout_global(Some(Duration::from_secs(60)))
-            .tls_config(
-                ureq::tls::TlsConfig::builder()
-                    .provider(ureq::tls::TlsProvider::NativeTls)
-                    .build(),
-            )
+            .tls_config(tls)
             .build();
         Self {
             base: base.trim_end_matches('/').to_owned(),

@@ -78,6 +78,10 @@ pub struct ServerConfig {
     /// assignment is then reported as failed.
     #[serde(default = "default_true")]
     pub allow_downgrade: bool,
+    /// Trust only the CA certificates in this PEM file for the server (a
+    /// private CA pinned at the factory) instead of the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
 }
 
 fn default_true() -> bool {
@@ -156,6 +160,8 @@ struct Daemon<'a> {
     options: &'a DaemonOptions,
     data: DataDir,
     client: Client,
+    /// TLS settings for the server (its pinned CA, if any).
+    tls: ureq::tls::TlsConfig,
     outbox: Outbox,
     sampler: inventory::Sampler,
     credential: Option<Credential>,
@@ -198,8 +204,10 @@ impl<'a> Daemon<'a> {
         let data = DataDir::new(&ctx.config.data_dir);
         let outbox = Outbox::open(&ctx.config.data_dir).context("unable to open the outbox")?;
         let credential = state::credential(&data, &server.url)?;
+        let tls = crate::source::tls_config(server.ca.as_deref())?;
         Ok(Self {
-            client: Client::new(&server.url),
+            client: Client::new(&server.url, tls.clone()),
+            tls,
             server,
             options,
             data,
@@ -444,7 +452,13 @@ impl<'a> Daemon<'a> {
             .total_memory()
             .into(),
         );
-        let tpm = self.tpm_identity()?;
+        // A TPM fault must not keep the device off the fleet: it enrolls
+        // without a TPM identity (the server refuses it if its token needs
+        // one, and the log says why).
+        let tpm = self.tpm_identity().unwrap_or_else(|e| {
+            tracing::warn!(error = %format!("{e:#}"), "unable to read the TPM identity: enrolling without it");
+            None
+        });
         let enrolled = self
             .client
             .enroll(&EnrollRequest {
@@ -785,7 +799,7 @@ impl<'a> Daemon<'a> {
         let url = self.client.url(&desired.url);
         tracing::info!(version = %desired.version, %url, "installing");
         let link = Link::new(&self.ctx.config.link, &self.data)?;
-        let mut source = HttpSource::new(&url, link).with_bearer(credential);
+        let mut source = HttpSource::with_tls(&url, link, self.tls.clone()).with_bearer(credential);
         let options = crate::install::InstallOptions {
             allow_downgrade: self.server.allow_downgrade,
             at_time: None,
