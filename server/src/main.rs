@@ -24,6 +24,7 @@ use kernex_server::{AppState, bootstrap, http};
 ///     kernex-server
 ///     kernex-server --listen 0.0.0.0:8080 --database-url postgres://kernex@db/kernex
 ///     kernex-server --database-url postgres://kernex@db/kernex --blob-store s3://kernex-releases
+///     kernex-server --listen 0.0.0.0:8443 --tls-cert server.crt --tls-key server.key
 ///     kernex-server --config /etc/kernex/server.toml
 #[derive(Debug, Parser)]
 #[command(name = "kernex-server", version, verbatim_doc_comment)]

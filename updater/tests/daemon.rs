@@ -28,6 +28,8 @@ use serde_json::{Value, json};
 /// thread for the life of the test process.
 struct ControlPlane {
     url: String,
+    /// The same API over HTTPS, when started with a certificate.
+    https_url: Option<String>,
     admin: String,
     _dir: tempfile::TempDir,
 }
@@ -40,6 +42,15 @@ impl ControlPlane {
     fn start_with(
         keys: &Keys,
         edit: impl FnOnce(&mut kernex_server::config::Config) + Send + 'static,
+    ) -> ControlPlane {
+        Self::start_full(keys, edit, None)
+    }
+
+    /// Also serving HTTPS with `tls` (certificate chain, key; PEM files).
+    fn start_full(
+        keys: &Keys,
+        edit: impl FnOnce(&mut kernex_server::config::Config) + Send + 'static,
+        tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
     ) -> ControlPlane {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("server");
@@ -65,13 +76,25 @@ impl ControlPlane {
                 let admin = kernex_server::bootstrap(&state).await.unwrap().unwrap();
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 let addr = listener.local_addr().unwrap();
-                tx.send((addr, admin.email, admin.password)).unwrap();
+                let https = match tls {
+                    Some((cert, key)) => {
+                        let acceptor = kernex_server::tls::acceptor(&cert, &key).unwrap();
+                        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                        let tls = kernex_server::tls::TlsListener::new(tcp, acceptor).unwrap();
+                        let https = axum::serve::Listener::local_addr(&tls).unwrap();
+                        let app = kernex_server::http::app(state.clone());
+                        tokio::spawn(async move { axum::serve(tls, app).await });
+                        Some(https)
+                    }
+                    None => None,
+                };
+                tx.send((addr, https, admin.email, admin.password)).unwrap();
                 axum::serve(listener, kernex_server::http::app(state))
                     .await
                     .unwrap();
             });
         });
-        let (addr, email, password) = rx.recv_timeout(Duration::from_secs(60)).unwrap();
+        let (addr, https, email, password) = rx.recv_timeout(Duration::from_secs(60)).unwrap();
         let url = format!("http://{addr}");
         let (s, v) = call(
             &url,
@@ -84,6 +107,7 @@ impl ControlPlane {
         let admin = v["token"].as_str().unwrap().to_string();
         let cp = ControlPlane {
             url,
+            https_url: https.map(|a| format!("https://{a}")),
             admin,
             _dir: dir,
         };
@@ -857,4 +881,136 @@ fn daemon_with_a_tpm_is_committed_and_attested() {
     let reason = d["attestation"]["reason"].as_str().unwrap();
     assert!(reason.starts_with("PCR 14 is "), "{reason}");
     assert!(reason.contains("release 1.0.0 expects"), "{reason}");
+}
+
+/// Creates a private CA and a server certificate for 127.0.0.1 with the
+/// openssl command line; returns (CA certificate, server chain, server key).
+fn private_ca(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=Kernex test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    (
+        dir.join("ca.crt"),
+        dir.join("server.crt"),
+        dir.join("server.key"),
+    )
+}
+
+/// The device API over HTTPS: a device that pins the fleet's private CA
+/// (`[server] ca`) enrolls, downloads by Range and commits over TLS; a
+/// device that trusts only the system's CAs refuses the server.
+#[test]
+fn daemon_over_https_with_a_pinned_private_ca() {
+    let keys = keys();
+    let pki = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = private_ca(pki.path());
+    let cp = ControlPlane::start_full(&keys, |_| {}, Some((cert, key)));
+    let https = cp.https_url.clone().unwrap();
+    let img = image(2 * MIB, 1);
+    let r1 = cp.upload(&bundle(&img, "1.0.0", &keys.signer).bytes);
+    let token = cp.enrollment_token();
+
+    let mut pinned = SimDevice::new(&keys, &image(2 * MIB, 9), &https, &token, "tls-1");
+    let config = std::fs::read_to_string(&pinned.dev.config)
+        .unwrap()
+        .replace(
+            "[server]\n",
+            &format!("[server]\nca = \"{}\"\n", ca.display()),
+        );
+    std::fs::write(&pinned.dev.config, config).unwrap();
+    pinned.start();
+    let mut unpinned = SimDevice::new(&keys, &image(2 * MIB, 9), &https, &token, "tls-2");
+    unpinned.start();
+
+    let d = wait_for(
+        "enrollment over HTTPS",
+        &pinned,
+        Duration::from_secs(60),
+        || cp.device("tls-1"),
+    );
+    cp.deploy(&r1, d["id"].as_str().unwrap());
+    wait_for(
+        "1.0.0 committed over HTTPS",
+        &pinned,
+        Duration::from_secs(90),
+        || {
+            cp.device("tls-1")
+                .filter(|d| d["current_version"] == "1.0.0" && d["status"] == "online")
+        },
+    );
+    assert_eq!(
+        common::file_sha256(&pinned.dev.path("slot-b.img")),
+        common::sha256(&img)
+    );
+    // The other device never gets through the TLS handshake.
+    let log = wait_for(
+        "the unpinned device's refusal",
+        &unpinned,
+        Duration::from_secs(30),
+        || Some(unpinned.log()).filter(|l| l.contains("enrollment failed")),
+    );
+    assert!(log.to_lowercase().contains("certificate"), "{log}");
+    assert!(cp.device("tls-2").is_none());
 }
