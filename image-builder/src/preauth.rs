@@ -90,6 +90,14 @@ pub enum PreauthError {
         /// The answer.
         body: String,
     },
+    /// The enrollment token is unknown, revoked or expired (404).
+    #[error(
+        "the server does not accept this enrollment token (unknown, revoked or expired): {body}"
+    )]
+    UnknownEnrollmentToken {
+        /// The answer.
+        body: String,
+    },
     /// 422.
     #[error("the server rejected the EK (HTTP 422): {body}")]
     BadEk {
@@ -125,17 +133,7 @@ pub fn preauthorize(
         return Err(PreauthError::BadUrl(server.to_owned()));
     }
     let url = format!("{}{PATH}", server.trim_end_matches('/'));
-    let config = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_connect(Some(Duration::from_secs(15)))
-        .timeout_global(Some(Duration::from_secs(60)))
-        .tls_config(
-            ureq::tls::TlsConfig::builder()
-                .provider(ureq::tls::TlsProvider::NativeTls)
-                .build(),
-        )
-        .build();
-    let agent = ureq::Agent::new_with_config(config);
+    let agent = agent();
     let unreachable = |reason: String| PreauthError::Unreachable {
         url: url.clone(),
         reason,
@@ -155,6 +153,81 @@ pub fn preauthorize(
         .read_to_vec()
         .map_err(|e| unreachable(format!("reading the answer: {e}")))?;
     handle_answer(request, status, &answer)
+}
+
+fn agent() -> ureq::Agent {
+    let config = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_connect(Some(Duration::from_secs(15)))
+        .timeout_global(Some(Duration::from_secs(60)))
+        .tls_config(
+            ureq::tls::TlsConfig::builder()
+                .provider(ureq::tls::TlsProvider::NativeTls)
+                .build(),
+        )
+        .build();
+    ureq::Agent::new_with_config(config)
+}
+
+/// The enrollment-token check's path, below the server URL.
+pub const TOKEN_CHECK_PATH: &str = "/api/v1/enrollment-tokens/check";
+
+/// What the server says about an enrollment token devices can use now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollmentTokenInfo {
+    /// Its id.
+    pub id: String,
+    /// Its label (the batch).
+    pub label: String,
+}
+
+/// Asks the server whether devices can enroll with `token` now (`POST
+/// /api/v1/enrollment-tokens/check`): a token the server does not know,
+/// revoked or expired must not be written onto a board.
+pub fn check_enrollment_token(
+    server: &str,
+    api_token: &str,
+    token: &str,
+) -> Result<EnrollmentTokenInfo, PreauthError> {
+    if !(server.starts_with("http://") || server.starts_with("https://")) {
+        return Err(PreauthError::BadUrl(server.to_owned()));
+    }
+    let url = format!("{}{TOKEN_CHECK_PATH}", server.trim_end_matches('/'));
+    let unreachable = |reason: String| PreauthError::Unreachable {
+        url: url.clone(),
+        reason,
+    };
+    let body = serde_json::to_vec(&serde_json::json!({ "token": token }))
+        .map_err(|e| unreachable(e.to_string()))?;
+    let mut resp = agent()
+        .post(&url)
+        .header("Content-Type", "application/json")
+        .header("Authorization", format!("Bearer {api_token}"))
+        .send(&body[..])
+        .map_err(|e| unreachable(e.to_string()))?;
+    let status = resp.status().as_u16();
+    let answer = resp
+        .body_mut()
+        .with_config()
+        .limit(MAX_ANSWER)
+        .read_to_vec()
+        .map_err(|e| unreachable(format!("reading the answer: {e}")))?;
+    let text = || -> String { String::from_utf8_lossy(&answer).chars().take(500).collect() };
+    match status {
+        200 => serde_json::from_slice(&answer).map_err(|e| PreauthError::BadAnswer {
+            status,
+            reason: format!("{e}: {}", text()),
+        }),
+        401 | 403 => Err(PreauthError::Unauthorized {
+            status,
+            body: text(),
+        }),
+        404 => Err(PreauthError::UnknownEnrollmentToken { body: text() }),
+        _ => Err(PreauthError::Refused {
+            status,
+            body: text(),
+        }),
+    }
 }
 
 /// Interprets the server's answer (separate from the HTTP exchange so it

@@ -214,6 +214,13 @@ pub fn provision(opts: &ProvisionOptions) -> Result<ProvisionReport> {
         );
     }
 
+    // A mistyped, revoked or expired token must not go onto the board.
+    let token =
+        preauth::check_enrollment_token(&opts.server, &opts.api_token, opts.enroll_token.trim())
+            .with_context(|| {
+                format!("unable to check the enrollment token with {}", opts.server)
+            })?;
+    tracing::debug!(token = %token.id, label = %token.label, "enrollment token accepted");
     let ek = opts.tpm.as_deref().map(read_ek).transpose()?;
     let request = PreauthRequest {
         device_id: String::new(),

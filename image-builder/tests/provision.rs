@@ -72,6 +72,25 @@ async fn preauthorize(
     }
 }
 
+async fn check_token(headers: HeaderMap, Json(body): Json<Value>) -> (StatusCode, Json<Value>) {
+    if headers.get("authorization").and_then(|v| v.to_str().ok())
+        != Some(&format!("Bearer {API_TOKEN}"))
+    {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "invalid API token"})),
+        );
+    }
+    if body["token"] == "kxe_factory_token" {
+        (StatusCode::OK, Json(json!({"id": "t1", "label": "line 2"})))
+    } else {
+        (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "not found", "detail": "no such enrollment token"})),
+        )
+    }
+}
+
 /// The contract's server on its own thread.
 struct Server {
     url: String,
@@ -92,6 +111,7 @@ impl Server {
             rt.block_on(async move {
                 let app = axum::Router::new()
                     .route("/api/v1/tpm/preauthorizations", post(preauthorize))
+                    .route("/api/v1/enrollment-tokens/check", post(check_token))
                     .with_state(state);
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 tx.send(listener.local_addr().unwrap()).unwrap();
@@ -433,6 +453,24 @@ fn rejections_fail_clearly_and_leave_the_target_untouched() {
     );
     assert!(
         err.contains("the server rejected the API token (HTTP 401)"),
+        "{err}"
+    );
+    assert!(!target.exists());
+
+    // An enrollment token the server does not accept never reaches a board.
+    let err = failing(
+        kernex_image()
+            .arg("provision")
+            .arg("--image")
+            .arg(&disk)
+            .arg("--target")
+            .arg(&target)
+            .args(["--server", &server.url, "--enroll-token", "kxe_revoked"])
+            .args(["--device-id", "SN-2"])
+            .env("KERNEX_API_TOKEN", API_TOKEN),
+    );
+    assert!(
+        err.contains("does not accept this enrollment token"),
         "{err}"
     );
     assert!(!target.exists());

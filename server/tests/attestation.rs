@@ -903,6 +903,24 @@ async fn the_factory_line_client_preauthorises_what_the_device_enrolls_with(h: A
     );
 
     let line = token(&h, true, true).await;
+    // The line checks the enrollment token before writing it onto a board.
+    let check = |t: String| {
+        let url = url.clone();
+        let admin = h.admin.clone();
+        tokio::task::spawn_blocking(move || {
+            kernex_image::preauth::check_enrollment_token(&url, &admin, &t)
+        })
+    };
+    let info = check(line.clone()).await.unwrap().unwrap();
+    assert_eq!(info.label, "line 2");
+    let err = check("kxe_unknown".into()).await.unwrap().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            kernex_image::preauth::PreauthError::UnknownEnrollmentToken { .. }
+        ),
+        "{err}"
+    );
     let (s, v) = enroll(&h, &line, "line-1", Some(other.identity_json())).await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
     let (s, v) = enroll(&h, &line, "line-1", Some(board.identity_json())).await;

@@ -19,6 +19,60 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/enrollment-tokens", post(create).get(list))
         .route("/enrollment-tokens/{id}", delete(revoke))
+        .route("/enrollment-tokens/check", post(check))
+}
+
+/// An enrollment token secret to look up.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenCheck {
+    /// The secret (`kxe_...`).
+    pub token: String,
+}
+
+/// Check an enrollment token before it goes onto a device (ops; the
+/// factory line's `kernex-image provision`): 200 with the token (no
+/// secret) when devices can enroll with it now, 404 when it is unknown in
+/// this organisation, revoked or expired.
+#[utoipa::path(post, path = "/api/v1/enrollment-tokens/check", request_body = TokenCheck,
+    responses((status = 200, body = EnrollmentToken), (status = 403),
+        (status = 404, description = "unknown, revoked or expired")))]
+pub async fn check(
+    State(state): State<AppState>,
+    op: Operator,
+    ApiJson(req): ApiJson<TokenCheck>,
+) -> Result<ApiJson<EnrollmentToken>> {
+    op.require(Role::Ops)?;
+    if req.token.len() > 200 {
+        return Err(Error::BadRequest("token: at most 200 characters".into()));
+    }
+    let r = sqlx::query(
+        "SELECT id, label, tags, created_at, expires_at, revoked, require_preauthorization, require_tpm FROM enrollment_tokens WHERE org_id = $1 AND token_hash = $2 AND revoked = 0 AND (expires_at IS NULL OR expires_at > $3)",
+    )
+    .bind(&op.org_id)
+    .bind(secret_hash(&req.token))
+    .bind(now_ms())
+    .fetch_optional(state.store.pool())
+    .await?
+    .ok_or(Error::NotFound(
+        "no such enrollment token in this organisation (unknown, revoked or expired)",
+    ))?;
+    token_row(&r).map(ApiJson)
+}
+
+fn token_row(r: &sqlx::any::AnyRow) -> Result<EnrollmentToken> {
+    let tags: String = r.try_get("tags")?;
+    Ok(EnrollmentToken {
+        id: r.try_get("id")?,
+        label: r.try_get("label")?,
+        tags: serde_json::from_str(&tags).unwrap_or_default(),
+        created_at: r.try_get("created_at")?,
+        expires_at: r.try_get("expires_at")?,
+        revoked: r.try_get::<i64, _>("revoked")? != 0,
+        require_preauthorization: r.try_get::<i64, _>("require_preauthorization")? != 0,
+        require_tpm: r.try_get::<i64, _>("require_tpm")? != 0,
+        token: None,
+    })
 }
 
 /// A new enrollment token.
@@ -151,22 +205,7 @@ pub async fn list(
     .bind(&op.org_id)
     .fetch_all(state.store.pool())
     .await?;
-    let mut out = Vec::new();
-    for r in rows {
-        let tags: String = r.try_get("tags")?;
-        out.push(EnrollmentToken {
-            id: r.try_get("id")?,
-            label: r.try_get("label")?,
-            tags: serde_json::from_str(&tags).unwrap_or_default(),
-            created_at: r.try_get("created_at")?,
-            expires_at: r.try_get("expires_at")?,
-            revoked: r.try_get::<i64, _>("revoked")? != 0,
-            require_preauthorization: r.try_get::<i64, _>("require_preauthorization")? != 0,
-            require_tpm: r.try_get::<i64, _>("require_tpm")? != 0,
-            token: None,
-        });
-    }
-    Ok(ApiJson(out))
+    Ok(ApiJson(rows.iter().map(token_row).collect::<Result<_>>()?))
 }
 
 /// Revoke an enrollment token (ops). Devices already enrolled stay.

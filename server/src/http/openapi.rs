@@ -21,7 +21,7 @@ use crate::http::{
     paths(
         session::login, session::logout, session::me, session::create_user, session::list_users,
         session::set_keyring, session::get_keyring,
-        enrollment::create, enrollment::list, enrollment::revoke,
+        enrollment::create, enrollment::list, enrollment::revoke, enrollment::check,
         releases::upload, releases::list, releases::detail, releases::remove, releases::download_operator,
         devices::list, devices::detail, devices::revoke, devices::set_tags, devices::logs,
         deployments::create, deployments::list, deployments::detail,
