@@ -232,8 +232,49 @@ fn operator_endpoints(f: &Fixture) -> Vec<(Method, String, Option<Value>, bool)>
             false,
         ),
         (Method::GET, "/api/v1/audit".into(), None, false),
+        (
+            Method::GET,
+            "/api/v1/tpm/preauthorizations".into(),
+            None,
+            false,
+        ),
+        (
+            Method::POST,
+            "/api/v1/tpm/preauthorizations".into(),
+            Some(json!({"device_id": "sn-matrix"})),
+            true,
+        ),
+        (
+            Method::DELETE,
+            "/api/v1/tpm/preauthorizations/sn-matrix".into(),
+            None,
+            true,
+        ),
+        (
+            Method::POST,
+            "/api/v1/enrollment-tokens/check".into(),
+            Some(json!({"token": f.enrollment})),
+            true,
+        ),
         // Last: it ends the sessions used above.
         (Method::POST, "/api/v1/logout".into(), None, false),
+    ]
+}
+
+/// Device endpoints of the TPM flow: they answer a device without a TPM
+/// with 409, so only their authentication is in the matrix.
+fn tpm_device_endpoints() -> Vec<(Method, String, Option<Value>)> {
+    vec![
+        (
+            Method::POST,
+            "/api/v1/device/activate".into(),
+            Some(json!({"credential": "00".repeat(32)})),
+        ),
+        (
+            Method::POST,
+            "/api/v1/device/attestation".into(),
+            Some(json!({"version": "1.0.0", "quote": {"attest": "", "signature": "", "pcrs": {}}})),
+        ),
     ]
 }
 
@@ -351,6 +392,24 @@ async fn auth_matrix(h: Arc<Harness>) {
     }
 
     // Device endpoints: unauthenticated, operator token, garbage → 401.
+    for (method, path, body) in tpm_device_endpoints() {
+        for token in [None, Some(h.admin.as_str()), Some("kxd_nonsense")] {
+            let (s, v) = h.call(method.clone(), &path, token, body.clone()).await;
+            assert_eq!(
+                s,
+                StatusCode::UNAUTHORIZED,
+                "{method} {path} with {token:?}: {v}"
+            );
+        }
+        let (s, v) = h
+            .call(method.clone(), &path, Some(&f.credential), body.clone())
+            .await;
+        assert_eq!(
+            s,
+            StatusCode::CONFLICT,
+            "{method} {path} as a device without TPM: {v}"
+        );
+    }
     for (method, path, body) in device_endpoints(&f) {
         for token in [None, Some(h.admin.as_str()), Some("kxd_nonsense")] {
             let (s, v) = h.call(method.clone(), &path, token, body.clone()).await;
@@ -375,7 +434,10 @@ async fn auth_matrix(h: Arc<Harness>) {
         )
         .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
-    for (method, path, body) in device_endpoints(&f) {
+    for (method, path, body) in device_endpoints(&f)
+        .into_iter()
+        .chain(tpm_device_endpoints())
+    {
         let (s, v) = h
             .call(method.clone(), &path, Some(&f.credential), body)
             .await;
