@@ -141,6 +141,7 @@ pub async fn enroll(
                 .bind(&id)
                 .execute(state.store.pool())
                 .await?;
+            state.credentials.forget_device(&id);
             set_link(&state, &id, &link).await?;
             record(&state, &org_id, &req.device_id, "device.re-enroll", &id).await?;
             return Ok((StatusCode::OK, ApiJson(EnrollResponse { id, credential })));
@@ -265,20 +266,11 @@ pub struct DownloadWindow {
     pub not_after_ms: i64,
 }
 
-async fn touch(state: &AppState, device: &Device) -> Result<()> {
-    sqlx::query("UPDATE devices SET last_seen_at = $1 WHERE id = $2")
-        .bind(state.clock.now_ms())
-        .bind(&device.pk)
-        .execute(state.store.pool())
-        .await?;
-    Ok(())
-}
-
 /// Poll for desired state: 200 with the release to install, 204 when there
 /// is nothing to do.
 #[utoipa::path(get, path = "/api/v1/device/poll", responses((status = 200, body = DesiredState), (status = 204), (status = 401)))]
 pub async fn poll(State(state): State<AppState>, device: Device) -> Result<Response> {
-    touch(&state, &device).await?;
+    crate::last_seen::touch(&state, &device.pk).await?;
     if let Some(answer) = crate::rollouts::device::poll(&state, &device).await? {
         return Ok(match answer {
             Some(desired) => ApiJson(desired).into_response(),
@@ -388,18 +380,6 @@ pub async fn heartbeat(
     };
     crate::http::rollouts::check_link(&link)?;
     let now = state.clock.now_ms();
-    let current: String = sqlx::query("SELECT status FROM devices WHERE id = $1")
-        .bind(&device.pk)
-        .fetch_one(state.store.pool())
-        .await?
-        .try_get("status")?;
-    let status = if degraded {
-        "degraded"
-    } else if current == "updating" || current == "reverted" || current == "error" {
-        current.as_str()
-    } else {
-        "online"
-    };
     let inventory = serde_json::to_string(&hb).map_err(|e| Error::Internal(e.into()))?;
     let mut tx = state.store.begin_write().await?;
     sqlx::query(
@@ -415,11 +395,13 @@ pub async fn heartbeat(
     .bind(&inventory)
     .execute(&mut *tx)
     .await?;
+    // Degraded, else an install's status (updating, reverted, error)
+    // stays until its report, else online.
     sqlx::query(
-        "UPDATE devices SET last_seen_at = $1, status = $2, booted_slot = COALESCE($3, booted_slot), primary_slot = COALESCE($4, primary_slot), current_version = COALESCE($5, current_version) WHERE id = $6",
+        "UPDATE devices SET last_seen_at = $1, status = CASE WHEN $2 = 1 THEN 'degraded' WHEN status IN ('updating', 'reverted', 'error') THEN status ELSE 'online' END, booted_slot = COALESCE($3, booted_slot), primary_slot = COALESCE($4, primary_slot), current_version = COALESCE($5, current_version) WHERE id = $6",
     )
     .bind(now)
-    .bind(status)
+    .bind(i64::from(degraded))
     .bind(&hb.booted_slot)
     .bind(&hb.primary_slot)
     .bind(&hb.version)
