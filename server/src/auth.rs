@@ -155,7 +155,8 @@ fn session_cookie(parts: &Parts) -> Option<&str> {
         .find_map(|c| c.trim().strip_prefix(SESSION_COOKIE)?.strip_prefix('='))
 }
 
-fn bearer(parts: &Parts) -> Option<&str> {
+/// The `Authorization: Bearer` token.
+pub(crate) fn bearer(parts: &Parts) -> Option<&str> {
     let value = parts.headers.get(AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme

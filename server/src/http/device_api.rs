@@ -269,41 +269,17 @@ pub struct DownloadWindow {
 /// Poll for desired state: 200 with the release to install, 204 when there
 /// is nothing to do.
 #[utoipa::path(get, path = "/api/v1/device/poll", responses((status = 200, body = DesiredState), (status = 204), (status = 401)))]
-pub async fn poll(State(state): State<AppState>, device: Device) -> Result<Response> {
-    crate::last_seen::touch(&state, &device.pk).await?;
-    if let Some(answer) = crate::rollouts::device::poll(&state, &device).await? {
-        return Ok(match answer {
+pub async fn poll(
+    State(state): State<AppState>,
+    polled: crate::http::device_poll::Polled,
+) -> Result<Response> {
+    crate::last_seen::touch(&state, &polled.device.pk).await?;
+    Ok(
+        match crate::http::device_poll::answer(&state, &polled).await? {
             Some(desired) => ApiJson(desired).into_response(),
             None => StatusCode::NO_CONTENT.into_response(),
-        });
-    }
-    let row = sqlx::query(
-        "SELECT r.id, r.version, r.size, r.sha256, d.current_version FROM devices d JOIN releases r ON r.id = d.desired_release_id WHERE d.id = $1",
+        },
     )
-    .bind(&device.pk)
-    .fetch_optional(state.store.pool())
-    .await?;
-    let Some(row) = row else {
-        return Ok(StatusCode::NO_CONTENT.into_response());
-    };
-    let version: String = row.try_get("version")?;
-    let current: Option<String> = row.try_get("current_version")?;
-    if current.as_deref() == Some(version.as_str()) {
-        return Ok(StatusCode::NO_CONTENT.into_response());
-    }
-    let release_id: String = row.try_get("id")?;
-    Ok(ApiJson(DesiredState {
-        url: format!("/api/v1/device/releases/{release_id}/bundle"),
-        release_id,
-        version,
-        size: row.try_get("size")?,
-        sha256: row.try_get("sha256")?,
-        action: None,
-        rollout_id: None,
-        download_window: None,
-        poll_after_secs: None,
-    })
-    .into_response())
 }
 
 /// Inventory sent with each heartbeat (as `kernex-updater status --json`
