@@ -27,6 +27,7 @@ use tss_esapi::structures::{
 use tss_esapi::tcti_ldr::TctiNameConf;
 use tss_esapi::traits::{Marshall, UnMarshall};
 
+use crate::hex_serde::opt_hex;
 use crate::measure::{MAX_SLOT_PCR, extend};
 use crate::quote::{MAX_NONCE_SIZE, Quote, hex_bytes};
 
@@ -428,32 +429,4 @@ fn pcr_slot(pcr: u8) -> Result<PcrSlot, DeviceError> {
         return Err(DeviceError::PcrIndex { pcr, max: 23 });
     }
     PcrSlot::try_from(1u32 << pcr).map_err(tpm("PCR slot"))
-}
-
-pub(crate) mod opt_hex {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    /// Longest accepted hex string: a 4 KiB certificate.
-    const MAX_HEX: usize = 8192;
-
-    pub fn serialize<S: Serializer>(bytes: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
-        match bytes {
-            Some(b) => s.serialize_some(&hex::encode(b)),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
-        let text = <Option<String>>::deserialize(d)?;
-        text.map(|t| {
-            if t.len() > MAX_HEX {
-                return Err(serde::de::Error::custom(format!(
-                    "hex string of {} characters, more than the limit of {MAX_HEX}",
-                    t.len()
-                )));
-            }
-            hex::decode(t).map_err(serde::de::Error::custom)
-        })
-        .transpose()
-    }
 }

@@ -14,7 +14,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::credential::CredentialChallenge;
-use crate::device::opt_hex;
+use crate::hex_serde::opt_hex;
 use crate::quote::hex_bytes;
 
 /// A device's TPM identity, sent at enrollment.

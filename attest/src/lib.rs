@@ -14,7 +14,9 @@
 //! See attest/README.md for the protocol, the PCR map and the figures.
 
 pub mod credential;
+#[cfg(feature = "device")]
 pub mod device;
+mod hex_serde;
 pub mod identity;
 pub mod measure;
 pub mod public;
@@ -22,6 +24,7 @@ pub mod quote;
 mod wire;
 
 pub use credential::{ActivationError, CredentialChallenge};
+#[cfg(feature = "device")]
 pub use device::{AkBlob, DeviceError, Endorsement, Tpm};
 pub use identity::{Activation, TpmIdentity};
 pub use measure::{DEFAULT_SLOT_PCR, expected_slot_pcr, extend, slot_measurement};

@@ -58,6 +58,9 @@ pub struct Config {
     /// Lifetime of the scheduler lease, seconds: another replica takes
     /// over this long after the holder stops renewing it.
     pub scheduler_lease_secs: u64,
+    /// An attestation older than this is shown as stale, and the device is
+    /// asked for a fresh quote after half of it.
+    pub attestation_max_age_secs: u64,
     /// A manual server clock, stepped through `POST /api/v1/test/clock`,
     /// for the fleet simulator and tests. Never enable in production.
     pub test_clock: bool,
@@ -89,6 +92,7 @@ impl Default for Config {
             admin_email: "admin@localhost".into(),
             scheduler_interval_ms: 5000,
             scheduler_lease_secs: 15,
+            attestation_max_age_secs: 24 * 3600,
             test_clock: false,
         }
     }

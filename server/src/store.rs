@@ -29,6 +29,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "rollouts",
         include_str!("../migrations/0004_rollouts.sql"),
     ),
+    (
+        5,
+        "attestation",
+        include_str!("../migrations/0005_attestation.sql"),
+    ),
 ];
 
 /// Which database is behind the pool.

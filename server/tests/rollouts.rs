@@ -51,32 +51,17 @@ where
     F: FnOnce(Arc<Harness>) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let h = Arc::new(
-        Harness::with_config(db, |c| {
+    common::run_with(
+        db,
+        |c| {
             c.test_clock = true;
             c.device_requests_per_minute = 0;
             c.user_requests_per_minute = 0;
             c.scheduler_interval_ms = 0;
-        })
-        .await,
-    );
-    let outcome = tokio::spawn(body(h.clone())).await;
-    let mut h = h;
-    for _ in 0..400 {
-        match Arc::try_unwrap(h) {
-            Ok(owned) => {
-                owned.finish().await;
-                break;
-            }
-            Err(shared) => {
-                h = shared;
-                tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-            }
-        }
-    }
-    if let Err(e) = outcome {
-        std::panic::resume_unwind(e.into_panic());
-    }
+        },
+        body,
+    )
+    .await
 }
 
 fn releases(h: &Harness) -> MadeReleases {

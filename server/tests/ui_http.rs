@@ -753,11 +753,24 @@ async fn rollouts_through_the_pages(h: Arc<Harness>) {
     let (s, _, page) = post_owned(&h, &ui, "/ui/rollouts/preview", half_window).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert!(page.contains("Maintenance window"));
-    // Create, then start, pause, resume, abort.
-    let (s, hd, page) = post_owned(&h, &ui, "/ui/rollouts", fields("1, 100%")).await;
+    // Create (requiring attestation), then start, pause, resume, abort.
+    let mut attested = fields("1, 100%");
+    attested.push(("require_attestation", "1".into()));
+    let (s, hd, page) = post_owned(&h, &ui, "/ui/rollouts", attested).await;
     assert_eq!(s, StatusCode::SEE_OTHER, "{page}");
     let location = hd.get("location").unwrap().to_str().unwrap().to_string();
     let id = location.rsplit('/').next().unwrap().to_string();
+    let (_, api) = h
+        .call(
+            Method::GET,
+            &format!("/api/v1/rollouts/{id}"),
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    for wave in api["spec"]["waves"].as_array().unwrap() {
+        assert_eq!(wave["gates"]["require_attestation"], true, "{api}");
+    }
     let (s, page) = get(&h, &ui, &location).await;
     assert_eq!(s, StatusCode::OK);
     assert!(

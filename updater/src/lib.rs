@@ -8,6 +8,8 @@
 //! makes the clone resumable after `kill -9` or a power cut. See
 //! `updater/README.md`.
 
+#[cfg(feature = "tpm")]
+pub mod attest;
 pub mod boot;
 pub mod cli;
 pub mod config;

@@ -31,6 +31,10 @@ pub struct Status {
     pub link: LinkStatus,
     /// The health watchdog's last decision.
     pub health: Option<crate::health::HealthRecord>,
+    /// The watchdog's last revert (kept when a later decision replaces it
+    /// in `health`, e.g. the old slot committed after the revert).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_revert: Option<crate::health::HealthRecord>,
     /// The daemon's link to the control plane (`[server]` configured).
     pub server: Option<ServerStatus>,
 }
@@ -171,6 +175,7 @@ pub fn status(config: &SystemConfig, flow: &mut dyn BootFlow) -> Result<Status, 
         pending_install,
         last_install: data.last_install()?,
         health: crate::health::last_record(&data)?,
+        last_revert: crate::health::last_revert(&data)?,
         server: match &config.server {
             Some(server) => Some(server_status(&data, &server.url)?),
             None => None,
@@ -287,6 +292,17 @@ impl std::fmt::Display for Status {
                 f,
                 "health        {:?} slot {}: {}",
                 h.outcome, h.slot, h.reason
+            )?;
+        }
+        if let Some(r) = &self.last_revert
+            && self.health.as_ref() != Some(r)
+        {
+            writeln!(
+                f,
+                "last revert   slot {} ({}): {}",
+                r.slot,
+                r.version.as_deref().unwrap_or("no recorded release"),
+                r.reason
             )?;
         }
         if let Some(server) = &self.server {

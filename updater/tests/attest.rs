@@ -160,9 +160,9 @@ fn enroll_install_reboot_measure_and_quote_attests_the_running_release() {
             .to_lowercase()
             .contains(&expected_b[&PCR].to_hex())
     );
-    // Once per boot.
-    let err = sim.err(&["attest", "measure"]);
-    assert!(err.contains("already extended"), "{err}");
+    // Once per boot: a second run finds its own measurement and leaves it.
+    let again = sim.ok(&["attest", "measure"]);
+    assert!(again.contains("already measured"), "{again}");
 
     // The server's nonce, the device's quote: committed release attested.
     let n = nonce();
@@ -192,6 +192,14 @@ fn enroll_install_reboot_measure_and_quote_attests_the_running_release() {
         other => panic!("expected a PCR mismatch, got {other:?}"),
     }
     verify_quote(&ak, &quote, &n, &sim.expected(Slot::A)).unwrap();
+    // A PCR holding anything else than this one measurement is refused:
+    // extending over it would match no release.
+    sim.tpm.tool(
+        "tpm2_pcrextend",
+        &[&format!("{PCR}:sha256={}", "ab".repeat(32))],
+    );
+    let err = sim.err(&["attest", "measure"]);
+    assert!(err.contains("already extended"), "{err}");
 }
 
 #[test]

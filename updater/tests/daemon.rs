@@ -10,6 +10,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
+#[path = "../../attest/tests/common/mod.rs"]
+mod swtpm;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -32,6 +34,13 @@ struct ControlPlane {
 
 impl ControlPlane {
     fn start(keys: &Keys) -> ControlPlane {
+        Self::start_with(keys, |_| {})
+    }
+
+    fn start_with(
+        keys: &Keys,
+        edit: impl FnOnce(&mut kernex_server::config::Config) + Send + 'static,
+    ) -> ControlPlane {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("server");
         let (tx, rx) = std::sync::mpsc::channel();
@@ -42,7 +51,7 @@ impl ControlPlane {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let config = kernex_server::config::Config {
+                let mut config = kernex_server::config::Config {
                     data_dir,
                     // A simulated device polls every second.
                     device_requests_per_minute: 0,
@@ -50,6 +59,7 @@ impl ControlPlane {
                     scheduler_interval_ms: 300,
                     ..kernex_server::config::Config::default()
                 };
+                edit(&mut config);
                 let state = kernex_server::AppState::open(config).await.unwrap();
                 tokio::spawn(kernex_server::rollouts::scheduler::run(state.clone()));
                 let admin = kernex_server::bootstrap(&state).await.unwrap().unwrap();
@@ -568,6 +578,8 @@ fn offline_device_keeps_its_assignment_and_delivers_in_order() {
             hardware_class: "qemu-aarch64",
             hardware_metadata: serde_json::Map::new(),
             tags: &[],
+            tpm: None,
+            tpm_slot_pcr: None,
         })
         .unwrap();
     let done = outbox.deliver(&client, &enrolled.credential).unwrap();
@@ -758,4 +770,85 @@ fn rollout_then_rollback_through_the_scheduler() {
         dev.log()
     );
     assert_eq!(dev.status()["booted-slot"], "B", "{v}");
+}
+
+/// `kernex-updater daemon` with a TPM (swtpm): it enrolls through
+/// credential activation under a TPM-only token, measures the booted slot
+/// at every (simulated) boot, and answers the server's nonces with quotes:
+/// the committed release shows "committed · attested". Then the slot PCR is
+/// made to hold another image's measurement (what a boot loader measuring
+/// a swapped rootfs would extend): the next quote shows the mismatch.
+#[test]
+fn daemon_with_a_tpm_is_committed_and_attested() {
+    let keys = keys();
+    // Quotes go stale after 4 s, so the device is asked again every 2 s.
+    let cp = ControlPlane::start_with(&keys, |c| c.attestation_max_age_secs = 4);
+    let v1_img = image(2 * MIB, 1);
+    let r1 = cp.upload(&bundle(&v1_img, "1.0.0", &keys.signer).bytes);
+    let (s, v) = cp.op(
+        "POST",
+        "/api/v1/enrollment-tokens",
+        Some(json!({"label": "tpm line", "require_tpm": true})),
+    );
+    assert_eq!(s, 201, "{v}");
+    let token = v["token"].as_str().unwrap().to_string();
+
+    let tpm = swtpm::Swtpm::start();
+    let mut dev = SimDevice::new(&keys, &image(2 * MIB, 9), &cp.url, &token, "tpm-1");
+    // A simulated reboot power-cycles the TPM: PCRs back to zero.
+    let power_cycle = dev.dev.path("power-cycle.sh");
+    std::fs::write(
+        &power_cycle,
+        format!(
+            "#!/bin/sh\nset -e\nswtpm_ioctl --tcp 127.0.0.1:{} -i\nTPM2TOOLS_TCTI='{}' tpm2_startup -c\n",
+            tpm.port + 1,
+            tpm.tcti()
+        ),
+    )
+    .unwrap();
+    let config = std::fs::read_to_string(&dev.dev.config).unwrap().replace(
+        "reboot-command = [\"true\"]",
+        &format!("reboot-command = [\"sh\", \"{}\"]", power_cycle.display()),
+    ) + &format!("[tpm]\ntcti = \"{}\"\n", tpm.tcti());
+    std::fs::write(&dev.dev.config, config).unwrap();
+    dev.start();
+
+    let d = wait_for("TPM enrollment", &dev, Duration::from_secs(60), || {
+        cp.device("tpm-1")
+            .filter(|d| d["attestation"]["state"] == "pending")
+    });
+    let id = d["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        d["attestation"]["ek_fingerprint"].as_str().unwrap().len(),
+        64
+    );
+
+    cp.deploy(&r1, &id);
+    let d = wait_for(
+        "1.0.0 committed and attested",
+        &dev,
+        Duration::from_secs(90),
+        || {
+            cp.device("tpm-1").filter(|d| {
+                d["current_version"] == "1.0.0"
+                    && d["status"] == "online"
+                    && d["attestation"]["state"] == "attested"
+            })
+        },
+    );
+    assert_eq!(d["attestation"]["version"], "1.0.0", "{d}");
+    assert!(dev.log().contains("booted slot measured"), "{}", dev.log());
+
+    // Another image's measurement in the slot PCR.
+    tpm.tool(
+        "tpm2_pcrextend",
+        &[&format!("14:sha256={}", "5a".repeat(32))],
+    );
+    let d = wait_for("the mismatch", &dev, Duration::from_secs(30), || {
+        cp.device("tpm-1")
+            .filter(|d| d["attestation"]["state"] == "mismatch")
+    });
+    let reason = d["attestation"]["reason"].as_str().unwrap();
+    assert!(reason.starts_with("PCR 14 is "), "{reason}");
+    assert!(reason.contains("release 1.0.0 expects"), "{reason}");
 }

@@ -159,6 +159,27 @@ fn crash_looping_agent_is_reverted_and_the_reason_reaches_status() {
     assert_eq!(status["health"]["outcome"], "reverted", "{status}");
     assert_eq!(status["health"]["reason"], reason);
     assert_eq!(status["health"]["slot"], "B");
+
+    // The old slot boots with an attempt counted; its own watchdog run
+    // commits it. The revert and its reason stay visible.
+    let config = std::fs::read_to_string(dev.config())
+        .unwrap()
+        .replace("booted-slot = \"B\"", "booted-slot = \"A\"");
+    let config = config[..config.find("[health]").unwrap()].to_string()
+        + "[health]\ndeadline = 10\nstability-window = 0\n[[health.checks]]\ntype = \"command\"\ncommand = [\"true\"]\n";
+    std::fs::write(dev.config(), config).unwrap();
+    dev.flow().set_try_next(Slot::A, 2).unwrap();
+    let (out, _) = dev.health_run();
+    assert_eq!(out["outcome"], "committed", "{out}");
+    let status = dev.status();
+    assert_eq!(status["health"]["outcome"], "committed", "{status}");
+    assert_eq!(status["health"]["slot"], "A");
+    assert_eq!(status["last-revert"]["outcome"], "reverted", "{status}");
+    assert_eq!(status["last-revert"]["reason"], reason);
+    assert_eq!(status["last-revert"]["slot"], "B");
+    let human = dev.cmd(&["status"]).output().unwrap();
+    let human = String::from_utf8_lossy(&human.stdout);
+    assert!(human.contains("last revert   slot B"), "{human}");
 }
 
 #[test]

@@ -14,6 +14,9 @@ use utoipa::ToSchema;
 use crate::AppState;
 use crate::audit;
 use crate::auth::Device;
+use crate::http::attestation::{
+    NONCE_HEADER, TokenPolicy, check_enrollment, poll_nonce, store_activation,
+};
 use crate::http::enrollment::check_tags;
 use crate::http::{ApiJson, Error, Result};
 use crate::store::{new_id, new_secret, now_ms, secret_hash};
@@ -27,6 +30,7 @@ pub fn router() -> Router<AppState> {
         .route("/report", post(report))
         .route("/logs", post(logs))
         .route("/releases/{id}/bundle", get(download))
+        .merge(crate::http::attestation::device_router())
 }
 
 /// Enrollment request.
@@ -55,6 +59,15 @@ pub struct EnrollRequest {
     /// IANA time zone, e.g. Europe/Berlin (maintenance windows).
     #[serde(default)]
     pub time_zone: Option<String>,
+    /// The device's TPM identity (`kernex-updater attest identity`): EK,
+    /// its certificate, AK. The answer carries a credential-activation
+    /// challenge for `POST /device/activate`.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub tpm: Option<kernex_attest::TpmIdentity>,
+    /// The PCR the device extends its slot measurement into (default 14).
+    #[serde(default)]
+    pub tpm_slot_pcr: Option<u8>,
 }
 
 /// Enrollment result. The credential is shown only here.
@@ -64,9 +77,15 @@ pub struct EnrollResponse {
     pub id: String,
     /// The device credential: `Authorization: Bearer <credential>`.
     pub credential: String,
+    /// With a TPM identity: the challenge to answer with
+    /// TPM2_ActivateCredential (`id-object`, `encrypted-secret`, hex).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub activation: Option<kernex_attest::Activation>,
 }
 
-fn check_name(what: &str, v: &str) -> Result<()> {
+/// Validates an identifier: 1-128 characters of `[A-Za-z0-9._:-]`.
+pub fn check_name(what: &str, v: &str) -> Result<()> {
     let ok = !v.is_empty()
         && v.len() <= 128
         && v.chars()
@@ -99,7 +118,7 @@ pub async fn enroll(
     };
     crate::http::rollouts::check_link(&link)?;
     let token = sqlx::query(
-        "SELECT id, org_id, tags FROM enrollment_tokens WHERE token_hash = $1 AND revoked = 0 AND (expires_at IS NULL OR expires_at > $2)",
+        "SELECT id, org_id, tags, require_preauthorization, require_tpm FROM enrollment_tokens WHERE token_hash = $1 AND revoked = 0 AND (expires_at IS NULL OR expires_at > $2)",
     )
     .bind(secret_hash(&req.enrollment_token))
     .bind(now_ms())
@@ -109,6 +128,10 @@ pub async fn enroll(
     let token_id: String = token.try_get("id")?;
     let org_id: String = token.try_get("org_id")?;
     let token_tags: String = token.try_get("tags")?;
+    let policy = TokenPolicy {
+        require_preauthorization: token.try_get::<i64, _>("require_preauthorization")? != 0,
+        require_tpm: token.try_get::<i64, _>("require_tpm")? != 0,
+    };
     let mut tags: Vec<String> = serde_json::from_str(&token_tags).unwrap_or_default();
     tags.extend(req.tags.iter().cloned());
     tags.sort();
@@ -118,7 +141,7 @@ pub async fn enroll(
     let now = now_ms();
     for _ in 0..3 {
         let existing = sqlx::query(
-            "SELECT id, enrollment_token_id, revoked FROM devices WHERE org_id = $1 AND device_id = $2",
+            "SELECT id, enrollment_token_id, revoked, ek_fingerprint FROM devices WHERE org_id = $1 AND device_id = $2",
         )
         .bind(&org_id)
         .bind(&req.device_id)
@@ -136,6 +159,17 @@ pub async fn enroll(
             if row.try_get::<i64, _>("revoked")? != 0 {
                 return Err(Error::Forbidden);
             }
+            let bound: Option<String> = row.try_get("ek_fingerprint")?;
+            let check = check_enrollment(
+                &state,
+                &org_id,
+                &req.device_id,
+                policy,
+                req.tpm.as_ref(),
+                req.tpm_slot_pcr,
+                bound.as_deref(),
+            )
+            .await?;
             sqlx::query("UPDATE devices SET credential_hash = $1 WHERE id = $2 AND revoked = 0")
                 .bind(secret_hash(&credential))
                 .bind(&id)
@@ -143,9 +177,27 @@ pub async fn enroll(
                 .await?;
             state.credentials.forget_device(&id);
             set_link(&state, &id, &link).await?;
+            let activation = store_activation(&state, &id, &check).await?;
             record(&state, &org_id, &req.device_id, "device.re-enroll", &id).await?;
-            return Ok((StatusCode::OK, ApiJson(EnrollResponse { id, credential })));
+            return Ok((
+                StatusCode::OK,
+                ApiJson(EnrollResponse {
+                    id,
+                    credential,
+                    activation,
+                }),
+            ));
         }
+        let check = check_enrollment(
+            &state,
+            &org_id,
+            &req.device_id,
+            policy,
+            req.tpm.as_ref(),
+            req.tpm_slot_pcr,
+            None,
+        )
+        .await?;
         let id = new_id()?;
         let mut tx = state.store.begin_write().await?;
         let inserted = sqlx::query(
@@ -177,10 +229,15 @@ pub async fn enroll(
         }
         tx.commit().await?;
         set_link(&state, &id, &link).await?;
+        let activation = store_activation(&state, &id, &check).await?;
         record(&state, &org_id, &req.device_id, "device.enroll", &id).await?;
         return Ok((
             StatusCode::CREATED,
-            ApiJson(EnrollResponse { id, credential }),
+            ApiJson(EnrollResponse {
+                id,
+                credential,
+                activation,
+            }),
         ));
     }
     Err(Error::Conflict("enrollment raced; retry".into()))
@@ -267,19 +324,30 @@ pub struct DownloadWindow {
 }
 
 /// Poll for desired state: 200 with the release to install, 204 when there
-/// is nothing to do.
-#[utoipa::path(get, path = "/api/v1/device/poll", responses((status = 200, body = DesiredState), (status = 204), (status = 401)))]
+/// is nothing to do. A device bound to a TPM whose attestation is missing,
+/// old or for another version also gets a fresh quote nonce in the
+/// `Kernex-Attestation-Nonce` header, to answer at `POST /device/attestation`.
+#[utoipa::path(get, path = "/api/v1/device/poll", responses(
+    (status = 200, body = DesiredState, headers(("kernex-attestation-nonce" = String, description = "hex nonce to quote"))),
+    (status = 204, headers(("kernex-attestation-nonce" = String, description = "hex nonce to quote"))),
+    (status = 401),
+    (status = 403, description = "the device must complete TPM credential activation first")))]
 pub async fn poll(
     State(state): State<AppState>,
     polled: crate::http::device_poll::Polled,
 ) -> Result<Response> {
     crate::last_seen::touch(&state, &polled.device.pk).await?;
-    Ok(
-        match crate::http::device_poll::answer(&state, &polled).await? {
-            Some(desired) => ApiJson(desired).into_response(),
-            None => StatusCode::NO_CONTENT.into_response(),
-        },
-    )
+    let nonce = poll_nonce(&state, &polled.device).await?;
+    let mut response = match crate::http::device_poll::answer(&state, &polled).await? {
+        Some(desired) => ApiJson(desired).into_response(),
+        None => StatusCode::NO_CONTENT.into_response(),
+    };
+    if let Some(nonce) = nonce
+        && let Ok(value) = axum::http::HeaderValue::from_str(&nonce)
+    {
+        response.headers_mut().insert(NONCE_HEADER, value);
+    }
+    Ok(response)
 }
 
 /// Inventory sent with each heartbeat (as `kernex-updater status --json`
@@ -604,6 +672,7 @@ pub async fn download(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response> {
+    crate::http::attestation::check_served(&state, &device).await?;
     let response =
         crate::http::releases::serve_bundle(&state, &device.org_id, &id, &headers).await?;
     if response.status().is_success()

@@ -73,13 +73,15 @@ pub struct Device {
     /// Hardware metadata given at enrollment.
     #[schema(value_type = Object)]
     pub hardware_metadata: serde_json::Value,
+    /// TPM attestation of the running image.
+    pub attestation: crate::http::attestation::AttestationView,
     /// The latest heartbeat's inventory (detail only).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub inventory: Option<serde_json::Value>,
 }
 
-const SELECT: &str = "SELECT d.id, d.device_id, d.hardware_class, d.hardware_metadata, d.current_version, d.desired_release_id, r.version AS desired_version, d.booted_slot, d.primary_slot, d.status, d.status_reason, d.revoked, d.last_seen_at, d.registered_at FROM devices d LEFT JOIN releases r ON r.id = d.desired_release_id";
+const SELECT: &str = "SELECT d.id, d.device_id, d.hardware_class, d.hardware_metadata, d.current_version, d.desired_release_id, r.version AS desired_version, d.booted_slot, d.primary_slot, d.status, d.status_reason, d.revoked, d.last_seen_at, d.registered_at, d.attestation, d.attestation_reason, d.attested_version, d.attested_at, d.ek_fingerprint FROM devices d LEFT JOIN releases r ON r.id = d.desired_release_id";
 
 async fn device(state: &AppState, r: &sqlx::any::AnyRow) -> Result<Device> {
     let id: String = r.try_get("id")?;
@@ -114,6 +116,7 @@ async fn device(state: &AppState, r: &sqlx::any::AnyRow) -> Result<Device> {
         last_seen_at,
         registered_at: r.try_get("registered_at")?,
         hardware_metadata: serde_json::from_str(&meta).unwrap_or_default(),
+        attestation: crate::http::attestation::view(state, r)?,
         inventory: None,
     })
 }

@@ -32,6 +32,14 @@ pub struct NewEnrollmentToken {
     pub tags: Vec<String>,
     /// Expiry, unix ms (none: never).
     pub expires_at: Option<i64>,
+    /// Accept only devices the factory line pre-authorised
+    /// (`POST /api/v1/tpm/preauthorizations`).
+    #[serde(default)]
+    pub require_preauthorization: bool,
+    /// Accept only devices that enroll with a TPM identity and complete
+    /// credential activation.
+    #[serde(default)]
+    pub require_tpm: bool,
 }
 
 /// An enrollment token (the secret only in the creation response).
@@ -49,6 +57,10 @@ pub struct EnrollmentToken {
     pub expires_at: Option<i64>,
     /// Revoked.
     pub revoked: bool,
+    /// Only pre-authorised devices.
+    pub require_preauthorization: bool,
+    /// Only devices with a TPM.
+    pub require_tpm: bool,
     /// The secret: returned once, at creation.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
@@ -91,7 +103,7 @@ pub async fn create(
         let token = new_secret("kxe")?;
         let now = now_ms();
         sqlx::query(
-            "INSERT INTO enrollment_tokens (id, org_id, token_hash, label, tags, created_by, created_at, expires_at, revoked) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0)",
+            "INSERT INTO enrollment_tokens (id, org_id, token_hash, label, tags, created_by, created_at, expires_at, revoked, require_preauthorization, require_tpm) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, $9, $10)",
         )
         .bind(&id)
         .bind(&op.org_id)
@@ -101,6 +113,8 @@ pub async fn create(
         .bind(&op.user_id)
         .bind(now)
         .bind(req.expires_at)
+        .bind(i64::from(req.require_preauthorization))
+        .bind(i64::from(req.require_tpm))
         .execute(state.store.pool())
         .await?;
         let target = format!("enrollment_token:{id}");
@@ -114,6 +128,8 @@ pub async fn create(
                     created_at: now,
                     expires_at: req.expires_at,
                     revoked: false,
+                    require_preauthorization: req.require_preauthorization,
+                    require_tpm: req.require_tpm,
                     token: Some(token),
                 }),
             ),
@@ -130,7 +146,7 @@ pub async fn list(
     op: Operator,
 ) -> Result<ApiJson<Vec<EnrollmentToken>>> {
     let rows = sqlx::query(
-        "SELECT id, label, tags, created_at, expires_at, revoked FROM enrollment_tokens WHERE org_id = $1 ORDER BY created_at DESC",
+        "SELECT id, label, tags, created_at, expires_at, revoked, require_preauthorization, require_tpm FROM enrollment_tokens WHERE org_id = $1 ORDER BY created_at DESC",
     )
     .bind(&op.org_id)
     .fetch_all(state.store.pool())
@@ -145,6 +161,8 @@ pub async fn list(
             created_at: r.try_get("created_at")?,
             expires_at: r.try_get("expires_at")?,
             revoked: r.try_get::<i64, _>("revoked")? != 0,
+            require_preauthorization: r.try_get::<i64, _>("require_preauthorization")? != 0,
+            require_tpm: r.try_get::<i64, _>("require_tpm")? != 0,
             token: None,
         });
     }

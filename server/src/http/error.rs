@@ -17,6 +17,9 @@ pub enum Error {
     Unauthorized,
     /// 403: authenticated, but the role does not allow this.
     Forbidden,
+    /// 403: refused by a policy, with the reason (e.g. the device's TPM is
+    /// not the pre-authorised one).
+    Refused(String),
     /// 404: no such resource (in the caller's organisation).
     NotFound(&'static str),
     /// 409: conflicts with existing state.
@@ -41,7 +44,7 @@ impl Error {
         match self {
             Error::BadRequest(_) => StatusCode::BAD_REQUEST,
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
-            Error::Forbidden => StatusCode::FORBIDDEN,
+            Error::Forbidden | Error::Refused(_) => StatusCode::FORBIDDEN,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -56,7 +59,10 @@ impl Error {
     pub fn summary(&self) -> String {
         let status = self.status().as_u16();
         match self {
-            Error::BadRequest(d) | Error::Conflict(d) | Error::Unprocessable(d) => {
+            Error::BadRequest(d)
+            | Error::Conflict(d)
+            | Error::Unprocessable(d)
+            | Error::Refused(d) => {
                 format!("{status} {d}")
             }
             Error::NotFound(what) => format!("{status} {what}"),
@@ -73,6 +79,7 @@ impl Error {
             Error::Forbidden => {
                 json!({"error": "forbidden", "detail": "your role does not allow this"})
             }
+            Error::Refused(d) => json!({"error": "forbidden", "detail": d}),
             Error::NotFound(what) => json!({"error": "not found", "detail": what}),
             Error::Conflict(d) => json!({"error": "conflict", "detail": d}),
             Error::TooLarge(0) => {

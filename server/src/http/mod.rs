@@ -1,6 +1,7 @@
 //! The HTTP API. `app(state)` builds the whole router without a socket, so
 //! tests drive it with `tower::ServiceExt::oneshot`.
 
+pub mod attestation;
 pub mod audit_log;
 pub mod deployments;
 pub mod device_api;
@@ -39,6 +40,7 @@ pub fn app(state: AppState) -> Router {
         .merge(deployments::router())
         .merge(rollouts::router())
         .merge(audit_log::router())
+        .merge(attestation::router())
         .merge(openapi::router())
         .nest("/device", device_api::router());
     Router::new()

@@ -8,7 +8,8 @@ use utoipa::{Modify, OpenApi};
 
 use crate::AppState;
 use crate::http::{
-    audit_log, deployments, device_api, devices, enrollment, releases, rollouts, session,
+    attestation, audit_log, deployments, device_api, devices, enrollment, releases, rollouts,
+    session,
 };
 
 /// The API description.
@@ -30,6 +31,8 @@ use crate::http::{
         rollouts::samples, rollouts::egress, rollouts::set_link, rollouts::get_clock, rollouts::set_clock,
         device_api::enroll, device_api::poll, device_api::heartbeat, device_api::report,
         device_api::logs, device_api::download,
+        attestation::preauthorize, attestation::list_preauthorizations,
+        attestation::remove_preauthorization, attestation::activate, attestation::attestation,
     )
 )]
 pub struct ApiDoc;

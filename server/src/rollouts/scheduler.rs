@@ -121,11 +121,23 @@ struct Counts {
     committed: i64,
     errors: i64,
     settled: i64,
+    /// Committed, waiting for a quote (the attestation gate).
+    unattested: i64,
 }
 
-async fn wave_counts(tx: &mut Tx, id: &str, wave: i64, offline_before: i64) -> Result<Counts> {
+/// Counts a wave's outcomes. With `attested_version` (the attestation
+/// gate), a committed device counts once a verified quote for that version
+/// says `attested`, as an error when it says `mismatch`, and not yet
+/// otherwise.
+async fn wave_counts(
+    tx: &mut Tx,
+    id: &str,
+    wave: i64,
+    offline_before: i64,
+    attested_version: Option<&str>,
+) -> Result<Counts> {
     let rows = sqlx::query(
-        "SELECT rd.state, rd.active, d.last_seen_at FROM rollout_devices rd JOIN devices d ON d.id = rd.device_pk WHERE rd.rollout_id = $1 AND rd.wave = $2",
+        "SELECT rd.state, rd.active, d.last_seen_at, d.attestation, d.attested_version FROM rollout_devices rd JOIN devices d ON d.id = rd.device_pk WHERE rd.rollout_id = $1 AND rd.wave = $2",
     )
     .bind(id)
     .bind(wave)
@@ -136,13 +148,33 @@ async fn wave_counts(tx: &mut Tx, id: &str, wave: i64, offline_before: i64) -> R
         committed: 0,
         errors: 0,
         settled: 0,
+        unattested: 0,
     };
     for r in rows {
         let s: String = r.try_get("state")?;
         let active: i64 = r.try_get("active")?;
         let seen: Option<i64> = r.try_get("last_seen_at")?;
         c.size += 1;
+        let quote = match attested_version {
+            Some(want) => {
+                let quoted: Option<String> = r.try_get("attested_version")?;
+                let verdict: String = r.try_get("attestation")?;
+                Some(if quoted.as_deref() == Some(want) {
+                    verdict
+                } else {
+                    "none".into()
+                })
+            }
+            None => None,
+        };
         match s.as_str() {
+            "committed" if quote.as_deref().is_some_and(|q| q == "mismatch") => {
+                c.errors += 1;
+                c.settled += 1;
+            }
+            "committed" if quote.as_deref().is_some_and(|q| q != "attested") => {
+                c.unattested += 1;
+            }
             "committed" => {
                 c.committed += 1;
                 c.settled += 1;
@@ -227,6 +259,14 @@ pub async fn set_status(
     Ok(())
 }
 
+async fn release_version(tx: &mut Tx, release_id: &str) -> Result<String> {
+    Ok(sqlx::query("SELECT version FROM releases WHERE id = $1")
+        .bind(release_id)
+        .fetch_one(&mut **tx)
+        .await?
+        .try_get("version")?)
+}
+
 async fn step(state: &AppState, id: &str, now: i64) -> Result<()> {
     let mut tx = state.store.begin_write().await?;
     let Some(row) = sqlx::query(
@@ -267,7 +307,19 @@ async fn step(state: &AppState, id: &str, now: i64) -> Result<()> {
     while wave < n_waves {
         let w = usize::try_from(wave)?;
         let gates = spec.waves[w].gates;
-        let c = wave_counts(&mut tx, id, wave, offline_before).await?;
+        let attested_version = if gates.require_attestation {
+            Some(release_version(&mut tx, &spec.release_id).await?)
+        } else {
+            None
+        };
+        let c = wave_counts(
+            &mut tx,
+            id,
+            wave,
+            offline_before,
+            attested_version.as_deref(),
+        )
+        .await?;
         let error_rate = if c.size > 0 {
             c.errors as f64 / c.size as f64
         } else {
@@ -304,6 +356,18 @@ async fn step(state: &AppState, id: &str, now: i64) -> Result<()> {
             break;
         }
         if c.settled < c.size {
+            if c.unattested > 0 {
+                let reason = format!(
+                    "waiting: {} committed device(s) of wave {} have no TPM quote for this release yet (the wave requires attestation)",
+                    c.unattested,
+                    wave + 1
+                );
+                sqlx::query("UPDATE rollouts SET status_reason = $1 WHERE id = $2")
+                    .bind(&reason)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             if settled_at.is_some() {
                 sqlx::query("UPDATE rollouts SET wave_settled_at = NULL WHERE id = $1")
                     .bind(id)

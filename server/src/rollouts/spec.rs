@@ -83,6 +83,10 @@ pub struct Gates {
     /// Promote only when at least this share of the wave committed
     /// (devices that stay offline hold promotion back below it).
     pub promote_min_committed: f64,
+    /// Count a device as committed only once a TPM quote proved it runs
+    /// the release ("committed and attested"); a quote showing another
+    /// image counts as a failure. Devices without a TPM never settle.
+    pub require_attestation: bool,
 }
 
 impl Default for Gates {
@@ -91,6 +95,7 @@ impl Default for Gates {
             promote_max_error_rate: 0.01,
             rollback_error_rate: 0.05,
             promote_min_committed: 0.9,
+            require_attestation: false,
         }
     }
 }

@@ -149,6 +149,7 @@ fn device_table(list: &[&Device]) -> Markup {
                             td { a href={ "/ui/devices/" (d.id) } { (d.device_id) } }
                             td {
                                 @if d.revoked { (status_badge("revoked")) } @else { (status_badge(&d.status)) }
+                                @if d.attestation.state != "unattested" { " " (status_badge(&d.attestation.state)) }
                                 @if let Some(r) = &d.status_reason { br; span.small { (r) } }
                             }
                             td { (d.current_version.as_deref().unwrap_or("—"))
@@ -383,7 +384,17 @@ async fn device_live_body(state: &AppState, s: &Session, d: &Device) -> UiResult
             dt { "Assigned" } dd { (d.desired_version.as_deref().unwrap_or("—")) }
             dt { "Booted slot" } dd { (d.booted_slot.as_deref().unwrap_or("unknown")) }
             dt { "Primary slot" } dd { (d.primary_slot.as_deref().unwrap_or("unknown")) }
-            dt { "Attestation" } dd { span.badge.neutral { "unattested" } " " span.small { "(no TPM quote verified)" } }
+            dt { "Attestation" } dd { (status_badge(&d.attestation.state))
+                @match d.attestation.state.as_str() {
+                    "unattested" => { " " span.small { "(no TPM bound to this device)" } }
+                    "pending" => { " " span.small { "(TPM bound, no quote verified yet)" } }
+                    _ => {
+                        @if let Some(v) = &d.attestation.version { " " span.small { "quote for " (v) } }
+                        @if let Some(t) = d.attestation.at { " " span.small title=(format::time(t)) { (format::ago(t)) } }
+                    }
+                }
+                @if let Some(r) = &d.attestation.reason { br; span.small { (r) } }
+                @if let Some(ek) = &d.attestation.ek_fingerprint { br; span.small { "EK " code { (ek) } } } }
             dt { "Last seen" } dd { @match d.last_seen_at { Some(t) => { (format::time(t)) " (" (format::ago(t)) ")" }, None => "never" } }
             @for (label, v) in &facts { dt { (label) } dd { (v) } }
         }

@@ -318,15 +318,14 @@ pub fn heading(title: &str, subtitle: Option<Markup>) -> Markup {
 /// A status badge.
 pub fn status_badge(status: &str) -> Markup {
     let class = match status {
-        "online" | "committed" | "success" | "ok" | "done" | "completed" => "good",
+        "online" | "committed" | "success" | "ok" | "done" | "completed" | "attested" => "good",
         "updating" | "downloading" | "installed" | "rebooted" | "rebooting" | "assigned"
         | "in_progress" | "pending" | "running" | "current" | "scheduled" | "rolling_back" => {
             "busy"
         }
-        "degraded" | "offline" | "paused" | "expired" => "warn",
-        "reverted" | "error" | "failed" | "rolled_back" | "revoked" | "unstable" | "aborted" => {
-            "bad"
-        }
+        "degraded" | "offline" | "paused" | "expired" | "stale" => "warn",
+        "reverted" | "error" | "failed" | "rolled_back" | "revoked" | "unstable" | "aborted"
+        | "mismatch" => "bad",
         _ => "neutral",
     };
     html! { span class={ "badge " (class) } { (status.replace('_', " ")) } }

@@ -429,6 +429,7 @@ impl From<Error> for UiError {
                 "Your session has ended. Log in again.",
             ),
             Error::Forbidden => UiError::forbidden(),
+            Error::Refused(d) => UiError::page(StatusCode::FORBIDDEN, "Refused", d),
             Error::NotFound(what) => UiError::not_found(capitalise(what)),
             Error::Conflict(d) => UiError::page(StatusCode::CONFLICT, "Conflict", d),
             Error::TooLarge(limit) => UiError::page(

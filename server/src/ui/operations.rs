@@ -329,6 +329,12 @@ async fn tokens_page(state: &AppState, s: &Session, created: Option<(String, Str
                             label for="expires_days" { "Expires after (days, empty: never)" }
                             input #expires_days type="number" name="expires_days" min="1" max="3650";
                         }
+                        div.field {
+                            label { input type="checkbox" name="require_preauthorization" value="1"; " Only pre-authorised devices (the factory line records each serial or TPM)" }
+                        }
+                        div.field {
+                            label { input type="checkbox" name="require_tpm" value="1"; " Only devices with a TPM (credential activation at enrollment)" }
+                        }
                         div.field.actions { button.primary type="submit" { "Create token" } }
                     }
                 }
@@ -392,6 +398,8 @@ pub async fn create_token(State(state): State<AppState>, form: Form) -> UiResult
             label: label.clone(),
             tags,
             expires_at,
+            require_preauthorization: form.get("require_preauthorization").is_some(),
+            require_tpm: form.get("require_tpm").is_some(),
         }),
     )
     .await?;

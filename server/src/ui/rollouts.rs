@@ -22,7 +22,7 @@ use crate::rollouts::spec::RolloutSpec;
 
 /// The form's fields with their defaults (the API's defaults, in the
 /// units an operator types).
-const FIELDS: [(&str, &str); 14] = [
+const FIELDS: [(&str, &str); 15] = [
     ("name", ""),
     ("release_id", ""),
     ("tags", ""),
@@ -32,6 +32,7 @@ const FIELDS: [(&str, &str); 14] = [
     ("promote_max_error_pct", "1"),
     ("rollback_error_pct", "5"),
     ("promote_min_committed_pct", "90"),
+    ("require_attestation", ""),
     ("start_at", ""),
     ("window_start", ""),
     ("window_end", ""),
@@ -97,6 +98,7 @@ impl SpecForm {
             "promote_max_error_rate": self.number("promote_max_error_pct", "Promote below error rate (%)", 0.0, 100.0)? / 100.0,
             "rollback_error_rate": self.number("rollback_error_pct", "Roll back above error rate (%)", 0.0, 100.0)? / 100.0,
             "promote_min_committed": self.number("promote_min_committed_pct", "Committed share to promote (%)", 0.0, 100.0)? / 100.0,
+            "require_attestation": !self.get("require_attestation").is_empty(),
         });
         let mut waves = Vec::new();
         for w in self.words("waves") {
@@ -243,6 +245,12 @@ fn spec_form(s: &Session, f: &SpecForm, releases: &[Release]) -> Markup {
                     (field("promote_max_error_pct", "Promote below error rate (%)", "number", ""))
                     (field("rollback_error_pct", "Roll back above error rate (%)", "number", "between the two the rollout pauses for you"))
                     (field("promote_min_committed_pct", "Committed share to promote (%)", "number", ""))
+                    div.field {
+                        label {
+                            input type="checkbox" name="require_attestation" value="1" checked[!f.get("require_attestation").is_empty()];
+                            " Count a device only when committed and attested (a TPM quote shows it runs the release)"
+                        }
+                    }
                 }
                 div {
                     (field("start_at", "Start (UTC)", "datetime-local", "empty: when started"))

@@ -314,11 +314,20 @@ where
     F: FnOnce(std::sync::Arc<Harness>) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let h = std::sync::Arc::new(Harness::new(db).await);
+    run_with(db, |_| {}, body).await
+}
+
+/// As [`run`], with the server configuration edited first.
+pub async fn run_with<F, Fut>(db: Db, edit: impl FnOnce(&mut Config), body: F)
+where
+    F: FnOnce(std::sync::Arc<Harness>) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let h = std::sync::Arc::new(Harness::with_config(db, edit).await);
     let outcome = tokio::spawn(body(h.clone())).await;
     // Tasks the body spawned may still hold the harness for a moment.
     let mut h = h;
-    for _ in 0..200 {
+    for _ in 0..400 {
         match std::sync::Arc::try_unwrap(h) {
             Ok(owned) => {
                 owned.finish().await;

@@ -102,70 +102,35 @@ mod with_tpm {
     use std::path::Path;
 
     use anyhow::{Context as _, Result, bail};
-    use kernex_attest::{Activation, AkBlob, Tpm, TpmIdentity};
-    use serde::Serialize;
+    use kernex_attest::Activation;
 
     use super::{AttestCommand, TpmConfig};
+    use crate::attest;
     use crate::cli::Context;
-    use crate::store::{DataDir, read_limited, write_atomically};
+    use crate::store::{DataDir, read_limited};
 
-    /// Largest challenge or AK file read.
+    /// Largest challenge file read.
     const MAX_INPUT: u64 = 64 * 1024;
 
     /// Runs an `attest` subcommand.
     pub fn run(ctx: &mut Context, cmd: AttestCommand) -> Result<()> {
         let config = ctx.config.tpm.clone().unwrap_or_default();
-        let ak_path = ctx.config.data_dir.join("attest").join("ak.json");
+        let ak_path = attest::ak_path(&ctx.config.data_dir);
         match cmd {
-            AttestCommand::Identity { new_ak } => identity(&config, &ak_path, new_ak),
+            AttestCommand::Identity { new_ak } => {
+                let identity = attest::identity(&config, &ak_path, new_ak)?;
+                println!("{}", serde_json::to_string_pretty(&identity)?);
+                Ok(())
+            }
             AttestCommand::Activate { challenge } => activate(&config, &ak_path, &challenge),
             AttestCommand::Measure { json } => measure(ctx, &config, json),
-            AttestCommand::Quote { nonce } => quote(&config, &ak_path, &nonce),
-        }
-    }
-
-    fn open(config: &TpmConfig) -> Result<Tpm> {
-        Tpm::open(&config.tcti).with_context(|| format!("unable to open the TPM ({})", config.tcti))
-    }
-
-    fn load_ak(path: &Path) -> Result<AkBlob> {
-        let bytes = read_limited(path, MAX_INPUT).with_context(|| {
-            format!(
-                "no attestation key at {} (run `kernex-updater attest identity` first)",
-                path.display()
-            )
-        })?;
-        serde_json::from_slice(&bytes)
-            .with_context(|| format!("unable to parse the attestation key {}", path.display()))
-    }
-
-    fn identity(config: &TpmConfig, ak_path: &Path, new_ak: bool) -> Result<()> {
-        let mut tpm = open(config)?;
-        let endorsement = tpm
-            .endorsement()
-            .context("unable to read the endorsement key")?;
-        let ak = if !new_ak && ak_path.exists() {
-            load_ak(ak_path)?
-        } else {
-            let ak = tpm
-                .create_ak()
-                .context("unable to create an attestation key")?;
-            if let Some(dir) = ak_path.parent() {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("unable to create {}", dir.display()))?;
+            AttestCommand::Quote { nonce } => {
+                let nonce = hex::decode(nonce).context("the nonce must be hex")?;
+                let quote = attest::quote(&config, &ak_path, &nonce)?;
+                println!("{}", serde_json::to_string_pretty(&quote)?);
+                Ok(())
             }
-            write_atomically(ak_path, &serde_json::to_vec_pretty(&ak)?)
-                .with_context(|| format!("unable to store the AK in {}", ak_path.display()))?;
-            tracing::info!(path = %ak_path.display(), "created a new attestation key");
-            ak
-        };
-        let identity = TpmIdentity {
-            ek_public: endorsement.public,
-            ek_certificate: endorsement.certificate,
-            ak_public: ak.public,
-        };
-        println!("{}", serde_json::to_string_pretty(&identity)?);
-        Ok(())
+        }
     }
 
     fn activate(config: &TpmConfig, ak_path: &Path, challenge: &Path) -> Result<()> {
@@ -185,22 +150,9 @@ mod with_tpm {
         };
         let activation: Activation =
             serde_json::from_slice(&bytes).context("unable to parse the challenge JSON")?;
-        let ak = load_ak(ak_path)?;
-        let credential = open(config)?
-            .activate_credential(&ak, &activation.id_object, &activation.encrypted_secret)
-            .context("credential activation failed (a challenge for another TPM or AK?)")?;
+        let credential = attest::activate(config, ak_path, &activation)?;
         println!("{}", hex::encode(credential));
         Ok(())
-    }
-
-    #[derive(Debug, Serialize)]
-    #[serde(rename_all = "kebab-case")]
-    struct Measured {
-        slot: String,
-        version: String,
-        measurement: String,
-        pcr: u8,
-        value: String,
     }
 
     fn measure(ctx: &mut Context, config: &TpmConfig, json: bool) -> Result<()> {
@@ -208,46 +160,23 @@ mod with_tpm {
             .flow
             .booted_slot()
             .context("unable to tell the booted slot")?;
-        let record = DataDir::new(&ctx.config.data_dir)
-            .slot_record(slot)
-            .with_context(|| format!("unable to read the record of slot {slot}"))?
-            .with_context(|| {
-                format!(
-                    "slot {slot} has no recorded release (a factory image?): nothing to measure"
-                )
-            })?;
-        let manifest = record
-            .manifest()
-            .with_context(|| format!("unable to parse slot {slot}'s recorded manifest"))?;
-        let measurement = kernex_attest::slot_measurement(&manifest)?;
-        let value = open(config)?
-            .extend_slot_measurement(config.pcr, &measurement)
-            .with_context(|| format!("unable to extend PCR {}", config.pcr))?;
-        let out = Measured {
-            slot: slot.to_string(),
-            version: manifest.version.to_string(),
-            measurement: measurement.to_hex(),
-            pcr: config.pcr,
-            value: value.to_hex(),
-        };
+        let data = DataDir::new(&ctx.config.data_dir);
+        let out = attest::measure(config, &data, slot, None)?.with_context(|| {
+            format!("slot {slot} has no recorded release (a factory image?): nothing to measure")
+        })?;
         if json {
             println!("{}", serde_json::to_string_pretty(&out)?);
+        } else if out.already {
+            println!(
+                "slot {} ({}) was already measured into PCR {}: {}",
+                out.slot, out.version, out.pcr, out.value
+            );
         } else {
             println!(
                 "slot {} ({}) measured into PCR {}: {}",
                 out.slot, out.version, out.pcr, out.value
             );
         }
-        Ok(())
-    }
-
-    fn quote(config: &TpmConfig, ak_path: &Path, nonce: &str) -> Result<()> {
-        let nonce = hex::decode(nonce).context("the nonce must be hex")?;
-        let ak = load_ak(ak_path)?;
-        let quote = open(config)?
-            .quote(&ak, &nonce, &[config.pcr])
-            .context("unable to quote")?;
-        println!("{}", serde_json::to_string_pretty(&quote)?);
         Ok(())
     }
 }

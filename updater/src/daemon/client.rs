@@ -51,6 +51,13 @@ pub struct EnrollRequest<'a> {
     pub hardware_metadata: serde_json::Map<String, serde_json::Value>,
     /// Extra tags.
     pub tags: &'a [String],
+    /// The TPM identity (`kernex_attest::TpmIdentity` as JSON), when the
+    /// device has a TPM configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<serde_json::Value>,
+    /// The PCR the booted slot is measured into.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tpm_slot_pcr: Option<u8>,
 }
 
 /// The enrollment answer.
@@ -60,6 +67,22 @@ pub struct Enrolled {
     pub id: String,
     /// The device credential.
     pub credential: String,
+    /// With a TPM identity: the credential-activation challenge
+    /// (`kernex_attest::Activation` as JSON).
+    #[serde(default)]
+    pub activation: Option<serde_json::Value>,
+}
+
+/// The header of a poll answer carrying a quote nonce (hex).
+pub const NONCE_HEADER: &str = "kernex-attestation-nonce";
+
+/// A poll's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PollAnswer {
+    /// What to do; `None`: nothing.
+    pub desired: Option<Desired>,
+    /// A nonce to answer with a TPM quote at `POST /device/attestation`.
+    pub nonce: Option<String>,
 }
 
 /// A download window assigned by the rollout scheduler (server clock,
@@ -148,20 +171,29 @@ impl Client {
         parse(&body)
     }
 
-    /// Polls for desired state: `None` when there is nothing to do.
-    pub fn poll(&self, credential: &str) -> Result<Option<Desired>, ClientError> {
+    /// Polls for desired state (`None` when there is nothing to do) and a
+    /// quote nonce, when the server asks for one.
+    pub fn poll(&self, credential: &str) -> Result<PollAnswer, ClientError> {
         let resp = self
             .agent
             .get(self.url("/api/v1/device/poll"))
             .header("Authorization", format!("Bearer {credential}"))
             .call()
             .map_err(|e| ClientError::Offline(e.to_string()))?;
+        // A nonce is at most 64 bytes: anything longer or not hex is ignored.
+        let nonce = resp
+            .headers()
+            .get(NONCE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| v.len() <= 128 && v.bytes().all(|b| b.is_ascii_hexdigit()))
+            .map(str::to_owned);
         let (status, body) = read(resp)?;
-        match status {
-            204 => Ok(None),
-            200 => parse(&body).map(Some),
-            _ => Err(classify(status, &body)),
-        }
+        let desired = match status {
+            204 => None,
+            200 => Some(parse(&body)?),
+            _ => return Err(classify(status, &body)),
+        };
+        Ok(PollAnswer { desired, nonce })
     }
 
     /// POSTs JSON to `path`; the answer body on 2xx.

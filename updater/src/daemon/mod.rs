@@ -223,6 +223,7 @@ impl<'a> Daemon<'a> {
 
     /// One boot: settle the last reboot, then poll until the next.
     fn boot(&mut self, cycles_left: &mut Option<u64>) -> Result<Next> {
+        self.measure_boot();
         if self.after_boot()? {
             // The watchdog ran the reboot command itself.
             return self.await_reboot();
@@ -287,7 +288,7 @@ impl<'a> Daemon<'a> {
                     state::save(&self.data, &st)?;
                 }
             } else {
-                let health = crate::health::last_record(&self.data)?
+                let health = crate::health::last_revert(&self.data)?
                     .filter(|h| h.slot == a.slot && h.at >= a.at);
                 let reason = match health {
                     Some(h) => h.reason,
@@ -443,6 +444,7 @@ impl<'a> Daemon<'a> {
             .total_memory()
             .into(),
         );
+        let tpm = self.tpm_identity()?;
         let enrolled = self
             .client
             .enroll(&EnrollRequest {
@@ -451,8 +453,19 @@ impl<'a> Daemon<'a> {
                 hardware_class: &self.ctx.config.compatible,
                 hardware_metadata: metadata,
                 tags: &self.server.tags,
+                tpm_slot_pcr: tpm
+                    .as_ref()
+                    .and(self.ctx.config.tpm.as_ref())
+                    .map(|t| t.pcr),
+                tpm,
             })
             .context("enrollment failed")?;
+        if let Some(challenge) = &enrolled.activation {
+            // Not stored before the TPM proved itself: the next cycle
+            // enrolls again (a new challenge).
+            self.activate_tpm(&enrolled.credential, challenge)
+                .context("TPM credential activation failed")?;
+        }
         let credential = Credential {
             server: self.server.url.clone(),
             device_id: device_id.clone(),
@@ -465,6 +478,130 @@ impl<'a> Daemon<'a> {
         self.credential = Some(credential);
         Ok(c)
     }
+
+    /// The TPM identity for enrollment, when a TPM is configured.
+    #[cfg(feature = "tpm")]
+    fn tpm_identity(&self) -> Result<Option<serde_json::Value>> {
+        let Some(tpm) = &self.ctx.config.tpm else {
+            return Ok(None);
+        };
+        let ak = crate::attest::ak_path(&self.ctx.config.data_dir);
+        let identity = crate::attest::identity(tpm, &ak, false)?;
+        Ok(Some(serde_json::to_value(identity)?))
+    }
+
+    #[cfg(not(feature = "tpm"))]
+    fn tpm_identity(&self) -> Result<Option<serde_json::Value>> {
+        if self.ctx.config.tpm.is_some() {
+            tracing::warn!(
+                "[tpm] is configured but this kernex-updater was built without TPM support (cargo feature `tpm`): enrolling without a TPM identity"
+            );
+        }
+        Ok(None)
+    }
+
+    /// Opens the enrollment's credential-activation challenge with the TPM
+    /// and gives the server the credential.
+    #[cfg(feature = "tpm")]
+    fn activate_tpm(&self, credential: &str, challenge: &serde_json::Value) -> Result<()> {
+        let Some(tpm) = &self.ctx.config.tpm else {
+            bail!("the server sent a TPM challenge, but no [tpm] is configured");
+        };
+        let challenge: kernex_attest::Activation = serde_json::from_value(challenge.clone())
+            .context("unreadable credential-activation challenge")?;
+        let ak = crate::attest::ak_path(&self.ctx.config.data_dir);
+        let secret = crate::attest::activate(tpm, &ak, &challenge)?;
+        self.client
+            .post(
+                Some(credential),
+                "/api/v1/device/activate",
+                &serde_json::json!({ "credential": hex::encode(secret) }),
+                None,
+            )
+            .context("the server refused the activation")?;
+        tracing::info!("TPM bound: credential activation succeeded");
+        Ok(())
+    }
+
+    #[cfg(not(feature = "tpm"))]
+    fn activate_tpm(&self, _credential: &str, _challenge: &serde_json::Value) -> Result<()> {
+        bail!("the server sent a TPM challenge, but this kernex-updater has no TPM support")
+    }
+
+    /// Answers the server's nonce with a quote of the slot PCR, naming the
+    /// release the booted slot holds.
+    #[cfg(feature = "tpm")]
+    fn answer_quote(
+        &mut self,
+        credential: &str,
+        nonce: &str,
+        status: &crate::status::Status,
+    ) -> Result<()> {
+        let Some(tpm) = &self.ctx.config.tpm else {
+            return Ok(());
+        };
+        let version = status
+            .slots
+            .iter()
+            .find(|s| s.slot == status.booted_slot)
+            .and_then(|s| s.version.clone())
+            .ok_or_else(|| anyhow!("the booted slot has no recorded release to attest"))?;
+        let nonce = hex::decode(nonce).context("the nonce is not hex")?;
+        let ak = crate::attest::ak_path(&self.ctx.config.data_dir);
+        let quote = crate::attest::quote(tpm, &ak, &nonce)?;
+        let answer = self
+            .client
+            .post(
+                Some(credential),
+                "/api/v1/device/attestation",
+                &serde_json::json!({ "version": version, "quote": quote }),
+                None,
+            )
+            .map_err(|e| self.on_client_error(e))?;
+        let verdict: serde_json::Value = serde_json::from_slice(&answer).unwrap_or_default();
+        tracing::info!(%version, attestation = %verdict["attestation"], reason = %verdict["reason"], "quote verified by the server");
+        Ok(())
+    }
+
+    #[cfg(not(feature = "tpm"))]
+    fn answer_quote(
+        &mut self,
+        _credential: &str,
+        _nonce: &str,
+        _status: &crate::status::Status,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// Extends the booted slot's measurement into the slot PCR, early in
+    /// each boot. Failures are logged: the device keeps updating, and the
+    /// server shows it unattested or mismatched.
+    #[cfg(feature = "tpm")]
+    fn measure_boot(&mut self) {
+        let Some(tpm) = &self.ctx.config.tpm else {
+            return;
+        };
+        let measured = self
+            .ctx
+            .flow
+            .booted_slot()
+            .map_err(anyhow::Error::from)
+            .and_then(|slot| crate::attest::measure(tpm, &self.data, slot, None));
+        match measured {
+            Ok(Some(m)) => {
+                tracing::info!(slot = %m.slot, version = %m.version, pcr = m.pcr, value = %m.value, already = m.already, "booted slot measured")
+            }
+            Ok(None) => {
+                tracing::info!("the booted slot has no recorded release: nothing to measure")
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "unable to measure the booted slot")
+            }
+        }
+    }
+
+    #[cfg(not(feature = "tpm"))]
+    fn measure_boot(&mut self) {}
 
     /// A refused credential is forgotten so the next cycle enrolls again.
     fn on_client_error(&mut self, e: ClientError) -> anyhow::Error {
@@ -508,11 +645,18 @@ impl<'a> Daemon<'a> {
         {
             return Err(self.on_client_error(e).context("heartbeat failed"));
         }
-        let desired = match self.client.poll(&credential) {
+        let answer = match self.client.poll(&credential) {
             Ok(d) => d,
             Err(e) => return Err(self.on_client_error(e).context("poll failed")),
         };
-        let Some(desired) = desired else {
+        if let Some(nonce) = &answer.nonce {
+            // Best effort: a quote the server rejects is logged, and the
+            // server asks again with a new nonce.
+            if let Err(e) = self.answer_quote(&credential, nonce, &status) {
+                tracing::warn!(error = %format!("{e:#}"), "attestation quote not accepted");
+            }
+        }
+        let Some(desired) = answer.desired else {
             return Ok(None);
         };
         let end = self.act(&credential, &status, &desired)?;

@@ -157,6 +157,10 @@ fn record_path(data: &DataDir) -> PathBuf {
     data.root().join("health.json")
 }
 
+fn revert_path(data: &DataDir) -> PathBuf {
+    data.root().join("health-last-revert.json")
+}
+
 fn counter_path(data: &DataDir) -> PathBuf {
     data.root().join("health-reverts.json")
 }
@@ -164,6 +168,13 @@ fn counter_path(data: &DataDir) -> PathBuf {
 /// The last watchdog decision.
 pub fn last_record(data: &DataDir) -> Result<Option<HealthRecord>, UpdateError> {
     data.read(&record_path(data))
+}
+
+/// The watchdog's last revert, kept apart from [`last_record`]: after a
+/// revert the old slot boots with one attempt counted, its own watchdog run
+/// commits it, and that decision replaces the revert in `health.json`.
+pub fn last_revert(data: &DataDir) -> Result<Option<HealthRecord>, UpdateError> {
+    data.read(&revert_path(data))
 }
 
 /// Revert reboots in a row so far.
@@ -312,6 +323,7 @@ pub fn run(config: &SystemConfig, flow: &mut dyn BootFlow) -> Result<RunResult, 
             }
             // The record first: a cut before `mark_bad` leaves the slot on
             // trial, and the next run decides again.
+            data.write(&revert_path(&data), &record)?;
             data.write(&record_path(&data), &record)?;
             crate::boot::mark_bad(flow)?;
             notify::sd_notify(&format!("STATUS=reverted: {}", record.reason));

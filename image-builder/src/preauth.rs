@@ -1,0 +1,288 @@
+//! Pre-authorising a device with the control plane before it first boots:
+//! `POST {server}/api/v1/tpm/preauthorizations` with an operator's API
+//! token, body `{"device_id", "ek_public", "ek_certificate"}` (lowercase hex,
+//! `null` without a TPM: pre-authorised by serial). The server answers 201
+//! (created) or 200 (the same device and EK again: idempotent) with
+//! `{"id", "device_id", "ek_fingerprint"}`, 409 when the device id is
+//! pre-authorised with another EK, 401/403 for the token, 422 for an EK it
+//! cannot parse.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The API path, below the server URL.
+pub const PATH: &str = "/api/v1/tpm/preauthorizations";
+/// Largest answer read.
+pub const MAX_ANSWER: u64 = 64 * 1024;
+
+/// What is sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PreauthRequest {
+    /// The device id the board will enroll with (its serial).
+    pub device_id: String,
+    /// Lowercase hex of the EK's marshalled `TPMT_PUBLIC`, when there is a TPM.
+    pub ek_public: Option<String>,
+    /// Lowercase hex of the EK certificate (DER), when the TPM has one.
+    pub ek_certificate: Option<String>,
+}
+
+impl PreauthRequest {
+    /// SHA-256 of the EK public bytes, as the server reports it.
+    pub fn ek_fingerprint(&self) -> Option<String> {
+        let hex_public = self.ek_public.as_ref()?;
+        let bytes = hex::decode(hex_public).ok()?;
+        Some(hex::encode(Sha256::digest(bytes)))
+    }
+}
+
+/// What the server answers on success.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Preauthorization {
+    /// The pre-authorisation's id.
+    pub id: String,
+    /// The device id.
+    pub device_id: String,
+    /// SHA-256 of the EK public bytes (none for a serial-only one).
+    pub ek_fingerprint: Option<String>,
+}
+
+/// Whether the server created the pre-authorisation or already had it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// 201.
+    Created,
+    /// 200: the same device and EK were pre-authorised before.
+    AlreadyPresent,
+}
+
+/// Why pre-authorisation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PreauthError {
+    /// Not an http(s) URL.
+    #[error("server URL {0:?} is not an http:// or https:// URL")]
+    BadUrl(String),
+    /// The server could not be reached or the answer not read.
+    #[error("unable to reach {url}: {reason}")]
+    Unreachable {
+        /// The request URL.
+        url: String,
+        /// What failed.
+        reason: String,
+    },
+    /// 401/403.
+    #[error("the server rejected the API token (HTTP {status}): {body}")]
+    Unauthorized {
+        /// The status.
+        status: u16,
+        /// The answer.
+        body: String,
+    },
+    /// 409.
+    #[error(
+        "device id {device_id:?} is already pre-authorised with a different EK (HTTP 409): {body}"
+    )]
+    Conflict {
+        /// The device id.
+        device_id: String,
+        /// The answer.
+        body: String,
+    },
+    /// 422.
+    #[error("the server rejected the EK (HTTP 422): {body}")]
+    BadEk {
+        /// The answer.
+        body: String,
+    },
+    /// Any other status.
+    #[error("the server refused the pre-authorisation (HTTP {status}): {body}")]
+    Refused {
+        /// The status.
+        status: u16,
+        /// The answer.
+        body: String,
+    },
+    /// A 2xx answer that is not the contract's.
+    #[error("unexpected answer from the server (HTTP {status}): {reason}")]
+    BadAnswer {
+        /// The status.
+        status: u16,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Sends the pre-authorisation and checks the answer names the same device
+/// and EK.
+pub fn preauthorize(
+    server: &str,
+    api_token: &str,
+    request: &PreauthRequest,
+) -> Result<(Outcome, Preauthorization), PreauthError> {
+    if !(server.starts_with("http://") || server.starts_with("https://")) {
+        return Err(PreauthError::BadUrl(server.to_owned()));
+    }
+    let url = format!("{}{PATH}", server.trim_end_matches('/'));
+    let config = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_connect(Some(Duration::from_secs(15)))
+        .timeout_global(Some(Duration::from_secs(60)))
+        .tls_config(
+            ureq::tls::TlsConfig::builder()
+                .provider(ureq::tls::TlsProvider::NativeTls)
+                .build(),
+        )
+        .build();
+    let agent = ureq::Agent::new_with_config(config);
+    let unreachable = |reason: String| PreauthError::Unreachable {
+        url: url.clone(),
+        reason,
+    };
+    let body = serde_json::to_vec(request).map_err(|e| unreachable(e.to_string()))?;
+    let mut resp = agent
+        .post(&url)
+        .header("Content-Type", "application/json")
+        .header("Authorization", format!("Bearer {api_token}"))
+        .send(&body[..])
+        .map_err(|e| unreachable(e.to_string()))?;
+    let status = resp.status().as_u16();
+    let answer = resp
+        .body_mut()
+        .with_config()
+        .limit(MAX_ANSWER)
+        .read_to_vec()
+        .map_err(|e| unreachable(format!("reading the answer: {e}")))?;
+    handle_answer(request, status, &answer)
+}
+
+/// Interprets the server's answer (separate from the HTTP exchange so it
+/// can be tested on its own).
+pub fn handle_answer(
+    request: &PreauthRequest,
+    status: u16,
+    answer: &[u8],
+) -> Result<(Outcome, Preauthorization), PreauthError> {
+    let text = || -> String { String::from_utf8_lossy(answer).chars().take(500).collect() };
+    let outcome = match status {
+        201 => Outcome::Created,
+        200 => Outcome::AlreadyPresent,
+        401 | 403 => {
+            return Err(PreauthError::Unauthorized {
+                status,
+                body: text(),
+            });
+        }
+        409 => {
+            return Err(PreauthError::Conflict {
+                device_id: request.device_id.clone(),
+                body: text(),
+            });
+        }
+        422 => return Err(PreauthError::BadEk { body: text() }),
+        _ => {
+            return Err(PreauthError::Refused {
+                status,
+                body: text(),
+            });
+        }
+    };
+    let pre: Preauthorization =
+        serde_json::from_slice(answer).map_err(|e| PreauthError::BadAnswer {
+            status,
+            reason: format!("{e}: {}", text()),
+        })?;
+    if pre.device_id != request.device_id {
+        return Err(PreauthError::BadAnswer {
+            status,
+            reason: format!(
+                "it names device {:?}, not {:?}",
+                pre.device_id, request.device_id
+            ),
+        });
+    }
+    let expected = request.ek_fingerprint();
+    let found = pre.ek_fingerprint.as_ref().map(|f| f.to_ascii_lowercase());
+    if expected != found {
+        return Err(PreauthError::BadAnswer {
+            status,
+            reason: format!("its EK fingerprint is {found:?}, the TPM's is {expected:?}"),
+        });
+    }
+    Ok((outcome, pre))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn request(ek: Option<&[u8]>) -> PreauthRequest {
+        PreauthRequest {
+            device_id: "SN-1".into(),
+            ek_public: ek.map(hex::encode),
+            ek_certificate: None,
+        }
+    }
+
+    #[test]
+    fn request_body_is_the_contract() {
+        let body = serde_json::to_value(request(Some(b"\x00\x01\xab"))).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"device_id": "SN-1", "ek_public": "0001ab", "ek_certificate": null})
+        );
+    }
+
+    #[test]
+    fn answers_map_to_outcomes_and_named_errors() {
+        let ek = b"ek-bytes";
+        let fp = hex::encode(Sha256::digest(ek));
+        let ok = format!(r#"{{"id":"p1","device_id":"SN-1","ek_fingerprint":"{fp}"}}"#);
+        let r = request(Some(ek));
+        assert_eq!(
+            handle_answer(&r, 201, ok.as_bytes()).unwrap().0,
+            Outcome::Created
+        );
+        assert_eq!(
+            handle_answer(&r, 200, ok.as_bytes()).unwrap().0,
+            Outcome::AlreadyPresent
+        );
+        let serial = request(None);
+        let by_serial = br#"{"id":"p2","device_id":"SN-1","ek_fingerprint":null,"extra":1}"#;
+        assert!(handle_answer(&serial, 201, by_serial).is_ok());
+        assert!(matches!(
+            handle_answer(&r, 201, by_serial),
+            Err(PreauthError::BadAnswer { .. })
+        ));
+        let other = br#"{"id":"p1","device_id":"SN-2","ek_fingerprint":null}"#;
+        assert!(matches!(
+            handle_answer(&serial, 200, other),
+            Err(PreauthError::BadAnswer { .. })
+        ));
+        assert!(matches!(
+            handle_answer(&r, 409, b"{}"),
+            Err(PreauthError::Conflict { .. })
+        ));
+        assert!(matches!(
+            handle_answer(&r, 422, br#"{"error":"bad EK"}"#),
+            Err(PreauthError::BadEk { .. })
+        ));
+        for status in [401, 403] {
+            assert!(matches!(
+                handle_answer(&r, status, b""),
+                Err(PreauthError::Unauthorized { .. })
+            ));
+        }
+        assert!(matches!(
+            handle_answer(&r, 500, b"oops"),
+            Err(PreauthError::Refused { status: 500, .. })
+        ));
+        assert!(matches!(
+            handle_answer(&r, 201, b"not json"),
+            Err(PreauthError::BadAnswer { .. })
+        ));
+    }
+}

@@ -1,0 +1,879 @@
+//! TPM identity and attestation through the HTTP API, with a real swtpm per
+//! device (the device side of `kernex-attest`), on SQLite and PostgreSQL:
+//! pre-authorisation by the factory line, enrollment with credential
+//! activation, a quote nonce in the poll answer, quotes verified against the
+//! release the device claims to run, and every bad input rejected with its
+//! reason and without touching the stored attestation.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+#[path = "../../attest/tests/common/mod.rs"]
+mod swtpm;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Method, StatusCode};
+use common::{Harness, golden};
+use kernex_attest::{AkBlob, Quote, Tpm, TpmIdentity, slot_measurement};
+use kernex_protocol::{Manifest, Sha256Digest};
+use serde_json::{Value, json};
+use swtpm::Swtpm;
+
+both!(
+    factory_preauthorisation_and_enrollment_policy,
+    activation_then_quotes_attested_mismatch_and_rejections,
+    the_factory_line_client_preauthorises_what_the_device_enrolls_with,
+);
+
+mod gate_on_sqlite {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rollout_gate_waits_for_attestation_and_a_mismatch_fails() {
+        super::gate(super::common::Db::Sqlite).await;
+    }
+}
+
+mod gate_on_postgres {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rollout_gate_waits_for_attestation_and_a_mismatch_fails() {
+        super::gate(super::common::Db::Postgres).await;
+    }
+}
+
+const PCR: u8 = 14;
+
+/// A device's TPM: a swtpm, the AK created in it, its identity.
+struct DeviceTpm {
+    swtpm: Swtpm,
+    ak: AkBlob,
+    identity: TpmIdentity,
+}
+
+impl DeviceTpm {
+    fn new() -> Self {
+        let swtpm = Swtpm::start();
+        let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+        let ak = tpm.create_ak().unwrap();
+        let ek = tpm.endorsement().unwrap();
+        let identity = TpmIdentity {
+            ek_public: ek.public,
+            ek_certificate: ek.certificate,
+            ak_public: ak.public.clone(),
+        };
+        Self {
+            swtpm,
+            ak,
+            identity,
+        }
+    }
+
+    fn tpm(&self) -> Tpm {
+        Tpm::open(&self.swtpm.tcti()).unwrap()
+    }
+
+    fn identity_json(&self) -> Value {
+        serde_json::to_value(&self.identity).unwrap()
+    }
+
+    /// Answers an enrollment's activation challenge with this TPM.
+    fn activate(&self, enrolled: &Value) -> String {
+        let a = &enrolled["activation"];
+        let id_object = hex::decode(a["id-object"].as_str().unwrap()).unwrap();
+        let secret = hex::decode(a["encrypted-secret"].as_str().unwrap()).unwrap();
+        hex::encode(
+            self.tpm()
+                .activate_credential(&self.ak, &id_object, &secret)
+                .unwrap(),
+        )
+    }
+
+    fn quote(&self, nonce: &str) -> Quote {
+        self.tpm()
+            .quote(&self.ak, &hex::decode(nonce).unwrap(), &[PCR])
+            .unwrap()
+    }
+
+    /// A power cycle: PCRs back to zero.
+    fn reboot(&mut self) {
+        self.swtpm.reboot();
+    }
+}
+
+async fn preauthorize(h: &Harness, body: Value) -> (StatusCode, Value) {
+    h.call(
+        Method::POST,
+        "/api/v1/tpm/preauthorizations",
+        Some(&h.admin),
+        Some(body),
+    )
+    .await
+}
+
+async fn token(h: &Harness, preauthorized: bool, tpm: bool) -> String {
+    let (s, body) = h
+        .call(
+            Method::POST,
+            "/api/v1/enrollment-tokens",
+            Some(&h.admin),
+            Some(json!({"label": "line 2", "require_preauthorization": preauthorized, "require_tpm": tpm})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    assert_eq!(body["require_preauthorization"], preauthorized);
+    assert_eq!(body["require_tpm"], tpm);
+    body["token"].as_str().unwrap().to_string()
+}
+
+async fn enroll(
+    h: &Harness,
+    token: &str,
+    device_id: &str,
+    tpm: Option<Value>,
+) -> (StatusCode, Value) {
+    enroll_as(h, token, device_id, "qemu-x86_64", tpm).await
+}
+
+async fn enroll_as(
+    h: &Harness,
+    token: &str,
+    device_id: &str,
+    class: &str,
+    tpm: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut body =
+        json!({"enrollment_token": token, "device_id": device_id, "hardware_class": class});
+    if let Some(t) = tpm {
+        body["tpm"] = t;
+    }
+    h.call(Method::POST, "/api/v1/device/enroll", None, Some(body))
+        .await
+}
+
+/// Polls; the status and the quote nonce header.
+async fn poll(h: &Harness, credential: &str) -> (StatusCode, Option<String>) {
+    let (s, headers, _) = h
+        .raw(
+            Method::GET,
+            "/api/v1/device/poll",
+            Some(credential),
+            &[],
+            Body::empty(),
+        )
+        .await;
+    let nonce = headers
+        .get("kernex-attestation-nonce")
+        .map(|v| v.to_str().unwrap().to_string());
+    (s, nonce)
+}
+
+async fn attestation_of(h: &Harness, id: &str) -> Value {
+    let (s, d) = h
+        .call(
+            Method::GET,
+            &format!("/api/v1/devices/{id}"),
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{d}");
+    d["attestation"].clone()
+}
+
+async fn factory_preauthorisation_and_enrollment_policy(h: Arc<Harness>) {
+    let board = DeviceTpm::new();
+    let other = DeviceTpm::new();
+    let ek = hex::encode(&board.identity.ek_public);
+    let cert = board.identity.ek_certificate.as_ref().map(hex::encode);
+
+    // Pre-authorise: created, then the same again is a retry (200).
+    let (s, p) = preauthorize(
+        &h,
+        json!({"device_id": "sn-1", "ek_public": ek, "ek_certificate": cert}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{p}");
+    let fp = p["ek_fingerprint"].as_str().unwrap().to_string();
+    assert_eq!(fp.len(), 64);
+    assert_eq!(p["ek_certificate"], cert.is_some());
+    let (s, again) = preauthorize(&h, json!({"device_id": "sn-1", "ek_public": ek})).await;
+    assert_eq!(s, StatusCode::OK, "{again}");
+    assert_eq!(again["id"], p["id"]);
+    // The same serial with another EK, or the same EK for another serial.
+    let (s, v) = preauthorize(
+        &h,
+        json!({"device_id": "sn-1", "ek_public": hex::encode(&other.identity.ek_public)}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    let (s, v) = preauthorize(&h, json!({"device_id": "sn-9", "ek_public": ek})).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("sn-1"), "{v}");
+    // Bad EKs: not hex, not a TPMT_PUBLIC, an AK instead of an EK, a
+    // certificate of another TPM.
+    let (s, v) = preauthorize(&h, json!({"device_id": "sn-2", "ek_public": "zz"})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let (s, v) = preauthorize(&h, json!({"device_id": "sn-2", "ek_public": "0001000b"})).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    let (s, v) = preauthorize(
+        &h,
+        json!({"device_id": "sn-2", "ek_public": hex::encode(&board.identity.ak_public)}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    if let Some(other_cert) = &other.identity.ek_certificate {
+        let (s, v) = preauthorize(&h, json!({"device_id": "sn-2", "ek_public": ek, "ek_certificate": hex::encode(other_cert)})).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+        assert!(v["detail"].as_str().unwrap().contains("another key"), "{v}");
+    }
+    // By serial only (a board without TPM).
+    let (s, v) = preauthorize(&h, json!({"device_id": "sn-3"})).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert!(v["ek_fingerprint"].is_null());
+    // Read-only operators cannot pre-authorise.
+    let ro = h.user("ro@example.com", "read_only").await;
+    let (s, _) = h
+        .call(
+            Method::POST,
+            "/api/v1/tpm/preauthorizations",
+            Some(&ro),
+            Some(json!({"device_id": "sn-4"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, list) = h
+        .call(
+            Method::GET,
+            "/api/v1/tpm/preauthorizations",
+            Some(&ro),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+
+    // A factory token: pre-authorised devices only.
+    let line = token(&h, true, false).await;
+    let (s, v) = enroll(&h, &line, "sn-7", None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    assert!(
+        v["detail"].as_str().unwrap().contains("not pre-authorised"),
+        "{v}"
+    );
+    // sn-1's EK was recorded: no TPM, or another TPM, is refused.
+    let (s, v) = enroll(&h, &line, "sn-1", None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    assert!(v["detail"].as_str().unwrap().contains(&fp), "{v}");
+    let (s, v) = enroll(&h, &line, "sn-1", Some(other.identity_json())).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap()
+            .contains("EK not pre-authorised"),
+        "{v}"
+    );
+    // sn-3 was pre-authorised by serial: it enrolls without a TPM.
+    let (s, v) = enroll(&h, &line, "sn-3", None).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert!(v.get("activation").is_none(), "{v}");
+    assert_eq!(
+        attestation_of(&h, v["id"].as_str().unwrap()).await["state"],
+        "unattested"
+    );
+    // A TPM token refuses a device without one.
+    let tpm_only = token(&h, false, true).await;
+    let (s, v) = enroll(&h, &tpm_only, "sn-8", None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    assert!(
+        v["detail"].as_str().unwrap().contains("TPM identity"),
+        "{v}"
+    );
+    // The board's own TPM gets a challenge; until it answers, no release.
+    let (s, v) = enroll(&h, &line, "sn-1", Some(board.identity_json())).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let credential = v["credential"].as_str().unwrap().to_string();
+    assert!(v["activation"]["id-object"].is_string(), "{v}");
+    let (s, _) = poll(&h, &credential).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _, _) = h
+        .raw(
+            Method::GET,
+            "/api/v1/device/releases/x/bundle",
+            Some(&credential),
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // A malformed identity is a 4xx, never a 500.
+    let mut broken = board.identity_json();
+    broken["ak-public"] = json!("00");
+    let (s, v) = enroll(&h, &tpm_only, "sn-5", Some(broken)).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    let (s, v) = enroll(&h, &tpm_only, "sn-5", Some(json!({"ek-public": "00"}))).await;
+    assert!(s.is_client_error(), "{s}: {v}");
+    // Removing a pre-authorisation.
+    let (s, _) = h
+        .call(
+            Method::DELETE,
+            "/api/v1/tpm/preauthorizations/sn-3",
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = h
+        .call(
+            Method::DELETE,
+            "/api/v1/tpm/preauthorizations/sn-3",
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+async fn activation_then_quotes_attested_mismatch_and_rejections(h: Arc<Harness>) {
+    let mut board = DeviceTpm::new();
+    let other = DeviceTpm::new();
+    let (s, release) = h
+        .upload(&h.admin, std::fs::read(golden("valid.kxb")).unwrap())
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{release}");
+    let version = release["version"].as_str().unwrap().to_string();
+    let (s, detail) = h
+        .call(
+            Method::GET,
+            &format!("/api/v1/releases/{}", release["id"].as_str().unwrap()),
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let manifest = Manifest::from_slice(detail["manifest"].to_string().as_bytes()).unwrap();
+    let measurement = slot_measurement(&manifest).unwrap();
+
+    let line = token(&h, false, true).await;
+    let (s, v) = enroll(&h, &line, "sn-1", Some(board.identity_json())).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    let credential = v["credential"].as_str().unwrap().to_string();
+
+    // A wrong answer burns the challenge; another enrollment makes a new one.
+    let activate = |answer: String| {
+        let h = h.clone();
+        let credential = credential.clone();
+        async move {
+            h.call(
+                Method::POST,
+                "/api/v1/device/activate",
+                Some(&credential),
+                Some(json!({"credential": answer})),
+            )
+            .await
+        }
+    };
+    let (s, err) = activate("00".repeat(32)).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{err}");
+    assert!(
+        err["detail"].as_str().unwrap().contains("answered wrongly"),
+        "{err}"
+    );
+    let (s, err) = activate(board.activate(&v)).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{err}");
+    // Another TPM cannot open the board's challenge at all.
+    let (s, v) = enroll(&h, &line, "sn-1", Some(board.identity_json())).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let credential = v["credential"].as_str().unwrap().to_string();
+    let a = &v["activation"];
+    let opened = other.tpm().activate_credential(
+        &other.ak,
+        &hex::decode(a["id-object"].as_str().unwrap()).unwrap(),
+        &hex::decode(a["encrypted-secret"].as_str().unwrap()).unwrap(),
+    );
+    assert!(opened.is_err(), "another TPM opened the challenge");
+    let (s, ok) = h
+        .call(
+            Method::POST,
+            "/api/v1/device/activate",
+            Some(&credential),
+            Some(json!({"credential": board.activate(&v)})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{ok}");
+    assert_eq!(ok["attestation"], "pending");
+    let view = attestation_of(&h, &id).await;
+    assert_eq!(view["state"], "pending", "{view}");
+    assert_eq!(view["ek_fingerprint"].as_str().unwrap().len(), 64);
+    // The TPM is now bound to the id: the other TPM cannot take it over.
+    let (s, v) = enroll(&h, &line, "sn-1", Some(other.identity_json())).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    let (s, v) = enroll(&h, &line, "sn-2", Some(board.identity_json())).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+
+    // The device runs the release: heartbeat, poll → a nonce, kept until
+    // answered.
+    let heartbeat = |v: &str| {
+        let h = h.clone();
+        let credential = credential.clone();
+        let v = v.to_string();
+        async move {
+            let (s, _) = h
+                .call(
+                    Method::POST,
+                    "/api/v1/device/heartbeat",
+                    Some(&credential),
+                    Some(json!({"version": v, "booted_slot": "B"})),
+                )
+                .await;
+            assert_eq!(s, StatusCode::NO_CONTENT);
+        }
+    };
+    heartbeat(&version).await;
+    let (s, nonce) = poll(&h, &credential).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let nonce = nonce.expect("a nonce for a bound device without a quote");
+    assert_eq!(nonce.len(), 64);
+    assert_eq!(
+        poll(&h, &credential).await.1.as_deref(),
+        Some(nonce.as_str())
+    );
+
+    let post_quote = |body: Value| {
+        let h = h.clone();
+        let credential = credential.clone();
+        async move {
+            h.call(
+                Method::POST,
+                "/api/v1/device/attestation",
+                Some(&credential),
+                Some(body),
+            )
+            .await
+        }
+    };
+    // Boot: the measurement extended into the slot PCR; the quote attests.
+    board
+        .tpm()
+        .extend_slot_measurement(PCR, &measurement)
+        .unwrap();
+    let quote = board.quote(&nonce);
+    let (s, r) = post_quote(json!({"version": version, "quote": quote})).await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert_eq!(r["attestation"], "attested", "{r}");
+    let view = attestation_of(&h, &id).await;
+    assert_eq!(view["state"], "attested", "{view}");
+    assert_eq!(view["version"], version.as_str());
+    let (s, list) = h
+        .call(Method::GET, "/api/v1/devices", Some(&h.admin), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(list[0]["attestation"]["state"], "attested");
+    // Fresh: no nonce now.
+    assert_eq!(poll(&h, &credential).await.1, None);
+
+    // Rejections change nothing. A replayed quote meets no nonce.
+    let (s, err) = post_quote(json!({"version": version, "quote": quote})).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    assert!(
+        err["detail"]
+            .as_str()
+            .unwrap()
+            .contains("stale or replayed"),
+        "{err}"
+    );
+    // A claimed version that is no release.
+    heartbeat("0.0.1-unknown").await;
+    assert_eq!(attestation_of(&h, &id).await["state"], "stale");
+    let nonce = poll(&h, &credential)
+        .await
+        .1
+        .expect("a nonce for a stale attestation");
+    let (s, err) =
+        post_quote(json!({"version": "0.0.1-unknown", "quote": board.quote(&nonce)})).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    assert!(
+        err["detail"].as_str().unwrap().contains("not a release"),
+        "{err}"
+    );
+    heartbeat(&version).await;
+    // A quote by another TPM's AK over the outstanding nonce.
+    let nonce = poll(&h, &credential).await.1;
+    assert_eq!(nonce, None, "attested for this version and fresh again");
+    sqlx::query("UPDATE devices SET attested_at = 0 WHERE id = $1")
+        .bind(&id)
+        .execute(h.state.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(attestation_of(&h, &id).await["state"], "stale");
+    let nonce = poll(&h, &credential)
+        .await
+        .1
+        .expect("a nonce for an old attestation");
+    let (s, err) = post_quote(json!({"version": version, "quote": other.quote(&nonce)})).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    assert!(
+        err["detail"].as_str().unwrap().contains("signature"),
+        "{err}"
+    );
+    // Malformed quote bytes: rejected by name, no panic.
+    let nonce = poll(&h, &credential).await.1.unwrap();
+    let mut bad = serde_json::to_value(board.quote(&nonce)).unwrap();
+    bad["attest"] = json!("ff544347");
+    let (s, err) = post_quote(json!({"version": version, "quote": bad})).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    assert!(
+        err["detail"].as_str().unwrap().contains("quote rejected"),
+        "{err}"
+    );
+    let (s, err) = post_quote(
+        json!({"version": version, "quote": {"attest": "zz", "signature": "", "pcrs": {}}}),
+    )
+    .await;
+    assert!(s.is_client_error(), "{s}: {err}");
+    // The stored attestation survived all of it (old, hence stale).
+    let view = attestation_of(&h, &id).await;
+    assert_eq!(view["version"], version.as_str(), "{view}");
+    assert_eq!(view["state"], "stale", "{view}");
+
+    // A different image booted (a swapped rootfs): the quote verifies, the
+    // slot PCR names the mismatch.
+    board.reboot();
+    board
+        .tpm()
+        .extend_slot_measurement(PCR, &Sha256Digest::of(b"another image"))
+        .unwrap();
+    let nonce = poll(&h, &credential).await.1.unwrap();
+    let (s, r) = post_quote(json!({"version": version, "quote": board.quote(&nonce)})).await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert_eq!(r["attestation"], "mismatch", "{r}");
+    assert!(
+        r["reason"].as_str().unwrap().starts_with("PCR 14 is "),
+        "{r}"
+    );
+    let view = attestation_of(&h, &id).await;
+    assert_eq!(view["state"], "mismatch", "{view}");
+    // The audit log holds every attempt.
+    let (s, audit) = h
+        .call(Method::GET, "/api/v1/audit", Some(&h.admin), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let text = audit.to_string();
+    assert!(text.contains("device.attestation"), "{text}");
+    assert!(text.contains("device.tpm-activate"), "{text}");
+}
+
+/// The slot PCR measurement of an uploaded release.
+async fn measurement_of(h: &Harness, release_id: &str) -> Sha256Digest {
+    let (s, detail) = h
+        .call(
+            Method::GET,
+            &format!("/api/v1/releases/{release_id}"),
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{detail}");
+    let manifest = Manifest::from_slice(detail["manifest"].to_string().as_bytes()).unwrap();
+    slot_measurement(&manifest).unwrap()
+}
+
+async fn gate(db: common::Db) {
+    common::run_with(
+        db,
+        |c| {
+            c.test_clock = true;
+            c.scheduler_interval_ms = 0;
+        },
+        gate_body,
+    )
+    .await;
+}
+
+/// A rollout whose waves require attestation: a committed device holds its
+/// wave until a quote for the new release attests it; in the next wave a
+/// quote showing another image counts as a failure and rolls back.
+async fn gate_body(h: Arc<Harness>) {
+    let v = |s: &str| semver::Version::parse(s).unwrap();
+    let made = kernex_sim::releases::make_releases(
+        &h.dir.path().join("releases"),
+        "sim-x86",
+        &[v("1.0.0"), v("1.1.0")],
+        1 << 20,
+        0.25,
+        7,
+    )
+    .unwrap();
+    let pem = std::fs::read_to_string(&made.ca_pem).unwrap();
+    let (s, _) = h
+        .call(
+            Method::PUT,
+            "/api/v1/org/keyring",
+            Some(&h.admin.clone()),
+            Some(json!({"pem": pem})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let mut ids = Vec::new();
+    for bundle in &made.bundles {
+        let (s, r) = h.upload(&h.admin, std::fs::read(bundle).unwrap()).await;
+        assert_eq!(s, StatusCode::CREATED, "{r}");
+        ids.push(r["id"].as_str().unwrap().to_string());
+    }
+    let target = measurement_of(&h, &ids[1]).await;
+
+    let line = token(&h, false, true).await;
+    let mut devices = Vec::new();
+    for name in ["g-1", "g-2"] {
+        let board = DeviceTpm::new();
+        let (s, v) = enroll_as(&h, &line, name, "sim-x86", Some(board.identity_json())).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        let id = v["id"].as_str().unwrap().to_string();
+        let credential = v["credential"].as_str().unwrap().to_string();
+        let (s, ok) = h
+            .call(
+                Method::POST,
+                "/api/v1/device/activate",
+                Some(&credential),
+                Some(json!({"credential": board.activate(&v)})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{ok}");
+        let (s, _) = h
+            .call(
+                Method::POST,
+                "/api/v1/device/heartbeat",
+                Some(&credential),
+                Some(json!({"version": "1.0.0"})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::NO_CONTENT);
+        devices.push((id, credential, board));
+    }
+    let gates = json!({"require_attestation": true, "promote_min_committed": 1.0});
+    let (s, rollout) = h
+        .call(
+            Method::POST,
+            "/api/v1/rollouts",
+            Some(&h.admin),
+            Some(json!({
+                "name": "attested",
+                "release_id": ids[1],
+                "waves": [
+                    {"count": 1, "soak_secs": 0, "gates": gates},
+                    {"percent": 100.0, "soak_secs": 0, "gates": gates},
+                ],
+            })),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{rollout}");
+    let rid = rollout["id"].as_str().unwrap().to_string();
+    let (s, v) = h
+        .call(
+            Method::POST,
+            &format!("/api/v1/rollouts/{rid}/start"),
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let step = || {
+        let h = h.clone();
+        async move {
+            let (s, v) = h
+                .call(
+                    Method::POST,
+                    "/api/v1/test/clock",
+                    Some(&h.admin),
+                    Some(json!({"advance_ms": 1000})),
+                )
+                .await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+        }
+    };
+    let detail = |rid: String| {
+        let h = h.clone();
+        async move {
+            let (s, d) = h
+                .call(
+                    Method::GET,
+                    &format!("/api/v1/rollouts/{rid}"),
+                    Some(&h.admin),
+                    None,
+                )
+                .await;
+            assert_eq!(s, StatusCode::OK, "{d}");
+            d
+        }
+    };
+    let in_wave = |d: &Value, wave: u64| {
+        d["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["wave"] == wave)
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let install = |credential: String| {
+        let h = h.clone();
+        let release = ids[1].clone();
+        async move {
+            for state in ["downloading", "installed", "rebooted", "committed"] {
+                let mut body = json!({"state": state, "release_id": release});
+                if state == "committed" {
+                    body["version"] = json!("1.1.0");
+                }
+                let (s, v) = h
+                    .call(
+                        Method::POST,
+                        "/api/v1/device/report",
+                        Some(&credential),
+                        Some(body),
+                    )
+                    .await;
+                assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+            }
+        }
+    };
+    step().await;
+    let d = detail(rid.clone()).await;
+    let first = in_wave(&d, 1);
+    let ix = devices.iter().position(|(id, _, _)| *id == first).unwrap();
+    install(devices[ix].1.clone()).await;
+    step().await;
+    step().await;
+    let d = detail(rid.clone()).await;
+    assert_eq!(d["status"], "running", "{d}");
+    assert_eq!(d["current_wave"], 1, "held in wave 1: {d}");
+    assert!(
+        d["status_reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no TPM quote"),
+        "{d}"
+    );
+    // Booted 1.1.0: measured and quoted → attested → the wave promotes.
+    let (_, credential, board) = &mut devices[ix];
+    board.reboot();
+    board.tpm().extend_slot_measurement(PCR, &target).unwrap();
+    let nonce = poll(&h, credential)
+        .await
+        .1
+        .expect("a nonce after the version changed");
+    let (s, r) = h
+        .call(
+            Method::POST,
+            "/api/v1/device/attestation",
+            Some(credential),
+            Some(json!({"version": "1.1.0", "quote": board.quote(&nonce)})),
+        )
+        .await;
+    assert_eq!(
+        (s, r["attestation"].as_str()),
+        (StatusCode::OK, Some("attested")),
+        "{r}"
+    );
+    step().await;
+    let d = detail(rid.clone()).await;
+    assert_eq!(d["current_wave"], 2, "promoted: {d}");
+
+    // Wave 2: the device commits, but its TPM measured another image.
+    step().await;
+    let second = in_wave(&detail(rid.clone()).await, 2);
+    let ix = devices.iter().position(|(id, _, _)| *id == second).unwrap();
+    install(devices[ix].1.clone()).await;
+    let (_, credential, board) = &mut devices[ix];
+    board.reboot();
+    board
+        .tpm()
+        .extend_slot_measurement(PCR, &Sha256Digest::of(b"not 1.1.0"))
+        .unwrap();
+    let nonce = poll(&h, credential).await.1.unwrap();
+    let (s, r) = h
+        .call(
+            Method::POST,
+            "/api/v1/device/attestation",
+            Some(credential),
+            Some(json!({"version": "1.1.0", "quote": board.quote(&nonce)})),
+        )
+        .await;
+    assert_eq!(
+        (s, r["attestation"].as_str()),
+        (StatusCode::OK, Some("mismatch")),
+        "{r}"
+    );
+    step().await;
+    let d = detail(rid.clone()).await;
+    assert_eq!(d["status"], "rolled_back", "a mismatch is a failure: {d}");
+}
+
+/// `kernex-image provision`'s pre-authorisation client against the real
+/// server on loopback: what the line records is what the board's updater
+/// enrolls with (the same EK read through the same device code).
+async fn the_factory_line_client_preauthorises_what_the_device_enrolls_with(h: Arc<Harness>) {
+    use kernex_image::preauth::{Outcome, PreauthRequest, preauthorize};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = kernex_server::http::app(h.state.clone());
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let board = DeviceTpm::new();
+    let other = DeviceTpm::new();
+    let ek = board.tpm().endorsement().unwrap();
+    let request = PreauthRequest {
+        device_id: "line-1".into(),
+        ek_public: Some(hex::encode(&ek.public)),
+        ek_certificate: ek.certificate.as_ref().map(hex::encode),
+    };
+    let send = |request: PreauthRequest, token: String| {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || preauthorize(&url, &token, &request))
+    };
+    let (outcome, recorded) = send(request.clone(), h.admin.clone())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcome, Outcome::Created);
+    assert_eq!(recorded.ek_fingerprint, request.ek_fingerprint());
+    let (outcome, _) = send(request.clone(), h.admin.clone())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcome, Outcome::AlreadyPresent, "the line may retry");
+    // A second board claiming the serial is refused; so is a bad token.
+    let mut claim = request.clone();
+    claim.ek_public = Some(hex::encode(&other.identity.ek_public));
+    claim.ek_certificate = None;
+    assert!(send(claim, h.admin.clone()).await.unwrap().is_err());
+    assert!(
+        send(request.clone(), "kxt_wrong".into())
+            .await
+            .unwrap()
+            .is_err()
+    );
+
+    let line = token(&h, true, true).await;
+    let (s, v) = enroll(&h, &line, "line-1", Some(other.identity_json())).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    let (s, v) = enroll(&h, &line, "line-1", Some(board.identity_json())).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let credential = v["credential"].as_str().unwrap().to_string();
+    let (s, ok) = h
+        .call(
+            Method::POST,
+            "/api/v1/device/activate",
+            Some(&credential),
+            Some(json!({"credential": board.activate(&v)})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{ok}");
+    assert_eq!(
+        Some(ok["ek_fingerprint"].as_str().unwrap().to_string()),
+        request.ek_fingerprint()
+    );
+    server.abort();
+}
