@@ -8,7 +8,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
 
-use crate::store::{Store, now_ms};
+use crate::store::{Backend, Store, now_ms};
 
 /// The `prev_hash` of an organisation's first entry.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -66,13 +66,35 @@ fn entry_hash(fields: [&str; 9]) -> String {
     hex::encode(h.finalize())
 }
 
-/// Appends an entry. Concurrent appends to one chain collide on the
-/// (org, seq) primary key; the loser retries on the new head.
+/// The PostgreSQL advisory lock key of an organisation's chain.
+fn chain_lock_key(org_id: &str) -> i64 {
+    let d = Sha256::digest(format!("kernex-audit-chain:{org_id}").as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    i64::from_be_bytes(b)
+}
+
+/// Appends an entry. Appends to one chain are serialised: on SQLite by the
+/// write lock the transaction takes up front (`BEGIN IMMEDIATE`), on
+/// PostgreSQL by a transaction-scoped advisory lock per organisation, held
+/// from reading the chain head to the commit (so concurrent appends, from
+/// this server or another replica, queue instead of colliding). A
+/// collision on the (org, seq) primary key can then only come from a
+/// writer that does not take the lock; it is retried on the new head.
 pub async fn append(store: &Store, entry: Entry<'_>) -> Result<()> {
     let detail = entry.detail.to_string();
     let mut last_err = None;
     for _ in 0..10 {
         let mut tx = store.begin_write().await?;
+        if store.backend() == Backend::Postgres {
+            // Selected through a subquery: the Any driver cannot decode
+            // the function's `void` result.
+            sqlx::query("SELECT 1 AS locked FROM (SELECT pg_advisory_xact_lock($1)) AS l")
+                .bind(chain_lock_key(entry.org_id))
+                .fetch_one(&mut *tx)
+                .await
+                .context("unable to lock the audit chain")?;
+        }
         let head = sqlx::query(
             "SELECT seq, hash FROM audit_log WHERE org_id = $1 ORDER BY seq DESC LIMIT 1",
         )

@@ -155,7 +155,8 @@ fn session_cookie(parts: &Parts) -> Option<&str> {
         .find_map(|c| c.trim().strip_prefix(SESSION_COOKIE)?.strip_prefix('='))
 }
 
-fn bearer(parts: &Parts) -> Option<&str> {
+/// The `Authorization: Bearer` token.
+pub(crate) fn bearer(parts: &Parts) -> Option<&str> {
     let value = parts.headers.get(AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme
@@ -217,22 +218,31 @@ impl FromRequestParts<AppState> for Device {
         if !token.starts_with("kxd_") {
             return Err(Error::Unauthorized);
         }
-        let row = sqlx::query(
-            "SELECT id, org_id, device_id FROM devices WHERE credential_hash = $1 AND revoked = 0",
-        )
-        .bind(secret_hash(token))
-        .fetch_optional(state.store.pool())
-        .await?
-        .ok_or(Error::Unauthorized)?;
-        let pk: String = row.try_get("id")?;
+        let hash = secret_hash(token);
+        let device = match state.credentials.get(&hash) {
+            Some(device) => device,
+            None => {
+                let generation = state.credentials.generation();
+                let row = sqlx::query(
+                    "SELECT id, org_id, device_id FROM devices WHERE credential_hash = $1 AND revoked = 0",
+                )
+                .bind(&hash)
+                .fetch_optional(state.store.pool())
+                .await?
+                .ok_or(Error::Unauthorized)?;
+                let device = Device {
+                    pk: row.try_get("id")?,
+                    org_id: row.try_get("org_id")?,
+                    device_id: row.try_get("device_id")?,
+                };
+                state.credentials.insert(hash, device.clone(), generation);
+                device
+            }
+        };
         state.limits.check(
-            &format!("device:{pk}"),
+            &format!("device:{}", device.pk),
             state.config.device_requests_per_minute,
         )?;
-        Ok(Device {
-            pk,
-            org_id: row.try_get("org_id")?,
-            device_id: row.try_get("device_id")?,
-        })
+        Ok(device)
     }
 }

@@ -6,7 +6,9 @@ pub mod audit;
 pub mod auth;
 pub mod blobs;
 pub mod config;
+pub mod credentials;
 pub mod http;
+pub mod last_seen;
 pub mod retention;
 pub mod rollouts;
 pub mod store;
@@ -45,6 +47,10 @@ pub struct AppState {
     pub egress: Arc<rollouts::time::EgressMeter>,
     /// This replica's name in the scheduler lease.
     pub instance_id: String,
+    /// Poll times not yet written to the store (write-behind).
+    pub last_seen: Arc<last_seen::LastSeen>,
+    /// Device credentials recently seen (revocation drops them).
+    pub credentials: Arc<credentials::CredentialCache>,
 }
 
 impl AppState {
@@ -75,6 +81,8 @@ impl AppState {
             },
             egress: Arc::new(rollouts::time::EgressMeter::default()),
             instance_id: new_id()?,
+            last_seen: Arc::new(last_seen::LastSeen::default()),
+            credentials: Arc::new(credentials::CredentialCache::default()),
             config: Arc::new(config),
         })
     }

@@ -119,6 +119,7 @@ async fn serve(config: Config) -> Result<()> {
         state.config.log_retention_days,
     ));
     tokio::spawn(kernex_server::rollouts::scheduler::run(state.clone()));
+    tokio::spawn(kernex_server::last_seen::LastSeen::run(state.clone()));
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("unable to listen on {listen}"))?;
@@ -128,23 +129,48 @@ async fn serve(config: Config) -> Result<()> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     println!("kernex-server listening on {scheme}://{local}");
     tracing::info!(%local, scheme, "kernex-server listening");
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
     match tls {
         Some(acceptor) => {
             let listener = kernex_server::tls::TlsListener::new(listener, acceptor)
                 .context("unable to start the TLS listener")?;
             axum::serve(listener, http::app(state.clone()))
-                .with_graceful_shutdown(shutdown)
+                .with_graceful_shutdown(shutdown_signal())
                 .await
         }
         None => {
             axum::serve(listener, http::app(state.clone()))
-                .with_graceful_shutdown(shutdown)
+                .with_graceful_shutdown(shutdown_signal())
                 .await
         }
     }
     .context("server failed")?;
+    // Poll times not yet written (write-behind) go to the store now.
+    state
+        .last_seen
+        .flush(&state.store)
+        .await
+        .context("unable to write the last-seen times on shutdown")?;
     kernex_server::rollouts::scheduler::release_lease(&state).await
+}
+
+/// Ctrl-C, or SIGTERM (what service managers and `kill` send).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
 }

@@ -646,6 +646,8 @@ async fn activate_inner(
     .execute(state.store.pool())
     .await;
     match bound {
+        // A swapped credential: the old one stops working now.
+        Ok(_) if pending.is_some() => state.credentials.forget_device(&device.pk),
         Ok(_) => {}
         // The unique (org, EK) index: another device id got this TPM first.
         Err(e) if crate::http::error::is_unique_violation(&e) => {

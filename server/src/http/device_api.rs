@@ -188,6 +188,7 @@ pub async fn enroll(
                 .bind(&id)
                 .execute(state.store.pool())
                 .await?;
+                state.credentials.forget_device(&id);
             }
             set_link(&state, &id, &link).await?;
             let pending = bound.is_some().then(|| secret_hash(&credential));
@@ -337,15 +338,6 @@ pub struct DownloadWindow {
     pub not_after_ms: i64,
 }
 
-async fn touch(state: &AppState, device: &Device) -> Result<()> {
-    sqlx::query("UPDATE devices SET last_seen_at = $1 WHERE id = $2")
-        .bind(state.clock.now_ms())
-        .bind(&device.pk)
-        .execute(state.store.pool())
-        .await?;
-    Ok(())
-}
-
 /// Poll for desired state: 200 with the release to install, 204 when there
 /// is nothing to do. A device bound to a TPM whose attestation is missing,
 /// old or for another version also gets a fresh quote nonce in the
@@ -355,52 +347,26 @@ async fn touch(state: &AppState, device: &Device) -> Result<()> {
     (status = 204, headers(("kernex-attestation-nonce" = String, description = "hex nonce to quote"))),
     (status = 401),
     (status = 403, description = "the device must complete TPM credential activation first")))]
-pub async fn poll(State(state): State<AppState>, device: Device) -> Result<Response> {
-    touch(&state, &device).await?;
-    let nonce = poll_nonce(&state, &device).await?;
-    let mut response = desired_state(&state, &device).await?;
+pub async fn poll(
+    State(state): State<AppState>,
+    polled: crate::http::device_poll::Polled,
+) -> Result<Response> {
+    crate::last_seen::touch(&state, &polled.device.pk).await?;
+    let nonce = if polled.tpm {
+        poll_nonce(&state, &polled.device).await?
+    } else {
+        None
+    };
+    let mut response = match crate::http::device_poll::answer(&state, &polled).await? {
+        Some(desired) => ApiJson(desired).into_response(),
+        None => StatusCode::NO_CONTENT.into_response(),
+    };
     if let Some(nonce) = nonce
         && let Ok(value) = axum::http::HeaderValue::from_str(&nonce)
     {
         response.headers_mut().insert(NONCE_HEADER, value);
     }
     Ok(response)
-}
-
-async fn desired_state(state: &AppState, device: &Device) -> Result<Response> {
-    if let Some(answer) = crate::rollouts::device::poll(state, device).await? {
-        return Ok(match answer {
-            Some(desired) => ApiJson(desired).into_response(),
-            None => StatusCode::NO_CONTENT.into_response(),
-        });
-    }
-    let row = sqlx::query(
-        "SELECT r.id, r.version, r.size, r.sha256, d.current_version FROM devices d JOIN releases r ON r.id = d.desired_release_id WHERE d.id = $1",
-    )
-    .bind(&device.pk)
-    .fetch_optional(state.store.pool())
-    .await?;
-    let Some(row) = row else {
-        return Ok(StatusCode::NO_CONTENT.into_response());
-    };
-    let version: String = row.try_get("version")?;
-    let current: Option<String> = row.try_get("current_version")?;
-    if current.as_deref() == Some(version.as_str()) {
-        return Ok(StatusCode::NO_CONTENT.into_response());
-    }
-    let release_id: String = row.try_get("id")?;
-    Ok(ApiJson(DesiredState {
-        url: format!("/api/v1/device/releases/{release_id}/bundle"),
-        release_id,
-        version,
-        size: row.try_get("size")?,
-        sha256: row.try_get("sha256")?,
-        action: None,
-        rollout_id: None,
-        download_window: None,
-        poll_after_secs: None,
-    })
-    .into_response())
 }
 
 /// Inventory sent with each heartbeat (as `kernex-updater status --json`
@@ -477,18 +443,6 @@ pub async fn heartbeat(
     };
     crate::http::rollouts::check_link(&link)?;
     let now = state.clock.now_ms();
-    let current: String = sqlx::query("SELECT status FROM devices WHERE id = $1")
-        .bind(&device.pk)
-        .fetch_one(state.store.pool())
-        .await?
-        .try_get("status")?;
-    let status = if degraded {
-        "degraded"
-    } else if current == "updating" || current == "reverted" || current == "error" {
-        current.as_str()
-    } else {
-        "online"
-    };
     let inventory = serde_json::to_string(&hb).map_err(|e| Error::Internal(e.into()))?;
     let mut tx = state.store.begin_write().await?;
     sqlx::query(
@@ -504,11 +458,13 @@ pub async fn heartbeat(
     .bind(&inventory)
     .execute(&mut *tx)
     .await?;
+    // Degraded, else an install's status (updating, reverted, error)
+    // stays until its report, else online.
     sqlx::query(
-        "UPDATE devices SET last_seen_at = $1, status = $2, booted_slot = COALESCE($3, booted_slot), primary_slot = COALESCE($4, primary_slot), current_version = COALESCE($5, current_version) WHERE id = $6",
+        "UPDATE devices SET last_seen_at = $1, status = CASE WHEN $2 = 1 THEN 'degraded' WHEN status IN ('updating', 'reverted', 'error') THEN status ELSE 'online' END, booted_slot = COALESCE($3, booted_slot), primary_slot = COALESCE($4, primary_slot), current_version = COALESCE($5, current_version) WHERE id = $6",
     )
     .bind(now)
-    .bind(status)
+    .bind(i64::from(degraded))
     .bind(&hb.booted_slot)
     .bind(&hb.primary_slot)
     .bind(&hb.version)

@@ -129,6 +129,7 @@ pub async fn list(
     filter: Result<Query<DeviceFilter>, axum::extract::rejection::QueryRejection>,
 ) -> Result<ApiJson<Vec<Device>>> {
     let Query(f) = filter?;
+    state.last_seen.flush(&state.store).await?;
     let offline_before = now_ms().saturating_sub(
         i64::try_from(state.config.offline_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX),
     );
@@ -168,6 +169,7 @@ pub async fn detail(
     op: Operator,
     Path(id): Path<String>,
 ) -> Result<ApiJson<Device>> {
+    state.last_seen.flush(&state.store).await?;
     let row = sqlx::query(&format!("{SELECT} WHERE d.id = $1 AND d.org_id = $2"))
         .bind(&id)
         .bind(&op.org_id)
@@ -210,6 +212,7 @@ pub async fn revoke(
             if done.rows_affected() == 0 {
                 return Err(Error::NotFound("no such device"));
             }
+            state.credentials.forget_device(&id);
             Ok((StatusCode::NO_CONTENT, String::new()))
         },
     )

@@ -5,6 +5,7 @@ pub mod attestation;
 pub mod audit_log;
 pub mod deployments;
 pub mod device_api;
+pub mod device_poll;
 pub mod devices;
 pub mod enrollment;
 pub mod error;

@@ -4,7 +4,7 @@
 //! (`PUT /devices/{id}/link`); the egress the HTTP layer counted; and, only
 //! with `test-clock = true`, the clock the simulator steps.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use axum::Router;
 use axum::extract::rejection::QueryRejection;
@@ -170,6 +170,8 @@ pub fn build_preview(
     let mut lo = 0usize;
     let mut total = 0u64;
     let mut metered = 0.0;
+    // Per link class, looked up once (the policy merges defaults).
+    let mut cost_per_gb: HashMap<&str, f64> = HashMap::new();
     for (w, &size) in sizes.iter().enumerate() {
         let mut wp = WavePreview {
             wave: w as u64 + 1,
@@ -182,19 +184,27 @@ pub fn build_preview(
             projected_promote_ms: plan.waves.get(w).map_or(start, |p| p.promote_ms),
         };
         for (i, d) in targets.iter().enumerate().skip(lo).take(size) {
-            let cost = d.bytes as f64 / 1e9 * spec.bandwidth.class(&d.link_class).cost_per_gb;
+            let per_gb = match cost_per_gb.get(d.link_class.as_str()) {
+                Some(c) => *c,
+                None => {
+                    let c = spec.bandwidth.class(&d.link_class).cost_per_gb;
+                    cost_per_gb.insert(&d.link_class, c);
+                    c
+                }
+            };
+            let cost = d.bytes as f64 / 1e9 * per_gb;
             wp.bytes += d.bytes;
             wp.cost += cost;
-            add(
-                wp.link_classes.entry(d.link_class.clone()).or_default(),
-                d.bytes,
-                cost,
-            );
-            add(
-                classes.entry(d.link_class.clone()).or_default(),
-                d.bytes,
-                cost,
-            );
+            for per_class in [&mut wp.link_classes, &mut classes] {
+                match per_class.get_mut(d.link_class.as_str()) {
+                    Some(c) => add(c, d.bytes, cost),
+                    None => add(
+                        per_class.entry(d.link_class.clone()).or_default(),
+                        d.bytes,
+                        cost,
+                    ),
+                }
+            }
             if with_devices {
                 let p = plan.devices.get(i).copied().unwrap_or_default();
                 devices.push(DevicePreview {
@@ -519,6 +529,7 @@ pub async fn detail(
     let (spec, row) = load(&state, &op.org_id, &id).await?;
     let n_waves = spec.waves.len();
     let mut r = summary(&state, spec, &row).await?;
+    state.last_seen.flush(&state.store).await?;
     let now = state.clock.now_ms();
     let offline_before = now
         - i64::try_from(state.config.offline_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX);

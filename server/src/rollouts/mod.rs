@@ -279,8 +279,10 @@ pub async fn targets(
         )));
     }
     let pool = state.store.pool();
+    // Only the columns a target needs (the hardware class is the
+    // release's: it is in the WHERE).
     let rows = sqlx::query(
-        "SELECT id, device_id, hardware_class, current_version, link_class, site, time_zone FROM devices WHERE org_id = $1 AND revoked = 0 AND hardware_class = $2",
+        "SELECT id, device_id, current_version, link_class, site, time_zone FROM devices WHERE org_id = $1 AND revoked = 0 AND hardware_class = $2",
     )
     .bind(org_id)
     .bind(&release.compatible)
@@ -319,7 +321,9 @@ pub async fn targets(
         versions.insert(r.try_get("version")?, r.try_get("id")?);
     }
     let mut out = Targets::default();
-    let mut deltas: HashMap<Option<String>, u64> = HashMap::new();
+    // Per current version: the release it is and the exact delta from it,
+    // computed once per distinct version (not per device).
+    let mut deltas: HashMap<Option<String>, (Option<String>, u64)> = HashMap::new();
     for r in rows {
         let pk: String = r.try_get("id")?;
         if !spec.selector.tags.is_empty() {
@@ -349,20 +353,20 @@ pub async fn targets(
             out.busy += 1;
             continue;
         }
-        let from = current.as_ref().and_then(|v| versions.get(v)).cloned();
-        let bytes = match deltas.get(&from) {
-            Some(b) => *b,
+        let (from, bytes) = match deltas.get(&current) {
+            Some((from, bytes)) => (from.clone(), *bytes),
             None => {
-                let b = release_delta(state, from.as_deref(), &release.id).await?;
-                deltas.insert(from.clone(), b);
-                b
+                let from = current.as_ref().and_then(|v| versions.get(v)).cloned();
+                let bytes = release_delta(state, from.as_deref(), &release.id).await?;
+                deltas.insert(current.clone(), (from.clone(), bytes));
+                (from, bytes)
             }
         };
         let link: Option<String> = r.try_get("link_class")?;
         out.targets.push(Target {
             pk,
             device_id: r.try_get("device_id")?,
-            hardware_class: r.try_get("hardware_class")?,
+            hardware_class: release.compatible.clone(),
             link_class: link.unwrap_or_else(|| DEFAULT_LINK_CLASS.to_string()),
             site: r.try_get("site")?,
             time_zone: r.try_get("time_zone")?,

@@ -5,7 +5,7 @@
 //! maintenance windows in the device's time zone).
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 
 use jiff::tz::TimeZone;
 use sha2::{Digest, Sha256};
@@ -46,108 +46,176 @@ fn stable_hash(s: &str) -> u64 {
     u64::from_be_bytes(b)
 }
 
-/// Orders targets so that every prefix is as diverse as it can be:
-/// devices are grouped by (hardware class, link class, site), groups are
-/// interleaved so consecutive picks come from different link classes and
-/// sites, and within a group the order is a stable hash of the device id,
-/// never creation order.
+/// Orders targets so that every prefix is as diverse as it can be.
+/// Devices are put in buckets by (hardware class, link class, site); within
+/// a bucket the order is a stable hash of the device id, never creation
+/// order. The first [`EARLY_PICKS`] (the early waves) take turns between
+/// the (hardware class, link class) pairs, each turn from the pair's next
+/// bucket whose site is not represented yet (once every site is, sites
+/// count as new again); the rest is a round robin over the buckets. Linear
+/// in the targets, apart from the sort within buckets.
 pub fn diversity_order(targets: &mut Vec<Target>) {
-    // (hardware class, link class, site)
-    type Group = (String, String, String);
-    let mut groups: BTreeMap<Group, Vec<Target>> = BTreeMap::new();
+    struct Bucket {
+        hw: usize,
+        link: usize,
+        site: usize,
+        hash: u64,
+        members: VecDeque<Target>,
+    }
+    fn intern(ids: &mut HashMap<String, usize>, names: &mut Vec<String>, s: &str) -> usize {
+        if let Some(i) = ids.get(s) {
+            return *i;
+        }
+        let i = names.len();
+        ids.insert(s.to_string(), i);
+        names.push(s.to_string());
+        i
+    }
+    let (mut hw_ids, mut link_ids, mut site_ids) = (HashMap::new(), HashMap::new(), HashMap::new());
+    let (mut hw_names, mut link_names, mut site_names) = (Vec::new(), Vec::new(), Vec::new());
+    let mut bucket_ids: HashMap<(usize, usize, usize), usize> = HashMap::new();
+    let mut buckets: Vec<Bucket> = Vec::new();
     for t in targets.drain(..) {
-        let key = (
-            t.hardware_class.clone(),
-            t.link_class.clone(),
-            t.site.clone().unwrap_or_default(),
+        let hw = intern(&mut hw_ids, &mut hw_names, &t.hardware_class);
+        let link = intern(&mut link_ids, &mut link_names, &t.link_class);
+        let site = intern(
+            &mut site_ids,
+            &mut site_names,
+            t.site.as_deref().unwrap_or(""),
         );
-        groups.entry(key).or_default().push(t);
+        let b = *bucket_ids.entry((hw, link, site)).or_insert_with(|| {
+            buckets.push(Bucket {
+                hw,
+                link,
+                site,
+                hash: stable_hash(&format!(
+                    "{}/{}/{}",
+                    hw_names[hw], link_names[link], site_names[site]
+                )),
+                members: VecDeque::new(),
+            });
+            buckets.len() - 1
+        });
+        buckets[b].members.push_back(t);
     }
-    let mut ranked: Vec<((u64, String, u64), Vec<Target>)> = Vec::new();
-    // Rank of a group within its (hardware class, link class): by hash.
-    let mut by_class: BTreeMap<(String, String), Vec<(u64, Group)>> = BTreeMap::new();
-    for key in groups.keys() {
-        let h = stable_hash(&format!("{}/{}/{}", key.0, key.1, key.2));
-        by_class
-            .entry((key.0.clone(), key.1.clone()))
-            .or_default()
-            .push((h, key.clone()));
-    }
-    for (class, mut keys) in by_class {
-        keys.sort();
-        for (rank, (h, key)) in keys.into_iter().enumerate() {
-            if let Some(mut members) = groups.remove(&key) {
-                members.sort_by_cached_key(|t| (stable_hash(&t.pk), t.pk.clone()));
-                ranked.push((
-                    (rank as u64, format!("{}/{}", class.0, class.1), h),
-                    members,
-                ));
-            }
-        }
-    }
-    ranked.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut queues: Vec<VecDeque<Target>> = ranked.into_iter().map(|(_, m)| m.into()).collect();
-    // The early picks (the first waves) greedily take a group whose
-    // hardware class, site and link class are not yet represented, least
-    // recently picked first; the rest is plain round robin.
-    let total: usize = queues.iter().map(VecDeque::len).sum();
-    let mut seen_hw: HashSet<String> = HashSet::new();
-    let mut seen_site: HashSet<String> = HashSet::new();
-    let mut seen_link: HashSet<String> = HashSet::new();
-    let mut last = vec![0usize; queues.len()];
-    for tick in 1..=total.min(EARLY_PICKS) {
-        let heads: Vec<(usize, &Target)> = queues
-            .iter()
-            .enumerate()
-            .filter_map(|(g, q)| q.front().map(|t| (g, t)))
+    for b in &mut buckets {
+        let mut keyed: Vec<(u64, Target)> = b
+            .members
+            .drain(..)
+            .map(|t| (stable_hash(&t.pk), t))
             .collect();
-        let site = |t: &Target| t.site.clone().unwrap_or_default();
-        if heads
-            .iter()
-            .all(|(_, t)| seen_hw.contains(&t.hardware_class))
-        {
-            seen_hw.clear();
-        }
-        if heads
-            .iter()
-            .all(|(_, t)| seen_site.contains(t.site.as_deref().unwrap_or("")))
-        {
-            seen_site.clear();
-        }
-        if heads.iter().all(|(_, t)| seen_link.contains(&t.link_class)) {
-            seen_link.clear();
-        }
-        let best = heads
-            .iter()
-            .map(|(g, t)| {
-                let score = 4 * u8::from(!seen_hw.contains(&t.hardware_class))
-                    + 2 * u8::from(!seen_site.contains(t.site.as_deref().unwrap_or("")))
-                    + u8::from(!seen_link.contains(&t.link_class));
-                (score, Reverse(last[*g]), Reverse(*g))
-            })
-            .max()
-            .map(|(_, _, Reverse(g))| g);
-        let Some(g) = best else { break };
-        let Some(t) = queues[g].pop_front() else {
-            break;
-        };
-        seen_hw.insert(t.hardware_class.clone());
-        seen_site.insert(site(&t));
-        seen_link.insert(t.link_class.clone());
-        last[g] = tick;
-        targets.push(t);
+        keyed.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.pk.cmp(&b.1.pk)));
+        b.members = keyed.into_iter().map(|(_, t)| t).collect();
     }
-    loop {
-        let mut any = false;
-        for q in queues.iter_mut() {
-            if let Some(t) = q.pop_front() {
-                targets.push(t);
-                any = true;
+    // (hardware class, link class) pairs, each with its buckets ranked by
+    // the bucket's hash.
+    let mut pairs: BTreeMap<(&str, &str), Vec<usize>> = BTreeMap::new();
+    for (i, b) in buckets.iter().enumerate() {
+        pairs
+            .entry((&hw_names[b.hw], &link_names[b.link]))
+            .or_default()
+            .push(i);
+    }
+    let mut rank = vec![0usize; buckets.len()];
+    for list in pairs.values_mut() {
+        list.sort_by(|&x, &y| {
+            let (a, b) = (&buckets[x], &buckets[y]);
+            (a.hash, &site_names[a.site]).cmp(&(b.hash, &site_names[b.site]))
+        });
+        for (r, &i) in list.iter().enumerate() {
+            rank[i] = r;
+        }
+    }
+    // Turns go round the pairs so that consecutive ones differ in hardware
+    // class where they can: the first link class of every hardware class,
+    // then the second, ...
+    let mut nth_of_hw: HashMap<&str, usize> = HashMap::new();
+    let mut turns: Vec<(usize, &str, &str, VecDeque<usize>)> = pairs
+        .into_iter()
+        .map(|((hw, link), list)| {
+            let n = nth_of_hw.entry(hw).or_insert(0);
+            *n += 1;
+            (*n, hw, link, list.into())
+        })
+        .collect();
+    turns.sort_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
+    let mut rotations: Vec<VecDeque<usize>> = turns.into_iter().map(|t| t.3).collect();
+
+    let total: usize = buckets.iter().map(|b| b.members.len()).sum();
+    // Buckets not yet empty per site, and the sites already represented.
+    let mut live = vec![0usize; site_names.len()];
+    for b in &buckets {
+        live[b.site] += 1;
+    }
+    let mut seen = vec![false; site_names.len()];
+    let mut unseen_live = live.iter().filter(|&&n| n > 0).count();
+    let mut picked = 0usize;
+    while picked < total.min(EARLY_PICKS) {
+        rotations.retain(|r| !r.is_empty());
+        if rotations.is_empty() {
+            break;
+        }
+        for rotation in rotations.iter_mut() {
+            if picked >= total.min(EARLY_PICKS) {
+                break;
+            }
+            if rotation.is_empty() {
+                continue;
+            }
+            if unseen_live == 0 {
+                seen.iter_mut().for_each(|s| *s = false);
+                unseen_live = live.iter().filter(|&&n| n > 0).count();
+            }
+            // The pair's next bucket on a site not seen yet (else its next).
+            for _ in 0..rotation.len() {
+                match rotation.front() {
+                    Some(&b) if seen[buckets[b].site] => rotation.rotate_left(1),
+                    _ => break,
+                }
+            }
+            let Some(b) = rotation.pop_front() else {
+                continue;
+            };
+            let bucket = &mut buckets[b];
+            let Some(t) = bucket.members.pop_front() else {
+                continue;
+            };
+            targets.push(t);
+            picked += 1;
+            if !seen[bucket.site] {
+                seen[bucket.site] = true;
+                unseen_live -= 1;
+            }
+            if bucket.members.is_empty() {
+                live[bucket.site] -= 1;
+            } else {
+                rotation.push_back(b);
             }
         }
-        if !any {
-            break;
-        }
+    }
+    // The rest: round robin over the buckets in rank order (rank 0 of every
+    // pair, then rank 1, ...).
+    let mut order: Vec<usize> = (0..buckets.len()).collect();
+    order.sort_by(|&x, &y| {
+        let (a, b) = (&buckets[x], &buckets[y]);
+        (rank[x], &hw_names[a.hw], &link_names[a.link], a.hash).cmp(&(
+            rank[y],
+            &hw_names[b.hw],
+            &link_names[b.link],
+            b.hash,
+        ))
+    });
+    while !order.is_empty() {
+        order.retain(|&b| {
+            let bucket = &mut buckets[b];
+            match bucket.members.pop_front() {
+                Some(t) => {
+                    targets.push(t);
+                    true
+                }
+                None => false,
+            }
+        });
     }
 }
 
@@ -273,6 +341,7 @@ pub fn project(
         devices: vec![DevicePlan::default(); targets.len()],
         ..Plan::default()
     };
+    let min_rate = devs.iter().map(|d| d.rate).min().unwrap_or(u64::MAX);
     let mut site_active = vec![0u64; site_ids.len()];
     let mut day_used: HashMap<(usize, i64), u64> = HashMap::new();
     let mut wave_start = start_ms;
@@ -326,6 +395,14 @@ pub fn project(
                     }
                 };
                 if !open {
+                    continue;
+                }
+                if active.len() as u64 >= max_conc {
+                    break 'admit;
+                }
+                // Nothing fits under the cap: skip the scan, which would
+                // only pass over every candidate.
+                if rate_sum.saturating_add(min_rate) > cap {
                     continue;
                 }
                 let mut i = 0usize;
@@ -453,6 +530,39 @@ mod tests {
             ts[..3].iter().map(|t| t.link_class.clone()).collect();
         assert_eq!(classes.len(), 3, "first three from three link classes");
         assert_eq!(ts.len(), 100);
+    }
+
+    #[test]
+    fn order_is_a_permutation_independent_of_input_order() {
+        let make = || -> Vec<Target> {
+            (0..5000)
+                .map(|i| {
+                    let class = ["ethernet", "wifi", "metered-4g"][i % 3];
+                    let mut t = target(i, class, &format!("site{}", i % 97), 1000);
+                    t.hardware_class = ["hw-a", "hw-b"][i % 2].into();
+                    if i % 11 == 0 {
+                        t.site = None;
+                    }
+                    t
+                })
+                .collect()
+        };
+        let mut a = make();
+        let mut b = make();
+        b.reverse();
+        diversity_order(&mut a);
+        diversity_order(&mut b);
+        let pa: Vec<&str> = a.iter().map(|t| t.pk.as_str()).collect();
+        let pb: Vec<&str> = b.iter().map(|t| t.pk.as_str()).collect();
+        assert_eq!(pa, pb);
+        let mut sorted = pa.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 5000);
+        // The first picks alternate hardware classes and cover many sites.
+        assert_ne!(a[0].hardware_class, a[1].hardware_class);
+        let sites: std::collections::HashSet<_> = a[..60].iter().map(|t| t.site.clone()).collect();
+        assert!(sites.len() >= 55, "{}", sites.len());
     }
 
     #[test]

@@ -96,6 +96,8 @@ pub async fn tick(state: &AppState) -> Result<bool> {
     if !acquire_lease(state, now).await? {
         return Ok(false);
     }
+    // Offline detection reads last_seen_at: write the pending poll times.
+    state.last_seen.flush(&state.store).await?;
     let ids: Vec<String> = sqlx::query(
         "SELECT id FROM rollouts WHERE status IN ('scheduled', 'running', 'paused') ORDER BY created_at",
     )

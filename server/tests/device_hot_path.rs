@@ -1,0 +1,201 @@
+//! What the device hot path keeps in memory stays correct: the last-seen
+//! write-behind (readers see every poll; a flush never moves a time
+//! backwards), the credential cache (revocation and re-enrollment take
+//! effect at once), and the audit chain under concurrent enrollment. Each
+//! test runs on SQLite and on PostgreSQL.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::sync::Arc;
+
+use axum::http::{Method, StatusCode};
+use common::Harness;
+use serde_json::json;
+use sqlx::Row;
+
+both!(
+    concurrent_enrollment_keeps_the_audit_chain,
+    polls_are_seen_by_every_reader,
+    pending_poll_times_never_move_last_seen_back,
+    revocation_takes_effect_at_once,
+    re_enrollment_retires_the_old_credential_at_once,
+);
+
+async fn last_seen_in_store(h: &Harness, pk: &str) -> Option<i64> {
+    sqlx::query("SELECT last_seen_at FROM devices WHERE id = $1")
+        .bind(pk)
+        .fetch_one(h.state.store.pool())
+        .await
+        .unwrap()
+        .try_get("last_seen_at")
+        .unwrap()
+}
+
+async fn poll(h: &Harness, cred: &str) -> StatusCode {
+    h.call(Method::GET, "/api/v1/device/poll", Some(cred), None)
+        .await
+        .0
+}
+
+/// 50 devices enroll at once: every one succeeds (no 500 from the audit
+/// chain), and the chain has one entry each and verifies.
+async fn concurrent_enrollment_keeps_the_audit_chain(h: Arc<Harness>) {
+    let (_, token) = h.enrollment_token(&h.admin, &[]).await;
+    let before = h.count("audit_log").await;
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let h = h.clone();
+        let token = token.clone();
+        tasks.push(tokio::spawn(async move {
+            h.call(
+                Method::POST,
+                "/api/v1/device/enroll",
+                None,
+                Some(json!({"enrollment_token": token, "device_id": format!("rush-{i:02}"), "hardware_class": "qemu-aarch64"})),
+            )
+            .await
+        }));
+    }
+    for task in tasks {
+        let (s, body) = task.await.unwrap();
+        assert_eq!(s, StatusCode::CREATED, "{body}");
+    }
+    assert_eq!(h.count("devices").await, 50);
+    assert_eq!(h.count("audit_log").await, before + 50);
+    let org: String = sqlx::query("SELECT id FROM organizations")
+        .fetch_one(h.state.store.pool())
+        .await
+        .unwrap()
+        .try_get("id")
+        .unwrap();
+    assert_eq!(
+        kernex_server::audit::verify_chain(&h.state.store, &org)
+            .await
+            .unwrap(),
+        None
+    );
+    let (_, page) = h
+        .call(Method::GET, "/api/v1/audit", Some(&h.admin), None)
+        .await;
+    assert_eq!(page["chain_broken_at"], serde_json::Value::Null);
+}
+
+/// A poll is written behind, yet the device list, the device detail and
+/// the scheduler see it, and a flush writes it.
+async fn polls_are_seen_by_every_reader(h: Arc<Harness>) {
+    let (_, token) = h.enrollment_token(&h.admin, &[]).await;
+    let (pk, cred) = h.enroll(&token, "poller", "qemu-aarch64").await;
+    assert_eq!(last_seen_in_store(&h, &pk).await, None);
+    assert_eq!(poll(&h, &cred).await, StatusCode::NO_CONTENT);
+    // Written behind: not in the store yet, pending in memory.
+    assert_eq!(h.state.last_seen.pending(), 1);
+    assert_eq!(last_seen_in_store(&h, &pk).await, None);
+    // The device list sees it (it flushes first): seen, so not offline.
+    let (s, list) = h
+        .call(
+            Method::GET,
+            "/api/v1/devices?status=offline",
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(list, json!([]));
+    let seen = last_seen_in_store(&h, &pk).await.expect("flushed");
+    assert_eq!(h.state.last_seen.pending(), 0);
+    // The detail too, after another poll.
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    assert_eq!(poll(&h, &cred).await, StatusCode::NO_CONTENT);
+    let (_, d) = h
+        .call(
+            Method::GET,
+            &format!("/api/v1/devices/{pk}"),
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    let shown = d["last_seen_at"].as_i64().unwrap();
+    assert!(shown > seen, "{shown} > {seen}");
+    // The scheduler's pass flushes too.
+    assert_eq!(poll(&h, &cred).await, StatusCode::NO_CONTENT);
+    assert_eq!(h.state.last_seen.pending(), 1);
+    kernex_server::rollouts::scheduler::tick(&h.state)
+        .await
+        .unwrap();
+    assert_eq!(h.state.last_seen.pending(), 0);
+    // Many devices in one flush (more than one statement's worth).
+    let many: Vec<String> = (0..1234).map(|i| format!("{pk}-{i}")).collect();
+    for (i, p) in many.iter().enumerate() {
+        assert!(h.state.last_seen.record(p, i as i64));
+    }
+    assert!(h.state.last_seen.record(&pk, i64::MAX / 2));
+    assert_eq!(h.state.last_seen.flush(&h.state.store).await.unwrap(), 1235);
+    assert_eq!(last_seen_in_store(&h, &pk).await, Some(i64::MAX / 2));
+}
+
+/// Heartbeats write last_seen_at directly; an older poll time still
+/// pending does not overwrite a newer one.
+async fn pending_poll_times_never_move_last_seen_back(h: Arc<Harness>) {
+    let (_, token) = h.enrollment_token(&h.admin, &[]).await;
+    let (pk, cred) = h.enroll(&token, "beater", "qemu-aarch64").await;
+    assert!(h.state.last_seen.record(&pk, 1000));
+    let (s, _) = h
+        .call(
+            Method::POST,
+            "/api/v1/device/heartbeat",
+            Some(&cred),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let after_heartbeat = last_seen_in_store(&h, &pk).await.unwrap();
+    assert!(after_heartbeat > 1000);
+    h.state.last_seen.flush(&h.state.store).await.unwrap();
+    assert_eq!(last_seen_in_store(&h, &pk).await, Some(after_heartbeat));
+}
+
+/// A device whose credential is cached is refused as soon as it is
+/// revoked, on every device endpoint.
+async fn revocation_takes_effect_at_once(h: Arc<Harness>) {
+    let (_, token) = h.enrollment_token(&h.admin, &[]).await;
+    let (pk, cred) = h.enroll(&token, "doomed", "qemu-aarch64").await;
+    let (_, other) = h.enroll(&token, "bystander", "qemu-aarch64").await;
+    assert_eq!(poll(&h, &cred).await, StatusCode::NO_CONTENT);
+    assert_eq!(poll(&h, &other).await, StatusCode::NO_CONTENT);
+    assert!(h.state.credentials.len() >= 2, "cached");
+    let (s, _) = h
+        .call(
+            Method::POST,
+            &format!("/api/v1/devices/{pk}/revoke"),
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(poll(&h, &cred).await, StatusCode::UNAUTHORIZED);
+    let (s, _) = h
+        .call(
+            Method::POST,
+            "/api/v1/device/heartbeat",
+            Some(&cred),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // Other devices are not affected.
+    assert_eq!(poll(&h, &other).await, StatusCode::NO_CONTENT);
+}
+
+/// Re-enrolling rotates the credential: the old one, cached, stops
+/// working at once; the new one works.
+async fn re_enrollment_retires_the_old_credential_at_once(h: Arc<Harness>) {
+    let (_, token) = h.enrollment_token(&h.admin, &[]).await;
+    let (pk, old) = h.enroll(&token, "reborn", "qemu-aarch64").await;
+    assert_eq!(poll(&h, &old).await, StatusCode::NO_CONTENT);
+    let (pk2, new) = h.enroll(&token, "reborn", "qemu-aarch64").await;
+    assert_eq!(pk, pk2);
+    assert_ne!(old, new);
+    assert_eq!(poll(&h, &old).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(poll(&h, &new).await, StatusCode::NO_CONTENT);
+}
