@@ -616,7 +616,9 @@ fn operator_flows_in_a_real_browser() {
     b.type_into("#label", "line 3");
     b.type_into("#tags", "site-b metered");
     b.click("form[action='/ui/enrollment-tokens'] button[type=submit]");
-    let token = b.text(&format!("#{}", "new-token"));
+    // The next page, not the form still on screen (a loaded machine is slow).
+    b.wait_for("#new-token");
+    let token = b.text("#new-token");
     assert!(token.starts_with("kxe_"), "{token}");
     let (s, v) = request(
         &http,
