@@ -129,17 +129,28 @@ pub fn preauthorize(
     api_token: &str,
     request: &PreauthRequest,
 ) -> Result<(Outcome, Preauthorization), PreauthError> {
+    let (status, answer) = post_json(server, PATH, api_token, request)?;
+    handle_answer(request, status, &answer)
+}
+
+/// POSTs `body` as JSON to `server` + `path` with the operator's token;
+/// the status and the (bounded) answer.
+fn post_json<T: Serialize + ?Sized>(
+    server: &str,
+    path: &str,
+    api_token: &str,
+    body: &T,
+) -> Result<(u16, Vec<u8>), PreauthError> {
     if !(server.starts_with("http://") || server.starts_with("https://")) {
         return Err(PreauthError::BadUrl(server.to_owned()));
     }
-    let url = format!("{}{PATH}", server.trim_end_matches('/'));
-    let agent = agent();
+    let url = format!("{}{path}", server.trim_end_matches('/'));
     let unreachable = |reason: String| PreauthError::Unreachable {
         url: url.clone(),
         reason,
     };
-    let body = serde_json::to_vec(request).map_err(|e| unreachable(e.to_string()))?;
-    let mut resp = agent
+    let body = serde_json::to_vec(body).map_err(|e| unreachable(e.to_string()))?;
+    let mut resp = agent()
         .post(&url)
         .header("Content-Type", "application/json")
         .header("Authorization", format!("Bearer {api_token}"))
@@ -152,7 +163,7 @@ pub fn preauthorize(
         .limit(MAX_ANSWER)
         .read_to_vec()
         .map_err(|e| unreachable(format!("reading the answer: {e}")))?;
-    handle_answer(request, status, &answer)
+    Ok((status, answer))
 }
 
 fn agent() -> ureq::Agent {
@@ -189,29 +200,12 @@ pub fn check_enrollment_token(
     api_token: &str,
     token: &str,
 ) -> Result<EnrollmentTokenInfo, PreauthError> {
-    if !(server.starts_with("http://") || server.starts_with("https://")) {
-        return Err(PreauthError::BadUrl(server.to_owned()));
-    }
-    let url = format!("{}{TOKEN_CHECK_PATH}", server.trim_end_matches('/'));
-    let unreachable = |reason: String| PreauthError::Unreachable {
-        url: url.clone(),
-        reason,
-    };
-    let body = serde_json::to_vec(&serde_json::json!({ "token": token }))
-        .map_err(|e| unreachable(e.to_string()))?;
-    let mut resp = agent()
-        .post(&url)
-        .header("Content-Type", "application/json")
-        .header("Authorization", format!("Bearer {api_token}"))
-        .send(&body[..])
-        .map_err(|e| unreachable(e.to_string()))?;
-    let status = resp.status().as_u16();
-    let answer = resp
-        .body_mut()
-        .with_config()
-        .limit(MAX_ANSWER)
-        .read_to_vec()
-        .map_err(|e| unreachable(format!("reading the answer: {e}")))?;
+    let (status, answer) = post_json(
+        server,
+        TOKEN_CHECK_PATH,
+        api_token,
+        &serde_json::json!({ "token": token }),
+    )?;
     let text = || -> String { String::from_utf8_lossy(&answer).chars().take(500).collect() };
     match status {
         200 => serde_json::from_slice(&answer).map_err(|e| PreauthError::BadAnswer {

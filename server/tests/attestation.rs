@@ -640,16 +640,7 @@ async fn gate(db: common::Db) {
 /// wave until a quote for the new release attests it; in the next wave a
 /// quote showing another image counts as a failure and rolls back.
 async fn gate_body(h: Arc<Harness>) {
-    let v = |s: &str| semver::Version::parse(s).unwrap();
-    let made = kernex_sim::releases::make_releases(
-        &h.dir.path().join("releases"),
-        "sim-x86",
-        &[v("1.0.0"), v("1.1.0")],
-        1 << 20,
-        0.25,
-        7,
-    )
-    .unwrap();
+    let made = common::sim_releases(&h);
     let pem = std::fs::read_to_string(&made.ca_pem).unwrap();
     let (s, _) = h
         .call(

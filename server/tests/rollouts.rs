@@ -13,7 +13,7 @@ use axum::http::{Method, StatusCode};
 use common::{Db, Harness};
 use kernex_server::AppState;
 use kernex_sim::fleet::{Fleet, FleetOptions, LinkProfile, Summary};
-use kernex_sim::releases::{LocalRelease, MadeReleases, make_releases};
+use kernex_sim::releases::{LocalRelease, MadeReleases};
 use serde_json::{Value, json};
 use sqlx::Row;
 
@@ -65,16 +65,7 @@ where
 }
 
 fn releases(h: &Harness) -> MadeReleases {
-    let v = |s: &str| semver::Version::parse(s).unwrap();
-    make_releases(
-        &h.dir.path().join("releases"),
-        "sim-x86",
-        &[v("1.0.0"), v("1.1.0")],
-        1 << 20,
-        0.25,
-        7,
-    )
-    .unwrap()
+    common::sim_releases(h)
 }
 
 async fn serve(state: AppState) -> (String, tokio::task::JoinHandle<()>) {

@@ -307,6 +307,21 @@ impl Harness {
     }
 }
 
+/// Two signed releases of hardware class `sim-x86` (1.0.0, 1.1.0, 1 MiB
+/// images, a quarter changed) made by the fleet simulator's builder.
+pub fn sim_releases(h: &Harness) -> kernex_sim::releases::MadeReleases {
+    let v = |s: &str| semver::Version::parse(s).unwrap();
+    kernex_sim::releases::make_releases(
+        &h.dir.path().join("releases"),
+        "sim-x86",
+        &[v("1.0.0"), v("1.1.0")],
+        1 << 20,
+        0.25,
+        7,
+    )
+    .unwrap()
+}
+
 /// Runs `body` on a fresh harness for `db`, then drops the database, even
 /// when the body panics (the panic is re-raised).
 pub async fn run<F, Fut>(db: Db, body: F)
