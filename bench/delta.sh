@@ -168,6 +168,7 @@ img_bytes=$(stat -c %s "$work/v1.img")
 # and at 16 KiB (min 4 KiB), both zstd; casync blob index + chunk store at
 # casync's defaults (avg 64 KiB).
 cases="v2a v2b v2c"
+declare -A patched_create_time
 chunk_sizes=${BENCH_CHUNK_SIZES:-"16:4 32:8 64:16"}
 default_cs=32:8
 [[ " $chunk_sizes " == *" $default_cs "* ]] || die "--chunk-sizes must include the default $default_cs"
@@ -181,6 +182,17 @@ for cs in $chunk_sizes; do
             --key "$key" --cert "$cert" --out "$work/srv/$v-$cs.kxb" --json >/dev/null ||
             die "bundle create $v ($cs) failed"
     done
+done
+log "bundles with a patch from v1 (default chunking, bundle create --patch-from)"
+for v in $cases; do
+    ver=2.0.0; [[ $v == v2b ]] && ver=2.1.0; [[ $v == v2c ]] && ver=2.2.0
+    t0=$(date +%s.%N)
+    "$kx" bundle create --compatible bench-x86_64 --version $ver --rootfs "$work/$v.img" \
+        --patch-from "$work/srv/v1-$default_cs.kxb" --keyring "$ca" \
+        --key "$key" --cert "$cert" --out "$work/srv/$v-patched.kxb" --json >"$work/create-$v-patched.json" ||
+        die "bundle create $v --patch-from failed"
+    t1=$(date +%s.%N)
+    patched_create_time[$v]=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')
 done
 log "bita archives and casync stores"
 for v in $cases; do
@@ -253,21 +265,22 @@ t1=$(now)
 dd_time=$(secs "$t0" "$t1")
 rm -f "$work/dd.img"
 
-# kernex_run CASE CHUNK-SIZE LINK-LINES TAG: kernex-updater install over HTTP.
+# kernex_run CASE CHUNK-SIZE LINK-LINES TAG [BUNDLE]: kernex-updater install
+# over HTTP of BUNDLE.kxb (default CASE-CHUNK-SIZE) on the v1 device state.
 declare -A kx_bytes kx_req kx_time kx_rss
 kernex_run() {
-    local v=$1 cs=$2 link=$3 tag=$4
+    local v=$1 cs=$2 link=$3 tag=$4 name=${5:-$1-$2}
     rm -rf "$dev" && cp -a "$work/dev-v1-$cs" "$dev"
     write_config B "$link"
     : >"$work/server.log"
     sync
     local t0 t1
     t0=$(now)
-    /usr/bin/time -v -o "$work/time-$tag" "$ku" --config "$dev/system.toml" install "$url/$v-$cs.kxb" --json \
+    /usr/bin/time -v -o "$work/time-$tag" "$ku" --config "$dev/system.toml" install "$url/$name.kxb" --json \
         >"$work/install-$tag.json" || die "install $v ($tag) failed"
     t1=$(now)
     kx_time[$tag]=$(secs "$t0" "$t1")
-    read -r kx_bytes[$tag] kx_req[$tag] < <(served "/$v-$cs.kxb")
+    read -r kx_bytes[$tag] kx_req[$tag] < <(served "/$name.kxb")
     kx_rss[$tag]=$(awk -F': ' '/Maximum resident/ { print $2 }' "$work/time-$tag")
     cmp -s "$dev/slot-a.img" "$work/$v.img" || die "slot A does not hold $v after the install ($tag)"
 }
@@ -278,6 +291,8 @@ for v in $cases; do
         log "$v: kernex-updater install over HTTP ($cs)"
         kernex_run "$v" "$cs" "" "$v-$cs"
     done
+    log "$v: kernex-updater install over HTTP, bundle with a patch from v1 ($default_cs)"
+    kernex_run "$v" "$default_cs" "" "$v-patched" "$v-patched"
     full_bytes[$v]=$(stat -c %s "$work/srv/$v-$default_cs.kxb")
     for b in default 16k; do
         log "$v: bita clone --seed v1.img ($b)"
@@ -344,6 +359,12 @@ for cs in $chunk_sizes; do
         row "… peak RSS" "eval echo \${kx_rss[\$v-$cs]} KiB"
     fi
 done
+row "**kernex-updater install, bundle with a patch from v1 ($default_cs): bytes**" 'eval frac ${kx_bytes[$v-patched]} $v'
+row "… HTTP requests" 'eval echo ${kx_req[$v-patched]}'
+row "… time" 'eval echo ${kx_time[$v-patched]} s'
+row "… peak RSS" 'eval echo ${kx_rss[$v-patched]} KiB'
+row "… bundle create --patch-from time" 'eval echo ${patched_create_time[$v]} s'
+row "… bundle size (with the patch)" 'eval mib $(stat -c %s "$work/srv/$v-patched.kxb")'
 for b in default 16k; do
     l="bita clone --seed v1.img, defaults (64 KiB)"; [[ $b == 16k ]] && l="bita clone --seed v1.img, 16 KiB"
     row "$l: bytes" "eval frac \${bita_bytes[\$v-$b]} \$v"
@@ -354,8 +375,10 @@ row "casync extract --seed=v1.img: bytes" 'eval frac ${ca_bytes[$v]} $v'
 row "… HTTP requests" 'eval echo ${ca_req[$v]}'
 row "… time" 'eval echo ${ca_time[$v]} s'
 row "zstd -$zstd_level --long --patch-from=v1.img: patch" 'eval frac ${patch_bytes[$v]} $v'
-row "**kernex ($default_cs) ÷ bita default (goal ≤ 0.6)**" "eval x \${kx_bytes[\$v-$default_cs]} \${bita_bytes[\$v-default]}"
-row "**kernex ($default_cs) ÷ zstd patch (goal ≤ 1.5)**" "eval x \${kx_bytes[\$v-$default_cs]} \${patch_bytes[\$v]}"
+row "kernex ($default_cs, no patch) ÷ bita default" "eval x \${kx_bytes[\$v-$default_cs]} \${bita_bytes[\$v-default]}"
+row "kernex ($default_cs, no patch) ÷ zstd patch" "eval x \${kx_bytes[\$v-$default_cs]} \${patch_bytes[\$v]}"
+row "**kernex with a patch from v1 ÷ bita default (goal ≤ 0.6)**" 'eval x ${kx_bytes[$v-patched]} ${bita_bytes[$v-default]}'
+row "**kernex with a patch from v1 ÷ zstd patch (goal ≤ 1.5)**" 'eval x ${kx_bytes[$v-patched]} ${patch_bytes[$v]}' 
 echo
 echo "| full image | |"
 echo "| --- | ---: |"

@@ -65,6 +65,7 @@ fn make_bundle(signer: Option<&Signer>, edit: &dyn Fn(Vec<u8>) -> Vec<u8>) -> Re
         class: SlotClass::Rootfs,
         filesystem: FsType::Raw,
         built: &built,
+        patches: &[],
     }];
     let manifest = bundle::manifest_for(&release, &inputs)?;
     let manifest_bytes = edit(manifest.to_vec()?);
@@ -79,6 +80,7 @@ fn make_bundle(signer: Option<&Signer>, edit: &dyn Fn(Vec<u8>) -> Vec<u8>) -> Re
             class: SlotClass::Rootfs,
             filesystem: FsType::Raw,
             built: &built,
+            patches: &[],
         },
         &mut reader,
     )];

@@ -287,6 +287,117 @@ fn one_small_file_change_costs_a_small_delta() {
 }
 
 #[test]
+fn a_patch_from_the_previous_release_carries_a_patched_binary_in_few_bytes() {
+    let r = Release::new();
+    // A binary patched in many places (every one of its chunks changes a
+    // little) and a config edit.
+    let tool = fs::read_dir(r.path("root/usr/bin"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .max_by_key(|p| fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .unwrap();
+    let mut bytes = fs::read(&tool).unwrap();
+    assert!(bytes.len() > 64 * 1024, "{} is too small", tool.display());
+    for at in (0..bytes.len()).step_by(4096) {
+        bytes[at] ^= 0x5a;
+    }
+    fs::write(&tool, &bytes).unwrap();
+    fs::write(r.path("root/etc/agent.conf"), "model=qwen-1.5b-q5\n").unwrap();
+    r.build("1.0.1", "rootfs-2.img", "release-2.kxb");
+    let create = |extra: &[&str], out: &str| {
+        let mut cmd = kernex_image();
+        cmd.args([
+            "bundle",
+            "create",
+            "--compatible",
+            "qemu-aarch64",
+            "--version",
+            "1.0.1",
+        ])
+        .arg("--rootfs")
+        .arg(r.path("rootfs-2.img"))
+        .arg("--key")
+        .arg(r.path("keys/signing.key"))
+        .arg("--cert")
+        .arg(r.path("keys/signing.crt"))
+        .args(extra)
+        .arg("--out")
+        .arg(r.path(out));
+        cmd
+    };
+    let release1 = r.path("release-1.kxb").display().to_string();
+    let keyring = r.path("keys/ca.crt").display().to_string();
+    run(&mut create(
+        &["--patch-from", &release1, "--keyring", &keyring],
+        "release-2p.kxb",
+    ));
+    let delta = |new: &str| {
+        run_json(
+            kernex_image()
+                .args(["bundle", "delta", "--json"])
+                .arg(r.path("release-1.kxb"))
+                .arg(r.path(new)),
+        )
+    };
+    let plain = delta("release-2.kxb");
+    let patched = delta("release-2p.kxb");
+    let image = &patched["images"][0];
+    assert!(image["chunks-patched"].as_u64().unwrap() > 0, "{patched}");
+    assert!(
+        image["patch-table-bytes"].as_u64().unwrap() > 0,
+        "{patched}"
+    );
+    let (p, q) = (
+        plain["total-bytes"].as_u64().unwrap(),
+        patched["total-bytes"].as_u64().unwrap(),
+    );
+    assert!(q * 3 < p, "with the patch {q} bytes, without {p}");
+    // The bundle verifies (the patch table is checked too), lists the
+    // patch, and unpacks with tar into the documented member.
+    run(kernex_image()
+        .args(["bundle", "verify", "--keyring"])
+        .arg(r.path("keys/ca.crt"))
+        .arg(r.path("release-2p.kxb")));
+    let inspect = run(kernex_image()
+        .args(["bundle", "inspect"])
+        .arg(r.path("release-2p.kxb")));
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    assert!(text.contains("patch       from 1.0.0"), "{text}");
+    let base = sha256_file(&r.path("rootfs-1.img"));
+    let dir = r.unpack("release-2p.kxb");
+    assert!(dir.join(format!("rootfs.from-{base}.kxp")).is_file());
+    // A device on 1.0.1 (or anything else) gets nothing from it.
+    let from_itself = run_json(
+        kernex_image()
+            .args(["bundle", "delta", "--json"])
+            .arg(r.path("release-2.kxb"))
+            .arg(r.path("release-2p.kxb")),
+    );
+    assert_eq!(from_itself["images"][0]["patch-table-bytes"], 0);
+
+    // --patch-from needs a keyring; a base for other hardware is refused.
+    let out = create(&["--patch-from", &release1], "never.kxb")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--keyring"));
+    let out = r.create_cmd("raspberrypi4-64", "keys/signing.key");
+    let mut out = out;
+    let out = out
+        .args(["--patch-from", &release1, "--keyring", &keyring])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("never used"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!r.path("never.kxb").exists());
+}
+
+#[test]
 fn bad_input_fails_with_a_named_reason_and_exit_code_1() {
     let r = Release::new();
     let golden = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../protocol/tests/golden");

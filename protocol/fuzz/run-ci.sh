@@ -87,6 +87,20 @@ for at in 0 8192 204800; do
     chunk_seed "$work/chunk-$at" "$seeds/chunk/zstd-$at" zstd
     chunk_seed "$work/chunk-$at" "$seeds/chunk/raw-$at"
 done
+# Patch tables (see fuzz_targets/patch.rs, the layout in src/patch.rs): one
+# entry of one range, and two entries; and a zstd frame.
+le_u64_bytes() { le_u32_bytes $(($1 & 0xffffffff)); le_u32_bytes $(($1 >> 32)); }
+{
+    printf 'KXPATCH1'; le_u64_bytes 1048576; le_u32_bytes 1; le_u32_bytes 0
+    le_u32_bytes 0; le_u32_bytes 16; printf '\x01\x00\x00\x00'; le_u64_bytes 4096; le_u32_bytes 8192
+} >"$seeds/patch/one"
+{
+    printf 'KXPATCH1'; le_u64_bytes 1048576; le_u32_bytes 2; le_u32_bytes 0
+    le_u32_bytes 3; le_u32_bytes 10; printf '\x01\x00\x00\x00'; le_u64_bytes 0; le_u32_bytes 100
+    le_u32_bytes 9; le_u32_bytes 20; printf '\x02\x00\x00\x00'; le_u64_bytes 4096; le_u32_bytes 8192
+    le_u64_bytes 1048566; le_u32_bytes 10
+} >"$seeds/patch/two"
+zstd -q -c "$work/chunk-8192" >"$seeds/patch/frame"
 for t in $targets; do
     if [ -z "$(ls -A "$seeds/$t")" ]; then
         echo "run-ci.sh: no seeds for target $t" >&2

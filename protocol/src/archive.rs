@@ -615,9 +615,30 @@ pub fn verify_chunk(
             chunk.source_size
         )));
     }
+    verify_decoded(chunk, data)
+}
+
+/// Checks a chunk's decoded data (from the archive or from a patch) against
+/// its size and hash.
+pub fn verify_decoded(chunk: &StoredChunk, data: Vec<u8>) -> Result<VerifiedChunk, ArchiveError> {
+    if data.len() != chunk.source_size as usize {
+        return Err(ArchiveError::Chunk {
+            hash: chunk.hash,
+            offset: chunk.archive_offset,
+            reason: format!(
+                "decodes to {} bytes, expected {}",
+                data.len(),
+                chunk.source_size
+            ),
+        });
+    }
     let hash = ChunkHash::of(&data, chunk.hash.as_bytes().len() as u8);
     if hash != chunk.hash {
-        return Err(corrupt(format!("hash is {hash}")));
+        return Err(ArchiveError::Chunk {
+            hash: chunk.hash,
+            offset: chunk.archive_offset,
+            reason: format!("hash is {hash}"),
+        });
     }
     Ok(VerifiedChunk {
         hash: chunk.hash,

@@ -17,12 +17,13 @@ use crate::container::{
     self, BLOCK, BundleLayout, ContainerError, MANIFEST_MEMBER, SIGNATURE_MEMBER,
 };
 use crate::digest::Sha256Digest;
-use crate::index::{ChunkIndex, IndexError};
+use crate::index::{ChunkIndex, Delta, IndexError};
 use crate::limits::*;
 use crate::manifest::{
-    ArchiveRef, FsType, ImageEntry, IndexRef, MANIFEST_FORMAT, Manifest, ManifestError, SlotClass,
-    VerifiedManifest,
+    ArchiveRef, FsType, ImageEntry, IndexRef, MANIFEST_FORMAT, Manifest, ManifestError, PatchRef,
+    SlotClass, VerifiedManifest,
 };
+use crate::patch::{BuiltPatch, PatchError, PatchTable};
 use crate::signature::{self, Keyring, SignatureError, VerifyOptions};
 #[cfg(feature = "bita")]
 use {
@@ -99,6 +100,14 @@ pub enum BundleError {
     /// The manifest has no image of this class.
     #[error("bundle has no {0} image")]
     NoImage(SlotClass),
+    /// A patch table is malformed.
+    #[error("bundle member {member}: {source}")]
+    Patch {
+        /// The member.
+        member: String,
+        /// What is wrong.
+        source: PatchError,
+    },
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> BundleError {
@@ -115,6 +124,8 @@ pub struct ImageInput<'a> {
     pub filesystem: FsType,
     /// The built archive.
     pub built: &'a BuiltArchive,
+    /// Chunk patches from older images ([`crate::patch::build_patch`]).
+    pub patches: &'a [BuiltPatch],
 }
 
 /// Manifest fields that are not derived from the images.
@@ -160,6 +171,17 @@ pub fn manifest_for(
                         header_size: i.built.header.len() as u64,
                         header_sha256: Sha256Digest::of(&i.built.header),
                     },
+                    patches: i
+                        .patches
+                        .iter()
+                        .map(|p| PatchRef {
+                            base_sha256: p.base_sha256,
+                            base_version: p.base_version.clone(),
+                            size: (p.table.len() + p.data.len()) as u64,
+                            table_size: p.table.len() as u64,
+                            table_sha256: Sha256Digest::of(&p.table),
+                        })
+                        .collect(),
                 }
             })
             .collect(),
@@ -223,9 +245,54 @@ pub fn write_bundle(
             });
         }
         container::write_padding(out, entry.archive.size).map_err(io_err("writing the bundle"))?;
+        for patch in input.patches {
+            let name = container::patch_member(input.class, &patch.base_sha256);
+            let size = (patch.table.len() + patch.data.len()) as u64;
+            container::write_member_header(out, &name, size)
+                .map_err(io_err("writing the bundle"))?;
+            out.write_all(&patch.table)
+                .map_err(io_err("writing the bundle"))?;
+            out.write_all(&patch.data)
+                .map_err(io_err("writing the bundle"))?;
+            container::write_padding(out, size).map_err(io_err("writing the bundle"))?;
+        }
     }
     container::write_end(out).map_err(io_err("writing the bundle"))?;
     Ok(layout.total_size)
+}
+
+/// What a device downloads to install a bundle ([`Bundle::delta_from`]).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BundleDelta {
+    /// The release the device runs (None: nothing to seed from).
+    pub from: Option<semver::Version>,
+    /// The release it installs.
+    pub to: semver::Version,
+    /// Manifest, signature and their headers.
+    pub manifest_bytes: u64,
+    /// Per image.
+    pub images: Vec<ImageDelta>,
+    /// Everything downloaded.
+    pub total_bytes: u64,
+    /// The whole bundle, for comparison.
+    pub full_bundle_bytes: u64,
+}
+
+/// One image's part of a [`BundleDelta`].
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ImageDelta {
+    /// Slot class.
+    pub slot_class: SlotClass,
+    /// The delta.
+    #[serde(flatten)]
+    pub delta: Delta,
+    /// Size of bita's own archive header for the new image, the index a
+    /// plain bita client would download instead.
+    pub bita_header_bytes: u64,
+    /// Image size.
+    pub image_size: u64,
 }
 
 /// An opened bundle whose structure has been checked but whose signature
@@ -403,9 +470,10 @@ impl<R: Read + Seek> Bundle<R> {
         class: SlotClass,
     ) -> Result<(&'m ImageEntry, crate::container::ImageSpans), BundleError> {
         let entry = manifest.image(class).ok_or(BundleError::NoImage(class))?;
-        let spans = *self
+        let spans = self
             .layout
             .image(class)
+            .cloned()
             .ok_or(BundleError::NoImage(class))?;
         Ok((entry, spans))
     }
@@ -455,6 +523,105 @@ impl<R: Read + Seek> Bundle<R> {
             });
         }
         Ok(index)
+    }
+
+    /// Reads the table of an image's patch from the base image `base`,
+    /// checks it against the manifest, and against `index` (the image's
+    /// index, from [`Bundle::read_index`]). None when the bundle carries no
+    /// patch from that base.
+    pub fn read_patch_table(
+        &mut self,
+        manifest: &Manifest,
+        class: SlotClass,
+        base: &Sha256Digest,
+        index: &ChunkIndex,
+    ) -> Result<Option<PatchTable>, BundleError> {
+        let (entry, spans) = self.entry(manifest, class)?;
+        let Some((k, patch)) = entry.patch_from(base) else {
+            return Ok(None);
+        };
+        let name = container::patch_member(class, base);
+        let span = spans
+            .patches
+            .get(k)
+            .map(|(_, s)| *s)
+            .ok_or_else(|| BundleError::Member {
+                member: name.clone(),
+                reason: "not in the layout".into(),
+            })?;
+        let bytes = read_exact_at(&mut self.reader, span.offset, patch.table_size, &name)?;
+        let digest = Sha256Digest::of(&bytes);
+        if digest != patch.table_sha256 {
+            return Err(BundleError::Digest {
+                what: format!("{name} table"),
+                expected: patch.table_sha256,
+                found: digest,
+            });
+        }
+        let patch_err = |source| BundleError::Patch {
+            member: name.clone(),
+            source,
+        };
+        let table = PatchTable::decode(&bytes).map_err(patch_err)?;
+        table
+            .check(index, patch.table_size, patch.size)
+            .map_err(patch_err)?;
+        Ok(Some(table))
+    }
+
+    /// What a device holding `old`'s images downloads to install this
+    /// bundle (`old` None: a device with nothing to seed from), per image:
+    /// the index head and the pages it lacks, then each chunk it lacks from
+    /// the patch from its image when this bundle carries one, else from the
+    /// archive. Exactly what `kernex-updater install` fetches; the server's
+    /// rollout preview and `kernex-image bundle delta` print it.
+    pub fn delta_from<S: Read + Seek>(
+        &mut self,
+        mut old: Option<&mut Bundle<S>>,
+    ) -> Result<BundleDelta, BundleError> {
+        let manifest = self.manifest.clone();
+        let mut images = Vec::new();
+        for image in &manifest.images {
+            let class = image.slot_class;
+            let new_index = self.read_index(&manifest, class)?;
+            let (old_index, old_sha) = match old.as_deref_mut() {
+                Some(o) => {
+                    let m = o.manifest.clone();
+                    match m.image(class) {
+                        Some(e) => (Some(o.read_index(&m, class)?), Some(e.sha256)),
+                        None => (None, None),
+                    }
+                }
+                None => (None, None),
+            };
+            let mut delta = Delta::between(old_index.as_ref(), &new_index);
+            if let (Some(old_index), Some(base)) = (old_index.as_ref(), old_sha)
+                && let Some(table) = self.read_patch_table(&manifest, class, &base, &new_index)?
+            {
+                let patch = image.patch_from(&base).map(|(_, p)| p.table_size);
+                delta.apply_patch(&table, patch.unwrap_or(0), old_index, &new_index);
+            }
+            images.push(ImageDelta {
+                slot_class: class,
+                delta,
+                bita_header_bytes: image.archive.header_size,
+                image_size: image.size,
+            });
+        }
+        let layout = &self.layout;
+        // Manifest and signature with their headers; the device then knows
+        // where every other member is.
+        let manifest_bytes = layout.signature.end() + container::padding(layout.signature.size);
+        let total_bytes =
+            manifest_bytes + images.iter().map(|i| i.delta.total_bytes()).sum::<u64>();
+        Ok(BundleDelta {
+            from: old.map(|o| o.manifest.version.clone()),
+            to: manifest.version.clone(),
+            manifest_bytes,
+            images,
+            total_bytes,
+            full_bundle_bytes: layout.total_size,
+        })
     }
 
     #[cfg(feature = "bita")]
@@ -583,6 +750,15 @@ impl<R: Read + Seek> Bundle<R> {
                 self.extract_image(verified, class, &mut io::sink(), &|n| progress(done + n))?;
             done += report.size;
             reports.push(report);
+            let manifest = verified.manifest();
+            if let Some(entry) = manifest.image(class)
+                && !entry.patches.is_empty()
+            {
+                let index = self.read_index(manifest, class)?;
+                for p in &entry.patches {
+                    self.read_patch_table(manifest, class, &p.base_sha256, &index)?;
+                }
+            }
         }
         Ok(reports)
     }

@@ -5,6 +5,8 @@
 //! manifest.sig      detached CMS signature over manifest.json (DER)
 //! rootfs.kxi        compact chunk index of the rootfs image
 //! rootfs.bita       bita chunk archive of the rootfs image
+//! rootfs.from-<sha256>.kxp  chunk patches of the rootfs image from older
+//!                   images, in manifest order (optional, see `patch`)
 //! agent.kxi/.bita   the same for each further image, in manifest order
 //! ```
 //!
@@ -16,6 +18,7 @@
 
 use std::io::{self, Write};
 
+use crate::Sha256Digest;
 use crate::manifest::{Manifest, SlotClass};
 
 /// tar block size.
@@ -36,6 +39,11 @@ pub fn index_member(class: SlotClass) -> String {
 /// Name of an image's archive member.
 pub fn archive_member(class: SlotClass) -> String {
     format!("{class}.bita")
+}
+
+/// Name of an image's patch member from the base image `base`.
+pub fn patch_member(class: SlotClass, base: &Sha256Digest) -> String {
+    format!("{class}.from-{}.kxp", base.to_hex())
 }
 
 /// A malformed container.
@@ -73,7 +81,7 @@ impl Span {
 }
 
 /// Spans of one image's members.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ImageSpans {
     /// The slot class.
     pub class: SlotClass,
@@ -81,6 +89,8 @@ pub struct ImageSpans {
     pub index: Span,
     /// The archive member.
     pub archive: Span,
+    /// The patch members, in manifest order.
+    pub patches: Vec<(Sha256Digest, Span)>,
 }
 
 /// Where every member lies in a bundle file.
@@ -123,6 +133,11 @@ impl BundleLayout {
                 class: image.slot_class,
                 index: member(image.index.size),
                 archive: member(image.archive.size),
+                patches: image
+                    .patches
+                    .iter()
+                    .map(|p| (p.base_sha256, member(p.size)))
+                    .collect(),
             })
             .collect();
         BundleLayout {
@@ -163,6 +178,9 @@ impl BundleLayout {
                 image.archive.offset - BLOCK,
                 image.archive,
             ));
+            for (base, span) in &image.patches {
+                out.push((patch_member(image.class, base), span.offset - BLOCK, *span));
+            }
         }
         out
     }

@@ -1024,12 +1024,53 @@ pub struct Delta {
     pub chunk_bytes: u64,
     /// Chunks the device can copy from what it holds.
     pub chunks_reused: u64,
+    /// Bytes of the patch table (0: no patch from the device's image).
+    pub patch_table_bytes: u64,
+    /// Chunks fetched as patch frames instead of from the archive (they
+    /// are not counted in `chunks_fetched`).
+    pub chunks_patched: u64,
+    /// Bytes of those frames.
+    pub patch_bytes: u64,
 }
 
 impl Delta {
-    /// Everything fetched for the image (index and chunks).
+    /// Everything fetched for the image (index, patch and chunks).
     pub fn total_bytes(&self) -> u64 {
-        self.index_head_bytes + self.index_page_bytes + self.chunk_bytes
+        self.index_head_bytes
+            + self.index_page_bytes
+            + self.patch_table_bytes
+            + self.patch_bytes
+            + self.chunk_bytes
+    }
+
+    /// Accounts for a patch from the device's image: the table, and each
+    /// chunk the device lacks that has a frame, fetched as that frame.
+    pub fn apply_patch(
+        &mut self,
+        table: &crate::patch::PatchTable,
+        table_size: u64,
+        old: &ChunkIndex,
+        new: &ChunkIndex,
+    ) {
+        let comparable =
+            old.head.params == new.head.params && old.head.hash_len == new.head.hash_len;
+        let have = if comparable {
+            old.hashes()
+        } else {
+            HashSet::new()
+        };
+        self.patch_table_bytes = table_size;
+        for (id, chunk) in new.chunks.iter().enumerate() {
+            if have.contains(&chunk.hash) {
+                continue;
+            }
+            if let Some(e) = u32::try_from(id).ok().and_then(|id| table.entry(id)) {
+                self.chunks_fetched -= 1;
+                self.chunk_bytes -= u64::from(chunk.archive_size);
+                self.chunks_patched += 1;
+                self.patch_bytes += u64::from(e.data_len);
+            }
+        }
     }
 
     /// The delta from `old` (what the device's active slot and stored index

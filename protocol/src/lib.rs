@@ -12,10 +12,12 @@ pub mod digest;
 pub mod index;
 pub mod limits;
 pub mod manifest;
+pub mod patch;
 pub mod signature;
 
 pub use digest::Sha256Digest;
 pub use manifest::{
-    ArchiveRef, FsType, ImageEntry, IndexRef, Manifest, ManifestError, SlotClass, VerifiedManifest,
+    ArchiveRef, FsType, ImageEntry, IndexRef, Manifest, ManifestError, PatchRef, SlotClass,
+    VerifiedManifest,
 };
 pub use signature::{Keyring, SignatureError, Signer, SignerInfo, VerifyOptions};

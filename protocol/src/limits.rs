@@ -49,3 +49,12 @@ pub const MAX_HEALTH_ARGS: usize = 64;
 pub const MAX_HEALTH_SECONDS: u64 = 86_400;
 /// Most tokens an `llm` health check may ask to generate.
 pub const MAX_HEALTH_LLM_TOKENS: u32 = 4096;
+/// Most chunk patches (one per older release) an image may carry.
+pub const MAX_PATCHES: usize = 16;
+/// Largest patch table (header and entries).
+pub const MAX_PATCH_TABLE_SIZE: u64 = 64 * 1024 * 1024;
+/// Most base-image ranges one patched chunk refers to.
+pub const MAX_PATCH_REFS: usize = 4;
+/// Most base-image bytes one patched chunk refers to (the zstd prefix a
+/// device holds in memory while decoding it).
+pub const MAX_PATCH_REF_BYTES: u32 = 1024 * 1024;

@@ -406,6 +406,39 @@ pub struct ImageEntry {
     pub index: IndexRef,
     /// The bita chunk archive (bundle member `<class>.bita`).
     pub archive: ArchiveRef,
+    /// Chunk patches from older releases' images (bundle members
+    /// `<class>.from-<base-sha256>.kxp`, in this order); see
+    /// [`crate::patch`]. Optional: a device without a matching base uses
+    /// the archive.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub patches: Vec<PatchRef>,
+}
+
+impl ImageEntry {
+    /// The patch from the image whose SHA-256 is `base`, if the bundle
+    /// carries one.
+    pub fn patch_from(&self, base: &Sha256Digest) -> Option<(usize, &PatchRef)> {
+        self.patches
+            .iter()
+            .enumerate()
+            .find(|(_, p)| p.base_sha256 == *base)
+    }
+}
+
+/// Binds a chunk patch: which image it applies to, and its table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PatchRef {
+    /// SHA-256 of the base image (what the device's other slot must hold).
+    pub base_sha256: Sha256Digest,
+    /// Version of the release the base image belongs to (for people).
+    pub base_version: semver::Version,
+    /// Size of the patch member (table and data).
+    pub size: u64,
+    /// Size of the patch table at its start.
+    pub table_size: u64,
+    /// SHA-256 of the patch table.
+    pub table_sha256: Sha256Digest,
 }
 
 /// Binds the chunk index: its head (fetched first by a device) and the whole
@@ -585,6 +618,43 @@ impl Manifest {
                     ),
                 ));
             }
+            if image.patches.len() > MAX_PATCHES {
+                return Err(invalid(
+                    field("patches"),
+                    format!(
+                        "{} patches, more than the limit of {MAX_PATCHES}",
+                        image.patches.len()
+                    ),
+                ));
+            }
+            for (k, patch) in image.patches.iter().enumerate() {
+                let pfield = |name: &str| format!("images[{i}].patches[{k}].{name}");
+                if patch.base_sha256 == image.sha256 {
+                    return Err(invalid(pfield("base-sha256"), "is the image itself"));
+                }
+                if image.patches[..k]
+                    .iter()
+                    .any(|p| p.base_sha256 == patch.base_sha256)
+                {
+                    return Err(invalid(
+                        pfield("base-sha256"),
+                        "a second patch from the same base",
+                    ));
+                }
+                if patch.table_size < crate::patch::PATCH_HEADER_SIZE as u64
+                    || patch.table_size > MAX_PATCH_TABLE_SIZE
+                    || patch.table_size > patch.size
+                    || patch.size > MAX_ARCHIVE_SIZE
+                {
+                    return Err(invalid(
+                        pfield("table-size"),
+                        format!(
+                            "table of {} bytes in a member of {} bytes is outside the limits",
+                            patch.table_size, patch.size
+                        ),
+                    ));
+                }
+            }
             if image.archive.header_size > MAX_ARCHIVE_HEADER_SIZE
                 || image.archive.header_size > image.archive.size
             {
@@ -707,6 +777,7 @@ mod tests {
                     header_size: 200,
                     header_sha256: digest,
                 },
+                patches: Vec::new(),
             }],
             metadata: BTreeMap::new(),
             health: None,

@@ -121,6 +121,7 @@ pub fn make_releases(
             class: SlotClass::Rootfs,
             filesystem: FsType::Raw,
             built: &built,
+            patches: &[],
         };
         let manifest = bundle::manifest_for(&release, std::slice::from_ref(&input))?;
         let manifest_bytes = manifest.to_vec()?;

@@ -12,6 +12,7 @@ use kernex_protocol::container::{
 };
 use kernex_protocol::index::{ChunkHash, ChunkIndex, IndexHead};
 use kernex_protocol::limits::{MAX_MANIFEST_SIZE, MAX_SIGNATURE_SIZE};
+use kernex_protocol::patch::{self, PatchTable};
 use kernex_protocol::{
     ImageEntry, Keyring, Manifest, Sha256Digest, SlotClass, VerifiedManifest, VerifyOptions,
 };
@@ -84,6 +85,11 @@ pub struct InstallReport {
     pub chunks_resumed: u64,
     /// Downloads of a chunk fetched again because it did not verify.
     pub chunks_refetched: u64,
+    /// Chunks decoded from a patch against the booted slot.
+    pub chunks_patched: u64,
+    /// Patch frames that did not decode to their chunk (fetched from the
+    /// archive instead).
+    pub patch_failures: u64,
 }
 
 /// The manifest and signature of a bundle, and its layout.
@@ -409,6 +415,135 @@ struct ImageJob<'a> {
     spans: ImageSpans,
     index: &'a ChunkIndex,
     seed: Option<(SeedSlot, ChunkIndex)>,
+    /// A patch from the booted slot's image: its table and where its data
+    /// starts in the bundle.
+    patch: Option<(PatchTable, u64)>,
+}
+
+/// Fetches and checks the table of the patch from the booted slot's image
+/// `base`, if the bundle carries one. A table that does not match the
+/// manifest is not used (the chunks come from the archive), like a chunk
+/// that does not verify: the install goes on.
+fn fetch_patch_table(
+    source: &mut dyn Source,
+    spans: &ImageSpans,
+    entry: &ImageEntry,
+    base: &Sha256Digest,
+    base_size: u64,
+    index: &ChunkIndex,
+) -> Result<Option<(PatchTable, u64)>, UpdateError> {
+    let class = entry.slot_class;
+    let Some((k, patch)) = entry.patch_from(base) else {
+        return Ok(None);
+    };
+    let Some((_, span)) = spans.patches.get(k) else {
+        return Err(rejected(format!("{class} patch {k} is not in the layout")));
+    };
+    let bytes = source.read_range(span.offset, patch.table_size)?;
+    if Sha256Digest::of(&bytes) != patch.table_sha256 {
+        tracing::warn!(%class, "patch table does not match the manifest; fetching whole chunks");
+        return Ok(None);
+    }
+    let table = match PatchTable::decode(&bytes)
+        .and_then(|t| t.check(index, patch.table_size, patch.size).map(|()| t))
+    {
+        Ok(t) if t.base_size == base_size => t,
+        Ok(t) => {
+            tracing::warn!(%class, patch_base = t.base_size, slot = base_size, "patch is for an image of another size; fetching whole chunks");
+            return Ok(None);
+        }
+        Err(e) => {
+            tracing::warn!(%class, error = %e, "patch table is invalid; fetching whole chunks");
+            return Ok(None);
+        }
+    };
+    tracing::info!(%class, from = %patch.base_version, entries = table.entries.len(), "using the patch from the booted release");
+    Ok(Some((table, span.offset + patch.table_size)))
+}
+
+/// Step 3a: the chunks `todo` names that the patch covers, fetched as
+/// frames (adjacent frames in one request), decoded against the seed and
+/// verified. Returns the chunks still to fetch from the archive: those
+/// without a frame, and those whose frame did not decode or verify.
+#[allow(clippy::too_many_arguments)] // one step of clone_image
+fn apply_patch(
+    todo: Vec<usize>,
+    table: &PatchTable,
+    data_start: u64,
+    seed: &SeedSlot,
+    stored: &[kernex_protocol::index::StoredChunk],
+    offsets: &[Vec<u64>],
+    source: &mut dyn Source,
+    writer: &mut Writer<'_>,
+    report: &mut InstallReport,
+) -> Result<Vec<usize>, UpdateError> {
+    let class = writer.class;
+    let mut rest = Vec::new();
+    let mut patched: Vec<(usize, &kernex_protocol::patch::PatchEntry)> = Vec::new();
+    for id in todo {
+        match u32::try_from(id).ok().and_then(|n| table.entry(n)) {
+            Some(e) => patched.push((id, e)),
+            None => rest.push(id),
+        }
+    }
+    let fetched_at_start = source.fetched_bytes();
+    let mut i = 0;
+    while i < patched.len() {
+        let first = patched[i].1;
+        let mut end = first.data_offset + u64::from(first.data_len);
+        let mut group = vec![patched[i]];
+        i += 1;
+        while i < patched.len() {
+            let e = patched[i].1;
+            if e.data_offset != end || end + u64::from(e.data_len) - first.data_offset > MAX_REQUEST
+            {
+                break;
+            }
+            end += u64::from(e.data_len);
+            group.push(patched[i]);
+            i += 1;
+        }
+        let mut buf: Vec<u8> = Vec::new();
+        let mut next = 0usize;
+        source.fetch(
+            data_start + first.data_offset,
+            end - first.data_offset,
+            &mut |mut bytes: &[u8]| {
+                while !bytes.is_empty() {
+                    let Some(&(id, e)) = group.get(next) else {
+                        return Ok(());
+                    };
+                    let n = (e.data_len as usize - buf.len()).min(bytes.len());
+                    buf.extend_from_slice(&bytes[..n]);
+                    bytes = &bytes[n..];
+                    if buf.len() == e.data_len as usize {
+                        let prefix = patch::gather_prefix(e, |o, l| seed.read_at(o, l))?;
+                        match patch::decode_chunk(&stored[id], &prefix, &buf) {
+                            Ok(chunk) => {
+                                writer.put(id, &chunk, &offsets[id], false)?;
+                                report.chunks_patched += 1;
+                            }
+                            Err(err) => {
+                                tracing::warn!(%class, chunk = id, error = %err, "patch frame does not give its chunk; fetching it from the archive");
+                                report.patch_failures += 1;
+                                rest.push(id);
+                            }
+                        }
+                        buf.clear();
+                        next += 1;
+                    }
+                }
+                Ok(())
+            },
+        )?;
+        let fetched = source.fetched_bytes() - fetched_at_start;
+        writer.commit(Some(fetched))?;
+        writer.pending.downloaded_bytes = writer.fetched_before + fetched;
+    }
+    // The archive fetch adds its own bytes to what this step fetched.
+    writer.fetched_before = writer.pending.downloaded_bytes;
+    rest.sort_unstable();
+    Ok(rest)
 }
 
 #[allow(clippy::too_many_arguments)] // one image's whole clone, called once
@@ -476,7 +611,22 @@ fn clone_image(
         todo = rest;
     }
     writer.commit(Some(0))?;
-    // 3. The rest from the source, adjacent chunks in one request.
+    // 3a. Chunks the patch from the booted slot's image covers.
+    if let (Some((table, patch_start)), Some((seed, _))) = (&job.patch, &job.seed) {
+        todo = apply_patch(
+            todo,
+            table,
+            *patch_start,
+            seed,
+            stored,
+            &offsets,
+            source,
+            &mut writer,
+            report,
+        )?;
+    }
+    let fetched_before = writer.fetched_before;
+    // 3b. The rest from the archive, adjacent chunks in one request.
     let data_start = job.spans.archive.offset + index.archive_data_offset();
     let fetched_at_start = source.fetched_bytes();
     // Failed downloads per stored chunk; a chunk that does not verify is
@@ -685,9 +835,10 @@ fn run(
     let mut indexes: Vec<(SlotClass, Vec<u8>)> = Vec::new();
     for entry in &verified.images {
         let class = entry.slot_class;
-        let spans = *head
+        let spans = head
             .layout
             .image(class)
+            .cloned()
             .ok_or_else(|| rejected(format!("no {class} members in the layout")))?;
         let pair = config
             .slots
@@ -701,6 +852,10 @@ fn run(
             old.as_ref().map(|(b, _)| b.as_slice()),
             &mut report,
         )?;
+        let base_image = booted_manifest
+            .as_ref()
+            .and_then(|m| m.image(class))
+            .map(|e| (e.sha256, e.size));
         let seed = match old {
             Some((_, old_index)) if old_index.hash_len() == index.hash_len() => {
                 match SeedSlot::open(pair.path(booted)) {
@@ -713,6 +868,12 @@ fn run(
             }
             _ => None,
         };
+        let patch = match (&seed, base_image) {
+            (Some(_), Some((base, base_size))) => {
+                fetch_patch_table(source, &spans, entry, &base, base_size, &index)?
+            }
+            _ => None,
+        };
         let slot = TargetSlot::open(pair.path(target), entry.size)?;
         clone_image(
             ImageJob {
@@ -720,6 +881,7 @@ fn run(
                 spans,
                 index: &index,
                 seed,
+                patch,
             },
             source,
             &slot,

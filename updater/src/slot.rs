@@ -45,6 +45,15 @@ impl SeedSlot {
         }
         Ok(verify_plain(chunk, &buf))
     }
+
+    /// Reads `len` bytes at `offset` (a patch's base range).
+    pub fn read_at(&self, offset: u64, len: u32) -> Result<Vec<u8>, UpdateError> {
+        let mut buf = vec![0u8; len as usize];
+        self.file
+            .read_exact_at(&mut buf, offset)
+            .map_err(io_err("read the booted slot", &self.path))?;
+        Ok(buf)
+    }
 }
 
 /// Checks uncompressed `data` against `chunk` (size and hash).

@@ -94,6 +94,9 @@ fn bundle_create(dev: &AgentDevice, rootfs: &Path, agent: Option<&Path>, out: &P
         hash_length: 16,
         compression_level: 3,
         threads: 1,
+        patch_from: Vec::new(),
+        keyring: None,
+        patch_level: 19,
         json: true,
         health: None,
     }))

@@ -320,6 +320,118 @@ fn delta_install_fetches_only_what_changed() {
     assert!(report.index_pages_reused > 0);
 }
 
+/// What `install` of `new` fetches on a device holding `old`, by the
+/// protocol's own accounting (`kernex-image bundle delta`, the server's
+/// preview).
+fn predicted(old: &Built, new: &Built) -> kernex_protocol::bundle::BundleDelta {
+    let mut o =
+        kernex_protocol::bundle::Bundle::open(std::io::Cursor::new(old.bytes.clone())).unwrap();
+    let mut n =
+        kernex_protocol::bundle::Bundle::open(std::io::Cursor::new(new.bytes.clone())).unwrap();
+    n.delta_from(Some(&mut o)).unwrap()
+}
+
+/// A device on v1 in slot B (committed) with v1's bundle installed.
+fn device_on(keys: &Keys, v1: &[u8], b1: &Built) -> Device {
+    let dev = Device::new(keys, v1);
+    let s1 = Server::start(b1.bytes.clone(), Fault::None);
+    install(&dev, &s1.url).unwrap();
+    dev.write_config("B", "");
+    kernex_updater::boot::mark_good(dev.flow().as_mut()).unwrap();
+    dev
+}
+
+#[test]
+fn patched_chunks_come_as_small_frames_against_the_booted_slot() {
+    let keys = keys();
+    let v1 = image(4 * MIB, 1);
+    // A "binary" patched in many places: every chunk in 1 MiB changes a
+    // little, so content-defined chunking alone fetches the whole MiB.
+    let v2 = sprinkle(&v1, MIB, MIB, 3000);
+    let b1 = bundle(&v1, "1.0.0", &keys.signer);
+    let plain = bundle(&v2, "1.1.0", &keys.signer);
+    let patched = bundle_patched(&v2, "1.1.0", &keys.signer, &v1, &b1, "1.0.0");
+    let without = predicted(&b1, &plain);
+    let with = predicted(&b1, &patched);
+    let image = &with.images[0].delta;
+    eprintln!("plain {without:?}\npatched {with:?}");
+    assert!(image.chunks_patched > 0 && image.patch_table_bytes > 0);
+    assert!(
+        with.total_bytes * 4 < without.total_bytes,
+        "a patch of {} bytes against {} without",
+        with.total_bytes,
+        without.total_bytes
+    );
+
+    let dev = device_on(&keys, &v1, &b1);
+    let server = Server::start(patched.bytes.clone(), Fault::None);
+    let report = install(&dev, &server.url).unwrap();
+    assert_eq!(file_sha256(&dev.path("slot-a.img")), sha256(&v2));
+    assert_eq!(file_sha256(&dev.path("slot-b.img")), sha256(&v1));
+    assert_eq!(dev.flow().primary_slot().unwrap(), Some(Slot::A));
+    assert_eq!(report.chunks_patched, image.chunks_patched);
+    assert_eq!(report.chunks_fetched, image.chunks_fetched);
+    assert_eq!(report.patch_failures, 0);
+    // Exactly the prediction, but for the over-read of the first request
+    // (manifest and signature are fetched as one FIRST_READ).
+    let served = server.served();
+    assert!(
+        served >= with.total_bytes - with.manifest_bytes
+            && served <= with.total_bytes + kernex_updater::install::FIRST_READ,
+        "served {served}, predicted {}",
+        with.total_bytes
+    );
+}
+
+#[test]
+fn a_corrupt_patch_frame_or_table_falls_back_to_the_archive() {
+    let keys = keys();
+    let v1 = image(4 * MIB, 1);
+    let v2 = sprinkle(&v1, MIB, MIB, 3000);
+    let b1 = bundle(&v1, "1.0.0", &keys.signer);
+    let patched = bundle_patched(&v2, "1.1.0", &keys.signer, &v1, &b1, "1.0.0");
+    let opened =
+        kernex_protocol::bundle::Bundle::open(std::io::Cursor::new(patched.bytes.clone())).unwrap();
+    let manifest = opened.unverified_manifest().clone();
+    let patch = &manifest.images[0].patches[0];
+    let (_, span) = opened.layout().images[0].patches[0];
+    // A bit flipped in the first frame, on every download: that chunk
+    // comes from the archive, the rest from the patch.
+    let dev = device_on(&keys, &v1, &b1);
+    let frame_at = span.offset + patch.table_size + 3;
+    let server = Server::start(patched.bytes.clone(), Fault::Corrupt(frame_at));
+    let report = install(&dev, &server.url).unwrap();
+    assert_eq!(file_sha256(&dev.path("slot-a.img")), sha256(&v2));
+    assert_eq!(file_sha256(&dev.path("slot-b.img")), sha256(&v1));
+    assert_eq!(report.patch_failures, 1, "{report:?}");
+    assert!(report.chunks_patched > 0);
+
+    // A bit flipped in the table: the table does not match the signed
+    // manifest, so no frame is used; the install completes from the archive.
+    let dev = device_on(&keys, &v1, &b1);
+    let server = Server::start(patched.bytes.clone(), Fault::Corrupt(span.offset + 30));
+    let report = install(&dev, &server.url).unwrap();
+    assert_eq!(file_sha256(&dev.path("slot-a.img")), sha256(&v2));
+    assert_eq!(report.chunks_patched, 0);
+    assert_eq!(dev.flow().primary_slot().unwrap(), Some(Slot::A));
+
+    // A device whose booted slot holds another release (v0): the patch is
+    // from v1's image, so it is never fetched.
+    let v0 = image(4 * MIB, 9);
+    let b0 = bundle(&v0, "0.9.0", &keys.signer);
+    let dev = device_on(&keys, &v0, &b0);
+    let server = Server::start(patched.bytes.clone(), Fault::None);
+    let report = install(&dev, &server.url).unwrap();
+    assert_eq!(file_sha256(&dev.path("slot-a.img")), sha256(&v2));
+    assert_eq!(report.chunks_patched, 0);
+    let log = server.log.lock().unwrap().clone();
+    assert!(
+        log.iter()
+            .all(|&(at, n)| at + n <= span.offset || at >= span.end()),
+        "fetched from the patch member: {log:?}"
+    );
+}
+
 #[test]
 fn daily_budget_stops_cleanly_and_resumes() {
     let keys = keys();

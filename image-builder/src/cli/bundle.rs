@@ -10,8 +10,9 @@ use clap::{Args, Subcommand};
 use kernex_protocol::archive::{self, ArchiveOptions, BuiltArchive};
 use kernex_protocol::bundle::{self, Bundle, ImageInput, ReleaseInfo};
 use kernex_protocol::container;
-use kernex_protocol::index::{ChunkIndex, ChunkerParams, Delta};
+use kernex_protocol::index::ChunkerParams;
 use kernex_protocol::manifest::HealthSpec;
+use kernex_protocol::patch::{self, BuiltPatch};
 use kernex_protocol::signature::{self, Keyring, Signer, VerifyOptions};
 use kernex_protocol::{FsType, Manifest, SlotClass};
 use serde::Serialize;
@@ -28,8 +29,11 @@ Each image is cut into content-defined chunks (RollSum, 32 KiB average by defaul
 compressed with zstd into a bita archive, and indexed in the compact Kernex chunk index \
 devices use to fetch only the chunks they lack. The manifest binds the image (size and \
 SHA-256), the index and the archive header by digest, and is signed with a detached \
-CMS signature. The bundle is written to a temporary file and renamed into place, so a \
-failed build never leaves a partial bundle at --out.")]
+CMS signature. With --patch-from OLD.kxb the bundle also carries, per image, a patch \
+from OLD's image: the chunks this release adds, each as a zstd frame against the part of \
+the old image it resembles, so a device running OLD fetches a few bytes per changed chunk \
+instead of the chunk. The bundle is written to a temporary file and renamed into place, so \
+a failed build never leaves a partial bundle at --out.")]
     Create(CreateArgs),
     /// Show a bundle's manifest, signer and layout (without verifying it).
     #[command(long_about = "Show a bundle's manifest, signer and layout.\n\n\
@@ -110,6 +114,21 @@ pub struct CreateArgs {
     /// Worker threads for hashing and compression (default: one per CPU).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Also encode the chunks this release adds against the images of an
+    /// older release (repeatable: one patch per release devices may run).
+    /// A device running that release then downloads each such chunk as a
+    /// small zstd patch against its own slot instead of the whole chunk.
+    /// The older bundle must verify against --keyring.
+    #[arg(long, value_name = "OLD.kxb", requires = "keyring")]
+    pub patch_from: Vec<PathBuf>,
+    /// Keyring (PEM CA certificates) the --patch-from bundles must verify
+    /// against.
+    #[arg(long, value_name = "PEM")]
+    pub keyring: Option<PathBuf>,
+    /// zstd level of the patch frames (1 to 22; patches are made once per
+    /// release and fetched by every device on the old release).
+    #[arg(long, default_value_t = 19)]
+    pub patch_level: i32,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -260,6 +279,7 @@ fn create(args: CreateArgs) -> Result<()> {
     if let Some(agent) = &args.agent {
         sources.push((SlotClass::Agent, agent.clone()));
     }
+    let image_paths: Vec<PathBuf> = sources.iter().map(|(_, p)| p.clone()).collect();
     let mut built: Vec<(SlotClass, FsType, BuiltArchive)> = Vec::new();
     let mut files: Vec<File> = Vec::new();
     for (class, path) in sources {
@@ -268,12 +288,18 @@ fn create(args: CreateArgs) -> Result<()> {
         built.push((class, filesystem, archive));
         files.push(data);
     }
+    let mut patches: Vec<Vec<BuiltPatch>> = Vec::new();
+    for ((class, _, archive), path) in built.iter().zip(&image_paths) {
+        patches.push(build_patches(&args, &release, *class, archive, path)?);
+    }
     let inputs: Vec<ImageInput<'_>> = built
         .iter()
-        .map(|(class, filesystem, archive)| ImageInput {
+        .zip(&patches)
+        .map(|((class, filesystem, archive), patches)| ImageInput {
             class: *class,
             filesystem: *filesystem,
             built: archive,
+            patches,
         })
         .collect();
     let mut manifest = bundle::manifest_for(&release, &inputs)?;
@@ -334,7 +360,7 @@ fn create(args: CreateArgs) -> Result<()> {
     if let Some(health) = &summary.manifest.health {
         println!("  health {}", describe_health(health));
     }
-    for image in &summary.manifest.images {
+    for (image, patches) in summary.manifest.images.iter().zip(&patches) {
         println!(
             "  {:<6} {:>12} bytes {:<8} sha256 {}  archive {} bytes",
             image.slot_class.as_str(),
@@ -343,8 +369,121 @@ fn create(args: CreateArgs) -> Result<()> {
             image.sha256,
             image.archive.size
         );
+        for p in patches {
+            println!(
+                "         patch from {}: {} of {} new chunks patched, {} bytes",
+                p.base_version,
+                p.chunks_patched,
+                p.chunks_new,
+                p.table.len() + p.data.len()
+            );
+        }
     }
     Ok(())
+}
+
+/// The patches of one image from each `--patch-from` bundle that carries
+/// an image of its class.
+fn build_patches(
+    args: &CreateArgs,
+    release: &ReleaseInfo,
+    class: SlotClass,
+    built: &BuiltArchive,
+    image: &Path,
+) -> Result<Vec<BuiltPatch>> {
+    let mut out: Vec<BuiltPatch> = Vec::new();
+    if args.patch_from.is_empty() {
+        return Ok(out);
+    }
+    let keyring_path = args
+        .keyring
+        .as_deref()
+        .context("--patch-from needs --keyring")?;
+    let pem = fs::read(keyring_path)
+        .with_context(|| format!("unable to read keyring {}", keyring_path.display()))?;
+    let keyring = Keyring::from_pem(&pem)
+        .with_context(|| format!("invalid keyring {}", keyring_path.display()))?;
+    for old_path in &args.patch_from {
+        let mut old = open(old_path)?;
+        let verified = old
+            .verify(&keyring, VerifyOptions::default())
+            .with_context(|| format!("{} does not verify", old_path.display()))?;
+        if verified.compatible != release.compatible {
+            bail!(
+                "{} is for {:?}, this release for {:?}: a patch between them is never used",
+                old_path.display(),
+                verified.compatible,
+                release.compatible
+            );
+        }
+        let Some(entry) = verified.image(class).cloned() else {
+            continue;
+        };
+        if entry.sha256 == built.image_sha256 {
+            continue; // the same image: nothing to patch
+        }
+        if out.iter().any(|p| p.base_sha256 == entry.sha256) {
+            continue; // two old releases with the same image
+        }
+        let base_len = usize::try_from(entry.size).context("base image too large")?;
+        let mut base: Vec<u8> = Vec::with_capacity(base_len);
+        let bar = progress::bytes(
+            entry.size,
+            &format!("{class} from {}", verified.version),
+            args.json,
+        );
+        old.extract_image(&verified, class, &mut base, &|n| bar.set_position(n))
+            .with_context(|| {
+                format!("unable to read the {class} image of {}", old_path.display())
+            })?;
+        bar.finish_and_clear();
+        let base_index = old.read_index(verified.manifest(), class)?;
+        let mut file = File::open(image)
+            .with_context(|| format!("unable to open {class} image {}", image.display()))?;
+        let read_chunk = |at: u64, len: u32| -> std::io::Result<Vec<u8>> {
+            use std::io::Read;
+            file.seek(SeekFrom::Start(at))?;
+            let mut buf = vec![0u8; len as usize];
+            file.read_exact(&mut buf)?;
+            Ok(buf)
+        };
+        let threads = match args.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let (table, data, chunks_new) = patch::build_patch(
+            &base,
+            &base_index,
+            &built.index,
+            read_chunk,
+            args.patch_level,
+            threads,
+        )
+        .with_context(|| {
+            format!(
+                "unable to build the {class} patch from {}",
+                old_path.display()
+            )
+        })?;
+        if table.entries.is_empty() {
+            if !args.json {
+                eprintln!(
+                    "note: no chunk of the {class} image resembles {}'s: no patch from it",
+                    verified.version
+                );
+            }
+            continue;
+        }
+        out.push(BuiltPatch {
+            base_version: verified.version.clone(),
+            base_sha256: entry.sha256,
+            table: table.encode(),
+            chunks_patched: table.entries.len() as u64,
+            data,
+            chunks_new,
+        });
+    }
+    Ok(out)
 }
 
 fn build_image(
@@ -502,6 +641,12 @@ fn inspect(args: InspectArgs) -> Result<()> {
             "  archive     {} bytes (header {} bytes)",
             image.archive.size, image.archive.header_size
         );
+        for p in &image.patches {
+            println!(
+                "  patch       from {} (image sha256 {}): {} bytes (table {} bytes)",
+                p.base_version, p.base_sha256, p.size, p.table_size
+            );
+        }
     }
     Ok(())
 }
@@ -575,79 +720,29 @@ fn verify(args: VerifyArgs) -> Result<()> {
     Ok(())
 }
 
-/// Output of `delta`.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct DeltaOutput {
-    /// Version the device runs.
-    pub from: semver::Version,
-    /// Version it installs.
-    pub to: semver::Version,
-    /// Manifest, signature and container headers fetched before any image.
-    pub manifest_bytes: u64,
-    /// Per image.
-    pub images: Vec<ImageDelta>,
-    /// Everything the device downloads.
-    pub total_bytes: u64,
-    /// The new bundle's full size, for comparison.
-    pub full_bundle_bytes: u64,
-}
-
-/// Delta of one image.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct ImageDelta {
-    /// Slot class.
-    pub slot_class: SlotClass,
-    /// The delta.
-    #[serde(flatten)]
-    pub delta: Delta,
-    /// Size of bita's own archive header for the new image, the index a
-    /// plain bita client would download instead.
-    pub bita_header_bytes: u64,
-}
-
 fn delta(args: DeltaArgs) -> Result<()> {
     let mut old = open(&args.old)?;
     let mut new = open(&args.new)?;
-    let old_manifest = old.unverified_manifest().clone();
-    let new_manifest = new.unverified_manifest().clone();
-    let mut images = Vec::new();
-    for image in &new_manifest.images {
-        let class = image.slot_class;
-        let new_index = new.read_index(&new_manifest, class)?;
-        let old_index: Option<ChunkIndex> = match old_manifest.image(class) {
-            Some(_) => Some(old.read_index(&old_manifest, class)?),
-            None => None,
-        };
-        images.push(ImageDelta {
-            slot_class: class,
-            delta: Delta::between(old_index.as_ref(), &new_index),
-            bita_header_bytes: image.archive.header_size,
-        });
-    }
-    let layout = new.layout();
-    // Manifest and signature with their headers; the device then knows
-    // where every other member is.
-    let manifest_bytes = layout.signature.end() + container::padding(layout.signature.size);
-    let total = manifest_bytes + images.iter().map(|i| i.delta.total_bytes()).sum::<u64>();
-    let out = DeltaOutput {
-        from: old_manifest.version.clone(),
-        to: new_manifest.version.clone(),
-        manifest_bytes,
-        images,
-        total_bytes: total,
-        full_bundle_bytes: layout.total_size,
-    };
+    let out = new.delta_from(Some(&mut old)).with_context(|| {
+        format!(
+            "unable to compare {} with {}",
+            args.new.display(),
+            args.old.display()
+        )
+    })?;
     if out.images.is_empty() {
         bail!("{} carries no image", args.new.display());
     }
     if args.json {
         return super::print_json(&out);
     }
+    let from = out
+        .from
+        .as_ref()
+        .map_or_else(|| "nothing".to_string(), ToString::to_string);
     println!(
-        "{} -> {}: a device downloads {} bytes (full bundle: {} bytes)",
-        out.from, out.to, out.total_bytes, out.full_bundle_bytes
+        "{from} -> {}: a device downloads {} bytes (full bundle: {} bytes)",
+        out.to, out.total_bytes, out.full_bundle_bytes
     );
     println!(
         "  manifest + signature + headers: {} bytes",
@@ -665,6 +760,12 @@ fn delta(args: DeltaArgs) -> Result<()> {
             i.delta.chunks_reused,
             i.bita_header_bytes
         );
+        if i.delta.patch_table_bytes > 0 {
+            println!(
+                "         patch from {from}: table {} B, {} chunks as patches {} B",
+                i.delta.patch_table_bytes, i.delta.chunks_patched, i.delta.patch_bytes
+            );
+        }
     }
     Ok(())
 }

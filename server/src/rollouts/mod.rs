@@ -25,8 +25,6 @@ use std::io::{Read, Seek, SeekFrom};
 
 use futures_util::StreamExt;
 use kernex_protocol::bundle::Bundle;
-use kernex_protocol::container;
-use kernex_protocol::index::Delta;
 use sqlx::Row;
 
 use crate::AppState;
@@ -176,8 +174,9 @@ async fn open_release(
 
 /// The exact bytes a device running `from` (None: nothing to seed from)
 /// downloads to install `to`: manifest, signature and container headers,
-/// then per image the index head, the index pages and the compressed
-/// chunks it does not hold — what `kernex-image bundle delta` prints.
+/// then per image the index head, the index pages and the chunks it does
+/// not hold, as patch frames where the new release carries a patch from
+/// the device's image — what `kernex-image bundle delta` prints.
 /// Computed once per pair from the chunk indexes and kept.
 pub async fn release_delta(state: &AppState, from: Option<&str>, to: &str) -> Result<u64> {
     let from_key = from.unwrap_or("");
@@ -200,26 +199,13 @@ pub async fn release_delta(state: &AppState, from: Option<&str>, to: &str) -> Re
     let (bytes, max_chunk) = tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, u64)> {
         let mut new = new;
         let mut old = old;
-        let new_manifest = new.unverified_manifest().clone();
-        let layout = new.layout().clone();
-        let mut total = layout.signature.end() + container::padding(layout.signature.size);
+        let delta = new.delta_from(old.as_mut())?;
+        let manifest = new.unverified_manifest().clone();
         let mut max_chunk = 0u64;
-        for image in &new_manifest.images {
-            let class = image.slot_class;
-            let new_index = new.read_index(&new_manifest, class)?;
-            let old_index = match old.as_mut() {
-                Some(o) => {
-                    let m = o.unverified_manifest().clone();
-                    match m.image(class) {
-                        Some(_) => Some(o.read_index(&m, class)?),
-                        None => None,
-                    }
-                }
-                None => None,
-            };
-            total += Delta::between(old_index.as_ref(), &new_index).total_bytes();
+        for image in &manifest.images {
+            let index = new.read_index(&manifest, image.slot_class)?;
             max_chunk = max_chunk.max(
-                new_index
+                index
                     .stored_chunks()
                     .iter()
                     .map(|c| u64::from(c.archive_size))
@@ -227,7 +213,7 @@ pub async fn release_delta(state: &AppState, from: Option<&str>, to: &str) -> Re
                     .unwrap_or(0),
             );
         }
-        Ok((total, max_chunk))
+        Ok((delta.total_bytes, max_chunk))
     })
     .await
     .map_err(|e| Error::Internal(e.into()))??;

@@ -8,8 +8,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
-use kernex_protocol::bundle::Bundle;
-use kernex_protocol::index::Delta;
+use kernex_protocol::bundle::{Bundle, BundleDelta};
 use kernex_protocol::manifest::Manifest;
 use maud::{Markup, html};
 use serde::Deserialize;
@@ -173,20 +172,6 @@ pub struct DeltaQuery {
     to: Option<String>,
 }
 
-/// One image's delta.
-struct ImageDelta {
-    class: String,
-    delta: Delta,
-    image_size: u64,
-}
-
-/// The delta between two stored bundles.
-struct BundleDelta {
-    images: Vec<ImageDelta>,
-    total: u64,
-    full: u64,
-}
-
 async fn spool_blob(state: &AppState, key: &str) -> UiResult<tempfile::NamedTempFile> {
     let mut file = tempfile::NamedTempFile::new_in(&state.spool)
         .map_err(|e| anyhow::anyhow!("unable to create a spool file: {e}"))?;
@@ -203,30 +188,7 @@ fn compute_delta(old: &std::path::Path, new: &std::path::Path) -> anyhow::Result
     let mut old = Bundle::open(std::fs::File::open(old)?)?;
     let mut new = Bundle::open(std::fs::File::open(new)?)?;
     // Both were verified at upload; the indexes are checked against them.
-    let old_manifest = old.unverified_manifest().clone();
-    let new_manifest = new.unverified_manifest().clone();
-    let mut images = Vec::new();
-    for image in &new_manifest.images {
-        let class = image.slot_class;
-        let new_index = new.read_index(&new_manifest, class)?;
-        let old_index = match old_manifest.image(class) {
-            Some(_) => Some(old.read_index(&old_manifest, class)?),
-            None => None,
-        };
-        images.push(ImageDelta {
-            class: class.as_str().to_string(),
-            delta: Delta::between(old_index.as_ref(), &new_index),
-            image_size: image.size,
-        });
-    }
-    let layout = new.layout();
-    let manifest_bytes = layout.signature.end();
-    let total = manifest_bytes + images.iter().map(|i| i.delta.total_bytes()).sum::<u64>();
-    Ok(BundleDelta {
-        images,
-        total,
-        full: layout.total_size,
-    })
+    Ok(new.delta_from(Some(&mut old))?)
 }
 
 async fn blob_of(state: &AppState, org: &str, id: &str) -> UiResult<(String, String, String)> {
@@ -274,8 +236,8 @@ pub async fn delta(
         })?;
     drop((old_file, new_file));
     let list = all(&state, &s).await?;
-    let saved = if d.full > 0 {
-        100.0 - d.total as f64 * 100.0 / d.full as f64
+    let saved = if d.full_bundle_bytes > 0 {
+        100.0 - d.total_bytes as f64 * 100.0 / d.full_bundle_bytes as f64
     } else {
         0.0
     };
@@ -290,16 +252,18 @@ pub async fn delta(
                 p.notice role="status" { "These releases are for different hardware classes (" (old_class) ", " (new_class) "): no device installs one over the other." }
             }
             div.cards {
-                div.card data-delta-total=(d.total) { span.big { (format::bytes(d.total)) } span { "downloaded per device" } }
-                div.card { span.big { (format::bytes(d.full)) } span { "full bundle" } }
+                div.card data-delta-total=(d.total_bytes) { span.big { (format::bytes(d.total_bytes)) } span { "downloaded per device" } }
+                div.card { span.big { (format::bytes(d.full_bundle_bytes)) } span { "full bundle" } }
                 div.card { span.big { (format!("{saved:.0} %")) } span { "saved" } }
             }
             div.table-wrap { table {
                 thead { tr { th scope="col" { "Image" } th scope="col" { "Image size" } th scope="col" { "Chunks fetched" }
-                    th scope="col" { "Chunk bytes" } th scope="col" { "Chunks reused" } th scope="col" { "Index bytes" } } }
+                    th scope="col" { "Chunk bytes" } th scope="col" { "Chunks patched" } th scope="col" { "Patch bytes" }
+                    th scope="col" { "Chunks reused" } th scope="col" { "Index bytes" } } }
                 tbody { @for i in &d.images { tr {
-                    td { (i.class) } td { (format::bytes(i.image_size)) }
+                    td { (i.slot_class.as_str()) } td { (format::bytes(i.image_size)) }
                     td { (i.delta.chunks_fetched) } td { (format::bytes(i.delta.chunk_bytes)) }
+                    td { (i.delta.chunks_patched) } td { (format::bytes(i.delta.patch_table_bytes + i.delta.patch_bytes)) }
                     td { (i.delta.chunks_reused) }
                     td { (format::bytes(i.delta.index_head_bytes + i.delta.index_page_bytes)) }
                 } } }

@@ -119,6 +119,7 @@ pub fn bundle_with(
         class: SlotClass::Rootfs,
         filesystem: FsType::Raw,
         built: &built,
+        patches: &[],
     }];
     let manifest = bundle::manifest_for(&release, &inputs).unwrap();
     let manifest_bytes = edit_manifest(manifest.to_vec().unwrap());
@@ -130,11 +131,77 @@ pub fn bundle_with(
             class: SlotClass::Rootfs,
             filesystem: FsType::Raw,
             built: &built,
+            patches: &[],
         },
         &mut reader,
     )];
     bundle::write_bundle(&mut out, &manifest_bytes, &sig, &mut images).unwrap();
     Built { bytes: out, built }
+}
+
+/// A signed bundle of `img` that also carries a chunk patch from `base`
+/// (the image of `base_bundle`, release `base_version`).
+pub fn bundle_patched(
+    img: &[u8],
+    version: &str,
+    signer: &Signer,
+    base: &[u8],
+    base_bundle: &Built,
+    base_version: &str,
+) -> Built {
+    let mut data = Vec::new();
+    let built = archive::build_archive(img, &mut data, &options(), &|_| {}).unwrap();
+    let (table, frames, chunks_new) = kernex_protocol::patch::build_patch(
+        base,
+        &base_bundle.built.index,
+        &built.index,
+        |at, len| Ok(img[at as usize..at as usize + len as usize].to_vec()),
+        19,
+        2,
+    )
+    .unwrap();
+    assert!(
+        !table.entries.is_empty(),
+        "nothing patched of {chunks_new} new chunks"
+    );
+    let patches = [kernex_protocol::patch::BuiltPatch {
+        base_version: semver::Version::parse(base_version).unwrap(),
+        base_sha256: kernex_protocol::Sha256Digest::of(base),
+        table: table.encode(),
+        data: frames,
+        chunks_new,
+        chunks_patched: table.entries.len() as u64,
+    }];
+    let release = ReleaseInfo {
+        version: semver::Version::parse(version).unwrap(),
+        compatible: "qemu-aarch64".into(),
+        min_updater_version: semver::Version::parse("0.1.0").unwrap(),
+        metadata: BTreeMap::new(),
+    };
+    let input = || ImageInput {
+        class: SlotClass::Rootfs,
+        filesystem: FsType::Raw,
+        built: &built,
+        patches: &patches,
+    };
+    let manifest = bundle::manifest_for(&release, &[input()]).unwrap();
+    let manifest_bytes = manifest.to_vec().unwrap();
+    let sig = signer.sign(&manifest_bytes).unwrap();
+    let mut out = Vec::new();
+    let mut reader = Cursor::new(data);
+    let mut images: Vec<(ImageInput<'_>, &mut dyn std::io::Read)> = vec![(input(), &mut reader)];
+    bundle::write_bundle(&mut out, &manifest_bytes, &sig, &mut images).unwrap();
+    Built { bytes: out, built }
+}
+
+/// `base` with one byte changed every `every` bytes from `from`: a binary
+/// patched in many places, where every chunk changes a little.
+pub fn sprinkle(base: &[u8], from: usize, len: usize, every: usize) -> Vec<u8> {
+    let mut out = base.to_vec();
+    for at in (from..from + len).step_by(every) {
+        out[at] ^= 0x5a;
+    }
+    out
 }
 
 pub fn bundle(img: &[u8], version: &str, signer: &Signer) -> Built {
