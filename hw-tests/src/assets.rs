@@ -12,6 +12,9 @@ use crate::run;
 /// prints anything; the 32-bit one boots the same x86_64 bzImage.
 pub const UBOOT_ROM: &str = "/usr/lib/u-boot/qemu-x86/u-boot.rom";
 
+/// The tpm2-tss TCTI for the kernel's TPM device (`device:/dev/tpmrm0`).
+pub const TCTI_DEVICE: &str = "/lib/x86_64-linux-gnu/libtss2-tcti-device.so.0";
+
 /// Kernel modules the guest loads, in dependency order (the Debian amd64
 /// kernel builds virtio, ext4 and vfat as modules).
 pub const MODULES: &[&str] = &[
@@ -75,13 +78,29 @@ impl Assets {
             "mkfs.vfat",
             "mcopy",
             "mke2fs",
+            // Scenario 6: the board's TPM and the independent quote check.
+            "swtpm",
+            "tpm2_checkquote",
         ] {
             which(tool)?;
         }
         if !Path::new(UBOOT_ROM).exists() {
             bail!("{UBOOT_ROM} is missing: install u-boot-qemu (scripts/setup)");
         }
-        let libraries = shared_libraries(&updater)?;
+        // tpm2-tss loads its TCTI (`device:` → libtss2-tcti-device.so.0)
+        // with dlopen at run time: ldd of the updater does not list it.
+        let mut libraries = shared_libraries(&updater)?;
+        let tcti = Path::new(TCTI_DEVICE);
+        if !tcti.exists() {
+            bail!("{TCTI_DEVICE} is missing: install libtss2-dev (scripts/setup.d/60-tpm.sh)");
+        }
+        for lib in std::iter::once((TCTI_DEVICE.to_owned(), std::fs::canonicalize(tcti)?))
+            .chain(shared_libraries(tcti)?)
+        {
+            if !libraries.iter().any(|(guest, _)| *guest == lib.0) {
+                libraries.push(lib);
+            }
+        }
         let assets = Assets {
             root: dir.join("root"),
             kernel_release,
@@ -155,7 +174,7 @@ fn shared_libraries(binary: &Path) -> Result<Vec<(String, PathBuf)>> {
     Ok(libs)
 }
 
-/// Builds `kernex-updater` (debug profile) with the cargo that runs the
+/// Builds `kernex-updater` (debug profile, with the `tpm` feature) with the cargo that runs the
 /// tests, into `<target>/hw-tests-updater`, and returns its path. Building it here, rather than trusting whatever binary is in
 /// the target directory, makes sure the guest runs this checkout's updater.
 pub fn build_updater() -> Result<PathBuf> {
@@ -180,6 +199,9 @@ pub fn build_updater() -> Result<PathBuf> {
             "kernex-updater",
             "--bin",
             "kernex-updater",
+            // TPM attestation (scenario 6): links tpm2-tss.
+            "--features",
+            "tpm",
         ])
         .arg("--manifest-path")
         .arg(&manifest)

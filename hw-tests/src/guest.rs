@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::Parser;
 use kernex_image::rootfs::{Filesystem, RootfsOptions, build_rootfs};
+use kernex_protocol::bundle::Bundle;
+use kernex_protocol::manifest::VerifiedManifest;
+use kernex_protocol::{Keyring, VerifyOptions};
 
 use crate::assets::{Assets, MODULES};
 use crate::cpio::{self, Entry};
@@ -53,6 +56,21 @@ pub struct Built {
     pub image: PathBuf,
     /// The signed bundle.
     pub bundle: PathBuf,
+}
+
+impl Built {
+    /// The bundle's manifest, its signature checked against `keys`' CA (what
+    /// the server and the device trust).
+    pub fn manifest(&self, keys: &Keys) -> Result<VerifiedManifest> {
+        let file = std::fs::File::open(&self.bundle)
+            .with_context(|| format!("open {}", self.bundle.display()))?;
+        let bundle = Bundle::open(std::io::BufReader::new(file))
+            .with_context(|| format!("read {}", self.bundle.display()))?;
+        let keyring = Keyring::from_pem(&std::fs::read(keys.ca())?)?;
+        bundle
+            .verify(&keyring, VerifyOptions::default())
+            .with_context(|| format!("verify {}", self.bundle.display()))
+    }
 }
 
 /// Development keys (kernex-image keys create).
@@ -140,6 +158,15 @@ if [ -b /dev/vdb ]; then
     mount -t ext4 -o ro /dev/vdb /bundles || echo "KERNEX-HW: cannot mount the bundles disk"
 fi
 echo "KERNEX-HW: up version=$(cat /etc/kernex-release) cmdline=$(cat /proc/cmdline)"
+# A board with a TPM: configure it and measure the booted slot into PCR 14
+# before anything else runs (U-Boot cannot here: Debian's x86 U-Boot has no
+# TPM support, see hw-tests/README.md). /tmp/measure.json is what the
+# updater printed; its exit status follows it.
+if [ -e /dev/tpmrm0 ]; then
+    printf '\n[tpm]\ntcti = "device:/dev/tpmrm0"\npcr = 14\n' >>/etc/kernex/system.toml
+    kernex-updater attest measure --json >/tmp/measure.json 2>&1
+    echo "KERNEX-HW: measure exited $?"
+fi
 # The watchdog's verdict from the previous boot (status --json shows only
 # the latest one, and this boot's run replaces it).
 if [ -f /data/kernex/health.json ]; then
@@ -194,6 +221,13 @@ const BUSYBOX_APPLETS: &[&str] = &[
     "awk",
     "dmesg",
     "poweroff",
+    "printf",
+    "ip",
+    "ifconfig",
+    "route",
+    "ping",
+    "wget",
+    "date",
 ];
 
 /// The initramfs (gzip-compressed newc cpio) of a release.

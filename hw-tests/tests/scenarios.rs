@@ -5,18 +5,25 @@
 //! under the directory each test prints.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use kernex_attest::{
+    AkPublic, Quote, QuoteError, TpmIdentity, expected_slot_pcr, fresh_nonce, slot_measurement,
+    verify_quote,
+};
 use kernex_hw_tests::assets::{self, Assets};
 use kernex_hw_tests::disk::{self, FactoryEnv};
 use kernex_hw_tests::guest::{self, Behaviour, Built, Keys, Release};
-use kernex_hw_tests::machine::{Machine, boot_timeout};
+use kernex_hw_tests::machine::{Hardware, Machine, boot_timeout};
+use kernex_protocol::Sha256Digest;
 use serde_json::Value;
 
 struct Fixture {
     dir: PathBuf,
+    keys: Keys,
     v1: Built,
     v2: Built,
     v3: Built,
@@ -51,6 +58,7 @@ fn fixture() -> &'static Fixture {
             v3: build("3.0.0", Behaviour::AgentCrashLoops),
             v4: build("4.0.0", Behaviour::KernelPanics),
             dir,
+            keys,
         }
     })
 }
@@ -73,8 +81,7 @@ fn artefacts_root() -> PathBuf {
 /// One scenario's board: its factory disk, a bundles disk, its console log.
 struct Board {
     dir: PathBuf,
-    disk: PathBuf,
-    bundles: Option<PathBuf>,
+    hw: Hardware,
     log: PathBuf,
 }
 
@@ -104,14 +111,23 @@ impl Board {
         let _ = &f.dir;
         Board {
             log: dir.join("console.log"),
+            hw: Hardware {
+                disk,
+                bundles,
+                ..Hardware::default()
+            },
             dir,
-            disk,
-            bundles,
         }
     }
 
+    /// The board gets a TPM (swtpm, its state in `<dir>/tpm`).
+    fn with_tpm(mut self) -> Board {
+        self.hw.tpm = Some(self.dir.join("tpm"));
+        self
+    }
+
     fn power_on(&self) -> Machine {
-        Machine::start(&self.disk, self.bundles.as_deref(), &self.log).unwrap()
+        Machine::start(&self.hw, &self.log).unwrap()
     }
 
     /// Waits for U-Boot's choice and the guest's shell; returns the status.
@@ -138,7 +154,7 @@ impl Board {
 
     /// The env U-Boot and the updater share, read from the disk image.
     fn env(&self, name: &str) -> Option<String> {
-        let env = disk::read_env(&self.disk, &self.dir).unwrap();
+        let env = disk::read_env(&self.hw.disk, &self.dir).unwrap();
         env.get(name).map(str::to_owned)
     }
 }
@@ -168,6 +184,9 @@ fn s1_factory_image_boots_slot_a_and_commits_it() {
     assert_eq!(board.env("BOOT_A_LEFT").as_deref(), Some("3"));
     assert_eq!(board.env("BOOT_ORDER").as_deref(), Some("A B"));
 }
+
+/// The slot PCR (attest/README.md).
+const PCR: u8 = 14;
 
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(900);
 
@@ -345,4 +364,124 @@ fn s5_power_cuts_during_an_install_leave_a_booting_and_a_rerun_completes() {
     let st = board.boots(&mut m, "Kernex: booting slot B (A left 3, B left 2)");
     assert_eq!(st["booted-slot"], "B", "{st}");
     assert_eq!(st["committed"], true, "{st}");
+}
+
+/// `kernex-updater <args>` in the guest, its JSON output parsed.
+fn updater_json<T: serde::de::DeserializeOwned>(m: &mut Machine, args: &str) -> T {
+    let (out, code) = m
+        .sh(&format!("kernex-updater {args}"), Duration::from_secs(180))
+        .unwrap();
+    assert_eq!(code, 0, "kernex-updater {args} failed:\n{out}");
+    let start = out
+        .find('{')
+        .unwrap_or_else(|| panic!("no JSON from {args}:\n{out}"));
+    serde_json::from_str(&out[start..]).unwrap_or_else(|e| panic!("{args}: {e}:\n{out}"))
+}
+
+/// PCR `pcr` (SHA-256 bank) as the guest kernel's TPM driver reads it
+/// (`/sys/class/tpm/tpm0/pcr-sha256/N`): a reader independent of the
+/// updater and of tpm2-tss.
+fn kernel_pcr(m: &mut Machine, pcr: u8) -> Sha256Digest {
+    let (out, code) = m
+        .sh(
+            &format!("cat /sys/class/tpm/tpm0/pcr-sha256/{pcr}"),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+    assert_eq!(code, 0, "{out}");
+    let hex = out.lines().last().unwrap_or_default().trim().to_lowercase();
+    Sha256Digest(hex::decode(&hex).unwrap().try_into().unwrap())
+}
+
+/// The slot PCR a device running `release` must show (recomputed from its
+/// signed manifest, as the server does).
+fn expected_pcr(release: &Built) -> Sha256Digest {
+    let manifest = release.manifest(&fixture().keys).unwrap();
+    expected_slot_pcr(&slot_measurement(&manifest).unwrap())
+}
+
+#[test]
+fn s6_tpm_the_booted_slots_pcr_matches_its_release_and_the_quote_verifies() {
+    let f = fixture();
+    let board = Board::new("s6-attest", &[&f.v2]).with_tpm();
+    let mut m = board.power_on();
+    factory_booted(&board, &mut m);
+    // The factory slot has no recorded release: nothing was measured.
+    let (out, _) = m
+        .sh("cat /tmp/measure.json", Duration::from_secs(30))
+        .unwrap();
+    assert!(out.contains("nothing to measure"), "{out}");
+    assert_eq!(kernel_pcr(&mut m, PCR), Sha256Digest([0; 32]));
+    let identity: TpmIdentity = updater_json(&mut m, "attest identity");
+    let ak = AkPublic::parse(&identity.ak_public).unwrap();
+
+    install(&mut m, &f.v2);
+    m.send("reboot -f").unwrap();
+    let st = board.boots(&mut m, "Kernex: booting slot B (A left 3, B left 2)");
+    assert_eq!(st["booted-slot"], "B", "{st}");
+    assert_eq!(st["committed"], true, "{st}");
+
+    // Measured once, early in this boot, by the updater in the guest.
+    let (out, _) = m
+        .sh("cat /tmp/measure.json", Duration::from_secs(30))
+        .unwrap();
+    let measured: Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
+    assert_eq!(measured["slot"], "B", "{measured}");
+    assert_eq!(measured["version"], "2.0.0", "{measured}");
+    assert_eq!(measured["already"], false, "{measured}");
+    let v2 = expected_pcr(&f.v2);
+    assert_eq!(measured["value"], v2.to_hex(), "{measured}");
+    // What the TPM holds, read by the kernel: v2's value, no other release's.
+    let pcr = kernel_pcr(&mut m, PCR);
+    assert_eq!(pcr, v2);
+    for other in [&f.v1, &f.v3] {
+        assert_ne!(pcr, expected_pcr(other), "{}", other.release.version);
+    }
+    // A second measure in the same boot extends nothing.
+    let again: Value = updater_json(&mut m, "attest measure --json");
+    assert_eq!(again["already"], true, "{again}");
+    assert_eq!(kernel_pcr(&mut m, PCR), v2);
+
+    // A quote over a fresh nonce, verified here with the enrolled AK.
+    let nonce = fresh_nonce().unwrap();
+    let quote: Quote = updater_json(&mut m, &format!("attest quote {}", hex::encode(nonce)));
+    let expect = |d: Sha256Digest| BTreeMap::from([(PCR, d)]);
+    let verified = verify_quote(&ak, &quote, &nonce, &expect(v2)).unwrap();
+    assert_eq!(verified.pcrs[&PCR], v2);
+    // ...and it proves v2, not another release, and answers only this nonce.
+    let err = verify_quote(&ak, &quote, &nonce, &expect(expected_pcr(&f.v1))).unwrap_err();
+    assert!(
+        matches!(err, QuoteError::PcrMismatch { pcr: PCR, .. }),
+        "{err:?}"
+    );
+    let other_nonce = fresh_nonce().unwrap();
+    let err = verify_quote(&ak, &quote, &other_nonce, &expect(v2)).unwrap_err();
+    assert!(matches!(err, QuoteError::NonceMismatch { .. }), "{err:?}");
+
+    // The independent verifier agrees: tpm2_checkquote with the AK in PEM.
+    let dir = board.dir.join("quote");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = |name: &str| dir.join(name).display().to_string();
+    std::fs::write(path("ak.pem"), ak.to_pem().unwrap()).unwrap();
+    std::fs::write(path("quote.msg"), &quote.attest).unwrap();
+    std::fs::write(path("quote.sig"), &quote.signature).unwrap();
+    std::fs::write(path("v2.pcrs"), v2.0).unwrap();
+    std::fs::write(path("v1.pcrs"), expected_pcr(&f.v1).0).unwrap();
+    let checkquote = |pcrs: &str, nonce: &[u8]| {
+        std::process::Command::new("tpm2_checkquote")
+            .args(["-u", &path("ak.pem"), "-m", &path("quote.msg")])
+            .args(["-s", &path("quote.sig"), "-f", &path(pcrs)])
+            .args(["-l", &format!("sha256:{PCR}"), "-g", "sha256"])
+            .args(["-q", &hex::encode(nonce)])
+            .output()
+            .expect("tpm2_checkquote (tpm2-tools; scripts/setup.d/60-tpm.sh)")
+    };
+    let out = checkquote("v2.pcrs", &nonce);
+    assert!(
+        out.status.success(),
+        "tpm2_checkquote rejected the guest's quote: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!checkquote("v1.pcrs", &nonce).status.success());
+    assert!(!checkquote("v2.pcrs", &other_nonce).status.success());
 }
