@@ -172,10 +172,35 @@ fi
 if [ -f /data/kernex/health.json ]; then
     echo "KERNEX-HW: previous health verdict: $(tr -d '\n' </data/kernex/health.json)"
 fi
-kernex-updater health run
-echo "KERNEX-HW: health run exited $?"
+# QEMU's user network, when the board has a NIC: fixed addresses (the host's
+# loopback is 10.0.2.2).
+ip link set lo up
+if [ -e /sys/class/net/eth0 ]; then
+    ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2 \
+        || echo "KERNEX-HW: cannot configure eth0"
+fi
+# A device provisioned for a control plane ([server] in /data/kernex-hw/server.toml)
+# runs the daemon, which runs the watchdog itself; otherwise the watchdog runs here.
+if [ -f /data/kernex-hw/server.toml ]; then
+    kernex-hw-daemon
+else
+    kernex-updater health run
+    echo "KERNEX-HW: health run exited $?"
+fi
 echo "KERNEX-HW: shell ready"
 exec /bin/sh
+"#;
+
+/// Starts `kernex-updater daemon` with the `[server]` table kept on the data
+/// partition (the test writes it once, over the console, after the factory
+/// boot); its log goes to the data partition too.
+const START_DAEMON: &str = r#"#!/bin/sh
+if ! grep -q '^\[server\]' /etc/kernex/system.toml; then
+    cat /data/kernex-hw/server.toml >>/etc/kernex/system.toml
+fi
+echo "===== boot $(cat /proc/sys/kernel/random/boot_id)" >>/data/kernex-hw/daemon.log
+RUST_LOG=info kernex-updater daemon >>/data/kernex-hw/daemon.log 2>&1 &
+echo "KERNEX-HW: daemon started"
 "#;
 
 fn agent(behaviour: Behaviour) -> &'static str {
@@ -293,6 +318,11 @@ pub fn initramfs(assets: &Assets, keys: &Keys, release: &Release) -> Result<Vec<
         path: "usr/bin/kernex-updater".into(),
         mode: 0o755,
         data: stripped(&assets.updater)?,
+    });
+    e.push(Entry::File {
+        path: "usr/bin/kernex-hw-daemon".into(),
+        mode: 0o755,
+        data: START_DAEMON.as_bytes().to_vec(),
     });
     e.push(Entry::File {
         path: "usr/bin/agent".into(),

@@ -18,6 +18,7 @@ use kernex_hw_tests::assets::{self, Assets};
 use kernex_hw_tests::disk::{self, FactoryEnv};
 use kernex_hw_tests::guest::{self, Behaviour, Built, Keys, Release};
 use kernex_hw_tests::machine::{Hardware, Machine, boot_timeout};
+use kernex_hw_tests::server::ControlPlane;
 use kernex_protocol::Sha256Digest;
 use serde_json::Value;
 
@@ -118,6 +119,12 @@ impl Board {
             },
             dir,
         }
+    }
+
+    /// The board gets a NIC on QEMU's user network.
+    fn with_network(mut self) -> Board {
+        self.hw.network = true;
+        self
     }
 
     /// The board gets a TPM (swtpm, its state in `<dir>/tpm`).
@@ -315,55 +322,92 @@ fn s4_v4_kernel_never_comes_up_and_u_boot_falls_back_to_a() {
     assert_eq!(slot(&st, "B")["attempts-left"], 0, "{st}");
 }
 
+/// Starts `install` of v2 in the background with the updater told to stop
+/// itself (SIGSTOP) at `step` (`KERNEX_TEST_PAUSE_AT`, compiled into debug
+/// builds, which the guest runs), and waits until it has stopped there.
+fn install_until(m: &mut Machine, step: &str) {
+    let (out, code) = m
+        .sh(
+            &format!(
+                "KERNEX_TEST_PAUSE_AT={step} kernex-updater install /bundles/release-2.0.0.kxb >/tmp/install.log 2>&1 & p=$!; \
+                 i=0; while [ $i -lt 3000 ] && [ -d /proc/$p ] && ! grep -q '^State:.*stopped' /proc/$p/status; do sleep 0.2; i=$((i+1)); done; \
+                 grep '^State' /proc/$p/status || cat /tmp/install.log"
+            ),
+            INSTALL_TIMEOUT,
+        )
+        .unwrap();
+    assert_eq!(code, 0, "{step}: {out}");
+    assert!(
+        out.contains("stopped"),
+        "{step}: the install never reached the step:\n{out}"
+    );
+}
+
+/// After a cut: the board boots A again, A is primary, B not bootable.
+fn after_cut_boots_a(board: &Board, what: &str) -> (Machine, Value) {
+    let mut m = board.power_on();
+    let st = board.boots(&mut m, "Kernex: booting slot A (A left 2, B left 0)");
+    assert_eq!(st["booted-slot"], "A", "{what}: {st}");
+    assert_eq!(st["primary-slot"], "A", "{what}: {st}");
+    assert_eq!(st["committed"], true, "{what}: {st}");
+    assert_eq!(slot(&st, "B")["attempts-left"], 0, "{what}: {st}");
+    (m, st)
+}
+
 #[test]
-fn s5_power_cuts_during_an_install_leave_a_booting_and_a_rerun_completes() {
+fn s5_power_cuts_at_five_moments_of_an_install_each_leave_a_booting_device() {
     let f = fixture();
     let board = Board::new("s5-power-cut", &[&f.v2]);
     let mut m = board.power_on();
     factory_booted(&board, &mut m);
-    let start = "kernex-updater install /bundles/release-2.0.0.kxb >/tmp/install.log 2>&1 &";
 
-    // Cut 1: a second after the install started (signature checked, the
-    // target guarded, little or nothing written).
-    m.send(start).unwrap();
+    // Cut 1: a second after the install started (reading the bundle,
+    // checking its signature; little or nothing written).
+    m.send("kernex-updater install /bundles/release-2.0.0.kxb >/tmp/install.log 2>&1 &")
+        .unwrap();
     std::thread::sleep(Duration::from_secs(1));
     m.power_off();
-    let mut m = board.power_on();
-    let st = board.boots(&mut m, "Kernex: booting slot A (A left 2, B left 0)");
-    assert_eq!(st["booted-slot"], "A", "{st}");
-    assert_eq!(st["primary-slot"], "A", "{st}");
+    let (mut m, _) = after_cut_boots_a(&board, "cut 1 (start)");
 
-    // Cut 2: in the middle of the clone, once chunks are journaled.
-    m.send(start).unwrap();
-    let (out, code) = m
-        .sh(
-            "i=0; while [ $i -lt 600 ]; do s=$(wc -c </data/kernex/install/journal 2>/dev/null || echo 0); [ \"$s\" -gt 64 ] && break; sleep 0.2; i=$((i+1)); done; echo journal=$s",
-            INSTALL_TIMEOUT,
-        )
-        .unwrap();
-    assert_eq!(code, 0, "{out}");
-    assert!(!out.contains("journal=0"), "the journal never grew: {out}");
+    // Cut 2: in the middle of the clone, in the middle of the third journal
+    // write (a torn record on disk after chunks already journaled).
+    install_until(&mut m, "journal-write:3");
     m.power_off();
-    let mut m = board.power_on();
-    let st = board.boots(&mut m, "Kernex: booting slot A (A left 2, B left 0)");
-    assert_eq!(st["booted-slot"], "A", "{st}");
-    assert_eq!(st["primary-slot"], "A", "{st}");
-    assert!(
-        !st["pending-install"].is_null(),
-        "the cut install is pending: {st}"
-    );
+    let (mut m, st) = after_cut_boots_a(&board, "cut 2 (torn journal write)");
+    assert!(!st["pending-install"].is_null(), "cut 2: {st}");
 
-    // The re-run resumes and completes; B is tried next.
+    // Cut 3: every chunk written and journaled, the final SHA-256 check of
+    // slot B starting.
+    install_until(&mut m, "verify");
+    m.power_off();
+    let (mut m, st) = after_cut_boots_a(&board, "cut 3 (final check)");
+    assert!(!st["pending-install"].is_null(), "cut 3: {st}");
+
+    // Cut 4: B verified and recorded, just before the boot env is told to
+    // try it (BOOT_ORDER still "A B").
+    install_until(&mut m, "slot-record");
+    m.power_off();
+    assert_eq!(board.env("BOOT_ORDER").as_deref(), Some("A B"));
+    let (mut m, st) = after_cut_boots_a(&board, "cut 4 (before the BOOT_ORDER flip)");
+    assert!(!st["pending-install"].is_null(), "cut 4: {st}");
+
+    // The re-run completes: B is tried next.
     install(&mut m, &f.v2);
     let st = m.status().unwrap();
     assert_eq!(st["primary-slot"], "B", "{st}");
     assert_eq!(slot(&st, "B")["version"], "2.0.0", "{st}");
     assert_eq!(slot(&st, "B")["verified"], true, "{st}");
     assert!(st["pending-install"].is_null(), "{st}");
-    m.send("reboot -f").unwrap();
+
+    // Cut 5: right after the install returned (BOOT_ORDER flipped; no sync,
+    // no clean shutdown): the flip survived, U-Boot tries B, it commits.
+    m.power_off();
+    assert_eq!(board.env("BOOT_ORDER").as_deref(), Some("B A"));
+    let mut m = board.power_on();
     let st = board.boots(&mut m, "Kernex: booting slot B (A left 3, B left 2)");
     assert_eq!(st["booted-slot"], "B", "{st}");
     assert_eq!(st["committed"], true, "{st}");
+    assert_eq!(slot(&st, "B")["version"], "2.0.0", "{st}");
 }
 
 /// `kernex-updater <args>` in the guest, its JSON output parsed.
@@ -484,4 +528,168 @@ fn s6_tpm_the_booted_slots_pcr_matches_its_release_and_the_quote_verifies() {
     );
     assert!(!checkquote("v1.pcrs", &nonce).status.success());
     assert!(!checkquote("v2.pcrs", &other_nonce).status.success());
+}
+
+/// Polls `f` every half second until it gives a value or `timeout` passes.
+fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(started.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn s7_daemon_enrolls_with_a_real_server_over_the_network_installs_reboots_and_commits() {
+    let f = fixture();
+    let board = Board::new("s7-daemon", &[]).with_network();
+    let server_bin = assets::build_server().unwrap();
+    let cp = ControlPlane::start(&server_bin, &board.dir.join("server"), &f.keys.ca()).unwrap();
+    eprintln!(
+        "hw-tests s7-daemon: kernex-server at {} (log {})",
+        cp.url,
+        cp.log.display()
+    );
+    let release = cp.upload(&f.v2.bundle).unwrap();
+    let token = cp.enrollment_token().unwrap();
+
+    let mut m = board.power_on();
+    factory_booted(&board, &mut m);
+    // Provision the device for the control plane, as the factory would.
+    let (out, code) = m
+        .sh(
+            &format!(
+                "mkdir -p /data/kernex-hw && printf '%s\\n' '[server]' 'url = \"{}\"' 'enrollment-token = \"{token}\"' 'device-id = \"qemu-hw-1\"' 'poll-interval = 2' >/data/kernex-hw/server.toml && sync && kernex-hw-daemon",
+                cp.guest_url()
+            ),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    assert_eq!(code, 0, "{out}");
+
+    // It enrolls over QEMU's user network and heartbeats from slot A.
+    let device = poll("the guest to enroll", INSTALL_TIMEOUT, || {
+        cp.device("qemu-hw-1")
+            .unwrap()
+            .filter(|d| d["status"] == "online" && d["booted_slot"] == "A")
+    });
+    assert_eq!(device["hardware_class"], guest::COMPATIBLE, "{device}");
+    let id = device["id"].as_str().unwrap().to_owned();
+
+    // The operator assigns v2; the daemon downloads it from the server,
+    // installs it into slot B and reboots; U-Boot tries B; the daemon,
+    // started again by the init, runs the watchdog and commits.
+    let deployment = cp.deploy(&release, &id).unwrap();
+    // Sampled from the server every 300 ms while it happens: the
+    // deployment's device state, and the slot and uptime of the device's
+    // latest heartbeat.
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (states, beats) = std::thread::scope(|scope| {
+        let watcher = scope.spawn(|| {
+            let mut states: Vec<String> = Vec::new();
+            let mut beats: Vec<(std::time::Instant, String, u64)> = Vec::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(d) = cp.deployment(&deployment) {
+                    let state = d["devices"][0]["state"].as_str().unwrap_or("").to_owned();
+                    if states.last() != Some(&state) {
+                        states.push(state);
+                    }
+                }
+                if let Ok(d) = cp.expect(200, "GET", &format!("/api/v1/devices/{id}"), None) {
+                    let inv = &d["inventory"];
+                    if let (Some(slot), Some(up)) =
+                        (inv["booted_slot"].as_str(), inv["uptime_secs"].as_u64())
+                    {
+                        beats.push((std::time::Instant::now(), slot.to_owned(), up));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            (states, beats)
+        });
+        m.wait_for(
+            "Kernex: booting slot B (A left 3, B left 2)",
+            INSTALL_TIMEOUT,
+        )
+        .unwrap();
+        m.wait_for("KERNEX-HW: up version=2.0.0", boot_timeout())
+            .unwrap();
+        m.wait_for("KERNEX-HW: daemon started", boot_timeout())
+            .unwrap();
+        m.wait_for_shell().unwrap();
+        poll("the deployment to succeed", INSTALL_TIMEOUT, || {
+            cp.deployment(&deployment)
+                .ok()
+                .filter(|d| d["status"] == "success")
+        });
+        // One more heartbeat from B.
+        std::thread::sleep(Duration::from_secs(5));
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        watcher.join().unwrap()
+    });
+    // The server saw the install, then the commit. (The daemon queues its
+    // `rebooted` report at boot and delivers it with `committed` once the
+    // watchdog has decided, so `rebooted` is seen only by luck.)
+    let pos = |s: &str| {
+        states
+            .iter()
+            .position(|x| x == s)
+            .unwrap_or_else(|| panic!("the server never saw {s:?}: {states:?}"))
+    };
+    assert!(pos("installed") < pos("committed"), "{states:?}");
+    if let Some(r) = states.iter().position(|x| x == "rebooted") {
+        assert!(pos("installed") < r && r < pos("committed"), "{states:?}");
+    }
+    // ...and, from the heartbeats, that the device restarted in between.
+    // Uptime only grows: had B's first heartbeat (uptime `b_up`) come from
+    // the same boot as A's last one (`a_up`, first sampled at `a_first`),
+    // then `b_up >= a_up + W`, W being the time from `a_first` to the last
+    // sample before B's heartbeat showed up.
+    let b_index = beats
+        .iter()
+        .position(|(_, s, _)| s == "B")
+        .unwrap_or_else(|| panic!("no heartbeat from B: {beats:?}"));
+    let (_, _, b_up) = &beats[b_index];
+    let (_, _, a_up) = beats[..b_index]
+        .iter()
+        .rev()
+        .find(|(_, s, _)| s == "A")
+        .unwrap_or_else(|| panic!("no heartbeat from A before B's: {beats:?}"));
+    let (a_first, _, _) = beats
+        .iter()
+        .find(|(_, s, up)| s == "A" && up == a_up)
+        .unwrap();
+    let (b_prev, _, _) = &beats[b_index - 1];
+    let w = b_prev.duration_since(*a_first).as_secs();
+    assert!(
+        *b_up < a_up + w,
+        "no restart between A's heartbeat (uptime {a_up} s) and B's (uptime {b_up} s, {w} s later)"
+    );
+    let dep = cp.deployment(&deployment).unwrap();
+    assert_eq!(dep["devices"][0]["state"], "committed", "{dep}");
+    let fetched = dep["devices"][0]["bytes_done"].as_i64().unwrap();
+    let size = std::fs::metadata(&f.v2.bundle).unwrap().len() as i64;
+    assert!(
+        fetched > 0 && fetched <= size,
+        "fetched {fetched} of {size}"
+    );
+    let d = poll(
+        "the device record to show 2.0.0 on B",
+        Duration::from_secs(120),
+        || {
+            cp.device("qemu-hw-1")
+                .unwrap()
+                .filter(|d| d["current_version"] == "2.0.0" && d["booted_slot"] == "B")
+        },
+    );
+    assert_eq!(d["status"], "online", "{d}");
+    // The device agrees.
+    let st = m.status().unwrap();
+    assert_eq!(st["booted-slot"], "B", "{st}");
+    assert_eq!(st["committed"], true, "{st}");
+    assert_eq!(st["server"]["enrolled-as"], id.as_str(), "{st}");
+    assert_eq!(slot(&st, "B")["version"], "2.0.0", "{st}");
 }
