@@ -208,13 +208,14 @@ impl ControlPlane {
         Ok(v["id"].as_str().context("no release id")?.to_owned())
     }
 
-    /// A new enrollment token.
-    pub fn enrollment_token(&self) -> Result<String> {
+    /// A new enrollment token; with `require_tpm`, devices must enroll
+    /// with their TPM identity (credential activation).
+    pub fn enrollment_token(&self, require_tpm: bool) -> Result<String> {
         let v = self.expect(
             201,
             "POST",
             "/api/v1/enrollment-tokens",
-            Some(json!({"label": "hw-tests", "tags": ["qemu"]})),
+            Some(json!({"label": "hw-tests", "tags": ["qemu"], "require_tpm": require_tpm})),
         )?;
         Ok(v["token"].as_str().context("no token")?.to_owned())
     }

@@ -545,7 +545,7 @@ fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T
 #[test]
 fn s7_daemon_enrolls_with_a_real_server_over_the_network_installs_reboots_and_commits() {
     let f = fixture();
-    let board = Board::new("s7-daemon", &[]).with_network();
+    let board = Board::new("s7-daemon", &[]).with_network().with_tpm();
     let server_bin = assets::build_server().unwrap();
     let cp = ControlPlane::start(&server_bin, &board.dir.join("server"), &f.keys.ca()).unwrap();
     eprintln!(
@@ -554,7 +554,8 @@ fn s7_daemon_enrolls_with_a_real_server_over_the_network_installs_reboots_and_co
         cp.log.display()
     );
     let release = cp.upload(&f.v2.bundle).unwrap();
-    let token = cp.enrollment_token().unwrap();
+    // Devices must enroll with their TPM identity.
+    let token = cp.enrollment_token(true).unwrap();
 
     let mut m = board.power_on();
     factory_booted(&board, &mut m);
@@ -570,13 +571,21 @@ fn s7_daemon_enrolls_with_a_real_server_over_the_network_installs_reboots_and_co
         .unwrap();
     assert_eq!(code, 0, "{out}");
 
-    // It enrolls over QEMU's user network and heartbeats from slot A.
+    // It enrolls over QEMU's user network, its TPM identity proven by
+    // credential activation, and heartbeats from slot A.
     let device = poll("the guest to enroll", INSTALL_TIMEOUT, || {
         cp.device("qemu-hw-1")
             .unwrap()
             .filter(|d| d["status"] == "online" && d["booted_slot"] == "A")
     });
     assert_eq!(device["hardware_class"], guest::COMPATIBLE, "{device}");
+    assert_eq!(
+        device["attestation"]["ek_fingerprint"]
+            .as_str()
+            .map(str::len),
+        Some(64),
+        "{device}"
+    );
     let id = device["id"].as_str().unwrap().to_owned();
 
     // The operator assigns v2; the daemon downloads it from the server,
@@ -686,6 +695,19 @@ fn s7_daemon_enrolls_with_a_real_server_over_the_network_installs_reboots_and_co
         },
     );
     assert_eq!(d["status"], "online", "{d}");
+    // Committed · attested: the server asked for a quote with a fresh nonce,
+    // and the guest's TPM showed PCR 14 holding v2's measurement (extended by
+    // the guest at boot) under the AK that credential activation bound.
+    let d = poll(
+        "the server to attest 2.0.0",
+        Duration::from_secs(180),
+        || {
+            cp.device("qemu-hw-1")
+                .unwrap()
+                .filter(|d| d["attestation"]["state"] == "attested")
+        },
+    );
+    assert_eq!(d["attestation"]["version"], "2.0.0", "{d}");
     // The device agrees.
     let st = m.status().unwrap();
     assert_eq!(st["booted-slot"], "B", "{st}");
