@@ -139,13 +139,28 @@ impl Board {
 
     /// Waits for U-Boot's choice and the guest's shell; returns the status.
     ///
-    /// QEMU itself dying by a signal (an emulator fault: seen once, a
-    /// SIGSEGV under TCG during U-Boot's start on a loaded machine) is a
-    /// power-on that did not happen: the board is powered on once more.
-    /// This cannot hide a wrong boot: had the boot script already counted
-    /// an attempt before the crash, the counters `uboot_says` names would
-    /// not match on the second power-on.
+    /// A firmware start that fails before U-Boot even offers to stop
+    /// autoboot — QEMU dying by a signal (seen once: a SIGSEGV under TCG
+    /// during U-Boot's start on a loaded machine) or U-Boot hanging right
+    /// after "Loading Environment" (seen once, with two boards emulated and
+    /// load 7) — is a power-on that did not happen: the board is powered on
+    /// once more, and the runner says so on stderr and in the console log.
+    /// No Kernex code has run by then (the boot script runs after the
+    /// autoboot prompt), and a second failure fails the test. A QEMU crash
+    /// later in U-Boot is treated the same; this cannot hide a wrong boot
+    /// either: had the boot script already counted an attempt before the
+    /// crash, the counters `uboot_says` names would not match on the second
+    /// power-on.
     fn boots(&self, m: &mut Machine, uboot_says: &str) -> Value {
+        if let Err(e) = m.wait_for(UBOOT_STARTED, FIRMWARE_TIMEOUT) {
+            let e = format!("{e:#}");
+            if !(e.contains("QEMU exited (signal:") || e.contains("did not print")) {
+                panic!("{e}");
+            }
+            eprintln!("U-Boot did not start; powering the board on again: {e}");
+            *m = self.power_on();
+            m.wait_for(UBOOT_STARTED, FIRMWARE_TIMEOUT).unwrap();
+        }
         match m.wait_for(uboot_says, boot_timeout()) {
             Ok(_) => {}
             Err(e) if format!("{e:#}").contains("QEMU exited (signal:") => {
@@ -191,6 +206,11 @@ fn s1_factory_image_boots_slot_a_and_commits_it() {
     assert_eq!(board.env("BOOT_A_LEFT").as_deref(), Some("3"));
     assert_eq!(board.env("BOOT_ORDER").as_deref(), Some("A B"));
 }
+
+/// What U-Boot prints once it has started, before it runs the boot script.
+const UBOOT_STARTED: &str = "Hit any key to stop autoboot";
+/// How long U-Boot may take to get there (seconds under TCG when healthy).
+const FIRMWARE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The slot PCR (attest/README.md).
 const PCR: u8 = 14;
