@@ -734,4 +734,6 @@ fn s7_daemon_enrolls_with_a_real_server_over_the_network_installs_reboots_and_co
     assert_eq!(st["committed"], true, "{st}");
     assert_eq!(st["server"]["enrolled-as"], id.as_str(), "{st}");
     assert_eq!(slot(&st, "B")["version"], "2.0.0", "{st}");
+    // The daemon's log reaches the disk image kept as the artefact.
+    m.sh("sync", Duration::from_secs(60)).unwrap();
 }
