@@ -12,8 +12,11 @@ use crate::run;
 /// prints anything; the 32-bit one boots the same x86_64 bzImage.
 pub const UBOOT_ROM: &str = "/usr/lib/u-boot/qemu-x86/u-boot.rom";
 
+/// The tpm2-tss TCTI for the kernel's TPM device (`device:/dev/tpmrm0`).
+pub const TCTI_DEVICE: &str = "/lib/x86_64-linux-gnu/libtss2-tcti-device.so.0";
+
 /// Kernel modules the guest loads, in dependency order (the Debian amd64
-/// kernel builds virtio, ext4 and vfat as modules).
+/// kernel builds virtio, virtio-net, ext4 and vfat as modules).
 pub const MODULES: &[&str] = &[
     "kernel/drivers/virtio/virtio_ring.ko",
     "kernel/drivers/virtio/virtio.ko",
@@ -31,6 +34,10 @@ pub const MODULES: &[&str] = &[
     "kernel/fs/nls/nls_cp437.ko",
     "kernel/fs/nls/nls_utf8.ko",
     "kernel/fs/nls/nls_ascii.ko",
+    // The NIC on QEMU's user network (the daemon scenario).
+    "kernel/net/core/failover.ko",
+    "kernel/drivers/net/net_failover.ko",
+    "kernel/drivers/net/virtio_net.ko",
 ];
 
 /// The kernel, modules and BusyBox unpacked by scripts/setup.d/70-hw-tests.sh.
@@ -75,13 +82,29 @@ impl Assets {
             "mkfs.vfat",
             "mcopy",
             "mke2fs",
+            // Scenario 6: the board's TPM and the independent quote check.
+            "swtpm",
+            "tpm2_checkquote",
         ] {
             which(tool)?;
         }
         if !Path::new(UBOOT_ROM).exists() {
             bail!("{UBOOT_ROM} is missing: install u-boot-qemu (scripts/setup)");
         }
-        let libraries = shared_libraries(&updater)?;
+        // tpm2-tss loads its TCTI (`device:` → libtss2-tcti-device.so.0)
+        // with dlopen at run time: ldd of the updater does not list it.
+        let mut libraries = shared_libraries(&updater)?;
+        let tcti = Path::new(TCTI_DEVICE);
+        if !tcti.exists() {
+            bail!("{TCTI_DEVICE} is missing: install libtss2-dev (scripts/setup.d/60-tpm.sh)");
+        }
+        for lib in std::iter::once((TCTI_DEVICE.to_owned(), std::fs::canonicalize(tcti)?))
+            .chain(shared_libraries(tcti)?)
+        {
+            if !libraries.iter().any(|(guest, _)| *guest == lib.0) {
+                libraries.push(lib);
+            }
+        }
         let assets = Assets {
             root: dir.join("root"),
             kernel_release,
@@ -155,10 +178,23 @@ fn shared_libraries(binary: &Path) -> Result<Vec<(String, PathBuf)>> {
     Ok(libs)
 }
 
-/// Builds `kernex-updater` (debug profile) with the cargo that runs the
-/// tests, into `<target>/hw-tests-updater`, and returns its path. Building it here, rather than trusting whatever binary is in
-/// the target directory, makes sure the guest runs this checkout's updater.
+/// Builds `kernex-updater` (debug profile, with the `tpm` feature: scenario 6)
+/// and returns its path. Building it here, rather than trusting whatever
+/// binary is in the target directory, makes sure the guest runs this
+/// checkout's updater.
 pub fn build_updater() -> Result<PathBuf> {
+    build_binary("kernex-updater", &["tpm"])
+}
+
+/// Builds `kernex-server` (debug profile), the control plane the guest's
+/// daemon talks to, and returns its path.
+pub fn build_server() -> Result<PathBuf> {
+    build_binary("kernex-server", &[])
+}
+
+/// `cargo build -p NAME --bin NAME` with the cargo that runs the tests, into
+/// `<target>/hw-tests-bin`.
+fn build_binary(name: &str, features: &[&str]) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     // <target>/debug/deps/<test-binary>
     let profile_dir = exe
@@ -169,25 +205,22 @@ pub fn build_updater() -> Result<PathBuf> {
     let target_dir = profile_dir
         .parent()
         .context("no target directory above the profile directory")?;
-    let own_dir = target_dir.join("hw-tests-updater");
+    // A target dir of its own: building into the tests' one would replace
+    // the `kernex-updater` other test binaries run (built with other
+    // features) while they run.
+    let own_dir = target_dir.join("hw-tests-bin");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-    run(Command::new(cargo)
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "kernex-updater",
-            "--bin",
-            "kernex-updater",
-        ])
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--quiet", "-p", name, "--bin", name])
         .arg("--manifest-path")
         .arg(&manifest)
-        // A target dir of its own: building into the tests' one would
-        // replace the `kernex-updater` other test binaries run (built with
-        // other features, e.g. `tpm`) while they run.
-        .env("CARGO_TARGET_DIR", &own_dir))?;
-    let bin = own_dir.join("debug/kernex-updater");
+        .env("CARGO_TARGET_DIR", &own_dir);
+    if !features.is_empty() {
+        cmd.arg("--features").arg(features.join(","));
+    }
+    run(&mut cmd)?;
+    let bin = own_dir.join("debug").join(name);
     if !bin.is_file() {
         bail!("cargo build did not produce {}", bin.display());
     }

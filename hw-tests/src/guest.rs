@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::Parser;
 use kernex_image::rootfs::{Filesystem, RootfsOptions, build_rootfs};
+use kernex_protocol::bundle::Bundle;
+use kernex_protocol::manifest::VerifiedManifest;
+use kernex_protocol::{Keyring, VerifyOptions};
 
 use crate::assets::{Assets, MODULES};
 use crate::cpio::{self, Entry};
@@ -53,6 +56,21 @@ pub struct Built {
     pub image: PathBuf,
     /// The signed bundle.
     pub bundle: PathBuf,
+}
+
+impl Built {
+    /// The bundle's manifest, its signature checked against `keys`' CA (what
+    /// the server and the device trust).
+    pub fn manifest(&self, keys: &Keys) -> Result<VerifiedManifest> {
+        let file = std::fs::File::open(&self.bundle)
+            .with_context(|| format!("open {}", self.bundle.display()))?;
+        let bundle = Bundle::open(std::io::BufReader::new(file))
+            .with_context(|| format!("read {}", self.bundle.display()))?;
+        let keyring = Keyring::from_pem(&std::fs::read(keys.ca())?)?;
+        bundle
+            .verify(&keyring, VerifyOptions::default())
+            .with_context(|| format!("verify {}", self.bundle.display()))
+    }
 }
 
 /// Development keys (kernex-image keys create).
@@ -140,15 +158,49 @@ if [ -b /dev/vdb ]; then
     mount -t ext4 -o ro /dev/vdb /bundles || echo "KERNEX-HW: cannot mount the bundles disk"
 fi
 echo "KERNEX-HW: up version=$(cat /etc/kernex-release) cmdline=$(cat /proc/cmdline)"
+# A board with a TPM: configure it and measure the booted slot into PCR 14
+# before anything else runs (U-Boot cannot here: Debian's x86 U-Boot has no
+# TPM support, see hw-tests/README.md). /tmp/measure.json is what the
+# updater printed; its exit status follows it.
+if [ -e /dev/tpmrm0 ]; then
+    printf '\n[tpm]\ntcti = "device:/dev/tpmrm0"\npcr = 14\n' >>/etc/kernex/system.toml
+    kernex-updater attest measure --json >/tmp/measure.json 2>&1
+    echo "KERNEX-HW: measure exited $?"
+fi
 # The watchdog's verdict from the previous boot (status --json shows only
 # the latest one, and this boot's run replaces it).
 if [ -f /data/kernex/health.json ]; then
     echo "KERNEX-HW: previous health verdict: $(tr -d '\n' </data/kernex/health.json)"
 fi
-kernex-updater health run
-echo "KERNEX-HW: health run exited $?"
+# QEMU's user network, when the board has a NIC: fixed addresses (the host's
+# loopback is 10.0.2.2).
+ip link set lo up
+if [ -e /sys/class/net/eth0 ]; then
+    ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2 \
+        || echo "KERNEX-HW: cannot configure eth0"
+fi
+# A device provisioned for a control plane ([server] in /data/kernex-hw/server.toml)
+# runs the daemon, which runs the watchdog itself; otherwise the watchdog runs here.
+if [ -f /data/kernex-hw/server.toml ]; then
+    kernex-hw-daemon
+else
+    kernex-updater health run
+    echo "KERNEX-HW: health run exited $?"
+fi
 echo "KERNEX-HW: shell ready"
 exec /bin/sh
+"#;
+
+/// Starts `kernex-updater daemon` with the `[server]` table kept on the data
+/// partition (the test writes it once, over the console, after the factory
+/// boot); its log goes to the data partition too.
+const START_DAEMON: &str = r#"#!/bin/sh
+if ! grep -q '^\[server\]' /etc/kernex/system.toml; then
+    cat /data/kernex-hw/server.toml >>/etc/kernex/system.toml
+fi
+echo "===== boot $(cat /proc/sys/kernel/random/boot_id)" >>/data/kernex-hw/daemon.log
+RUST_LOG=info kernex-updater daemon >>/data/kernex-hw/daemon.log 2>&1 &
+echo "KERNEX-HW: daemon started"
 "#;
 
 fn agent(behaviour: Behaviour) -> &'static str {
@@ -194,6 +246,13 @@ const BUSYBOX_APPLETS: &[&str] = &[
     "awk",
     "dmesg",
     "poweroff",
+    "printf",
+    "ip",
+    "ifconfig",
+    "route",
+    "ping",
+    "wget",
+    "date",
 ];
 
 /// The initramfs (gzip-compressed newc cpio) of a release.
@@ -259,6 +318,11 @@ pub fn initramfs(assets: &Assets, keys: &Keys, release: &Release) -> Result<Vec<
         path: "usr/bin/kernex-updater".into(),
         mode: 0o755,
         data: stripped(&assets.updater)?,
+    });
+    e.push(Entry::File {
+        path: "usr/bin/kernex-hw-daemon".into(),
+        mode: 0o755,
+        data: START_DAEMON.as_bytes().to_vec(),
     });
     e.push(Entry::File {
         path: "usr/bin/agent".into(),

@@ -12,7 +12,9 @@
 //! - [`disk`]: the factory disk image (MBR: boot, slot A, slot B, data),
 //!   written into a plain file without root or loop devices;
 //! - [`machine`]: QEMU with U-Boot as its firmware, driven over the serial
-//!   console.
+//!   console, optionally with a TPM (swtpm) and a NIC on QEMU's user network;
+//! - [`server`]: a real `kernex-server` on the host's loopback for the
+//!   guest's daemon.
 //!
 //! See hw-tests/README.md for the scenarios built on them.
 
@@ -21,6 +23,7 @@ pub mod cpio;
 pub mod disk;
 pub mod guest;
 pub mod machine;
+pub mod server;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -22,6 +22,85 @@ pub fn boot_timeout() -> Duration {
     Duration::from_secs(secs)
 }
 
+/// What is plugged into the board besides its disk.
+#[derive(Debug, Clone, Default)]
+pub struct Hardware {
+    /// The first virtio disk: the factory disk image.
+    pub disk: PathBuf,
+    /// A second virtio disk (read-only) carrying bundles.
+    pub bundles: Option<PathBuf>,
+    /// A TPM 2.0 on the TIS interface (`tpm-tis`), emulated by swtpm with
+    /// its state in this directory. Like a real TPM it loses its volatile
+    /// state (PCRs) at every power cut: swtpm is started at every power-on
+    /// and killed with QEMU.
+    pub tpm: Option<PathBuf>,
+    /// A virtio NIC on QEMU's user network: the guest reaches the host's
+    /// loopback at 10.0.2.2.
+    pub network: bool,
+}
+
+/// The swtpm process behind the board's TPM.
+#[derive(Debug)]
+struct Swtpm {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Swtpm {
+    /// Starts swtpm on a control socket in `dir` (QEMU's `tpmdev emulator`
+    /// talks to it there) and waits for the socket.
+    fn start(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        let socket = dir.join("swtpm.sock");
+        // sun_path holds 108 bytes.
+        if socket.as_os_str().len() > 100 {
+            bail!(
+                "the swtpm socket path {} is too long for a Unix socket: set KERNEX_HW_ARTEFACTS to a shorter directory",
+                socket.display()
+            );
+        }
+        let _ = std::fs::remove_file(&socket);
+        let child = Command::new("swtpm")
+            .args(["socket", "--tpm2"])
+            .arg("--ctrl")
+            .arg(format!("type=unixio,path={}", socket.display()))
+            .arg("--tpmstate")
+            .arg(format!("dir={}", dir.display()))
+            .arg("--log")
+            .arg(format!("file={},level=1", dir.join("swtpm.log").display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("start swtpm (swtpm package; scripts/setup.d/60-tpm.sh)")?;
+        let mut swtpm = Swtpm { child, socket };
+        let started = Instant::now();
+        while !swtpm.socket.exists() {
+            if let Ok(Some(status)) = swtpm.child.try_wait() {
+                bail!(
+                    "swtpm exited ({status}) before creating {}; see {}",
+                    swtpm.socket.display(),
+                    dir.join("swtpm.log").display()
+                );
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                swtpm.stop();
+                bail!(
+                    "swtpm did not create {} within 20 s",
+                    swtpm.socket.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(swtpm)
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A running board.
 #[derive(Debug)]
 pub struct Machine {
@@ -31,32 +110,46 @@ pub struct Machine {
     /// Console bytes before this offset have been consumed by `wait_for`.
     cursor: usize,
     log: PathBuf,
+    swtpm: Option<Swtpm>,
 }
 
 impl Machine {
-    /// Powers the board on: `disk` as the first virtio disk, `bundles` (if
-    /// any) as the second, the console appended to `log`.
-    pub fn start(disk: &Path, bundles: Option<&Path>, log: &Path) -> Result<Self> {
+    /// Powers the board on (and its TPM, if it has one), the console
+    /// appended to `log`.
+    pub fn start(hw: &Hardware, log: &Path) -> Result<Self> {
+        let swtpm = hw.tpm.as_deref().map(Swtpm::start).transpose()?;
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args([
-            "-M",
-            "pc",
-            "-m",
-            "512",
-            "-smp",
-            "1",
-            "-nographic",
-            "-nic",
-            "none",
-        ])
-        .args(["-bios", UBOOT_ROM])
-        .arg("-drive")
-        .arg(format!("if=virtio,format=raw,file={}", disk.display()));
-        if let Some(b) = bundles {
+        cmd.args(["-M", "pc", "-m", "512", "-smp", "1", "-nographic"])
+            .args(["-bios", UBOOT_ROM])
+            .arg("-drive")
+            .arg(format!("if=virtio,format=raw,file={}", hw.disk.display()));
+        if hw.network {
+            // No option ROM (`romfile=`): U-Boot is the firmware, and QEMU
+            // without SeaBIOS/iPXE installed has none to load.
+            cmd.args([
+                "-netdev",
+                "user,id=n0",
+                "-device",
+                "virtio-net-pci,netdev=n0,romfile=",
+            ]);
+        } else {
+            cmd.args(["-nic", "none"]);
+        }
+        if let Some(b) = &hw.bundles {
             cmd.arg("-drive").arg(format!(
                 "if=virtio,format=raw,readonly=on,file={}",
                 b.display()
             ));
+        }
+        if let Some(t) = &swtpm {
+            cmd.arg("-chardev")
+                .arg(format!("socket,id=chrtpm,path={}", t.socket.display()))
+                .args([
+                    "-tpmdev",
+                    "emulator,id=tpm0,chardev=chrtpm",
+                    "-device",
+                    "tpm-tis,tpmdev=tpm0",
+                ]);
         }
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -100,6 +193,7 @@ impl Machine {
             console,
             cursor: 0,
             log: log.to_path_buf(),
+            swtpm,
         })
     }
 
@@ -238,6 +332,9 @@ impl Machine {
     pub fn power_off(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(t) = &mut self.swtpm {
+            t.stop();
+        }
         if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(&self.log) {
             let _ = writeln!(f, "\n===== kernex-hw-tests: power cut =====");
         }
@@ -253,6 +350,9 @@ impl Drop for Machine {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(t) = &mut self.swtpm {
+            t.stop();
+        }
     }
 }
 

@@ -5,18 +5,26 @@
 //! under the directory each test prints.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use kernex_attest::{
+    AkPublic, Quote, QuoteError, TpmIdentity, expected_slot_pcr, fresh_nonce, slot_measurement,
+    verify_quote,
+};
 use kernex_hw_tests::assets::{self, Assets};
 use kernex_hw_tests::disk::{self, FactoryEnv};
 use kernex_hw_tests::guest::{self, Behaviour, Built, Keys, Release};
-use kernex_hw_tests::machine::{Machine, boot_timeout};
+use kernex_hw_tests::machine::{Hardware, Machine, boot_timeout};
+use kernex_hw_tests::server::ControlPlane;
+use kernex_protocol::Sha256Digest;
 use serde_json::Value;
 
 struct Fixture {
     dir: PathBuf,
+    keys: Keys,
     v1: Built,
     v2: Built,
     v3: Built,
@@ -51,6 +59,7 @@ fn fixture() -> &'static Fixture {
             v3: build("3.0.0", Behaviour::AgentCrashLoops),
             v4: build("4.0.0", Behaviour::KernelPanics),
             dir,
+            keys,
         }
     })
 }
@@ -73,8 +82,7 @@ fn artefacts_root() -> PathBuf {
 /// One scenario's board: its factory disk, a bundles disk, its console log.
 struct Board {
     dir: PathBuf,
-    disk: PathBuf,
-    bundles: Option<PathBuf>,
+    hw: Hardware,
     log: PathBuf,
 }
 
@@ -104,25 +112,55 @@ impl Board {
         let _ = &f.dir;
         Board {
             log: dir.join("console.log"),
+            hw: Hardware {
+                disk,
+                bundles,
+                ..Hardware::default()
+            },
             dir,
-            disk,
-            bundles,
         }
     }
 
+    /// The board gets a NIC on QEMU's user network.
+    fn with_network(mut self) -> Board {
+        self.hw.network = true;
+        self
+    }
+
+    /// The board gets a TPM (swtpm, its state in `<dir>/tpm`).
+    fn with_tpm(mut self) -> Board {
+        self.hw.tpm = Some(self.dir.join("tpm"));
+        self
+    }
+
     fn power_on(&self) -> Machine {
-        Machine::start(&self.disk, self.bundles.as_deref(), &self.log).unwrap()
+        Machine::start(&self.hw, &self.log).unwrap()
     }
 
     /// Waits for U-Boot's choice and the guest's shell; returns the status.
     ///
-    /// QEMU itself dying by a signal (an emulator fault: seen once, a
-    /// SIGSEGV under TCG during U-Boot's start on a loaded machine) is a
-    /// power-on that did not happen: the board is powered on once more.
-    /// This cannot hide a wrong boot: had the boot script already counted
-    /// an attempt before the crash, the counters `uboot_says` names would
-    /// not match on the second power-on.
+    /// A firmware start that fails before U-Boot even offers to stop
+    /// autoboot — QEMU dying by a signal (seen once: a SIGSEGV under TCG
+    /// during U-Boot's start on a loaded machine) or U-Boot hanging right
+    /// after "Loading Environment" (seen once, with two boards emulated and
+    /// load 7) — is a power-on that did not happen: the board is powered on
+    /// once more, and the runner says so on stderr and in the console log.
+    /// No Kernex code has run by then (the boot script runs after the
+    /// autoboot prompt), and a second failure fails the test. A QEMU crash
+    /// later in U-Boot is treated the same; this cannot hide a wrong boot
+    /// either: had the boot script already counted an attempt before the
+    /// crash, the counters `uboot_says` names would not match on the second
+    /// power-on.
     fn boots(&self, m: &mut Machine, uboot_says: &str) -> Value {
+        if let Err(e) = m.wait_for(UBOOT_STARTED, FIRMWARE_TIMEOUT) {
+            let e = format!("{e:#}");
+            if !(e.contains("QEMU exited (signal:") || e.contains("did not print")) {
+                panic!("{e}");
+            }
+            eprintln!("U-Boot did not start; powering the board on again: {e}");
+            *m = self.power_on();
+            m.wait_for(UBOOT_STARTED, FIRMWARE_TIMEOUT).unwrap();
+        }
         match m.wait_for(uboot_says, boot_timeout()) {
             Ok(_) => {}
             Err(e) if format!("{e:#}").contains("QEMU exited (signal:") => {
@@ -138,7 +176,7 @@ impl Board {
 
     /// The env U-Boot and the updater share, read from the disk image.
     fn env(&self, name: &str) -> Option<String> {
-        let env = disk::read_env(&self.disk, &self.dir).unwrap();
+        let env = disk::read_env(&self.hw.disk, &self.dir).unwrap();
         env.get(name).map(str::to_owned)
     }
 }
@@ -168,6 +206,14 @@ fn s1_factory_image_boots_slot_a_and_commits_it() {
     assert_eq!(board.env("BOOT_A_LEFT").as_deref(), Some("3"));
     assert_eq!(board.env("BOOT_ORDER").as_deref(), Some("A B"));
 }
+
+/// What U-Boot prints once it has started, before it runs the boot script.
+const UBOOT_STARTED: &str = "Hit any key to stop autoboot";
+/// How long U-Boot may take to get there (seconds under TCG when healthy).
+const FIRMWARE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The slot PCR (attest/README.md).
+const PCR: u8 = 14;
 
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(900);
 
@@ -296,53 +342,398 @@ fn s4_v4_kernel_never_comes_up_and_u_boot_falls_back_to_a() {
     assert_eq!(slot(&st, "B")["attempts-left"], 0, "{st}");
 }
 
+/// Starts `install` of v2 in the background with the updater told to stop
+/// itself (SIGSTOP) at `step` (`KERNEX_TEST_PAUSE_AT`, compiled into debug
+/// builds, which the guest runs), and waits until it has stopped there.
+fn install_until(m: &mut Machine, step: &str) {
+    let (out, code) = m
+        .sh(
+            &format!(
+                "KERNEX_TEST_PAUSE_AT={step} kernex-updater install /bundles/release-2.0.0.kxb >/tmp/install.log 2>&1 & p=$!; \
+                 i=0; while [ $i -lt 3000 ] && [ -d /proc/$p ] && ! grep -q '^State:.*stopped' /proc/$p/status; do sleep 0.2; i=$((i+1)); done; \
+                 grep '^State' /proc/$p/status || cat /tmp/install.log"
+            ),
+            INSTALL_TIMEOUT,
+        )
+        .unwrap();
+    assert_eq!(code, 0, "{step}: {out}");
+    assert!(
+        out.contains("stopped"),
+        "{step}: the install never reached the step:\n{out}"
+    );
+}
+
+/// After a cut: the board boots A again, A is primary, B not bootable.
+fn after_cut_boots_a(board: &Board, what: &str) -> (Machine, Value) {
+    let mut m = board.power_on();
+    let st = board.boots(&mut m, "Kernex: booting slot A (A left 2, B left 0)");
+    assert_eq!(st["booted-slot"], "A", "{what}: {st}");
+    assert_eq!(st["primary-slot"], "A", "{what}: {st}");
+    assert_eq!(st["committed"], true, "{what}: {st}");
+    assert_eq!(slot(&st, "B")["attempts-left"], 0, "{what}: {st}");
+    (m, st)
+}
+
 #[test]
-fn s5_power_cuts_during_an_install_leave_a_booting_and_a_rerun_completes() {
+fn s5_power_cuts_at_five_moments_of_an_install_each_leave_a_booting_device() {
     let f = fixture();
     let board = Board::new("s5-power-cut", &[&f.v2]);
     let mut m = board.power_on();
     factory_booted(&board, &mut m);
-    let start = "kernex-updater install /bundles/release-2.0.0.kxb >/tmp/install.log 2>&1 &";
 
-    // Cut 1: a second after the install started (signature checked, the
-    // target guarded, little or nothing written).
-    m.send(start).unwrap();
+    // Cut 1: a second after the install started (reading the bundle,
+    // checking its signature; little or nothing written).
+    m.send("kernex-updater install /bundles/release-2.0.0.kxb >/tmp/install.log 2>&1 &")
+        .unwrap();
     std::thread::sleep(Duration::from_secs(1));
     m.power_off();
-    let mut m = board.power_on();
-    let st = board.boots(&mut m, "Kernex: booting slot A (A left 2, B left 0)");
-    assert_eq!(st["booted-slot"], "A", "{st}");
-    assert_eq!(st["primary-slot"], "A", "{st}");
+    let (mut m, _) = after_cut_boots_a(&board, "cut 1 (start)");
 
-    // Cut 2: in the middle of the clone, once chunks are journaled.
-    m.send(start).unwrap();
-    let (out, code) = m
-        .sh(
-            "i=0; while [ $i -lt 600 ]; do s=$(wc -c </data/kernex/install/journal 2>/dev/null || echo 0); [ \"$s\" -gt 64 ] && break; sleep 0.2; i=$((i+1)); done; echo journal=$s",
-            INSTALL_TIMEOUT,
-        )
-        .unwrap();
-    assert_eq!(code, 0, "{out}");
-    assert!(!out.contains("journal=0"), "the journal never grew: {out}");
+    // Cut 2: in the middle of the clone, in the middle of the third journal
+    // write (a torn record on disk after chunks already journaled).
+    install_until(&mut m, "journal-write:3");
     m.power_off();
-    let mut m = board.power_on();
-    let st = board.boots(&mut m, "Kernex: booting slot A (A left 2, B left 0)");
-    assert_eq!(st["booted-slot"], "A", "{st}");
-    assert_eq!(st["primary-slot"], "A", "{st}");
-    assert!(
-        !st["pending-install"].is_null(),
-        "the cut install is pending: {st}"
-    );
+    let (mut m, st) = after_cut_boots_a(&board, "cut 2 (torn journal write)");
+    assert!(!st["pending-install"].is_null(), "cut 2: {st}");
 
-    // The re-run resumes and completes; B is tried next.
+    // Cut 3: every chunk written and journaled, the final SHA-256 check of
+    // slot B starting.
+    install_until(&mut m, "verify");
+    m.power_off();
+    let (mut m, st) = after_cut_boots_a(&board, "cut 3 (final check)");
+    assert!(!st["pending-install"].is_null(), "cut 3: {st}");
+
+    // Cut 4: B verified and recorded, just before the boot env is told to
+    // try it (BOOT_ORDER still "A B").
+    install_until(&mut m, "slot-record");
+    m.power_off();
+    assert_eq!(board.env("BOOT_ORDER").as_deref(), Some("A B"));
+    let (mut m, st) = after_cut_boots_a(&board, "cut 4 (before the BOOT_ORDER flip)");
+    assert!(!st["pending-install"].is_null(), "cut 4: {st}");
+
+    // The re-run completes: B is tried next.
     install(&mut m, &f.v2);
     let st = m.status().unwrap();
     assert_eq!(st["primary-slot"], "B", "{st}");
     assert_eq!(slot(&st, "B")["version"], "2.0.0", "{st}");
     assert_eq!(slot(&st, "B")["verified"], true, "{st}");
     assert!(st["pending-install"].is_null(), "{st}");
+
+    // Cut 5: right after the install returned (BOOT_ORDER flipped; no sync,
+    // no clean shutdown): the flip survived, U-Boot tries B, it commits.
+    m.power_off();
+    assert_eq!(board.env("BOOT_ORDER").as_deref(), Some("B A"));
+    let mut m = board.power_on();
+    let st = board.boots(&mut m, "Kernex: booting slot B (A left 3, B left 2)");
+    assert_eq!(st["booted-slot"], "B", "{st}");
+    assert_eq!(st["committed"], true, "{st}");
+    assert_eq!(slot(&st, "B")["version"], "2.0.0", "{st}");
+}
+
+/// `kernex-updater <args>` in the guest, its JSON output parsed.
+fn updater_json<T: serde::de::DeserializeOwned>(m: &mut Machine, args: &str) -> T {
+    let (out, code) = m
+        .sh(&format!("kernex-updater {args}"), Duration::from_secs(180))
+        .unwrap();
+    assert_eq!(code, 0, "kernex-updater {args} failed:\n{out}");
+    let start = out
+        .find('{')
+        .unwrap_or_else(|| panic!("no JSON from {args}:\n{out}"));
+    serde_json::from_str(&out[start..]).unwrap_or_else(|e| panic!("{args}: {e}:\n{out}"))
+}
+
+/// PCR `pcr` (SHA-256 bank) as the guest kernel's TPM driver reads it
+/// (`/sys/class/tpm/tpm0/pcr-sha256/N`): a reader independent of the
+/// updater and of tpm2-tss.
+fn kernel_pcr(m: &mut Machine, pcr: u8) -> Sha256Digest {
+    let (out, code) = m
+        .sh(
+            &format!("cat /sys/class/tpm/tpm0/pcr-sha256/{pcr}"),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+    assert_eq!(code, 0, "{out}");
+    let hex = out.lines().last().unwrap_or_default().trim().to_lowercase();
+    Sha256Digest(hex::decode(&hex).unwrap().try_into().unwrap())
+}
+
+/// The slot PCR a device running `release` must show (recomputed from its
+/// signed manifest, as the server does).
+fn expected_pcr(release: &Built) -> Sha256Digest {
+    let manifest = release.manifest(&fixture().keys).unwrap();
+    expected_slot_pcr(&slot_measurement(&manifest).unwrap())
+}
+
+#[test]
+fn s6_tpm_the_booted_slots_pcr_matches_its_release_and_the_quote_verifies() {
+    let f = fixture();
+    let board = Board::new("s6-attest", &[&f.v2]).with_tpm();
+    let mut m = board.power_on();
+    factory_booted(&board, &mut m);
+    // The factory slot has no recorded release: nothing was measured.
+    let (out, _) = m
+        .sh("cat /tmp/measure.json", Duration::from_secs(30))
+        .unwrap();
+    assert!(out.contains("nothing to measure"), "{out}");
+    assert_eq!(kernel_pcr(&mut m, PCR), Sha256Digest([0; 32]));
+    let identity: TpmIdentity = updater_json(&mut m, "attest identity");
+    let ak = AkPublic::parse(&identity.ak_public).unwrap();
+
+    install(&mut m, &f.v2);
     m.send("reboot -f").unwrap();
     let st = board.boots(&mut m, "Kernex: booting slot B (A left 3, B left 2)");
     assert_eq!(st["booted-slot"], "B", "{st}");
     assert_eq!(st["committed"], true, "{st}");
+
+    // Measured once, early in this boot, by the updater in the guest.
+    let (out, _) = m
+        .sh("cat /tmp/measure.json", Duration::from_secs(30))
+        .unwrap();
+    let measured: Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
+    assert_eq!(measured["slot"], "B", "{measured}");
+    assert_eq!(measured["version"], "2.0.0", "{measured}");
+    assert_eq!(measured["already"], false, "{measured}");
+    let v2 = expected_pcr(&f.v2);
+    assert_eq!(measured["value"], v2.to_hex(), "{measured}");
+    // What the TPM holds, read by the kernel: v2's value, no other release's.
+    let pcr = kernel_pcr(&mut m, PCR);
+    assert_eq!(pcr, v2);
+    for other in [&f.v1, &f.v3] {
+        assert_ne!(pcr, expected_pcr(other), "{}", other.release.version);
+    }
+    // A second measure in the same boot extends nothing.
+    let again: Value = updater_json(&mut m, "attest measure --json");
+    assert_eq!(again["already"], true, "{again}");
+    assert_eq!(kernel_pcr(&mut m, PCR), v2);
+
+    // A quote over a fresh nonce, verified here with the enrolled AK.
+    let nonce = fresh_nonce().unwrap();
+    let quote: Quote = updater_json(&mut m, &format!("attest quote {}", hex::encode(nonce)));
+    let expect = |d: Sha256Digest| BTreeMap::from([(PCR, d)]);
+    let verified = verify_quote(&ak, &quote, &nonce, &expect(v2)).unwrap();
+    assert_eq!(verified.pcrs[&PCR], v2);
+    // ...and it proves v2, not another release, and answers only this nonce.
+    let err = verify_quote(&ak, &quote, &nonce, &expect(expected_pcr(&f.v1))).unwrap_err();
+    assert!(
+        matches!(err, QuoteError::PcrMismatch { pcr: PCR, .. }),
+        "{err:?}"
+    );
+    let other_nonce = fresh_nonce().unwrap();
+    let err = verify_quote(&ak, &quote, &other_nonce, &expect(v2)).unwrap_err();
+    assert!(matches!(err, QuoteError::NonceMismatch { .. }), "{err:?}");
+
+    // The independent verifier agrees: tpm2_checkquote with the AK in PEM.
+    let dir = board.dir.join("quote");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = |name: &str| dir.join(name).display().to_string();
+    std::fs::write(path("ak.pem"), ak.to_pem().unwrap()).unwrap();
+    std::fs::write(path("quote.msg"), &quote.attest).unwrap();
+    std::fs::write(path("quote.sig"), &quote.signature).unwrap();
+    std::fs::write(path("v2.pcrs"), v2.0).unwrap();
+    std::fs::write(path("v1.pcrs"), expected_pcr(&f.v1).0).unwrap();
+    let checkquote = |pcrs: &str, nonce: &[u8]| {
+        std::process::Command::new("tpm2_checkquote")
+            .args(["-u", &path("ak.pem"), "-m", &path("quote.msg")])
+            .args(["-s", &path("quote.sig"), "-f", &path(pcrs)])
+            .args(["-l", &format!("sha256:{PCR}"), "-g", "sha256"])
+            .args(["-q", &hex::encode(nonce)])
+            .output()
+            .expect("tpm2_checkquote (tpm2-tools; scripts/setup.d/60-tpm.sh)")
+    };
+    let out = checkquote("v2.pcrs", &nonce);
+    assert!(
+        out.status.success(),
+        "tpm2_checkquote rejected the guest's quote: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!checkquote("v1.pcrs", &nonce).status.success());
+    assert!(!checkquote("v2.pcrs", &other_nonce).status.success());
+}
+
+/// Polls `f` every half second until it gives a value or `timeout` passes.
+fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(started.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn s7_daemon_enrolls_with_a_real_server_over_the_network_installs_reboots_and_commits() {
+    let f = fixture();
+    let board = Board::new("s7-daemon", &[]).with_network().with_tpm();
+    let server_bin = assets::build_server().unwrap();
+    let cp = ControlPlane::start(&server_bin, &board.dir.join("server"), &f.keys.ca()).unwrap();
+    eprintln!(
+        "hw-tests s7-daemon: kernex-server at {} (log {})",
+        cp.url,
+        cp.log.display()
+    );
+    let release = cp.upload(&f.v2.bundle).unwrap();
+    // Devices must enroll with their TPM identity.
+    let token = cp.enrollment_token(true).unwrap();
+
+    let mut m = board.power_on();
+    factory_booted(&board, &mut m);
+    // Provision the device for the control plane, as the factory would.
+    let (out, code) = m
+        .sh(
+            &format!(
+                "mkdir -p /data/kernex-hw && printf '%s\\n' '[server]' 'url = \"{}\"' 'enrollment-token = \"{token}\"' 'device-id = \"qemu-hw-1\"' 'poll-interval = 2' >/data/kernex-hw/server.toml && sync && kernex-hw-daemon",
+                cp.guest_url()
+            ),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    assert_eq!(code, 0, "{out}");
+
+    // It enrolls over QEMU's user network, its TPM identity proven by
+    // credential activation, and heartbeats from slot A.
+    let device = poll("the guest to enroll", INSTALL_TIMEOUT, || {
+        cp.device("qemu-hw-1")
+            .unwrap()
+            .filter(|d| d["status"] == "online" && d["booted_slot"] == "A")
+    });
+    assert_eq!(device["hardware_class"], guest::COMPATIBLE, "{device}");
+    assert_eq!(
+        device["attestation"]["ek_fingerprint"]
+            .as_str()
+            .map(str::len),
+        Some(64),
+        "{device}"
+    );
+    let id = device["id"].as_str().unwrap().to_owned();
+
+    // The operator assigns v2; the daemon downloads it from the server,
+    // installs it into slot B and reboots; U-Boot tries B; the daemon,
+    // started again by the init, runs the watchdog and commits.
+    let deployment = cp.deploy(&release, &id).unwrap();
+    // Sampled from the server every 300 ms while it happens: the
+    // deployment's device state, and the slot and uptime of the device's
+    // latest heartbeat.
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (states, beats) = std::thread::scope(|scope| {
+        let watcher = scope.spawn(|| {
+            let mut states: Vec<String> = Vec::new();
+            let mut beats: Vec<(std::time::Instant, String, u64)> = Vec::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(d) = cp.deployment(&deployment) {
+                    let state = d["devices"][0]["state"].as_str().unwrap_or("").to_owned();
+                    if states.last() != Some(&state) {
+                        states.push(state);
+                    }
+                }
+                if let Ok(d) = cp.expect(200, "GET", &format!("/api/v1/devices/{id}"), None) {
+                    let inv = &d["inventory"];
+                    if let (Some(slot), Some(up)) =
+                        (inv["booted_slot"].as_str(), inv["uptime_secs"].as_u64())
+                    {
+                        beats.push((std::time::Instant::now(), slot.to_owned(), up));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            (states, beats)
+        });
+        m.wait_for(
+            "Kernex: booting slot B (A left 3, B left 2)",
+            INSTALL_TIMEOUT,
+        )
+        .unwrap();
+        m.wait_for("KERNEX-HW: up version=2.0.0", boot_timeout())
+            .unwrap();
+        m.wait_for("KERNEX-HW: daemon started", boot_timeout())
+            .unwrap();
+        m.wait_for_shell().unwrap();
+        poll("the deployment to succeed", INSTALL_TIMEOUT, || {
+            cp.deployment(&deployment)
+                .ok()
+                .filter(|d| d["status"] == "success")
+        });
+        // One more heartbeat from B.
+        std::thread::sleep(Duration::from_secs(5));
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        watcher.join().unwrap()
+    });
+    // The server saw the install, then the commit. (The daemon queues its
+    // `rebooted` report at boot and delivers it with `committed` once the
+    // watchdog has decided, so `rebooted` is seen only by luck.)
+    let pos = |s: &str| {
+        states
+            .iter()
+            .position(|x| x == s)
+            .unwrap_or_else(|| panic!("the server never saw {s:?}: {states:?}"))
+    };
+    assert!(pos("installed") < pos("committed"), "{states:?}");
+    if let Some(r) = states.iter().position(|x| x == "rebooted") {
+        assert!(pos("installed") < r && r < pos("committed"), "{states:?}");
+    }
+    // ...and, from the heartbeats, that the device restarted in between.
+    // Uptime only grows: had B's first heartbeat (uptime `b_up`) come from
+    // the same boot as A's last one (`a_up`, first sampled at `a_first`),
+    // then `b_up >= a_up + W`, W being the time from `a_first` to the last
+    // sample before B's heartbeat showed up.
+    let b_index = beats
+        .iter()
+        .position(|(_, s, _)| s == "B")
+        .unwrap_or_else(|| panic!("no heartbeat from B: {beats:?}"));
+    let (_, _, b_up) = &beats[b_index];
+    let (_, _, a_up) = beats[..b_index]
+        .iter()
+        .rev()
+        .find(|(_, s, _)| s == "A")
+        .unwrap_or_else(|| panic!("no heartbeat from A before B's: {beats:?}"));
+    let (a_first, _, _) = beats
+        .iter()
+        .find(|(_, s, up)| s == "A" && up == a_up)
+        .unwrap();
+    let (b_prev, _, _) = &beats[b_index - 1];
+    let w = b_prev.duration_since(*a_first).as_secs();
+    assert!(
+        *b_up < a_up + w,
+        "no restart between A's heartbeat (uptime {a_up} s) and B's (uptime {b_up} s, {w} s later)"
+    );
+    let dep = cp.deployment(&deployment).unwrap();
+    assert_eq!(dep["devices"][0]["state"], "committed", "{dep}");
+    let fetched = dep["devices"][0]["bytes_done"].as_i64().unwrap();
+    let size = std::fs::metadata(&f.v2.bundle).unwrap().len() as i64;
+    assert!(
+        fetched > 0 && fetched <= size,
+        "fetched {fetched} of {size}"
+    );
+    let d = poll(
+        "the device record to show 2.0.0 on B",
+        Duration::from_secs(120),
+        || {
+            cp.device("qemu-hw-1")
+                .unwrap()
+                .filter(|d| d["current_version"] == "2.0.0" && d["booted_slot"] == "B")
+        },
+    );
+    assert_eq!(d["status"], "online", "{d}");
+    // Committed · attested: the server asked for a quote with a fresh nonce,
+    // and the guest's TPM showed PCR 14 holding v2's measurement (extended by
+    // the guest at boot) under the AK that credential activation bound.
+    let d = poll(
+        "the server to attest 2.0.0",
+        Duration::from_secs(180),
+        || {
+            cp.device("qemu-hw-1")
+                .unwrap()
+                .filter(|d| d["attestation"]["state"] == "attested")
+        },
+    );
+    assert_eq!(d["attestation"]["version"], "2.0.0", "{d}");
+    // The device agrees.
+    let st = m.status().unwrap();
+    assert_eq!(st["booted-slot"], "B", "{st}");
+    assert_eq!(st["committed"], true, "{st}");
+    assert_eq!(st["server"]["enrolled-as"], id.as_str(), "{st}");
+    assert_eq!(slot(&st, "B")["version"], "2.0.0", "{st}");
+    // The daemon's log reaches the disk image kept as the artefact.
+    m.sh("sync", Duration::from_secs(60)).unwrap();
 }

@@ -12,6 +12,9 @@
 #   --offset, mcopy -i img@@offset), fdisk's sfdisk writes the partition
 #   table into the disk image file: no root, no loop devices.
 # - binutils: strip (the guest gets a stripped kernex-updater).
+# - swtpm, tpm2-tools, libtss2-dev (installed by 60-tpm.sh): the board's TPM
+#   in scenario 6, the host-side tpm2_checkquote, and the tpm2-tss libraries
+#   the guest's kernex-updater (built with `tpm`) links and dlopens.
 # - A Debian amd64 kernel (linux-image-6.1.0-N-amd64, N = what the
 #   linux-image-amd64 metapackage points at) and busybox-static (amd64),
 #   fetched with `apt-get download` (apt checks each .deb against the signed
