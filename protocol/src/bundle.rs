@@ -595,7 +595,10 @@ impl<R: Read + Seek> Bundle<R> {
                 None => (None, None),
             };
             let mut delta = Delta::between(old_index.as_ref(), &new_index);
+            // A device uses its booted slot as a seed (and so a patch
+            // against it) only when the chunk hashes have the same length.
             if let (Some(old_index), Some(base)) = (old_index.as_ref(), old_sha)
+                && old_index.hash_len() == new_index.hash_len()
                 && let Some(table) = self.read_patch_table(&manifest, class, &base, &new_index)?
             {
                 let patch = image.patch_from(&base).map(|(_, p)| p.table_size);
