@@ -124,11 +124,29 @@ fn options(
         print_timeline: false,
         prefix: "dev".into(),
         hardware_class: None,
+        real_time: false,
     }
 }
 
 fn gates(promote: f64, rollback: f64) -> Value {
     json!({"promote_max_error_rate": promote, "rollback_error_rate": rollback, "promote_min_committed": 0.9})
+}
+
+/// Polls; the status and the `Kernex-Poll-After` hint.
+async fn poll_hint(h: &Harness, credential: &str) -> (StatusCode, Option<String>) {
+    let (s, headers, _) = h
+        .raw(
+            Method::GET,
+            "/api/v1/device/poll",
+            Some(credential),
+            &[],
+            axum::body::Body::empty(),
+        )
+        .await;
+    let hint = headers
+        .get("kernex-poll-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    (s, hint)
 }
 
 async fn detail(h: &Harness, id: &str) -> Value {
@@ -533,16 +551,22 @@ async fn api_preview_lifecycle_and_contract(h: Arc<Harness>) {
         w["not_before_ms"].as_i64().unwrap() <= now && now < w["not_after_ms"].as_i64().unwrap(),
         "{poll}"
     );
-    assert!(poll["poll_after_secs"].as_u64().is_some());
-    // A device of a later wave has nothing to do yet.
+    // The rollout acts on it: poll again soon (rollout-poll-secs).
+    assert_eq!(poll["poll_after_secs"], 10, "{poll}");
+    assert_eq!(
+        poll_hint(&h, cred).await,
+        (StatusCode::OK, Some("10".into()))
+    );
+    // A device of the next wave has nothing to do yet, but polls soon: it
+    // hears of the promotion within the hint.
     let later = devices
         .iter()
         .find(|(i, _)| *i != canary["id"].as_str().unwrap())
         .unwrap();
-    let (s, _) = h
-        .call(Method::GET, "/api/v1/device/poll", Some(&later.1), None)
-        .await;
-    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(
+        poll_hint(&h, &later.1).await,
+        (StatusCode::NO_CONTENT, Some("10".into()))
+    );
 
     let report = |body: Value| {
         let h = h.clone();
@@ -582,6 +606,11 @@ async fn api_preview_lifecycle_and_contract(h: Arc<Harness>) {
         .clone();
     assert_eq!(c["state"], "committed", "{c}");
     assert_eq!(c["bytes_done"], 100);
+    // Committed in a live rollout: nothing to do, but a rollback may come.
+    assert_eq!(
+        poll_hint(&h, cred).await,
+        (StatusCode::NO_CONTENT, Some("10".into()))
+    );
 
     // Roll back: the committed canary is told to boot its other slot.
     let (s, rb) = h
@@ -620,10 +649,8 @@ async fn api_preview_lifecycle_and_contract(h: Arc<Harness>) {
         )
         .await;
     assert_eq!(dev["current_version"], "1.0.0", "{dev}");
-    let (s, _) = h
-        .call(Method::GET, "/api/v1/device/poll", Some(cred), None)
-        .await;
-    assert_eq!(s, StatusCode::NO_CONTENT);
+    // Rolled back: nothing left to do, no hint.
+    assert_eq!(poll_hint(&h, cred).await, (StatusCode::NO_CONTENT, None));
     // Others were cancelled; a rolled-back rollout cannot be resumed.
     assert_eq!(d["states"]["cancelled"], 2, "{d}");
     let (s, _) = h
