@@ -552,20 +552,20 @@ async fn api_preview_lifecycle_and_contract(h: Arc<Harness>) {
         "{poll}"
     );
     // The rollout acts on it: poll again soon (rollout-poll-secs).
-    assert_eq!(poll["poll_after_secs"], 10, "{poll}");
+    assert_eq!(poll["poll_after_secs"], 5, "{poll}");
     assert_eq!(
         poll_hint(&h, cred).await,
-        (StatusCode::OK, Some("10".into()))
+        (StatusCode::OK, Some("5".into()))
     );
-    // A device of the next wave has nothing to do yet, but polls soon: it
-    // hears of the promotion within the hint.
+    // A device of the next wave has nothing to do yet, but it is next in
+    // line: it polls soon and hears of the promotion within the hint.
     let later = devices
         .iter()
         .find(|(i, _)| *i != canary["id"].as_str().unwrap())
         .unwrap();
     assert_eq!(
         poll_hint(&h, &later.1).await,
-        (StatusCode::NO_CONTENT, Some("10".into()))
+        (StatusCode::NO_CONTENT, Some("5".into()))
     );
 
     let report = |body: Value| {
@@ -606,7 +606,8 @@ async fn api_preview_lifecycle_and_contract(h: Arc<Harness>) {
         .clone();
     assert_eq!(c["state"], "committed", "{c}");
     assert_eq!(c["bytes_done"], 100);
-    // Committed in a live rollout: nothing to do, but a rollback may come.
+    // Committed in a live rollout: nothing to do, but a rollback may come
+    // (twice the hint).
     assert_eq!(
         poll_hint(&h, cred).await,
         (StatusCode::NO_CONTENT, Some("10".into()))

@@ -28,7 +28,7 @@ pub fn watch_since(state: &AppState) -> i64 {
 pub async fn poll(state: &AppState, device: &Device) -> Result<Option<Answer>> {
     let now = state.clock.now_ms();
     let Some(row) = sqlx::query(
-        "SELECT rd.rollout_id, rd.state, rd.wave, rd.window_start, rd.window_end, rd.from_release_id, r.status, r.release_id, r.current_wave \
+        "SELECT rd.rollout_id, rd.state, rd.wave, rd.position, rd.window_start, rd.window_end, rd.from_release_id, r.status, r.release_id, r.current_wave, r.poll_horizon \
          FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id \
          WHERE rd.device_pk = $1 AND (r.status IN ('scheduled', 'running', 'paused', 'rolled_back') OR (r.status = 'completed' AND r.completed_at >= $2)) \
          ORDER BY r.created_at DESC LIMIT 1",
@@ -47,21 +47,28 @@ pub async fn poll(state: &AppState, device: &Device) -> Result<Option<Answer>> {
     let window_end: Option<i64> = row.try_get("window_end")?;
     let wave: i64 = row.try_get("wave")?;
     let current_wave: i64 = row.try_get("current_wave")?;
+    let position: i64 = row.try_get("position")?;
+    let horizon: i64 = row.try_get("poll_horizon")?;
     let hint = (state.config.rollout_poll_secs > 0).then_some(state.config.rollout_poll_secs);
-    // The rollout acts on this device soon: it waits in the current wave
-    // or the next one (a window may come at any pass; the next wave's
-    // devices then hear of the promotion within the hint, not a whole
-    // poll interval later), holds a window, or committed (a rollback may
-    // come). Devices of later waves, and devices that are done otherwise,
-    // poll at their own pace.
+    // The rollout acts on this device soon: it is next in line for a
+    // window (pending in the current wave or the next one, within the
+    // scheduler's horizon: the next wave's first devices hear of the
+    // promotion within the hint, not a whole poll interval later), holds
+    // a window, or is installing: the hint. Committed, a rollback may
+    // come: twice the hint. Devices further back, and devices that are
+    // done otherwise, poll at their own pace.
     let acting = match dev_state.as_str() {
-        "pending" => status == "running" && wave <= current_wave + 1,
-        "scheduled" | "downloading" | "installed" | "rebooting" | "committed" => true,
+        "pending" => status == "running" && wave <= current_wave + 1 && position < horizon,
+        "scheduled" | "downloading" | "installed" | "rebooting" => true,
         _ => false,
     };
     let nothing = Answer {
         desired: None,
-        poll_after_secs: hint.filter(|_| acting),
+        poll_after_secs: if dev_state == "committed" {
+            hint.map(|h| h.saturating_mul(2))
+        } else {
+            hint.filter(|_| acting)
+        },
     };
     if dev_state == "rolling_back" {
         let Some(from) = row.try_get::<Option<String>, _>("from_release_id")? else {

@@ -487,6 +487,24 @@ async fn step(state: &AppState, id: &str, now: i64) -> Result<()> {
         )
         .await?;
     }
+    // Next in line: the pending devices the next passes will give windows
+    // to (in wave and position order) poll at the rollout hint, the rest of
+    // a big wave at their own pace.
+    let first: Option<i64> = sqlx::query(
+        "SELECT MIN(position) AS p FROM rollout_devices WHERE rollout_id = $1 AND state = 'pending' AND wave <= $2",
+    )
+    .bind(id)
+    .bind(wave.min(n_waves - 1) + 1)
+    .fetch_one(&mut *tx)
+    .await?
+    .try_get("p")?;
+    let lookahead = i64::try_from(spec.bandwidth.max_concurrent_downloads.saturating_mul(2))
+        .unwrap_or(i64::MAX);
+    sqlx::query("UPDATE rollouts SET poll_horizon = $1 WHERE id = $2")
+        .bind(first.map_or(0, |p| p.saturating_add(lookahead)))
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
     record_sample(&mut tx, id, now).await?;
     tx.commit().await?;
     Ok(())
