@@ -113,21 +113,34 @@ pub struct Answer {
     pub desired: Option<DesiredState>,
     /// Poll again after this many seconds (a rollout acts on the device).
     pub poll_after_secs: Option<u64>,
+    /// A live (or rolled-back) rollout decides for the device, even "do
+    /// nothing"; false for a completed rollout whose rollback watch only
+    /// adds the hint: deployments still apply.
+    pub governs: bool,
 }
 
 /// A rollout that governs the device decides; otherwise the assigned
 /// release, unless the device already runs its version.
 pub async fn answer(state: &AppState, polled: &Polled) -> Result<Answer> {
+    let mut hint = None;
     if polled.in_rollout
         && let Some(answer) = crate::rollouts::device::poll(state, &polled.device).await?
     {
-        return Ok(answer);
+        if answer.governs || answer.desired.is_some() {
+            return Ok(answer);
+        }
+        hint = answer.poll_after_secs;
     }
+    let nothing = Answer {
+        desired: None,
+        poll_after_secs: hint,
+        governs: false,
+    };
     let Some(r) = &polled.assigned else {
-        return Ok(Answer::default());
+        return Ok(nothing);
     };
     if polled.current_version.as_deref() == Some(r.version.as_str()) {
-        return Ok(Answer::default());
+        return Ok(nothing);
     }
     let desired = Some(DesiredState {
         url: format!("/api/v1/device/releases/{}/bundle", r.id),
@@ -142,6 +155,7 @@ pub async fn answer(state: &AppState, polled: &Polled) -> Result<Answer> {
     });
     Ok(Answer {
         desired,
-        poll_after_secs: None,
+        poll_after_secs: hint,
+        governs: false,
     })
 }

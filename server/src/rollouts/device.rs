@@ -69,6 +69,8 @@ pub async fn poll(state: &AppState, device: &Device) -> Result<Option<Answer>> {
         } else {
             hint.filter(|_| acting)
         },
+        // A completed rollout only watches for a rollback.
+        governs: status != "completed",
     };
     if dev_state == "rolling_back" {
         let Some(from) = row.try_get::<Option<String>, _>("from_release_id")? else {
@@ -81,6 +83,7 @@ pub async fn poll(state: &AppState, device: &Device) -> Result<Option<Answer>> {
         return Ok(Some(Answer {
             poll_after_secs: d.poll_after_secs,
             desired: Some(d),
+            governs: true,
         }));
     }
     let live = status == "running" || status == "paused";
@@ -111,6 +114,7 @@ pub async fn poll(state: &AppState, device: &Device) -> Result<Option<Answer>> {
     Ok(Some(Answer {
         poll_after_secs: d.poll_after_secs,
         desired: Some(d),
+        governs: true,
     }))
 }
 
