@@ -65,7 +65,8 @@ while (($#)); do
         *) die "unknown argument: $1" ;;
     esac
 done
-command -v python3 >/dev/null || die "python3 is needed to read the JSON summaries"
+command -v python3 >/dev/null || die "python3 is needed to read the JSON summaries (scripts/setup installs it)"
+[[ -x /usr/bin/time ]] || die "GNU time (/usr/bin/time) is missing (scripts/setup installs it; or apt-get install time)"
 case $profile in
     release) flag=--release; bindir=$target_dir/release ;;
     dev) flag=; bindir=$target_dir/debug ;;
