@@ -5,3 +5,6 @@
 need_apt wrk wrk
 need_apt psql postgresql-client
 need_apt python3 python3
+# bench/rollout.sh (not run by the tests): GNU time for kernex-sim's peak
+# RSS, python3 for the JSON summaries, psql for --backend postgres.
+need_apt /usr/bin/time time

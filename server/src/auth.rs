@@ -208,6 +208,19 @@ pub struct Device {
     pub org_id: String,
     /// The device's own id (unique per organisation).
     pub device_id: String,
+    /// Enrolled under a TPM policy and credential activation not done: it
+    /// may poll (to be refused) and activate, nothing else.
+    pub unproven: bool,
+}
+
+impl Device {
+    /// 403 for a device that must prove its TPM first.
+    pub fn require_proven(&self) -> Result<(), Error> {
+        if self.unproven {
+            return Err(crate::http::attestation::unproven());
+        }
+        Ok(())
+    }
 }
 
 impl FromRequestParts<AppState> for Device {
@@ -224,7 +237,7 @@ impl FromRequestParts<AppState> for Device {
             None => {
                 let generation = state.credentials.generation();
                 let row = sqlx::query(
-                    "SELECT id, org_id, device_id FROM devices WHERE credential_hash = $1 AND revoked = 0",
+                    "SELECT id, org_id, device_id, tpm_required, ek_fingerprint FROM devices WHERE credential_hash = $1 AND revoked = 0",
                 )
                 .bind(&hash)
                 .fetch_optional(state.store.pool())
@@ -234,6 +247,7 @@ impl FromRequestParts<AppState> for Device {
                     pk: row.try_get("id")?,
                     org_id: row.try_get("org_id")?,
                     device_id: row.try_get("device_id")?,
+                    unproven: crate::http::attestation::is_unproven(&row)?,
                 };
                 state.credentials.insert(hash, device.clone(), generation);
                 device

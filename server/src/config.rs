@@ -58,6 +58,18 @@ pub struct Config {
     /// Lifetime of the scheduler lease, seconds: another replica takes
     /// over this long after the holder stops renewing it.
     pub scheduler_lease_secs: u64,
+    /// Poll hint, seconds, for devices a rollout is acting on: next in
+    /// line for a download window, holding one or installing; committed
+    /// devices get twice this (so that a rollback reaches them that
+    /// fast). Sent as the
+    /// `Kernex-Poll-After` header (and `poll_after_secs` in a 200); a
+    /// device only ever polls sooner than its own interval because of it.
+    /// 0: no hint.
+    pub rollout_poll_secs: u64,
+    /// How long after a rollout completed its committed devices keep the
+    /// rollout poll hint, seconds (a rollback of a completed rollout
+    /// reaches them within `rollout-poll-secs` during this time).
+    pub rollback_watch_secs: u64,
     /// Serve HTTPS with this certificate chain (PEM); with `tls-key`.
     pub tls_cert: Option<PathBuf>,
     /// The certificate's private key (PEM).
@@ -94,8 +106,10 @@ impl Default for Config {
             token_ttl_secs: 12 * 3600,
             default_organization: "default".into(),
             admin_email: "admin@localhost".into(),
-            scheduler_interval_ms: 5000,
+            scheduler_interval_ms: 2000,
             scheduler_lease_secs: 15,
+            rollout_poll_secs: 5,
+            rollback_watch_secs: 30 * 60,
             tls_cert: None,
             tls_key: None,
             attestation_max_age_secs: 24 * 3600,

@@ -95,6 +95,7 @@ mod tests {
             pk: pk.into(),
             org_id: "o".into(),
             device_id: format!("dev-{pk}"),
+            unproven: false,
         }
     }
 

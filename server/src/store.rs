@@ -34,6 +34,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "attestation",
         include_str!("../migrations/0005_attestation.sql"),
     ),
+    (
+        6,
+        "rollout_left_out",
+        include_str!("../migrations/0006_rollout_left_out.sql"),
+    ),
 ];
 
 /// Which database is behind the pool.

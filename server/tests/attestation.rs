@@ -166,6 +166,55 @@ async fn poll(h: &Harness, credential: &str) -> (StatusCode, Option<String>) {
     (s, nonce)
 }
 
+/// The auth matrix of a device enrolled under a TPM policy that has not
+/// activated: every device endpoint but activation and the quote answers
+/// 403 naming the missing activation (nothing is stored).
+async fn assert_unproven_refused(h: &Harness, credential: &str) {
+    let (s, _) = poll(h, credential).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "poll");
+    let (s, _, body) = h
+        .raw(
+            Method::GET,
+            "/api/v1/device/releases/x/bundle",
+            Some(credential),
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "download");
+    assert!(
+        String::from_utf8_lossy(&body).contains("credential activation"),
+        "download: {}",
+        String::from_utf8_lossy(&body)
+    );
+    for (path, body) in [
+        (
+            "/api/v1/device/heartbeat",
+            json!({"version": "1.0.0", "booted_slot": "A"}),
+        ),
+        (
+            "/api/v1/device/report",
+            json!({"state": "committed", "version": "9.9.9"}),
+        ),
+        (
+            "/api/v1/device/logs",
+            json!({"entries": [{"level": "info", "message": "not bound yet"}]}),
+        ),
+    ] {
+        let (s, v) = h
+            .call(Method::POST, path, Some(credential), Some(body))
+            .await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{path}: {v}");
+        assert!(
+            v["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("credential activation"),
+            "{path}: {v}"
+        );
+    }
+}
+
 async fn attestation_of(h: &Harness, id: &str) -> Value {
     let (s, d) = h
         .call(
@@ -293,18 +342,7 @@ async fn factory_preauthorisation_and_enrollment_policy(h: Arc<Harness>) {
     assert_eq!(s, StatusCode::CREATED, "{v}");
     let credential = v["credential"].as_str().unwrap().to_string();
     assert!(v["activation"]["id-object"].is_string(), "{v}");
-    let (s, _) = poll(&h, &credential).await;
-    assert_eq!(s, StatusCode::FORBIDDEN);
-    let (s, _, _) = h
-        .raw(
-            Method::GET,
-            "/api/v1/device/releases/x/bundle",
-            Some(&credential),
-            &[],
-            Body::empty(),
-        )
-        .await;
-    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert_unproven_refused(&h, &credential).await;
     // A malformed identity is a 4xx, never a 500.
     let mut broken = board.identity_json();
     broken["ak-public"] = json!("00");
@@ -667,6 +705,17 @@ async fn gate_body(h: Arc<Harness>) {
         assert_eq!(s, StatusCode::CREATED, "{v}");
         let id = v["id"].as_str().unwrap().to_string();
         let credential = v["credential"].as_str().unwrap().to_string();
+        // Before activation: refused (and this answer is what a credential
+        // cache would hold).
+        let (s, _) = h
+            .call(
+                Method::POST,
+                "/api/v1/device/heartbeat",
+                Some(&credential),
+                Some(json!({"version": "1.0.0"})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::FORBIDDEN);
         let (s, ok) = h
             .call(
                 Method::POST,
@@ -687,21 +736,101 @@ async fn gate_body(h: Arc<Harness>) {
         assert_eq!(s, StatusCode::NO_CONTENT);
         devices.push((id, credential, board));
     }
-    let gates = json!({"require_attestation": true, "promote_min_committed": 1.0});
-    let (s, rollout) = h
+    // A board without a TPM (a plain token), and one enrolled under the
+    // TPM token that never answered its activation challenge.
+    let (_, plain) = h.enrollment_token(&h.admin, &[]).await;
+    let (no_tpm, no_tpm_credential) = h.enroll(&plain, "g-no-tpm", "sim-x86").await;
+    let (s, _) = h
         .call(
             Method::POST,
-            "/api/v1/rollouts",
+            "/api/v1/device/heartbeat",
+            Some(&no_tpm_credential),
+            Some(json!({"version": "1.0.0"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let unactivated_board = DeviceTpm::new();
+    let (s, v) = enroll_as(
+        &h,
+        &line,
+        "g-unactivated",
+        "sim-x86",
+        Some(unactivated_board.identity_json()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_unproven_refused(&h, v["credential"].as_str().unwrap()).await;
+
+    let gates = json!({"require_attestation": true, "promote_min_committed": 1.0});
+    // Canaries attested, the rest not: the board without a TPM moves to
+    // wave 2; the unactivated one is never selected.
+    let (s, p) = h
+        .call(
+            Method::POST,
+            "/api/v1/rollouts/preview",
             Some(&h.admin),
             Some(json!({
-                "name": "attested",
                 "release_id": ids[1],
-                "waves": [
-                    {"count": 1, "soak_secs": 0, "gates": gates},
-                    {"percent": 100.0, "soak_secs": 0, "gates": gates},
-                ],
+                "waves": [{"count": 2, "soak_secs": 0, "gates": gates}, {"percent": 100.0, "soak_secs": 0}],
             })),
         )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{p}");
+    assert_eq!(p["targets"], 3, "{p}");
+    assert_eq!(p["unactivated"], 1, "{p}");
+    assert_eq!(p["no_tpm_left_out"], 0, "{p}");
+    assert_eq!(p["waves"][0]["devices"], 2, "{p}");
+    assert_eq!(p["waves"][0]["requires_attestation"], true, "{p}");
+    let moved = p["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == no_tpm.as_str())
+        .unwrap();
+    assert_eq!(moved["wave"], 2, "{p}");
+    let warnings = p["warnings"].to_string();
+    assert!(warnings.contains("activation"), "{p}");
+    if p["waves"][0]["cannot_attest"] == 1 {
+        assert!(warnings.contains("they move to wave 2"), "{p}");
+    }
+
+    // Every wave attested: it is left out, and the preview says so.
+    let spec = json!({
+        "name": "attested",
+        "release_id": ids[1],
+        "waves": [
+            {"count": 1, "soak_secs": 5, "gates": gates},
+            {"percent": 100.0, "soak_secs": 0, "gates": gates},
+        ],
+    });
+    let (s, p) = h
+        .call(
+            Method::POST,
+            "/api/v1/rollouts/preview",
+            Some(&h.admin),
+            Some(spec.clone()),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{p}");
+    assert_eq!(p["targets"], 2, "{p}");
+    assert_eq!(p["no_tpm_left_out"], 1, "{p}");
+    assert_eq!(p["unactivated"], 1, "{p}");
+    let cannot: u64 = p["waves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["cannot_attest"].as_u64().unwrap())
+        .sum();
+    assert_eq!(cannot, 1, "{p}");
+    assert_eq!(p["warnings"].as_array().unwrap().len(), 2, "{p}");
+    assert!(
+        p["warnings"]
+            .to_string()
+            .contains("left out of the rollout"),
+        "{p}"
+    );
+    let (s, rollout) = h
+        .call(Method::POST, "/api/v1/rollouts", Some(&h.admin), Some(spec))
         .await;
     assert_eq!(s, StatusCode::CREATED, "{rollout}");
     let rid = rollout["id"].as_str().unwrap().to_string();
@@ -714,6 +843,8 @@ async fn gate_body(h: Arc<Harness>) {
         )
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["devices_total"], 2, "{v}");
+    assert_eq!(v["left_out"], json!({"no_tpm": 1, "unactivated": 1}), "{v}");
     let step = || {
         let h = h.clone();
         async move {
@@ -813,9 +944,21 @@ async fn gate_body(h: Arc<Harness>) {
         (StatusCode::OK, Some("attested")),
         "{r}"
     );
+    // Attested: the wave soaks (5 s) and the "waiting for a quote" reason
+    // is gone at once, not at the promotion.
     step().await;
     let d = detail(rid.clone()).await;
+    assert_eq!(d["current_wave"], 1, "soaking: {d}");
+    assert!(d["status_reason"].is_null(), "stale reason: {d}");
+    for _ in 0..10 {
+        step().await;
+        if detail(rid.clone()).await["current_wave"] == 2 {
+            break;
+        }
+    }
+    let d = detail(rid.clone()).await;
     assert_eq!(d["current_wave"], 2, "promoted: {d}");
+    assert_eq!(d["left_out"], json!({"no_tpm": 1, "unactivated": 1}), "{d}");
 
     // Wave 2: the device commits, but its TPM measured another image.
     step().await;

@@ -23,6 +23,8 @@ fn example_config_parses() {
     assert!(c.blob_store.is_none());
     assert!(!c.s3_allow_http);
     assert_eq!(c.presign_ttl_secs, 3600);
+    assert_eq!(c.rollout_poll_secs, d.rollout_poll_secs);
+    assert_eq!(c.rollback_watch_secs, d.rollback_watch_secs);
     assert!(c.database_url().starts_with("sqlite://"));
 }
 

@@ -44,6 +44,7 @@ both_sim!(
     healthy_rollout_completes_in_order_within_caps_then_rolls_back,
     metered_budget_splits_a_download_over_two_days,
     server_restart_mid_rollout_loses_nothing,
+    a_completed_rollout_watches_for_a_rollback_without_holding_its_devices,
 );
 
 async fn run<F, Fut>(db: Db, body: F)
@@ -124,11 +125,29 @@ fn options(
         print_timeline: false,
         prefix: "dev".into(),
         hardware_class: None,
+        real_time: false,
     }
 }
 
 fn gates(promote: f64, rollback: f64) -> Value {
     json!({"promote_max_error_rate": promote, "rollback_error_rate": rollback, "promote_min_committed": 0.9})
+}
+
+/// Polls; the status and the `Kernex-Poll-After` hint.
+async fn poll_hint(h: &Harness, credential: &str) -> (StatusCode, Option<String>) {
+    let (s, headers, _) = h
+        .raw(
+            Method::GET,
+            "/api/v1/device/poll",
+            Some(credential),
+            &[],
+            axum::body::Body::empty(),
+        )
+        .await;
+    let hint = headers
+        .get("kernex-poll-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    (s, hint)
 }
 
 async fn detail(h: &Harness, id: &str) -> Value {
@@ -533,16 +552,22 @@ async fn api_preview_lifecycle_and_contract(h: Arc<Harness>) {
         w["not_before_ms"].as_i64().unwrap() <= now && now < w["not_after_ms"].as_i64().unwrap(),
         "{poll}"
     );
-    assert!(poll["poll_after_secs"].as_u64().is_some());
-    // A device of a later wave has nothing to do yet.
+    // The rollout acts on it: poll again soon (rollout-poll-secs).
+    assert_eq!(poll["poll_after_secs"], 5, "{poll}");
+    assert_eq!(
+        poll_hint(&h, cred).await,
+        (StatusCode::OK, Some("5".into()))
+    );
+    // A device of the next wave has nothing to do yet, but it is next in
+    // line: it polls soon and hears of the promotion within the hint.
     let later = devices
         .iter()
         .find(|(i, _)| *i != canary["id"].as_str().unwrap())
         .unwrap();
-    let (s, _) = h
-        .call(Method::GET, "/api/v1/device/poll", Some(&later.1), None)
-        .await;
-    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(
+        poll_hint(&h, &later.1).await,
+        (StatusCode::NO_CONTENT, Some("5".into()))
+    );
 
     let report = |body: Value| {
         let h = h.clone();
@@ -582,6 +607,12 @@ async fn api_preview_lifecycle_and_contract(h: Arc<Harness>) {
         .clone();
     assert_eq!(c["state"], "committed", "{c}");
     assert_eq!(c["bytes_done"], 100);
+    // Committed in a live rollout: nothing to do, but a rollback may come
+    // (twice the hint).
+    assert_eq!(
+        poll_hint(&h, cred).await,
+        (StatusCode::NO_CONTENT, Some("10".into()))
+    );
 
     // Roll back: the committed canary is told to boot its other slot.
     let (s, rb) = h
@@ -620,10 +651,8 @@ async fn api_preview_lifecycle_and_contract(h: Arc<Harness>) {
         )
         .await;
     assert_eq!(dev["current_version"], "1.0.0", "{dev}");
-    let (s, _) = h
-        .call(Method::GET, "/api/v1/device/poll", Some(cred), None)
-        .await;
-    assert_eq!(s, StatusCode::NO_CONTENT);
+    // Rolled back: nothing left to do, no hint.
+    assert_eq!(poll_hint(&h, cred).await, (StatusCode::NO_CONTENT, None));
     // Others were cancelled; a rolled-back rollout cannot be resumed.
     assert_eq!(d["states"]["cancelled"], 2, "{d}");
     let (s, _) = h
@@ -950,4 +979,121 @@ async fn test_clock_is_off_by_default() {
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     h.finish().await;
+}
+
+/// After a rollout completed, its committed devices keep polling at the
+/// rollback hint for `rollback-watch-secs`, but a plain deployment made
+/// meanwhile still reaches them (the watch does not govern them).
+async fn a_completed_rollout_watches_for_a_rollback_without_holding_its_devices(h: Arc<Harness>) {
+    let made = releases(&h);
+    let pem = std::fs::read_to_string(&made.ca_pem).unwrap();
+    let (s, _) = h
+        .call(
+            Method::PUT,
+            "/api/v1/org/keyring",
+            Some(&h.admin.clone()),
+            Some(json!({"pem": pem})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let mut ids = Vec::new();
+    for bundle in &made.bundles {
+        let (s, r) = h.upload(&h.admin, std::fs::read(bundle).unwrap()).await;
+        assert_eq!(s, StatusCode::CREATED, "{r}");
+        ids.push(r["id"].as_str().unwrap().to_string());
+    }
+    let (_, enrollment) = h.enrollment_token(&h.admin, &["watch"]).await;
+    let (device, cred) = h.enroll(&enrollment, "w0", "sim-x86").await;
+    let (s, _) = h
+        .call(
+            Method::POST,
+            "/api/v1/device/heartbeat",
+            Some(&cred),
+            Some(json!({"version": "1.0.0"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, r) = h
+        .call(
+            Method::POST,
+            "/api/v1/rollouts",
+            Some(&h.admin),
+            Some(json!({"release_id": ids[1], "waves": [{"percent": 100, "soak_secs": 0}]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{r}");
+    let id = r["id"].as_str().unwrap().to_string();
+    let (s, v) = h
+        .call(
+            Method::POST,
+            &format!("/api/v1/rollouts/{id}/start"),
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let tick = |ms: i64| {
+        let h = h.clone();
+        async move {
+            let (s, v) = h
+                .call(
+                    Method::POST,
+                    "/api/v1/test/clock",
+                    Some(&h.admin),
+                    Some(json!({"advance_ms": ms})),
+                )
+                .await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+        }
+    };
+    tick(1000).await;
+    for (state, extra) in [
+        ("downloading", json!({"bytes_done": 10, "bytes_total": 10})),
+        ("installed", json!({})),
+        ("rebooted", json!({"booted_slot": "B"})),
+        ("committed", json!({"version": "1.1.0", "booted_slot": "B"})),
+    ] {
+        let mut body = json!({"state": state, "release_id": ids[1]});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (s, v) = h
+            .call(
+                Method::POST,
+                "/api/v1/device/report",
+                Some(&cred),
+                Some(body),
+            )
+            .await;
+        assert_eq!(s, StatusCode::NO_CONTENT, "{state}: {v}");
+    }
+    tick(1000).await;
+    assert_eq!(detail(&h, &id).await["status"], "completed");
+    // Watched: nothing to do, polls every 2 x rollout-poll-secs.
+    assert_eq!(
+        poll_hint(&h, &cred).await,
+        (StatusCode::NO_CONTENT, Some("10".into()))
+    );
+    // A deployment of 1.0.0 meanwhile reaches it at once.
+    let (s, dep) = h
+        .call(
+            Method::POST,
+            "/api/v1/deployments",
+            Some(&h.admin),
+            Some(json!({"release_id": ids[0], "devices": [device]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{dep}");
+    let (s, poll) = h
+        .call(Method::GET, "/api/v1/device/poll", Some(&cred), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{poll}");
+    assert_eq!(poll["release_id"], ids[0].as_str(), "{poll}");
+    assert_eq!(
+        poll_hint(&h, &cred).await,
+        (StatusCode::OK, Some("10".into()))
+    );
+    // After the watch (30 min), no hint.
+    tick(31 * 60 * 1000).await;
+    assert_eq!(poll_hint(&h, &cred).await, (StatusCode::OK, None));
 }

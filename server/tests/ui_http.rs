@@ -771,6 +771,31 @@ async fn rollouts_through_the_pages(h: Arc<Harness>) {
     for wave in api["spec"]["waves"].as_array().unwrap() {
         assert_eq!(wave["gates"]["require_attestation"], true, "{api}");
     }
+    // These devices have no TPM: the preview warns, and a start is a 422
+    // page that says why (every wave requires attestation).
+    let mut attested_preview = fields("1, 100%");
+    attested_preview.push(("require_attestation", "1".into()));
+    let (s, _, page) = post_owned(&h, &ui, "/ui/rollouts/preview", attested_preview).await;
+    assert_eq!(s, StatusCode::OK, "{page}");
+    assert!(page.contains("data-preview=\"warning\""), "{page}");
+    assert!(page.contains("cannot be attested"), "{page}");
+    let (s, _, page) = post_owned(
+        &h,
+        &ui,
+        &format!("/ui/rollouts/{id}/start"),
+        vec![("csrf", ui.csrf.clone())],
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{page}");
+    assert!(
+        page.contains("have no TPM and every wave requires attestation"),
+        "{page}"
+    );
+    // The lifecycle on a rollout without the gate.
+    let (s, hd, page) = post_owned(&h, &ui, "/ui/rollouts", fields("1, 100%")).await;
+    assert_eq!(s, StatusCode::SEE_OTHER, "{page}");
+    let location = hd.get("location").unwrap().to_str().unwrap().to_string();
+    let id = location.rsplit('/').next().unwrap().to_string();
     let (s, page) = get(&h, &ui, &location).await;
     assert_eq!(s, StatusCode::OK);
     assert!(

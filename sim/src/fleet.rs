@@ -121,6 +121,10 @@ pub struct FleetOptions {
     pub prefix: String,
     /// Hardware class of the simulated devices (the bundles' compatible).
     pub hardware_class: Option<String>,
+    /// Run on the wall clock against a server with its real clock and its
+    /// own scheduler (no `test-clock`): one step per second, every delay
+    /// (poll, install, reboot) really waited.
+    pub real_time: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -258,6 +262,13 @@ pub struct Summary {
     pub peak_egress_bytes_per_sec: u64,
     /// Busiest second / cap.
     pub peak_egress_over_cap: f64,
+    /// Busiest second, bytes, as the server's HTTP layer counted it
+    /// (`GET /rollouts/egress`).
+    pub server_peak_egress_bytes_per_sec: u64,
+    /// The server's busiest second / cap.
+    pub server_peak_egress_over_cap: f64,
+    /// Ran on the wall clock (no test clock): simulated = real seconds.
+    pub real_time: bool,
     /// Most bytes a metered device downloaded in one day.
     pub metered_max_device_day_bytes: u64,
     /// Metered budget.
@@ -310,6 +321,9 @@ pub struct Fleet {
     rollback_started: Option<i64>,
     rollback_done: Option<i64>,
     wall: Instant,
+    /// Wall clock at the simulated `start_ms` (real-time runs).
+    real_origin: Option<(Instant, i64)>,
+    last_row_minute: i64,
     cap: u64,
     budget: Option<u64>,
 }
@@ -424,14 +438,24 @@ impl Fleet {
             rollback_started: None,
             rollback_done: None,
             wall: Instant::now(),
+            real_origin: None,
+            last_row_minute: -1,
             cap: 0,
             budget: None,
             opts,
         };
-        let clock = fleet.admin_ok(reqwest::Method::GET, "/api/v1/test/clock", None).await.context(
-            "the server has no test clock: start it with `test-clock = true` in its configuration",
-        )?;
-        fleet.now_ms = clock["now_ms"].as_i64().context("clock without now_ms")?;
+        if fleet.opts.real_time {
+            if fleet.opts.start_at_ms.is_some() {
+                bail!("a real-time run cannot set the server clock (start_at_ms)");
+            }
+            fleet.now_ms = wall_ms();
+            fleet.real_origin = Some((Instant::now(), fleet.now_ms));
+        } else {
+            let clock = fleet.admin_ok(reqwest::Method::GET, "/api/v1/test/clock", None).await.context(
+                "the server has no test clock: start it with `test-clock = true` in its configuration (or run in real time)",
+            )?;
+            fleet.now_ms = clock["now_ms"].as_i64().context("clock without now_ms")?;
+        }
         if let Some(t) = fleet.opts.start_at_ms {
             fleet
                 .admin_ok(
@@ -651,6 +675,10 @@ impl Fleet {
         )
         .await?;
         self.rollout_id = Some(id);
+        if self.opts.real_time {
+            self.now_ms = wall_ms();
+            self.real_origin = Some((Instant::now(), self.now_ms));
+        }
         self.start_ms = self.now_ms;
         let n_waves = created["spec"]["waves"].as_array().map_or(0, |w| w.len());
         self.waves_promoted = vec![None; n_waves];
@@ -683,7 +711,11 @@ impl Fleet {
             None,
         )
         .await?;
-        self.rollback_started = Some(self.now_ms);
+        self.rollback_started = Some(if self.real_origin.is_some() {
+            wall_ms()
+        } else {
+            self.now_ms
+        });
         self.rollback_done = None;
         Ok(())
     }
@@ -747,17 +779,30 @@ impl Fleet {
                 .clamp(1000, 30_000)
                 .min(to_minute.max(1000))
         };
-        let t = self.now_ms + dt;
-        let (s, v) = self
-            .admin(
-                reqwest::Method::POST,
-                "/api/v1/test/clock",
-                Some(json!({"set_ms": t, "tick": true})),
-            )
-            .await?;
-        if !s.is_success() {
-            bail!("stepping the server clock: {s}: {v}");
-        }
+        let (t, dt) = if let Some((origin, origin_ms)) = self.real_origin {
+            // The wall clock is the server's: wait for the next second, do
+            // not jump (the server's own scheduler runs meanwhile).
+            let due = self.now_ms + 1000;
+            let wait = (due - origin_ms) - i64::try_from(origin.elapsed().as_millis())?;
+            if wait > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(wait.unsigned_abs())).await;
+            }
+            let t = (origin_ms + i64::try_from(origin.elapsed().as_millis())?).max(due);
+            (t, t - self.now_ms)
+        } else {
+            let t = self.now_ms + dt;
+            let (s, v) = self
+                .admin(
+                    reqwest::Method::POST,
+                    "/api/v1/test/clock",
+                    Some(json!({"set_ms": t, "tick": true})),
+                )
+                .await?;
+            if !s.is_success() {
+                bail!("stepping the server clock: {s}: {v}");
+            }
+            (t, dt)
+        };
         self.now_ms = t;
         let ctx = Ctx {
             http: &self.http,
@@ -829,7 +874,11 @@ impl Fleet {
         {
             self.rollback_done = Some(self.now_ms - started);
         }
-        if (self.now_ms - self.start_ms).rem_euclid(60_000) == 0 {
+        let minute = (self.now_ms - self.start_ms).div_euclid(60_000);
+        if minute > self.last_row_minute
+            && (self.real_origin.is_some() || (self.now_ms - self.start_ms).rem_euclid(60_000) == 0)
+        {
+            self.last_row_minute = minute;
             let row = self.timeline_row(&r);
             if self.opts.print_timeline {
                 print_row(&row);
@@ -957,6 +1006,21 @@ impl Fleet {
             })
             .collect();
         let peak = self.egress.values().copied().max().unwrap_or(0);
+        let server_egress = self
+            .admin_ok(
+                reqwest::Method::GET,
+                &format!("/api/v1/rollouts/egress?since_ms={}", self.start_ms),
+                None,
+            )
+            .await?;
+        let server_peak = server_egress["peak_bytes_per_sec"].as_u64().unwrap_or(0);
+        let over_cap = |b: u64| {
+            if self.cap > 0 {
+                b as f64 / self.cap as f64
+            } else {
+                0.0
+            }
+        };
         Ok(Summary {
             rollout_id: id,
             status: detail["status"].as_str().unwrap_or("").to_string(),
@@ -974,11 +1038,10 @@ impl Fleet {
             max_chunk_bytes: self.to.max_chunk(),
             egress_cap_bytes_per_sec: self.cap,
             peak_egress_bytes_per_sec: peak,
-            peak_egress_over_cap: if self.cap > 0 {
-                peak as f64 / self.cap as f64
-            } else {
-                0.0
-            },
+            peak_egress_over_cap: over_cap(peak),
+            server_peak_egress_bytes_per_sec: server_peak,
+            server_peak_egress_over_cap: over_cap(server_peak),
+            real_time: self.real_origin.is_some(),
             metered_max_device_day_bytes: self
                 .devices
                 .iter()
@@ -1297,6 +1360,16 @@ impl SimDevice {
             .send()
             .await;
         let Ok(resp) = resp else { return };
+        // The server's hint (a rollout acts on this device) only ever
+        // makes it poll sooner, as kernex-updater does.
+        if let Some(s) = resp
+            .headers()
+            .get("kernex-poll-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<i64>().ok())
+        {
+            self.next_poll = now + (s.saturating_mul(1000)).clamp(1000, poll_ms);
+        }
         if resp.status() != StatusCode::OK {
             return;
         }
@@ -1400,4 +1473,12 @@ async fn fetch(
         return None;
     }
     resp.bytes().await.ok().map(|b| b.to_vec())
+}
+
+/// The wall clock, unix ms.
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }

@@ -23,7 +23,9 @@ use serde_json::{Value, json};
 ///
 /// The server must run with `test-clock = true` (never in production) and
 /// without device rate limits (`device-requests-per-minute = 0`): simulated
-/// minutes pass in real milliseconds.
+/// minutes pass in real milliseconds. With `--real-time` the server runs on
+/// its real clock with its own scheduler instead, and every delay is
+/// really waited (times are wall-clock seconds).
 ///
 /// It prints a line per simulated minute (devices per state, egress
 /// bytes/s against the cap, metered bytes against the daily budget) and a
@@ -198,6 +200,11 @@ struct RunArgs {
     /// Print the summary as JSON (no timeline).
     #[arg(long)]
     json: bool,
+    /// Run on the wall clock against a server with its real clock and its
+    /// own scheduler (`test-clock = false`): every poll interval, install
+    /// and reboot is really waited; times are real seconds.
+    #[arg(long)]
+    real_time: bool,
 }
 
 fn main() {
@@ -350,6 +357,7 @@ async fn run(a: RunArgs) -> Result<()> {
         print_timeline: !a.json,
         prefix,
         hardware_class: None,
+        real_time: a.real_time,
     };
     let mut fleet = Fleet::setup(opts).await?;
     let preview = fleet.start_rollout().await?;
@@ -407,10 +415,12 @@ async fn run(a: RunArgs) -> Result<()> {
         summary.preview_total_bytes, summary.downloaded_total_bytes, summary.preview_metered_cost
     );
     println!(
-        "egress: peak {} B/s / cap {} B/s = {:.3}",
+        "egress: peak {} B/s / cap {} B/s = {:.3} (devices' count); server's count: peak {} B/s = {:.3}",
         summary.peak_egress_bytes_per_sec,
         summary.egress_cap_bytes_per_sec,
-        summary.peak_egress_over_cap
+        summary.peak_egress_over_cap,
+        summary.server_peak_egress_bytes_per_sec,
+        summary.server_peak_egress_over_cap
     );
     if let Some(b) = summary.metered_budget_per_day {
         println!(

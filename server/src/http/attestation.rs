@@ -572,7 +572,7 @@ async fn activating_device(state: &AppState, headers: &axum::http::HeaderMap) ->
         .ok_or(Error::Unauthorized)?;
     let hash = crate::store::secret_hash(token);
     let row = sqlx::query(
-        "SELECT d.id, d.org_id, d.device_id FROM devices d WHERE d.revoked = 0 AND (d.credential_hash = $1 OR d.id = (SELECT a.device_pk FROM tpm_activations a WHERE a.pending_credential_hash = $1))",
+        "SELECT d.id, d.org_id, d.device_id, d.tpm_required, d.ek_fingerprint FROM devices d WHERE d.revoked = 0 AND (d.credential_hash = $1 OR d.id = (SELECT a.device_pk FROM tpm_activations a WHERE a.pending_credential_hash = $1))",
     )
     .bind(&hash)
     .fetch_optional(state.store.pool())
@@ -587,6 +587,7 @@ async fn activating_device(state: &AppState, headers: &axum::http::HeaderMap) ->
         pk,
         org_id: row.try_get("org_id")?,
         device_id: row.try_get("device_id")?,
+        unproven: is_unproven(&row)?,
     })
 }
 
@@ -646,9 +647,9 @@ async fn activate_inner(
     .execute(state.store.pool())
     .await;
     match bound {
-        // A swapped credential: the old one stops working now.
-        Ok(_) if pending.is_some() => state.credentials.forget_device(&device.pk),
-        Ok(_) => {}
+        // A swapped credential: the old one stops working now; and cached
+        // entries that still say "unproven" go.
+        Ok(_) => state.credentials.forget_device(&device.pk),
         // The unique (org, EK) index: another device id got this TPM first.
         Err(e) if crate::http::error::is_unique_violation(&e) => {
             return Err(Error::Conflict(format!(
@@ -717,29 +718,23 @@ pub async fn poll_nonce(state: &AppState, device: &Device) -> Result<Option<Stri
 /// A device enrolled under a TPM policy is served releases only once its
 /// credential activation succeeded.
 fn served(row: &sqlx::any::AnyRow) -> Result<bool> {
-    Ok(row.try_get::<i64, _>("tpm_required")? == 0
-        || row
-            .try_get::<Option<String>, _>("ek_fingerprint")?
-            .is_some())
+    Ok(!is_unproven(row)?)
 }
 
-fn unproven() -> Error {
+/// Enrolled under a TPM policy, credential activation not done (a row
+/// with `tpm_required` and `ek_fingerprint`).
+pub fn is_unproven(row: &sqlx::any::AnyRow) -> Result<bool> {
+    Ok(row.try_get::<i64, _>("tpm_required")? != 0
+        && row
+            .try_get::<Option<String>, _>("ek_fingerprint")?
+            .is_none())
+}
+
+/// The 403 for a device that must prove its TPM first.
+pub fn unproven() -> Error {
     Error::Refused(
         "this device must prove its TPM (credential activation) before it is served releases: enroll again with its TPM identity".into(),
     )
-}
-
-/// Refuses a download to a device that must prove its TPM and has not.
-pub async fn check_served(state: &AppState, device: &Device) -> Result<()> {
-    let row = sqlx::query("SELECT tpm_required, ek_fingerprint FROM devices WHERE id = $1")
-        .bind(&device.pk)
-        .fetch_one(state.store.pool())
-        .await?;
-    if served(&row)? {
-        Ok(())
-    } else {
-        Err(unproven())
-    }
 }
 
 fn max_age_ms(state: &AppState) -> i64 {

@@ -338,13 +338,21 @@ pub struct DownloadWindow {
     pub not_after_ms: i64,
 }
 
+/// The poll hint header: poll again after this many seconds.
+pub const POLL_AFTER_HEADER: &str = "kernex-poll-after";
+
 /// Poll for desired state: 200 with the release to install, 204 when there
 /// is nothing to do. A device bound to a TPM whose attestation is missing,
 /// old or for another version also gets a fresh quote nonce in the
 /// `Kernex-Attestation-Nonce` header, to answer at `POST /device/attestation`.
+/// A device a rollout acts on (waiting in a reached wave, holding a
+/// download window, committed: a rollback may come) gets
+/// `Kernex-Poll-After` (`rollout-poll-secs`) on 200 and 204.
 #[utoipa::path(get, path = "/api/v1/device/poll", responses(
-    (status = 200, body = DesiredState, headers(("kernex-attestation-nonce" = String, description = "hex nonce to quote"))),
-    (status = 204, headers(("kernex-attestation-nonce" = String, description = "hex nonce to quote"))),
+    (status = 200, body = DesiredState, headers(("kernex-attestation-nonce" = String, description = "hex nonce to quote"),
+        ("kernex-poll-after" = u64, description = "poll again after this many seconds"))),
+    (status = 204, headers(("kernex-attestation-nonce" = String, description = "hex nonce to quote"),
+        ("kernex-poll-after" = u64, description = "poll again after this many seconds"))),
     (status = 401),
     (status = 403, description = "the device must complete TPM credential activation first")))]
 pub async fn poll(
@@ -357,7 +365,8 @@ pub async fn poll(
     } else {
         None
     };
-    let mut response = match crate::http::device_poll::answer(&state, &polled).await? {
+    let answer = crate::http::device_poll::answer(&state, &polled).await?;
+    let mut response = match answer.desired {
         Some(desired) => ApiJson(desired).into_response(),
         None => StatusCode::NO_CONTENT.into_response(),
     };
@@ -365,6 +374,11 @@ pub async fn poll(
         && let Ok(value) = axum::http::HeaderValue::from_str(&nonce)
     {
         response.headers_mut().insert(NONCE_HEADER, value);
+    }
+    if let Some(secs) = answer.poll_after_secs {
+        response
+            .headers_mut()
+            .insert(POLL_AFTER_HEADER, axum::http::HeaderValue::from(secs));
     }
     Ok(response)
 }
@@ -416,12 +430,14 @@ pub const DEGRADED_MEMORY_PERCENT: f64 = 90.0;
 
 /// Heartbeat with inventory.
 #[utoipa::path(post, path = "/api/v1/device/heartbeat", request_body = Heartbeat,
-    responses((status = 204), (status = 400), (status = 401)))]
+    responses((status = 204), (status = 400), (status = 401),
+        (status = 403, description = "the device must complete TPM credential activation first")))]
 pub async fn heartbeat(
     State(state): State<AppState>,
     device: Device,
     ApiJson(hb): ApiJson<Heartbeat>,
 ) -> Result<StatusCode> {
+    device.require_proven()?;
     for (what, v) in [
         ("booted_slot", &hb.booted_slot),
         ("primary_slot", &hb.primary_slot),
@@ -500,12 +516,14 @@ pub struct Report {
 
 /// Report progress or outcome of an install.
 #[utoipa::path(post, path = "/api/v1/device/report", request_body = Report,
-    responses((status = 204), (status = 400), (status = 401)))]
+    responses((status = 204), (status = 400), (status = 401),
+        (status = 403, description = "the device must complete TPM credential activation first")))]
 pub async fn report(
     State(state): State<AppState>,
     device: Device,
     ApiJson(r): ApiJson<Report>,
 ) -> Result<StatusCode> {
+    device.require_proven()?;
     let status = match r.state.as_str() {
         "downloading" | "installed" | "rebooted" => "updating",
         "committed" | "rolled_back" => "online",
@@ -635,12 +653,14 @@ pub struct LogBatch {
 
 /// Upload a batch of log lines.
 #[utoipa::path(post, path = "/api/v1/device/logs", request_body = LogBatch,
-    responses((status = 204), (status = 400), (status = 401)))]
+    responses((status = 204), (status = 400), (status = 401),
+        (status = 403, description = "the device must complete TPM credential activation first")))]
 pub async fn logs(
     State(state): State<AppState>,
     device: Device,
     ApiJson(batch): ApiJson<LogBatch>,
 ) -> Result<StatusCode> {
+    device.require_proven()?;
     if batch.entries.len() > 1000 {
         return Err(Error::BadRequest("at most 1000 log lines per batch".into()));
     }
@@ -684,14 +704,16 @@ pub async fn logs(
 
 /// Download a release bundle of the device's organisation, with `Range`.
 #[utoipa::path(get, path = "/api/v1/device/releases/{id}/bundle",
-    responses((status = 200), (status = 206), (status = 401), (status = 404), (status = 416)))]
+    responses((status = 200), (status = 206), (status = 401),
+        (status = 403, description = "the device must complete TPM credential activation first"),
+        (status = 404), (status = 416)))]
 pub async fn download(
     State(state): State<AppState>,
     device: Device,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response> {
-    crate::http::attestation::check_served(&state, &device).await?;
+    device.require_proven()?;
     let response =
         crate::http::releases::serve_bundle(&state, &device.org_id, &id, &headers).await?;
     if response.status().is_success()

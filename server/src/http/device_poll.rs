@@ -60,12 +60,14 @@ impl FromRequestParts<AppState> for Polled {
         let row = sqlx::query(
             "SELECT d.id, d.org_id, d.device_id, d.current_version, d.tpm_required, d.ek_fingerprint, r.id AS release_id, r.version, r.size, r.sha256, \
              CAST(CASE WHEN EXISTS (SELECT 1 FROM rollout_devices rd JOIN rollouts ro ON ro.id = rd.rollout_id \
-                  WHERE rd.device_pk = d.id AND ro.status IN ('scheduled', 'running', 'paused', 'rolled_back')) \
+                  WHERE rd.device_pk = d.id AND (ro.status IN ('scheduled', 'running', 'paused', 'rolled_back') \
+                  OR (ro.status = 'completed' AND ro.completed_at >= $2))) \
              THEN 1 ELSE 0 END AS BIGINT) AS in_rollout \
              FROM devices d LEFT JOIN releases r ON r.id = d.desired_release_id \
              WHERE d.credential_hash = $1 AND d.revoked = 0",
         )
         .bind(&hash)
+        .bind(crate::rollouts::device::watch_since(state))
         .fetch_optional(state.store.pool())
         .await?
         .ok_or(Error::Unauthorized)?;
@@ -73,6 +75,7 @@ impl FromRequestParts<AppState> for Polled {
             pk: row.try_get("id")?,
             org_id: row.try_get("org_id")?,
             device_id: row.try_get("device_id")?,
+            unproven: crate::http::attestation::is_unproven(&row)?,
         };
         // The device's next requests (heartbeat, download) skip the lookup.
         state.credentials.insert(hash, device.clone(), generation);
@@ -102,22 +105,44 @@ impl FromRequestParts<AppState> for Polled {
     }
 }
 
-/// The poll's answer: `Some` is 200 with what to run, `None` is 204.
+/// The poll's answer: `desired` is 200 with what to run, `None` is 204;
+/// `poll_after_secs` is the hint sent as `Kernex-Poll-After`.
+#[derive(Debug, Default)]
+pub struct Answer {
+    /// What to run.
+    pub desired: Option<DesiredState>,
+    /// Poll again after this many seconds (a rollout acts on the device).
+    pub poll_after_secs: Option<u64>,
+    /// A live (or rolled-back) rollout decides for the device, even "do
+    /// nothing"; false for a completed rollout whose rollback watch only
+    /// adds the hint: deployments still apply.
+    pub governs: bool,
+}
+
 /// A rollout that governs the device decides; otherwise the assigned
 /// release, unless the device already runs its version.
-pub async fn answer(state: &AppState, polled: &Polled) -> Result<Option<DesiredState>> {
+pub async fn answer(state: &AppState, polled: &Polled) -> Result<Answer> {
+    let mut hint = None;
     if polled.in_rollout
         && let Some(answer) = crate::rollouts::device::poll(state, &polled.device).await?
     {
-        return Ok(answer);
+        if answer.governs || answer.desired.is_some() {
+            return Ok(answer);
+        }
+        hint = answer.poll_after_secs;
     }
+    let nothing = Answer {
+        desired: None,
+        poll_after_secs: hint,
+        governs: false,
+    };
     let Some(r) = &polled.assigned else {
-        return Ok(None);
+        return Ok(nothing);
     };
     if polled.current_version.as_deref() == Some(r.version.as_str()) {
-        return Ok(None);
+        return Ok(nothing);
     }
-    Ok(Some(DesiredState {
+    let desired = Some(DesiredState {
         url: format!("/api/v1/device/releases/{}/bundle", r.id),
         release_id: r.id.clone(),
         version: r.version.clone(),
@@ -127,5 +152,10 @@ pub async fn answer(state: &AppState, polled: &Polled) -> Result<Option<DesiredS
         rollout_id: None,
         download_window: None,
         poll_after_secs: None,
-    }))
+    });
+    Ok(Answer {
+        desired,
+        poll_after_secs: hint,
+        governs: false,
+    })
 }

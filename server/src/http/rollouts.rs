@@ -74,6 +74,12 @@ pub struct WavePreview {
     pub projected_end_ms: i64,
     /// Projected promotion, after the soak (unix ms).
     pub projected_promote_ms: i64,
+    /// The wave requires attestation (committed and attested).
+    pub requires_attestation: bool,
+    /// Devices without a TPM the diversity order put in this wave while it
+    /// requires attestation: they cannot be attested, so they moved to a
+    /// later wave without the gate or were left out (see `warnings`).
+    pub cannot_attest: u64,
 }
 
 /// One device of a preview.
@@ -118,6 +124,14 @@ pub struct Preview {
     pub already_current: u64,
     /// Devices left out because another live rollout holds them.
     pub busy: u64,
+    /// Devices left out because they were enrolled under a TPM policy and
+    /// have not completed credential activation (served no release).
+    pub unactivated: u64,
+    /// Devices left out because they have no TPM and every wave they could
+    /// go to requires attestation.
+    pub no_tpm_left_out: u64,
+    /// What the operator should know before starting, in words.
+    pub warnings: Vec<String>,
     /// Bytes all targets download.
     pub total_bytes: u64,
     /// Cost of metered bytes.
@@ -161,7 +175,7 @@ pub fn build_preview(
     with_devices: bool,
 ) -> Preview {
     let targets: &[Target] = &t.targets;
-    let sizes = spec.wave_sizes(targets.len());
+    let sizes = t.sizes.clone();
     let start = spec.start_at_ms.unwrap_or(now).max(now);
     let plan = project(spec, targets, &sizes, start, Assumptions::default());
     let mut waves = Vec::new();
@@ -182,6 +196,11 @@ pub fn build_preview(
             projected_start_ms: plan.waves.get(w).map_or(start, |p| p.start_ms),
             projected_end_ms: plan.waves.get(w).map_or(start, |p| p.end_ms),
             projected_promote_ms: plan.waves.get(w).map_or(start, |p| p.promote_ms),
+            requires_attestation: spec
+                .waves
+                .get(w)
+                .is_some_and(|wave| wave.gates.require_attestation),
+            cannot_attest: t.cannot_attest.get(w).copied().unwrap_or(0),
         };
         for (i, d) in targets.iter().enumerate().skip(lo).take(size) {
             let per_gb = match cost_per_gb.get(d.link_class.as_str()) {
@@ -234,6 +253,9 @@ pub fn build_preview(
         targets: targets.len() as u64,
         already_current: t.already_current,
         busy: t.busy,
+        unactivated: t.unactivated,
+        no_tpm_left_out: t.no_tpm_left_out,
+        warnings: warnings(t),
         total_bytes: total,
         metered_cost: metered,
         egress_cap_bytes_per_sec: spec.bandwidth.egress_cap_bytes_per_sec,
@@ -247,6 +269,32 @@ pub fn build_preview(
         link_classes: classes,
         devices: with_devices.then_some(devices),
     }
+}
+
+/// The preview's warnings: devices the attestation gate moves or leaves
+/// out, devices left out because they have not activated their TPM.
+fn warnings(t: &rollouts::Targets) -> Vec<String> {
+    let mut out = Vec::new();
+    for (w, &n) in t.cannot_attest.iter().enumerate() {
+        if n == 0 {
+            continue;
+        }
+        let whither = match t.moved_to.get(w).copied().flatten() {
+            Some(to) => format!("they move to wave {}, the next without the gate", to + 1),
+            None => "no wave without the gate follows: they are left out of the rollout".into(),
+        };
+        out.push(format!(
+            "wave {} requires attestation: {n} selected device(s) have no TPM and cannot be attested; {whither}",
+            w + 1
+        ));
+    }
+    if t.unactivated > 0 {
+        out.push(format!(
+            "{} device(s) enrolled under a TPM policy have not completed credential activation: left out (they are served no release until they activate)",
+            t.unactivated
+        ));
+    }
+    out
 }
 
 /// `?devices=false` leaves the per-device list out.
@@ -390,6 +438,11 @@ pub struct Rollout {
     pub updated_at: i64,
     /// Completed, aborted or rolled back (unix ms).
     pub completed_at: Option<i64>,
+    /// Devices the selector matched that the start left out, by reason:
+    /// `no_tpm` (no TPM, and every wave they could join requires
+    /// attestation), `unactivated` (enrolled under a TPM policy, credential
+    /// activation not done). Empty before the start.
+    pub left_out: BTreeMap<String, i64>,
     /// Per wave (detail only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waves: Option<Vec<WaveState>>,
@@ -404,7 +457,7 @@ async fn load(
     id: &str,
 ) -> Result<(RolloutSpec, sqlx::any::AnyRow)> {
     let row = sqlx::query(
-        "SELECT id, name, release_id, spec, status, status_reason, current_wave, created_at, updated_at, completed_at FROM rollouts WHERE id = $1 AND org_id = $2",
+        "SELECT id, name, release_id, spec, status, status_reason, current_wave, created_at, updated_at, completed_at, left_out FROM rollouts WHERE id = $1 AND org_id = $2",
     )
     .bind(id)
     .bind(org_id)
@@ -449,6 +502,10 @@ async fn summary(state: &AppState, spec: RolloutSpec, row: &sqlx::any::AnyRow) -
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         completed_at: row.try_get("completed_at")?,
+        left_out: match row.try_get::<Option<String>, _>("left_out")? {
+            Some(text) => serde_json::from_str(&text).map_err(|e| Error::Internal(e.into()))?,
+            None => BTreeMap::new(),
+        },
         waves: None,
         devices: None,
         id,
@@ -502,7 +559,7 @@ pub async fn create(
 #[utoipa::path(get, path = "/api/v1/rollouts", responses((status = 200, body = [Rollout])))]
 pub async fn list(State(state): State<AppState>, op: Operator) -> Result<ApiJson<Vec<Rollout>>> {
     let rows = sqlx::query(
-        "SELECT id, name, release_id, spec, status, status_reason, current_wave, created_at, updated_at, completed_at FROM rollouts WHERE org_id = $1 ORDER BY created_at DESC LIMIT 500",
+        "SELECT id, name, release_id, spec, status, status_reason, current_wave, created_at, updated_at, completed_at, left_out FROM rollouts WHERE org_id = $1 ORDER BY created_at DESC LIMIT 500",
     )
     .bind(&op.org_id)
     .fetch_all(state.store.pool())
@@ -724,11 +781,25 @@ async fn apply(
             let t = prepared.ok_or_else(|| refuse("start", status))??;
             if t.targets.is_empty() {
                 return Err(Error::Unprocessable(format!(
-                    "the selector matches no device that needs this release ({} already run it, {} are in another rollout)",
-                    t.already_current, t.busy
+                    "the selector matches no device that needs this release ({} already run it, {} are in another rollout, {} have not activated their TPM, {} have no TPM and every wave requires attestation)",
+                    t.already_current, t.busy, t.unactivated, t.no_tpm_left_out
                 )));
             }
-            let sizes = spec.wave_sizes(t.targets.len());
+            let sizes = t.sizes.clone();
+            let mut left_out = BTreeMap::new();
+            if t.no_tpm_left_out > 0 {
+                left_out.insert("no_tpm", t.no_tpm_left_out);
+            }
+            if t.unactivated > 0 {
+                left_out.insert("unactivated", t.unactivated);
+            }
+            if !left_out.is_empty() {
+                sqlx::query("UPDATE rollouts SET left_out = $1 WHERE id = $2")
+                    .bind(serde_json::to_string(&left_out).map_err(|e| Error::Internal(e.into()))?)
+                    .bind(id)
+                    .execute(&mut **tx)
+                    .await?;
+            }
             let mut position = 0usize;
             for (wave, size) in sizes.iter().enumerate() {
                 for d in t.targets.iter().skip(position).take(*size) {

@@ -11,19 +11,30 @@ use super::spec::RolloutSpec;
 use crate::AppState;
 use crate::auth::Device;
 use crate::http::device_api::{DesiredState, DownloadWindow, Report};
+use crate::http::device_poll::Answer;
 use crate::http::{Error, Result};
 
-/// The device's poll answer when a rollout governs it: `Some(None)` is
-/// "nothing to do now" (204), `None` is "no rollout: ask deployments".
-pub async fn poll(state: &AppState, device: &Device) -> Result<Option<Option<DesiredState>>> {
+/// Rollouts completed since this time (server clock) still give their
+/// committed devices the poll hint (`rollback-watch-secs`).
+pub fn watch_since(state: &AppState) -> i64 {
+    let watch =
+        i64::try_from(state.config.rollback_watch_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    state.clock.now_ms().saturating_sub(watch)
+}
+
+/// The device's poll answer when a rollout governs it (`desired: None` is
+/// "nothing to do now", 204), with the poll hint when the rollout acts on
+/// the device; `None` is "no rollout: ask deployments".
+pub async fn poll(state: &AppState, device: &Device) -> Result<Option<Answer>> {
     let now = state.clock.now_ms();
     let Some(row) = sqlx::query(
-        "SELECT rd.rollout_id, rd.state, rd.active, rd.window_start, rd.window_end, rd.from_release_id, r.status, r.release_id \
+        "SELECT rd.rollout_id, rd.state, rd.wave, rd.position, rd.window_start, rd.window_end, rd.from_release_id, r.status, r.release_id, r.current_wave, r.poll_horizon \
          FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id \
-         WHERE rd.device_pk = $1 AND r.status IN ('scheduled', 'running', 'paused', 'rolled_back') \
+         WHERE rd.device_pk = $1 AND (r.status IN ('scheduled', 'running', 'paused', 'rolled_back') OR (r.status = 'completed' AND r.completed_at >= $2)) \
          ORDER BY r.created_at DESC LIMIT 1",
     )
     .bind(&device.pk)
+    .bind(watch_since(state))
     .fetch_optional(state.store.pool())
     .await?
     else {
@@ -34,15 +45,46 @@ pub async fn poll(state: &AppState, device: &Device) -> Result<Option<Option<Des
     let status: String = row.try_get("status")?;
     let window_start: Option<i64> = row.try_get("window_start")?;
     let window_end: Option<i64> = row.try_get("window_end")?;
+    let wave: i64 = row.try_get("wave")?;
+    let current_wave: i64 = row.try_get("current_wave")?;
+    let position: i64 = row.try_get("position")?;
+    let horizon: i64 = row.try_get("poll_horizon")?;
+    let hint = (state.config.rollout_poll_secs > 0).then_some(state.config.rollout_poll_secs);
+    // The rollout acts on this device soon: it is next in line for a
+    // window (pending in the current wave or the next one, within the
+    // scheduler's horizon: the next wave's first devices hear of the
+    // promotion within the hint, not a whole poll interval later), holds
+    // a window, or is installing: the hint. Committed, a rollback may
+    // come: twice the hint. Devices further back, and devices that are
+    // done otherwise, poll at their own pace.
+    let acting = match dev_state.as_str() {
+        "pending" => status == "running" && wave <= current_wave + 1 && position < horizon,
+        "scheduled" | "downloading" | "installed" | "rebooting" => true,
+        _ => false,
+    };
+    let nothing = Answer {
+        desired: None,
+        poll_after_secs: if dev_state == "committed" {
+            hint.map(|h| h.saturating_mul(2))
+        } else {
+            hint.filter(|_| acting)
+        },
+        // A completed rollout only watches for a rollback.
+        governs: status != "completed",
+    };
     if dev_state == "rolling_back" {
         let Some(from) = row.try_get::<Option<String>, _>("from_release_id")? else {
-            return Ok(Some(None));
+            return Ok(Some(nothing));
         };
         let mut d = desired(state, &from).await?;
         d.action = Some("rollback".into());
         d.rollout_id = Some(rollout_id);
-        d.poll_after_secs = Some(60);
-        return Ok(Some(Some(d)));
+        d.poll_after_secs = Some(hint.unwrap_or(60));
+        return Ok(Some(Answer {
+            poll_after_secs: d.poll_after_secs,
+            desired: Some(d),
+            governs: true,
+        }));
     }
     let live = status == "running" || status == "paused";
     let installing = matches!(
@@ -50,7 +92,7 @@ pub async fn poll(state: &AppState, device: &Device) -> Result<Option<Option<Des
         "scheduled" | "downloading" | "installed" | "rebooting"
     );
     if !live || !installing {
-        return Ok(Some(None));
+        return Ok(Some(nothing));
     }
     let release_id: String = row.try_get("release_id")?;
     let mut d = desired(state, &release_id).await?;
@@ -64,10 +106,16 @@ pub async fn poll(state: &AppState, device: &Device) -> Result<Option<Option<Des
         d.poll_after_secs = Some(if now < not_before_ms {
             u64::try_from((not_before_ms - now).div_euclid(1000).max(1)).unwrap_or(60)
         } else {
-            60
+            hint.unwrap_or(60)
         });
+    } else {
+        d.poll_after_secs = hint;
     }
-    Ok(Some(Some(d)))
+    Ok(Some(Answer {
+        poll_after_secs: d.poll_after_secs,
+        desired: Some(d),
+        governs: true,
+    }))
 }
 
 async fn desired(state: &AppState, release_id: &str) -> Result<DesiredState> {

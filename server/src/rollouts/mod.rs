@@ -239,12 +239,24 @@ pub async fn release_delta(state: &AppState, from: Option<&str>, to: &str) -> Re
 /// Who a spec targets, and why others were left out.
 #[derive(Debug, Default)]
 pub struct Targets {
-    /// In diversity order.
+    /// In wave order, each wave in diversity order.
     pub targets: Vec<Target>,
+    /// Devices per wave.
+    pub sizes: Vec<usize>,
+    /// Per wave: devices without a TPM the wave passed over because it
+    /// requires attestation.
+    pub cannot_attest: Vec<u64>,
+    /// Per wave: where those went (0-based wave), `None`: left out.
+    pub moved_to: Vec<Option<usize>>,
+    /// Left out: no TPM, and no wave without the attestation gate follows.
+    pub no_tpm_left_out: u64,
     /// Already on the release's version.
     pub already_current: u64,
     /// In another scheduled, running or paused rollout.
     pub busy: u64,
+    /// Enrolled under a TPM policy and not yet activated: served nothing,
+    /// so never selected.
+    pub unactivated: u64,
 }
 
 /// Selects the devices `spec` targets, with their exact delta bytes, in
@@ -268,7 +280,7 @@ pub async fn targets(
     // Only the columns a target needs (the hardware class is the
     // release's: it is in the WHERE).
     let rows = sqlx::query(
-        "SELECT id, device_id, current_version, link_class, site, time_zone FROM devices WHERE org_id = $1 AND revoked = 0 AND hardware_class = $2",
+        "SELECT id, device_id, current_version, link_class, site, time_zone, tpm_required, ek_fingerprint FROM devices WHERE org_id = $1 AND revoked = 0 AND hardware_class = $2",
     )
     .bind(org_id)
     .bind(&release.compatible)
@@ -335,6 +347,13 @@ pub async fn targets(
             out.already_current += 1;
             continue;
         }
+        let tpm = r.try_get::<Option<String>, _>("ek_fingerprint")?.is_some();
+        if !tpm && r.try_get::<i64, _>("tpm_required")? != 0 {
+            // Enrolled under a TPM policy, credential activation not done:
+            // it is refused releases, so a wave would wait on it forever.
+            out.unactivated += 1;
+            continue;
+        }
         if busy.contains(&pk) {
             out.busy += 1;
             continue;
@@ -359,8 +378,15 @@ pub async fn targets(
             from_release_id: from,
             from_version: current,
             bytes,
+            tpm,
         });
     }
     plan::diversity_order(&mut out.targets);
+    let assigned = plan::assign_waves(spec, std::mem::take(&mut out.targets));
+    out.targets = assigned.targets;
+    out.sizes = assigned.sizes;
+    out.cannot_attest = assigned.cannot_attest;
+    out.moved_to = assigned.moved_to;
+    out.no_tpm_left_out = assigned.left_out.len() as u64;
     Ok(out)
 }

@@ -37,6 +37,93 @@ pub struct Target {
     pub from_version: Option<String>,
     /// Exact bytes it must download.
     pub bytes: u64,
+    /// Bound to a TPM (credential activation done): it can be attested.
+    pub tpm: bool,
+}
+
+/// Targets split into waves, with the attestation gate applied.
+#[derive(Debug, Default)]
+pub struct WaveAssignment {
+    /// In wave order (each wave in diversity order).
+    pub targets: Vec<Target>,
+    /// Devices per wave.
+    pub sizes: Vec<usize>,
+    /// Per wave: devices without a TPM that the diversity order put in it
+    /// while it requires attestation; they moved to a later wave without
+    /// the gate, or were left out.
+    pub cannot_attest: Vec<u64>,
+    /// Per wave: the wave they moved to (0-based), `None` when left out.
+    pub moved_to: Vec<Option<usize>>,
+    /// Devices without a TPM left out: no wave without the gate follows.
+    pub left_out: Vec<Target>,
+}
+
+/// Splits `targets` (diversity order) into the spec's waves. A wave that
+/// requires attestation takes only devices bound to a TPM (a device
+/// without one would hold it forever: it can never be attested); the
+/// devices without a TPM it passes over go to the next wave without the
+/// gate, and are left out when none follows. Without any such gate this is
+/// the plain split by `wave_sizes`.
+pub fn assign_waves(spec: &RolloutSpec, targets: Vec<Target>) -> WaveAssignment {
+    let quotas = spec.wave_sizes(targets.len());
+    let gated: Vec<bool> = spec
+        .waves
+        .iter()
+        .map(|w| w.gates.require_attestation)
+        .collect();
+    if !gated.iter().any(|g| *g) {
+        return WaveAssignment {
+            cannot_attest: vec![0; quotas.len()],
+            moved_to: vec![None; quotas.len()],
+            sizes: quotas,
+            targets,
+            left_out: Vec::new(),
+        };
+    }
+    let n_waves = quotas.len();
+    let mut queue: VecDeque<Target> = targets.into();
+    // Devices without a TPM passed over by gated waves, in order.
+    let mut deferred: VecDeque<Target> = VecDeque::new();
+    let mut out = WaveAssignment {
+        cannot_attest: vec![0; n_waves],
+        moved_to: vec![None; n_waves],
+        ..WaveAssignment::default()
+    };
+    let mut pending_moves: Vec<usize> = Vec::new();
+    for (w, &quota) in quotas.iter().enumerate() {
+        let last = w + 1 == n_waves;
+        let mut taken = 0usize;
+        if gated[w] {
+            while (last || taken < quota)
+                && let Some(t) = queue.pop_front()
+            {
+                if t.tpm {
+                    out.targets.push(t);
+                    taken += 1;
+                } else {
+                    out.cannot_attest[w] += 1;
+                    deferred.push_back(t);
+                }
+            }
+            if out.cannot_attest[w] > 0 {
+                pending_moves.push(w);
+            }
+        } else {
+            // The passed-over devices first (they were due earlier).
+            while (last || taken < quota)
+                && let Some(t) = deferred.pop_front().or_else(|| queue.pop_front())
+            {
+                out.targets.push(t);
+                taken += 1;
+            }
+            for from in pending_moves.drain(..) {
+                out.moved_to[from] = Some(w);
+            }
+        }
+        out.sizes.push(taken);
+    }
+    out.left_out = deferred.into_iter().chain(queue).collect();
+    out
 }
 
 fn stable_hash(s: &str) -> u64 {
@@ -512,6 +599,7 @@ mod tests {
             from_release_id: None,
             from_version: None,
             bytes,
+            tpm: true,
         }
     }
 
@@ -583,5 +671,50 @@ mod tests {
         // 12 kB at 5 kB a day: three windows on three days.
         assert!(plan.devices.iter().all(|d| d.windows == 3));
         assert!(plan.end_ms >= 2 * DAY_MS);
+    }
+
+    fn spec_with(waves: serde_json::Value) -> RolloutSpec {
+        serde_json::from_value(serde_json::json!({"release_id": "r", "waves": waves}))
+            .unwrap_or_else(|e| unreachable!("{e}"))
+    }
+
+    #[test]
+    fn attestation_waves_take_only_devices_with_a_tpm() {
+        // 20 devices, every 4th without a TPM.
+        let ts: Vec<Target> = (0..20)
+            .map(|i| Target {
+                tpm: i % 4 != 0,
+                ..target(i, "ethernet", "s", 10)
+            })
+            .collect();
+        let gate = serde_json::json!({"require_attestation": true});
+        // Canaries gated, the rest not: the canaries' TPM-less devices move on.
+        let s = spec_with(serde_json::json!([{"count": 5, "gates": gate}, {"percent": 100}]));
+        let a = assign_waves(&s, ts.clone());
+        assert_eq!(a.sizes, vec![5, 15]);
+        assert!(a.targets[..5].iter().all(|t| t.tpm));
+        assert_eq!(a.cannot_attest, vec![2, 0]);
+        assert_eq!(a.moved_to, vec![Some(1), None]);
+        assert!(a.left_out.is_empty());
+        assert_eq!(a.targets.len(), 20);
+        // The two passed over come first in wave 2, in their order.
+        assert_eq!(a.targets[5].pk, "pk00000");
+        assert_eq!(a.targets[6].pk, "pk00004");
+        // Every wave gated: devices without a TPM are left out.
+        let s = spec_with(
+            serde_json::json!([{"count": 5, "gates": gate}, {"percent": 100, "gates": gate}]),
+        );
+        let a = assign_waves(&s, ts.clone());
+        assert_eq!(a.sizes, vec![5, 10]);
+        assert_eq!(a.left_out.len(), 5);
+        assert!(a.left_out.iter().all(|t| !t.tpm));
+        assert_eq!(a.cannot_attest, vec![2, 3]);
+        assert_eq!(a.moved_to, vec![None, None]);
+        // No gate: the plain split.
+        let s = spec_with(serde_json::json!([{"count": 5}, {"percent": 100}]));
+        let a = assign_waves(&s, ts);
+        assert_eq!(a.sizes, vec![5, 15]);
+        assert_eq!(a.targets[0].pk, "pk00000");
+        assert_eq!(a.cannot_attest, vec![0, 0]);
     }
 }

@@ -116,6 +116,14 @@ pub async fn tick(state: &AppState) -> Result<bool> {
 
 pub type Tx = sqlx::Transaction<'static, sqlx::Any>;
 
+/// The words of the "waiting for quotes" reason, by which a pass knows
+/// the reason is its own and clears it once no device waits any more.
+const QUOTE_WAIT: &str = "no TPM quote for this release yet";
+
+fn is_quote_wait(reason: &str) -> bool {
+    reason.starts_with("waiting: ") && reason.contains(QUOTE_WAIT)
+}
+
 struct Counts {
     size: i64,
     committed: i64,
@@ -276,7 +284,7 @@ async fn release_version(tx: &mut Tx, release_id: &str) -> Result<String> {
 async fn step(state: &AppState, id: &str, now: i64) -> Result<()> {
     let mut tx = state.store.begin_write().await?;
     let Some(row) = sqlx::query(
-        "SELECT status, spec, start_at, current_wave, wave_settled_at, gate_accepted FROM rollouts WHERE id = $1",
+        "SELECT status, status_reason, spec, start_at, current_wave, wave_settled_at, gate_accepted FROM rollouts WHERE id = $1",
     )
     .bind(id)
     .fetch_optional(&mut *tx)
@@ -285,6 +293,7 @@ async fn step(state: &AppState, id: &str, now: i64) -> Result<()> {
         return Ok(());
     };
     let mut status: String = row.try_get("status")?;
+    let mut reason: Option<String> = row.try_get("status_reason")?;
     let spec: RolloutSpec = serde_json::from_str(&row.try_get::<String, _>("spec")?)?;
     let start_at: Option<i64> = row.try_get("start_at")?;
     let mut wave: i64 = row.try_get("current_wave")?;
@@ -300,6 +309,7 @@ async fn step(state: &AppState, id: &str, now: i64) -> Result<()> {
             return Ok(());
         }
         status = "running".into();
+        reason = None;
         sqlx::query(
             "UPDATE rollouts SET status = 'running', status_reason = NULL, wave_started_at = $1, updated_at = $1 WHERE id = $2",
         )
@@ -361,18 +371,28 @@ async fn step(state: &AppState, id: &str, now: i64) -> Result<()> {
             tracing::warn!(rollout = %id, %reason, "rollout paused");
             break;
         }
+        if c.unattested == 0 && reason.as_deref().is_some_and(is_quote_wait) {
+            // The quotes it waited for arrived: the reason is stale.
+            sqlx::query("UPDATE rollouts SET status_reason = NULL WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            reason = None;
+        }
         if c.settled < c.size {
             if c.unattested > 0 {
-                let reason = format!(
-                    "waiting: {} committed device(s) of wave {} have no TPM quote for this release yet (the wave requires attestation)",
+                let waiting = format!(
+                    "waiting: {} committed device(s) of wave {} have {QUOTE_WAIT} (the wave requires attestation)",
                     c.unattested,
                     wave + 1
                 );
-                sqlx::query("UPDATE rollouts SET status_reason = $1 WHERE id = $2")
-                    .bind(&reason)
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await?;
+                if reason.as_deref() != Some(waiting.as_str()) {
+                    sqlx::query("UPDATE rollouts SET status_reason = $1 WHERE id = $2")
+                        .bind(&waiting)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
             }
             if settled_at.is_some() {
                 sqlx::query("UPDATE rollouts SET wave_settled_at = NULL WHERE id = $1")
@@ -467,6 +487,24 @@ async fn step(state: &AppState, id: &str, now: i64) -> Result<()> {
         )
         .await?;
     }
+    // Next in line: the pending devices the next passes will give windows
+    // to (in wave and position order) poll at the rollout hint, the rest of
+    // a big wave at their own pace.
+    let first: Option<i64> = sqlx::query(
+        "SELECT MIN(position) AS p FROM rollout_devices WHERE rollout_id = $1 AND state = 'pending' AND wave <= $2",
+    )
+    .bind(id)
+    .bind(wave.min(n_waves - 1) + 1)
+    .fetch_one(&mut *tx)
+    .await?
+    .try_get("p")?;
+    let lookahead = i64::try_from(spec.bandwidth.max_concurrent_downloads.saturating_mul(2))
+        .unwrap_or(i64::MAX);
+    sqlx::query("UPDATE rollouts SET poll_horizon = $1 WHERE id = $2")
+        .bind(first.map_or(0, |p| p.saturating_add(lookahead)))
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
     record_sample(&mut tx, id, now).await?;
     tx.commit().await?;
     Ok(())

@@ -85,7 +85,9 @@ pub struct Gates {
     pub promote_min_committed: f64,
     /// Count a device as committed only once a TPM quote proved it runs
     /// the release ("committed and attested"); a quote showing another
-    /// image counts as a failure. Devices without a TPM never settle.
+    /// image counts as a failure. Such a wave takes only devices bound to
+    /// a TPM: the others move to the next wave without the gate, or are
+    /// left out of the rollout when none follows (the preview says so).
     pub require_attestation: bool,
 }
 

@@ -338,6 +338,7 @@ fn preview_view(p: &Preview) -> Markup {
             div.card { span.big { (p.peak_concurrent) } span { "downloads at once, at most" } }
         }
         @if p.unschedulable > 0 { p.notice role="alert" { (p.unschedulable) " device(s) never get a download window (check the maintenance window and budgets)." } }
+        @for warning in &p.warnings { p.notice role="alert" data-preview="warning" { (warning) } }
         @if p.already_current > 0 || p.busy > 0 {
             p.small { (p.already_current) " matching device(s) already run " (p.version) "; " (p.busy) " are held by another rollout." }
         }
@@ -352,7 +353,9 @@ fn preview_view(p: &Preview) -> Markup {
             thead { tr { th scope="col" { "Wave" } th scope="col" { "Devices" } th scope="col" { "Bytes" } th scope="col" { "Metered cost" }
                 th scope="col" { "Link classes" } th scope="col" { "Downloads from" } th scope="col" { "Installed by" } th scope="col" { "Promoted at" } } }
             tbody { @for w in &p.waves { tr data-wave=(w.wave) {
-                td { (w.wave) } td { (w.devices) } td data-bytes=(w.bytes) { (format::bytes(w.bytes)) } td { (money(w.cost)) }
+                td { (w.wave) @if w.requires_attestation { " " span.small { "(attested)" } } }
+                td data-cannot-attest=(w.cannot_attest) { (w.devices) @if w.cannot_attest > 0 { br; span.small { (w.cannot_attest) " without a TPM moved on or left out" } } }
+                td data-bytes=(w.bytes) { (format::bytes(w.bytes)) } td { (money(w.cost)) }
                 td.small { @for (c, cp) in &w.link_classes { (c) ": " (cp.devices) " " } }
                 td.nowrap { (format::time(w.projected_start_ms)) } td.nowrap { (format::time(w.projected_end_ms)) } td.nowrap { (format::time(w.projected_promote_ms)) }
             } } }
@@ -471,6 +474,14 @@ async fn live_body(state: &AppState, s: &Session, id: &str) -> UiResult<(Rollout
         p data-status=(r.status) { "Status: " (status_badge(&r.status))
             @if let Some(why) = &r.status_reason { " " span { (why) } }
             " · wave " (r.current_wave) " of " (r.spec.waves.len()) " · " (r.devices_total) " device(s)" }
+        @if !r.left_out.is_empty() {
+            p.notice data-left-out { "Left out at the start: "
+                @for (why, n) in &r.left_out { (n) " " (match why.as_str() {
+                    "no_tpm" => "without a TPM (every wave they could join requires attestation)",
+                    "unactivated" => "that have not activated their TPM",
+                    other => other,
+                }) "; " } }
+        }
         @if !waves.is_empty() && r.status != "draft" {
             (charts::stacked("Progress per wave", &rows, state_class))
             div.table-wrap { table.waves {

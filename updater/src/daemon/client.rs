@@ -83,6 +83,21 @@ pub struct PollAnswer {
     pub desired: Option<Desired>,
     /// A nonce to answer with a TPM quote at `POST /device/attestation`.
     pub nonce: Option<String>,
+    /// The server's `Kernex-Poll-After` hint (a rollout acts on this
+    /// device): poll again after this long, if sooner than the interval.
+    pub poll_after: Option<Duration>,
+}
+
+/// The poll hint header.
+pub const POLL_AFTER_HEADER: &str = "kernex-poll-after";
+
+/// A `Kernex-Poll-After` value: whole seconds, 1 to 86400; anything else
+/// is ignored.
+pub fn parse_poll_after(value: &str) -> Option<Duration> {
+    let secs: u64 = value.trim().parse().ok()?;
+    (1..=86_400)
+        .contains(&secs)
+        .then(|| Duration::from_secs(secs))
 }
 
 /// A download window assigned by the rollout scheduler (server clock,
@@ -184,13 +199,22 @@ impl Client {
             .and_then(|v| v.to_str().ok())
             .filter(|v| v.len() <= 128 && v.bytes().all(|b| b.is_ascii_hexdigit()))
             .map(str::to_owned);
+        let poll_after = resp
+            .headers()
+            .get(POLL_AFTER_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_poll_after);
         let (status, body) = read(resp)?;
         let desired = match status {
             204 => None,
             200 => Some(parse(&body)?),
             _ => return Err(classify(status, &body)),
         };
-        Ok(PollAnswer { desired, nonce })
+        Ok(PollAnswer {
+            desired,
+            nonce,
+            poll_after,
+        })
     }
 
     /// POSTs JSON to `path`; the answer body on 2xx.
@@ -256,5 +280,28 @@ fn classify(status: u16, body: &[u8]) -> ClientError {
         401 | 403 => ClientError::Unauthorized { status, body },
         408 | 429 | 500..=599 => ClientError::Offline(format!("HTTP {status}: {body}")),
         _ => ClientError::Rejected { status, body },
+    }
+}
+
+#[cfg(test)]
+mod poll_hint_tests {
+    use super::*;
+
+    #[test]
+    fn poll_after_takes_whole_seconds_in_range() {
+        assert_eq!(parse_poll_after("10"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_poll_after(" 1 "), Some(Duration::from_secs(1)));
+        assert_eq!(parse_poll_after("86400"), Some(Duration::from_secs(86_400)));
+        for bad in [
+            "0",
+            "-5",
+            "1.5",
+            "",
+            "ten",
+            "86401",
+            "99999999999999999999999",
+        ] {
+            assert_eq!(parse_poll_after(bad), None, "{bad:?}");
+        }
     }
 }

@@ -670,13 +670,18 @@ impl<'a> Daemon<'a> {
                 tracing::warn!(error = %format!("{e:#}"), "attestation quote not accepted");
             }
         }
+        // The server's hint only ever shortens the sleep (boot() takes the
+        // smaller of it and the poll interval).
+        let hinted = answer.poll_after.map(CycleEnd::SleepFor);
         let Some(desired) = answer.desired else {
-            return Ok(None);
+            return Ok(hinted);
         };
         let end = self.act(&credential, &status, &desired)?;
-        Ok(end.or(desired
-            .poll_after_secs
-            .map(|s| CycleEnd::SleepFor(Duration::from_secs(s.max(1))))))
+        Ok(end
+            .or(desired
+                .poll_after_secs
+                .map(|s| CycleEnd::SleepFor(Duration::from_secs(s.max(1)))))
+            .or(hinted))
     }
 
     /// Does what the server asked for.
