@@ -45,6 +45,7 @@ both_sim!(
     metered_budget_splits_a_download_over_two_days,
     server_restart_mid_rollout_loses_nothing,
     a_completed_rollout_watches_for_a_rollback_without_holding_its_devices,
+    a_device_offline_until_after_the_rollout_completed_is_updated_when_it_returns,
 );
 
 async fn run<F, Fut>(db: Db, body: F)
@@ -1096,4 +1097,135 @@ async fn a_completed_rollout_watches_for_a_rollback_without_holding_its_devices(
     // After the watch (30 min), no hint.
     tick(31 * 60 * 1000).await;
     assert_eq!(poll_hint(&h, &cred).await, (StatusCode::OK, None));
+}
+
+async fn a_device_offline_until_after_the_rollout_completed_is_updated_when_it_returns(
+    h: Arc<Harness>,
+) {
+    let made = releases(&h);
+    let pem = std::fs::read_to_string(&made.ca_pem).unwrap();
+    let (s, _) = h
+        .call(
+            Method::PUT,
+            "/api/v1/org/keyring",
+            Some(&h.admin.clone()),
+            Some(json!({"pem": pem})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let mut ids = Vec::new();
+    for bundle in &made.bundles {
+        let (s, r) = h.upload(&h.admin, std::fs::read(bundle).unwrap()).await;
+        assert_eq!(s, StatusCode::CREATED, "{r}");
+        ids.push(r["id"].as_str().unwrap().to_string());
+    }
+    let tick = |ms: i64| {
+        let h = h.clone();
+        async move {
+            let (s, v) = h
+                .call(
+                    Method::POST,
+                    "/api/v1/test/clock",
+                    Some(&h.admin),
+                    Some(json!({"advance_ms": ms})),
+                )
+                .await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+        }
+    };
+    let heartbeat = |cred: String| {
+        let h = h.clone();
+        async move {
+            let (s, _) = h
+                .call(
+                    Method::POST,
+                    "/api/v1/device/heartbeat",
+                    Some(&cred),
+                    Some(json!({"version": "1.0.0"})),
+                )
+                .await;
+            assert_eq!(s, StatusCode::NO_CONTENT);
+        }
+    };
+    let report_through = |cred: String, release: String| {
+        let h = h.clone();
+        async move {
+            for (state, extra) in [
+                ("downloading", json!({"bytes_done": 10, "bytes_total": 10})),
+                ("installed", json!({})),
+                ("rebooted", json!({"booted_slot": "B"})),
+                ("committed", json!({"version": "1.1.0", "booted_slot": "B"})),
+            ] {
+                let mut body = json!({"state": state, "release_id": release});
+                for (k, v) in extra.as_object().unwrap() {
+                    body[k] = v.clone();
+                }
+                let (s, v) = h
+                    .call(
+                        Method::POST,
+                        "/api/v1/device/report",
+                        Some(&cred),
+                        Some(body),
+                    )
+                    .await;
+                assert_eq!(s, StatusCode::NO_CONTENT, "{state}: {v}");
+            }
+        }
+    };
+    let (_, enrollment) = h.enrollment_token(&h.admin, &["late"]).await;
+    let (_, online) = h.enroll(&enrollment, "l0", "sim-x86").await;
+    let (_, away) = h.enroll(&enrollment, "l1", "sim-x86").await;
+    heartbeat(away.clone()).await;
+    // l1 goes quiet for longer than offline-after-secs (30 min).
+    tick(31 * 60 * 1000).await;
+    heartbeat(online.clone()).await;
+    let (s, r) = h
+        .call(
+            Method::POST,
+            "/api/v1/rollouts",
+            Some(&h.admin),
+            // Half committed is enough to close the wave (a big fleet
+            // closes its waves with a few devices offline the same way).
+            Some(json!({"release_id": ids[1], "waves": [{"percent": 100, "soak_secs": 0,
+                "gates": {"promote_max_error_rate": 0.01, "rollback_error_rate": 0.05, "promote_min_committed": 0.5}}]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{r}");
+    let id = r["id"].as_str().unwrap().to_string();
+    let (s, v) = h
+        .call(
+            Method::POST,
+            &format!("/api/v1/rollouts/{id}/start"),
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    tick(1000).await;
+    report_through(online.clone(), ids[1].clone()).await;
+    tick(1000).await;
+    // l1 was offline and never started: the wave settled without it.
+    let d = detail(&h, &id).await;
+    assert_eq!(d["status"], "completed", "{d}");
+
+    // Two hours later l1 comes back: its first poll has nothing yet but
+    // asks it back soon; the next pass gives it a window, its next poll
+    // the release, and it reports through to committed.
+    tick(2 * 3600 * 1000).await;
+    let (s, _) = poll_hint(&h, &away).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    tick(1000).await;
+    let (s, poll) = h
+        .call(Method::GET, "/api/v1/device/poll", Some(&away), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{poll}");
+    assert_eq!(poll["release_id"], ids[1].as_str(), "{poll}");
+    assert_eq!(poll["action"], "install", "{poll}");
+    report_through(away.clone(), ids[1].clone()).await;
+    let d = detail(&h, &id).await;
+    assert_eq!(d["states"]["committed"], 2, "{d}");
+    // Done: nothing open any more, so the rollout no longer governs l1.
+    tick(1000).await;
+    let (s, _) = poll_hint(&h, &away).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
 }

@@ -61,7 +61,7 @@ impl FromRequestParts<AppState> for Polled {
             "SELECT d.id, d.org_id, d.device_id, d.current_version, d.tpm_required, d.ek_fingerprint, r.id AS release_id, r.version, r.size, r.sha256, \
              CAST(CASE WHEN EXISTS (SELECT 1 FROM rollout_devices rd JOIN rollouts ro ON ro.id = rd.rollout_id \
                   WHERE rd.device_pk = d.id AND (ro.status IN ('scheduled', 'running', 'paused', 'rolled_back') \
-                  OR (ro.status = 'completed' AND ro.completed_at >= $2))) \
+                  OR (ro.status = 'completed' AND (ro.completed_at >= $2 OR rd.state IN ('pending', 'scheduled', 'downloading', 'installed', 'rebooting'))))) \
              THEN 1 ELSE 0 END AS BIGINT) AS in_rollout \
              FROM devices d LEFT JOIN releases r ON r.id = d.desired_release_id \
              WHERE d.credential_hash = $1 AND d.revoked = 0",

@@ -30,7 +30,7 @@ pub async fn poll(state: &AppState, device: &Device) -> Result<Option<Answer>> {
     let Some(row) = sqlx::query(
         "SELECT rd.rollout_id, rd.state, rd.wave, rd.position, rd.window_start, rd.window_end, rd.from_release_id, r.status, r.release_id, r.current_wave, r.poll_horizon \
          FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id \
-         WHERE rd.device_pk = $1 AND (r.status IN ('scheduled', 'running', 'paused', 'rolled_back') OR (r.status = 'completed' AND r.completed_at >= $2)) \
+         WHERE rd.device_pk = $1 AND (r.status IN ('scheduled', 'running', 'paused', 'rolled_back') OR (r.status = 'completed' AND (r.completed_at >= $2 OR rd.state IN ('pending', 'scheduled', 'downloading', 'installed', 'rebooting')))) \
          ORDER BY r.created_at DESC LIMIT 1",
     )
     .bind(&device.pk)
@@ -58,10 +58,18 @@ pub async fn poll(state: &AppState, device: &Device) -> Result<Option<Answer>> {
     // come: twice the hint. Devices further back, and devices that are
     // done otherwise, poll at their own pace.
     let acting = match dev_state.as_str() {
-        "pending" => status == "running" && wave <= current_wave + 1 && position < horizon,
+        "pending" => {
+            (status == "running" && wave <= current_wave + 1 && position < horizon)
+                || status == "completed"
+        }
         "scheduled" | "downloading" | "installed" | "rebooting" => true,
         _ => false,
     };
+    // The rollout has not reached this device yet, or is installing on it.
+    let open = matches!(
+        dev_state.as_str(),
+        "pending" | "scheduled" | "downloading" | "installed" | "rebooting"
+    );
     let nothing = Answer {
         desired: None,
         poll_after_secs: if dev_state == "committed" {
@@ -69,8 +77,9 @@ pub async fn poll(state: &AppState, device: &Device) -> Result<Option<Answer>> {
         } else {
             hint.filter(|_| acting)
         },
-        // A completed rollout only watches for a rollback.
-        governs: status != "completed",
+        // A completed rollout watches for a rollback, and still updates a
+        // device that was offline when its wave closed.
+        governs: status != "completed" || open,
     };
     if dev_state == "rolling_back" {
         let Some(from) = row.try_get::<Option<String>, _>("from_release_id")? else {
@@ -86,7 +95,7 @@ pub async fn poll(state: &AppState, device: &Device) -> Result<Option<Answer>> {
             governs: true,
         }));
     }
-    let live = status == "running" || status == "paused";
+    let live = status == "running" || status == "paused" || (status == "completed" && open);
     let installing = matches!(
         dev_state.as_str(),
         "scheduled" | "downloading" | "installed" | "rebooting"

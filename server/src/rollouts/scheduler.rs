@@ -12,8 +12,10 @@
 //!    complete after the last.
 //! 3. Bandwidth given back: windows not started within the grace, and
 //!    downloads with no progress report for `stall_secs`.
-//! 4. Admission (running only): pending devices of the waves reached so
-//!    far, in diversity order, that were seen recently, whose maintenance
+//! 4. Admission (running, and completed while devices that were offline
+//!    when their wave closed are still pending: they are updated when they
+//!    come back, by the last wave's rules): pending devices of the waves
+//!    reached so far, in diversity order, that were seen recently, whose maintenance
 //!    window is open now in their time zone, get a download window as long
 //!    as the sum of the rates of devices holding windows stays within the
 //!    egress cap, the number within the concurrency limit and the site
@@ -99,7 +101,9 @@ pub async fn tick(state: &AppState) -> Result<bool> {
     // Offline detection reads last_seen_at: write the pending poll times.
     state.last_seen.flush(&state.store).await?;
     let ids: Vec<String> = sqlx::query(
-        "SELECT id FROM rollouts WHERE status IN ('scheduled', 'running', 'paused') ORDER BY created_at",
+        "SELECT id FROM rollouts WHERE status IN ('scheduled', 'running', 'paused') \
+         OR (status = 'completed' AND EXISTS (SELECT 1 FROM rollout_devices rd WHERE rd.rollout_id = rollouts.id AND rd.state IN ('pending', 'scheduled', 'downloading'))) \
+         ORDER BY created_at",
     )
     .fetch_all(state.store.pool())
     .await?
@@ -476,7 +480,9 @@ async fn step(state: &AppState, id: &str, now: i64) -> Result<()> {
     .execute(&mut *tx)
     .await?;
 
-    if status == "running" {
+    // A completed rollout still updates the devices that were offline when
+    // their wave closed, when they come back, by the last wave's rules.
+    if status == "running" || status == "completed" {
         admit(
             &mut tx,
             &spec,
