@@ -122,7 +122,7 @@ impl ControlPlane {
             agent,
             log,
         };
-        let v = cp.expect(
+        let v = cp.call_expecting(
             200,
             "POST",
             "/api/v1/login",
@@ -134,7 +134,7 @@ impl ControlPlane {
             .to_owned();
         let pem = std::fs::read_to_string(ca_pem)
             .with_context(|| format!("read {}", ca_pem.display()))?;
-        cp.expect(
+        cp.call_expecting(
             204,
             "PUT",
             "/api/v1/org/keyring",
@@ -176,7 +176,7 @@ impl ControlPlane {
     }
 
     /// A call that must answer `status`.
-    pub fn expect(
+    pub fn call_expecting(
         &self,
         status: u16,
         method: &str,
@@ -211,7 +211,7 @@ impl ControlPlane {
     /// A new enrollment token; with `require_tpm`, devices must enroll
     /// with their TPM identity (credential activation).
     pub fn enrollment_token(&self, require_tpm: bool) -> Result<String> {
-        let v = self.expect(
+        let v = self.call_expecting(
             201,
             "POST",
             "/api/v1/enrollment-tokens",
@@ -222,7 +222,7 @@ impl ControlPlane {
 
     /// The device that enrolled as `device_id`, if it has.
     pub fn device(&self, device_id: &str) -> Result<Option<Value>> {
-        let v = self.expect(200, "GET", "/api/v1/devices", None)?;
+        let v = self.call_expecting(200, "GET", "/api/v1/devices", None)?;
         Ok(v.as_array()
             .context("devices is not a list")?
             .iter()
@@ -232,7 +232,7 @@ impl ControlPlane {
 
     /// Assigns `release` to `device` (the server's id); returns the deployment id.
     pub fn deploy(&self, release: &str, device: &str) -> Result<String> {
-        let v = self.expect(
+        let v = self.call_expecting(
             201,
             "POST",
             "/api/v1/deployments",
@@ -243,7 +243,7 @@ impl ControlPlane {
 
     /// A deployment with its per-device state.
     pub fn deployment(&self, id: &str) -> Result<Value> {
-        self.expect(200, "GET", &format!("/api/v1/deployments/{id}"), None)
+        self.call_expecting(200, "GET", &format!("/api/v1/deployments/{id}"), None)
     }
 }
 

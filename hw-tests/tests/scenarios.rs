@@ -627,7 +627,8 @@ fn s7_daemon_enrolls_with_a_real_server_over_the_network_installs_reboots_and_co
                         states.push(state);
                     }
                 }
-                if let Ok(d) = cp.expect(200, "GET", &format!("/api/v1/devices/{id}"), None) {
+                if let Ok(d) = cp.call_expecting(200, "GET", &format!("/api/v1/devices/{id}"), None)
+                {
                     let inv = &d["inventory"];
                     if let (Some(slot), Some(up)) =
                         (inv["booted_slot"].as_str(), inv["uptime_secs"].as_u64())

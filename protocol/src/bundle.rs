@@ -550,23 +550,12 @@ impl<R: Read + Seek> Bundle<R> {
                 reason: "not in the layout".into(),
             })?;
         let bytes = read_exact_at(&mut self.reader, span.offset, patch.table_size, &name)?;
-        let digest = Sha256Digest::of(&bytes);
-        if digest != patch.table_sha256 {
-            return Err(BundleError::Digest {
-                what: format!("{name} table"),
-                expected: patch.table_sha256,
-                found: digest,
-            });
-        }
-        let patch_err = |source| BundleError::Patch {
-            member: name.clone(),
-            source,
-        };
-        let table = PatchTable::decode(&bytes).map_err(patch_err)?;
-        table
-            .check(index, patch.table_size, patch.size)
-            .map_err(patch_err)?;
-        Ok(Some(table))
+        PatchTable::from_member(&bytes, patch, index)
+            .map(Some)
+            .map_err(|source| BundleError::Patch {
+                member: name,
+                source,
+            })
     }
 
     /// What a device holding `old`'s images downloads to install this

@@ -316,6 +316,29 @@ impl PatchTable {
         Ok(())
     }
 
+    /// The table of a patch member, as fetched (`table-size` bytes from
+    /// its start): checked against the manifest's `table-sha256`, decoded,
+    /// and checked against the new image's index and the member's size.
+    pub fn from_member(
+        bytes: &[u8],
+        patch: &crate::manifest::PatchRef,
+        index: &ChunkIndex,
+    ) -> Result<Self, PatchError> {
+        let digest = crate::Sha256Digest::of(bytes);
+        if digest != patch.table_sha256 {
+            return Err(invalid(
+                "sha256",
+                format!(
+                    "{digest} does not match the manifest's {}",
+                    patch.table_sha256
+                ),
+            ));
+        }
+        let table = PatchTable::decode(bytes)?;
+        table.check(index, patch.table_size, patch.size)?;
+        Ok(table)
+    }
+
     /// The entry for a stored chunk, if the patch has one.
     pub fn entry(&self, chunk: u32) -> Option<&PatchEntry> {
         self.entries

@@ -986,23 +986,7 @@ async fn test_clock_is_off_by_default() {
 /// rollback hint for `rollback-watch-secs`, but a plain deployment made
 /// meanwhile still reaches them (the watch does not govern them).
 async fn a_completed_rollout_watches_for_a_rollback_without_holding_its_devices(h: Arc<Harness>) {
-    let made = releases(&h);
-    let pem = std::fs::read_to_string(&made.ca_pem).unwrap();
-    let (s, _) = h
-        .call(
-            Method::PUT,
-            "/api/v1/org/keyring",
-            Some(&h.admin.clone()),
-            Some(json!({"pem": pem})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::NO_CONTENT);
-    let mut ids = Vec::new();
-    for bundle in &made.bundles {
-        let (s, r) = h.upload(&h.admin, std::fs::read(bundle).unwrap()).await;
-        assert_eq!(s, StatusCode::CREATED, "{r}");
-        ids.push(r["id"].as_str().unwrap().to_string());
-    }
+    let ids = upload_releases(&h).await;
     let (_, enrollment) = h.enrollment_token(&h.admin, &["watch"]).await;
     let (device, cred) = h.enroll(&enrollment, "w0", "sim-x86").await;
     let (s, _) = h
@@ -1033,41 +1017,9 @@ async fn a_completed_rollout_watches_for_a_rollback_without_holding_its_devices(
         )
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
-    let tick = |ms: i64| {
-        let h = h.clone();
-        async move {
-            let (s, v) = h
-                .call(
-                    Method::POST,
-                    "/api/v1/test/clock",
-                    Some(&h.admin),
-                    Some(json!({"advance_ms": ms})),
-                )
-                .await;
-            assert_eq!(s, StatusCode::OK, "{v}");
-        }
-    };
+    let tick = |ms: i64| advance(&h, ms);
     tick(1000).await;
-    for (state, extra) in [
-        ("downloading", json!({"bytes_done": 10, "bytes_total": 10})),
-        ("installed", json!({})),
-        ("rebooted", json!({"booted_slot": "B"})),
-        ("committed", json!({"version": "1.1.0", "booted_slot": "B"})),
-    ] {
-        let mut body = json!({"state": state, "release_id": ids[1]});
-        for (k, v) in extra.as_object().unwrap() {
-            body[k] = v.clone();
-        }
-        let (s, v) = h
-            .call(
-                Method::POST,
-                "/api/v1/device/report",
-                Some(&cred),
-                Some(body),
-            )
-            .await;
-        assert_eq!(s, StatusCode::NO_CONTENT, "{state}: {v}");
-    }
+    report_through_commit(&h, &cred, &ids[1]).await;
     tick(1000).await;
     assert_eq!(detail(&h, &id).await["status"], "completed");
     // Watched: nothing to do, polls every 2 x rollout-poll-secs.
@@ -1102,37 +1054,8 @@ async fn a_completed_rollout_watches_for_a_rollback_without_holding_its_devices(
 async fn a_device_offline_until_after_the_rollout_completed_is_updated_when_it_returns(
     h: Arc<Harness>,
 ) {
-    let made = releases(&h);
-    let pem = std::fs::read_to_string(&made.ca_pem).unwrap();
-    let (s, _) = h
-        .call(
-            Method::PUT,
-            "/api/v1/org/keyring",
-            Some(&h.admin.clone()),
-            Some(json!({"pem": pem})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::NO_CONTENT);
-    let mut ids = Vec::new();
-    for bundle in &made.bundles {
-        let (s, r) = h.upload(&h.admin, std::fs::read(bundle).unwrap()).await;
-        assert_eq!(s, StatusCode::CREATED, "{r}");
-        ids.push(r["id"].as_str().unwrap().to_string());
-    }
-    let tick = |ms: i64| {
-        let h = h.clone();
-        async move {
-            let (s, v) = h
-                .call(
-                    Method::POST,
-                    "/api/v1/test/clock",
-                    Some(&h.admin),
-                    Some(json!({"advance_ms": ms})),
-                )
-                .await;
-            assert_eq!(s, StatusCode::OK, "{v}");
-        }
-    };
+    let ids = upload_releases(&h).await;
+    let tick = |ms: i64| advance(&h, ms);
     let heartbeat = |cred: String| {
         let h = h.clone();
         async move {
@@ -1145,31 +1068,6 @@ async fn a_device_offline_until_after_the_rollout_completed_is_updated_when_it_r
                 )
                 .await;
             assert_eq!(s, StatusCode::NO_CONTENT);
-        }
-    };
-    let report_through = |cred: String, release: String| {
-        let h = h.clone();
-        async move {
-            for (state, extra) in [
-                ("downloading", json!({"bytes_done": 10, "bytes_total": 10})),
-                ("installed", json!({})),
-                ("rebooted", json!({"booted_slot": "B"})),
-                ("committed", json!({"version": "1.1.0", "booted_slot": "B"})),
-            ] {
-                let mut body = json!({"state": state, "release_id": release});
-                for (k, v) in extra.as_object().unwrap() {
-                    body[k] = v.clone();
-                }
-                let (s, v) = h
-                    .call(
-                        Method::POST,
-                        "/api/v1/device/report",
-                        Some(&cred),
-                        Some(body),
-                    )
-                    .await;
-                assert_eq!(s, StatusCode::NO_CONTENT, "{state}: {v}");
-            }
         }
     };
     let (_, enrollment) = h.enrollment_token(&h.admin, &["late"]).await;
@@ -1202,7 +1100,7 @@ async fn a_device_offline_until_after_the_rollout_completed_is_updated_when_it_r
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     tick(1000).await;
-    report_through(online.clone(), ids[1].clone()).await;
+    report_through_commit(&h, &online, &ids[1]).await;
     tick(1000).await;
     // l1 was offline and never started: the wave settled without it.
     let d = detail(&h, &id).await;
@@ -1221,11 +1119,71 @@ async fn a_device_offline_until_after_the_rollout_completed_is_updated_when_it_r
     assert_eq!(s, StatusCode::OK, "{poll}");
     assert_eq!(poll["release_id"], ids[1].as_str(), "{poll}");
     assert_eq!(poll["action"], "install", "{poll}");
-    report_through(away.clone(), ids[1].clone()).await;
+    report_through_commit(&h, &away, &ids[1]).await;
     let d = detail(&h, &id).await;
     assert_eq!(d["states"]["committed"], 2, "{d}");
     // Done: nothing open any more, so the rollout no longer governs l1.
     tick(1000).await;
     let (s, _) = poll_hint(&h, &away).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
+}
+
+/// The org's keyring set to the simulator's CA and both simulator releases
+/// uploaded: their ids, old then new.
+async fn upload_releases(h: &Harness) -> Vec<String> {
+    let made = releases(h);
+    let pem = std::fs::read_to_string(&made.ca_pem).unwrap();
+    let (s, _) = h
+        .call(
+            Method::PUT,
+            "/api/v1/org/keyring",
+            Some(&h.admin.clone()),
+            Some(json!({"pem": pem})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let mut ids = Vec::new();
+    for bundle in &made.bundles {
+        let (s, r) = h.upload(&h.admin, std::fs::read(bundle).unwrap()).await;
+        assert_eq!(s, StatusCode::CREATED, "{r}");
+        ids.push(r["id"].as_str().unwrap().to_string());
+    }
+    ids
+}
+
+/// Advances the test clock by `ms`; the scheduler runs a pass.
+async fn advance(h: &Harness, ms: i64) {
+    let (s, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/test/clock",
+            Some(&h.admin),
+            Some(json!({"advance_ms": ms})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+}
+
+/// A device reports an install of `release` through to committed on B.
+async fn report_through_commit(h: &Harness, cred: &str, release: &str) {
+    for (state, extra) in [
+        ("downloading", json!({"bytes_done": 10, "bytes_total": 10})),
+        ("installed", json!({})),
+        ("rebooted", json!({"booted_slot": "B"})),
+        ("committed", json!({"version": "1.1.0", "booted_slot": "B"})),
+    ] {
+        let mut body = json!({"state": state, "release_id": release});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (s, v) = h
+            .call(
+                Method::POST,
+                "/api/v1/device/report",
+                Some(cred),
+                Some(body),
+            )
+            .await;
+        assert_eq!(s, StatusCode::NO_CONTENT, "{state}: {v}");
+    }
 }

@@ -440,13 +440,7 @@ fn fetch_patch_table(
         return Err(rejected(format!("{class} patch {k} is not in the layout")));
     };
     let bytes = source.read_range(span.offset, patch.table_size)?;
-    if Sha256Digest::of(&bytes) != patch.table_sha256 {
-        tracing::warn!(%class, "patch table does not match the manifest; fetching whole chunks");
-        return Ok(None);
-    }
-    let table = match PatchTable::decode(&bytes)
-        .and_then(|t| t.check(index, patch.table_size, patch.size).map(|()| t))
-    {
+    let table = match PatchTable::from_member(&bytes, patch, index) {
         Ok(t) if t.base_size == base_size => t,
         Ok(t) => {
             tracing::warn!(%class, patch_base = t.base_size, slot = base_size, "patch is for an image of another size; fetching whole chunks");

@@ -397,12 +397,9 @@ fn build_patches(
     }
     let keyring_path = args
         .keyring
-        .as_deref()
+        .as_ref()
         .context("--patch-from needs --keyring")?;
-    let pem = fs::read(keyring_path)
-        .with_context(|| format!("unable to read keyring {}", keyring_path.display()))?;
-    let keyring = Keyring::from_pem(&pem)
-        .with_context(|| format!("invalid keyring {}", keyring_path.display()))?;
+    let keyring = load_keyring(std::slice::from_ref(keyring_path))?;
     for old_path in &args.patch_from {
         let mut old = open(old_path)?;
         let verified = old
@@ -667,15 +664,20 @@ pub struct VerifyOutput {
     pub images: Vec<bundle::ImageReport>,
 }
 
-fn verify(args: VerifyArgs) -> Result<()> {
+/// The CA certificates of every PEM file in `paths`, as one keyring.
+fn load_keyring(paths: &[PathBuf]) -> Result<Keyring> {
     let mut pem = Vec::new();
-    for path in &args.keyring {
+    for path in paths {
         let mut data =
             fs::read(path).with_context(|| format!("unable to read keyring {}", path.display()))?;
         pem.push(b'\n');
         pem.append(&mut data);
     }
-    let keyring = Keyring::from_pem(&pem).context("unable to load the keyring")?;
+    Keyring::from_pem(&pem).context("unable to load the keyring")
+}
+
+fn verify(args: VerifyArgs) -> Result<()> {
+    let keyring = load_keyring(&args.keyring)?;
     let mut b = open(&args.bundle)?;
     let verified = b
         .verify(
