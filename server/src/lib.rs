@@ -9,6 +9,7 @@ pub mod config;
 pub mod credentials;
 pub mod http;
 pub mod last_seen;
+pub mod poll_cache;
 pub mod retention;
 pub mod rollouts;
 pub mod store;
@@ -51,6 +52,8 @@ pub struct AppState {
     pub last_seen: Arc<last_seen::LastSeen>,
     /// Device credentials recently seen (revocation drops them).
     pub credentials: Arc<credentials::CredentialCache>,
+    /// What devices' polls read, until a write drops it.
+    pub poll_cache: Arc<poll_cache::PollCache>,
 }
 
 impl AppState {
@@ -68,6 +71,7 @@ impl AppState {
         let spool = config.spool_dir();
         std::fs::create_dir_all(&spool)
             .with_context(|| format!("unable to create {}", spool.display()))?;
+        let shared = store.backend() == store::Backend::Postgres;
         Ok(AppState {
             store,
             blobs,
@@ -83,6 +87,9 @@ impl AppState {
             instance_id: new_id()?,
             last_seen: Arc::new(last_seen::LastSeen::default()),
             credentials: Arc::new(credentials::CredentialCache::default()),
+            // Shared with other replicas: off until `poll_cache::listen`
+            // hears their changes.
+            poll_cache: Arc::new(poll_cache::PollCache::new(!shared)),
             config: Arc::new(config),
         })
     }

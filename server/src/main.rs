@@ -120,6 +120,7 @@ async fn serve(config: Config) -> Result<()> {
     ));
     tokio::spawn(kernex_server::rollouts::scheduler::run(state.clone()));
     tokio::spawn(kernex_server::last_seen::LastSeen::run(state.clone()));
+    tokio::spawn(kernex_server::poll_cache::listen(state.clone()));
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("unable to listen on {listen}"))?;

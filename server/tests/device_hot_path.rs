@@ -1,18 +1,25 @@
 //! What the device hot path keeps in memory stays correct: the last-seen
 //! write-behind (readers see every poll; a flush never moves a time
 //! backwards), the credential cache (revocation and re-enrollment take
-//! effect at once), and the audit chain under concurrent enrollment. Each
-//! test runs on SQLite and on PostgreSQL.
+//! effect at once), the poll cache (every write that changes an answer
+//! drops it, on this replica and on the others), and the audit chain under
+//! concurrent enrollment. Each test runs on SQLite and on PostgreSQL,
+//! except the one about replicas (PostgreSQL only: a SQLite store is one
+//! server's).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
 use std::sync::Arc;
 
-use axum::http::{Method, StatusCode};
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
 use common::Harness;
+use kernex_server::store::secret_hash;
 use serde_json::json;
 use sqlx::Row;
+use tower::ServiceExt;
 
 both!(
     concurrent_enrollment_keeps_the_audit_chain,
@@ -20,7 +27,13 @@ both!(
     pending_poll_times_never_move_last_seen_back,
     revocation_takes_effect_at_once,
     re_enrollment_retires_the_old_credential_at_once,
+    cached_polls_follow_every_write,
 );
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_drop_what_another_replica_changed() {
+    common::run(common::Db::Postgres, replicas_body).await;
+}
 
 async fn last_seen_in_store(h: &Harness, pk: &str) -> Option<i64> {
     sqlx::query("SELECT last_seen_at FROM devices WHERE id = $1")
@@ -198,4 +211,161 @@ async fn re_enrollment_retires_the_old_credential_at_once(h: Arc<Harness>) {
     assert_ne!(old, new);
     assert_eq!(poll(&h, &old).await, StatusCode::UNAUTHORIZED);
     assert_eq!(poll(&h, &new).await, StatusCode::NO_CONTENT);
+}
+
+async fn deploy(h: &Harness, release: &str, device: &str) {
+    let (s, dep) = h
+        .call(
+            Method::POST,
+            "/api/v1/deployments",
+            Some(&h.admin),
+            Some(json!({"release_id": release, "devices": [device]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{dep}");
+}
+
+async fn heartbeat(h: &Harness, cred: &str, version: &str) {
+    let (s, body) = h
+        .call(
+            Method::POST,
+            "/api/v1/device/heartbeat",
+            Some(cred),
+            Some(json!({"version": version})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{body}");
+}
+
+/// The golden release (hardware class qemu-aarch64): its id and version.
+async fn upload_release(h: &Harness) -> (String, String) {
+    let (s, rel) = h
+        .upload(
+            &h.admin,
+            std::fs::read(common::golden("valid.kxb")).unwrap(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{rel}");
+    (
+        rel["id"].as_str().unwrap().into(),
+        rel["version"].as_str().unwrap().into(),
+    )
+}
+
+/// A poll's answer is cached, and each write that changes it drops it: an
+/// operator's deployment, the device's heartbeat with another version.
+/// A heartbeat that repeats the version keeps it.
+async fn cached_polls_follow_every_write(h: Arc<Harness>) {
+    let (release, version) = upload_release(&h).await;
+    let (_, token) = h.enrollment_token(&h.admin, &[]).await;
+    let (pk, cred) = h.enroll(&token, "cached", "qemu-aarch64").await;
+    let hash = secret_hash(&cred);
+    assert_eq!(poll(&h, &cred).await, StatusCode::NO_CONTENT);
+    assert!(
+        h.state.poll_cache.get(&hash).is_some(),
+        "the poll is cached"
+    );
+    assert_eq!(poll(&h, &cred).await, StatusCode::NO_CONTENT);
+
+    deploy(&h, &release, &pk).await;
+    assert!(
+        h.state.poll_cache.get(&hash).is_none(),
+        "dropped by the deployment"
+    );
+    let (s, desired) = h
+        .call(Method::GET, "/api/v1/device/poll", Some(&cred), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(desired["version"], version.as_str());
+    assert!(h.state.poll_cache.get(&hash).is_some(), "cached again");
+    assert_eq!(poll(&h, &cred).await, StatusCode::OK);
+
+    heartbeat(&h, &cred, &version).await;
+    assert_eq!(
+        poll(&h, &cred).await,
+        StatusCode::NO_CONTENT,
+        "it runs it now"
+    );
+    heartbeat(&h, &cred, &version).await;
+    assert!(
+        h.state.poll_cache.get(&hash).is_some(),
+        "the same version again changes nothing"
+    );
+    // Rolled back by hand to something else: the release is wanted again.
+    heartbeat(&h, &cred, "0.0.1").await;
+    assert_eq!(poll(&h, &cred).await, StatusCode::OK);
+}
+
+async fn poll_on(app: &Router, cred: &str) -> StatusCode {
+    let req = Request::builder()
+        .uri("/api/v1/device/poll")
+        .header("authorization", format!("Bearer {cred}"))
+        .body(Body::empty())
+        .unwrap();
+    app.clone().oneshot(req).await.unwrap().status()
+}
+
+/// Waits until `what` holds, at most 10 s.
+async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    for _ in 0..400 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("not within 10 s: {what}");
+}
+
+/// Two replicas on one PostgreSQL database: what one writes reaches what
+/// the other cached (NOTIFY), for a deployment and for a revocation.
+async fn replicas_body(h: Arc<Harness>) {
+    let second = kernex_server::AppState::open((*h.state.config).clone())
+        .await
+        .unwrap();
+    let listener = common::start_poll_cache_listener(&second).await;
+    let app2 = kernex_server::http::app(second.clone());
+
+    let (release, _) = upload_release(&h).await;
+    let (_, token) = h.enrollment_token(&h.admin, &[]).await;
+    let (pk, cred) = h.enroll(&token, "roaming", "qemu-aarch64").await;
+    let hash = secret_hash(&cred);
+    // Replica 2 hears of replica 1's writes (the enrollment) a moment
+    // later, and drops what it cached in between: poll until it keeps it.
+    let mut cached = false;
+    for _ in 0..20 {
+        assert_eq!(poll_on(&app2, &cred).await, StatusCode::NO_CONTENT);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        if second.poll_cache.get(&hash).is_some() {
+            cached = true;
+            break;
+        }
+    }
+    assert!(cached, "cached on replica 2");
+
+    deploy(&h, &release, &pk).await;
+    eventually("replica 2 drops its poll cache", || {
+        second.poll_cache.get(&hash).is_none()
+    })
+    .await;
+    assert_eq!(poll_on(&app2, &cred).await, StatusCode::OK);
+    assert!(second.poll_cache.get(&hash).is_some());
+    assert!(second.credentials.get(&hash).is_some());
+
+    let (s, _) = h
+        .call(
+            Method::POST,
+            &format!("/api/v1/devices/{pk}/revoke"),
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    eventually("replica 2 forgets the revoked credential", || {
+        second.poll_cache.get(&hash).is_none() && second.credentials.get(&hash).is_none()
+    })
+    .await;
+    assert_eq!(poll_on(&app2, &cred).await, StatusCode::UNAUTHORIZED);
+
+    listener.abort();
+    second.store.close().await;
 }

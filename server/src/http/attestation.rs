@@ -649,7 +649,7 @@ async fn activate_inner(
     match bound {
         // A swapped credential: the old one stops working now; and cached
         // entries that still say "unproven" go.
-        Ok(_) => state.credentials.forget_device(&device.pk),
+        Ok(_) => crate::poll_cache::forget_device(state, &device.pk).await,
         // The unique (org, EK) index: another device id got this TPM first.
         Err(e) if crate::http::error::is_unique_violation(&e) => {
             return Err(Error::Conflict(format!(

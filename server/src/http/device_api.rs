@@ -188,7 +188,7 @@ pub async fn enroll(
                 .bind(&id)
                 .execute(state.store.pool())
                 .await?;
-                state.credentials.forget_device(&id);
+                crate::poll_cache::forget_device(&state, &id).await;
             }
             set_link(&state, &id, &link).await?;
             let pending = bound.is_some().then(|| secret_hash(&credential));
@@ -489,6 +489,13 @@ pub async fn heartbeat(
     .await?;
     tx.commit().await?;
     set_link(&state, &device.pk, &link).await?;
+    // A version the poll cache does not already hold for the device (a
+    // reflashed device, or one this replica has not cached).
+    if let Some(v) = &hb.version
+        && !state.poll_cache.holds_version(&device.pk, v)
+    {
+        crate::poll_cache::forget_device(&state, &device.pk).await;
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -2,7 +2,8 @@
 //! credential authenticates (not revoked), its current version, the
 //! release assigned to it, and whether a live rollout governs it. A fleet
 //! polls all the time and mostly has nothing to do, so the common answers
-//! (204, or the assigned release) cost one indexed read; only a device in
+//! (204, or the assigned release) cost one indexed read, and none while
+//! the poll cache (`crate::poll_cache`) holds the device; only a device in
 //! a rollout goes on to `rollouts::device::poll`.
 
 use axum::extract::FromRequestParts;
@@ -48,14 +49,22 @@ impl FromRequestParts<AppState> for Polled {
     type Rejection = Error;
 
     /// Same answers as the `Device` extractor (401 for a missing, unknown
-    /// or revoked credential; the per-device rate limit), and the same
-    /// check against the store on every poll.
+    /// or revoked credential; the per-device rate limit). What it read is
+    /// kept in the poll cache (`crate::poll_cache`) until a write drops it.
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self> {
         let token = crate::auth::bearer(parts).ok_or(Error::Unauthorized)?;
         if !token.starts_with("kxd_") {
             return Err(Error::Unauthorized);
         }
         let hash = secret_hash(token);
+        if let Some(polled) = state.poll_cache.get(&hash) {
+            state.limits.check(
+                &format!("device:{}", polled.device.pk),
+                state.config.device_requests_per_minute,
+            )?;
+            return Ok(polled);
+        }
+        let ticket = state.poll_cache.ticket();
         let generation = state.credentials.generation();
         let row = sqlx::query(
             "SELECT d.id, d.org_id, d.device_id, d.current_version, d.tpm_required, d.ek_fingerprint, r.id AS release_id, r.version, r.size, r.sha256, \
@@ -78,7 +87,9 @@ impl FromRequestParts<AppState> for Polled {
             unproven: crate::http::attestation::is_unproven(&row)?,
         };
         // The device's next requests (heartbeat, download) skip the lookup.
-        state.credentials.insert(hash, device.clone(), generation);
+        state
+            .credentials
+            .insert(hash.clone(), device.clone(), generation);
         state.limits.check(
             &format!("device:{}", device.pk),
             state.config.device_requests_per_minute,
@@ -92,7 +103,7 @@ impl FromRequestParts<AppState> for Polled {
             }),
             None => None,
         };
-        Ok(Polled {
+        let polled = Polled {
             device,
             current_version: row.try_get("current_version")?,
             assigned,
@@ -101,7 +112,9 @@ impl FromRequestParts<AppState> for Polled {
                 || row
                     .try_get::<Option<String>, _>("ek_fingerprint")?
                     .is_some(),
-        })
+        };
+        state.poll_cache.insert(&hash, &polled, ticket);
+        Ok(polled)
     }
 }
 

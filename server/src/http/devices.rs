@@ -212,7 +212,7 @@ pub async fn revoke(
             if done.rows_affected() == 0 {
                 return Err(Error::NotFound("no such device"));
             }
-            state.credentials.forget_device(&id);
+            crate::poll_cache::forget_device(&state, &id).await;
             Ok((StatusCode::NO_CONTENT, String::new()))
         },
     )

@@ -50,6 +50,10 @@ pub fn app(state: AppState) -> Router {
         .fallback(|| async { Error::NotFound("no such endpoint") })
         .layer(middleware::from_fn_with_state(
             state.clone(),
+            crate::poll_cache::layer,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
             idempotency::layer,
         ))
         .layer(DefaultBodyLimit::max(json_limit))

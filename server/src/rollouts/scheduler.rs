@@ -110,10 +110,16 @@ pub async fn tick(state: &AppState) -> Result<bool> {
     .iter()
     .map(|r| r.try_get("id"))
     .collect::<sqlx::Result<_>>()?;
+    let stepped = !ids.is_empty();
     for id in ids {
         if let Err(e) = step(state, &id, now).await {
             tracing::warn!(rollout = %id, error = format!("{e:#}"), "rollout pass failed");
         }
+    }
+    if stepped {
+        // Waves admitted, devices scheduled, rollouts paused or completed:
+        // the devices' cached poll states may be out of date.
+        crate::poll_cache::forget_all(state).await;
     }
     Ok(true)
 }

@@ -42,6 +42,9 @@ pub struct Harness {
     pub admin: String,
     pub db: Db,
     pg_database: Option<String>,
+    /// The poll cache's change listener (PostgreSQL), as `kernex-server`
+    /// runs it.
+    listener: tokio::task::JoinHandle<()>,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -96,6 +99,7 @@ impl Harness {
             bootstrap(&state).await.unwrap().is_none(),
             "bootstrap only once"
         );
+        let listener = start_poll_cache_listener(&state).await;
         let app = http::app(state.clone());
         let mut h = Harness {
             app,
@@ -104,6 +108,7 @@ impl Harness {
             admin: String::new(),
             db,
             pg_database,
+            listener,
         };
         h.admin = h.login("default", &first.email, &first.password).await;
         let ca = std::fs::read_to_string(golden("ca.crt")).unwrap();
@@ -120,6 +125,7 @@ impl Harness {
     }
 
     pub async fn finish(self) {
+        self.listener.abort();
         self.state.store.close().await;
         if let Some(name) = self.pg_database {
             let admin = pg_admin().await;
@@ -305,6 +311,19 @@ impl Harness {
         }
         walk(&self.state.config.blob_dir())
     }
+}
+
+/// Starts `state`'s poll cache listener and waits until it listens (on
+/// PostgreSQL; on SQLite the cache is on from the start).
+pub async fn start_poll_cache_listener(state: &AppState) -> tokio::task::JoinHandle<()> {
+    let listener = tokio::spawn(kernex_server::poll_cache::listen(state.clone()));
+    for _ in 0..400 {
+        if state.poll_cache.is_enabled() {
+            return listener;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("the poll cache's listener did not connect within 10 s");
 }
 
 /// Two signed releases of hardware class `sim-x86` (1.0.0, 1.1.0, 1 MiB
