@@ -25,8 +25,9 @@ function init(args)
         body = f:read("*a")
         f:close()
     end
-    -- Start threads far apart so they do not walk the same devices.
-    n = id * math.floor(devices / step)
+    -- Start threads far apart so they do not walk the same devices;
+    -- KX_WRK_OFFSET moves every thread on (the warm-up's later runs).
+    n = id * math.floor(devices / step) + (tonumber(os.getenv("KX_WRK_OFFSET") or "0") or 0)
 end
 
 function request()

@@ -12,7 +12,11 @@
 #
 # Every request carries another device's credential (bench/server.lua), so
 # each one authenticates a different device, as a fleet would; the default
-# per-device rate limit stays on.
+# per-device rate limit stays on. Before a poll row every device polls once
+# (a fleet that polls every minute), so the server's poll cache is in its
+# steady state; the row shows the share of polls it answered. The release
+# is assigned with SQL behind the server's back, so the server is started
+# again before the "release assigned" row.
 #
 # Usage: bench/server.sh [options]     (see --help; bench/README.md)
 set -euo pipefail
@@ -23,7 +27,9 @@ Usage: bench/server.sh [options]
 
   --devices N        devices enrolled (env BENCH_DEVICES, default 100000)
   --duration SECS    measured seconds per endpoint (env BENCH_DURATION, default 10)
-  --warmup SECS      unmeasured seconds before each (env BENCH_WARMUP, default 3)
+  --warmup SECS      unmeasured seconds before each; the server's poll rows
+                     warm up in runs of this length until every device
+                     polled once (env BENCH_WARMUP, default 3)
   --connections N    concurrent connections (env BENCH_CONNECTIONS, default 64)
   --threads N        wrk threads (env BENCH_THREADS, default 2)
   --backends LIST    "sqlite postgres" (env BENCH_BACKENDS, default both)
@@ -177,26 +183,56 @@ EOF
 results=$work/results.tsv
 : >"$results"
 
-# measure LABEL SERVER URL METHOD PATH [BODY-FILE]: a warm-up run, then the
-# measured run; appends a row to $results.
+# cache_counts URL: "HITS MISSES" of the server's poll cache (0 0 for the
+# bare handler, which has no /metrics).
+cache_counts() {
+    curl -s "$1/metrics" 2>/dev/null | awk '
+        /^kernex_poll_cache_hits_total / {h = $2}
+        /^kernex_poll_cache_misses_total / {m = $2}
+        END {printf "%d %d\n", h, m}'
+}
+
+# measure LABEL SERVER URL METHOD PATH [BODY-FILE]: a warm-up (--warmup
+# seconds; for the server's poll, until every device polled once), then
+# the measured run; appends a row to $results (with the poll cache's hit
+# rate during the measured seconds).
 measure() {
     local label=$1 server=$2 url=$3 method=$4 path=$5 body=${6:-}
-    if ((warmup > 0)); then
+    local out json before after
+    if [[ $server != bare && $path == /api/v1/device/poll ]]; then
+        # Every device polls once before the measured seconds, as in a
+        # fleet whose devices poll every minute: runs of --warmup seconds,
+        # each going on where the last stopped, until each thread walked
+        # its share of the devices.
+        local offset=0 share=$(((devices + threads - 1) / threads)) n
+        while ((offset < share)); do
+            out=$(KX_WRK_OFFSET=$offset wrk -t "$threads" -c "$connections" -d "$((warmup > 0 ? warmup : 1))s" \
+                -s "$here/server.lua" "$url" -- "$method" "$path" "$devices" "$threads")
+            n=$(sed -n 's/^{"requests":\([0-9]*\).*/\1/p' <<<"$out")
+            ((${n:-0} > 0)) || die "the warm-up of $label on $server made no request:
+$out"
+            offset=$((offset + n / threads))
+        done
+    elif ((warmup > 0)); then
         wrk -t "$threads" -c "$connections" -d "${warmup}s" -s "$here/server.lua" "$url" \
             -- "$method" "$path" "$devices" "$threads" ${body:+"$body"} >/dev/null
     fi
-    local out json
+    before=$(cache_counts "$url")
     out=$(wrk -t "$threads" -c "$connections" -d "${duration}s" --timeout 10s -s "$here/server.lua" "$url" \
         -- "$method" "$path" "$devices" "$threads" ${body:+"$body"})
+    after=$(cache_counts "$url")
     json=$(grep '^{"requests"' <<<"$out") || die "wrk printed no result for $label on $server:
 $out"
-    python3 - "$label" "$server" "$json" >>"$results" <<'EOF'
+    python3 - "$label" "$server" "$json" "$before" "$after" >>"$results" <<'EOF'
 import json, sys
 label, server, j = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+(h0, m0), (h1, m1) = (map(int, a.split()) for a in sys.argv[4:6])
+hits, misses = h1 - h0, m1 - m0
+cache = f"{100 * hits / (hits + misses):.1f} %" if hits + misses else ""
 rps = j["requests"] / (j["duration_us"] / 1e6)
 errors = j["connect_errors"] + j["read_errors"] + j["write_errors"] + j["timeouts"]
 print("\t".join([label, server, f"{rps:.0f}", f"{j['p50_us'] / 1000:.2f}",
-                 f"{j['p99_us'] / 1000:.2f}", str(j["status_errors"]), str(errors)]))
+                 f"{j['p99_us'] / 1000:.2f}", str(j["status_errors"]), str(errors), cache]))
 EOF
     log "$label on $server: $(tail -n1 "$results" | cut -f3) req/s"
 }
@@ -284,6 +320,11 @@ for backend in $backends; do
     measure "poll, nothing to do (204)" "$backend" "$url" GET /api/v1/device/poll
     measure "heartbeat (204)" "$backend" "$url" POST /api/v1/device/heartbeat "$work/heartbeat.json"
     sql "$backend" "UPDATE devices SET desired_release_id = 'bench0000000000000000000000release';"
+    # Written behind the server's back (not through the API, which would
+    # drop its poll cache): start it again.
+    stop
+    start "kernex-server-$backend" "$server_bin" --data-dir "$data" --database-url "$db_url" --listen 127.0.0.1:0
+    url="http://$addr"
     code=$(curl -s -o "$work/poll-$backend.json" -w '%{http_code}' \
         -H 'Authorization: Bearer kxd_bench_000000' "$url/api/v1/device/poll")
     [[ $code == 200 ]] || die "$backend: poll with a release assigned answered $code, not 200"
@@ -327,8 +368,8 @@ labels = []
 for r in rows:
     if r[0] not in labels:
         labels.append(r[0])
-print("| endpoint | server | req/s | p50 ms | p99 ms | ÷ bare req/s | goal (poll: ≥ 0.5×, p99 < 20 ms) | 4xx/5xx | socket errors |")
-print("|---|---|---:|---:|---:|---:|---|---:|---:|")
+print("| endpoint | server | req/s | p50 ms | p99 ms | ÷ bare req/s | goal (poll: ≥ 0.5×, p99 < 20 ms) | 4xx/5xx | socket errors | poll cache hits |")
+print("|---|---|---:|---:|---:|---:|---|---:|---:|---:|")
 for label in labels:
     bare = by.get((label, "bare"))
     for server in ["bare"] + backends:
@@ -342,7 +383,7 @@ for label in labels:
             if label.startswith("poll"):
                 ok = x >= 0.5 and float(r[4]) < 20
                 goal = "✔" if ok else "✘"
-        print(f"| {label} | {names[server]} | {r[2]} | {r[3]} | {r[4]} | {ratio} | {goal} | {r[5]} | {r[6]} |")
+        print(f"| {label} | {names[server]} | {r[2]} | {r[3]} | {r[4]} | {ratio} | {goal} | {r[5]} | {r[6]} | {r[7]} |")
 EOF
 echo
 echo "Reproduce: bench/server.sh --devices $devices --duration $duration --connections $connections --threads $threads --profile $profile"

@@ -161,24 +161,6 @@ impl PollCache {
         );
     }
 
-    /// Whether the entry held for device `pk` is current and says it runs
-    /// `version`.
-    pub fn holds_version(&self, pk: &str, version: &str) -> bool {
-        let epoch = self.epoch.load(Ordering::SeqCst);
-        let Ok(entries) = self.entries.lock() else {
-            return false;
-        };
-        entries
-            .hash_of
-            .get(pk)
-            .and_then(|h| entries.by_hash.get(h))
-            .is_some_and(|e| {
-                e.epoch == epoch
-                    && e.at.elapsed() < TTL
-                    && e.polled.current_version.as_deref() == Some(version)
-            })
-    }
-
     /// Drops device `pk`'s entry. Call after the change is committed.
     pub fn forget_device(&self, pk: &str) {
         if let Ok(mut entries) = self.entries.lock() {

@@ -294,6 +294,10 @@ async fn cached_polls_follow_every_write(h: Arc<Harness>) {
     // Rolled back by hand to something else: the release is wanted again.
     heartbeat(&h, &cred, "0.0.1").await;
     assert_eq!(poll(&h, &cred).await, StatusCode::OK);
+    // Six polls: four read the store (the first, after the deployment,
+    // after each version change), two did not.
+    assert_eq!(h.state.metrics.poll_cache_misses.get(), 4);
+    assert_eq!(h.state.metrics.poll_cache_hits.get(), 2);
 }
 
 async fn poll_on(app: &Router, cred: &str) -> StatusCode {

@@ -477,23 +477,34 @@ pub async fn heartbeat(
     // Degraded, else an install's status (updating, reverted, error)
     // stays until its report, else online.
     sqlx::query(
-        "UPDATE devices SET last_seen_at = $1, status = CASE WHEN $2 = 1 THEN 'degraded' WHEN status IN ('updating', 'reverted', 'error') THEN status ELSE 'online' END, booted_slot = COALESCE($3, booted_slot), primary_slot = COALESCE($4, primary_slot), current_version = COALESCE($5, current_version) WHERE id = $6",
+        "UPDATE devices SET last_seen_at = $1, status = CASE WHEN $2 = 1 THEN 'degraded' WHEN status IN ('updating', 'reverted', 'error') THEN status ELSE 'online' END, booted_slot = COALESCE($3, booted_slot), primary_slot = COALESCE($4, primary_slot) WHERE id = $5",
     )
     .bind(now)
     .bind(i64::from(degraded))
     .bind(&hb.booted_slot)
     .bind(&hb.primary_slot)
-    .bind(&hb.version)
     .bind(&device.pk)
     .execute(&mut *tx)
     .await?;
+    // The version only when it changed (a reflashed device): what the
+    // device's poll answers depends on it.
+    let new_version = match &hb.version {
+        Some(v) => {
+            sqlx::query(
+                "UPDATE devices SET current_version = $1 WHERE id = $2 AND (current_version IS NULL OR current_version <> $1)",
+            )
+            .bind(v)
+            .bind(&device.pk)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                > 0
+        }
+        None => false,
+    };
     tx.commit().await?;
     set_link(&state, &device.pk, &link).await?;
-    // A version the poll cache does not already hold for the device (a
-    // reflashed device, or one this replica has not cached).
-    if let Some(v) = &hb.version
-        && !state.poll_cache.holds_version(&device.pk, v)
-    {
+    if new_version {
         crate::poll_cache::forget_device(&state, &device.pk).await;
     }
     Ok(StatusCode::NO_CONTENT)

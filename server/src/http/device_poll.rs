@@ -58,12 +58,14 @@ impl FromRequestParts<AppState> for Polled {
         }
         let hash = secret_hash(token);
         if let Some(polled) = state.poll_cache.get(&hash) {
+            state.metrics.poll_cache_hits.inc();
             state.limits.check(
                 &format!("device:{}", polled.device.pk),
                 state.config.device_requests_per_minute,
             )?;
             return Ok(polled);
         }
+        state.metrics.poll_cache_misses.inc();
         let ticket = state.poll_cache.ticket();
         let generation = state.credentials.generation();
         let row = sqlx::query(

@@ -1,5 +1,5 @@
 //! Prometheus metrics at `/metrics`: request counts and latency per route
-//! and status.
+//! and status, and the poll cache's hits and misses.
 
 use std::time::Instant;
 
@@ -25,6 +25,10 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<Labels, Counter>,
     latency: Family<Labels, Histogram>,
+    /// Polls answered from the poll cache.
+    pub poll_cache_hits: Counter,
+    /// Polls that read the store.
+    pub poll_cache_misses: Counter,
 }
 
 impl Default for Metrics {
@@ -47,10 +51,24 @@ impl Metrics {
             "HTTP request latency",
             latency.clone(),
         );
+        let poll_cache_hits = Counter::default();
+        let poll_cache_misses = Counter::default();
+        registry.register(
+            "poll_cache_hits",
+            "Device polls answered from the poll cache",
+            poll_cache_hits.clone(),
+        );
+        registry.register(
+            "poll_cache_misses",
+            "Device polls that read the store",
+            poll_cache_misses.clone(),
+        );
         Metrics {
             registry,
             requests,
             latency,
+            poll_cache_hits,
+            poll_cache_misses,
         }
     }
 
