@@ -275,19 +275,17 @@ pub async fn listen(state: AppState) {
         backoff = Duration::from_millis(500);
         state.poll_cache.set_enabled(true);
         tracing::debug!("poll cache: listening for other replicas' changes");
-        loop {
-            match listener.try_recv().await {
-                Ok(Some(n)) => match n.payload().split_once(' ') {
-                    // This replica's own change, already applied.
-                    Some((from, _)) if from == state.instance_id => {}
-                    Some((_, "*")) => state.poll_cache.forget_all(),
-                    Some((_, pk)) => {
-                        state.credentials.forget_device(pk);
-                        state.poll_cache.forget_device(pk);
-                    }
-                    None => state.poll_cache.forget_all(),
-                },
-                Ok(None) | Err(_) => break,
+        // `None` or an error: the connection is gone.
+        while let Ok(Some(n)) = listener.try_recv().await {
+            match n.payload().split_once(' ') {
+                // This replica's own change, already applied.
+                Some((from, _)) if from == state.instance_id => {}
+                Some((_, "*")) => state.poll_cache.forget_all(),
+                Some((_, pk)) => {
+                    state.credentials.forget_device(pk);
+                    state.poll_cache.forget_device(pk);
+                }
+                None => state.poll_cache.forget_all(),
             }
         }
         state.poll_cache.set_enabled(false);
