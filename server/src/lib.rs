@@ -51,6 +51,9 @@ pub struct AppState {
     pub last_seen: Arc<last_seen::LastSeen>,
     /// Device credentials recently seen (revocation drops them).
     pub credentials: Arc<credentials::CredentialCache>,
+    /// The TPM vendor CAs an EK certificate must chain to
+    /// (`tpm-cert-store`); none: any TPM is accepted.
+    pub ek_cas: Option<Arc<kernex_attest::EkCaStore>>,
 }
 
 impl AppState {
@@ -62,6 +65,15 @@ impl AppState {
                 config.data_dir.display()
             )
         })?;
+        let ek_cas = config.ek_ca_store()?.map(Arc::new);
+        if let Some(cas) = &ek_cas {
+            tracing::info!(
+                anchors = cas.anchors(),
+                intermediates = cas.intermediates(),
+                files = cas.sources().len(),
+                "TPM enrollment requires an EK certificate from a trusted TPM vendor CA"
+            );
+        }
         let store = Store::connect(&config.database_url()).await?;
         store.migrate().await?;
         let blobs = config.blobs()?;
@@ -83,6 +95,7 @@ impl AppState {
             instance_id: new_id()?,
             last_seen: Arc::new(last_seen::LastSeen::default()),
             credentials: Arc::new(credentials::CredentialCache::default()),
+            ek_cas,
             config: Arc::new(config),
         })
     }
