@@ -170,6 +170,7 @@ struct Daemon<'a> {
     agents: Option<agent::Agents>,
     /// This boot has checked that a configured TPM is bound to the
     /// credential (bound it, or was refused).
+    #[cfg(feature = "tpm")]
     tpm_bind_done: bool,
 }
 
@@ -219,6 +220,7 @@ impl<'a> Daemon<'a> {
             credential,
             failures: 0,
             agents: None,
+            #[cfg(feature = "tpm")]
             tpm_bind_done: false,
             ctx,
         })
