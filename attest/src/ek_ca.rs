@@ -163,7 +163,15 @@ impl EkCaStore {
                     path: path.clone(),
                     source,
                 })?;
-                for entry in entries.take(MAX_STORE_DIRECTORY_ENTRIES) {
+                for entry in entries {
+                    if files.len() >= MAX_STORE_DIRECTORY_ENTRIES {
+                        return Err(EkCaStoreError::Certificate {
+                            path: path.clone(),
+                            reason: format!(
+                                "more than {MAX_STORE_DIRECTORY_ENTRIES} files in this directory"
+                            ),
+                        });
+                    }
                     let entry = entry.map_err(|source| EkCaStoreError::Read {
                         path: path.clone(),
                         source,

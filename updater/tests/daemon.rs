@@ -979,6 +979,45 @@ fn daemon_binds_a_tpm_configured_after_enrollment() {
     assert_eq!(binds[0]["result"], "ok", "{audit}");
 }
 
+/// A server that trusts only one TPM vendor's CA (`tpm-cert-store`) refuses
+/// a device whose TPM's EK certificate another CA issued: the daemon's log
+/// carries the server's reason, and the device is not enrolled.
+#[test]
+fn daemon_logs_why_the_server_refused_its_tpm() {
+    let keys = keys();
+    let vendor = swtpm::LocalCa::new();
+    let _vendor_tpm = swtpm::Swtpm::start_with(swtpm::EkCert::From(&vendor));
+    let store = vendor.store();
+    let cp = ControlPlane::start_with(&keys, move |c| c.tpm_cert_store = vec![store]);
+    let (s, v) = cp.op(
+        "POST",
+        "/api/v1/enrollment-tokens",
+        Some(json!({"label": "tpm line", "require_tpm": true})),
+    );
+    assert_eq!(s, 201, "{v}");
+    let token = v["token"].as_str().unwrap().to_string();
+    // Another CA's EK certificate (swtpm_setup's default local CA).
+    let tpm = swtpm::Swtpm::start();
+    let mut dev = SimDevice::new(&keys, &image(2 * MIB, 9), &cp.url, &token, "foreign-tpm");
+    let config = std::fs::read_to_string(&dev.dev.config).unwrap()
+        + &format!("[tpm]\ntcti = \"{}\"\n", tpm.tcti());
+    std::fs::write(&dev.dev.config, config).unwrap();
+    dev.start();
+    let log = wait_for(
+        "the refusal in the log",
+        &dev,
+        Duration::from_secs(30),
+        || Some(dev.log()).filter(|l| l.contains("enrollment failed")),
+    );
+    assert!(
+        log.contains("EK certificate not issued by a trusted TPM vendor CA"),
+        "{log}"
+    );
+    assert!(!log.contains("refused the device credential"), "{log}");
+    assert!(cp.device("foreign-tpm").is_none());
+    assert!(!dev.dev.path("data/credential.json").exists());
+}
+
 /// Creates a private CA and a server certificate for 127.0.0.1 with the
 /// openssl command line; returns (CA certificate, server chain, server key).
 fn private_ca(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {

@@ -135,6 +135,19 @@ enum Next {
     Stop,
 }
 
+/// A 403 answering a request the credential is not the question of
+/// (enrollment, a TPM binding): the server refused it by policy and its
+/// detail says why (e.g. "EK certificate not issued by a trusted TPM
+/// vendor CA").
+fn policy_refusal(e: ClientError) -> ClientError {
+    match e {
+        ClientError::Unauthorized { status: 403, body } => {
+            ClientError::Rejected { status: 403, body }
+        }
+        other => other,
+    }
+}
+
 /// Runs the daemon until stopped.
 pub fn run(config_path: &Path, options: &DaemonOptions) -> Result<()> {
     logs::enable();
@@ -479,6 +492,9 @@ impl<'a> Daemon<'a> {
                     .map(|t| t.pcr),
                 tpm,
             })
+            // A 403 to an enrollment is a policy refusal (the detail says
+            // which), not a refused credential: there is none yet.
+            .map_err(policy_refusal)
             .context("enrollment failed")?;
         if let Some(challenge) = &enrolled.activation {
             // Not stored before the TPM proved itself: the next cycle
@@ -627,7 +643,8 @@ impl<'a> Daemon<'a> {
                 return Err(self.on_client_error(ClientError::Unauthorized { status: 401, body }));
             }
             Err(e) => {
-                return Err(anyhow::Error::new(e).context("the server refused to bind the TPM"));
+                return Err(anyhow::Error::new(policy_refusal(e))
+                    .context("the server refused to bind the TPM"));
             }
         };
         let answer: serde_json::Value =
