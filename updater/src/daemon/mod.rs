@@ -643,8 +643,9 @@ impl<'a> Daemon<'a> {
                 return Err(self.on_client_error(ClientError::Unauthorized { status: 401, body }));
             }
             Err(e) => {
-                return Err(anyhow::Error::new(policy_refusal(e))
-                    .context("the server refused to bind the TPM"));
+                return Err(
+                    anyhow::Error::new(policy_refusal(e)).context("POST /api/v1/device/tpm failed")
+                );
             }
         };
         let answer: serde_json::Value =
