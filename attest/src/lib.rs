@@ -6,7 +6,8 @@
 //!   TPM public keys ([`AkPublic`], [`EkPublic`]), make credential-activation
 //!   challenges in software ([`CredentialChallenge`]), verify quotes
 //!   ([`verify_quote`]) and recompute the slot PCR a release should produce
-//!   ([`expected_slot_pcr`], [`slot_measurement`]). Every parser is bounded
+//!   ([`expected_slot_pcr`], [`slot_measurement`]); check EK certificates
+//!   against the TPM vendors' CAs ([`EkCaStore`]). Every parser is bounded
 //!   and written in Rust; bad bytes give an error naming the field.
 //! - **Device** ([`Tpm`], through tpm2-tss): the EK and its certificate, the
 //!   AK, TPM2_ActivateCredential, extending the slot measurement, quotes.
@@ -16,6 +17,7 @@
 pub mod credential;
 #[cfg(feature = "device")]
 pub mod device;
+pub mod ek_ca;
 mod hex_serde;
 pub mod identity;
 pub mod measure;
@@ -26,6 +28,7 @@ mod wire;
 pub use credential::{ActivationError, CredentialChallenge};
 #[cfg(feature = "device")]
 pub use device::{AkBlob, DeviceError, Endorsement, Tpm};
+pub use ek_ca::{EkCaStore, EkCaStoreError, EkCertError};
 pub use identity::{Activation, TpmIdentity};
 pub use measure::{DEFAULT_SLOT_PCR, expected_slot_pcr, extend, slot_measurement};
 pub use public::{AkPublic, EkPublic, PublicKeyError};

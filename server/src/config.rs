@@ -77,6 +77,14 @@ pub struct Config {
     /// An attestation older than this is shown as stale, and the device is
     /// asked for a fresh quote after half of it.
     pub attestation_max_age_secs: u64,
+    /// The TPM vendors' CA certificates trusted for EK certificates
+    /// (Keylime's `tpm_cert_store`): PEM (or DER) files, or directories of
+    /// them. Set: a TPM identity is accepted only when its EK certificate
+    /// (from the TPM's NV) chains to one of them and certifies the EK, or
+    /// when the factory line pre-authorised that very EK. Empty (the
+    /// default): any TPM that passes credential activation, a software TPM
+    /// (swtpm) included.
+    pub tpm_cert_store: Vec<PathBuf>,
     /// A manual server clock, stepped through `POST /api/v1/test/clock`,
     /// for the fleet simulator and tests. Never enable in production.
     pub test_clock: bool,
@@ -113,6 +121,7 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             attestation_max_age_secs: 24 * 3600,
+            tpm_cert_store: Vec::new(),
             test_clock: false,
         }
     }
@@ -167,6 +176,16 @@ impl Config {
                 })
             }
         }
+    }
+
+    /// Loads the trusted EK CAs, when `tpm-cert-store` is set.
+    pub fn ek_ca_store(&self) -> Result<Option<kernex_attest::EkCaStore>> {
+        if self.tpm_cert_store.is_empty() {
+            return Ok(None);
+        }
+        let store = kernex_attest::EkCaStore::load(&self.tpm_cert_store)
+            .context("unable to load the TPM vendor CA certificates (tpm-cert-store)")?;
+        Ok(Some(store))
     }
 
     /// Where uploads are spooled before they are verified.

@@ -54,6 +54,9 @@ pub struct AppState {
     pub credentials: Arc<credentials::CredentialCache>,
     /// What devices' polls read, until a write drops it.
     pub poll_cache: Arc<poll_cache::PollCache>,
+    /// The TPM vendor CAs an EK certificate must chain to
+    /// (`tpm-cert-store`); none: any TPM is accepted.
+    pub ek_cas: Option<Arc<kernex_attest::EkCaStore>>,
 }
 
 impl AppState {
@@ -65,6 +68,15 @@ impl AppState {
                 config.data_dir.display()
             )
         })?;
+        let ek_cas = config.ek_ca_store()?.map(Arc::new);
+        if let Some(cas) = &ek_cas {
+            tracing::info!(
+                anchors = cas.anchors(),
+                intermediates = cas.intermediates(),
+                files = cas.sources().len(),
+                "TPM enrollment requires an EK certificate from a trusted TPM vendor CA"
+            );
+        }
         let store = Store::connect(&config.database_url()).await?;
         store.migrate().await?;
         let blobs = config.blobs()?;
@@ -90,6 +102,7 @@ impl AppState {
             // Shared with other replicas: off until `poll_cache::listen`
             // hears their changes.
             poll_cache: Arc::new(poll_cache::PollCache::new(!shared)),
+            ek_cas,
             config: Arc::new(config),
         })
     }

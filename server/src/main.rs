@@ -26,6 +26,7 @@ use kernex_server::{AppState, bootstrap, http};
 ///     kernex-server --database-url postgres://kernex@db/kernex --blob-store s3://kernex-releases
 ///     kernex-server --listen 0.0.0.0:8443 --tls-cert server.crt --tls-key server.key
 ///     kernex-server --config /etc/kernex/server.toml
+///     kernex-server --tpm-cert-store /etc/kernex/tpm-ca
 #[derive(Debug, Parser)]
 #[command(name = "kernex-server", version, verbatim_doc_comment)]
 struct Args {
@@ -53,6 +54,18 @@ struct Args {
     /// The TLS certificate's private key (PEM).
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Trust these TPM vendor CA certificates for EK certificates (PEM or
+    /// DER files, or directories of them; repeat the flag, or separate
+    /// with `:` in the variable). Set: TPM enrollment needs an EK
+    /// certificate that chains to one of them (or an EK the factory line
+    /// pre-authorised) [default: none, any TPM is accepted].
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "KERNEX_TPM_CERT_STORE",
+        value_delimiter = ':'
+    )]
+    tpm_cert_store: Vec<PathBuf>,
 }
 
 fn main() {
@@ -91,6 +104,9 @@ fn run(args: Args) -> Result<()> {
     }
     if let Some(k) = args.tls_key {
         config.tls_key = Some(k);
+    }
+    if !args.tpm_cert_store.is_empty() {
+        config.tpm_cert_store = args.tpm_cert_store;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -18,13 +18,28 @@ use common::{Harness, golden};
 use kernex_attest::{AkBlob, Quote, Tpm, TpmIdentity, slot_measurement};
 use kernex_protocol::{Manifest, Sha256Digest};
 use serde_json::{Value, json};
-use swtpm::Swtpm;
+use swtpm::{EkCert, LocalCa, Swtpm};
 
 both!(
     factory_preauthorisation_and_enrollment_policy,
     activation_then_quotes_attested_mismatch_and_rejections,
     the_factory_line_client_preauthorises_what_the_device_enrolls_with,
+    an_enrolled_device_binds_its_tpm_later_and_is_attested,
 );
+
+mod vendor_cas_on_sqlite {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ek_certificates_must_chain_to_a_trusted_vendor_ca() {
+        super::vendor_cas(super::common::Db::Sqlite).await;
+    }
+}
+
+mod vendor_cas_on_postgres {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ek_certificates_must_chain_to_a_trusted_vendor_ca() {
+        super::vendor_cas(super::common::Db::Postgres).await;
+    }
+}
 
 mod gate_on_sqlite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -51,7 +66,11 @@ struct DeviceTpm {
 
 impl DeviceTpm {
     fn new() -> Self {
-        let swtpm = Swtpm::start();
+        Self::with(EkCert::System)
+    }
+
+    fn with(ek: EkCert<'_>) -> Self {
+        let swtpm = Swtpm::start_with(ek);
         let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
         let ak = tpm.create_ak().unwrap();
         let ek = tpm.endorsement().unwrap();
@@ -1074,4 +1093,374 @@ async fn the_factory_line_client_preauthorises_what_the_device_enrolls_with(h: A
         request.ek_fingerprint()
     );
     server.abort();
+}
+
+// ---------------------------------------------------------------------------
+// EK certificates against the trusted TPM vendor CAs (tpm-cert-store)
+
+/// The TPMs of the vendor-CA test, all provisioned before the server's
+/// manual clock starts (an EK certificate is valid from the second it was
+/// made).
+struct Vendors {
+    _vendor: LocalCa,
+    _other_vendor: LocalCa,
+    board: DeviceTpm,
+    second: DeviceTpm,
+    foreign: DeviceTpm,
+    bare: DeviceTpm,
+}
+
+async fn vendor_cas(db: common::Db) {
+    let vendor = LocalCa::new();
+    let other_vendor = LocalCa::new();
+    let board = DeviceTpm::with(EkCert::From(&vendor));
+    let second = DeviceTpm::with(EkCert::From(&vendor));
+    let foreign = DeviceTpm::with(EkCert::From(&other_vendor));
+    let bare = DeviceTpm::with(EkCert::None);
+    let store = vendor.store();
+    let vendors = Vendors {
+        _vendor: vendor,
+        _other_vendor: other_vendor,
+        board,
+        second,
+        foreign,
+        bare,
+    };
+    common::run_with(
+        db,
+        move |c| {
+            c.tpm_cert_store = vec![store];
+            c.test_clock = true;
+        },
+        move |h| vendor_cas_body(h, vendors),
+    )
+    .await;
+}
+
+fn detail(v: &Value) -> String {
+    v["detail"].as_str().unwrap_or_default().to_string()
+}
+
+async fn device_call(
+    h: &Harness,
+    credential: &str,
+    path: &str,
+    body: Value,
+) -> (StatusCode, Value) {
+    h.call(Method::POST, path, Some(credential), Some(body))
+        .await
+}
+
+async fn vendor_cas_body(h: Arc<Harness>, t: Vendors) {
+    const NOT_TRUSTED: &str = "EK certificate not issued by a trusted TPM vendor CA";
+    let line = token(&h, false, true).await;
+
+    // A TPM of the trusted vendor: challenge, activation, bound.
+    let (s, v) = enroll(&h, &line, "v-1", Some(t.board.identity_json())).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    let credential = v["credential"].as_str().unwrap().to_string();
+    let (s, ok) = device_call(
+        &h,
+        &credential,
+        "/api/v1/device/activate",
+        json!({"credential": t.board.activate(&v)}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{ok}");
+    assert_eq!(attestation_of(&h, &id).await["state"], "pending");
+
+    // Another vendor's TPM (its CA has the same names, other keys).
+    let (s, v) = enroll(&h, &line, "v-2", Some(t.foreign.identity_json())).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    assert!(detail(&v).starts_with(NOT_TRUSTED), "{v}");
+    assert!(detail(&v).contains("CN=swtpm-localca"), "{v}");
+    // A TPM without an EK certificate.
+    assert!(t.bare.identity.ek_certificate.is_none());
+    let (s, v) = enroll(&h, &line, "v-3", Some(t.bare.identity_json())).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    assert!(
+        detail(&v).starts_with("no EK certificate in the TPM's NV"),
+        "{v}"
+    );
+    // Malformed certificate bytes: refused with a reason, never a 500.
+    let cert = t.second.identity.ek_certificate.clone().unwrap();
+    let mut flipped = cert.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0xff;
+    for (bad, why) in [
+        (hex::encode(b"\x30"), "malformed"),
+        (hex::encode(b"hello, not DER"), "malformed"),
+        (hex::encode(&cert[..cert.len() / 2]), "malformed"),
+        (hex::encode(&flipped), "EK certificate"),
+        ("30".repeat(8193), "more than the limit"),
+    ] {
+        let mut identity = t.second.identity_json();
+        identity["ek-certificate"] = json!(bad);
+        let (s, v) = enroll(&h, &line, "v-4", Some(identity)).await;
+        assert!(s.is_client_error(), "{s}: {v}");
+        assert!(detail(&v).contains(why), "{why}: {v}");
+    }
+    // A trusted certificate, but of another TPM.
+    let mut mixed = t.second.identity_json();
+    mixed["ek-certificate"] = json!(hex::encode(
+        t.board.identity.ek_certificate.as_ref().unwrap()
+    ));
+    let (s, v) = enroll(&h, &line, "v-4", Some(mixed)).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    assert!(detail(&v).contains("certifies another key"), "{v}");
+    // Validity at enrollment time, by the server's clock.
+    let real_now = h.state.clock.now_ms();
+    assert!(h.state.clock.set_ms(1_000_000_000_000));
+    let (s, v) = enroll(&h, &line, "v-4", Some(t.second.identity_json())).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    assert!(detail(&v).contains("not valid before"), "{v}");
+    assert!(h.state.clock.set_ms(real_now));
+    let (s, v) = enroll(&h, &line, "v-4", Some(t.second.identity_json())).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+
+    // A token that does not require a TPM: a TPM identity is still checked
+    // (the server binds only TPMs it trusts); without one the device
+    // enrolls, unattested.
+    let open = token(&h, false, false).await;
+    let (s, v) = enroll(&h, &open, "v-5", Some(t.foreign.identity_json())).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    assert!(detail(&v).starts_with(NOT_TRUSTED), "{v}");
+    let (s, v) = enroll(&h, &open, "v-5", None).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let plain = v["credential"].as_str().unwrap().to_string();
+    // Binding a TPM later is checked the same way, and a refusal leaves
+    // the device served.
+    let (s, v) = device_call(
+        &h,
+        &plain,
+        "/api/v1/device/tpm",
+        json!({"tpm": t.foreign.identity_json()}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    assert!(detail(&v).starts_with(NOT_TRUSTED), "{v}");
+    let (s, v) = device_call(
+        &h,
+        &plain,
+        "/api/v1/device/tpm",
+        json!({"tpm": t.bare.identity_json()}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    assert!(detail(&v).starts_with("no EK certificate"), "{v}");
+    assert!(poll(&h, &plain).await.0.is_success());
+
+    // An EK the factory line pre-authorised is trusted on its word, even
+    // without a certificate.
+    let (s, p) = preauthorize(
+        &h,
+        json!({"device_id": "v-6", "ek_public": hex::encode(&t.bare.identity.ek_public)}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{p}");
+    let (s, v) = enroll(&h, &line, "v-6", Some(t.bare.identity_json())).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, ok) = device_call(
+        &h,
+        v["credential"].as_str().unwrap(),
+        "/api/v1/device/activate",
+        json!({"credential": t.bare.activate(&v)}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{ok}");
+    // A certificate the factory line sends must be a trusted vendor's.
+    let (s, p) = preauthorize(
+        &h,
+        json!({
+            "device_id": "v-7",
+            "ek_public": hex::encode(&t.foreign.identity.ek_public),
+            "ek_certificate": hex::encode(t.foreign.identity.ek_certificate.as_ref().unwrap()),
+        }),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{p}");
+    assert!(detail(&p).starts_with(NOT_TRUSTED), "{p}");
+
+    // The refusals are in the audit log with their reasons.
+    let (s, audit) = h
+        .call(Method::GET, "/api/v1/audit", Some(&h.admin), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let entries = audit["entries"].as_array().unwrap();
+    let refused = |action: &str, reason: &str| {
+        entries.iter().any(|e| {
+            e["action"] == action
+                && e["result"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("error: 403") && r.contains(reason))
+        })
+    };
+    assert!(refused("device.enroll", NOT_TRUSTED), "{audit}");
+    assert!(refused("device.enroll", "no EK certificate"), "{audit}");
+    assert!(refused("device.enroll", "not valid before"), "{audit}");
+    assert!(refused("device.tpm-bind", NOT_TRUSTED), "{audit}");
+}
+
+// ---------------------------------------------------------------------------
+// A device enrolled without a TPM binds it later
+
+async fn an_enrolled_device_binds_its_tpm_later_and_is_attested(h: Arc<Harness>) {
+    // No tpm-cert-store: any TPM is accepted, one without an EK
+    // certificate included (as before it existed).
+    let board = DeviceTpm::with(EkCert::None);
+    let other = DeviceTpm::new();
+    let (s, release) = h
+        .upload(&h.admin, std::fs::read(golden("valid.kxb")).unwrap())
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{release}");
+    let version = release["version"].as_str().unwrap().to_string();
+    let measurement = measurement_of(&h, release["id"].as_str().unwrap()).await;
+
+    let open = token(&h, false, false).await;
+    let (s, v) = enroll(&h, &open, "late-1", None).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    let credential = v["credential"].as_str().unwrap().to_string();
+    assert_eq!(attestation_of(&h, &id).await["state"], "unattested");
+    assert_eq!(poll(&h, &credential).await.1, None);
+
+    let (s, doc) = h
+        .call(Method::GET, "/api/v1/openapi.json", None, None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        doc["paths"]["/api/v1/device/tpm"]["post"].is_object(),
+        "the OpenAPI document describes the binding"
+    );
+    let bind = |credential: String, body: Value| {
+        let h = h.clone();
+        async move { device_call(&h, &credential, "/api/v1/device/tpm", body).await }
+    };
+    // Bad input: 4xx with the reason, no credential: 401.
+    let (s, v) = bind(
+        credential.clone(),
+        json!({"tpm": {"ek-public": "00", "ak-public": "00"}}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(detail(&v).contains("ek_public"), "{v}");
+    let (s, v) = bind(
+        credential.clone(),
+        json!({"tpm": board.identity_json(), "tpm_slot_pcr": 23}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let (s, _) = h
+        .call(
+            Method::POST,
+            "/api/v1/device/tpm",
+            None,
+            Some(json!({"tpm": board.identity_json()})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+
+    // A challenge answered wrongly: refused, and the device is served as
+    // before (a failed binding does not lock it out).
+    let (s, v) = bind(credential.clone(), json!({"tpm": board.identity_json()})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["state"], "challenge", "{v}");
+    let (s, err) = device_call(
+        &h,
+        &credential,
+        "/api/v1/device/activate",
+        json!({"credential": "00".repeat(32)}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{err}");
+    assert!(poll(&h, &credential).await.0.is_success());
+    assert_eq!(attestation_of(&h, &id).await["state"], "unattested");
+
+    // Answered by the TPM: bound.
+    let (s, v) = bind(credential.clone(), json!({"tpm": board.identity_json()})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let fp = v["ek_fingerprint"].as_str().unwrap().to_string();
+    let (s, ok) = device_call(
+        &h,
+        &credential,
+        "/api/v1/device/activate",
+        json!({"credential": board.activate(&v)}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{ok}");
+    let view = attestation_of(&h, &id).await;
+    assert_eq!(view["state"], "pending", "{view}");
+    assert_eq!(view["ek_fingerprint"], fp.as_str(), "{view}");
+    // Asking again changes nothing.
+    let (s, v) = bind(credential.clone(), json!({"tpm": board.identity_json()})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["state"], "bound", "{v}");
+    assert!(v.get("activation").is_none(), "{v}");
+    // Another TPM for this device, or this TPM for another device: refused.
+    let (s, v) = bind(credential.clone(), json!({"tpm": other.identity_json()})).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    assert!(detail(&v).contains(&fp), "{v}");
+    let (s, v) = enroll(&h, &open, "late-2", None).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, v) = bind(
+        v["credential"].as_str().unwrap().to_string(),
+        json!({"tpm": board.identity_json()}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    // Re-enrolling without the TPM is refused now that the id is bound.
+    let (s, v) = enroll(&h, &open, "late-1", None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+
+    // The device runs the release and answers the nonce: attested.
+    let (s, _) = device_call(
+        &h,
+        &credential,
+        "/api/v1/device/heartbeat",
+        json!({"version": version, "booted_slot": "B"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let nonce = poll(&h, &credential)
+        .await
+        .1
+        .expect("a nonce once the TPM is bound");
+    board
+        .tpm()
+        .extend_slot_measurement(PCR, &measurement)
+        .unwrap();
+    let (s, r) = device_call(
+        &h,
+        &credential,
+        "/api/v1/device/attestation",
+        json!({"version": version, "quote": board.quote(&nonce)}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert_eq!(attestation_of(&h, &id).await["state"], "attested");
+
+    let (s, audit) = h
+        .call(Method::GET, "/api/v1/audit", Some(&h.admin), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let binds: Vec<_> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "device.tpm-bind")
+        .map(|e| e["result"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        binds.iter().filter(|r| *r == "ok").count() >= 3,
+        "{binds:?}"
+    );
+    assert!(
+        binds.iter().any(|r| r.starts_with("error: 403")),
+        "{binds:?}"
+    );
+    assert!(
+        binds.iter().any(|r| r.starts_with("error: 409")),
+        "{binds:?}"
+    );
 }

@@ -125,3 +125,37 @@ fn a_bad_config_file_is_an_error_with_its_path() {
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("server.toml"), "{err}");
 }
+
+#[test]
+fn an_unusable_tpm_cert_store_stops_the_start_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("vendor-ca.pem");
+    std::fs::write(&junk, "not a certificate").unwrap();
+    // The flag, and the variable (`:`-separated), both name the store.
+    let flag = Command::new(env!("CARGO_BIN_EXE_kernex-server"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--tpm-cert-store")
+        .arg(&junk)
+        .output()
+        .unwrap();
+    let env = Command::new(env!("CARGO_BIN_EXE_kernex-server"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env(
+            "KERNEX_TPM_CERT_STORE",
+            format!(
+                "{}:{}",
+                dir.path().join("missing").display(),
+                junk.display()
+            ),
+        )
+        .output()
+        .unwrap();
+    for (out, want) in [(flag, "vendor-ca.pem"), (env, "missing")] {
+        assert!(!out.status.success());
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains("tpm-cert-store"), "{err}");
+        assert!(err.contains(want), "{err}");
+    }
+}

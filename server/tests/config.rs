@@ -26,6 +26,8 @@ fn example_config_parses() {
     assert_eq!(c.rollout_poll_secs, d.rollout_poll_secs);
     assert_eq!(c.rollback_watch_secs, d.rollback_watch_secs);
     assert!(c.database_url().starts_with("sqlite://"));
+    assert!(c.tpm_cert_store.is_empty());
+    assert!(c.ek_ca_store().unwrap().is_none());
 }
 
 #[test]
@@ -44,4 +46,28 @@ fn blob_store_urls_are_checked() {
         let e = c.blobs().unwrap_err();
         assert!(format!("{e:#}").contains("s3://BUCKET"), "{bad}: {e:#}");
     }
+}
+
+#[test]
+fn tpm_cert_store_paths_parse_and_a_bad_store_is_an_error() {
+    let c = Config::from_toml(
+        "tpm-cert-store = [\"/etc/kernex/tpm-ca\", \"/etc/kernex/nuvoton.pem\"]\n",
+    )
+    .unwrap();
+    assert_eq!(
+        c.tpm_cert_store,
+        vec![
+            std::path::PathBuf::from("/etc/kernex/tpm-ca"),
+            std::path::PathBuf::from("/etc/kernex/nuvoton.pem")
+        ]
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let c = Config {
+        tpm_cert_store: vec![dir.path().to_path_buf()],
+        ..Config::default()
+    };
+    let e = c.ek_ca_store().unwrap_err();
+    let text = format!("{e:#}");
+    assert!(text.contains("tpm-cert-store"), "{text}");
+    assert!(text.contains("no CA certificates"), "{text}");
 }

@@ -77,6 +77,58 @@ pub fn activate(config: &TpmConfig, ak_path: &Path, challenge: &Activation) -> R
         .context("credential activation failed (a challenge for another TPM or AK?)")
 }
 
+/// Where the daemon records which server credential is bound to this TPM:
+/// `<data-dir>/attest/binding.json`.
+pub fn binding_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("attest").join("binding.json")
+}
+
+/// The server bound this device (its id there) to this TPM and AK.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Binding {
+    /// The server.
+    pub server: String,
+    /// The server's id for this device.
+    pub id: String,
+    /// Hex SHA-256 of the AK's `TPMT_PUBLIC` the server holds.
+    pub ak: String,
+}
+
+/// Whether the daemon recorded a binding of this device's current
+/// credential and AK. Unreadable or stale records count as none (the
+/// daemon then asks the server, which answers "bound" when nothing
+/// changed).
+pub fn is_bound(data_dir: &Path, server: &str, id: &str) -> bool {
+    let recorded = read_limited(&binding_path(data_dir), 4096)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<Binding>(&bytes).ok());
+    let ak = load_ak(&ak_path(data_dir)).ok();
+    match (recorded, ak) {
+        (Some(b), Some(ak)) => b.server == server && b.id == id && b.ak == ak_digest(&ak.public),
+        _ => false,
+    }
+}
+
+/// Records that the server bound this device's credential to the AK now
+/// stored.
+pub fn record_binding(data_dir: &Path, server: &str, id: &str) -> Result<()> {
+    let ak = load_ak(&ak_path(data_dir))?;
+    let binding = Binding {
+        server: server.to_owned(),
+        id: id.to_owned(),
+        ak: ak_digest(&ak.public),
+    };
+    let path = binding_path(data_dir);
+    write_atomically(&path, &serde_json::to_vec_pretty(&binding)?)
+        .with_context(|| format!("unable to record the TPM binding in {}", path.display()))
+}
+
+fn ak_digest(public: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(public))
+}
+
 /// What [`measure`] did.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "kebab-case")]

@@ -263,6 +263,14 @@ impl SimDevice {
         std::fs::read_to_string(self.dev.path("daemon.log")).unwrap_or_default()
     }
 
+    /// Stops the daemon (a power-off, as far as the daemon knows).
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     fn status(&self) -> Value {
         let out = Command::new(env!("CARGO_BIN_EXE_kernex-updater"))
             .arg("--config")
@@ -881,6 +889,133 @@ fn daemon_with_a_tpm_is_committed_and_attested() {
     let reason = d["attestation"]["reason"].as_str().unwrap();
     assert!(reason.starts_with("PCR 14 is "), "{reason}");
     assert!(reason.contains("release 1.0.0 expects"), "{reason}");
+}
+
+/// A device that enrolled without a TPM gets a `[tpm]` in its config
+/// later: at the next start the daemon notices its enrollment is not bound
+/// to the TPM, binds it (`POST /device/tpm`, credential activation) without
+/// enrolling again, and the server shows it TPM-bound and then attested
+/// after a quote. A further start does not bind again.
+#[test]
+fn daemon_binds_a_tpm_configured_after_enrollment() {
+    let keys = keys();
+    let cp = ControlPlane::start_with(&keys, |c| c.attestation_max_age_secs = 4);
+    let r1 = cp.upload(&bundle(&image(2 * MIB, 1), "1.0.0", &keys.signer).bytes);
+    let token = cp.enrollment_token();
+    let mut dev = SimDevice::new(&keys, &image(2 * MIB, 9), &cp.url, &token, "late-tpm");
+    dev.start();
+    let d = wait_for("enrollment", &dev, Duration::from_secs(60), || {
+        cp.device("late-tpm").filter(|d| d["status"] == "online")
+    });
+    let id = d["id"].as_str().unwrap().to_string();
+    assert_eq!(d["attestation"]["state"], "unattested", "{d}");
+    cp.deploy(&r1, &id);
+    wait_for("1.0.0 committed", &dev, Duration::from_secs(90), || {
+        cp.device("late-tpm")
+            .filter(|d| d["current_version"] == "1.0.0" && d["status"] == "online")
+    });
+    let credential = std::fs::read(dev.dev.path("data/credential.json")).unwrap();
+
+    // The TPM is added to the config; the daemon starts again.
+    dev.stop();
+    let tpm = swtpm::Swtpm::start();
+    let mut config = std::fs::read_to_string(&dev.dev.config).unwrap();
+    config.push_str(&format!("[tpm]\ntcti = \"{}\"\n", tpm.tcti()));
+    std::fs::write(&dev.dev.config, config).unwrap();
+    dev.start();
+    let d = wait_for(
+        "the TPM bound and 1.0.0 attested",
+        &dev,
+        Duration::from_secs(60),
+        || {
+            cp.device("late-tpm").filter(|d| {
+                d["attestation"]["state"] == "attested" && d["attestation"]["version"] == "1.0.0"
+            })
+        },
+    );
+    assert_eq!(d["id"], id.as_str(), "the same device, not a new one");
+    assert_eq!(
+        d["attestation"]["ek_fingerprint"].as_str().unwrap().len(),
+        64,
+        "{d}"
+    );
+    let log = dev.log();
+    assert!(
+        log.contains("TPM bound to this device's enrollment"),
+        "{log}"
+    );
+    // Bound with its credential: no re-enrollment, the credential is kept.
+    assert_eq!(
+        std::fs::read(dev.dev.path("data/credential.json")).unwrap(),
+        credential
+    );
+    assert!(dev.dev.path("data/attest/binding.json").is_file());
+
+    // Another start: the binding is known, nothing is asked again, and the
+    // quotes keep verifying.
+    dev.stop();
+    dev.start();
+    wait_for(
+        "a quote after the restart",
+        &dev,
+        Duration::from_secs(30),
+        || {
+            dev.log()
+                .contains("quote verified by the server")
+                .then_some(())
+        },
+    );
+    let log = dev.log();
+    assert!(!log.contains("binding"), "{log}");
+    let (s, audit) = cp.op("GET", "/api/v1/audit?limit=1000", None);
+    assert_eq!(s, 200, "{audit}");
+    let binds: Vec<_> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "device.tpm-bind")
+        .collect();
+    assert_eq!(binds.len(), 1, "{audit}");
+    assert_eq!(binds[0]["result"], "ok", "{audit}");
+}
+
+/// A server that trusts only one TPM vendor's CA (`tpm-cert-store`) refuses
+/// a device whose TPM's EK certificate another CA issued: the daemon's log
+/// carries the server's reason, and the device is not enrolled.
+#[test]
+fn daemon_logs_why_the_server_refused_its_tpm() {
+    let keys = keys();
+    let vendor = swtpm::LocalCa::new();
+    let _vendor_tpm = swtpm::Swtpm::start_with(swtpm::EkCert::From(&vendor));
+    let store = vendor.store();
+    let cp = ControlPlane::start_with(&keys, move |c| c.tpm_cert_store = vec![store]);
+    let (s, v) = cp.op(
+        "POST",
+        "/api/v1/enrollment-tokens",
+        Some(json!({"label": "tpm line", "require_tpm": true})),
+    );
+    assert_eq!(s, 201, "{v}");
+    let token = v["token"].as_str().unwrap().to_string();
+    // Another CA's EK certificate (swtpm_setup's default local CA).
+    let tpm = swtpm::Swtpm::start();
+    let mut dev = SimDevice::new(&keys, &image(2 * MIB, 9), &cp.url, &token, "foreign-tpm");
+    let config = std::fs::read_to_string(&dev.dev.config).unwrap()
+        + &format!("[tpm]\ntcti = \"{}\"\n", tpm.tcti());
+    std::fs::write(&dev.dev.config, config).unwrap();
+    dev.start();
+    let log = wait_for(
+        "the refusal in the log",
+        &dev,
+        Duration::from_secs(30),
+        || Some(dev.log()).filter(|l| l.contains("enrollment failed")),
+    );
+    assert!(
+        log.contains("EK certificate not issued by a trusted TPM vendor CA"),
+        "{log}"
+    );
+    assert!(!log.contains("refused the device credential"), "{log}");
+    assert!(cp.device("foreign-tpm").is_none());
+    assert!(!dev.dev.path("data/credential.json").exists());
 }
 
 /// Creates a private CA and a server certificate for 127.0.0.1 with the

@@ -43,17 +43,125 @@ fn free_port_pair() -> u16 {
     panic!("no free pair of TCP ports on 127.0.0.1");
 }
 
+/// A TPM vendor's CA as swtpm-localca makes it (a root CA and the signing
+/// CA under it), with its own swtpm_setup.conf and swtpm-localca.conf in a
+/// temporary directory: nothing global is read or written. The CA is
+/// created by the first TPM provisioned with it.
+pub struct LocalCa {
+    dir: tempfile::TempDir,
+}
+
+impl LocalCa {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        std::fs::create_dir(&ca).unwrap();
+        let p = |name: &str| ca.join(name).display().to_string();
+        std::fs::write(
+            dir.path().join("swtpm-localca.conf"),
+            format!(
+                "statedir = {}\nsigningkey = {}\nissuercert = {}\ncertserial = {}\n",
+                ca.display(),
+                p("signkey.pem"),
+                p("issuercert.pem"),
+                p("certserial")
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("swtpm-localca.options"),
+            "--platform-manufacturer Kernex\n--platform-version 2.1\n--platform-model test\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("swtpm_setup.conf"),
+            format!(
+                "create_certs_tool = {}\ncreate_certs_tool_config = {}\ncreate_certs_tool_options = {}\nactive_pcr_banks = sha256\n",
+                require("swtpm_localca").display(),
+                dir.path().join("swtpm-localca.conf").display(),
+                dir.path().join("swtpm-localca.options").display()
+            ),
+        )
+        .unwrap();
+        Self { dir }
+    }
+
+    pub fn setup_conf(&self) -> PathBuf {
+        self.dir.path().join("swtpm_setup.conf")
+    }
+
+    /// The root CA certificate (PEM), once a TPM was provisioned.
+    pub fn root(&self) -> PathBuf {
+        self.existing("swtpm-localca-rootca-cert.pem")
+    }
+
+    /// The signing (intermediate) CA certificate (PEM).
+    pub fn intermediate(&self) -> PathBuf {
+        self.existing("issuercert.pem")
+    }
+
+    /// A directory with both, as a verifier's store of trusted EK CAs.
+    pub fn store(&self) -> PathBuf {
+        let store = self.dir.path().join("store");
+        std::fs::create_dir_all(&store).unwrap();
+        std::fs::copy(self.root(), store.join("root.pem")).unwrap();
+        std::fs::copy(self.intermediate(), store.join("intermediate.pem")).unwrap();
+        store
+    }
+
+    fn existing(&self, name: &str) -> PathBuf {
+        let path = self.dir.path().join("ca").join(name);
+        assert!(
+            path.is_file(),
+            "{} missing: provision a TPM with this CA first",
+            path.display()
+        );
+        path
+    }
+}
+
+/// How a test TPM is provisioned.
+pub enum EkCert<'a> {
+    /// `swtpm_setup --create-ek-cert` with the system's swtpm-localca.
+    System,
+    /// `--create-ek-cert --create-platform-cert`, issued by this CA.
+    From(&'a LocalCa),
+    /// No EK certificate in NV.
+    None,
+}
+
 impl Swtpm {
     /// A fresh TPM with an RSA-2048 EK and its certificate in NV.
     pub fn start() -> Self {
+        Self::start_with(EkCert::System)
+    }
+
+    /// A fresh TPM provisioned as `ek` says.
+    pub fn start_with(ek: EkCert<'_>) -> Self {
         let state = tempfile::tempdir().unwrap();
-        let out = Command::new(require("swtpm_setup"))
+        let mut setup = Command::new(require("swtpm_setup"));
+        setup
             .arg("--tpm2")
             .arg("--tpmstate")
             .arg(format!("dir://{}", state.path().display()))
-            .args(["--create-ek-cert", "--overwrite"])
-            .output()
-            .unwrap();
+            .arg("--overwrite");
+        match ek {
+            EkCert::System => {
+                setup.arg("--create-ek-cert");
+            }
+            EkCert::From(ca) => {
+                setup
+                    .args(["--create-ek-cert", "--create-platform-cert", "--config"])
+                    .arg(ca.setup_conf());
+            }
+            EkCert::None => {
+                // A config of our own all the same (swtpm_setup reads one).
+                let conf = state.path().join("swtpm_setup.conf");
+                std::fs::write(&conf, "active_pcr_banks = sha256\n").unwrap();
+                setup.arg("--config").arg(conf);
+            }
+        }
+        let out = setup.output().unwrap();
         assert!(
             out.status.success(),
             "swtpm_setup failed: {}",

@@ -8,7 +8,12 @@
 //! - **Enrollment** (`POST /device/enroll` with `tpm`): the EK is checked
 //!   against the pre-authorisation and its certificate, the AK is parsed,
 //!   and a credential-activation challenge goes back to the device
-//!   ([`check_enrollment`], [`store_activation`]).
+//!   ([`check_enrollment`], [`store_activation`]). With `tpm-cert-store`
+//!   set, the EK certificate must chain to a trusted TPM vendor CA unless
+//!   the factory line pre-authorised that very EK ([`check_vendor_ca`]).
+//! - **Binding later** (`POST /device/tpm`): a device enrolled without a
+//!   TPM identity (its `[tpm]` configured afterwards) sends it with its
+//!   device credential; the same checks, the same challenge.
 //! - **Activation** (`POST /device/activate`): the credential the TPM
 //!   released. Only now is the AK recorded as the device's.
 //! - **Quotes**: a poll answers a fresh nonce in the `Kernex-Attestation-Nonce`
@@ -21,6 +26,7 @@
 //!   nonce, malformed) changes nothing but the audit log.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Path, State};
@@ -72,6 +78,7 @@ pub fn router() -> Router<AppState> {
 /// Device routes (under `/api/v1/device`).
 pub fn device_router() -> Router<AppState> {
     Router::new()
+        .route("/tpm", post(bind))
         .route("/activate", post(activate))
         .route("/attestation", post(attestation))
 }
@@ -92,8 +99,17 @@ fn decode_hex(what: &str, text: &str, max: usize) -> Result<Vec<u8>> {
 
 /// Parses an EK and checks its certificate (when given) certifies it.
 fn check_ek(public: &[u8], certificate: Option<&[u8]>) -> Result<EkPublic> {
-    let ek =
-        EkPublic::parse(public).map_err(|e| Error::Unprocessable(format!("ek_public: {e}")))?;
+    let ek = parse_ek(public)?;
+    check_certificate_key(&ek, certificate)?;
+    Ok(ek)
+}
+
+fn parse_ek(public: &[u8]) -> Result<EkPublic> {
+    EkPublic::parse(public).map_err(|e| Error::Unprocessable(format!("ek_public: {e}")))
+}
+
+/// The certificate (when given) certifies this EK.
+fn check_certificate_key(ek: &EkPublic, certificate: Option<&[u8]>) -> Result<()> {
     if let Some(der) = certificate {
         let matches = ek
             .matches_certificate(der)
@@ -104,7 +120,20 @@ fn check_ek(public: &[u8], certificate: Option<&[u8]>) -> Result<EkPublic> {
             ));
         }
     }
-    Ok(ek)
+    Ok(())
+}
+
+/// With `tpm-cert-store` set: the EK certificate (`None`: the TPM has
+/// none) must chain to a trusted TPM vendor CA, be valid now (the server's
+/// clock) and certify `ek`. Without it: nothing to check (any TPM,
+/// swtpm included). The error is a 403 whose detail says what failed.
+pub fn check_vendor_ca(state: &AppState, ek: &EkPublic, certificate: Option<&[u8]>) -> Result<()> {
+    let Some(cas) = &state.ek_cas else {
+        return Ok(());
+    };
+    let now = Duration::from_millis(u64::try_from(state.clock.now_ms()).unwrap_or(0));
+    cas.verify(certificate, ek, now)
+        .map_err(|e| Error::Refused(e.to_string()))
 }
 
 // ---------------------------------------------------------------------------
@@ -180,7 +209,15 @@ pub async fn preauthorize(
             .transpose()?;
         let fp = match &public {
             Some(public) => {
-                check_ek(public, certificate.as_deref())?;
+                let ek = check_ek(public, certificate.as_deref())?;
+                // The factory line's word stands for an EK without a
+                // certificate; a certificate it sends must be a vendor's.
+                if certificate.is_some() {
+                    check_vendor_ca(&state, &ek, certificate.as_deref()).map_err(|e| match e {
+                        Error::Refused(why) => Error::Unprocessable(why),
+                        other => other,
+                    })?;
+                }
                 Some(fingerprint(public))
             }
             None if certificate.is_some() => {
@@ -408,7 +445,7 @@ pub async fn check_enrollment(
             tpm_required: false,
         });
     };
-    let ek = check_ek(&identity.ek_public, identity.ek_certificate.as_deref())?;
+    let ek = parse_ek(&identity.ek_public)?;
     let ak = AkPublic::parse(&identity.ak_public)
         .map_err(|e| Error::Unprocessable(format!("ak_public: {e}")))?;
     let fp = fingerprint(&identity.ek_public);
@@ -424,6 +461,13 @@ pub async fn check_enrollment(
             )));
         }
     }
+    // An EK the factory line pre-authorised for this device is trusted on
+    // its word (it read the EK from the board); any other needs a vendor's
+    // certificate when the server has a tpm-cert-store.
+    if preauth_ek.is_none() {
+        check_vendor_ca(state, &ek, identity.ek_certificate.as_deref())?;
+    }
+    check_certificate_key(&ek, identity.ek_certificate.as_deref())?;
     let other = sqlx::query(
         "SELECT device_id FROM devices WHERE org_id = $1 AND ek_fingerprint = $2 AND device_id <> $3",
     )
@@ -661,6 +705,126 @@ async fn activate_inner(
     Ok(Activated {
         ek_fingerprint,
         attestation: "pending".into(),
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Binding the TPM of a device already enrolled
+
+/// The TPM identity of a device that enrolled without one.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TpmBinding {
+    /// The device's TPM identity (`kernex-updater attest identity`): EK,
+    /// its certificate, AK.
+    #[schema(value_type = Object)]
+    pub tpm: TpmIdentity,
+    /// The PCR the device extends its slot measurement into (default 14).
+    #[serde(default)]
+    pub tpm_slot_pcr: Option<u8>,
+}
+
+/// What binding needs next.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TpmBindingAnswer {
+    /// `challenge`: answer `activation` at `POST /device/activate` (with
+    /// the device credential); `bound`: the device is bound to this EK and
+    /// AK already, nothing to do.
+    pub state: String,
+    /// Hex SHA-256 of the EK's `TPMT_PUBLIC`.
+    pub ek_fingerprint: String,
+    /// The credential-activation challenge (`id-object`,
+    /// `encrypted-secret`, hex).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub activation: Option<Activation>,
+}
+
+/// Bind the TPM of an enrolled device (one that enrolled without a TPM
+/// identity, e.g. `[tpm]` was configured later; or one bound to this EK
+/// that lost its AK). The checks of a TPM enrollment apply: the device's
+/// pre-authorisation and existing binding, its enrollment token's policy,
+/// the trusted vendor CAs (`tpm-cert-store`), one device per TPM. The
+/// answer is a credential-activation challenge; the binding is recorded
+/// when `POST /device/activate` answers it. A refused or failed binding
+/// leaves the device as it was (served, unattested).
+#[utoipa::path(post, path = "/api/v1/device/tpm", request_body = TpmBinding,
+    responses((status = 200, body = TpmBindingAnswer), (status = 401),
+        (status = 403, description = "refused by policy: the reason says why (e.g. the EK certificate is not from a trusted TPM vendor CA, or another TPM is pre-authorised)"),
+        (status = 409, description = "this TPM is bound to another device"),
+        (status = 422, description = "the EK or AK is unusable")))]
+pub async fn bind(
+    State(state): State<AppState>,
+    device: Device,
+    ApiJson(req): ApiJson<TpmBinding>,
+) -> Result<ApiJson<TpmBindingAnswer>> {
+    let outcome = bind_inner(&state, &device, &req).await;
+    let result = match &outcome {
+        Ok(_) => "ok".to_string(),
+        Err(e) => {
+            tracing::warn!(device = %device.device_id, reason = %e.summary(), "TPM binding refused");
+            format!("error: {}", e.summary())
+        }
+    };
+    record(&state, &device, "device.tpm-bind", &result).await?;
+    outcome.map(ApiJson)
+}
+
+async fn bind_inner(
+    state: &AppState,
+    device: &Device,
+    req: &TpmBinding,
+) -> Result<TpmBindingAnswer> {
+    let row = sqlx::query(
+        "SELECT d.ek_fingerprint, d.ak_public, d.slot_pcr, t.require_preauthorization, t.require_tpm FROM devices d LEFT JOIN enrollment_tokens t ON t.id = d.enrollment_token_id WHERE d.id = $1",
+    )
+    .bind(&device.pk)
+    .fetch_one(state.store.pool())
+    .await?;
+    let flag = |column: &str| -> Result<bool> {
+        Ok(row.try_get::<Option<i64>, _>(column)?.unwrap_or(0) != 0)
+    };
+    let policy = TokenPolicy {
+        require_preauthorization: flag("require_preauthorization")?,
+        require_tpm: flag("require_tpm")?,
+    };
+    let bound: Option<String> = row.try_get("ek_fingerprint")?;
+    let fp = fingerprint(&req.tpm.ek_public);
+    let same_ak = row.try_get::<Option<String>, _>("ak_public")?
+        == Some(hex::encode(&req.tpm.ak_public))
+        && row.try_get::<i64, _>("slot_pcr")?
+            == i64::from(req.tpm_slot_pcr.unwrap_or(DEFAULT_SLOT_PCR));
+    if bound.as_deref() == Some(fp.as_str()) && same_ak {
+        // Proven already, with this very AK: nothing changes.
+        return Ok(TpmBindingAnswer {
+            state: "bound".into(),
+            ek_fingerprint: fp,
+            activation: None,
+        });
+    }
+    let mut check = check_enrollment(
+        state,
+        &device.org_id,
+        &device.device_id,
+        policy,
+        Some(&req.tpm),
+        req.tpm_slot_pcr,
+        bound.as_deref(),
+    )
+    .await?;
+    let tpm = check
+        .tpm
+        .as_ref()
+        .ok_or_else(|| Error::Internal(anyhow::anyhow!("a TPM identity gave no challenge")))?;
+    let ek_fingerprint = tpm.ek_fingerprint.clone();
+    // The device was served without a TPM until now: a binding that fails
+    // does not lock it out (an unproven device stays unproven).
+    check.tpm_required = false;
+    let activation = store_activation(state, &device.pk, &check, None).await?;
+    Ok(TpmBindingAnswer {
+        state: "challenge".into(),
+        ek_fingerprint,
+        activation,
     })
 }
 

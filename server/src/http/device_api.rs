@@ -165,7 +165,7 @@ pub async fn enroll(
             if row.try_get::<i64, _>("revoked")? != 0 {
                 return Err(Error::Forbidden);
             }
-            let check = check_enrollment(
+            let check = match check_enrollment(
                 &state,
                 &org_id,
                 &req.device_id,
@@ -174,7 +174,11 @@ pub async fn enroll(
                 req.tpm_slot_pcr,
                 bound.as_deref(),
             )
-            .await?;
+            .await
+            {
+                Ok(check) => check,
+                Err(e) => return Err(refused(&state, &org_id, &req.device_id, e).await),
+            };
             if bound.is_some() {
                 // Bound to a TPM: the new credential replaces the old one
                 // only when that TPM answers the challenge. The EK is public;
@@ -203,7 +207,7 @@ pub async fn enroll(
                 }),
             ));
         }
-        let check = check_enrollment(
+        let check = match check_enrollment(
             &state,
             &org_id,
             &req.device_id,
@@ -212,7 +216,11 @@ pub async fn enroll(
             req.tpm_slot_pcr,
             None,
         )
-        .await?;
+        .await
+        {
+            Ok(check) => check,
+            Err(e) => return Err(refused(&state, &org_id, &req.device_id, e).await),
+        };
         let id = new_id()?;
         let mut tx = state.store.begin_write().await?;
         let inserted = sqlx::query(
@@ -277,6 +285,29 @@ async fn set_link(
     .execute(state.store.pool())
     .await?;
     Ok(())
+}
+
+/// An enrollment its TPM checks refused (policy, pre-authorisation, the
+/// vendor CAs): the reason goes to the device, the log and the audit log.
+async fn refused(state: &AppState, org_id: &str, device_id: &str, e: Error) -> Error {
+    let reason = e.summary();
+    tracing::warn!(device = %device_id, %reason, "enrollment refused");
+    let appended = audit::append(
+        &state.store,
+        audit::Entry {
+            org_id,
+            actor: &format!("device:{device_id}"),
+            action: "device.enroll",
+            target: &format!("device:{device_id}"),
+            result: &format!("error: {reason}"),
+            detail: serde_json::json!({}),
+        },
+    )
+    .await;
+    if let Err(a) = appended {
+        tracing::error!(error = %format!("{a:#}"), "unable to record the refused enrollment in the audit log");
+    }
+    e
 }
 
 async fn record(

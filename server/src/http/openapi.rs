@@ -32,7 +32,8 @@ use crate::http::{
         device_api::enroll, device_api::poll, device_api::heartbeat, device_api::report,
         device_api::logs, device_api::download,
         attestation::preauthorize, attestation::list_preauthorizations,
-        attestation::remove_preauthorization, attestation::activate, attestation::attestation,
+        attestation::remove_preauthorization, attestation::bind, attestation::activate,
+        attestation::attestation,
     )
 )]
 pub struct ApiDoc;

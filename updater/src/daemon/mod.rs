@@ -135,6 +135,19 @@ enum Next {
     Stop,
 }
 
+/// A 403 answering a request the credential is not the question of
+/// (enrollment, a TPM binding): the server refused it by policy and its
+/// detail says why (e.g. "EK certificate not issued by a trusted TPM
+/// vendor CA").
+fn policy_refusal(e: ClientError) -> ClientError {
+    match e {
+        ClientError::Unauthorized { status: 403, body } => {
+            ClientError::Rejected { status: 403, body }
+        }
+        other => other,
+    }
+}
+
 /// Runs the daemon until stopped.
 pub fn run(config_path: &Path, options: &DaemonOptions) -> Result<()> {
     logs::enable();
@@ -168,6 +181,10 @@ struct Daemon<'a> {
     failures: u32,
     /// The supervised agent services (stopped when dropped).
     agents: Option<agent::Agents>,
+    /// This boot has checked that a configured TPM is bound to the
+    /// credential (bound it, or was refused).
+    #[cfg(feature = "tpm")]
+    tpm_bind_done: bool,
 }
 
 fn now_ms() -> i64 {
@@ -216,6 +233,8 @@ impl<'a> Daemon<'a> {
             credential,
             failures: 0,
             agents: None,
+            #[cfg(feature = "tpm")]
+            tpm_bind_done: false,
             ctx,
         })
     }
@@ -473,12 +492,16 @@ impl<'a> Daemon<'a> {
                     .map(|t| t.pcr),
                 tpm,
             })
+            // A 403 to an enrollment is a policy refusal (the detail says
+            // which), not a refused credential: there is none yet.
+            .map_err(policy_refusal)
             .context("enrollment failed")?;
         if let Some(challenge) = &enrolled.activation {
             // Not stored before the TPM proved itself: the next cycle
             // enrolls again (a new challenge).
             self.activate_tpm(&enrolled.credential, challenge)
                 .context("TPM credential activation failed")?;
+            self.record_tpm_binding(&enrolled.id);
         }
         let credential = Credential {
             server: self.server.url.clone(),
@@ -540,6 +563,103 @@ impl<'a> Daemon<'a> {
     #[cfg(not(feature = "tpm"))]
     fn activate_tpm(&self, _credential: &str, _challenge: &serde_json::Value) -> Result<()> {
         bail!("the server sent a TPM challenge, but this kernex-updater has no TPM support")
+    }
+
+    /// Remembers that the server bound credential `id` to the stored AK, so
+    /// later starts need not ask (best effort: without the record the next
+    /// start asks the server, which answers "bound").
+    #[cfg(feature = "tpm")]
+    fn record_tpm_binding(&self, id: &str) {
+        if let Err(e) =
+            crate::attest::record_binding(&self.ctx.config.data_dir, &self.server.url, id)
+        {
+            tracing::warn!(error = %format!("{e:#}"), "unable to record the TPM binding");
+        }
+    }
+
+    #[cfg(not(feature = "tpm"))]
+    fn record_tpm_binding(&self, _id: &str) {}
+
+    /// A device enrolled without a TPM identity that has a `[tpm]` now (its
+    /// config gained one, or reading the TPM failed at enrollment) binds
+    /// it: `POST /device/tpm` with its identity, then the credential
+    /// activation. Once per boot; a network failure retries next cycle, a
+    /// refusal (the reason is logged) waits for the next start. The device
+    /// keeps being served meanwhile.
+    #[cfg(feature = "tpm")]
+    fn ensure_tpm_bound(&mut self, credential: &str) {
+        if self.tpm_bind_done {
+            return;
+        }
+        let (Some(tpm), Some(c)) = (self.ctx.config.tpm.clone(), self.credential.clone()) else {
+            self.tpm_bind_done = true;
+            return;
+        };
+        if crate::attest::is_bound(&self.ctx.config.data_dir, &c.server, &c.id) {
+            self.tpm_bind_done = true;
+            return;
+        }
+        tracing::info!(
+            "a TPM is configured but this device's enrollment is not bound to it: binding"
+        );
+        match self.bind_tpm(&tpm, credential, &c.id) {
+            Ok(()) => self.tpm_bind_done = true,
+            Err(e) => {
+                let offline = e
+                    .downcast_ref::<ClientError>()
+                    .is_some_and(|c| matches!(c, ClientError::Offline(_)));
+                if offline {
+                    tracing::warn!(error = %format!("{e:#}"), "unable to bind the TPM: retrying next cycle");
+                } else {
+                    tracing::warn!(error = %format!("{e:#}"), "unable to bind the TPM: the device stays unattested until the next start");
+                    self.tpm_bind_done = true;
+                }
+            }
+        }
+    }
+
+    #[cfg(not(feature = "tpm"))]
+    fn ensure_tpm_bound(&mut self, _credential: &str) {}
+
+    #[cfg(feature = "tpm")]
+    fn bind_tpm(
+        &mut self,
+        tpm: &crate::cli::attest::TpmConfig,
+        credential: &str,
+        id: &str,
+    ) -> Result<()> {
+        let ak = crate::attest::ak_path(&self.ctx.config.data_dir);
+        let identity =
+            crate::attest::identity(tpm, &ak, false).context("unable to read the TPM identity")?;
+        let answer = match self.client.post(
+            Some(credential),
+            "/api/v1/device/tpm",
+            &serde_json::json!({ "tpm": identity, "tpm_slot_pcr": tpm.pcr }),
+            None,
+        ) {
+            Ok(a) => a,
+            // 403 here is the binding refused by policy, not the credential.
+            Err(ClientError::Unauthorized { status: 401, body }) => {
+                return Err(self.on_client_error(ClientError::Unauthorized { status: 401, body }));
+            }
+            Err(e) => {
+                return Err(
+                    anyhow::Error::new(policy_refusal(e)).context("POST /api/v1/device/tpm failed")
+                );
+            }
+        };
+        let answer: serde_json::Value =
+            serde_json::from_slice(&answer).context("unreadable answer to the TPM binding")?;
+        match answer["state"].as_str() {
+            Some("bound") => {}
+            Some("challenge") => self
+                .activate_tpm(credential, &answer["activation"])
+                .context("TPM credential activation failed")?,
+            other => bail!("unexpected TPM binding state {other:?}"),
+        }
+        self.record_tpm_binding(id);
+        tracing::info!(ek = %answer["ek_fingerprint"], "TPM bound to this device's enrollment");
+        Ok(())
     }
 
     /// Answers the server's nonce with a quote of the slot PCR, naming the
@@ -649,6 +769,7 @@ impl<'a> Daemon<'a> {
     /// One poll cycle.
     fn cycle(&mut self) -> Result<Option<CycleEnd>> {
         let credential = self.ensure_enrolled()?;
+        self.ensure_tpm_bound(&credential);
         self.ship_logs();
         self.deliver()?;
         let status = crate::status::status(&self.ctx.config, self.ctx.flow.as_mut())?;
