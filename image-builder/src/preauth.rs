@@ -166,6 +166,40 @@ fn post_json<T: Serialize + ?Sized>(
     Ok((status, answer))
 }
 
+/// Withdraws the pre-authorisation of `device_id` (`DELETE
+/// /api/v1/tpm/preauthorizations/{device_id}`): what `provision` does when
+/// it created one and then failed to write the board. 404 (already gone)
+/// is success.
+pub fn withdraw(server: &str, api_token: &str, device_id: &str) -> Result<(), PreauthError> {
+    if !(server.starts_with("http://") || server.starts_with("https://")) {
+        return Err(PreauthError::BadUrl(server.to_owned()));
+    }
+    let url = format!("{}{PATH}/{device_id}", server.trim_end_matches('/'));
+    let mut resp = agent()
+        .delete(&url)
+        .header("Authorization", format!("Bearer {api_token}"))
+        .call()
+        .map_err(|e| PreauthError::Unreachable {
+            url: url.clone(),
+            reason: e.to_string(),
+        })?;
+    let status = resp.status().as_u16();
+    let body: String = resp
+        .body_mut()
+        .with_config()
+        .limit(MAX_ANSWER)
+        .read_to_string()
+        .unwrap_or_default()
+        .chars()
+        .take(500)
+        .collect();
+    match status {
+        200..=299 | 404 => Ok(()),
+        401 | 403 => Err(PreauthError::Unauthorized { status, body }),
+        _ => Err(PreauthError::Refused { status, body }),
+    }
+}
+
 fn agent() -> ureq::Agent {
     let config = ureq::Agent::config_builder()
         .http_status_as_error(false)

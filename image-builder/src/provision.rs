@@ -12,13 +12,17 @@
 //!    `etc/kernex/provisioning.json` (this report).
 //!
 //! The cheap checks and the server come before the long write, so a
-//! rejected token or a missing TPM stops before the target is touched.
+//! rejected token or a missing TPM stops before the target is touched. A
+//! failed write or identity step withdraws a pre-authorisation this run
+//! created, removes a file target and clears the first MiB of a block
+//! device, so no half-written board boots. A block device is read back
+//! with `O_DIRECT`, from the medium rather than the page cache.
 //! Running it again on the same board gives the same result (the server
 //! answers 200 for the same device and EK).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -248,7 +252,24 @@ pub fn provision(opts: &ProvisionOptions) -> Result<ProvisionReport> {
             )
         })?;
 
-    let image_sha256 = write_target(&opts.image, &opts.target, image_size, opts.quiet)?;
+    // From here on a failure must not leave the server expecting a board
+    // that was never made: withdraw a pre-authorisation this run created.
+    let undo = |e: anyhow::Error| -> anyhow::Error {
+        if outcome != Outcome::Created {
+            return e;
+        }
+        match preauth::withdraw(&opts.server, &opts.api_token, &device_id) {
+            Ok(()) => e.context(format!(
+                "the pre-authorisation of {device_id} made by this run was withdrawn"
+            )),
+            Err(w) => e.context(format!(
+                "the pre-authorisation of {device_id} made by this run could not be withdrawn ({w}): remove it with DELETE {}/{device_id}",
+                preauth::PATH
+            )),
+        }
+    };
+    let image_sha256 =
+        write_target(&opts.image, &opts.target, image_size, opts.quiet).map_err(undo)?;
 
     let mut report = ProvisionReport {
         device_id: device_id.clone(),
@@ -267,7 +288,7 @@ pub fn provision(opts: &ProvisionOptions) -> Result<ProvisionReport> {
         seconds: 0.0,
     };
     report.seconds = started.elapsed().as_secs_f64();
-    write_identity(opts, &data, &device_id, &report)?;
+    write_identity(opts, &data, &device_id, &report).map_err(undo)?;
     Ok(report)
 }
 
@@ -278,10 +299,66 @@ fn now_rfc3339() -> String {
 }
 
 /// Writes `image` to `target` and reads it back; returns the SHA-256.
+///
+/// On failure nothing half-written stays bootable: a file target is
+/// removed, and a block device gets its first MiB (the partition table and
+/// boot sector) cleared.
 fn write_target(image: &Path, target: &Path, size: u64, quiet: bool) -> Result<String> {
     let block_device = std::fs::metadata(target)
         .map(|m| m.file_type().is_block_device())
         .unwrap_or(false);
+    let mut touched = false;
+    let outcome = write_and_verify(image, target, size, quiet, block_device, &mut touched);
+    let Err(e) = outcome else {
+        return outcome;
+    };
+    if !touched {
+        return Err(e);
+    }
+    if block_device {
+        match clear_head(target) {
+            Ok(()) => Err(e.context(format!(
+                "the first MiB of {} was cleared, so it does not boot a partial image",
+                target.display()
+            ))),
+            Err(c) => Err(e.context(format!(
+                "clearing the first MiB of {} failed too ({c:#}): do not boot it",
+                target.display()
+            ))),
+        }
+    } else {
+        // This run created or truncated it.
+        match std::fs::remove_file(target) {
+            Ok(()) => Err(e.context(format!("{} was removed", target.display()))),
+            Err(r) => Err(e.context(format!(
+                "{} is partly written and could not be removed ({r}): do not use it",
+                target.display()
+            ))),
+        }
+    }
+}
+
+/// Zeroes the first MiB of a block device (best effort after a failed
+/// write).
+fn clear_head(target: &Path) -> Result<()> {
+    let f = OpenOptions::new()
+        .write(true)
+        .open(target)
+        .with_context(|| format!("unable to open {}", target.display()))?;
+    f.write_all_at(&vec![0u8; 1 << 20], 0)
+        .with_context(|| format!("unable to write {}", target.display()))?;
+    f.sync_all()
+        .with_context(|| format!("unable to sync {}", target.display()))
+}
+
+fn write_and_verify(
+    image: &Path,
+    target: &Path,
+    size: u64,
+    quiet: bool,
+    block_device: bool,
+    touched: &mut bool,
+) -> Result<String> {
     // A card that is not inserted must not turn /dev/sdX into a file in
     // devtmpfs (RAM) and a "successful" provisioning.
     if !block_device && target.starts_with("/dev") {
@@ -300,6 +377,7 @@ fn write_target(image: &Path, target: &Path, size: u64, quiet: bool) -> Result<S
             .seek(SeekFrom::End(0))
             .with_context(|| format!("unable to read the size of {}", target.display()))?;
         check_capacity(target, capacity, size)?;
+        *touched = true;
         f
     } else {
         let f = OpenOptions::new()
@@ -309,6 +387,7 @@ fn write_target(image: &Path, target: &Path, size: u64, quiet: bool) -> Result<S
             .truncate(true)
             .open(target)
             .with_context(|| format!("unable to create {}", target.display()))?;
+        *touched = true;
         f.set_len(size)
             .with_context(|| format!("unable to size {} to {size} bytes", target.display()))?;
         f
@@ -338,7 +417,7 @@ fn write_target(image: &Path, target: &Path, size: u64, quiet: bool) -> Result<S
     let written = hex::encode(hasher.finalize());
     drop(out);
 
-    let read_back = hash_prefix(target, size, quiet)?;
+    let read_back = hash_prefix(target, size, quiet, block_device)?;
     if read_back != written {
         bail!(
             "{} reads back with SHA-256 {read_back}, the image has {written}: the write did not stick",
@@ -359,18 +438,46 @@ pub fn check_capacity(target: &Path, capacity: u64, size: u64) -> Result<()> {
     Ok(())
 }
 
-fn hash_prefix(path: &Path, size: u64, quiet: bool) -> Result<String> {
-    let mut f = File::open(path).with_context(|| format!("unable to open {}", path.display()))?;
+/// Alignment of direct reads (a multiple of any logical block size).
+const DIRECT_ALIGN: usize = 4096;
+
+/// SHA-256 of the first `size` bytes of `path`. `direct` (a block device):
+/// read with `O_DIRECT`, from the medium, not from the page cache the
+/// write just filled.
+fn hash_prefix(path: &Path, size: u64, quiet: bool, direct: bool) -> Result<String> {
+    let mut options = OpenOptions::new();
+    options.read(true);
+    if direct {
+        options.custom_flags(libc::O_DIRECT);
+    }
+    let f = options
+        .open(path)
+        .with_context(|| format!("unable to open {} to read it back", path.display()))?;
     let bar = progress::bytes(size, "verify", quiet);
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; BLOCK];
+    // Direct reads need an aligned buffer, offset and length.
+    let mut raw = vec![0u8; BLOCK + DIRECT_ALIGN];
+    let start = match raw.as_ptr().align_offset(DIRECT_ALIGN) {
+        n if n < DIRECT_ALIGN => n,
+        _ => bail!("unable to align a read buffer"),
+    };
+    let buf = &mut raw[start..start + BLOCK];
     let mut done = 0u64;
     while done < size {
-        let n = (size - done).min(BLOCK as u64) as usize;
-        f.read_exact(&mut buf[..n])
-            .with_context(|| format!("unable to read {} back", path.display()))?;
-        hasher.update(&buf[..n]);
-        done += n as u64;
+        let left = (size - done).min(BLOCK as u64) as usize;
+        let want = left.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+        let n = f
+            .read_at(&mut buf[..want], done)
+            .with_context(|| format!("unable to read {} back at byte {done}", path.display()))?;
+        if n == 0 {
+            bail!(
+                "{} ends at byte {done} while reading it back, the image has {size}",
+                path.display()
+            );
+        }
+        let take = n.min(left);
+        hasher.update(&buf[..take]);
+        done += take as u64;
         bar.set_position(done);
     }
     bar.finish_and_clear();

@@ -3,7 +3,9 @@
 //! 127.0.0.1:0 that speaks the pre-authorisation contract (POST
 //! /api/v1/tpm/preauthorizations: 201 new, 200 same device and EK, 409
 //! another EK, 401 bad token) and records what it was sent. The data
-//! partition it writes is read back with debugfs and e2fsck.
+//! partition it writes is read back with debugfs and e2fsck. Block device
+//! targets are real loop devices (losetup, as root); a device that fails
+//! mid-write is a loop device over a file on a full tmpfs.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -17,9 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::post;
+use axum::routing::{delete, post};
 use common::*;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -72,6 +74,27 @@ async fn preauthorize(
     }
 }
 
+async fn withdraw(
+    State(seen): State<Shared>,
+    headers: HeaderMap,
+    UrlPath(device): UrlPath<String>,
+) -> StatusCode {
+    let auth = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let mut seen = seen.lock().unwrap();
+    seen.requests
+        .push((auth.clone(), json!({"withdraw": device.clone()})));
+    if auth.as_deref() != Some(&format!("Bearer {API_TOKEN}")) {
+        return StatusCode::UNAUTHORIZED;
+    }
+    match seen.devices.remove(&device) {
+        Some(_) => StatusCode::NO_CONTENT,
+        None => StatusCode::NOT_FOUND,
+    }
+}
+
 async fn check_token(headers: HeaderMap, Json(body): Json<Value>) -> (StatusCode, Json<Value>) {
     if headers.get("authorization").and_then(|v| v.to_str().ok())
         != Some(&format!("Bearer {API_TOKEN}"))
@@ -111,6 +134,10 @@ impl Server {
             rt.block_on(async move {
                 let app = axum::Router::new()
                     .route("/api/v1/tpm/preauthorizations", post(preauthorize))
+                    .route(
+                        "/api/v1/tpm/preauthorizations/{device_id}",
+                        delete(withdraw),
+                    )
                     .route("/api/v1/enrollment-tokens/check", post(check_token))
                     .with_state(state);
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -127,6 +154,10 @@ impl Server {
 
     fn requests(&self) -> Vec<(Option<String>, Value)> {
         self.seen.lock().unwrap().requests.clone()
+    }
+
+    fn preauthorized(&self, device: &str) -> bool {
+        self.seen.lock().unwrap().devices.contains_key(device)
     }
 }
 
@@ -600,4 +631,181 @@ fn provision_finds_the_data_partition_of_a_gpt_disk() {
             .unwrap()
             .starts_with("/dev/disk/by-partuuid/")
     );
+}
+
+/// Block device tests run as root with util-linux's losetup; anywhere else
+/// they fail saying so (scripts/test runs them as root in CI).
+fn require_block_devices() {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+    let losetup = Command::new("losetup").arg("--version").output().is_ok();
+    assert!(
+        root && losetup && Path::new("/dev/loop-control").exists(),
+        "the block device tests need root, losetup (util-linux) and /dev/loop-control"
+    );
+}
+
+/// A loop device over a file, detached on drop.
+struct Loop(PathBuf);
+
+impl Loop {
+    fn attach(file: &Path) -> Loop {
+        let out = run(Command::new("losetup").args(["-f", "--show"]).arg(file));
+        Loop(PathBuf::from(
+            String::from_utf8(out.stdout).unwrap().trim().to_owned(),
+        ))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+/// A tmpfs of `size` mounted on a fresh directory, unmounted on drop.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path()));
+        Tmpfs(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+#[test]
+fn provision_writes_a_block_device_and_reads_it_back_from_the_medium() {
+    require_block_devices();
+    let r = Release::new();
+    let server = Server::start();
+    let (disk, disk_report) = small_disk(&r);
+    let image = fs::read(&disk).unwrap();
+    let backing = r.path("card.img");
+    // A used card: old bytes everywhere, 8 MiB larger than the image.
+    fs::write(&backing, vec![0xa5u8; image.len() + (8 << 20)]).unwrap();
+    let report = {
+        let card = Loop::attach(&backing);
+        let report = run_json(&mut provision(
+            &disk,
+            &card.0,
+            &server.url,
+            &["--device-id", "SN-CARD", "--json"],
+        ));
+        let off = data_offset(&disk_report);
+        run(peer("e2fsck")
+            .arg("-fn")
+            .arg(format!("{}?offset={off}", card.0.display())));
+        report
+    };
+    assert_eq!(report["image-sha256"].as_str().unwrap(), sha256_hex(&image));
+    assert_eq!(report["preauthorization-outcome"], "created");
+    let card = fs::read(&backing).unwrap();
+    let off = data_offset(&disk_report) as usize;
+    assert_eq!(card[..off], image[..off], "the image is on the card");
+    assert!(
+        card[image.len()..].iter().all(|b| *b == 0xa5),
+        "nothing written past the image"
+    );
+}
+
+#[test]
+fn a_failed_write_withdraws_the_preauthorization_and_leaves_nothing_bootable() {
+    require_block_devices();
+    let r = Release::new();
+    let server = Server::start();
+    let (disk, _) = small_disk(&r);
+    let image_len = fs::metadata(&disk).unwrap().len();
+
+    // A card that fails after 12 MiB: a loop device over a file on a full
+    // tmpfs (the file is sparse, so writes past the space fail).
+    let space = Tmpfs::mount("12m");
+    let backing = space.0.path().join("card.img");
+    fs::File::create(&backing)
+        .unwrap()
+        .set_len(image_len + (1 << 20))
+        .unwrap();
+    {
+        let card = Loop::attach(&backing);
+        let err = failing(&mut provision(
+            &disk,
+            &card.0,
+            &server.url,
+            &["--device-id", "SN-BAD"],
+        ));
+        assert!(err.contains("was cleared"), "{err}");
+        assert!(
+            err.contains("the pre-authorisation of SN-BAD made by this run was withdrawn"),
+            "{err}"
+        );
+    }
+    let mut head = vec![0u8; 1 << 20];
+    use std::io::Read;
+    fs::File::open(&backing)
+        .unwrap()
+        .read_exact(&mut head)
+        .unwrap();
+    assert!(
+        head.iter().all(|b| *b == 0),
+        "no partition table left on the failed card"
+    );
+    assert!(!server.preauthorized("SN-BAD"));
+
+    // Not a block device under /dev: refused before any write, and the
+    // pre-authorisation made for it is withdrawn.
+    let err = failing(&mut provision(
+        &disk,
+        Path::new("/dev/full"),
+        &server.url,
+        &["--device-id", "SN-FULL"],
+    ));
+    assert!(err.contains("/dev/full is not a block device"), "{err}");
+    assert!(err.contains("was withdrawn"), "{err}");
+    assert!(!server.preauthorized("SN-FULL"));
+
+    // A board pre-authorised by an earlier run keeps it.
+    let target = r.path("ok.img");
+    run_json(&mut provision(
+        &disk,
+        &target,
+        &server.url,
+        &["--device-id", "SN-KEEP", "--json"],
+    ));
+    let err = failing(&mut provision(
+        &disk,
+        Path::new("/dev/full"),
+        &server.url,
+        &["--device-id", "SN-KEEP"],
+    ));
+    assert!(!err.contains("withdrawn"), "{err}");
+    assert!(server.preauthorized("SN-KEEP"));
+}
+
+#[test]
+fn a_failed_write_to_a_file_removes_it() {
+    require_block_devices();
+    let r = Release::new();
+    let server = Server::start();
+    let (disk, _) = small_disk(&r);
+    let space = Tmpfs::mount("4m");
+    let target = space.0.path().join("board.img");
+    let err = failing(&mut provision(
+        &disk,
+        &target,
+        &server.url,
+        &["--device-id", "SN-FILE"],
+    ));
+    assert!(err.contains("was removed"), "{err}");
+    assert!(!target.exists());
+    assert!(!server.preauthorized("SN-FILE"));
 }
