@@ -26,9 +26,23 @@ use crate::blobs::Blobs;
 use crate::config::Config;
 use crate::store::{Store, new_id, now_ms};
 
-/// What every handler shares.
+/// What every handler shares, behind one `Arc`: axum clones the state for
+/// every extractor and middleware of every request, so a clone is one
+/// reference count.
 #[derive(Debug, Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What [`AppState`] holds.
+#[derive(Debug)]
+pub struct Shared {
     /// The database.
     pub store: Store,
     /// The blob store.
@@ -84,7 +98,7 @@ impl AppState {
         std::fs::create_dir_all(&spool)
             .with_context(|| format!("unable to create {}", spool.display()))?;
         let shared = store.backend() == store::Backend::Postgres;
-        Ok(AppState {
+        Ok(AppState(Arc::new(Shared {
             store,
             blobs,
             spool,
@@ -104,7 +118,7 @@ impl AppState {
             poll_cache: Arc::new(poll_cache::PollCache::new(!shared)),
             ek_cas,
             config: Arc::new(config),
-        })
+        })))
     }
 }
 

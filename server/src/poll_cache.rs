@@ -22,8 +22,8 @@
 //! [`crate::credentials::CredentialCache`]).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
@@ -56,7 +56,7 @@ const DEVICE_LOCAL: &[&str] = &[
 
 #[derive(Debug)]
 struct Entry {
-    polled: Polled,
+    polled: Arc<Polled>,
     epoch: u64,
     at: Instant,
 }
@@ -112,7 +112,7 @@ impl PollCache {
 
     /// The poll state of the device `hash` authenticates, if cached and
     /// current.
-    pub fn get(&self, hash: &str) -> Option<Polled> {
+    pub fn get(&self, hash: &str) -> Option<Arc<Polled>> {
         if !self.enabled.load(Ordering::SeqCst) {
             return None;
         }
@@ -124,7 +124,7 @@ impl PollCache {
 
     /// Remembers what `hash` polls, as read after [`PollCache::ticket`]
     /// returned `ticket`; nothing when anything was dropped since.
-    pub fn insert(&self, hash: &str, polled: &Polled, ticket: Ticket) {
+    pub fn insert(&self, hash: &str, polled: &Arc<Polled>, ticket: Ticket) {
         if !self.enabled.load(Ordering::SeqCst) {
             return;
         }
@@ -154,7 +154,7 @@ impl PollCache {
         entries.by_hash.insert(
             hash.to_string(),
             Entry {
-                polled: polled.clone(),
+                polled: Arc::clone(polled),
                 epoch,
                 at: Instant::now(),
             },
@@ -298,8 +298,8 @@ mod tests {
     use super::*;
     use crate::auth::Device;
 
-    fn polled(pk: &str, version: &str) -> Polled {
-        Polled {
+    fn polled(pk: &str, version: &str) -> Arc<Polled> {
+        Arc::new(Polled {
             device: Device {
                 pk: pk.into(),
                 org_id: "o".into(),
@@ -310,7 +310,7 @@ mod tests {
             assigned: None,
             in_rollout: false,
             tpm: false,
-        }
+        })
     }
 
     #[test]
@@ -319,10 +319,10 @@ mod tests {
         let t = c.ticket();
         c.insert("h1", &polled("a", "1"), t);
         c.insert("h2", &polled("b", "1"), t);
-        assert_eq!(c.get("h1").map(|p| p.device.pk), Some("a".into()));
+        assert_eq!(c.get("h1").map(|p| p.device.pk.clone()), Some("a".into()));
         c.forget_device("a");
         assert!(c.get("h1").is_none());
-        assert_eq!(c.get("h2").map(|p| p.device.pk), Some("b".into()));
+        assert_eq!(c.get("h2").map(|p| p.device.pk.clone()), Some("b".into()));
     }
 
     #[test]
@@ -338,7 +338,7 @@ mod tests {
         let after = c.ticket();
         c.insert("h1", &polled("a", "2"), after);
         assert_eq!(
-            c.get("h1").and_then(|p| p.current_version),
+            c.get("h1").and_then(|p| p.current_version.clone()),
             Some("2".into())
         );
     }

@@ -388,7 +388,7 @@ pub const POLL_AFTER_HEADER: &str = "kernex-poll-after";
     (status = 403, description = "the device must complete TPM credential activation first")))]
 pub async fn poll(
     State(state): State<AppState>,
-    polled: crate::http::device_poll::Polled,
+    polled: crate::http::device_poll::PollAuth,
 ) -> Result<Response> {
     crate::last_seen::touch(&state, &polled.device.pk).await?;
     let nonce = if polled.tpm {

@@ -8,6 +8,8 @@
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
+use std::sync::Arc;
+
 use sqlx::Row;
 
 use crate::AppState;
@@ -45,7 +47,20 @@ pub struct Polled {
     pub tpm: bool,
 }
 
-impl FromRequestParts<AppState> for Polled {
+/// The `GET /poll` extractor: the authenticated device's [`Polled`], shared
+/// with the poll cache.
+#[derive(Debug, Clone)]
+pub struct PollAuth(pub Arc<Polled>);
+
+impl std::ops::Deref for PollAuth {
+    type Target = Polled;
+
+    fn deref(&self) -> &Polled {
+        &self.0
+    }
+}
+
+impl FromRequestParts<AppState> for PollAuth {
     type Rejection = Error;
 
     /// Same answers as the `Device` extractor (401 for a missing, unknown
@@ -63,7 +78,7 @@ impl FromRequestParts<AppState> for Polled {
                 &format!("device:{}", polled.device.pk),
                 state.config.device_requests_per_minute,
             )?;
-            return Ok(polled);
+            return Ok(PollAuth(polled));
         }
         state.metrics.poll_cache_misses.inc();
         let ticket = state.poll_cache.ticket();
@@ -105,7 +120,7 @@ impl FromRequestParts<AppState> for Polled {
             }),
             None => None,
         };
-        let polled = Polled {
+        let polled = Arc::new(Polled {
             device,
             current_version: row.try_get("current_version")?,
             assigned,
@@ -114,9 +129,9 @@ impl FromRequestParts<AppState> for Polled {
                 || row
                     .try_get::<Option<String>, _>("ek_fingerprint")?
                     .is_some(),
-        };
+        });
         state.poll_cache.insert(&hash, &polled, ticket);
-        Ok(polled)
+        Ok(PollAuth(polled))
     }
 }
 

@@ -5,11 +5,13 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::extract::{MatchedPath, Request, State};
+use axum::http::Method;
 use axum::http::{HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -17,7 +19,49 @@ use prometheus_client::registry::Registry;
 
 use crate::AppState;
 
-type Labels = Vec<(String, String)>;
+/// The route a request matched (`unmatched` when none): the router's own
+/// shared string, so labelling a request allocates nothing.
+#[derive(Debug, Clone)]
+struct Route(Option<MatchedPath>);
+
+impl Route {
+    fn as_str(&self) -> &str {
+        self.0.as_ref().map_or("unmatched", MatchedPath::as_str)
+    }
+}
+
+impl PartialEq for Route {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Route {}
+
+impl std::hash::Hash for Route {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+/// `method`, `route` and, for the request counter, `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Labels {
+    method: Method,
+    route: Route,
+    status: Option<u16>,
+}
+
+impl EncodeLabelSet for Labels {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> std::fmt::Result {
+        ("method", self.method.as_str()).encode(encoder.encode_label())?;
+        ("route", self.route.as_str()).encode(encoder.encode_label())?;
+        if let Some(status) = self.status {
+            ("status", status).encode(encoder.encode_label())?;
+        }
+        Ok(())
+    }
+}
 
 /// The registry and the request metrics.
 #[derive(Debug)]
@@ -84,29 +128,21 @@ impl Metrics {
 
 /// Middleware: counts and times every request by matched route.
 pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".into());
-    let method = req.method().to_string();
+    let mut labels = Labels {
+        method: req.method().clone(),
+        route: Route(req.extensions().get::<MatchedPath>().cloned()),
+        status: None,
+    };
     let start = Instant::now();
     let response = next.run(req).await;
-    let status = response.status().as_u16().to_string();
-    state
-        .metrics
-        .requests
-        .get_or_create(&vec![
-            ("method".into(), method.clone()),
-            ("route".into(), route.clone()),
-            ("status".into(), status),
-        ])
-        .inc();
+    let elapsed = start.elapsed().as_secs_f64();
     state
         .metrics
         .latency
-        .get_or_create(&vec![("method".into(), method), ("route".into(), route)])
-        .observe(start.elapsed().as_secs_f64());
+        .get_or_create(&labels)
+        .observe(elapsed);
+    labels.status = Some(response.status().as_u16());
+    state.metrics.requests.get_or_create(&labels).inc();
     response
 }
 
