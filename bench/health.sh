@@ -7,7 +7,8 @@
 # (2) every other check (supervised agent, HTTP probe, command, disk,
 # memory) and no llm, (3) all of them together, each stability window 0 so
 # the time is the checks' own. Median of --runs runs; peak RSS from
-# /usr/bin/time. The updater is a release build with the `llm` feature.
+# /usr/bin/time. The updater is a release build (the `llm` feature is a
+# default one); BENCH_PROFILE=debug measures the test build instead.
 #
 # Usage: bench/health.sh [--runs N] [--tokens N]
 set -euo pipefail
@@ -42,8 +43,8 @@ case $profile in
     debug) flags=() ;;
     *) die "BENCH_PROFILE must be release or debug" ;;
 esac
-log "building kernex-updater ($profile, --features llm)"
-(cd "$repo" && cargo build "${flags[@]}" --locked -p kernex-updater --features llm >&2)
+log "building kernex-updater ($profile, default features: llm)"
+(cd "$repo" && cargo build "${flags[@]}" --locked -p kernex-updater >&2)
 updater=$target_dir/$profile/kernex-updater
 
 work=$(mktemp -d)

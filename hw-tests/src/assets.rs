@@ -178,23 +178,33 @@ fn shared_libraries(binary: &Path) -> Result<Vec<(String, PathBuf)>> {
     Ok(libs)
 }
 
-/// Builds `kernex-updater` (debug profile, with the `tpm` feature: scenario 6)
-/// and returns its path. Building it here, rather than trusting whatever
-/// binary is in the target directory, makes sure the guest runs this
-/// checkout's updater.
+/// Builds `kernex-updater` (debug profile, with the `tpm` feature: scenario 6;
+/// without the default `llm` feature: the guest runs no llm check, and
+/// llama.cpp would make the binary and its build much bigger) and returns
+/// its path. Building it here, rather than trusting whatever binary is in
+/// the target directory, makes sure the guest runs this checkout's updater.
 pub fn build_updater() -> Result<PathBuf> {
-    build_binary("kernex-updater", &["tpm"])
+    build_binary("kernex-updater", Features::Only(&["tpm"]))
 }
 
 /// Builds `kernex-server` (debug profile), the control plane the guest's
 /// daemon talks to, and returns its path.
 pub fn build_server() -> Result<PathBuf> {
-    build_binary("kernex-server", &[])
+    build_binary("kernex-server", Features::Default)
+}
+
+/// The cargo features a binary is built with.
+#[derive(Debug, Clone, Copy)]
+enum Features {
+    /// The package's default features.
+    Default,
+    /// These and no others (`--no-default-features --features …`).
+    Only(&'static [&'static str]),
 }
 
 /// `cargo build -p NAME --bin NAME` with the cargo that runs the tests, into
 /// `<target>/hw-tests-bin`.
-fn build_binary(name: &str, features: &[&str]) -> Result<PathBuf> {
+fn build_binary(name: &str, features: Features) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     // <target>/debug/deps/<test-binary>
     let profile_dir = exe
@@ -216,8 +226,11 @@ fn build_binary(name: &str, features: &[&str]) -> Result<PathBuf> {
         .arg("--manifest-path")
         .arg(&manifest)
         .env("CARGO_TARGET_DIR", &own_dir);
-    if !features.is_empty() {
-        cmd.arg("--features").arg(features.join(","));
+    if let Features::Only(features) = features {
+        cmd.arg("--no-default-features");
+        if !features.is_empty() {
+            cmd.arg("--features").arg(features.join(","));
+        }
     }
     run(&mut cmd)?;
     let bin = own_dir.join("debug").join(name);

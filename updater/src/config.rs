@@ -131,6 +131,11 @@ impl SystemConfig {
         if config.reboot_command.is_empty() {
             return Err(bad("reboot-command must name a program".into()));
         }
+        if let Some(health) = &config.health
+            && health.systemctl_command.as_ref().is_some_and(Vec::is_empty)
+        {
+            return Err(bad("health.systemctl-command must name a program".into()));
+        }
         for class in config.slots.classes() {
             if let Some(pair) = config.slots.pair(class)
                 && pair.a == pair.b

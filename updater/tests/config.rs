@@ -22,6 +22,11 @@ fn example_config_parses() {
     assert_eq!(server.poll_interval, 60);
     assert_eq!(server.tags, vec!["site-berlin"]);
     assert!(server.allow_downgrade);
+    let health = config.health.unwrap();
+    assert_eq!(health.deadline, Some(300));
+    assert_eq!(health.stability_window, Some(60));
+    assert_eq!(health.watchdog_device.unwrap(), Path::new("/dev/watchdog"));
+    assert_eq!(health.systemctl_command.unwrap(), vec!["systemctl"]);
     let tpm = config.tpm.unwrap();
     assert_eq!((tpm.tcti.as_str(), tpm.pcr), ("device:/dev/tpmrm0", 14));
 }
@@ -40,6 +45,17 @@ fn unknown_keys_and_bad_values_are_rejected() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("same path"), "{err}");
+    let empty = text.replace(
+        "systemctl-command = [\"systemctl\"]",
+        "systemctl-command = []",
+    );
+    let err = SystemConfig::from_toml(&empty, &path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("systemctl-command must name a program"),
+        "{err}"
+    );
     let bad = text.replace("\"raspberrypi4-64\"", "\"no spaces allowed\"");
     assert!(SystemConfig::from_toml(&bad, &path).is_err());
 }

@@ -1,7 +1,8 @@
 //! The device binary's dependency footprint: `kernex-updater` links
 //! `kernex-protocol` without its `bita` feature, so no async runtime or
 //! async HTTP stack ends up on the device, and the protocol crate keeps
-//! compiling without that feature.
+//! compiling without that feature. llama.cpp (the `llm` health check) is in
+//! a default build and out of a `--no-default-features` one.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
@@ -16,8 +17,9 @@ fn cargo() -> Command {
 /// Crates the updater must not link: bitar's async transport and runtime.
 const FORBIDDEN: &[&str] = &["bitar", "reqwest", "hyper", "tokio", "futures-executor"];
 
-#[test]
-fn updater_links_no_async_runtime() {
+/// The crates `kernex-updater` links (normal dependencies), with `extra`
+/// arguments to `cargo tree` (features), and the tree as printed.
+fn updater_tree(extra: &[&str]) -> (Vec<String>, String) {
     let out = cargo()
         .args([
             "tree",
@@ -31,18 +33,27 @@ fn updater_links_no_async_runtime() {
             "--format",
             "{p}",
         ])
+        .args(extra)
         .output()
         .unwrap();
-    let tree = String::from_utf8_lossy(&out.stdout);
+    let tree = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "cargo tree failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let crates: Vec<&str> = tree
+    let crates = tree
         .lines()
         .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
         .collect();
+    (crates, tree)
+}
+
+#[test]
+fn updater_links_no_async_runtime() {
+    let (crates, tree) = updater_tree(&[]);
+    let crates: Vec<&str> = crates.iter().map(String::as_str).collect();
     // The tree is real: the updater's own dependencies are in it.
     for needed in ["kernex-protocol", "ureq", "zstd", "openssl"] {
         assert!(crates.contains(&needed), "{needed} missing from\n{tree}");
@@ -51,6 +62,23 @@ fn updater_links_no_async_runtime() {
         assert!(
             !crates.contains(bad),
             "kernex-updater depends on {bad}:\n{tree}"
+        );
+    }
+}
+
+#[test]
+fn llm_check_is_in_a_default_build_and_out_without_default_features() {
+    let (crates, tree) = updater_tree(&[]);
+    assert!(
+        crates.iter().any(|c| c == "llama-cpp-2"),
+        "a default build has no llama.cpp:\n{tree}"
+    );
+    let (crates, tree) = updater_tree(&["--no-default-features"]);
+    assert!(crates.iter().any(|c| c == "kernex-protocol"), "{tree}");
+    for llama in ["llama-cpp-2", "llama-cpp-sys-2"] {
+        assert!(
+            !crates.iter().any(|c| c == llama),
+            "--no-default-features still links {llama}:\n{tree}"
         );
     }
 }

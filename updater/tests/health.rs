@@ -15,6 +15,11 @@ use std::time::{Duration, Instant};
 use kernex_bootloader::{BootFlow, Slot};
 use serde_json::Value;
 
+/// The `service` check's systemd mode against a real `systemd --user`
+/// (in a directory of its own: a file in tests/ would be a test target).
+#[path = "health/systemd.rs"]
+mod systemd;
+
 struct Device {
     dir: tempfile::TempDir,
 }

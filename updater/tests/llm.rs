@@ -4,7 +4,8 @@
 //! set KERNEX_LLM_MODEL). A missing model fails the tests; it never skips
 //! them.
 //!
-//! Run: `cargo test -p kernex-updater --features llm --test llm`.
+//! Run: `cargo test -p kernex-updater --test llm` (`llm` is a default
+//! feature; without it this test is not built).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};

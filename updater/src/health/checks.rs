@@ -36,6 +36,8 @@ pub struct Probe {
     supervised: Option<Supervised>,
     /// Systemd mode: (when, NRestarts) samples.
     restarts_seen: VecDeque<(Instant, u64)>,
+    /// Systemd mode: the `systemctl` to ask (program and arguments).
+    systemctl: Vec<String>,
 }
 
 /// A process the watchdog runs itself (supervise mode).
@@ -57,7 +59,17 @@ impl Probe {
             last: None,
             supervised: None,
             restarts_seen: VecDeque::new(),
+            systemctl: vec![super::DEFAULT_SYSTEMCTL.to_owned()],
         }
+    }
+
+    /// Systemd mode asks `argv` (e.g. `systemctl --user`) instead of
+    /// `systemctl`; an empty `argv` keeps `systemctl`.
+    pub fn with_systemctl(mut self, argv: &[String]) -> Self {
+        if !argv.is_empty() {
+            self.systemctl = argv.to_vec();
+        }
+        self
     }
 
     /// Polls the check; blocking checks are bounded by their timeout and by
@@ -211,26 +223,33 @@ impl Probe {
     }
 
     fn poll_systemd(&mut self, unit: &str, max_restarts: u32, window: Duration) -> Verdict {
-        let out = match Command::new("systemctl")
+        let shown = self.systemctl.join(" ");
+        let Some((program, args)) = self.systemctl.split_first() else {
+            return Verdict::Terminal(format!("service {unit}: no systemctl command"));
+        };
+        let out = match Command::new(program)
+            .args(args)
             .args([
                 "show",
                 "--property=ActiveState",
                 "--property=NRestarts",
+                "--",
                 unit,
             ])
             .stdin(Stdio::null())
-            .stderr(Stdio::null())
             .output()
         {
             Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
             Ok(o) => {
+                let stderr = String::from_utf8_lossy(&o.stderr);
                 return Verdict::Fail(format!(
-                    "service {unit}: systemctl show failed: {}",
-                    o.status
+                    "service {unit}: `{shown} show` failed ({}): {}",
+                    exit_text(o.status),
+                    stderr.lines().next().unwrap_or("no message").trim()
                 ));
             }
             Err(e) => {
-                return Verdict::Fail(format!("service {unit}: unable to run systemctl: {e}"));
+                return Verdict::Fail(format!("service {unit}: unable to run {program}: {e}"));
             }
         };
         let value = |key: &str| {

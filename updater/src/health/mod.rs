@@ -34,6 +34,8 @@ pub const DEFAULT_STABILITY_WINDOW: u64 = 60;
 pub const DEFAULT_MAX_REVERT_REBOOTS: u32 = 3;
 /// Default hardware watchdog / sd_notify feed interval, milliseconds.
 pub const DEFAULT_FEED_INTERVAL_MS: u64 = 1000;
+/// The program systemd-mode `service` checks ask (`systemctl show`).
+pub const DEFAULT_SYSTEMCTL: &str = "systemctl";
 /// Grace after the deadline during which the hardware watchdog is still fed
 /// (a run hung past it lets the watchdog reset the device).
 pub const FEED_GRACE: Duration = Duration::from_secs(60);
@@ -67,9 +69,22 @@ pub struct HealthConfig {
     /// Feed interval for the watchdog device and sd_notify, milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub feed_interval_ms: Option<u64>,
+    /// The `systemctl` the systemd-mode `service` checks run (program and
+    /// arguments, `show …` appended): default `["systemctl"]`, the system
+    /// manager; `["systemctl", "--user"]` for units of the user manager
+    /// whose `$XDG_RUNTIME_DIR` the updater runs with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub systemctl_command: Option<Vec<String>>,
 }
 
 impl HealthConfig {
+    /// The `systemctl` command line systemd-mode checks run.
+    pub fn systemctl(&self) -> Vec<String> {
+        self.systemctl_command
+            .clone()
+            .unwrap_or_else(|| vec![DEFAULT_SYSTEMCTL.to_owned()])
+    }
+
     /// The override part, as a spec.
     pub fn spec(&self) -> HealthSpec {
         HealthSpec {
@@ -281,7 +296,12 @@ pub fn run(config: &SystemConfig, flow: &mut dyn BootFlow) -> Result<RunResult, 
         window_s = spec.stability_window.as_secs(),
         "slot on trial: running health checks"
     );
-    let verdict = watch(&spec, started);
+    let systemctl = config
+        .health
+        .as_ref()
+        .map(HealthConfig::systemctl)
+        .unwrap_or_else(|| vec![DEFAULT_SYSTEMCTL.to_owned()]);
+    let verdict = watch(&spec, &systemctl, started);
     feeder.stop();
     match verdict {
         Ok(reason) => {
@@ -352,8 +372,12 @@ fn run_reboot(argv: &[String]) -> Result<(), UpdateError> {
 
 /// Polls every check until all pass for the window (`Ok(summary)`) or one
 /// fails terminally or the deadline passes (`Err(reason)`).
-fn watch(spec: &EffectiveSpec, started: Instant) -> Result<String, String> {
-    let mut probes: Vec<checks::Probe> = spec.checks.iter().map(checks::Probe::new).collect();
+fn watch(spec: &EffectiveSpec, systemctl: &[String], started: Instant) -> Result<String, String> {
+    let mut probes: Vec<checks::Probe> = spec
+        .checks
+        .iter()
+        .map(|c| checks::Probe::new(c).with_systemctl(systemctl))
+        .collect();
     let result = watch_probes(&mut probes, spec, started);
     for p in &mut probes {
         p.stop();

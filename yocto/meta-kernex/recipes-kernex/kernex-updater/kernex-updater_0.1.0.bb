@@ -19,11 +19,25 @@ CARGO_SRC_DIR = "updater"
 
 DEPENDS += "openssl"
 
-# `kernex-updater attest` (TPM identity, slot measurement, quotes) links
-# tpm2-tss (meta-security's meta-tpm).
-PACKAGECONFIG ??= ""
+# The cargo features, from PACKAGECONFIG:
+# - llm (on by default, as in a plain `cargo build --release`): the health
+#   watchdog's `llm` check. llama.cpp is built by llama-cpp-sys-2's build
+#   script with cmake and bindgen (libclang: clang-native, from meta-clang
+#   before styhead). `PACKAGECONFIG:remove:pn-kernex-updater = "llm"` builds
+#   without it (an `llm` check in a manifest then fails with that reason).
+# - tpm: `kernex-updater attest` (TPM identity, slot measurement, quotes),
+#   links tpm2-tss (meta-security's meta-tpm).
+# oe-core's cargo class has no feature list of its own: the features go on
+# its cargo command line, defaults off and the chosen ones on.
+PACKAGECONFIG ??= "llm"
+PACKAGECONFIG[llm] = ",,cmake-native clang-native"
 PACKAGECONFIG[tpm] = ",,tpm2-tss"
-CARGO_FEATURES:append = "${@bb.utils.contains('PACKAGECONFIG', 'tpm', ' tpm', '', d)}"
+KERNEX_CARGO_FEATURES = "${@' '.join(f for f in ['llm', 'tpm'] if bb.utils.contains('PACKAGECONFIG', f, True, False, d))}"
+CARGO_BUILD_FLAGS:append = " --no-default-features --features '${KERNEX_CARGO_FEATURES}'"
+# bindgen (llm) finds libclang in the native sysroot and parses llama.cpp's
+# headers for the target.
+export LIBCLANG_PATH = "${@bb.utils.contains('PACKAGECONFIG', 'llm', '${STAGING_LIBDIR_NATIVE}', '', d)}"
+export BINDGEN_EXTRA_CLANG_ARGS = "${@bb.utils.contains('PACKAGECONFIG', 'llm', '--sysroot=${STAGING_DIR_TARGET} --target=${HOST_SYS}', '', d)}"
 
 # Trusted CA certificates (PEM) releases must be signed under: installed
 # as /etc/kernex/keyring.pem. Required.
