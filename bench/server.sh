@@ -15,8 +15,8 @@
 # per-device rate limit stays on. Before a poll row every device polls once
 # (a fleet that polls every minute), so the server's poll cache is in its
 # steady state; the row shows the share of polls it answered. The release
-# is assigned with SQL behind the server's back, so the server is started
-# again before the "release assigned" row.
+# is assigned with SQL while the server is stopped, and the server started
+# again, before the "release assigned" row.
 #
 # Usage: bench/server.sh [options]     (see --help; bench/README.md)
 set -euo pipefail
@@ -319,10 +319,10 @@ for backend in $backends; do
 
     measure "poll, nothing to do (204)" "$backend" "$url" GET /api/v1/device/poll
     measure "heartbeat (204)" "$backend" "$url" POST /api/v1/device/heartbeat "$work/heartbeat.json"
-    sql "$backend" "UPDATE devices SET desired_release_id = 'bench0000000000000000000000release';"
-    # Written behind the server's back (not through the API, which would
-    # drop its poll cache): start it again.
+    # Assigned with SQL, not through the API (which would drop the poll
+    # cache): with the server stopped, then started again.
     stop
+    sql "$backend" "UPDATE devices SET desired_release_id = 'bench0000000000000000000000release';"
     start "kernex-server-$backend" "$server_bin" --data-dir "$data" --database-url "$db_url" --listen 127.0.0.1:0
     url="http://$addr"
     code=$(curl -s -o "$work/poll-$backend.json" -w '%{http_code}' \
