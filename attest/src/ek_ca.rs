@@ -345,19 +345,9 @@ fn issuer_name(der: &[u8]) -> String {
     let Ok(cert) = openssl::x509::X509::from_der(der) else {
         return "?".into();
     };
-    let parts: Vec<String> = cert
-        .issuer_name()
-        .entries()
-        .map(|e| {
-            let key = e.object().nid().short_name().unwrap_or("?");
-            let value = e.data().to_string().unwrap_or_else(|_| "?".into());
-            format!("{key}={value}")
-        })
-        .collect();
-    if parts.is_empty() {
-        "(empty)".into()
-    } else {
-        parts.join(", ")
+    match kernex_protocol::signature::name_to_string(cert.issuer_name()) {
+        n if n.is_empty() => "(empty)".into(),
+        n => n,
     }
 }
 

@@ -109,7 +109,8 @@ impl fmt::Display for SignerInfo {
     }
 }
 
-fn name_to_string(name: &openssl::x509::X509NameRef) -> String {
+/// An X.509 name as `CN=…, O=…` (for messages).
+pub fn name_to_string(name: &openssl::x509::X509NameRef) -> String {
     let parts: Vec<String> = name
         .entries()
         .map(|e| {

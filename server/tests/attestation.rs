@@ -697,23 +697,7 @@ async fn gate(db: common::Db) {
 /// wave until a quote for the new release attests it; in the next wave a
 /// quote showing another image counts as a failure and rolls back.
 async fn gate_body(h: Arc<Harness>) {
-    let made = common::sim_releases(&h);
-    let pem = std::fs::read_to_string(&made.ca_pem).unwrap();
-    let (s, _) = h
-        .call(
-            Method::PUT,
-            "/api/v1/org/keyring",
-            Some(&h.admin.clone()),
-            Some(json!({"pem": pem})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::NO_CONTENT);
-    let mut ids = Vec::new();
-    for bundle in &made.bundles {
-        let (s, r) = h.upload(&h.admin, std::fs::read(bundle).unwrap()).await;
-        assert_eq!(s, StatusCode::CREATED, "{r}");
-        ids.push(r["id"].as_str().unwrap().to_string());
-    }
+    let ids = common::upload_sim_releases(&h).await;
     let target = measurement_of(&h, &ids[1]).await;
 
     let line = token(&h, false, true).await;

@@ -177,15 +177,7 @@ async fn revocation_takes_effect_at_once(h: Arc<Harness>) {
     assert_eq!(poll(&h, &cred).await, StatusCode::NO_CONTENT);
     assert_eq!(poll(&h, &other).await, StatusCode::NO_CONTENT);
     assert!(h.state.credentials.len() >= 2, "cached");
-    let (s, _) = h
-        .call(
-            Method::POST,
-            &format!("/api/v1/devices/{pk}/revoke"),
-            Some(&h.admin),
-            None,
-        )
-        .await;
-    assert_eq!(s, StatusCode::NO_CONTENT);
+    revoke(&h, &pk).await;
     assert_eq!(poll(&h, &cred).await, StatusCode::UNAUTHORIZED);
     let (s, _) = h
         .call(
@@ -211,6 +203,18 @@ async fn re_enrollment_retires_the_old_credential_at_once(h: Arc<Harness>) {
     assert_ne!(old, new);
     assert_eq!(poll(&h, &old).await, StatusCode::UNAUTHORIZED);
     assert_eq!(poll(&h, &new).await, StatusCode::NO_CONTENT);
+}
+
+async fn revoke(h: &Harness, pk: &str) {
+    let (s, _) = h
+        .call(
+            Method::POST,
+            &format!("/api/v1/devices/{pk}/revoke"),
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
 }
 
 async fn deploy(h: &Harness, release: &str, device: &str) {
@@ -355,15 +359,7 @@ async fn replicas_body(h: Arc<Harness>) {
     assert!(second.poll_cache.get(&hash).is_some());
     assert!(second.credentials.get(&hash).is_some());
 
-    let (s, _) = h
-        .call(
-            Method::POST,
-            &format!("/api/v1/devices/{pk}/revoke"),
-            Some(&h.admin),
-            None,
-        )
-        .await;
-    assert_eq!(s, StatusCode::NO_CONTENT);
+    revoke(&h, &pk).await;
     eventually("replica 2 forgets the revoked credential", || {
         second.poll_cache.get(&hash).is_none() && second.credentials.get(&hash).is_none()
     })

@@ -986,7 +986,7 @@ async fn test_clock_is_off_by_default() {
 /// rollback hint for `rollback-watch-secs`, but a plain deployment made
 /// meanwhile still reaches them (the watch does not govern them).
 async fn a_completed_rollout_watches_for_a_rollback_without_holding_its_devices(h: Arc<Harness>) {
-    let ids = upload_releases(&h).await;
+    let ids = common::upload_sim_releases(&h).await;
     let (_, enrollment) = h.enrollment_token(&h.admin, &["watch"]).await;
     let (device, cred) = h.enroll(&enrollment, "w0", "sim-x86").await;
     let (s, _) = h
@@ -1054,7 +1054,7 @@ async fn a_completed_rollout_watches_for_a_rollback_without_holding_its_devices(
 async fn a_device_offline_until_after_the_rollout_completed_is_updated_when_it_returns(
     h: Arc<Harness>,
 ) {
-    let ids = upload_releases(&h).await;
+    let ids = common::upload_sim_releases(&h).await;
     let tick = |ms: i64| advance(&h, ms);
     let heartbeat = |cred: String| {
         let h = h.clone();
@@ -1126,29 +1126,6 @@ async fn a_device_offline_until_after_the_rollout_completed_is_updated_when_it_r
     tick(1000).await;
     let (s, _) = poll_hint(&h, &away).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
-}
-
-/// The org's keyring set to the simulator's CA and both simulator releases
-/// uploaded: their ids, old then new.
-async fn upload_releases(h: &Harness) -> Vec<String> {
-    let made = releases(h);
-    let pem = std::fs::read_to_string(&made.ca_pem).unwrap();
-    let (s, _) = h
-        .call(
-            Method::PUT,
-            "/api/v1/org/keyring",
-            Some(&h.admin.clone()),
-            Some(json!({"pem": pem})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::NO_CONTENT);
-    let mut ids = Vec::new();
-    for bundle in &made.bundles {
-        let (s, r) = h.upload(&h.admin, std::fs::read(bundle).unwrap()).await;
-        assert_eq!(s, StatusCode::CREATED, "{r}");
-        ids.push(r["id"].as_str().unwrap().to_string());
-    }
-    ids
 }
 
 /// Advances the test clock by `ms`; the scheduler runs a pass.

@@ -816,6 +816,17 @@ fn rollout_then_rollback_through_the_scheduler() {
 /// the committed release shows "committed · attested". Then the slot PCR is
 /// made to hold another image's measurement (what a boot loader measuring
 /// a swapped rootfs would extend): the next quote shows the mismatch.
+/// An enrollment token for TPM devices only (`require_tpm`).
+fn tpm_only_token(cp: &ControlPlane) -> String {
+    let (s, v) = cp.op(
+        "POST",
+        "/api/v1/enrollment-tokens",
+        Some(json!({"label": "tpm line", "require_tpm": true})),
+    );
+    assert_eq!(s, 201, "{v}");
+    v["token"].as_str().unwrap().to_string()
+}
+
 #[test]
 fn daemon_with_a_tpm_is_committed_and_attested() {
     let keys = keys();
@@ -823,13 +834,7 @@ fn daemon_with_a_tpm_is_committed_and_attested() {
     let cp = ControlPlane::start_with(&keys, |c| c.attestation_max_age_secs = 4);
     let v1_img = image(2 * MIB, 1);
     let r1 = cp.upload(&bundle(&v1_img, "1.0.0", &keys.signer).bytes);
-    let (s, v) = cp.op(
-        "POST",
-        "/api/v1/enrollment-tokens",
-        Some(json!({"label": "tpm line", "require_tpm": true})),
-    );
-    assert_eq!(s, 201, "{v}");
-    let token = v["token"].as_str().unwrap().to_string();
+    let token = tpm_only_token(&cp);
 
     let tpm = swtpm::Swtpm::start();
     let mut dev = SimDevice::new(&keys, &image(2 * MIB, 9), &cp.url, &token, "tpm-1");
@@ -989,13 +994,7 @@ fn daemon_logs_why_the_server_refused_its_tpm() {
     let _vendor_tpm = swtpm::Swtpm::start_with(swtpm::EkCert::From(&vendor));
     let store = vendor.store();
     let cp = ControlPlane::start_with(&keys, move |c| c.tpm_cert_store = vec![store]);
-    let (s, v) = cp.op(
-        "POST",
-        "/api/v1/enrollment-tokens",
-        Some(json!({"label": "tpm line", "require_tpm": true})),
-    );
-    assert_eq!(s, 201, "{v}");
-    let token = v["token"].as_str().unwrap().to_string();
+    let token = tpm_only_token(&cp);
     // Another CA's EK certificate (swtpm_setup's default local CA).
     let tpm = swtpm::Swtpm::start();
     let mut dev = SimDevice::new(&keys, &image(2 * MIB, 9), &cp.url, &token, "foreign-tpm");

@@ -341,6 +341,29 @@ pub fn sim_releases(h: &Harness) -> kernex_sim::releases::MadeReleases {
     .unwrap()
 }
 
+/// The org's keyring set to the simulator's CA and both [`sim_releases`]
+/// uploaded: their ids, old then new.
+pub async fn upload_sim_releases(h: &Harness) -> Vec<String> {
+    let made = sim_releases(h);
+    let pem = std::fs::read_to_string(&made.ca_pem).unwrap();
+    let (s, _) = h
+        .call(
+            Method::PUT,
+            "/api/v1/org/keyring",
+            Some(&h.admin.clone()),
+            Some(json!({"pem": pem})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let mut ids = Vec::new();
+    for bundle in &made.bundles {
+        let (s, r) = h.upload(&h.admin, std::fs::read(bundle).unwrap()).await;
+        assert_eq!(s, StatusCode::CREATED, "{r}");
+        ids.push(r["id"].as_str().unwrap().to_string());
+    }
+    ids
+}
+
 /// Runs `body` on a fresh harness for `db`, then drops the database, even
 /// when the body panics (the panic is re-raised).
 pub async fn run<F, Fut>(db: Db, body: F)
