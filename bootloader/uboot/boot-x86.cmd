@@ -1,12 +1,17 @@
-# Kernex A/B boot script for U-Boot on x86 (build: mkimage -A x86 -T script -C none -d boot-x86.cmd boot.scr).
+# Kernex A/B boot script for U-Boot builds that keep their env where Linux
+# cannot reach it (build: mkimage -A x86 -T script -C none -d boot-x86.cmd
+# boot.scr; -A arm64 for an arm64 board).
 #
 # The same boot-state contract as boot.cmd (BOOT_ORDER, BOOT_A_LEFT,
-# BOOT_B_LEFT, kernex.slot= on the kernel command line), for U-Boot builds
-# like Debian's qemu-x86_64 (u-boot-qemu: /usr/lib/u-boot/qemu-x86_64/u-boot.rom)
-# that differ from the arm64 ones in three ways:
+# BOOT_B_LEFT, kernex.slot= on the kernel command line). Written for Debian's
+# x86 U-Boot (u-boot-qemu: /usr/lib/u-boot/qemu-x86/u-boot.rom), and used
+# as well for Debian's qemu_arm64 U-Boot, whose env lives in NOR flash that
+# Debian's arm64 kernel has no driver for (no CONFIG_MTD_CFI). It differs
+# from boot.cmd in three ways:
 #
-# - The env lives nowhere (CONFIG_ENV_IS_NOWHERE): saveenv cannot work. The
-#   contract's variables are kept in a file on the boot partition instead,
+# - The env is not where Linux can write it (x86: CONFIG_ENV_IS_NOWHERE, so
+#   saveenv cannot work at all; arm64 QEMU: CFI flash). The contract's
+#   variables are kept in a file on the boot partition instead,
 #   `uboot.env`, in the checksummed U-Boot env format (CRC32 + data, the
 #   format of `env export -c` and of mkenvimage / fw_setenv). This script
 #   imports it with `env import -c`, and writes it back with `env export -c`
@@ -16,23 +21,30 @@
 #   BOOT_B_LEFT are written back (other variables in the file are read, not
 #   kept). A file whose CRC does not match is ignored (the defaults below
 #   apply), as U-Boot does with a bad env.
-# - No setexpr (CONFIG_CMD_SETEXPR is off): the counter is decremented by a
-#   lookup over 1..9 (counts are single digits in the contract anyway).
-# - The kernel is a bzImage booted with zboot, with its initrd.
+# - No setexpr on x86 (CONFIG_CMD_SETEXPR is off): the counter is
+#   decremented by a lookup over 1..9 (counts are single digits in the
+#   contract anyway).
+# - The kernel is booted with its initrd by zboot (x86: a bzImage) or booti
+#   (arm64: an Image, with the device tree U-Boot runs on, which on QEMU's
+#   virt machine is QEMU's own).
 #
 # It runs from distro_bootcmd (the default bootcmd), which finds boot.scr on
 # the bootable partition and sets devtype, devnum and distro_bootpart.
 #
-# Board settings (defaults below; the env file may override them):
+# Board settings (defaults below, by U-Boot's ${arch}; the env file may
+# override them):
 #   kernex_part_A   partition of slot A on the boot device (default 2)
 #   kernex_part_B   partition of slot B (default 3)
 #   kernex_kernel   kernel path inside a slot (default /boot/vmlinuz)
 #   kernex_initrd   initrd path inside a slot (default /boot/initrd.img)
-#   kernex_bootargs kernel arguments (default "console=ttyS0,115200 panic=5 loglevel=4")
-#   kernex_initrd_addr where the initrd is loaded (default 0x10000000, 256 MiB:
-#                   U-Boot's ramdisk_addr_r, 64 MiB, lies inside the decompression
-#                   buffer of a Debian 6.1 kernel, 0x1000000 + init_size 0x3f98000,
-#                   which then overwrites the initrd while it unpacks itself)
+#   kernex_bootargs kernel arguments (default "console=ttyS0,115200 panic=5
+#                   loglevel=4"; arm: console=ttyAMA0,115200)
+#   kernex_initrd_addr where the initrd is loaded (x86 default 0x10000000,
+#                   256 MiB: U-Boot's ramdisk_addr_r, 64 MiB, lies inside the
+#                   decompression buffer of a Debian 6.1 kernel, 0x1000000 +
+#                   init_size 0x3f98000, which then overwrites the initrd
+#                   while it unpacks itself; arm default ${ramdisk_addr_r})
+#   kernex_boot     zboot (x86 default) or booti (arm default)
 #   kernex_envfile  env file on the boot partition (default uboot.env)
 #   kernex_envsize  its size (default 0x4000)
 
@@ -45,8 +57,15 @@ test -n "${kernex_part_A}" || setenv kernex_part_A 2
 test -n "${kernex_part_B}" || setenv kernex_part_B 3
 test -n "${kernex_kernel}" || setenv kernex_kernel /boot/vmlinuz
 test -n "${kernex_initrd}" || setenv kernex_initrd /boot/initrd.img
-test -n "${kernex_initrd_addr}" || setenv kernex_initrd_addr 0x10000000
-test -n "${kernex_bootargs}" || setenv kernex_bootargs "console=ttyS0,115200 panic=5 loglevel=4"
+if test "${arch}" = "arm"; then
+  test -n "${kernex_initrd_addr}" || setenv kernex_initrd_addr ${ramdisk_addr_r}
+  test -n "${kernex_bootargs}" || setenv kernex_bootargs "console=ttyAMA0,115200 panic=5 loglevel=4"
+  test -n "${kernex_boot}" || setenv kernex_boot booti
+else
+  test -n "${kernex_initrd_addr}" || setenv kernex_initrd_addr 0x10000000
+  test -n "${kernex_bootargs}" || setenv kernex_bootargs "console=ttyS0,115200 panic=5 loglevel=4"
+  test -n "${kernex_boot}" || setenv kernex_boot zboot
+fi
 
 # >>> kernex-select
 test -n "${BOOT_ORDER}" || setenv BOOT_ORDER "A B"
@@ -117,7 +136,11 @@ setenv bootargs "${kernex_bootargs} kernex.slot=${kernex_slot}"
 if load ${devtype} ${devnum}:${kernex_part} ${kernel_addr_r} ${kernex_kernel}; then
   setenv kernex_kernel_size ${filesize}
   if load ${devtype} ${devnum}:${kernex_part} ${kernex_initrd_addr} ${kernex_initrd}; then
-    zboot ${kernel_addr_r} ${kernex_kernel_size} ${kernex_initrd_addr} ${filesize}
+    if test "${kernex_boot}" = "booti"; then
+      booti ${kernel_addr_r} ${kernex_initrd_addr}:${filesize} ${fdtcontroladdr}
+    else
+      zboot ${kernel_addr_r} ${kernex_kernel_size} ${kernex_initrd_addr} ${filesize}
+    fi
   fi
 fi
 

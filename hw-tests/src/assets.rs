@@ -5,44 +5,21 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
+use crate::arch::Arch;
 use crate::run;
 
-/// U-Boot for QEMU's `pc` machine (Debian's u-boot-qemu). The 32-bit build: the
-/// 64-bit one (qemu-x86_64) resets the board in zboot before the kernel
-/// prints anything; the 32-bit one boots the same x86_64 bzImage.
-pub const UBOOT_ROM: &str = "/usr/lib/u-boot/qemu-x86/u-boot.rom";
-
-/// The tpm2-tss TCTI for the kernel's TPM device (`device:/dev/tpmrm0`).
+/// The tpm2-tss TCTI for the kernel's TPM device (`device:/dev/tpmrm0`), on
+/// the x86_64 board (the only one with a TPM).
 pub const TCTI_DEVICE: &str = "/lib/x86_64-linux-gnu/libtss2-tcti-device.so.0";
 
-/// Kernel modules the guest loads, in dependency order (the Debian amd64
-/// kernel builds virtio, virtio-net, ext4 and vfat as modules).
-pub const MODULES: &[&str] = &[
-    "kernel/drivers/virtio/virtio_ring.ko",
-    "kernel/drivers/virtio/virtio.ko",
-    "kernel/drivers/virtio/virtio_pci_legacy_dev.ko",
-    "kernel/drivers/virtio/virtio_pci_modern_dev.ko",
-    "kernel/drivers/virtio/virtio_pci.ko",
-    "kernel/drivers/block/virtio_blk.ko",
-    "kernel/lib/crc16.ko",
-    "kernel/fs/mbcache.ko",
-    "kernel/fs/jbd2/jbd2.ko",
-    "kernel/crypto/crc32c_generic.ko",
-    "kernel/fs/ext4/ext4.ko",
-    "kernel/fs/fat/fat.ko",
-    "kernel/fs/fat/vfat.ko",
-    "kernel/fs/nls/nls_cp437.ko",
-    "kernel/fs/nls/nls_utf8.ko",
-    "kernel/fs/nls/nls_ascii.ko",
-    // The NIC on QEMU's user network (the daemon scenario).
-    "kernel/net/core/failover.ko",
-    "kernel/drivers/net/net_failover.ko",
-    "kernel/drivers/net/virtio_net.ko",
-];
+/// Where the arm64 board's glibc (libc6-arm64-cross) lives on the host.
+const ARM64_CROSS_LIBS: &str = "/usr/aarch64-linux-gnu/lib";
 
-/// The kernel, modules and BusyBox unpacked by scripts/setup.d/70-hw-tests.sh.
+/// The kernel, modules and BusyBox unpacked by scripts/setup.d/70-hw-tests.sh
+/// (x86_64) or 71-hw-tests-arm64.sh (arm64).
 #[derive(Debug, Clone)]
 pub struct Assets {
+    pub arch: Arch,
     pub root: PathBuf,
     pub kernel_release: String,
     /// The `kernex-updater` binary and the shared libraries it needs
@@ -52,20 +29,14 @@ pub struct Assets {
 }
 
 impl Assets {
-    /// Finds everything; a missing piece is an error naming how to get it.
-    pub fn find(updater: PathBuf) -> Result<Self> {
-        let dir = std::env::var_os("KERNEX_HW_ASSETS")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(
-                    std::env::var_os("KERNEX_CACHE")
-                        .unwrap_or_else(|| "/var/cache/kernex-ci".into()),
-                )
-                .join("hw-tests")
-            });
+    /// Finds everything for `arch`'s board; a missing piece is an error
+    /// naming how to get it. `updater` is the guest's `kernex-updater`
+    /// ([`build_updater`]).
+    pub fn find(arch: Arch, updater: PathBuf) -> Result<Self> {
+        let dir = assets_dir(arch);
         let pinned = std::fs::read_to_string(dir.join("PINNED")).with_context(|| {
             format!(
-                "{}/PINNED is missing: run scripts/setup (scripts/setup.d/70-hw-tests.sh fetches the kernel and BusyBox)",
+                "{}/PINNED is missing: run scripts/setup (scripts/setup.d/70-hw-tests.sh and 71-hw-tests-arm64.sh fetch the kernels and BusyBox)",
                 dir.display()
             )
         })?;
@@ -76,36 +47,58 @@ impl Assets {
             .trim()
             .to_owned();
         for tool in [
-            "qemu-system-x86_64",
+            arch.qemu(),
+            arch.strip(),
             "mkimage",
             "sfdisk",
             "mkfs.vfat",
             "mcopy",
             "mke2fs",
-            // Scenario 6: the board's TPM and the independent quote check.
-            "swtpm",
-            "tpm2_checkquote",
         ] {
             which(tool)?;
         }
-        if !Path::new(UBOOT_ROM).exists() {
-            bail!("{UBOOT_ROM} is missing: install u-boot-qemu (scripts/setup)");
+        if arch.has_tpm() {
+            // Scenario 6: the board's TPM and the independent quote check.
+            which("swtpm")?;
+            which("tpm2_checkquote")?;
         }
-        // tpm2-tss loads its TCTI (`device:` → libtss2-tcti-device.so.0)
-        // with dlopen at run time: ldd of the updater does not list it.
-        let mut libraries = shared_libraries(&updater)?;
-        let tcti = Path::new(TCTI_DEVICE);
-        if !tcti.exists() {
-            bail!("{TCTI_DEVICE} is missing: install libtss2-dev (scripts/setup.d/60-tpm.sh)");
+        if !Path::new(arch.firmware()).exists() {
+            bail!(
+                "{} is missing: install u-boot-qemu (scripts/setup)",
+                arch.firmware()
+            );
         }
-        for lib in std::iter::once((TCTI_DEVICE.to_owned(), std::fs::canonicalize(tcti)?))
-            .chain(shared_libraries(tcti)?)
-        {
-            if !libraries.iter().any(|(guest, _)| *guest == lib.0) {
-                libraries.push(lib);
+        let libraries = match arch {
+            Arch::X86_64 => {
+                // tpm2-tss loads its TCTI (`device:` → libtss2-tcti-device.so.0)
+                // with dlopen at run time: ldd of the updater does not list it.
+                let mut libraries = shared_libraries(&updater)?;
+                let tcti = Path::new(TCTI_DEVICE);
+                if !tcti.exists() {
+                    bail!(
+                        "{TCTI_DEVICE} is missing: install libtss2-dev (scripts/setup.d/60-tpm.sh)"
+                    );
+                }
+                for lib in std::iter::once((TCTI_DEVICE.to_owned(), std::fs::canonicalize(tcti)?))
+                    .chain(shared_libraries(tcti)?)
+                {
+                    if !libraries.iter().any(|(guest, _)| *guest == lib.0) {
+                        libraries.push(lib);
+                    }
+                }
+                libraries
             }
-        }
+            Arch::Arm64 => cross_libraries(
+                &updater,
+                &[
+                    PathBuf::from(ARM64_CROSS_LIBS),
+                    dir.join("sysroot/usr/lib/aarch64-linux-gnu"),
+                ],
+                arch.multiarch(),
+            )?,
+        };
         let assets = Assets {
+            arch,
             root: dir.join("root"),
             kernel_release,
             updater,
@@ -133,6 +126,21 @@ impl Assets {
             .join(format!("lib/modules/{}", self.kernel_release))
             .join(rel)
     }
+}
+
+/// `$KERNEX_CACHE/hw-tests` (x86_64) or `$KERNEX_CACHE/hw-tests-arm64`;
+/// `KERNEX_HW_ASSETS` / `KERNEX_HW_ASSETS_ARM64` override them.
+fn assets_dir(arch: Arch) -> PathBuf {
+    let (var, name) = match arch {
+        Arch::X86_64 => ("KERNEX_HW_ASSETS", "hw-tests"),
+        Arch::Arm64 => ("KERNEX_HW_ASSETS_ARM64", "hw-tests-arm64"),
+    };
+    std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(
+            std::env::var_os("KERNEX_CACHE").unwrap_or_else(|| "/var/cache/kernex-ci".into()),
+        )
+        .join(name)
+    })
 }
 
 /// Absolute path of `tool` on PATH.
@@ -178,19 +186,140 @@ fn shared_libraries(binary: &Path) -> Result<Vec<(String, PathBuf)>> {
     Ok(libs)
 }
 
-/// Builds `kernex-updater` (debug profile, with the `tpm` feature: scenario 6;
+/// The shared libraries a binary of another architecture loads, as (path in
+/// the guest, path on the host): `ldd` cannot run it, so this follows its
+/// `DT_NEEDED` entries (`readelf -d`) through `search`, and adds its
+/// program interpreter (`readelf -l`). Libraries go to `/lib/<multiarch>/`
+/// in the guest, where Debian's dynamic loader looks.
+fn cross_libraries(
+    binary: &Path,
+    search: &[PathBuf],
+    multiarch: &str,
+) -> Result<Vec<(String, PathBuf)>> {
+    let headers = run(Command::new("readelf").arg("-lW").arg(binary))?;
+    let interp = String::from_utf8_lossy(&headers.stdout)
+        .lines()
+        .find_map(|l| {
+            l.split_once("[Requesting program interpreter: ")
+                .and_then(|(_, rest)| rest.strip_suffix(']'))
+                .map(str::to_owned)
+        })
+        .with_context(|| format!("{} names no program interpreter", binary.display()))?;
+    let find = |name: &str| -> Result<PathBuf> {
+        search
+            .iter()
+            .map(|d| d.join(name))
+            .find(|p| p.exists())
+            .with_context(|| {
+                format!(
+                    "{name} (needed by {}) is in none of {search:?}: run scripts/setup (71-hw-tests-arm64.sh)",
+                    binary.display()
+                )
+            })
+    };
+    let interp_name = Path::new(&interp)
+        .file_name()
+        .context("empty program interpreter")?
+        .to_string_lossy()
+        .into_owned();
+    let mut libs = vec![(interp.clone(), std::fs::canonicalize(find(&interp_name)?)?)];
+    let mut todo = vec![binary.to_path_buf()];
+    while let Some(next) = todo.pop() {
+        let dynamic = run(Command::new("readelf").arg("-dW").arg(&next))?;
+        for line in String::from_utf8_lossy(&dynamic.stdout).lines() {
+            // " 0x0000000000000001 (NEEDED)  Shared library: [libssl.so.3]"
+            let Some(name) = line
+                .split_once("(NEEDED)")
+                .and_then(|(_, rest)| rest.split_once('['))
+                .and_then(|(_, rest)| rest.strip_suffix(']'))
+            else {
+                continue;
+            };
+            if name == interp_name {
+                continue;
+            }
+            let guest = format!("/lib/{multiarch}/{name}");
+            if libs.iter().any(|(g, _)| *g == guest) {
+                continue;
+            }
+            let host = std::fs::canonicalize(find(name)?)?;
+            todo.push(host.clone());
+            libs.push((guest, host));
+        }
+    }
+    Ok(libs)
+}
+
+/// Builds the guest's `kernex-updater` for `arch`'s board (debug profile;
 /// without the default `llm` feature: the guest runs no llm check, and
-/// llama.cpp would make the binary and its build much bigger) and returns
-/// its path. Building it here, rather than trusting whatever binary is in
-/// the target directory, makes sure the guest runs this checkout's updater.
-pub fn build_updater() -> Result<PathBuf> {
-    build_binary("kernex-updater", Features::Only(&["tpm"]))
+/// llama.cpp would make the binary and its build much bigger; with `tpm` on
+/// the x86_64 board, whose TPM scenario 6 uses) and returns its path.
+/// Building it here, rather than trusting whatever binary is in the target
+/// directory, makes sure the guest runs this checkout's updater.
+///
+/// For arm64 it cross-compiles with Debian's rustc-web and its aarch64
+/// standard library (scripts/setup.d/71-hw-tests-arm64.sh unpacks them),
+/// linked by Debian's aarch64-linux-gnu-gcc against arm64 OpenSSL.
+pub fn build_updater(arch: Arch) -> Result<PathBuf> {
+    match arch {
+        Arch::X86_64 => build_binary("kernex-updater", Features::Only(&["tpm"]), None),
+        Arch::Arm64 => {
+            let dir = assets_dir(arch);
+            let rust = dir.join("rust/usr");
+            let rustc = rust.join("bin/rustc");
+            if !rustc.exists() {
+                bail!(
+                    "{} is missing: run scripts/setup (71-hw-tests-arm64.sh unpacks Debian's rustc-web)",
+                    rustc.display()
+                );
+            }
+            let sysroot = dir.join("sysroot/usr");
+            let target = arch.rust_target().context("arm64 has a Rust target")?;
+            let cross = Cross {
+                target,
+                env: vec![
+                    ("RUSTC".into(), rustc.into_os_string()),
+                    // rustc-web's own libraries (librustc_driver, libLLVM).
+                    (
+                        "LD_LIBRARY_PATH".into(),
+                        rust.join("lib/x86_64-linux-gnu").into_os_string(),
+                    ),
+                    (
+                        "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER".into(),
+                        "aarch64-linux-gnu-gcc".into(),
+                    ),
+                    (
+                        "CC_aarch64_unknown_linux_gnu".into(),
+                        "aarch64-linux-gnu-gcc".into(),
+                    ),
+                    (
+                        "AR_aarch64_unknown_linux_gnu".into(),
+                        "aarch64-linux-gnu-ar".into(),
+                    ),
+                    (
+                        "AARCH64_UNKNOWN_LINUX_GNU_OPENSSL_LIB_DIR".into(),
+                        sysroot.join("lib/aarch64-linux-gnu").into_os_string(),
+                    ),
+                    (
+                        "AARCH64_UNKNOWN_LINUX_GNU_OPENSSL_INCLUDE_DIR".into(),
+                        sysroot.join("include").into_os_string(),
+                    ),
+                    // openssl/configuration.h is in the multiarch include dir.
+                    (
+                        "CFLAGS_aarch64_unknown_linux_gnu".into(),
+                        format!("-I{}", sysroot.join("include/aarch64-linux-gnu").display()).into(),
+                    ),
+                ],
+            };
+            build_binary("kernex-updater", Features::Only(&[]), Some(&cross))
+        }
+    }
 }
 
 /// Builds `kernex-server` (debug profile), the control plane the guest's
 /// daemon talks to, and returns its path.
 pub fn build_server() -> Result<PathBuf> {
-    build_binary("kernex-server", Features::Default)
+    build_binary("kernex-server", Features::Default, None)
 }
 
 /// The cargo features a binary is built with.
@@ -202,9 +331,15 @@ enum Features {
     Only(&'static [&'static str]),
 }
 
+/// A cross build: the target and the environment cargo runs in.
+struct Cross {
+    target: &'static str,
+    env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
+}
+
 /// `cargo build -p NAME --bin NAME` with the cargo that runs the tests, into
-/// `<target>/hw-tests-bin`.
-fn build_binary(name: &str, features: Features) -> Result<PathBuf> {
+/// `<target>/hw-tests-bin` (`hw-tests-bin-<target>` for a cross build).
+fn build_binary(name: &str, features: Features, cross: Option<&Cross>) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     // <target>/debug/deps/<test-binary>
     let profile_dir = exe
@@ -217,8 +352,11 @@ fn build_binary(name: &str, features: Features) -> Result<PathBuf> {
         .context("no target directory above the profile directory")?;
     // A target dir of its own: building into the tests' one would replace
     // the `kernex-updater` other test binaries run (built with other
-    // features) while they run.
-    let own_dir = target_dir.join("hw-tests-bin");
+    // features) while they run. A cross build (another rustc) gets another.
+    let own_dir = match cross {
+        None => target_dir.join("hw-tests-bin"),
+        Some(c) => target_dir.join(format!("hw-tests-bin-{}", c.target)),
+    };
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
     let mut cmd = Command::new(cargo);
@@ -232,8 +370,21 @@ fn build_binary(name: &str, features: Features) -> Result<PathBuf> {
             cmd.arg("--features").arg(features.join(","));
         }
     }
+    let bin = match cross {
+        None => own_dir.join("debug").join(name),
+        Some(c) => {
+            cmd.args(["--target", c.target])
+                // Flags meant for the host's rustc (the tests' own build).
+                .env_remove("RUSTFLAGS")
+                .env_remove("RUSTC_WRAPPER")
+                .env_remove("RUSTC_WORKSPACE_WRAPPER");
+            for (k, v) in &c.env {
+                cmd.env(k, v);
+            }
+            own_dir.join(c.target).join("debug").join(name)
+        }
+    };
     run(&mut cmd)?;
-    let bin = own_dir.join("debug").join(name);
     if !bin.is_file() {
         bail!("cargo build did not produce {}", bin.display());
     }

@@ -3,9 +3,12 @@
 //! | # | what | filesystem | size |
 //! | - | --- | --- | --- |
 //! | 1 | boot (bootable flag): `boot.scr`, `uboot.env` | FAT | 16 MiB |
-//! | 2 | slot A: the factory release | ext4 (a `kernex-image` rootfs image) | 64 MiB |
-//! | 3 | slot B: empty | — | 64 MiB |
+//! | 2 | slot A: the factory release | ext4 (a `kernex-image` rootfs image) | 96 MiB |
+//! | 3 | slot B: empty | — | 96 MiB |
 //! | 4 | data: `/data/kernex`, the updater's state | ext4 | 32 MiB |
+//!
+//! The same on both boards (the arm64 kernel `Image`, uncompressed, is
+//! 33 MB: the slots are sized for it).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,6 +16,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use u_boot_env::{Config, DeviceConfig, Env, Store};
 
+use crate::arch::Arch;
 use crate::{run, write_at};
 
 /// The env file on the boot partition (see bootloader/uboot/boot-x86.cmd).
@@ -24,11 +28,11 @@ const MIB: u64 = 1024 * 1024;
 /// Partition (start, size) in bytes: boot, A, B, data.
 pub const PARTITIONS: [(u64, u64); 4] = [
     (MIB, 16 * MIB),
-    (17 * MIB, 64 * MIB),
-    (81 * MIB, 64 * MIB),
-    (145 * MIB, 32 * MIB),
+    (17 * MIB, 96 * MIB),
+    (113 * MIB, 96 * MIB),
+    (209 * MIB, 32 * MIB),
 ];
-pub const DISK_SIZE: u64 = 177 * MIB;
+pub const DISK_SIZE: u64 = 241 * MIB;
 
 /// The boot-state variables written into the factory env.
 #[derive(Debug, Clone)]
@@ -49,14 +53,16 @@ impl Default for FactoryEnv {
     }
 }
 
-/// Builds the U-Boot script from `bootloader/uboot/boot-x86.cmd`.
-pub fn boot_scr(work: &Path) -> Result<PathBuf> {
+/// Builds the U-Boot script from `bootloader/uboot/boot-x86.cmd` for
+/// `arch` (the env-file script: neither board's U-Boot keeps its env where
+/// Linux can write it; see the script's header).
+pub fn boot_scr(arch: Arch, work: &Path) -> Result<PathBuf> {
     let cmd = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bootloader/uboot/boot-x86.cmd");
     let scr = work.join("boot.scr");
     run(Command::new("mkimage")
         .args([
             "-A",
-            "x86",
+            arch.mkimage_arch(),
             "-O",
             "linux",
             "-T",
@@ -101,7 +107,13 @@ pub fn read_env(disk: &Path, work: &Path) -> Result<Env> {
 
 /// Writes the factory disk image: partition table, boot partition (script
 /// and env), slot A = `slot_a`, slot B zeroed, an empty ext4 data partition.
-pub fn factory_image(out: &Path, work: &Path, slot_a: &Path, env: &FactoryEnv) -> Result<()> {
+pub fn factory_image(
+    arch: Arch,
+    out: &Path,
+    work: &Path,
+    slot_a: &Path,
+    env: &FactoryEnv,
+) -> Result<()> {
     std::fs::create_dir_all(work)?;
     let f = std::fs::File::create(out)?;
     f.set_len(DISK_SIZE)?;
@@ -150,7 +162,7 @@ pub fn factory_image(out: &Path, work: &Path, slot_a: &Path, env: &FactoryEnv) -
         .args(["-n", "KXBOOT", "-C"])
         .arg(&boot)
         .arg((PARTITIONS[0].1 / 1024).to_string()))?;
-    let scr = boot_scr(work)?;
+    let scr = boot_scr(arch, work)?;
     let envf = work.join(ENV_FILE);
     env_file(&envf, env)?;
     run(Command::new("mcopy")

@@ -1,5 +1,6 @@
 //! A release for the guest: a slot image holding `/boot/vmlinuz` (the
-//! Debian amd64 kernel) and `/boot/initrd.img` (the whole userland: BusyBox,
+//! board's Debian kernel: an arm64 `Image` or an amd64 bzImage) and
+//! `/boot/initrd.img` (the whole userland: BusyBox,
 //! `kernex-updater` with its libraries, the kernel modules, an init and a
 //! tiny "agent"), built with `kernex-image`, and its signed bundle.
 
@@ -13,12 +14,9 @@ use kernex_protocol::bundle::Bundle;
 use kernex_protocol::manifest::VerifiedManifest;
 use kernex_protocol::{Keyring, VerifyOptions};
 
-use crate::assets::{Assets, MODULES};
+use crate::assets::Assets;
 use crate::cpio::{self, Entry};
 use crate::run;
-
-/// The hardware class of the QEMU x86_64 test board.
-pub const COMPATIBLE: &str = "qemu-x86_64";
 
 /// Disk layout as the guest sees it (virtio-blk, MBR).
 pub const BOOT_DEV: &str = "/dev/vda1";
@@ -100,11 +98,10 @@ pub fn kernex_image_cli(args: &[&str]) -> Result<()> {
     kernex_image::cli::run(cli).with_context(|| format!("kernex-image {args:?}"))
 }
 
-/// The device's config (the same for every release).
-fn system_toml(behaviour: Behaviour) -> String {
-    let _ = behaviour;
+/// The device's config (the same for every release of a board).
+fn system_toml(compatible: &str) -> String {
     format!(
-        r#"compatible = "{COMPATIBLE}"
+        r#"compatible = "{compatible}"
 data-dir = "/data/kernex"
 keyring = "/etc/kernex/keyring.pem"
 reboot-command = ["reboot", "-f"]
@@ -280,11 +277,11 @@ pub fn initramfs(assets: &Assets, keys: &Keys, release: &Release) -> Result<Vec<
         "lib",
         "lib64",
         "lib/modules",
-        "lib/x86_64-linux-gnu",
         "root",
     ] {
         e.push(dir(d));
     }
+    e.push(dir(&format!("lib/{}", assets.arch.multiarch())));
     e.push(Entry::CharDev {
         path: "dev/console".into(),
         mode: 0o600,
@@ -317,7 +314,7 @@ pub fn initramfs(assets: &Assets, keys: &Keys, release: &Release) -> Result<Vec<
     e.push(Entry::File {
         path: "usr/bin/kernex-updater".into(),
         mode: 0o755,
-        data: stripped(&assets.updater)?,
+        data: stripped(assets.arch.strip(), &assets.updater)?,
     });
     e.push(Entry::File {
         path: "usr/bin/kernex-hw-daemon".into(),
@@ -338,7 +335,7 @@ pub fn initramfs(assets: &Assets, keys: &Keys, release: &Release) -> Result<Vec<
     }
     let mut list = String::new();
     let mut loaded: Vec<String> = Vec::new();
-    for (i, m) in MODULES.iter().enumerate() {
+    for (i, m) in assets.arch.modules().iter().enumerate() {
         let file = m.rsplit('/').next().unwrap_or(m);
         let name = format!("{i:02}-{file}");
         let data = std::fs::read(assets.module(m))
@@ -350,7 +347,7 @@ pub fn initramfs(assets: &Assets, keys: &Keys, release: &Release) -> Result<Vec<
                 .any(|l| l.replace('-', "_") == dep.replace('-', "_"))
             {
                 anyhow::bail!(
-                    "module {file} needs {dep}, which is not loaded before it (assets::MODULES)"
+                    "module {file} needs {dep}, which is not loaded before it (Arch::modules)"
                 );
             }
         }
@@ -371,7 +368,7 @@ pub fn initramfs(assets: &Assets, keys: &Keys, release: &Release) -> Result<Vec<
     e.push(Entry::File {
         path: "etc/kernex/system.toml".into(),
         mode: 0o644,
-        data: system_toml(release.behaviour).into_bytes(),
+        data: system_toml(assets.arch.compatible()).into_bytes(),
     });
     e.push(Entry::File {
         path: "etc/kernex/keyring.pem".into(),
@@ -410,10 +407,11 @@ fn module_depends(module: &[u8]) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The binary without its debug info (a debug build is >100 MB with it).
-fn stripped(bin: &Path) -> Result<Vec<u8>> {
+/// The binary without its debug info (a debug build is >100 MB with it),
+/// stripped by `strip` (one that reads the binary's architecture).
+fn stripped(strip: &str, bin: &Path) -> Result<Vec<u8>> {
     let out = tempfile_path(bin, "stripped");
-    run(std::process::Command::new("strip")
+    run(std::process::Command::new(strip)
         .arg("-o")
         .arg(&out)
         .arg(bin))?;
@@ -451,7 +449,7 @@ pub fn build(assets: &Assets, keys: &Keys, release: &Release, dir: &Path) -> Res
         "bundle",
         "create",
         "--compatible",
-        COMPATIBLE,
+        assets.arch.compatible(),
         "--version",
         &release.version,
         "--rootfs",

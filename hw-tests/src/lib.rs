@@ -3,6 +3,8 @@
 //!
 //! The pieces, each usable on its own:
 //!
+//! - [`arch`]: the two boards (arm64 `virt`, x86_64 `pc`) and what differs
+//!   between them;
 //! - [`assets`]: the kernel, its modules and BusyBox fetched by
 //!   `scripts/setup.d/70-hw-tests.sh`, and the `kernex-updater` binary of
 //!   this workspace with the shared libraries it needs;
@@ -18,6 +20,7 @@
 //!
 //! See hw-tests/README.md for the scenarios built on them.
 
+pub mod arch;
 pub mod assets;
 pub mod cpio;
 pub mod disk;

@@ -1,6 +1,7 @@
-//! QEMU (`pc` machine, x86_64) with U-Boot as its firmware, driven over
-//! the serial console: every byte the board prints goes to a log file (the
-//! test's artefact) and to a buffer the runner waits on.
+//! QEMU (arm64 `virt` or x86_64 `pc`, see [`Arch`]) with U-Boot as its
+//! firmware, driven over the serial console: every byte the board prints
+//! goes to a log file (the test's artefact) and to a buffer the runner
+//! waits on.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::assets::UBOOT_ROM;
+use crate::arch::Arch;
 
 /// How long one boot (U-Boot + kernel + userland) may take. Generous: the
 /// board is emulated (TCG) on a shared, loaded machine.
@@ -25,12 +26,15 @@ pub fn boot_timeout() -> Duration {
 /// What is plugged into the board besides its disk.
 #[derive(Debug, Clone, Default)]
 pub struct Hardware {
+    /// Which board.
+    pub arch: Arch,
     /// The first virtio disk: the factory disk image.
     pub disk: PathBuf,
     /// A second virtio disk (read-only) carrying bundles.
     pub bundles: Option<PathBuf>,
     /// A TPM 2.0 on the TIS interface (`tpm-tis`), emulated by swtpm with
-    /// its state in this directory. Like a real TPM it loses its volatile
+    /// its state in this directory (x86_64 only: Debian's arm64 kernel has
+    /// no driver for QEMU's `tpm-tis-device`). Like a real TPM it loses its volatile
     /// state (PCRs) at every power cut: swtpm is started at every power-on
     /// and killed with QEMU.
     pub tpm: Option<PathBuf>,
@@ -117,10 +121,17 @@ impl Machine {
     /// Powers the board on (and its TPM, if it has one), the console
     /// appended to `log`.
     pub fn start(hw: &Hardware, log: &Path) -> Result<Self> {
+        if hw.tpm.is_some() && !hw.arch.has_tpm() {
+            bail!(
+                "the {} board has no TPM the guest kernel can drive (Debian's arm64 kernel is built without tpm_tis)",
+                hw.arch.name()
+            );
+        }
         let swtpm = hw.tpm.as_deref().map(Swtpm::start).transpose()?;
-        let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-M", "pc", "-m", "512", "-smp", "1", "-nographic"])
-            .args(["-bios", UBOOT_ROM])
+        let mut cmd = Command::new(hw.arch.qemu());
+        cmd.args(hw.arch.machine_args())
+            .args(["-smp", "1", "-nographic"])
+            .args(["-bios", hw.arch.firmware()])
             .arg("-drive")
             .arg(format!("if=virtio,format=raw,file={}", hw.disk.display()));
         if hw.network {
@@ -156,7 +167,7 @@ impl Machine {
             .stderr(Stdio::piped());
         let mut child = cmd
             .spawn()
-            .context("start qemu-system-x86_64 (scripts/setup)")?;
+            .with_context(|| format!("start {} (scripts/setup)", hw.arch.qemu()))?;
         let stdin = child.stdin.take().context("qemu stdin")?;
         let console = Arc::new(Mutex::new(Vec::new()));
         let mut logf = std::fs::OpenOptions::new()

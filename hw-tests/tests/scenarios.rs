@@ -1,8 +1,10 @@
-//! The whole-system scenarios (hw-tests/README.md): real U-Boot
-//! (qemu-x86_64), a real Debian kernel, the factory A/B disk, the real
-//! `kernex-updater` in the guest. Assertions are on what U-Boot prints and
-//! on `kernex-updater status --json` in the guest. Console logs are kept
-//! under the directory each test prints.
+//! The whole-system scenarios (hw-tests/README.md): real U-Boot, a real
+//! Debian kernel, the factory A/B disk, the real `kernex-updater` in the
+//! guest. Scenarios 1-5 run on the arm64 board (QEMU `virt`, Debian's
+//! qemu_arm64 U-Boot), 6 and 7 on the x86_64 one (the board with a TPM the
+//! guest kernel can drive). Assertions are on what U-Boot prints and on
+//! `kernex-updater status --json` in the guest. Console logs are kept under
+//! the directory each test prints.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
@@ -14,6 +16,7 @@ use kernex_attest::{
     AkPublic, Quote, QuoteError, TpmIdentity, expected_slot_pcr, fresh_nonce, slot_measurement,
     verify_quote,
 };
+use kernex_hw_tests::arch::Arch;
 use kernex_hw_tests::assets::{self, Assets};
 use kernex_hw_tests::disk::{self, FactoryEnv};
 use kernex_hw_tests::guest::{self, Behaviour, Built, Keys, Release};
@@ -23,6 +26,7 @@ use kernex_protocol::Sha256Digest;
 use serde_json::Value;
 
 struct Fixture {
+    arch: Arch,
     dir: PathBuf,
     keys: Keys,
     v1: Built,
@@ -31,15 +35,21 @@ struct Fixture {
     v4: Built,
 }
 
-/// Releases are built once per test run and shared by the scenarios.
-fn fixture() -> &'static Fixture {
-    static F: OnceLock<Fixture> = OnceLock::new();
-    F.get_or_init(|| {
-        let dir = artefacts_root().join("releases");
+/// Releases are built once per test run and board, and shared by the
+/// scenarios.
+fn fixture(arch: Arch) -> &'static Fixture {
+    static ARM64: OnceLock<Fixture> = OnceLock::new();
+    static X86_64: OnceLock<Fixture> = OnceLock::new();
+    let cell = match arch {
+        Arch::Arm64 => &ARM64,
+        Arch::X86_64 => &X86_64,
+    };
+    cell.get_or_init(|| {
+        let dir = artefacts_root().join(format!("releases-{}", arch.name()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let updater = assets::build_updater().unwrap();
-        let assets = Assets::find(updater).unwrap();
+        let updater = assets::build_updater(arch).unwrap();
+        let assets = Assets::find(arch, updater).unwrap();
         let keys = Keys::create(&dir.join("keys")).unwrap();
         let build = |version: &str, behaviour| {
             guest::build(
@@ -58,6 +68,7 @@ fn fixture() -> &'static Fixture {
             v2: build("2.0.0", Behaviour::Healthy),
             v3: build("3.0.0", Behaviour::AgentCrashLoops),
             v4: build("4.0.0", Behaviour::KernelPanics),
+            arch,
             dir,
             keys,
         }
@@ -87,14 +98,19 @@ struct Board {
 }
 
 impl Board {
-    fn new(name: &str, bundles: &[&Built]) -> Board {
-        let f = fixture();
+    /// A factory-fresh board of `f`'s architecture.
+    fn new(f: &Fixture, name: &str, bundles: &[&Built]) -> Board {
         let dir = artefacts_root().join(name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        eprintln!("hw-tests {name}: console log and disk in {}", dir.display());
+        eprintln!(
+            "hw-tests {name} ({} board): console log and disk in {}",
+            f.arch.name(),
+            dir.display()
+        );
         let disk = dir.join("disk.img");
         disk::factory_image(
+            f.arch,
             &disk,
             &dir.join("work"),
             &f.v1.image,
@@ -113,6 +129,7 @@ impl Board {
         Board {
             log: dir.join("console.log"),
             hw: Hardware {
+                arch: f.arch,
                 disk,
                 bundles,
                 ..Hardware::default()
@@ -192,7 +209,7 @@ fn slot<'a>(status: &'a Value, name: &str) -> &'a Value {
 
 #[test]
 fn s1_factory_image_boots_slot_a_and_commits_it() {
-    let board = Board::new("s1-factory", &[]);
+    let board = Board::new(fixture(Arch::Arm64), "s1-factory", &[]);
     let mut m = board.power_on();
     let st = board.boots(&mut m, "Kernex: booting slot A (A left 2, B left 0)");
     assert_eq!(st["booted-slot"], "A", "{st}");
@@ -238,8 +255,8 @@ fn factory_booted(board: &Board, m: &mut Machine) {
 
 #[test]
 fn s2_update_to_v2_boots_b_on_trial_commits_and_stays_on_b() {
-    let f = fixture();
-    let board = Board::new("s2-update", &[&f.v2]);
+    let f = fixture(Arch::Arm64);
+    let board = Board::new(f, "s2-update", &[&f.v2]);
     let mut m = board.power_on();
     factory_booted(&board, &mut m);
     install(&mut m, &f.v2);
@@ -270,8 +287,8 @@ fn s2_update_to_v2_boots_b_on_trial_commits_and_stays_on_b() {
 
 #[test]
 fn s3_agent_crash_loop_in_v3_is_reverted_to_a_with_the_reason() {
-    let f = fixture();
-    let board = Board::new("s3-crash-loop", &[&f.v3]);
+    let f = fixture(Arch::Arm64);
+    let board = Board::new(f, "s3-crash-loop", &[&f.v3]);
     let mut m = board.power_on();
     factory_booted(&board, &mut m);
     install(&mut m, &f.v3);
@@ -319,8 +336,8 @@ fn s3_agent_crash_loop_in_v3_is_reverted_to_a_with_the_reason() {
 
 #[test]
 fn s4_v4_kernel_never_comes_up_and_u_boot_falls_back_to_a() {
-    let f = fixture();
-    let board = Board::new("s4-kernel-panic", &[&f.v4]);
+    let f = fixture(Arch::Arm64);
+    let board = Board::new(f, "s4-kernel-panic", &[&f.v4]);
     let mut m = board.power_on();
     factory_booted(&board, &mut m);
     install(&mut m, &f.v4);
@@ -376,8 +393,8 @@ fn after_cut_boots_a(board: &Board, what: &str) -> (Machine, Value) {
 
 #[test]
 fn s5_power_cuts_at_five_moments_of_an_install_each_leave_a_booting_device() {
-    let f = fixture();
-    let board = Board::new("s5-power-cut", &[&f.v2]);
+    let f = fixture(Arch::Arm64);
+    let board = Board::new(f, "s5-power-cut", &[&f.v2]);
     let mut m = board.power_on();
     factory_booted(&board, &mut m);
 
@@ -460,14 +477,14 @@ fn kernel_pcr(m: &mut Machine, pcr: u8) -> Sha256Digest {
 /// The slot PCR a device running `release` must show (recomputed from its
 /// signed manifest, as the server does).
 fn expected_pcr(release: &Built) -> Sha256Digest {
-    let manifest = release.manifest(&fixture().keys).unwrap();
+    let manifest = release.manifest(&fixture(Arch::X86_64).keys).unwrap();
     expected_slot_pcr(&slot_measurement(&manifest).unwrap())
 }
 
 #[test]
 fn s6_tpm_the_booted_slots_pcr_matches_its_release_and_the_quote_verifies() {
-    let f = fixture();
-    let board = Board::new("s6-attest", &[&f.v2]).with_tpm();
+    let f = fixture(Arch::X86_64);
+    let board = Board::new(f, "s6-attest", &[&f.v2]).with_tpm();
     let mut m = board.power_on();
     factory_booted(&board, &mut m);
     // The factory slot has no recorded release: nothing was measured.
@@ -564,8 +581,8 @@ fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T
 
 #[test]
 fn s7_daemon_enrolls_with_a_real_server_over_the_network_installs_reboots_and_commits() {
-    let f = fixture();
-    let board = Board::new("s7-daemon", &[]).with_network().with_tpm();
+    let f = fixture(Arch::X86_64);
+    let board = Board::new(f, "s7-daemon", &[]).with_network().with_tpm();
     let server_bin = assets::build_server().unwrap();
     let cp = ControlPlane::start(&server_bin, &board.dir.join("server"), &f.keys.ca()).unwrap();
     eprintln!(
@@ -598,7 +615,7 @@ fn s7_daemon_enrolls_with_a_real_server_over_the_network_installs_reboots_and_co
             .unwrap()
             .filter(|d| d["status"] == "online" && d["booted_slot"] == "A")
     });
-    assert_eq!(device["hardware_class"], guest::COMPATIBLE, "{device}");
+    assert_eq!(device["hardware_class"], f.arch.compatible(), "{device}");
     assert_eq!(
         device["attestation"]["ek_fingerprint"]
             .as_str()
