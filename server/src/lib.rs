@@ -111,7 +111,9 @@ impl AppState {
             },
             egress: Arc::new(rollouts::time::EgressMeter::default()),
             instance_id: new_id()?,
-            last_seen: Arc::new(last_seen::LastSeen::default()),
+            last_seen: Arc::new(last_seen::LastSeen::for_offline_after(
+                config.offline_after_secs,
+            )),
             credentials: Arc::new(credentials::CredentialCache::default()),
             // Shared with other replicas: off until `poll_cache::listen`
             // hears their changes.

@@ -95,10 +95,13 @@ async fn concurrent_enrollment_keeps_the_audit_chain(h: Arc<Harness>) {
 }
 
 /// A poll is written behind, yet the device list, the device detail and
-/// the scheduler see it, and a flush writes it.
+/// the scheduler see it, and a flush writes it; polls closer together than
+/// the resolution are written once.
 async fn polls_are_seen_by_every_reader(h: Arc<Harness>) {
     let (_, token) = h.enrollment_token(&h.admin, &[]).await;
     let (pk, cred) = h.enroll(&token, "poller", "qemu-aarch64").await;
+    let res = h.state.last_seen.resolution_ms();
+    assert_eq!(res, kernex_server::last_seen::MAX_RESOLUTION_MS);
     assert_eq!(last_seen_in_store(&h, &pk).await, None);
     assert_eq!(poll(&h, &cred).await, StatusCode::NO_CONTENT);
     // Written behind: not in the store yet, pending in memory.
@@ -117,9 +120,14 @@ async fn polls_are_seen_by_every_reader(h: Arc<Harness>) {
     assert_eq!(list, json!([]));
     let seen = last_seen_in_store(&h, &pk).await.expect("flushed");
     assert_eq!(h.state.last_seen.pending(), 0);
-    // The detail too, after another poll.
-    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    // Another poll within the resolution: nothing to write.
     assert_eq!(poll(&h, &cred).await, StatusCode::NO_CONTENT);
+    assert_eq!(h.state.last_seen.pending(), 0);
+    assert!(h.state.last_seen.record(&pk, seen + res - 1));
+    assert_eq!(h.state.last_seen.pending(), 0);
+    // One a resolution later is pending, and the detail shows it.
+    assert!(h.state.last_seen.record(&pk, seen + res));
+    assert_eq!(h.state.last_seen.pending(), 1);
     let (_, d) = h
         .call(
             Method::GET,
@@ -128,15 +136,15 @@ async fn polls_are_seen_by_every_reader(h: Arc<Harness>) {
             None,
         )
         .await;
-    let shown = d["last_seen_at"].as_i64().unwrap();
-    assert!(shown > seen, "{shown} > {seen}");
+    assert_eq!(d["last_seen_at"].as_i64(), Some(seen + res));
     // The scheduler's pass flushes too.
-    assert_eq!(poll(&h, &cred).await, StatusCode::NO_CONTENT);
+    assert!(h.state.last_seen.record(&pk, seen + 2 * res));
     assert_eq!(h.state.last_seen.pending(), 1);
     kernex_server::rollouts::scheduler::tick(&h.state)
         .await
         .unwrap();
     assert_eq!(h.state.last_seen.pending(), 0);
+    assert_eq!(last_seen_in_store(&h, &pk).await, Some(seen + 2 * res));
     // Many devices in one flush (more than one statement's worth).
     let many: Vec<String> = (0..1234).map(|i| format!("{pk}-{i}")).collect();
     for (i, p) in many.iter().enumerate() {
@@ -145,6 +153,10 @@ async fn polls_are_seen_by_every_reader(h: Arc<Harness>) {
     assert!(h.state.last_seen.record(&pk, i64::MAX / 2));
     assert_eq!(h.state.last_seen.flush(&h.state.store).await.unwrap(), 1235);
     assert_eq!(last_seen_in_store(&h, &pk).await, Some(i64::MAX / 2));
+    // Devices written long before the newest time no longer hold a poll
+    // back: a time just after theirs is written again.
+    assert!(h.state.last_seen.record(&many[0], 1));
+    assert_eq!(h.state.last_seen.pending(), 1);
 }
 
 /// Heartbeats write last_seen_at directly; an older poll time still
