@@ -15,6 +15,8 @@
 //!   written into a plain file without root or loop devices;
 //! - [`machine`]: QEMU with U-Boot as its firmware, driven over the serial
 //!   console, optionally with a TPM (swtpm) and a NIC on QEMU's user network;
+//!   or a lab board (a real one, or QEMU run as one): serial console, power
+//!   by operator-given commands, commands and bundles over ssh;
 //! - [`server`]: a real `kernex-server` on the host's loopback for the
 //!   guest's daemon.
 //!
