@@ -383,17 +383,22 @@ impl Machine {
         };
         let started = Instant::now();
         loop {
-            let (out, code) = lab.ssh.run("true", Duration::from_secs(30), None)?;
-            if code == 0 {
-                return Ok(String::new());
-            }
+            // A refused connection, a refused key, an ssh that hangs in a
+            // half-started server: not yet.
+            let last = match lab.ssh.run("true", Duration::from_secs(30), None) {
+                Ok((_, 0)) => return Ok(String::new()),
+                Ok((out, code)) => format!("exit status {code}: {}", out.trim()),
+                Err(e) => format!("{e:#}"),
+            };
             if started.elapsed() > boot_timeout() {
+                let pending = self.pending();
+                let _ = self.power_off();
                 bail!(
-                    "{} did not answer over ssh within {:?} ({out}); console log: {}\n{}",
+                    "{} did not answer over ssh within {:?} (last: {last}); console log: {}\n{}",
                     lab.ssh,
                     boot_timeout(),
                     self.log.display(),
-                    last_lines(&self.pending(), 40)
+                    last_lines(&pending, 40)
                 );
             }
             std::thread::sleep(Duration::from_secs(2));
