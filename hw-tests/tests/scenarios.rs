@@ -6,11 +6,12 @@
 //! `kernex-updater status --json` in the guest. Console logs are kept under
 //! the directory each test prints.
 //!
-//! Scenarios 1 and 2 are also written once for any board (`scenario_1`,
-//! `scenario_2`) and run through the runner's lab-board mode (serial
-//! console, power by commands, ssh): against a QEMU board treated as lab
-//! hardware (`lab_qemu_*`, run in CI) and, by hand, against a real board
-//! (`real_board_*`, `#[ignore]`d: not run in CI).
+//! Scenarios 1 and 2 are written once for any board (`scenario_1`,
+//! `scenario_2` in `kernex_hw_tests::scenarios`) and also run through the
+//! runner's lab-board mode (serial console, power by commands, ssh):
+//! against a QEMU board treated as lab hardware (`lab_qemu_*`, run in CI;
+//! scenario 1 there by the `kernex-hw-run` binary) and, by hand, against a
+//! real board (`real_board_*`, `#[ignore]`d: not run in CI).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
@@ -27,6 +28,7 @@ use kernex_hw_tests::assets::{self, Assets};
 use kernex_hw_tests::disk::{self, FactoryEnv};
 use kernex_hw_tests::guest::{self, Behaviour, Built, Keys, Release};
 use kernex_hw_tests::machine::{Hardware, Lab, Machine, SshTarget, boot_timeout};
+use kernex_hw_tests::scenarios::{self, INSTALL_TIMEOUT, Rig, scenario_1, scenario_2};
 use kernex_hw_tests::server::ControlPlane;
 use kernex_protocol::Sha256Digest;
 use serde_json::Value;
@@ -106,6 +108,21 @@ struct Board {
     lab: Option<Lab>,
 }
 
+impl Rig for Board {
+    fn power_on(&self) -> anyhow::Result<Machine> {
+        match &self.lab {
+            Some(lab) => Machine::start_lab(lab, &self.log),
+            None => Machine::start(&self.hw, &self.log),
+        }
+    }
+    fn disk_image(&self) -> Option<&Path> {
+        self.lab.is_none().then_some(self.hw.disk.as_path())
+    }
+    fn work_dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
 impl Drop for Board {
     /// A lab board's power is cut when its scenario is over (the QEMU lab
     /// board's QEMU must not outlive the test).
@@ -173,68 +190,14 @@ impl Board {
     }
 
     fn power_on(&self) -> Machine {
-        match &self.lab {
-            Some(lab) => Machine::start_lab(lab, &self.log).unwrap(),
-            None => Machine::start(&self.hw, &self.log).unwrap(),
-        }
+        Rig::power_on(self).unwrap()
     }
 
-    /// Syncs, cuts the power and returns the boot env U-Boot will read at
-    /// the next power-on. QEMU: read from the disk image after the cut. A
-    /// lab board's disk cannot be read from the host: the env file is read
-    /// over ssh after the sync, right before the cut (the next power-on's
-    /// U-Boot line then shows what U-Boot itself read).
-    fn sync_cut_and_read_env(&self, m: &mut Machine) -> BTreeMap<String, String> {
-        let (out, code) = m.sh("sync", Duration::from_secs(60)).unwrap();
-        assert_eq!(code, 0, "sync: {out}");
-        let env = if m.is_lab() {
-            let data = m.read_file(&format!("/boot/{}", disk::ENV_FILE)).unwrap();
-            m.power_off().unwrap();
-            disk::parse_env(&data, &self.dir.join("work")).unwrap()
-        } else {
-            m.power_off().unwrap();
-            disk::read_env(&self.hw.disk, &self.dir).unwrap()
-        };
-        env.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    /// Waits for U-Boot's choice and the guest's shell; returns the status.
-    ///
-    /// A firmware start that fails before U-Boot even offers to stop
-    /// autoboot — QEMU dying by a signal (seen once: a SIGSEGV under TCG
-    /// during U-Boot's start on a loaded machine) or U-Boot hanging right
-    /// after "Loading Environment" (seen once, with two boards emulated and
-    /// load 7) — is a power-on that did not happen: the board is powered on
-    /// once more, and the runner says so on stderr and in the console log.
-    /// No Kernex code has run by then (the boot script runs after the
-    /// autoboot prompt), and a second failure fails the test. A QEMU crash
-    /// later in U-Boot is treated the same; this cannot hide a wrong boot
-    /// either: had the boot script already counted an attempt before the
-    /// crash, the counters `uboot_says` names would not match on the second
-    /// power-on.
+    /// Waits for U-Boot's choice and the guest's shell (or ssh); returns
+    /// the status (`scenarios::boots`: a firmware start that failed before
+    /// U-Boot's autoboot prompt is retried once).
     fn boots(&self, m: &mut Machine, uboot_says: &str) -> Value {
-        if let Err(e) = m.wait_for(UBOOT_STARTED, FIRMWARE_TIMEOUT) {
-            let e = format!("{e:#}");
-            if !(e.contains("QEMU exited (signal:") || e.contains("did not print")) {
-                panic!("{e}");
-            }
-            eprintln!("U-Boot did not start; powering the board on again: {e}");
-            *m = self.power_on();
-            m.wait_for(UBOOT_STARTED, FIRMWARE_TIMEOUT).unwrap();
-        }
-        match m.wait_for(uboot_says, boot_timeout()) {
-            Ok(_) => {}
-            Err(e) if format!("{e:#}").contains("QEMU exited (signal:") => {
-                eprintln!("QEMU crashed; powering the board on again: {e:#}");
-                *m = self.power_on();
-                m.wait_for(uboot_says, boot_timeout()).unwrap();
-            }
-            Err(e) => panic!("{e:?}"),
-        }
-        m.wait_for_shell().unwrap();
-        m.status().unwrap()
+        scenarios::boots(self, m, uboot_says).unwrap()
     }
 
     /// The env U-Boot and the updater share, read from the disk image.
@@ -245,103 +208,32 @@ impl Board {
 }
 
 fn slot<'a>(status: &'a Value, name: &str) -> &'a Value {
-    status["slots"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["slot"] == name)
-        .unwrap_or_else(|| panic!("no slot {name} in {status}"))
+    scenarios::slot(status, name).unwrap()
 }
 
 #[test]
 fn s1_factory_image_boots_slot_a_and_commits_it() {
-    scenario_1(&Board::new(fixture(Arch::Arm64), "s1-factory", &[]));
+    scenario_1(&Board::new(fixture(Arch::Arm64), "s1-factory", &[])).unwrap();
 }
-
-/// Scenario 1 on any board, QEMU or lab: the factory image boots A and
-/// commits it; the commit reaches the env file U-Boot reads at the next
-/// power-on. Ends with the power cut.
-fn scenario_1(board: &Board) {
-    let mut m = board.power_on();
-    let st = board.boots(&mut m, "Kernex: booting slot A (A left 2, B left 0)");
-    assert_eq!(st["booted-slot"], "A", "{st}");
-    assert_eq!(st["primary-slot"], "A", "{st}");
-    assert_eq!(st["committed"], true, "{st}");
-    assert_eq!(slot(&st, "A")["attempts-left"], 3, "{st}");
-    assert_eq!(st["health"]["outcome"], "committed", "{st}");
-    // The commit reached the env file U-Boot reads at the next power-on.
-    let env = board.sync_cut_and_read_env(&mut m);
-    assert_eq!(env.get("BOOT_A_LEFT").map(String::as_str), Some("3"));
-    assert_eq!(env.get("BOOT_ORDER").map(String::as_str), Some("A B"));
-}
-
-/// What U-Boot prints once it has started, before it runs the boot script.
-const UBOOT_STARTED: &str = "Hit any key to stop autoboot";
-/// How long U-Boot may take to get there (seconds under TCG when healthy).
-const FIRMWARE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The slot PCR (attest/README.md).
 const PCR: u8 = 14;
 
-const INSTALL_TIMEOUT: Duration = Duration::from_secs(900);
-
-/// Installs `bundle` in the guest (from the bundles disk on QEMU; a lab
-/// board gets it copied over ssh first); checks it succeeded.
+/// Installs `bundle` in the guest; checks it succeeded.
 fn install(m: &mut Machine, bundle: &Built) {
-    install_file(m, &bundle.bundle);
-}
-
-fn install_file(m: &mut Machine, bundle: &Path) {
-    let path = m.bundle(bundle).unwrap();
-    let (out, code) = m
-        .sh(&format!("kernex-updater install {path}"), INSTALL_TIMEOUT)
-        .unwrap();
-    assert_eq!(code, 0, "install {path} failed:\n{out}");
+    scenarios::install_file(m, &bundle.bundle).unwrap();
 }
 
 /// A committed factory board (slot A committed, as after scenario 1).
 fn factory_booted(board: &Board, m: &mut Machine) {
-    let st = board.boots(m, "Kernex: booting slot A (A left 2, B left 0)");
-    assert_eq!(st["booted-slot"], "A", "{st}");
-    assert_eq!(st["committed"], true, "{st}");
+    scenarios::factory_booted(board, m).unwrap();
 }
 
 #[test]
 fn s2_update_to_v2_boots_b_on_trial_commits_and_stays_on_b() {
     let f = fixture(Arch::Arm64);
     let board = Board::new(f, "s2-update", &[&f.v2]);
-    scenario_2(&board, &f.v2.bundle, &f.v2.release.version);
-}
-
-/// Scenario 2 on any board, QEMU or lab: `bundle` (release `version`) is
-/// installed into B, B boots on trial and commits, and stays primary.
-fn scenario_2(board: &Board, bundle: &Path, version: &str) {
-    let mut m = board.power_on();
-    factory_booted(board, &mut m);
-    install_file(&mut m, bundle);
-    let st = m.status().unwrap();
-    assert_eq!(st["primary-slot"], "B", "{st}");
-    assert_eq!(slot(&st, "B")["version"], version, "{st}");
-    assert_eq!(slot(&st, "B")["verified"], true, "{st}");
-    assert_eq!(slot(&st, "B")["attempts-left"], 3, "{st}");
-
-    // U-Boot tries B first and counts the attempt; the watchdog commits it.
-    m.reboot().unwrap();
-    let st = board.boots(&mut m, "Kernex: booting slot B (A left 3, B left 2)");
-    assert_eq!(st["booted-slot"], "B", "{st}");
-    assert_eq!(st["committed"], true, "{st}");
-    assert_eq!(st["health"]["outcome"], "committed", "{st}");
-    assert_eq!(st["health"]["slot"], "B", "{st}");
-    assert_eq!(slot(&st, "B")["attempts-left"], 3, "{st}");
-
-    // B stays primary across the next reboot.
-    m.reboot().unwrap();
-    let st = board.boots(&mut m, "Kernex: booting slot B (A left 3, B left 2)");
-    assert_eq!(st["booted-slot"], "B", "{st}");
-    assert_eq!(st["primary-slot"], "B", "{st}");
-    assert_eq!(st["committed"], true, "{st}");
-    let env = board.sync_cut_and_read_env(&mut m);
-    assert_eq!(env.get("BOOT_ORDER").map(String::as_str), Some("B A"));
+    scenario_2(&board, &f.v2.bundle, &f.v2.release.version).unwrap();
 }
 
 #[test]
@@ -1053,10 +945,30 @@ impl Board {
 }
 
 #[test]
-fn lab_qemu_board_s1_factory_boot_commits_a_and_a_power_cut_by_command_keeps_it() {
+fn lab_qemu_board_s1_by_kernex_hw_run_factory_boot_commits_a_and_a_power_cut_by_command_keeps_it() {
     let f = lab_fixture();
     let board = Board::qemu_lab(f, "lab-s1-factory", false);
-    scenario_1(&board);
+    // Scenario 1 run by the operator's tool, `kernex-hw-run`, given only
+    // what it would be given for a real board.
+    let lab = board.lab.as_ref().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kernex-hw-run"))
+        .arg("--target")
+        .arg(lab.ssh.to_string())
+        .arg("--identity")
+        .arg(lab.ssh.identity.as_ref().unwrap())
+        .arg("--console")
+        .arg(&lab.console)
+        .args(["--power-off", &lab.power_off, "--power-on", &lab.power_on])
+        .arg("--out")
+        .arg(&board.dir)
+        .arg("s1")
+        .env_remove("KERNEX_HW_BUNDLE_DIR")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprint!("{stderr}");
+    assert!(out.status.success(), "kernex-hw-run s1 failed: {stderr}");
+    assert!(stderr.contains("kernex-hw-run: passed"), "{stderr}");
     // The power comes back through the power-on command: U-Boot read the
     // committed counter (3, decremented for this attempt), not the factory's.
     let mut m = board.power_on();
@@ -1082,7 +994,7 @@ fn lab_qemu_board_s2_update_copied_over_ssh_boots_b_commits_and_stays_after_a_po
     let f = lab_fixture();
     // The console as a serial device (a pty set up with stty).
     let board = Board::qemu_lab(f, "lab-s2-update", true);
-    scenario_2(&board, &f.v2.bundle, &f.v2.release.version);
+    scenario_2(&board, &f.v2.bundle, &f.v2.release.version).unwrap();
     // The bundle was copied over ssh to the data partition, not read from
     // a second disk (the lab board has none).
     let ssh_log = std::fs::read_to_string(board.dir.join("ssh.log")).unwrap();
@@ -1106,7 +1018,7 @@ fn lab_qemu_board_s2_update_copied_over_ssh_boots_b_commits_and_stays_after_a_po
 #[test]
 #[ignore = "needs a real board: KERNEX_HW_TARGET, KERNEX_HW_CONSOLE, KERNEX_HW_POWER_OFF, KERNEX_HW_POWER_ON (hw-tests/README.md)"]
 fn real_board_s1_factory_image_boots_slot_a_and_commits_it() {
-    scenario_1(&Board::real("real-s1-factory"));
+    scenario_1(&Board::real("real-s1-factory")).unwrap();
 }
 
 /// Scenario 2 on a real board: `KERNEX_HW_BUNDLE` is the vendor's signed
@@ -1120,5 +1032,5 @@ fn real_board_s2_update_boots_b_on_trial_commits_and_stays_on_b() {
             "KERNEX_HW_BUNDLE=<the next release's signed bundle> is not set (hw-tests/README.md)",
         );
     let version = std::env::var("KERNEX_HW_BUNDLE_VERSION").unwrap_or_else(|_| "2.0.0".to_owned());
-    scenario_2(&Board::real("real-s2-update"), &bundle, &version);
+    scenario_2(&Board::real("real-s2-update"), &bundle, &version).unwrap();
 }
