@@ -26,6 +26,20 @@ pub struct Assets {
     /// (guest path, host path), the dynamic loader included.
     pub updater: PathBuf,
     pub libraries: Vec<(String, PathBuf)>,
+    /// An ssh server in the guest, for a QEMU board run as a lab board
+    /// ([`Assets::with_ssh`]).
+    pub ssh: Option<GuestSsh>,
+}
+
+/// The guest's ssh server: Debian's dropbear (the host's `dropbear-bin`),
+/// a host key made at build time with `dropbearkey`, and one key allowed
+/// to log in as root.
+#[derive(Debug, Clone)]
+pub struct GuestSsh {
+    pub dropbear: PathBuf,
+    pub host_key: PathBuf,
+    /// One `authorized_keys` line (`ssh-ed25519 AAAA… comment`).
+    pub authorized_key: String,
 }
 
 impl Assets {
@@ -103,6 +117,7 @@ impl Assets {
             kernel_release,
             updater,
             libraries,
+            ssh: None,
         };
         for p in [assets.kernel(), assets.busybox()] {
             if !p.exists() {
@@ -110,6 +125,45 @@ impl Assets {
             }
         }
         Ok(assets)
+    }
+
+    /// Puts an ssh server into the guest's releases: dropbear and its
+    /// libraries (the host's x86_64 copies, as for the updater), a host key
+    /// created in `dir` (once: every release has the same one, as a board
+    /// keeps its host key across updates) and `authorized_key` for root.
+    /// The x86_64 board only: the arm64 guest would need Debian's arm64
+    /// dropbear and its libraries fetched like its glibc.
+    pub fn with_ssh(mut self, authorized_key: &str, dir: &Path) -> Result<Self> {
+        if self.arch != Arch::X86_64 {
+            bail!(
+                "an ssh server in the guest is only built for the x86_64 board (the host's dropbear-bin is amd64)"
+            );
+        }
+        let tool = |t: &str| {
+            which(t).with_context(|| {
+                format!("{t} is missing: install dropbear-bin (scripts/setup.d/72-hw-tests-lab.sh)")
+            })
+        };
+        let dropbear = tool("dropbear")?;
+        let dropbearkey = tool("dropbearkey")?;
+        std::fs::create_dir_all(dir)?;
+        let host_key = dir.join("dropbear_ed25519_host_key");
+        if !host_key.exists() {
+            run(Command::new(dropbearkey)
+                .args(["-t", "ed25519", "-f"])
+                .arg(&host_key))?;
+        }
+        for lib in shared_libraries(&dropbear)? {
+            if !self.libraries.iter().any(|(guest, _)| *guest == lib.0) {
+                self.libraries.push(lib);
+            }
+        }
+        self.ssh = Some(GuestSsh {
+            dropbear,
+            host_key,
+            authorized_key: authorized_key.to_owned(),
+        });
+        Ok(self)
     }
 
     pub fn kernel(&self) -> PathBuf {

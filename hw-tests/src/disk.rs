@@ -105,6 +105,16 @@ pub fn read_env(disk: &Path, work: &Path) -> Result<Env> {
     Ok(store.read()?)
 }
 
+/// Parses the contents of an env file (`uboot.env`, as read from a running
+/// board); `work` holds a scratch copy.
+pub fn parse_env(data: &[u8], work: &Path) -> Result<Env> {
+    std::fs::create_dir_all(work)?;
+    let out = work.join("uboot.env.read");
+    std::fs::write(&out, data)?;
+    let mut store = Store::open_read_only(&Config::single(DeviceConfig::new(&out, 0, ENV_SIZE)))?;
+    Ok(store.read()?)
+}
+
 /// Writes the factory disk image: partition table, boot partition (script
 /// and env), slot A = `slot_a`, slot B zeroed, an empty ext4 data partition.
 pub fn factory_image(

@@ -184,6 +184,17 @@ else
     kernex-updater health run
     echo "KERNEX-HW: health run exited $?"
 fi
+# A release built for a lab board (Assets::with_ssh) has an ssh server,
+# started once the watchdog has decided: the runner, which waits for ssh to
+# answer, then sees the verdict of this boot.
+if [ -x /usr/sbin/dropbear ]; then
+    mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
+    if dropbear -r /etc/dropbear/dropbear_ed25519_host_key -s -p 22 -E 2>>/tmp/dropbear.log; then
+        echo "KERNEX-HW: ssh server started"
+    else
+        echo "KERNEX-HW: dropbear failed: $(cat /tmp/dropbear.log)"
+    fi
+fi
 echo "KERNEX-HW: shell ready"
 exec /bin/sh
 "#;
@@ -250,6 +261,7 @@ const BUSYBOX_APPLETS: &[&str] = &[
     "ping",
     "wget",
     "date",
+    "setsid",
 ];
 
 /// The initramfs (gzip-compressed newc cpio) of a release.
@@ -385,6 +397,40 @@ pub fn initramfs(assets: &Assets, keys: &Keys, release: &Release) -> Result<Vec<
         )
         .into_bytes(),
     });
+    if let Some(ssh) = &assets.ssh {
+        e.push(dir("etc/dropbear"));
+        e.push(Entry::Dir {
+            path: "root/.ssh".into(),
+            mode: 0o700,
+        });
+        e.push(Entry::File {
+            path: "usr/sbin/dropbear".into(),
+            mode: 0o755,
+            data: std::fs::read(&ssh.dropbear)
+                .with_context(|| format!("read {}", ssh.dropbear.display()))?,
+        });
+        e.push(Entry::File {
+            path: "etc/dropbear/dropbear_ed25519_host_key".into(),
+            mode: 0o600,
+            data: std::fs::read(&ssh.host_key)?,
+        });
+        e.push(Entry::File {
+            path: "root/.ssh/authorized_keys".into(),
+            mode: 0o600,
+            data: format!("{}\n", ssh.authorized_key.trim()).into_bytes(),
+        });
+        for (path, data) in [
+            ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"),
+            ("etc/group", "root:x:0:\n"),
+            ("etc/shells", "/bin/sh\n"),
+        ] {
+            e.push(Entry::File {
+                path: path.into(),
+                mode: 0o644,
+                data: data.as_bytes().to_vec(),
+            });
+        }
+    }
     let archive = cpio::write(&e);
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(&archive)?;
@@ -415,15 +461,28 @@ fn stripped(strip: &str, bin: &Path) -> Result<Vec<u8>> {
         .arg("-o")
         .arg(&out)
         .arg(bin))?;
-    let data = std::fs::read(&out)?;
+    let data = std::fs::read(&out).with_context(|| format!("read {}", out.display()))?;
     let _ = std::fs::remove_file(&out);
+    if data.len() < 4 || &data[..4] != b"\x7fELF" {
+        anyhow::bail!(
+            "{strip} -o {} {} gave no ELF binary",
+            out.display(),
+            bin.display()
+        );
+    }
     Ok(data)
 }
 
+/// A scratch path unique in this process: two boards' releases may be built
+/// at the same time (the x86_64 and arm64 fixtures both strip a
+/// `kernex-updater`), and a shared path let one build read the other's
+/// half-written file (seen: a 0-byte updater in the guest).
 fn tempfile_path(near: &Path, suffix: &str) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     std::env::temp_dir().join(format!(
-        "kernex-hw-{}-{}-{suffix}",
+        "kernex-hw-{}-{}-{}-{suffix}",
         std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         near.file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default()

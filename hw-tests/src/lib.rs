@@ -15,6 +15,10 @@
 //!   written into a plain file without root or loop devices;
 //! - [`machine`]: QEMU with U-Boot as its firmware, driven over the serial
 //!   console, optionally with a TPM (swtpm) and a NIC on QEMU's user network;
+//!   or a lab board (a real one, or QEMU run as one): serial console, power
+//!   by operator-given commands, commands and bundles over ssh;
+//! - [`scenarios`]: scenarios 1 and 2 written once for any board (QEMU or
+//!   lab), run by `tests/scenarios.rs` and by `kernex-hw-run`;
 //! - [`server`]: a real `kernex-server` on the host's loopback for the
 //!   guest's daemon.
 //!
@@ -26,6 +30,7 @@ pub mod cpio;
 pub mod disk;
 pub mod guest;
 pub mod machine;
+pub mod scenarios;
 pub mod server;
 
 use std::path::Path;

@@ -5,6 +5,13 @@
 //! guest kernel can drive). Assertions are on what U-Boot prints and on
 //! `kernex-updater status --json` in the guest. Console logs are kept under
 //! the directory each test prints.
+//!
+//! Scenarios 1 and 2 are written once for any board (`scenario_1`,
+//! `scenario_2` in `kernex_hw_tests::scenarios`) and also run through the
+//! runner's lab-board mode (serial console, power by commands, ssh):
+//! against a QEMU board treated as lab hardware (`lab_qemu_*`, run in CI;
+//! scenario 1 there by the `kernex-hw-run` binary) and, by hand, against a
+//! real board (`real_board_*`, `#[ignore]`d: not run in CI).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
@@ -20,7 +27,8 @@ use kernex_hw_tests::arch::Arch;
 use kernex_hw_tests::assets::{self, Assets};
 use kernex_hw_tests::disk::{self, FactoryEnv};
 use kernex_hw_tests::guest::{self, Behaviour, Built, Keys, Release};
-use kernex_hw_tests::machine::{Hardware, Machine, boot_timeout};
+use kernex_hw_tests::machine::{Hardware, Lab, Machine, SshTarget, boot_timeout};
+use kernex_hw_tests::scenarios::{self, INSTALL_TIMEOUT, Rig, scenario_1, scenario_2};
 use kernex_hw_tests::server::ControlPlane;
 use kernex_protocol::Sha256Digest;
 use serde_json::Value;
@@ -90,11 +98,41 @@ fn artefacts_root() -> PathBuf {
         .join("hw-tests")
 }
 
-/// One scenario's board: its factory disk, a bundles disk, its console log.
+/// One scenario's board: its factory disk, a bundles disk, its console log;
+/// or a lab board ([`Lab`]: a real one, or QEMU run as one), reached
+/// through its serial console, power commands and ssh.
 struct Board {
     dir: PathBuf,
     hw: Hardware,
     log: PathBuf,
+    lab: Option<Lab>,
+}
+
+impl Rig for Board {
+    fn power_on(&self) -> anyhow::Result<Machine> {
+        match &self.lab {
+            Some(lab) => Machine::start_lab(lab, &self.log),
+            None => Machine::start(&self.hw, &self.log),
+        }
+    }
+    fn disk_image(&self) -> Option<&Path> {
+        self.lab.is_none().then_some(self.hw.disk.as_path())
+    }
+    fn work_dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Board {
+    /// A lab board's power is cut when its scenario is over (the QEMU lab
+    /// board's QEMU must not outlive the test).
+    fn drop(&mut self) {
+        if let Some(lab) = &self.lab
+            && let Err(e) = lab.power_off(&self.log)
+        {
+            eprintln!("hw-tests: cutting the lab board's power failed: {e:#}");
+        }
+    }
 }
 
 impl Board {
@@ -135,6 +173,7 @@ impl Board {
                 ..Hardware::default()
             },
             dir,
+            lab: None,
         }
     }
 
@@ -151,44 +190,14 @@ impl Board {
     }
 
     fn power_on(&self) -> Machine {
-        Machine::start(&self.hw, &self.log).unwrap()
+        Rig::power_on(self).unwrap()
     }
 
-    /// Waits for U-Boot's choice and the guest's shell; returns the status.
-    ///
-    /// A firmware start that fails before U-Boot even offers to stop
-    /// autoboot — QEMU dying by a signal (seen once: a SIGSEGV under TCG
-    /// during U-Boot's start on a loaded machine) or U-Boot hanging right
-    /// after "Loading Environment" (seen once, with two boards emulated and
-    /// load 7) — is a power-on that did not happen: the board is powered on
-    /// once more, and the runner says so on stderr and in the console log.
-    /// No Kernex code has run by then (the boot script runs after the
-    /// autoboot prompt), and a second failure fails the test. A QEMU crash
-    /// later in U-Boot is treated the same; this cannot hide a wrong boot
-    /// either: had the boot script already counted an attempt before the
-    /// crash, the counters `uboot_says` names would not match on the second
-    /// power-on.
+    /// Waits for U-Boot's choice and the guest's shell (or ssh); returns
+    /// the status (`scenarios::boots`: a firmware start that failed before
+    /// U-Boot's autoboot prompt is retried once).
     fn boots(&self, m: &mut Machine, uboot_says: &str) -> Value {
-        if let Err(e) = m.wait_for(UBOOT_STARTED, FIRMWARE_TIMEOUT) {
-            let e = format!("{e:#}");
-            if !(e.contains("QEMU exited (signal:") || e.contains("did not print")) {
-                panic!("{e}");
-            }
-            eprintln!("U-Boot did not start; powering the board on again: {e}");
-            *m = self.power_on();
-            m.wait_for(UBOOT_STARTED, FIRMWARE_TIMEOUT).unwrap();
-        }
-        match m.wait_for(uboot_says, boot_timeout()) {
-            Ok(_) => {}
-            Err(e) if format!("{e:#}").contains("QEMU exited (signal:") => {
-                eprintln!("QEMU crashed; powering the board on again: {e:#}");
-                *m = self.power_on();
-                m.wait_for(uboot_says, boot_timeout()).unwrap();
-            }
-            Err(e) => panic!("{e:?}"),
-        }
-        m.wait_for_shell().unwrap();
-        m.status().unwrap()
+        scenarios::boots(self, m, uboot_says).unwrap()
     }
 
     /// The env U-Boot and the updater share, read from the disk image.
@@ -199,90 +208,32 @@ impl Board {
 }
 
 fn slot<'a>(status: &'a Value, name: &str) -> &'a Value {
-    status["slots"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["slot"] == name)
-        .unwrap_or_else(|| panic!("no slot {name} in {status}"))
+    scenarios::slot(status, name).unwrap()
 }
 
 #[test]
 fn s1_factory_image_boots_slot_a_and_commits_it() {
-    let board = Board::new(fixture(Arch::Arm64), "s1-factory", &[]);
-    let mut m = board.power_on();
-    let st = board.boots(&mut m, "Kernex: booting slot A (A left 2, B left 0)");
-    assert_eq!(st["booted-slot"], "A", "{st}");
-    assert_eq!(st["primary-slot"], "A", "{st}");
-    assert_eq!(st["committed"], true, "{st}");
-    assert_eq!(slot(&st, "A")["attempts-left"], 3, "{st}");
-    assert_eq!(st["health"]["outcome"], "committed", "{st}");
-    // The commit reached the env file U-Boot reads at the next power-on.
-    m.sh("sync", Duration::from_secs(30)).unwrap();
-    m.power_off();
-    assert_eq!(board.env("BOOT_A_LEFT").as_deref(), Some("3"));
-    assert_eq!(board.env("BOOT_ORDER").as_deref(), Some("A B"));
+    scenario_1(&Board::new(fixture(Arch::Arm64), "s1-factory", &[])).unwrap();
 }
-
-/// What U-Boot prints once it has started, before it runs the boot script.
-const UBOOT_STARTED: &str = "Hit any key to stop autoboot";
-/// How long U-Boot may take to get there (seconds under TCG when healthy).
-const FIRMWARE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The slot PCR (attest/README.md).
 const PCR: u8 = 14;
 
-const INSTALL_TIMEOUT: Duration = Duration::from_secs(900);
-
-/// Installs `bundle` (on the bundles disk) in the guest; checks it succeeded.
+/// Installs `bundle` in the guest; checks it succeeded.
 fn install(m: &mut Machine, bundle: &Built) {
-    let name = bundle.bundle.file_name().unwrap().to_string_lossy();
-    let (out, code) = m
-        .sh(
-            &format!("kernex-updater install /bundles/{name}"),
-            INSTALL_TIMEOUT,
-        )
-        .unwrap();
-    assert_eq!(code, 0, "install {name} failed:\n{out}");
+    scenarios::install_file(m, &bundle.bundle).unwrap();
 }
 
 /// A committed factory board (slot A committed, as after scenario 1).
 fn factory_booted(board: &Board, m: &mut Machine) {
-    let st = board.boots(m, "Kernex: booting slot A (A left 2, B left 0)");
-    assert_eq!(st["booted-slot"], "A", "{st}");
-    assert_eq!(st["committed"], true, "{st}");
+    scenarios::factory_booted(board, m).unwrap();
 }
 
 #[test]
 fn s2_update_to_v2_boots_b_on_trial_commits_and_stays_on_b() {
     let f = fixture(Arch::Arm64);
     let board = Board::new(f, "s2-update", &[&f.v2]);
-    let mut m = board.power_on();
-    factory_booted(&board, &mut m);
-    install(&mut m, &f.v2);
-    let st = m.status().unwrap();
-    assert_eq!(st["primary-slot"], "B", "{st}");
-    assert_eq!(slot(&st, "B")["version"], "2.0.0", "{st}");
-    assert_eq!(slot(&st, "B")["verified"], true, "{st}");
-    assert_eq!(slot(&st, "B")["attempts-left"], 3, "{st}");
-
-    // U-Boot tries B first and counts the attempt; the watchdog commits it.
-    m.send("reboot -f").unwrap();
-    let st = board.boots(&mut m, "Kernex: booting slot B (A left 3, B left 2)");
-    assert_eq!(st["booted-slot"], "B", "{st}");
-    assert_eq!(st["committed"], true, "{st}");
-    assert_eq!(st["health"]["outcome"], "committed", "{st}");
-    assert_eq!(st["health"]["slot"], "B", "{st}");
-    assert_eq!(slot(&st, "B")["attempts-left"], 3, "{st}");
-
-    // B stays primary across the next reboot.
-    m.send("reboot -f").unwrap();
-    let st = board.boots(&mut m, "Kernex: booting slot B (A left 3, B left 2)");
-    assert_eq!(st["booted-slot"], "B", "{st}");
-    assert_eq!(st["primary-slot"], "B", "{st}");
-    assert_eq!(st["committed"], true, "{st}");
-    m.power_off();
-    assert_eq!(board.env("BOOT_ORDER").as_deref(), Some("B A"));
+    scenario_2(&board, &f.v2.bundle, &f.v2.release.version).unwrap();
 }
 
 #[test]
@@ -292,7 +243,7 @@ fn s3_agent_crash_loop_in_v3_is_reverted_to_a_with_the_reason() {
     let mut m = board.power_on();
     factory_booted(&board, &mut m);
     install(&mut m, &f.v3);
-    m.send("reboot -f").unwrap();
+    m.reboot().unwrap();
     // B on trial; its agent crash-loops; the watchdog marks B bad (counter
     // 0, last in BOOT_ORDER) and reboots: U-Boot goes straight back to A
     // (B left 0, not 1: the watchdog reverted, the counter did not run out).
@@ -341,7 +292,7 @@ fn s4_v4_kernel_never_comes_up_and_u_boot_falls_back_to_a() {
     let mut m = board.power_on();
     factory_booted(&board, &mut m);
     install(&mut m, &f.v4);
-    m.send("reboot -f").unwrap();
+    m.reboot().unwrap();
     // Three attempts at B, each a kernel panic (no userspace, no watchdog),
     // then U-Boot moves on to A by itself.
     for left in [2, 1, 0] {
@@ -403,27 +354,27 @@ fn s5_power_cuts_at_five_moments_of_an_install_each_leave_a_booting_device() {
     m.send("kernex-updater install /bundles/release-2.0.0.kxb >/tmp/install.log 2>&1 &")
         .unwrap();
     std::thread::sleep(Duration::from_secs(1));
-    m.power_off();
+    m.power_off().unwrap();
     let (mut m, _) = after_cut_boots_a(&board, "cut 1 (start)");
 
     // Cut 2: in the middle of the clone, in the middle of the third journal
     // write (a torn record on disk after chunks already journaled).
     install_until(&mut m, "journal-write:3");
-    m.power_off();
+    m.power_off().unwrap();
     let (mut m, st) = after_cut_boots_a(&board, "cut 2 (torn journal write)");
     assert!(!st["pending-install"].is_null(), "cut 2: {st}");
 
     // Cut 3: every chunk written and journaled, the final SHA-256 check of
     // slot B starting.
     install_until(&mut m, "verify");
-    m.power_off();
+    m.power_off().unwrap();
     let (mut m, st) = after_cut_boots_a(&board, "cut 3 (final check)");
     assert!(!st["pending-install"].is_null(), "cut 3: {st}");
 
     // Cut 4: B verified and recorded, just before the boot env is told to
     // try it (BOOT_ORDER still "A B").
     install_until(&mut m, "slot-record");
-    m.power_off();
+    m.power_off().unwrap();
     assert_eq!(board.env("BOOT_ORDER").as_deref(), Some("A B"));
     let (mut m, st) = after_cut_boots_a(&board, "cut 4 (before the BOOT_ORDER flip)");
     assert!(!st["pending-install"].is_null(), "cut 4: {st}");
@@ -438,7 +389,7 @@ fn s5_power_cuts_at_five_moments_of_an_install_each_leave_a_booting_device() {
 
     // Cut 5: right after the install returned (BOOT_ORDER flipped; no sync,
     // no clean shutdown): the flip survived, U-Boot tries B, it commits.
-    m.power_off();
+    m.power_off().unwrap();
     assert_eq!(board.env("BOOT_ORDER").as_deref(), Some("B A"));
     let mut m = board.power_on();
     let st = board.boots(&mut m, "Kernex: booting slot B (A left 3, B left 2)");
@@ -497,7 +448,7 @@ fn s6_tpm_the_booted_slots_pcr_matches_its_release_and_the_quote_verifies() {
     let ak = AkPublic::parse(&identity.ak_public).unwrap();
 
     install(&mut m, &f.v2);
-    m.send("reboot -f").unwrap();
+    m.reboot().unwrap();
     let st = board.boots(&mut m, "Kernex: booting slot B (A left 3, B left 2)");
     assert_eq!(st["booted-slot"], "B", "{st}");
     assert_eq!(st["committed"], true, "{st}");
@@ -754,4 +705,332 @@ fn s7_daemon_enrolls_with_a_real_server_over_the_network_installs_reboots_and_co
     assert_eq!(slot(&st, "B")["version"], "2.0.0", "{st}");
     // The daemon's log reaches the disk image kept as the artefact.
     m.sh("sync", Duration::from_secs(60)).unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Lab boards: the runner's real-board mode (hw-tests/README.md, "On a real
+// Raspberry Pi 4"). The console is a serial device or socket, the power is
+// cut and restored by shell commands, Linux is reached over ssh, bundles
+// are copied over ssh.
+
+/// The releases of the QEMU lab board: the x86_64 board's v1 and v2 with an
+/// ssh server (dropbear) that lets in the key the fixture makes. x86_64,
+/// not arm64: the guest's dropbear and its libraries are then the host's
+/// own Debian copies (`dropbear-bin`, found with `ldd`, like the updater's),
+/// and the x86_64 board already has the NIC scenario 7 uses.
+struct LabFixture {
+    v1: Built,
+    v2: Built,
+    /// The private key the runner logs in with.
+    ssh_key: PathBuf,
+}
+
+fn lab_fixture() -> &'static LabFixture {
+    static LAB: OnceLock<LabFixture> = OnceLock::new();
+    LAB.get_or_init(|| {
+        let arch = Arch::X86_64;
+        let dir = artefacts_root().join("releases-lab");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ssh_key = dir.join("ssh/id_ed25519");
+        std::fs::create_dir_all(dir.join("ssh")).unwrap();
+        kernex_hw_tests::run(
+            std::process::Command::new("ssh-keygen")
+                .args([
+                    "-q",
+                    "-t",
+                    "ed25519",
+                    "-N",
+                    "",
+                    "-C",
+                    "kernex-hw-tests",
+                    "-f",
+                ])
+                .arg(&ssh_key),
+        )
+        .expect("ssh-keygen (openssh-client; scripts/setup.d/72-hw-tests-lab.sh)");
+        let public = std::fs::read_to_string(ssh_key.with_extension("pub")).unwrap();
+        let updater = assets::build_updater(arch).unwrap();
+        let assets = Assets::find(arch, updater)
+            .unwrap()
+            .with_ssh(&public, &dir.join("ssh"))
+            .unwrap();
+        let keys = Keys::create(&dir.join("keys")).unwrap();
+        let build = |version: &str| {
+            guest::build(
+                &assets,
+                &keys,
+                &Release {
+                    version: version.into(),
+                    behaviour: Behaviour::Healthy,
+                },
+                &dir,
+            )
+            .unwrap()
+        };
+        LabFixture {
+            v1: build("1.0.0"),
+            v2: build("2.0.0"),
+            ssh_key,
+        }
+    })
+}
+
+/// Single-quotes `s` for sh.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+impl Board {
+    /// A QEMU board the runner treats as lab hardware: it knows only what a
+    /// real board's operator would give it — a console path (a Unix socket
+    /// here, where a Pi has /dev/ttyUSB0), power-off and power-on *commands*
+    /// (scripts written here that kill QEMU and start it in the background,
+    /// where a Pi has a relay), `ssh://root@127.0.0.1:PORT` (QEMU's user
+    /// network forwards the port to the guest's dropbear) and a key. The
+    /// factory image is "flashed" by writing the disk image before the first
+    /// power-on; the board has no bundles disk.
+    ///
+    /// With `pty`, the console is a serial device as on a real board: a
+    /// pseudo-terminal `<dir>/ttyUSB0` that socat, started by the power-on
+    /// command, bridges to QEMU's socket (`wait-slave`: the board starts
+    /// once the runner has opened it), set up by the runner with `stty`
+    /// like a USB-serial adapter.
+    fn qemu_lab(f: &LabFixture, name: &str, pty: bool) -> Board {
+        let dir = artefacts_root().join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        eprintln!(
+            "hw-tests {name} (x86_64 QEMU board as a lab board): console log, ssh log and disk in {}",
+            dir.display()
+        );
+        let disk = dir.join("disk.img");
+        disk::factory_image(
+            Arch::X86_64,
+            &disk,
+            &dir.join("work"),
+            &f.v1.image,
+            &FactoryEnv::default(),
+        )
+        .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let hw = Hardware {
+            arch: Arch::X86_64,
+            disk,
+            network: true,
+            ssh_forward: Some(port),
+            ..Hardware::default()
+        };
+        let socket = dir.join("serial.sock");
+        assert!(
+            socket.as_os_str().len() < 100,
+            "{} is too long for a Unix socket: set KERNEX_HW_ARTEFACTS to a shorter directory",
+            socket.display()
+        );
+        let qemu = assets::which(hw.arch.qemu()).unwrap();
+        let args: Vec<String> = kernex_hw_tests::machine::qemu_args(&hw)
+            .iter()
+            .map(|a| sh_quote(a))
+            .collect();
+        let d = sh_quote(&dir.display().to_string());
+        // The serial console waits for its client (`wait=on`): QEMU starts
+        // the board once the runner is attached, as a USB-serial adapter is
+        // plugged in before the power comes on.
+        let tty = dir.join("ttyUSB0");
+        let socat = if pty {
+            let socat = assets::which("socat")
+                .expect("socat (scripts/setup.d/72-hw-tests-lab.sh) bridges the pty console");
+            format!(
+                "{socat} PTY,link={tty},rawer,wait-slave UNIX-CONNECT:{sock} </dev/null >>socat.log 2>&1 &\n\
+                 echo $! >socat.pid\n\
+                 i=0\n\
+                 while [ ! -e {tty} ]; do\n\
+                 \x20   i=$((i+1)); [ $i -lt 600 ] || {{ echo 'socat made no pty in 60 s'; cat socat.log; exit 1; }}\n\
+                 \x20   sleep 0.1\n\
+                 done\n",
+                socat = sh_quote(&socat.display().to_string()),
+                tty = sh_quote(&tty.display().to_string()),
+                sock = sh_quote(&socket.display().to_string()),
+            )
+        } else {
+            String::new()
+        };
+        let power_on = format!(
+            "#!/bin/sh\n\
+             # Power-on of the QEMU lab board: QEMU in the background, its serial\n\
+             # console on a Unix socket.\n\
+             set -e\n\
+             cd {d}\n\
+             rm -f serial.sock\n\
+             {qemu} {args} -display none -monitor none \\\n  \
+             -chardev socket,id=s0,path={sock},server=on,wait=on -serial chardev:s0 \\\n  \
+             </dev/null >>qemu.log 2>&1 &\n\
+             echo $! >qemu.pid\n\
+             i=0\n\
+             while [ ! -S serial.sock ]; do\n\
+             \x20   kill -0 \"$(cat qemu.pid)\" 2>/dev/null || {{ echo 'QEMU exited:'; tail -5 qemu.log; exit 1; }}\n\
+             \x20   i=$((i+1)); [ $i -lt 600 ] || {{ echo 'QEMU made no serial.sock in 60 s'; exit 1; }}\n\
+             \x20   sleep 0.1\n\
+             done\n\
+             {socat}",
+            qemu = sh_quote(&qemu.display().to_string()),
+            args = args.join(" "),
+            sock = sh_quote(&socket.display().to_string()),
+        );
+        let power_off = format!(
+            "#!/bin/sh\n\
+             # Power cut of the QEMU lab board: SIGKILL, no sync, no shutdown.\n\
+             cd {d}\n\
+             if [ -f qemu.pid ]; then\n\
+             \x20   pid=$(cat qemu.pid)\n\
+             \x20   kill -9 \"$pid\" 2>/dev/null || true\n\
+             \x20   i=0\n\
+             \x20   while [ -e /proc/$pid ] && ! grep -q '^State:.*Z' /proc/$pid/status 2>/dev/null; do\n\
+             \x20       i=$((i+1)); [ $i -lt 100 ] || {{ echo \"QEMU $pid survived SIGKILL\"; exit 1; }}\n\
+             \x20       sleep 0.1\n\
+             \x20   done\n\
+             fi\n\
+             if [ -f socat.pid ]; then kill \"$(cat socat.pid)\" 2>/dev/null || true; fi\n\
+             rm -f qemu.pid serial.sock socat.pid ttyUSB0\n"
+        );
+        std::fs::write(dir.join("power-on.sh"), power_on).unwrap();
+        std::fs::write(dir.join("power-off.sh"), power_off).unwrap();
+        let lab = Lab {
+            ssh: SshTarget {
+                identity: Some(f.ssh_key.clone()),
+                ..SshTarget::parse(&format!("ssh://root@127.0.0.1:{port}")).unwrap()
+            },
+            console: if pty { tty } else { socket },
+            power_off: format!(
+                "sh {}",
+                sh_quote(&dir.join("power-off.sh").display().to_string())
+            ),
+            power_on: format!(
+                "sh {}",
+                sh_quote(&dir.join("power-on.sh").display().to_string())
+            ),
+            bundle_dir: kernex_hw_tests::machine::DEFAULT_BUNDLE_DIR.to_owned(),
+        };
+        Board {
+            log: dir.join("console.log"),
+            hw,
+            dir,
+            lab: Some(lab),
+        }
+    }
+
+    /// The real board the environment names (`Lab::from_env`).
+    fn real(name: &str) -> Board {
+        let lab = Lab::from_env().unwrap();
+        let dir = artefacts_root().join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        eprintln!(
+            "hw-tests {name} (real board {}, console {}): console log and ssh log in {}",
+            lab.ssh,
+            lab.console.display(),
+            dir.display()
+        );
+        Board {
+            log: dir.join("console.log"),
+            hw: Hardware::default(),
+            dir,
+            lab: Some(lab),
+        }
+    }
+}
+
+#[test]
+fn lab_qemu_board_s1_by_kernex_hw_run_factory_boot_commits_a_and_a_power_cut_by_command_keeps_it() {
+    let f = lab_fixture();
+    let board = Board::qemu_lab(f, "lab-s1-factory", false);
+    // Scenario 1 run by the operator's tool, `kernex-hw-run`, given only
+    // what it would be given for a real board.
+    let lab = board.lab.as_ref().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kernex-hw-run"))
+        .arg("--target")
+        .arg(lab.ssh.to_string())
+        .arg("--identity")
+        .arg(lab.ssh.identity.as_ref().unwrap())
+        .arg("--console")
+        .arg(&lab.console)
+        .args(["--power-off", &lab.power_off, "--power-on", &lab.power_on])
+        .arg("--out")
+        .arg(&board.dir)
+        .arg("s1")
+        .env_remove("KERNEX_HW_BUNDLE_DIR")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprint!("{stderr}");
+    assert!(out.status.success(), "kernex-hw-run s1 failed: {stderr}");
+    assert!(stderr.contains("kernex-hw-run: passed"), "{stderr}");
+    // The power comes back through the power-on command: U-Boot read the
+    // committed counter (3, decremented for this attempt), not the factory's.
+    let mut m = board.power_on();
+    let st = board.boots(&mut m, "Kernex: booting slot A (A left 2, B left 0)");
+    assert_eq!(st["booted-slot"], "A", "{st}");
+    assert_eq!(st["committed"], true, "{st}");
+    // Everything ran over the lab link: the console never had a command
+    // typed into it, the guest's shell there was never used.
+    assert!(
+        !m.console().contains("@@KX"),
+        "a command went over the console"
+    );
+    let ssh_log = std::fs::read_to_string(board.dir.join("ssh.log")).unwrap();
+    assert!(
+        ssh_log.contains("$ kernex-updater status --json"),
+        "{ssh_log}"
+    );
+    m.power_off().unwrap();
+}
+
+#[test]
+fn lab_qemu_board_s2_update_copied_over_ssh_boots_b_commits_and_stays_after_a_power_cut() {
+    let f = lab_fixture();
+    // The console as a serial device (a pty set up with stty).
+    let board = Board::qemu_lab(f, "lab-s2-update", true);
+    scenario_2(&board, &f.v2.bundle, &f.v2.release.version).unwrap();
+    // The bundle was copied over ssh to the data partition, not read from
+    // a second disk (the lab board has none).
+    let ssh_log = std::fs::read_to_string(board.dir.join("ssh.log")).unwrap();
+    assert!(
+        ssh_log.contains("kernex-updater install /data/kernex-hw/bundles/release-2.0.0.kxb"),
+        "{ssh_log}"
+    );
+    // Power restored by command after the cut: B, committed, still primary.
+    let mut m = board.power_on();
+    let st = board.boots(&mut m, "Kernex: booting slot B (A left 3, B left 2)");
+    assert_eq!(st["booted-slot"], "B", "{st}");
+    assert_eq!(st["primary-slot"], "B", "{st}");
+    assert_eq!(st["committed"], true, "{st}");
+    assert_eq!(slot(&st, "B")["version"], "2.0.0", "{st}");
+    m.power_off().unwrap();
+}
+
+/// Scenario 1 on a real board (a Raspberry Pi 4 flashed with the factory
+/// image): run by hand, never in CI — `cargo test … real_board -- --ignored`
+/// with the environment of hw-tests/README.md.
+#[test]
+#[ignore = "needs a real board: KERNEX_HW_TARGET, KERNEX_HW_CONSOLE, KERNEX_HW_POWER_OFF, KERNEX_HW_POWER_ON (hw-tests/README.md)"]
+fn real_board_s1_factory_image_boots_slot_a_and_commits_it() {
+    scenario_1(&Board::real("real-s1-factory")).unwrap();
+}
+
+/// Scenario 2 on a real board: `KERNEX_HW_BUNDLE` is the vendor's signed
+/// bundle of the next release (`KERNEX_HW_BUNDLE_VERSION`, default 2.0.0).
+#[test]
+#[ignore = "needs a real board and KERNEX_HW_BUNDLE (hw-tests/README.md)"]
+fn real_board_s2_update_boots_b_on_trial_commits_and_stays_on_b() {
+    let bundle = std::env::var_os("KERNEX_HW_BUNDLE")
+        .map(PathBuf::from)
+        .expect(
+            "KERNEX_HW_BUNDLE=<the next release's signed bundle> is not set (hw-tests/README.md)",
+        );
+    let version = std::env::var("KERNEX_HW_BUNDLE_VERSION").unwrap_or_else(|_| "2.0.0".to_owned());
+    scenario_2(&Board::real("real-s2-update"), &bundle, &version).unwrap();
 }
