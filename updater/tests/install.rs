@@ -179,9 +179,7 @@ fn downgrade_is_refused_unless_allowed() {
 /// Responses whose body reached bundle offset `at`.
 fn requests_covering(server: &Server, at: u64) -> u64 {
     server
-        .log
-        .lock()
-        .unwrap()
+        .log()
         .iter()
         .filter(|(start, sent)| (*start..start + sent).contains(&at))
         .count() as u64
@@ -424,7 +422,7 @@ fn a_corrupt_patch_frame_or_table_falls_back_to_the_archive() {
     let report = install(&dev, &server.url).unwrap();
     assert_eq!(file_sha256(&dev.path("slot-a.img")), sha256(&v2));
     assert_eq!(report.chunks_patched, 0);
-    let log = server.log.lock().unwrap().clone();
+    let log = server.log();
     assert!(
         log.iter()
             .all(|&(at, n)| at + n <= span.offset || at >= span.end()),

@@ -237,7 +237,26 @@ pub struct Server {
     pub served: Arc<AtomicU64>,
     pub requests: Arc<AtomicU64>,
     /// (first byte, bytes sent) of every response body.
-    pub log: Arc<Mutex<Vec<(u64, u64)>>>,
+    log: Arc<Mutex<Vec<(u64, u64)>>>,
+    /// Responses being written: a client can hold a whole body before the
+    /// server thread has counted it, so readers wait for this to be 0.
+    busy: Arc<AtomicU64>,
+}
+
+/// Counts one response in [`Server::busy`] while it is alive.
+struct Busy<'a>(&'a AtomicU64);
+
+impl<'a> Busy<'a> {
+    fn enter(busy: &'a AtomicU64) -> Self {
+        busy.fetch_add(1, Ordering::SeqCst);
+        Busy(busy)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Server {
@@ -249,14 +268,21 @@ impl Server {
         let log = Arc::new(Mutex::new(Vec::new()));
         let body = Arc::new(body);
         let corrupted = Arc::new(AtomicBool::new(false));
-        let (s, r, l) = (served.clone(), requests.clone(), log.clone());
+        let busy = Arc::new(AtomicU64::new(0));
+        let (s, r, l, b) = (served.clone(), requests.clone(), log.clone(), busy.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
-                let (body, s, r, l) = (body.clone(), s.clone(), r.clone(), l.clone());
+                let (body, s, r, l, b) = (body.clone(), s.clone(), r.clone(), l.clone(), b.clone());
                 let corrupted = corrupted.clone();
                 std::thread::spawn(move || {
-                    let _ = handle(conn, &body, fault, &corrupted, &s, &r, &l);
+                    let counters = Counters {
+                        served: &s,
+                        requests: &r,
+                        log: &l,
+                        busy: &b,
+                    };
+                    let _ = handle(conn, &body, fault, &corrupted, &counters);
                 });
             }
         });
@@ -265,16 +291,44 @@ impl Server {
             served,
             requests,
             log,
+            busy,
+        }
+    }
+
+    /// Waits (up to 10 s) until no response is being written, so the
+    /// counts include everything a client has received.
+    fn settle(&self) {
+        let started = std::time::Instant::now();
+        while self.busy.load(Ordering::SeqCst) > 0
+            && started.elapsed() < std::time::Duration::from_secs(10)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
         }
     }
 
     pub fn served(&self) -> u64 {
+        self.settle();
         self.served.load(Ordering::SeqCst)
     }
 
+    /// (first byte, bytes sent) of every response body so far.
+    pub fn log(&self) -> Vec<(u64, u64)> {
+        self.settle();
+        self.log.lock().unwrap().clone()
+    }
+
     pub fn take_log(&self) -> Vec<(u64, u64)> {
+        self.settle();
         std::mem::take(&mut *self.log.lock().unwrap())
     }
+}
+
+/// What a connection's thread counts.
+struct Counters<'a> {
+    served: &'a AtomicU64,
+    requests: &'a AtomicU64,
+    log: &'a Mutex<Vec<(u64, u64)>>,
+    busy: &'a AtomicU64,
 }
 
 fn handle(
@@ -282,10 +336,14 @@ fn handle(
     body: &[u8],
     fault: Fault,
     corrupted: &AtomicBool,
-    served: &AtomicU64,
-    requests: &AtomicU64,
-    log: &Mutex<Vec<(u64, u64)>>,
+    counters: &Counters<'_>,
 ) -> std::io::Result<()> {
+    let Counters {
+        served,
+        requests,
+        log,
+        busy,
+    } = counters;
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut out = conn;
     let mut sent_on_conn = 0u64;
@@ -315,6 +373,7 @@ fn handle(
                 range = Some((a.parse().unwrap(), b.parse().ok()));
             }
         }
+        let _busy = Busy::enter(busy);
         requests.fetch_add(1, Ordering::SeqCst);
         let len = body.len() as u64;
         let (status, start, end) = match range {
