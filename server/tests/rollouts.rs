@@ -258,25 +258,8 @@ async fn api_preview_lifecycle_and_contract(h: Arc<Harness>) {
         delta < full / 2,
         "a 25 % change costs less than half: {delta} vs {full}"
     );
-    let pem = std::fs::read_to_string(&made.ca_pem).unwrap();
-    let (s, _) = h
-        .call(
-            Method::PUT,
-            "/api/v1/org/keyring",
-            Some(&h.admin.clone()),
-            Some(json!({"pem": pem})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::NO_CONTENT);
-    let (s, r1) = h
-        .upload(&h.admin, std::fs::read(&made.bundles[0]).unwrap())
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{r1}");
-    let (s, r2) = h
-        .upload(&h.admin, std::fs::read(&made.bundles[1]).unwrap())
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{r2}");
-    let r2 = r2["id"].as_str().unwrap().to_string();
+    let ids = common::upload_releases(&h, &made).await;
+    let (r1, r2) = (ids[0].clone(), ids[1].clone());
     let (_, enrollment) = h.enrollment_token(&h.admin, &["lab"]).await;
     let mut devices = Vec::new();
     for (i, (link, tz)) in [
@@ -632,8 +615,11 @@ async fn api_preview_lifecycle_and_contract(h: Arc<Harness>) {
     assert_eq!(s, StatusCode::OK, "{poll}");
     assert_eq!(poll["action"], "rollback");
     assert_eq!(poll["version"], "1.0.0");
-    assert_eq!(poll["release_id"], r1["id"]);
-    report(json!({"state": "rolled_back", "release_id": r1["id"], "version": "1.0.0", "booted_slot": "A"})).await;
+    assert_eq!(poll["release_id"], r1.as_str());
+    report(
+        json!({"state": "rolled_back", "release_id": r1, "version": "1.0.0", "booted_slot": "A"}),
+    )
+    .await;
     let d = detail(&h, &id).await;
     let c = d["devices"]
         .as_array()

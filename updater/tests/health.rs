@@ -25,6 +25,18 @@ struct Device {
 }
 
 impl Device {
+    /// What a revert of slot B leaves: one reboot, B with no attempts, A
+    /// primary, and the verdict with `reason` in `status`.
+    fn assert_reverted_from_b(&self, out: &Value, reason: &str) {
+        assert_eq!(out["rebooted"], true, "{out}");
+        assert_eq!(self.reboots(), 1);
+        assert_eq!(self.left(Slot::B), 0);
+        assert_eq!(self.primary(), Some(Slot::A));
+        let status = self.status();
+        assert_eq!(status["health"]["outcome"], "reverted", "{status}");
+        assert_eq!(status["health"]["reason"], reason);
+    }
+
     /// Slot B booted on trial; `health` is the `[health]` TOML table body.
     fn on_trial(health: &str) -> Device {
         let d = Device {
@@ -156,14 +168,8 @@ fn crash_looping_agent_is_reverted_and_the_reason_reaches_status() {
             && reason.contains("exit status 1"),
         "{reason}"
     );
-    assert_eq!(out["rebooted"], true);
-    assert_eq!(dev.reboots(), 1);
-    assert_eq!(dev.left(Slot::B), 0);
-    assert_eq!(dev.primary(), Some(Slot::A));
-    let status = dev.status();
-    assert_eq!(status["health"]["outcome"], "reverted", "{status}");
-    assert_eq!(status["health"]["reason"], reason);
-    assert_eq!(status["health"]["slot"], "B");
+    dev.assert_reverted_from_b(&out, reason);
+    assert_eq!(dev.status()["health"]["slot"], "B");
 
     // The old slot boots with an attempt counted; its own watchdog run
     // commits it. The revert and its reason stay visible.

@@ -344,7 +344,15 @@ pub fn sim_releases(h: &Harness) -> kernex_sim::releases::MadeReleases {
 /// The org's keyring set to the simulator's CA and both [`sim_releases`]
 /// uploaded: their ids, old then new.
 pub async fn upload_sim_releases(h: &Harness) -> Vec<String> {
-    let made = sim_releases(h);
+    upload_releases(h, &sim_releases(h)).await
+}
+
+/// The org's keyring set to `made`'s CA and its bundles uploaded: their
+/// ids, in order.
+pub async fn upload_releases(
+    h: &Harness,
+    made: &kernex_sim::releases::MadeReleases,
+) -> Vec<String> {
     let pem = std::fs::read_to_string(&made.ca_pem).unwrap();
     let (s, _) = h
         .call(

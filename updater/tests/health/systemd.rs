@@ -337,13 +337,7 @@ fn crash_looping_systemd_unit_is_reverted_and_the_reason_names_the_restarts() {
         .parse()
         .unwrap();
     assert!(restarts >= 3, "NRestarts {restarts}");
-    assert_eq!(out["rebooted"], true);
-    assert_eq!(dev.reboots(), 1);
-    assert_eq!(dev.left(Slot::B), 0);
-    assert_eq!(dev.primary(), Some(Slot::A));
-    let status = dev.status();
-    assert_eq!(status["health"]["outcome"], "reverted", "{status}");
-    assert_eq!(status["health"]["reason"], reason);
+    dev.assert_reverted_from_b(&out, reason);
 }
 
 #[test]
