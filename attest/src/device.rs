@@ -27,9 +27,9 @@ use tss_esapi::structures::{
 use tss_esapi::tcti_ldr::TctiNameConf;
 use tss_esapi::traits::{Marshall, UnMarshall};
 
-use crate::hex_serde::opt_hex;
 use crate::measure::{MAX_SLOT_PCR, extend};
-use crate::quote::{MAX_NONCE_SIZE, Quote, hex_bytes};
+use crate::quote::{MAX_NONCE_SIZE, Quote};
+use kernex_protocol::api::hex::{bytes as hex_bytes, opt_bytes as opt_hex};
 
 /// A TPM operation failed.
 #[derive(Debug, thiserror::Error)]

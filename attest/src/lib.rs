@@ -18,7 +18,6 @@ pub mod credential;
 #[cfg(feature = "device")]
 pub mod device;
 pub mod ek_ca;
-mod hex_serde;
 pub mod identity;
 pub mod measure;
 pub mod public;

@@ -10,7 +10,6 @@ use openssl::ecdsa::EcdsaSig;
 use openssl::hash::MessageDigest;
 use openssl::rsa::Padding;
 use openssl::sign::{RsaPssSaltlen, Verifier};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::public::AkPublic;
@@ -35,20 +34,7 @@ pub fn fresh_nonce() -> Result<[u8; NONCE_SIZE], openssl::error::ErrorStack> {
     Ok(nonce)
 }
 
-/// A quote as the device sends it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub struct Quote {
-    /// The marshalled `TPMS_ATTEST` the TPM signed (`tpm2_quote -m`).
-    #[serde(with = "hex_bytes")]
-    pub attest: Vec<u8>,
-    /// The marshalled `TPMT_SIGNATURE` (`tpm2_quote -s`).
-    #[serde(with = "hex_bytes")]
-    pub signature: Vec<u8>,
-    /// The SHA-256 bank values of the quoted PCRs, read right after the
-    /// quote; the quote's PCR digest binds them.
-    pub pcrs: BTreeMap<u8, Sha256Digest>,
-}
+pub use kernex_protocol::api::Quote;
 
 /// Why a quote was rejected. Each names what failed.
 #[derive(Debug, thiserror::Error)]
@@ -420,27 +406,4 @@ pub fn verify_quote(
         firmware_version: info.firmware_version,
         pcrs: quote.pcrs.clone(),
     })
-}
-
-/// Hex (de)serialisation of byte strings, bounded on the way in.
-pub(crate) mod hex_bytes {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    /// Longest accepted hex string (bytes × 2).
-    const MAX_HEX: usize = 2 * super::MAX_ATTEST_SIZE;
-
-    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&hex::encode(bytes))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        if text.len() > MAX_HEX {
-            return Err(serde::de::Error::custom(format!(
-                "hex string of {} characters, more than the limit of {MAX_HEX}",
-                text.len()
-            )));
-        }
-        hex::decode(text.as_bytes()).map_err(serde::de::Error::custom)
-    }
 }

@@ -1,10 +1,12 @@
-//! The Kernex contract: bundle manifest, chunk index, signatures.
+//! The Kernex contract: bundle manifest, chunk index, signatures, and the
+//! device API's wire types ([`api`]).
 //!
 //! This crate is pure: it reads and writes bytes through `Read`/`Write`/
 //! `Seek`, never devices, sockets or databases, so the updater, the server
 //! and the image builder share one parser. Every size read from input is
 //! checked against a limit in [`limits`] before anything is allocated.
 
+pub mod api;
 pub mod archive;
 pub mod bundle;
 pub mod container;

@@ -1,0 +1,99 @@
+//! What the factory line (`kernex-image provision`), the simulator and
+//! operators' tools send to prepare devices: enrollment tokens and TPM
+//! pre-authorisations. These routes take an operator's credential.
+
+use serde::{Deserialize, Serialize};
+
+/// A new enrollment token (`POST /api/v1/enrollment-tokens`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct NewEnrollmentToken {
+    /// What the batch is, e.g. `factory line 2, 2026-11`.
+    pub label: String,
+    /// Tags every device enrolled with it gets.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Expiry, unix ms (none: never).
+    #[serde(default)]
+    pub expires_at: Option<i64>,
+    /// Accept only devices the factory line pre-authorised
+    /// (`POST /api/v1/tpm/preauthorizations`).
+    #[serde(default)]
+    pub require_preauthorization: bool,
+    /// Accept only devices that enroll with a TPM identity and complete
+    /// credential activation.
+    #[serde(default)]
+    pub require_tpm: bool,
+}
+
+/// An enrollment token (the secret only in the creation answer).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct EnrollmentToken {
+    /// Id.
+    pub id: String,
+    /// Label.
+    pub label: String,
+    /// Tags given to enrolled devices.
+    pub tags: Vec<String>,
+    /// Created, unix ms.
+    pub created_at: i64,
+    /// Expiry, unix ms.
+    #[serde(default)]
+    pub expires_at: Option<i64>,
+    /// Revoked.
+    pub revoked: bool,
+    /// Only pre-authorised devices.
+    pub require_preauthorization: bool,
+    /// Only devices with a TPM.
+    pub require_tpm: bool,
+    /// The secret: returned once, at creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+/// An enrollment token secret to look up
+/// (`POST /api/v1/enrollment-tokens/check`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct TokenCheck {
+    /// The secret (`kxe_...`).
+    pub token: String,
+}
+
+/// A device the factory line pre-authorises
+/// (`POST /api/v1/tpm/preauthorizations`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct NewPreauthorization {
+    /// The device's own id (serial), as it will enroll.
+    pub device_id: String,
+    /// Hex of the EK's marshalled `TPMT_PUBLIC` (`kernex-updater attest
+    /// identity` prints it); absent: pre-authorised by serial only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ek_public: Option<String>,
+    /// Hex of the EK certificate (DER), when the TPM has one: checked to
+    /// certify `ek_public`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ek_certificate: Option<String>,
+}
+
+/// A pre-authorised device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Preauthorization {
+    /// Id.
+    pub id: String,
+    /// The device id.
+    pub device_id: String,
+    /// Hex SHA-256 of the EK's `TPMT_PUBLIC`; none: by serial only.
+    #[serde(default)]
+    pub ek_fingerprint: Option<String>,
+    /// An EK certificate was recorded.
+    pub ek_certificate: bool,
+    /// Recorded, unix ms.
+    pub created_at: i64,
+}
