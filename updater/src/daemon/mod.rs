@@ -82,6 +82,18 @@ pub struct ServerConfig {
     /// private CA pinned at the factory) instead of the system's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca: Option<PathBuf>,
+    /// What the device's link is (`ethernet`, `wifi`, `metered-4g`, ...):
+    /// sent at enrollment and with each heartbeat, for the rollout
+    /// scheduler's per-link budgets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_class: Option<String>,
+    /// Site or cell tag (the scheduler's per-site limits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
+    /// IANA time zone, e.g. `Europe/Berlin` (maintenance windows in local
+    /// time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
 }
 
 fn default_true() -> bool {
