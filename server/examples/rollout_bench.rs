@@ -11,12 +11,13 @@ use std::time::Instant;
 use anyhow::{Context as _, Result, anyhow};
 use kernex_server::config::Config;
 use kernex_server::http::rollouts::build_preview;
-use kernex_server::rollouts::spec::RolloutSpec;
-use kernex_server::{AppState, bootstrap, rollouts};
+use kernex_server::service::rollouts;
+use kernex_server::service::rollouts::spec::RolloutSpec;
+use kernex_server::{AppState, bootstrap};
 
-/// The API's error as an error chain.
-fn api(e: kernex_server::http::Error) -> anyhow::Error {
-    anyhow!("{}", e.summary())
+/// The domain's error as an error chain.
+fn api(e: kernex_server::service::Error) -> anyhow::Error {
+    anyhow!("{e}")
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

@@ -140,7 +140,7 @@ pub async fn append(store: &Store, entry: Entry<'_>) -> Result<()> {
                 tx.commit().await?;
                 return Ok(());
             }
-            Err(e) if crate::http::error::is_unique_violation(&e) => {
+            Err(e) if crate::store::is_unique_violation(&e) => {
                 last_err = Some(e);
                 tx.rollback().await.ok();
             }

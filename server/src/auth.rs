@@ -217,7 +217,7 @@ impl Device {
     /// 403 for a device that must prove its TPM first.
     pub fn require_proven(&self) -> Result<(), Error> {
         if self.unproven {
-            return Err(crate::http::attestation::unproven());
+            return Err(crate::service::attestation::unproven().into());
         }
         Ok(())
     }
@@ -247,7 +247,7 @@ impl FromRequestParts<AppState> for Device {
                     pk: row.try_get("id")?,
                     org_id: row.try_get("org_id")?,
                     device_id: row.try_get("device_id")?,
-                    unproven: crate::http::attestation::is_unproven(&row)?,
+                    unproven: crate::service::attestation::is_unproven(&row)?,
                 };
                 state.credentials.insert(hash, device.clone(), generation);
                 device

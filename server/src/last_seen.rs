@@ -191,7 +191,7 @@ impl LastSeen {
 
 /// Records a device's contact now (a poll): in the map, or straight to the
 /// store when the map is full.
-pub async fn touch(state: &AppState, pk: &str) -> crate::http::Result<()> {
+pub async fn touch(state: &AppState, pk: &str) -> crate::service::Result<()> {
     let now = state.clock.now_ms();
     if state.last_seen.record(pk, now) {
         return Ok(());

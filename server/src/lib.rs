@@ -11,7 +11,7 @@ pub mod http;
 pub mod last_seen;
 pub mod poll_cache;
 pub mod retention;
-pub mod rollouts;
+pub mod service;
 pub mod store;
 pub mod tls;
 pub mod ui;
@@ -57,9 +57,9 @@ pub struct Shared {
     pub limits: Arc<http::rate_limit::RateLimiter>,
     /// Where "now" comes from for rollouts and the device API (a manual
     /// clock with `test-clock = true`).
-    pub clock: Arc<dyn rollouts::time::Clock>,
+    pub clock: Arc<dyn service::rollouts::time::Clock>,
     /// Bundle bytes served per second (the HTTP layer's egress count).
-    pub egress: Arc<rollouts::time::EgressMeter>,
+    pub egress: Arc<service::rollouts::time::EgressMeter>,
     /// This replica's name in the scheduler lease.
     pub instance_id: String,
     /// Poll times not yet written to the store (write-behind).
@@ -105,11 +105,11 @@ impl AppState {
             metrics: Arc::new(http::metrics::Metrics::new()),
             limits: Arc::new(http::rate_limit::RateLimiter::default()),
             clock: if config.test_clock {
-                Arc::new(rollouts::time::ManualClock::new(now_ms()))
+                Arc::new(service::rollouts::time::ManualClock::new(now_ms()))
             } else {
-                Arc::new(rollouts::time::SystemClock)
+                Arc::new(service::rollouts::time::SystemClock)
             },
-            egress: Arc::new(rollouts::time::EgressMeter::default()),
+            egress: Arc::new(service::rollouts::time::EgressMeter::default()),
             instance_id: new_id()?,
             last_seen: Arc::new(last_seen::LastSeen::for_offline_after(
                 config.offline_after_secs,

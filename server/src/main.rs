@@ -134,7 +134,9 @@ async fn serve(config: Config) -> Result<()> {
         state.config.heartbeat_retention_days,
         state.config.log_retention_days,
     ));
-    tokio::spawn(kernex_server::rollouts::scheduler::run(state.clone()));
+    tokio::spawn(kernex_server::service::rollouts::scheduler::run(
+        state.clone(),
+    ));
     tokio::spawn(kernex_server::last_seen::LastSeen::run(state.clone()));
     tokio::spawn(kernex_server::poll_cache::listen(state.clone()));
     let listener = tokio::net::TcpListener::bind(listen)
@@ -167,7 +169,7 @@ async fn serve(config: Config) -> Result<()> {
         .flush(&state.store)
         .await
         .context("unable to write the last-seen times on shutdown")?;
-    kernex_server::rollouts::scheduler::release_lease(&state).await
+    kernex_server::service::rollouts::scheduler::release_lease(&state).await
 }
 
 /// Ctrl-C, or SIGTERM (what service managers and `kill` send).

@@ -32,7 +32,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 
 use crate::AppState;
-use crate::http::device_poll::Polled;
+use crate::service::devices::poll::Polled;
 use crate::store::Backend;
 
 /// How long an entry is trusted at most.

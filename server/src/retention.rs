@@ -20,6 +20,9 @@ pub struct Pruned {
 
 const DAY_MS: i64 = 86_400_000;
 
+/// How long an `Idempotency-Key` and its stored answer are remembered, ms.
+pub const IDEMPOTENCY_TTL_MS: i64 = 24 * 3600 * 1000;
+
 /// Deletes heartbeats older than `heartbeat_days` and logs older than
 /// `log_days`, measured from `now` (unix ms).
 pub async fn prune(store: &Store, now: i64, heartbeat_days: u32, log_days: u32) -> Result<Pruned> {
@@ -59,7 +62,7 @@ pub async fn prune(store: &Store, now: i64, heartbeat_days: u32, log_days: u32) 
         .await?
         .rows_affected();
     sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1")
-        .bind(now.saturating_sub(crate::http::idempotency::TTL_MS))
+        .bind(now.saturating_sub(IDEMPOTENCY_TTL_MS))
         .execute(store.pool())
         .await?;
     Ok(Pruned {

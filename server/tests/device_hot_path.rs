@@ -140,7 +140,7 @@ async fn polls_are_seen_by_every_reader(h: Arc<Harness>) {
     // The scheduler's pass flushes too.
     assert!(h.state.last_seen.record(&pk, seen + 2 * res));
     assert_eq!(h.state.last_seen.pending(), 1);
-    kernex_server::rollouts::scheduler::tick(&h.state)
+    kernex_server::service::rollouts::scheduler::tick(&h.state)
         .await
         .unwrap();
     assert_eq!(h.state.last_seen.pending(), 0);

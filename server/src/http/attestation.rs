@@ -33,11 +33,15 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, post};
 use kernex_attest::{
-    Activation, AkPublic, CredentialChallenge, EkPublic, Quote, QuoteError, TpmIdentity,
+    Activation, AkPublic, CredentialChallenge, EkPublic, QuoteError, TpmIdentity,
     expected_slot_pcr, fresh_nonce, slot_measurement, verify_quote,
 };
 use kernex_protocol::Manifest;
-use serde::{Deserialize, Serialize};
+use kernex_protocol::api::{
+    Activated, ActivationAnswer, AttestationState, BindingState, NewPreauthorization,
+    Preauthorization, QuoteReport, QuoteResult, TpmBinding, TpmBindingAnswer,
+};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
 use utoipa::ToSchema;
@@ -49,8 +53,6 @@ use crate::http::device_api::check_name;
 use crate::http::{ApiJson, Error, Result, audited};
 use crate::store::{new_id, now_ms};
 
-/// The response header of `GET /device/poll` carrying a quote nonce (hex).
-pub const NONCE_HEADER: &str = "kernex-attestation-nonce";
 /// A quote nonce is answerable this long after it was issued.
 pub const NONCE_TTL_MS: i64 = 5 * 60 * 1000;
 /// A credential-activation challenge is answerable this long.
@@ -138,37 +140,6 @@ pub fn check_vendor_ca(state: &AppState, ek: &EkPublic, certificate: Option<&[u8
 
 // ---------------------------------------------------------------------------
 // Pre-authorisation (operators)
-
-/// A device the factory line pre-authorises.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct NewPreauthorization {
-    /// The device's own id (serial), as it will enroll.
-    pub device_id: String,
-    /// Hex of the EK's marshalled `TPMT_PUBLIC` (`kernex-updater attest
-    /// identity` prints it); absent: pre-authorised by serial only.
-    #[serde(default)]
-    pub ek_public: Option<String>,
-    /// Hex of the EK certificate (DER), when the TPM has one: checked to
-    /// certify `ek_public`.
-    #[serde(default)]
-    pub ek_certificate: Option<String>,
-}
-
-/// A pre-authorised device.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct Preauthorization {
-    /// Id.
-    pub id: String,
-    /// The device id.
-    pub device_id: String,
-    /// Hex SHA-256 of the EK's `TPMT_PUBLIC`; none: by serial only.
-    pub ek_fingerprint: Option<String>,
-    /// An EK certificate was recorded.
-    pub ek_certificate: bool,
-    /// Recorded, unix ms.
-    pub created_at: i64,
-}
 
 fn preauthorization(r: &sqlx::any::AnyRow) -> Result<Preauthorization> {
     Ok(Preauthorization {
@@ -550,23 +521,6 @@ pub async fn store_activation(
     Ok(Some(Activation::from(&tpm.challenge)))
 }
 
-/// The device's answer to its activation challenge.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ActivationAnswer {
-    /// Hex of the credential TPM2_ActivateCredential released.
-    pub credential: String,
-}
-
-/// The device is bound to its TPM.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct Activated {
-    /// Hex SHA-256 of the EK's `TPMT_PUBLIC`.
-    pub ek_fingerprint: String,
-    /// `pending`: bound, no quote verified yet.
-    pub attestation: String,
-}
-
 async fn record(state: &AppState, device: &Device, action: &str, result: &str) -> Result<()> {
     audit::append(
         &state.store,
@@ -704,41 +658,12 @@ async fn activate_inner(
     }
     Ok(Activated {
         ek_fingerprint,
-        attestation: "pending".into(),
+        attestation: AttestationState::Pending,
     })
 }
 
 // ---------------------------------------------------------------------------
 // Binding the TPM of a device already enrolled
-
-/// The TPM identity of a device that enrolled without one.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct TpmBinding {
-    /// The device's TPM identity (`kernex-updater attest identity`): EK,
-    /// its certificate, AK.
-    #[schema(value_type = Object)]
-    pub tpm: TpmIdentity,
-    /// The PCR the device extends its slot measurement into (default 14).
-    #[serde(default)]
-    pub tpm_slot_pcr: Option<u8>,
-}
-
-/// What binding needs next.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct TpmBindingAnswer {
-    /// `challenge`: answer `activation` at `POST /device/activate` (with
-    /// the device credential); `bound`: the device is bound to this EK and
-    /// AK already, nothing to do.
-    pub state: String,
-    /// Hex SHA-256 of the EK's `TPMT_PUBLIC`.
-    pub ek_fingerprint: String,
-    /// The credential-activation challenge (`id-object`,
-    /// `encrypted-secret`, hex).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
-    pub activation: Option<Activation>,
-}
 
 /// Bind the TPM of an enrolled device (one that enrolled without a TPM
 /// identity, e.g. `[tpm]` was configured later; or one bound to this EK
@@ -797,7 +722,7 @@ async fn bind_inner(
     if bound.as_deref() == Some(fp.as_str()) && same_ak {
         // Proven already, with this very AK: nothing changes.
         return Ok(TpmBindingAnswer {
-            state: "bound".into(),
+            state: BindingState::Bound,
             ek_fingerprint: fp,
             activation: None,
         });
@@ -822,7 +747,7 @@ async fn bind_inner(
     check.tpm_required = false;
     let activation = store_activation(state, &device.pk, &check, None).await?;
     Ok(TpmBindingAnswer {
-        state: "challenge".into(),
+        state: BindingState::Challenge,
         ek_fingerprint,
         activation,
     })
@@ -841,7 +766,7 @@ pub async fn poll_nonce(state: &AppState, device: &Device) -> Result<Option<Stri
     .fetch_one(state.store.pool())
     .await?;
     if !served(&row)? {
-        return Err(unproven());
+        return Err(unproven().into());
     }
     if row
         .try_get::<Option<String>, _>("ek_fingerprint")?
@@ -885,49 +810,10 @@ fn served(row: &sqlx::any::AnyRow) -> Result<bool> {
     Ok(!is_unproven(row)?)
 }
 
-/// Enrolled under a TPM policy, credential activation not done (a row
-/// with `tpm_required` and `ek_fingerprint`).
-pub fn is_unproven(row: &sqlx::any::AnyRow) -> Result<bool> {
-    Ok(row.try_get::<i64, _>("tpm_required")? != 0
-        && row
-            .try_get::<Option<String>, _>("ek_fingerprint")?
-            .is_none())
-}
-
-/// The 403 for a device that must prove its TPM first.
-pub fn unproven() -> Error {
-    Error::Refused(
-        "this device must prove its TPM (credential activation) before it is served releases: enroll again with its TPM identity".into(),
-    )
-}
+pub use crate::service::attestation::{is_unproven, unproven};
 
 fn max_age_ms(state: &AppState) -> i64 {
     i64::try_from(state.config.attestation_max_age_secs.saturating_mul(1000)).unwrap_or(i64::MAX)
-}
-
-/// A quote answering the outstanding nonce.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct QuoteReport {
-    /// The release version the device claims to run: its slot PCR must be
-    /// the value that release's manifest gives.
-    pub version: String,
-    /// The quote (`kernex-updater attest quote NONCE`): `attest`
-    /// (`TPMS_ATTEST`), `signature` (`TPMT_SIGNATURE`), both hex, and the
-    /// quoted SHA-256 `pcrs`.
-    #[schema(value_type = Object)]
-    pub quote: Quote,
-}
-
-/// A verified quote's result.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct QuoteResult {
-    /// `attested` or `mismatch`.
-    pub attestation: String,
-    /// For a mismatch: which PCR, found and expected.
-    pub reason: Option<String>,
-    /// The version the quote was checked against.
-    pub version: String,
 }
 
 /// Answer the outstanding nonce with a quote. A verified quote stores the
@@ -945,7 +831,7 @@ pub async fn attestation(
 ) -> Result<ApiJson<QuoteResult>> {
     let outcome = attestation_inner(&state, &device, &report).await;
     let result = match &outcome {
-        Ok(r) if r.attestation == "attested" => "ok".to_string(),
+        Ok(r) if r.attestation == AttestationState::Attested => "ok".to_string(),
         Ok(r) => format!("mismatch: {}", r.reason.as_deref().unwrap_or_default()),
         Err(e) => format!("error: {}", e.summary()),
     };
@@ -1019,13 +905,13 @@ async fn attestation_inner(
         .map_err(|e| Error::Internal(e.into()))?;
     let nonce = hex::decode(&nonce).map_err(|e| Error::Internal(e.into()))?;
     let (state_name, reason) = match verify_quote(&ak, &report.quote, &nonce, &expected) {
-        Ok(_) => ("attested", None),
+        Ok(_) => (AttestationState::Attested, None),
         Err(QuoteError::PcrMismatch {
             pcr,
             expected,
             found,
         }) => (
-            "mismatch",
+            AttestationState::Mismatch,
             Some(format!(
                 "PCR {pcr} is {found}, release {} expects {expected}",
                 report.version
@@ -1036,7 +922,7 @@ async fn attestation_inner(
     sqlx::query(
         "UPDATE devices SET attestation = $1, attestation_reason = $2, attested_version = $3, attested_at = $4 WHERE id = $5",
     )
-    .bind(state_name)
+    .bind(state_name.as_str())
     .bind(&reason)
     .bind(&report.version)
     .bind(state.clock.now_ms())
@@ -1044,7 +930,7 @@ async fn attestation_inner(
     .execute(state.store.pool())
     .await?;
     Ok(QuoteResult {
-        attestation: state_name.into(),
+        attestation: state_name,
         reason,
         version: report.version.clone(),
     })

@@ -7,16 +7,16 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde::{Deserialize, Serialize};
+use kernex_protocol::api::{
+    DesiredState, EnrollRequest, EnrollResponse, Heartbeat, LogBatch, MAX_LOG_LINES,
+    MAX_LOG_MESSAGE, NONCE_HEADER, POLL_AFTER_HEADER, Report, ReportState,
+};
 use sqlx::Row;
-use utoipa::ToSchema;
 
 use crate::AppState;
 use crate::audit;
 use crate::auth::Device;
-use crate::http::attestation::{
-    NONCE_HEADER, TokenPolicy, check_enrollment, poll_nonce, store_activation,
-};
+use crate::http::attestation::{TokenPolicy, check_enrollment, poll_nonce, store_activation};
 use crate::http::enrollment::check_tags;
 use crate::http::{ApiJson, Error, Result};
 use crate::store::{new_id, new_secret, now_ms, secret_hash};
@@ -33,71 +33,7 @@ pub fn router() -> Router<AppState> {
         .merge(crate::http::attestation::device_router())
 }
 
-/// Enrollment request.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct EnrollRequest {
-    /// The factory enrollment token.
-    pub enrollment_token: String,
-    /// The device's own id, unique in the organisation (e.g. a serial).
-    pub device_id: String,
-    /// Hardware class, e.g. `raspberrypi4-64`.
-    pub hardware_class: String,
-    /// Free-form hardware facts.
-    #[serde(default)]
-    #[schema(value_type = Object)]
-    pub hardware_metadata: serde_json::Map<String, serde_json::Value>,
-    /// Extra tags (added to the token's).
-    #[serde(default)]
-    pub tags: Vec<String>,
-    /// Link class, e.g. ethernet, wifi, metered-4g (rollout scheduling).
-    #[serde(default)]
-    pub link_class: Option<String>,
-    /// Site or cell tag (rollout scheduling).
-    #[serde(default)]
-    pub site: Option<String>,
-    /// IANA time zone, e.g. Europe/Berlin (maintenance windows).
-    #[serde(default)]
-    pub time_zone: Option<String>,
-    /// The device's TPM identity (`kernex-updater attest identity`): EK,
-    /// its certificate, AK. The answer carries a credential-activation
-    /// challenge for `POST /device/activate`.
-    #[serde(default)]
-    #[schema(value_type = Option<Object>)]
-    pub tpm: Option<kernex_attest::TpmIdentity>,
-    /// The PCR the device extends its slot measurement into (default 14).
-    #[serde(default)]
-    pub tpm_slot_pcr: Option<u8>,
-}
-
-/// Enrollment result. The credential is shown only here.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct EnrollResponse {
-    /// Internal device id.
-    pub id: String,
-    /// The device credential: `Authorization: Bearer <credential>`.
-    pub credential: String,
-    /// With a TPM identity: the challenge to answer with
-    /// TPM2_ActivateCredential (`id-object`, `encrypted-secret`, hex).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
-    pub activation: Option<kernex_attest::Activation>,
-}
-
-/// Validates an identifier: 1-128 characters of `[A-Za-z0-9._:-]`.
-pub fn check_name(what: &str, v: &str) -> Result<()> {
-    let ok = !v.is_empty()
-        && v.len() <= 128
-        && v.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._:-".contains(c));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::BadRequest(format!(
-            "{what}: 1-128 characters of letters, digits and ._:-"
-        )))
-    }
-}
+pub use crate::service::names::check_name;
 
 /// Enroll with an enrollment token. Idempotent: the same device id with the
 /// same token is the same device (no new row); its credential is rotated
@@ -332,46 +268,6 @@ async fn record(
     Ok(())
 }
 
-/// What the device should run.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct DesiredState {
-    /// Release id.
-    pub release_id: String,
-    /// Release version.
-    pub version: String,
-    /// Bundle size in bytes.
-    pub size: i64,
-    /// SHA-256 of the bundle file.
-    pub sha256: String,
-    /// Where to download it (supports `Range`).
-    pub url: String,
-    /// `install` (the default) or `rollback`: boot the other slot, which
-    /// holds `version`; no download. Set for rollouts.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub action: Option<String>,
-    /// The rollout this belongs to.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rollout_id: Option<String>,
-    /// Start downloading only inside this window (server clock).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub download_window: Option<DownloadWindow>,
-    /// Hint: poll again after this many seconds.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub poll_after_secs: Option<u64>,
-}
-
-/// When a device may start its download (unix ms, server clock).
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
-pub struct DownloadWindow {
-    /// Not before this.
-    pub not_before_ms: i64,
-    /// Not at or after this (a download under way may finish).
-    pub not_after_ms: i64,
-}
-
-/// The poll hint header: poll again after this many seconds.
-pub const POLL_AFTER_HEADER: &str = "kernex-poll-after";
-
 /// Poll for desired state: 200 with the release to install, 204 when there
 /// is nothing to do. A device bound to a TPM whose attestation is missing,
 /// old or for another version also gets a fresh quote nonce in the
@@ -396,7 +292,7 @@ pub async fn poll(
     } else {
         None
     };
-    let answer = crate::http::device_poll::answer(&state, &polled).await?;
+    let answer = crate::service::devices::poll::answer(&state, &polled).await?;
     let mut response = match answer.desired {
         Some(desired) => ApiJson(desired).into_response(),
         None => StatusCode::NO_CONTENT.into_response(),
@@ -412,48 +308,6 @@ pub async fn poll(
             .insert(POLL_AFTER_HEADER, axum::http::HeaderValue::from(secs));
     }
     Ok(response)
-}
-
-/// Inventory sent with each heartbeat (as `kernex-updater status --json`
-/// and sysinfo report it).
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Heartbeat {
-    /// CPU use, percent.
-    pub cpu_percent: Option<f64>,
-    /// Memory in use, bytes.
-    pub memory_used_bytes: Option<u64>,
-    /// Memory total, bytes.
-    pub memory_total_bytes: Option<u64>,
-    /// Disk in use, bytes.
-    pub disk_used_bytes: Option<u64>,
-    /// Disk total, bytes.
-    pub disk_total_bytes: Option<u64>,
-    /// Hottest sensor, °C.
-    pub temperature_celsius: Option<f64>,
-    /// Seconds since boot.
-    pub uptime_secs: Option<u64>,
-    /// Slot booted (A/B).
-    pub booted_slot: Option<String>,
-    /// Slot the bootloader tries first.
-    pub primary_slot: Option<String>,
-    /// Release version running.
-    pub version: Option<String>,
-    /// Updater version.
-    pub updater_version: Option<String>,
-    /// Link class, e.g. ethernet, wifi, metered-4g.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub link_class: Option<String>,
-    /// Site or cell tag.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub site: Option<String>,
-    /// IANA time zone.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub time_zone: Option<String>,
-    /// Anything else (kept, not interpreted).
-    #[serde(default)]
-    #[schema(value_type = Object)]
-    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Memory use above which a device is degraded, percent.
@@ -541,28 +395,6 @@ pub async fn heartbeat(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Install progress and outcome.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Report {
-    /// downloading, installed, rebooted, committed, reverted, failed,
-    /// rolled_back (after a rollback action: release_id and version are
-    /// what now runs).
-    pub state: String,
-    /// Release the report is about.
-    pub release_id: Option<String>,
-    /// Bytes downloaded so far.
-    pub bytes_done: Option<i64>,
-    /// Bytes to download.
-    pub bytes_total: Option<i64>,
-    /// Version now running (committed) or still running (reverted).
-    pub version: Option<String>,
-    /// Slot booted.
-    pub booted_slot: Option<String>,
-    /// Why (reverted, failed).
-    pub reason: Option<String>,
-}
-
 /// Report progress or outcome of an install.
 #[utoipa::path(post, path = "/api/v1/device/report", request_body = Report,
     responses((status = 204), (status = 400), (status = 401),
@@ -573,12 +405,11 @@ pub async fn report(
     ApiJson(r): ApiJson<Report>,
 ) -> Result<StatusCode> {
     device.require_proven()?;
-    let status = match r.state.as_str() {
-        "downloading" | "installed" | "rebooted" => "updating",
-        "committed" | "rolled_back" => "online",
-        "reverted" => "reverted",
-        "failed" => "error",
-        other => return Err(Error::BadRequest(format!("unknown report state {other:?}"))),
+    let status = match r.state {
+        ReportState::Downloading | ReportState::Installed | ReportState::Rebooted => "updating",
+        ReportState::Committed | ReportState::RolledBack => "online",
+        ReportState::Reverted => "reverted",
+        ReportState::Failed => "error",
     };
     if let Some(v) = &r.version {
         check_name("version", v)?;
@@ -593,7 +424,8 @@ pub async fn report(
     let now = state.clock.now_ms();
     let mut tx = state.store.begin_write().await?;
     let rollout_version =
-        crate::rollouts::device::report(&mut tx, &device, &r, reason.as_deref(), now).await?;
+        crate::service::rollouts::device::report(&mut tx, &device, &r, reason.as_deref(), now)
+            .await?;
     // The deployment this report belongs to: the newest one for this device
     // (for the named release if one is given).
     let dep = sqlx::query(
@@ -610,7 +442,7 @@ pub async fn report(
         sqlx::query(
             "UPDATE deployment_devices SET state = $1, bytes_done = COALESCE($2, bytes_done), bytes_total = COALESCE($3, bytes_total), reason = $4, updated_at = $5 WHERE deployment_id = $6 AND device_pk = $7",
         )
-        .bind(&r.state)
+        .bind(r.state.as_str())
         .bind(r.bytes_done)
         .bind(r.bytes_total)
         .bind(&reason)
@@ -619,7 +451,7 @@ pub async fn report(
         .bind(&device.pk)
         .execute(&mut *tx)
         .await?;
-        if r.state == "failed" {
+        if r.state == ReportState::Failed {
             // SEED behaviour: a release that fails on a device is marked
             // unstable for operators to see.
             sqlx::query("UPDATE releases SET unstable = 1 WHERE id = $1")
@@ -627,7 +459,7 @@ pub async fn report(
                 .execute(&mut *tx)
                 .await?;
         }
-        if r.state == "committed" && version.is_none() {
+        if r.state == ReportState::Committed && version.is_none() {
             version = Some(
                 sqlx::query("SELECT version FROM releases WHERE id = $1")
                     .bind(&release_id)
@@ -671,33 +503,13 @@ pub async fn report(
     .bind(now)
     .bind(status)
     .bind(&status_reason)
-    .bind(if matches!(r.state.as_str(), "committed" | "reverted" | "rolled_back") { version.clone() } else { None })
+    .bind(if matches!(r.state, ReportState::Committed | ReportState::Reverted | ReportState::RolledBack) { version.clone() } else { None })
     .bind(&r.booted_slot)
     .bind(&device.pk)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-/// One log line.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct LogLine {
-    /// debug, info, warn, error.
-    pub level: String,
-    /// The message (cut at 8 KiB).
-    pub message: String,
-    /// When, unix ms (default: received).
-    pub at: Option<i64>,
-}
-
-/// A batch of log lines.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct LogBatch {
-    /// At most 1000 lines.
-    pub entries: Vec<LogLine>,
 }
 
 /// Upload a batch of log lines.
@@ -710,21 +522,17 @@ pub async fn logs(
     ApiJson(batch): ApiJson<LogBatch>,
 ) -> Result<StatusCode> {
     device.require_proven()?;
-    if batch.entries.len() > 1000 {
-        return Err(Error::BadRequest("at most 1000 log lines per batch".into()));
+    if batch.entries.len() > MAX_LOG_LINES {
+        return Err(Error::BadRequest(format!(
+            "at most {MAX_LOG_LINES} log lines per batch"
+        )));
     }
     let now = state.clock.now_ms();
     let mut tx = state.store.begin_write().await?;
     for line in &batch.entries {
-        if !["debug", "info", "warn", "error"].contains(&line.level.as_str()) {
-            return Err(Error::BadRequest(format!(
-                "unknown log level {:?}",
-                line.level
-            )));
-        }
         let mut message = line.message.clone();
-        if message.len() > 8192 {
-            let mut cut = 8192;
+        if message.len() > MAX_LOG_MESSAGE {
+            let mut cut = MAX_LOG_MESSAGE;
             while !message.is_char_boundary(cut) {
                 cut -= 1;
             }
@@ -737,7 +545,7 @@ pub async fn logs(
         .bind(&device.pk)
         .bind(&device.org_id)
         .bind(line.at.unwrap_or(now))
-        .bind(&line.level)
+        .bind(line.level.as_str())
         .bind(&message)
         .execute(&mut *tx)
         .await?;

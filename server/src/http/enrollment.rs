@@ -5,9 +5,8 @@ use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, post};
-use serde::{Deserialize, Serialize};
+use kernex_protocol::api::{EnrollmentToken, NewEnrollmentToken, TokenCheck};
 use sqlx::Row;
-use utoipa::ToSchema;
 
 use crate::AppState;
 use crate::auth::{Operator, Role};
@@ -20,14 +19,6 @@ pub fn router() -> Router<AppState> {
         .route("/enrollment-tokens", post(create).get(list))
         .route("/enrollment-tokens/{id}", delete(revoke))
         .route("/enrollment-tokens/check", post(check))
-}
-
-/// An enrollment token secret to look up.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct TokenCheck {
-    /// The secret (`kxe_...`).
-    pub token: String,
 }
 
 /// Check an enrollment token before it goes onto a device (ops; the
@@ -75,69 +66,7 @@ fn token_row(r: &sqlx::any::AnyRow) -> Result<EnrollmentToken> {
     })
 }
 
-/// A new enrollment token.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct NewEnrollmentToken {
-    /// What the batch is, e.g. `factory line 2, 2026-11`.
-    pub label: String,
-    /// Tags every device enrolled with it gets.
-    #[serde(default)]
-    pub tags: Vec<String>,
-    /// Expiry, unix ms (none: never).
-    pub expires_at: Option<i64>,
-    /// Accept only devices the factory line pre-authorised
-    /// (`POST /api/v1/tpm/preauthorizations`).
-    #[serde(default)]
-    pub require_preauthorization: bool,
-    /// Accept only devices that enroll with a TPM identity and complete
-    /// credential activation.
-    #[serde(default)]
-    pub require_tpm: bool,
-}
-
-/// An enrollment token (the secret only in the creation response).
-#[derive(Debug, Serialize, ToSchema)]
-pub struct EnrollmentToken {
-    /// Id.
-    pub id: String,
-    /// Label.
-    pub label: String,
-    /// Tags given to enrolled devices.
-    pub tags: Vec<String>,
-    /// Created, unix ms.
-    pub created_at: i64,
-    /// Expiry, unix ms.
-    pub expires_at: Option<i64>,
-    /// Revoked.
-    pub revoked: bool,
-    /// Only pre-authorised devices.
-    pub require_preauthorization: bool,
-    /// Only devices with a TPM.
-    pub require_tpm: bool,
-    /// The secret: returned once, at creation.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub token: Option<String>,
-}
-
-/// Validates tags: 1-64 characters of `[A-Za-z0-9._:=-]`.
-pub fn check_tags(tags: &[String]) -> Result<()> {
-    if tags.len() > 64 {
-        return Err(Error::BadRequest("at most 64 tags".into()));
-    }
-    for t in tags {
-        let ok = !t.is_empty()
-            && t.len() <= 64
-            && t.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "._:=-".contains(c));
-        if !ok {
-            return Err(Error::BadRequest(format!(
-                "tag {t:?}: 1-64 characters of letters, digits and ._:=-"
-            )));
-        }
-    }
-    Ok(())
-}
+pub use crate::service::names::check_tags;
 
 /// Create an enrollment token (ops).
 #[utoipa::path(post, path = "/api/v1/enrollment-tokens", request_body = NewEnrollmentToken,

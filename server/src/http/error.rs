@@ -128,6 +128,24 @@ impl IntoResponse for Error {
     }
 }
 
+impl From<crate::service::Error> for Error {
+    fn from(e: crate::service::Error) -> Self {
+        use crate::service::Error as E;
+        match e {
+            E::Invalid(d) => Error::BadRequest(d),
+            E::Unauthorized => Error::Unauthorized,
+            E::Forbidden => Error::Forbidden,
+            E::Refused(d) => Error::Refused(d),
+            E::NotFound(what) => Error::NotFound(what),
+            E::Conflict(d) => Error::Conflict(d),
+            E::TooLarge(limit) => Error::TooLarge(limit),
+            E::Unprocessable(d) => Error::Unprocessable(d),
+            E::TooManyRequests(secs) => Error::TooManyRequests(secs),
+            E::Internal(e) => Error::Internal(e),
+        }
+    }
+}
+
 impl From<anyhow::Error> for Error {
     fn from(e: anyhow::Error) -> Self {
         Error::Internal(e)
@@ -172,15 +190,4 @@ impl From<QueryRejection> for Error {
     }
 }
 
-/// A unique-constraint violation (either backend)?
-pub fn is_unique_violation(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Database(db) => {
-            db.is_unique_violation()
-                || db
-                    .code()
-                    .is_some_and(|c| c == "23505" || c == "2067" || c == "1555")
-        }
-        _ => false,
-    }
-}
+pub use crate::store::is_unique_violation;

@@ -23,10 +23,10 @@ use crate::http::error::is_unique_violation;
 use crate::store::now_ms;
 
 /// The request header.
-pub const HEADER: &str = "idempotency-key";
+pub const HEADER: &str = kernex_protocol::api::IDEMPOTENCY_KEY_HEADER;
 
 /// How long a key is remembered, ms.
-pub const TTL_MS: i64 = 24 * 3600 * 1000;
+pub const TTL_MS: i64 = crate::retention::IDEMPOTENCY_TTL_MS;
 
 const EXCLUDED: &[&str] = &[
     "/api/v1/login",

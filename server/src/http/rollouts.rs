@@ -17,12 +17,12 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
 use crate::auth::{Operator, Role};
-use crate::http::device_api::DownloadWindow;
 use crate::http::{ApiJson, Error, Result, audited};
-use crate::rollouts::plan::{Assumptions, Target, project};
-use crate::rollouts::spec::{RolloutSpec, check_label};
-use crate::rollouts::{self, ReleaseRef, scheduler, time::time_zone};
+use crate::service::rollouts::plan::{Assumptions, Target, project};
+use crate::service::rollouts::spec::{RolloutSpec, check_label};
+use crate::service::rollouts::{self, ReleaseRef, scheduler, time::time_zone};
 use crate::store::new_id;
+use kernex_protocol::api::DownloadWindow;
 
 /// Routes.
 pub fn router() -> Router<AppState> {
@@ -753,7 +753,7 @@ pub async fn egress(
 
 /// A state change an operator asks for.
 enum Change {
-    Start(Option<Result<rollouts::Targets>>),
+    Start(Option<crate::service::Result<rollouts::Targets>>),
     Pause,
     Resume,
     Abort,

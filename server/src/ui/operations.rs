@@ -17,8 +17,9 @@ use crate::auth::Role;
 use crate::http::ApiJson;
 use crate::http::deployments::{self, Deployment, NewDeployment};
 use crate::http::devices::{self, Device, DeviceFilter};
-use crate::http::enrollment::{self, NewEnrollmentToken};
+use crate::http::enrollment;
 use crate::http::releases::{self, Release};
+use kernex_protocol::api::NewEnrollmentToken;
 
 async fn releases_of(state: &AppState, s: &Session) -> UiResult<Vec<Release>> {
     let ApiJson(list) = releases::list(State(state.clone()), s.op.clone()).await?;

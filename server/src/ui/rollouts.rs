@@ -18,7 +18,7 @@ use crate::auth::Role;
 use crate::http::ApiJson;
 use crate::http::releases::{self, Release};
 use crate::http::rollouts::{self, DetailQuery, Preview, Rollout};
-use crate::rollouts::spec::RolloutSpec;
+use crate::service::rollouts::spec::RolloutSpec;
 
 /// The form's fields with their defaults (the API's defaults, in the
 /// units an operator types).

@@ -29,7 +29,7 @@ use sqlx::Row;
 
 use crate::AppState;
 use crate::blobs::Blobs;
-use crate::http::{Error, Result};
+use crate::service::{Error, Result};
 use plan::Target;
 use spec::{DEFAULT_LINK_CLASS, RolloutSpec};
 
@@ -230,7 +230,7 @@ pub async fn release_delta(state: &AppState, from: Option<&str>, to: &str) -> Re
     .await;
     match inserted {
         Ok(_) => {}
-        Err(e) if crate::http::error::is_unique_violation(&e) => {}
+        Err(e) if crate::store::is_unique_violation(&e) => {}
         Err(e) => return Err(e.into()),
     }
     Ok(bytes)

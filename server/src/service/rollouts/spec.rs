@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::http::{Error, Result};
+use crate::service::{Error, Result};
 
 /// Link class of a device that reports none.
 pub const DEFAULT_LINK_CLASS: &str = "ethernet";
@@ -253,7 +253,7 @@ pub fn check_label(what: &str, v: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::BadRequest(format!(
+        Err(Error::Invalid(format!(
             "{what} {v:?}: 1-128 characters of letters, digits and ._:/+-"
         )))
     }
@@ -282,7 +282,7 @@ fn ratio(what: &str, v: f64) -> Result<()> {
     if v.is_finite() && (0.0..=1.0).contains(&v) {
         Ok(())
     } else {
-        Err(Error::BadRequest(format!("{what}: a ratio from 0 to 1")))
+        Err(Error::Invalid(format!("{what}: a ratio from 0 to 1")))
     }
 }
 
@@ -291,14 +291,14 @@ impl RolloutSpec {
     /// field that is wrong.
     pub fn validate(&self) -> Result<()> {
         if self.name.chars().count() > 200 {
-            return Err(Error::BadRequest("name: at most 200 characters".into()));
+            return Err(Error::Invalid("name: at most 200 characters".into()));
         }
-        crate::http::enrollment::check_tags(&self.selector.tags)?;
+        crate::service::names::check_tags(&self.selector.tags)?;
         if let Some(c) = &self.selector.hardware_class {
             check_label("selector.hardware_class", c)?;
         }
         if self.selector.current_versions.len() > 64 {
-            return Err(Error::BadRequest(
+            return Err(Error::Invalid(
                 "selector.current_versions: at most 64".into(),
             ));
         }
@@ -306,37 +306,37 @@ impl RolloutSpec {
             check_label("selector.current_versions", v)?;
         }
         if self.waves.is_empty() || self.waves.len() > 20 {
-            return Err(Error::BadRequest("waves: 1 to 20 waves".into()));
+            return Err(Error::Invalid("waves: 1 to 20 waves".into()));
         }
         let mut last_percent = 0.0;
         for (i, w) in self.waves.iter().enumerate() {
             match (w.count, w.percent) {
                 (Some(c), None) => {
                     if c == 0 || c > 1_000_000 {
-                        return Err(Error::BadRequest(format!("waves[{i}].count: 1 to 1000000")));
+                        return Err(Error::Invalid(format!("waves[{i}].count: 1 to 1000000")));
                     }
                 }
                 (None, Some(p)) => {
                     if !p.is_finite() || p <= 0.0 || p > 100.0 {
-                        return Err(Error::BadRequest(format!(
+                        return Err(Error::Invalid(format!(
                             "waves[{i}].percent: more than 0, at most 100"
                         )));
                     }
                     if p < last_percent {
-                        return Err(Error::BadRequest(format!(
+                        return Err(Error::Invalid(format!(
                             "waves[{i}].percent: percentages are cumulative and must not decrease"
                         )));
                     }
                     last_percent = p;
                 }
                 _ => {
-                    return Err(Error::BadRequest(format!(
+                    return Err(Error::Invalid(format!(
                         "waves[{i}]: give exactly one of count or percent"
                     )));
                 }
             }
             if w.soak_secs > 30 * 86_400 {
-                return Err(Error::BadRequest(format!(
+                return Err(Error::Invalid(format!(
                     "waves[{i}].soak_secs: at most 30 days"
                 )));
             }
@@ -354,40 +354,40 @@ impl RolloutSpec {
                 g.promote_min_committed,
             )?;
             if g.promote_max_error_rate > g.rollback_error_rate {
-                return Err(Error::BadRequest(format!(
+                return Err(Error::Invalid(format!(
                     "waves[{i}].gates: promote_max_error_rate must not exceed rollback_error_rate"
                 )));
             }
         }
         if self.waves.last().and_then(|w| w.percent) != Some(100.0) {
-            return Err(Error::BadRequest(
+            return Err(Error::Invalid(
                 "waves: the last wave must be percent 100 (every targeted device)".into(),
             ));
         }
         if let Some(t) = self.start_at_ms
             && t < 0
         {
-            return Err(Error::BadRequest(
+            return Err(Error::Invalid(
                 "start_at_ms: a unix time in milliseconds".into(),
             ));
         }
         if self.maintenance_windows.len() > 16 {
-            return Err(Error::BadRequest("maintenance_windows: at most 16".into()));
+            return Err(Error::Invalid("maintenance_windows: at most 16".into()));
         }
         for (i, w) in self.maintenance_windows.iter().enumerate() {
             let (Some(s), Some(e)) = (parse_hhmm(&w.start), parse_hhmm(&w.end)) else {
-                return Err(Error::BadRequest(format!(
+                return Err(Error::Invalid(format!(
                     "maintenance_windows[{i}]: start and end are local times HH:MM"
                 )));
             };
             if s == e {
-                return Err(Error::BadRequest(format!(
+                return Err(Error::Invalid(format!(
                     "maintenance_windows[{i}]: start and end are equal (leave windows empty for any time)"
                 )));
             }
             for d in &w.days {
                 if parse_day(d).is_none() {
-                    return Err(Error::BadRequest(format!(
+                    return Err(Error::Invalid(format!(
                         "maintenance_windows[{i}].days: {d:?} is not one of mon tue wed thu fri sat sun"
                     )));
                 }
@@ -395,49 +395,45 @@ impl RolloutSpec {
         }
         let b = &self.bandwidth;
         if b.egress_cap_bytes_per_sec == 0 {
-            return Err(Error::BadRequest(
+            return Err(Error::Invalid(
                 "bandwidth.egress_cap_bytes_per_sec: more than 0".into(),
             ));
         }
         if b.max_concurrent_downloads == 0 || b.max_concurrent_downloads > 1_000_000 {
-            return Err(Error::BadRequest(
+            return Err(Error::Invalid(
                 "bandwidth.max_concurrent_downloads: 1 to 1000000".into(),
             ));
         }
         if b.max_concurrent_per_site == 0 {
-            return Err(Error::BadRequest(
+            return Err(Error::Invalid(
                 "bandwidth.max_concurrent_per_site: at least 1".into(),
             ));
         }
         if b.window_grace_secs == 0 || b.window_grace_secs > 86_400 {
-            return Err(Error::BadRequest(
+            return Err(Error::Invalid(
                 "bandwidth.window_grace_secs: 1 to 86400".into(),
             ));
         }
         if b.stall_secs == 0 || b.stall_secs > 7 * 86_400 {
-            return Err(Error::BadRequest(
-                "bandwidth.stall_secs: 1 to 604800".into(),
-            ));
+            return Err(Error::Invalid("bandwidth.stall_secs: 1 to 604800".into()));
         }
         if b.link_classes.len() > 32 {
-            return Err(Error::BadRequest(
-                "bandwidth.link_classes: at most 32".into(),
-            ));
+            return Err(Error::Invalid("bandwidth.link_classes: at most 32".into()));
         }
         for (name, p) in &b.link_classes {
             check_label("bandwidth.link_classes", name)?;
             if p.rate_bytes_per_sec == 0 {
-                return Err(Error::BadRequest(format!(
+                return Err(Error::Invalid(format!(
                     "bandwidth.link_classes.{name}.rate_bytes_per_sec: more than 0"
                 )));
             }
             if p.budget_bytes_per_day == Some(0) {
-                return Err(Error::BadRequest(format!(
+                return Err(Error::Invalid(format!(
                     "bandwidth.link_classes.{name}.budget_bytes_per_day: more than 0 (or absent)"
                 )));
             }
             if !p.cost_per_gb.is_finite() || p.cost_per_gb < 0.0 {
-                return Err(Error::BadRequest(format!(
+                return Err(Error::Invalid(format!(
                     "bandwidth.link_classes.{name}.cost_per_gb: 0 or more"
                 )));
             }

@@ -75,7 +75,7 @@ pub async fn acquire_lease(state: &AppState, now: i64) -> Result<bool> {
             .await;
     match inserted {
         Ok(_) => Ok(true),
-        Err(e) if crate::http::error::is_unique_violation(&e) => Ok(false),
+        Err(e) if crate::store::is_unique_violation(&e) => Ok(false),
         Err(e) => Err(e.into()),
     }
 }

@@ -10,9 +10,12 @@ use super::scheduler::Tx;
 use super::spec::RolloutSpec;
 use crate::AppState;
 use crate::auth::Device;
-use crate::http::device_api::{DesiredState, DownloadWindow, Report};
-use crate::http::device_poll::Answer;
-use crate::http::{Error, Result};
+use kernex_protocol::api::{
+    DesiredAction, DesiredState, DownloadWindow, Report, ReportState, paths,
+};
+
+use crate::service::devices::poll::Answer;
+use crate::service::{Error, Result};
 
 /// Rollouts completed since this time (server clock) still give their
 /// committed devices the poll hint (`rollback-watch-secs`).
@@ -86,7 +89,7 @@ pub async fn poll(state: &AppState, device: &Device) -> Result<Option<Answer>> {
             return Ok(Some(nothing));
         };
         let mut d = desired(state, &from).await?;
-        d.action = Some("rollback".into());
+        d.action = Some(DesiredAction::Rollback);
         d.rollout_id = Some(rollout_id);
         d.poll_after_secs = Some(hint.unwrap_or(60));
         return Ok(Some(Answer {
@@ -105,7 +108,7 @@ pub async fn poll(state: &AppState, device: &Device) -> Result<Option<Answer>> {
     }
     let release_id: String = row.try_get("release_id")?;
     let mut d = desired(state, &release_id).await?;
-    d.action = Some("install".into());
+    d.action = Some(DesiredAction::Install);
     d.rollout_id = Some(rollout_id);
     if let (Some(not_before_ms), Some(not_after_ms)) = (window_start, window_end) {
         d.download_window = Some(DownloadWindow {
@@ -135,7 +138,7 @@ async fn desired(state: &AppState, release_id: &str) -> Result<DesiredState> {
         .ok_or(Error::NotFound("no such release"))?;
     let id: String = r.try_get("id")?;
     Ok(DesiredState {
-        url: format!("/api/v1/device/releases/{id}/bundle"),
+        url: paths::bundle(&id),
         release_id: id,
         version: r.try_get("version")?,
         size: r.try_get("size")?,
@@ -159,7 +162,7 @@ pub async fn report(
     // The record: for rolled_back, the rollout whose previous release the
     // device now runs again; otherwise the newest rollout of the named
     // release (or the newest live one when no release is named).
-    let row = if r.state == "rolled_back" {
+    let row = if r.state == ReportState::RolledBack {
         sqlx::query(
             "SELECT rd.rollout_id, rd.state, rd.bytes_done, rd.link_class, r.status, r.spec, r.release_id, rd.from_version FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id \
              WHERE rd.device_pk = $1 AND ($2 IS NULL OR rd.from_release_id = $2) AND rd.state IN ('rolling_back', 'committed', 'rolled_back') ORDER BY r.created_at DESC LIMIT 1",
@@ -185,9 +188,11 @@ pub async fn report(
     let old: String = row.try_get("state")?;
     let status: String = row.try_get("status")?;
     let release_id: String = row.try_get("release_id")?;
-    let mut new = match r.state.as_str() {
-        "rebooted" => "rebooting".to_string(),
-        s => s.to_string(),
+    // The rollout record's states are the report states, but for
+    // `rebooting` (the device's `rebooted`).
+    let mut new = match r.state {
+        ReportState::Rebooted => "rebooting".to_string(),
+        s => s.as_str().to_string(),
     };
     // A device of a rolled-back rollout that commits later is sent back.
     if new == "committed" && status == "rolled_back" {
@@ -257,7 +262,7 @@ pub async fn report(
     .execute(&mut **tx)
     .await?;
     let version = match new.as_str() {
-        "committed" | "rolling_back" if r.state == "committed" => {
+        "committed" | "rolling_back" if r.state == ReportState::Committed => {
             sqlx::query("UPDATE devices SET desired_release_id = $1 WHERE id = $2")
                 .bind(&release_id)
                 .bind(&device.pk)

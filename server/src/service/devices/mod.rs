@@ -1,0 +1,4 @@
+//! Devices: what they ask of the control plane and what operators see of
+//! them.
+
+pub mod poll;
