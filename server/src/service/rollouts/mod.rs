@@ -10,15 +10,25 @@
 //! * [`scheduler`]: the background pass that starts, gates, promotes,
 //!   pauses, rolls back and admits downloads (one replica at a time).
 //! * [`device`]: what poll and report do for a device in a rollout.
+//! * [`preview`]: what a rollout will take, before it starts.
+//! * [`transitions`]: create, start, pause, resume, abort, roll back.
+//! * [`progress`]: what operators see of rollouts (list, detail, samples).
+//! * [`link`]: a device's link class, site and time zone.
+//! * [`test_clock`]: the clock the simulator steps (`test-clock = true`).
 //!
 //! Targets and their exact delta bytes are computed here, from the chunk
 //! indexes of the two releases' bundles in the blob store.
 
 pub mod device;
+pub mod link;
 pub mod plan;
+pub mod preview;
+pub mod progress;
 pub mod scheduler;
 pub mod spec;
+pub mod test_clock;
 pub mod time;
+pub mod transitions;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Seek, SeekFrom};
