@@ -245,3 +245,52 @@ pub async fn keyring(state: &AppState, op: &Operator) -> Result<Keyring> {
         .map(|pem| Keyring { pem })
         .ok_or(Error::NotFound("no keyring set"))
 }
+
+/// A CA certificate of the keyring, as operators see it.
+#[derive(Debug)]
+pub struct Certificate {
+    /// Subject, `key=value, ...`.
+    pub subject: String,
+    /// Issuer, `key=value, ...`.
+    pub issuer: String,
+    /// Expiry, as OpenSSL prints it.
+    pub not_after: String,
+    /// Hex SHA-256 fingerprint.
+    pub sha256: String,
+}
+
+fn name(n: &openssl::x509::X509NameRef) -> String {
+    n.entries()
+        .map(|e| {
+            let key = e.object().nid().short_name().unwrap_or("?");
+            let value = e.data().to_string().unwrap_or_default();
+            format!("{key}={value}")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn certificates(pem: &str) -> Vec<Certificate> {
+    openssl::x509::X509::stack_from_pem(pem.as_bytes())
+        .unwrap_or_default()
+        .iter()
+        .map(|c| Certificate {
+            subject: name(c.subject_name()),
+            issuer: name(c.issuer_name()),
+            not_after: c.not_after().to_string(),
+            sha256: c
+                .digest(openssl::hash::MessageDigest::sha256())
+                .map(|d| hex::encode(d.as_ref()))
+                .unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// The keyring's certificates (none when no keyring is set).
+pub async fn keyring_certificates(state: &AppState, op: &Operator) -> Result<Vec<Certificate>> {
+    Ok(keyring_pem(state, &op.org_id)
+        .await?
+        .as_deref()
+        .map(certificates)
+        .unwrap_or_default())
+}

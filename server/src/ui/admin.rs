@@ -199,45 +199,9 @@ pub async fn create_user(State(state): State<AppState>, form: Form) -> UiResult 
     )))
 }
 
-/// A certificate as shown.
-struct Cert {
-    subject: String,
-    issuer: String,
-    not_after: String,
-    sha256: String,
-}
-
-fn name(n: &openssl::x509::X509NameRef) -> String {
-    n.entries()
-        .map(|e| {
-            let key = e.object().nid().short_name().unwrap_or("?");
-            let value = e.data().to_string().unwrap_or_default();
-            format!("{key}={value}")
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn certs(pem: &str) -> Vec<Cert> {
-    openssl::x509::X509::stack_from_pem(pem.as_bytes())
-        .unwrap_or_default()
-        .iter()
-        .map(|c| Cert {
-            subject: name(c.subject_name()),
-            issuer: name(c.issuer_name()),
-            not_after: c.not_after().to_string(),
-            sha256: c
-                .digest(openssl::hash::MessageDigest::sha256())
-                .map(|d| hex::encode(d.as_ref()))
-                .unwrap_or_default(),
-        })
-        .collect()
-}
-
 /// `GET /ui/keyring`: the CA certificates bundles must chain to.
 pub async fn keyring(State(state): State<AppState>, s: Session) -> UiResult {
-    let pem = users::keyring_pem(&state, &s.op.org_id).await?;
-    let list = pem.as_deref().map(certs).unwrap_or_default();
+    let list = users::keyring_certificates(&state, &s.op).await?;
     Ok(layout::page(
         &s,
         Nav::Keyring,
