@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use anyhow::{Context as _, Result, anyhow};
 use kernex_server::config::Config;
-use kernex_server::http::rollouts::build_preview;
 use kernex_server::service::rollouts;
+use kernex_server::service::rollouts::preview::build_preview;
 use kernex_server::service::rollouts::spec::RolloutSpec;
 use kernex_server::{AppState, bootstrap};
 

@@ -1,15 +1,16 @@
-//! The audit log, read-only over HTTP.
+//! The audit log, read-only over HTTP (`service::audit`).
 
 use axum::Router;
 use axum::extract::{Query, State};
 use axum::routing::get;
-use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, ToSchema};
+use serde::Deserialize;
+use utoipa::IntoParams;
 
 use crate::AppState;
-use crate::audit::{self, Record};
 use crate::auth::Operator;
 use crate::http::{ApiJson, Result};
+use crate::service::audit;
+pub use crate::service::audit::AuditPage;
 
 /// Routes.
 pub fn router() -> Router<AppState> {
@@ -26,15 +27,6 @@ pub struct AuditQuery {
     pub limit: Option<i64>,
 }
 
-/// A page of the audit log and whether the chain verifies.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct AuditPage {
-    /// Entries, newest first.
-    pub entries: Vec<Record>,
-    /// The first entry whose hash does not match, if any.
-    pub chain_broken_at: Option<i64>,
-}
-
 /// List audit entries, newest first.
 #[utoipa::path(get, path = "/api/v1/audit", params(AuditQuery), responses((status = 200, body = AuditPage)))]
 pub async fn list(
@@ -43,16 +35,5 @@ pub async fn list(
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<ApiJson<AuditPage>> {
     let Query(q) = query?;
-    let entries = audit::list(
-        &state.store,
-        &op.org_id,
-        q.limit.unwrap_or(100).clamp(1, 1000),
-        q.before,
-    )
-    .await?;
-    let chain_broken_at = audit::verify_chain(&state.store, &op.org_id).await?;
-    Ok(ApiJson(AuditPage {
-        entries,
-        chain_broken_at,
-    }))
+    Ok(ApiJson(audit::page(&state, &op, q.before, q.limit).await?))
 }

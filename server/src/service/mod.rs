@@ -8,9 +8,14 @@
 //! for http::Error`).
 
 pub mod attestation;
+pub mod audit;
+pub mod deployments;
 pub mod devices;
+pub mod enrollment;
 pub mod names;
+pub mod releases;
 pub mod rollouts;
+pub mod users;
 
 /// Why a domain operation did not happen.
 #[derive(Debug)]

@@ -3,16 +3,14 @@
 use axum::extract::{Query, State};
 use maud::html;
 use serde::Deserialize;
-use sqlx::Row;
 
 use super::format;
 use super::layout::{self, Nav, heading, status_badge};
 use super::{Form, Session, UiError, UiResult, csrf_field, see_other};
 use crate::AppState;
-use crate::audit;
 use crate::auth::Role;
-use crate::http::ApiJson;
-use crate::http::session::{self, Keyring, NewUser};
+use crate::service::audit::{self, Search};
+use crate::service::users::{self, Keyring, NewUser};
 
 /// Audit filters; all optional.
 #[derive(Debug, Deserialize)]
@@ -24,17 +22,6 @@ pub struct AuditQuery {
     since: Option<String>,
     until: Option<String>,
     before: Option<String>,
-}
-
-/// `%value%` for LIKE, with the wildcards in the value escaped.
-fn like(v: &Option<String>) -> Option<String> {
-    v.as_ref().map(|s| {
-        let escaped = s
-            .replace('\\', "\\\\")
-            .replace('%', "\\%")
-            .replace('_', "\\_");
-        format!("%{escaped}%")
-    })
 }
 
 fn clean(v: Option<String>) -> Option<String> {
@@ -71,38 +58,18 @@ pub async fn audit(
                 .map_err(|_| UiError::bad_request("before: a sequence number."))?,
         ),
     };
-    let rows = sqlx::query(
-        "SELECT seq, at, actor, action, target, result FROM audit_log WHERE org_id = $1 \
-         AND ($2 IS NULL OR actor LIKE $2 ESCAPE '\\') \
-         AND ($3 IS NULL OR action LIKE $3 ESCAPE '\\') \
-         AND ($4 IS NULL OR target LIKE $4 ESCAPE '\\') \
-         AND ($5 IS NULL OR at >= $5) AND ($6 IS NULL OR at < $6) AND ($7 IS NULL OR seq < $7) \
-         ORDER BY seq DESC LIMIT $8",
-    )
-    .bind(&s.op.org_id)
-    .bind(like(&actor))
-    .bind(like(&action))
-    .bind(like(&target))
-    .bind(since)
-    .bind(until)
-    .bind(before)
-    .bind(PAGE)
-    .fetch_all(state.store.pool())
-    .await?;
-    let broken = audit::verify_chain(&state.store, &s.op.org_id).await?;
-    let mut entries = Vec::with_capacity(rows.len());
-    for r in &rows {
-        entries.push((
-            r.try_get::<i64, _>("seq")?,
-            r.try_get::<i64, _>("at")?,
-            r.try_get::<String, _>("actor")?,
-            r.try_get::<String, _>("action")?,
-            r.try_get::<String, _>("target")?,
-            r.try_get::<String, _>("result")?,
-        ));
-    }
+    let search = Search {
+        actor: actor.clone(),
+        action: action.clone(),
+        target: target.clone(),
+        since,
+        until,
+        before,
+    };
+    let entries = audit::search(&state, &s.op, &search, PAGE).await?;
+    let broken = audit::chain_broken_at(&state, &s.op).await?;
     let older = (entries.len() as i64 == PAGE)
-        .then(|| entries.last().map(|e| e.0))
+        .then(|| entries.last().map(|e| e.seq))
         .flatten();
     let keep = |name: &str, v: &Option<String>| {
         v.as_ref()
@@ -148,9 +115,9 @@ pub async fn audit(
             @if entries.is_empty() { p.empty { "No entry matches." } } @else {
                 div.table-wrap { table {
                     thead { tr { th scope="col" { "#" } th scope="col" { "Time" } th scope="col" { "User" } th scope="col" { "Action" } th scope="col" { "Target" } th scope="col" { "Result" } } }
-                    tbody { @for (seq, at, actor, action, target, result) in &entries { tr {
-                        td { (seq) } td.nowrap { (format::time(*at)) } td { (actor) } td { code { (action) } } td.small { (target) }
-                        td { @if result == "ok" { (status_badge("ok")) } @else { span.badge.bad { (result) } } }
+                    tbody { @for e in &entries { tr {
+                        td { (e.seq) } td.nowrap { (format::time(e.at)) } td { (e.actor) } td { code { (e.action) } } td.small { (e.target) }
+                        td { @if e.result == "ok" { (status_badge("ok")) } @else { span.badge.bad { (e.result) } } }
                     } } }
                 } }
                 @if let Some(seq) = older { p { a href={ "/ui/audit?before=" (seq) (filters) } { "Older entries" } } }
@@ -176,7 +143,7 @@ pub async fn users(
         return Err(UiError::forbidden());
     }
     let created = query.ok().and_then(|q| q.0.created);
-    let ApiJson(list) = session::list_users(State(state), s.op.clone()).await?;
+    let list = users::list_users(&state, &s.op).await?;
     Ok(layout::page(
         &s,
         Nav::Users,
@@ -208,7 +175,7 @@ pub async fn users(
     ))
 }
 
-/// `POST /ui/users` (admin, enforced by the API).
+/// `POST /ui/users` (admin, enforced by the service).
 pub async fn create_user(State(state): State<AppState>, form: Form) -> UiResult {
     let email = form.required("email", "The email")?.to_string();
     let password = form.required("password", "The password")?.to_string();
@@ -216,14 +183,14 @@ pub async fn create_user(State(state): State<AppState>, form: Form) -> UiResult 
         .get("role")
         .and_then(Role::parse)
         .ok_or_else(|| UiError::bad_request("Role: read_only, ops or admin."))?;
-    session::create_user(
-        State(state),
-        form.session.op.clone(),
-        ApiJson(NewUser {
+    users::create_user(
+        &state,
+        &form.session.op,
+        NewUser {
             email: email.clone(),
             password,
             role,
-        }),
+        },
     )
     .await?;
     Ok(see_other(&format!(
@@ -232,49 +199,9 @@ pub async fn create_user(State(state): State<AppState>, form: Form) -> UiResult 
     )))
 }
 
-/// A certificate as shown.
-struct Cert {
-    subject: String,
-    issuer: String,
-    not_after: String,
-    sha256: String,
-}
-
-fn name(n: &openssl::x509::X509NameRef) -> String {
-    n.entries()
-        .map(|e| {
-            let key = e.object().nid().short_name().unwrap_or("?");
-            let value = e.data().to_string().unwrap_or_default();
-            format!("{key}={value}")
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn certs(pem: &str) -> Vec<Cert> {
-    openssl::x509::X509::stack_from_pem(pem.as_bytes())
-        .unwrap_or_default()
-        .iter()
-        .map(|c| Cert {
-            subject: name(c.subject_name()),
-            issuer: name(c.issuer_name()),
-            not_after: c.not_after().to_string(),
-            sha256: c
-                .digest(openssl::hash::MessageDigest::sha256())
-                .map(|d| hex::encode(d.as_ref()))
-                .unwrap_or_default(),
-        })
-        .collect()
-}
-
 /// `GET /ui/keyring`: the CA certificates bundles must chain to.
 pub async fn keyring(State(state): State<AppState>, s: Session) -> UiResult {
-    let pem = match session::get_keyring(State(state), s.op.clone()).await {
-        Ok(ApiJson(k)) => Some(k.pem),
-        Err(crate::http::Error::NotFound(_)) => None,
-        Err(e) => return Err(e.into()),
-    };
-    let list = pem.as_deref().map(certs).unwrap_or_default();
+    let list = users::keyring_certificates(&state, &s.op).await?;
     Ok(layout::page(
         &s,
         Nav::Keyring,
@@ -304,14 +231,9 @@ pub async fn keyring(State(state): State<AppState>, s: Session) -> UiResult {
     ))
 }
 
-/// `POST /ui/keyring` (admin, enforced by the API).
+/// `POST /ui/keyring` (admin, enforced by the service).
 pub async fn set_keyring(State(state): State<AppState>, form: Form) -> UiResult {
     let pem = form.required("pem", "The PEM text")?.to_string();
-    session::set_keyring(
-        State(state),
-        form.session.op.clone(),
-        ApiJson(Keyring { pem }),
-    )
-    .await?;
+    users::set_keyring(&state, &form.session.op, Keyring { pem }).await?;
     Ok(see_other("/ui/keyring"))
 }

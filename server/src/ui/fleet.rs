@@ -6,7 +6,6 @@ use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use maud::{Markup, html};
 use serde::Deserialize;
-use sqlx::Row;
 
 use super::charts::{self, Series};
 use super::format;
@@ -14,21 +13,16 @@ use super::layout::{self, Nav, heading, status_badge};
 use super::{Form, Session, UiError, UiResult, csrf_field, see_other};
 use crate::AppState;
 use crate::auth::Role;
-use crate::http::devices::{self, Device, DeviceFilter, LogFilter};
+use crate::service::devices::fleet::{self, Device, DeviceFilter, LogFilter, STATUSES};
+use crate::service::rollouts::progress;
 use crate::store::now_ms;
 
-/// The statuses a device can have, in display order.
-pub const STATUSES: [&str; 6] = [
-    "online", "updating", "degraded", "reverted", "error", "offline",
-];
 /// Statuses that need an operator's attention.
 const ATTENTION: [&str; 4] = ["offline", "degraded", "reverted", "error"];
 
-// The API's list handler, so the UI's numbers are the API's.
+// The API's list, so the UI's numbers are the API's.
 async fn all_devices(state: &AppState, s: &Session, filter: DeviceFilter) -> UiResult<Vec<Device>> {
-    let crate::http::ApiJson(list) =
-        devices::list(State(state.clone()), s.op.clone(), Ok(Query(filter))).await?;
-    Ok(list)
+    Ok(fleet::list(state, &s.op, &filter).await?)
 }
 
 fn no_filter() -> DeviceFilter {
@@ -71,8 +65,7 @@ async fn overview_body(state: &AppState, s: &Session) -> UiResult<Markup> {
         .iter()
         .filter(|d| ATTENTION.contains(&d.status.as_str()) && !d.revoked)
         .collect();
-    let crate::http::ApiJson(rollouts) =
-        crate::http::rollouts::list(State(state.clone()), s.op.clone()).await?;
+    let rollouts = progress::list(state, &s.op).await?;
     let active: Vec<_> = rollouts
         .into_iter()
         .filter(|r| matches!(r.status.as_str(), "scheduled" | "running" | "paused"))
@@ -183,17 +176,6 @@ fn nonempty(v: Option<String>) -> Option<String> {
     v.map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
 }
 
-async fn distinct(state: &AppState, org: &str, sql: &str) -> UiResult<Vec<String>> {
-    let rows = sqlx::query(sql)
-        .bind(org)
-        .fetch_all(state.store.pool())
-        .await?;
-    Ok(rows
-        .iter()
-        .filter_map(|r| r.try_get::<String, _>("v").ok())
-        .collect())
-}
-
 /// `GET /ui/devices`: the device list with filters and search.
 pub async fn devices(
     State(state): State<AppState>,
@@ -233,24 +215,11 @@ pub async fn devices(
                 || d.tags.iter().any(|t| t.to_lowercase().contains(&needle))
         });
     }
-    let classes = distinct(
-        &state,
-        &s.op.org_id,
-        "SELECT DISTINCT hardware_class AS v FROM devices WHERE org_id = $1 ORDER BY v",
-    )
-    .await?;
-    let tags = distinct(
-        &state,
-        &s.op.org_id,
-        "SELECT DISTINCT tag AS v FROM device_tags WHERE org_id = $1 ORDER BY v",
-    )
-    .await?;
-    let versions = distinct(
-        &state,
-        &s.op.org_id,
-        "SELECT DISTINCT current_version AS v FROM devices WHERE org_id = $1 AND current_version IS NOT NULL ORDER BY v",
-    )
-    .await?;
+    let fleet::FilterValues {
+        hardware_classes: classes,
+        tags,
+        versions,
+    } = fleet::filter_values(&state, &s.op).await?;
     let refs: Vec<&Device> = list.iter().collect();
     let select = |name: &'static str,
                   label: &'static str,
@@ -302,25 +271,17 @@ pub struct DeviceQuery {
     level: Option<String>,
 }
 
-async fn heartbeat_chart(state: &AppState, org: &str, pk: &str) -> UiResult<Markup> {
+async fn heartbeat_chart(state: &AppState, s: &Session, pk: &str) -> UiResult<Markup> {
     let since = now_ms().saturating_sub(24 * 3600 * 1000);
-    let rows = sqlx::query(
-        "SELECT at, cpu_percent, memory_percent FROM heartbeats WHERE device_pk = $1 AND org_id = $2 AND at >= $3 ORDER BY at DESC LIMIT 1440",
-    )
-    .bind(pk)
-    .bind(org)
-    .bind(since)
-    .fetch_all(state.store.pool())
-    .await?;
+    let history = fleet::load_history(state, &s.op, pk, since).await?;
     let mut cpu = Vec::new();
     let mut mem = Vec::new();
-    for r in rows.iter().rev() {
-        let at: i64 = r.try_get("at")?;
-        if let Some(v) = r.try_get::<Option<f64>, _>("cpu_percent")? {
-            cpu.push((at, v));
+    for h in &history {
+        if let Some(v) = h.cpu_percent {
+            cpu.push((h.at, v));
         }
-        if let Some(v) = r.try_get::<Option<f64>, _>("memory_percent")? {
-            mem.push((at, v));
+        if let Some(v) = h.memory_percent {
+            mem.push((h.at, v));
         }
     }
     Ok(charts::lines(
@@ -343,7 +304,7 @@ async fn heartbeat_chart(state: &AppState, org: &str, pk: &str) -> UiResult<Mark
 }
 
 async fn device_live_body(state: &AppState, s: &Session, d: &Device) -> UiResult<Markup> {
-    let chart = heartbeat_chart(state, &s.op.org_id, &d.id).await?;
+    let chart = heartbeat_chart(state, s, &d.id).await?;
     let inv = d.inventory.as_ref();
     let num = |k: &str| {
         inv.and_then(|i| i.get(k))
@@ -403,9 +364,7 @@ async fn device_live_body(state: &AppState, s: &Session, d: &Device) -> UiResult
 }
 
 async fn load_device(state: &AppState, s: &Session, id: &str) -> UiResult<Device> {
-    let crate::http::ApiJson(d) =
-        devices::detail(State(state.clone()), s.op.clone(), Path(id.to_string())).await?;
-    Ok(d)
+    Ok(fleet::detail(state, &s.op, id).await?)
 }
 
 /// `GET /ui/devices/{id}`.
@@ -425,31 +384,19 @@ pub async fn device(
         )));
     }
     let d = load_device(&state, &s, &id).await?;
-    let crate::http::ApiJson(logs) = devices::logs(
-        State(state.clone()),
-        s.op.clone(),
-        Path(id.clone()),
-        Ok(Query(LogFilter {
+    let logs = fleet::logs(
+        &state,
+        &s.op,
+        &id,
+        &LogFilter {
             level: level.clone(),
             before: None,
             limit: Some(200),
-        })),
+        },
     )
     .await?;
-    let history = sqlx::query(
-        "SELECT dd.deployment_id, dd.state, dd.bytes_done, dd.bytes_total, dd.reason, dd.updated_at, r.version FROM deployment_devices dd JOIN deployments dep ON dep.id = dd.deployment_id JOIN releases r ON r.id = dep.release_id WHERE dd.device_pk = $1 AND dep.org_id = $2 ORDER BY dd.updated_at DESC LIMIT 50",
-    )
-    .bind(&id)
-    .bind(&s.op.org_id)
-    .fetch_all(state.store.pool())
-    .await?;
-    let rollout_rows = sqlx::query(
-        "SELECT rd.rollout_id, rd.wave, rd.state, rd.from_version, rd.delta_bytes, rd.bytes_done, rd.reason, rd.updated_at, ro.name, ro.status, r.version FROM rollout_devices rd JOIN rollouts ro ON ro.id = rd.rollout_id JOIN releases r ON r.id = ro.release_id WHERE rd.device_pk = $1 AND ro.org_id = $2 ORDER BY rd.updated_at DESC LIMIT 50",
-    )
-    .bind(&id)
-    .bind(&s.op.org_id)
-    .fetch_all(state.store.pool())
-    .await?;
+    let history = fleet::deployments(&state, &s.op, &id).await?;
+    let rollout_rows = fleet::rollouts(&state, &s.op, &id).await?;
     let live = device_live_body(&state, &s, &d).await?;
     Ok(layout::page(
         &s,
@@ -489,23 +436,14 @@ pub async fn device(
                     div.table-wrap { table {
                         thead { tr { th scope="col" { "Rollout" } th scope="col" { "Version" } th scope="col" { "Wave" } th scope="col" { "State" } th scope="col" { "Download" } th scope="col" { "Updated" } } }
                         tbody { @for r in &rollout_rows {
-                            @let rid: String = r.try_get("rollout_id").unwrap_or_default();
-                            @let name: String = r.try_get("name").unwrap_or_default();
-                            @let wave: i64 = r.try_get("wave").unwrap_or_default();
-                            @let st: String = r.try_get("state").unwrap_or_default();
-                            @let from: Option<String> = r.try_get("from_version").unwrap_or_default();
-                            @let delta: i64 = r.try_get("delta_bytes").unwrap_or_default();
-                            @let done: i64 = r.try_get("bytes_done").unwrap_or_default();
-                            @let reason: Option<String> = r.try_get("reason").unwrap_or_default();
-                            @let at: i64 = r.try_get("updated_at").unwrap_or_default();
-                            @let version: String = r.try_get("version").unwrap_or_default();
+                            @let rid = &r.rollout_id;
                             tr {
-                                td { a href={ "/ui/rollouts/" (rid) } { @if name.is_empty() { (rid.get(..8).unwrap_or(&rid)) } @else { (name) } } }
-                                td { (from.as_deref().unwrap_or("?")) " → " (version) }
-                                td { (wave + 1) }
-                                td { (status_badge(&st)) @if let Some(r) = reason { br; span.small { (r) } } }
-                                td { (charts::progress(done, delta, "download")) " " span.small { (format::ibytes(delta)) " delta" } }
-                                td { (format::time(at)) }
+                                td { a href={ "/ui/rollouts/" (rid) } { @if r.name.is_empty() { (rid.get(..8).unwrap_or(rid)) } @else { (r.name) } } }
+                                td { (r.from_version.as_deref().unwrap_or("?")) " → " (r.version) }
+                                td { (r.wave + 1) }
+                                td { (status_badge(&r.state)) @if let Some(why) = &r.reason { br; span.small { (why) } } }
+                                td { (charts::progress(r.bytes_done, r.delta_bytes, "download")) " " span.small { (format::ibytes(r.delta_bytes)) " delta" } }
+                                td { (format::time(r.updated_at)) }
                             }
                         } }
                     } }
@@ -517,19 +455,13 @@ pub async fn device(
                     div.table-wrap { table {
                         thead { tr { th scope="col" { "Deployment" } th scope="col" { "Version" } th scope="col" { "State" } th scope="col" { "Progress" } th scope="col" { "Updated" } } }
                         tbody { @for r in &history {
-                            @let dep: String = r.try_get("deployment_id").unwrap_or_default();
-                            @let state_: String = r.try_get("state").unwrap_or_default();
-                            @let done: Option<i64> = r.try_get("bytes_done").unwrap_or_default();
-                            @let total: Option<i64> = r.try_get("bytes_total").unwrap_or_default();
-                            @let reason: Option<String> = r.try_get("reason").unwrap_or_default();
-                            @let at: i64 = r.try_get("updated_at").unwrap_or_default();
-                            @let version: String = r.try_get("version").unwrap_or_default();
+                            @let dep = &r.deployment_id;
                             tr {
-                                td { a href={ "/ui/deployments/" (dep) } { (dep.get(..8).unwrap_or(&dep)) } }
-                                td { (version) }
-                                td { (status_badge(&state_)) @if let Some(r) = reason { br; span.small { (r) } } }
-                                td { @if let (Some(d), Some(t)) = (done, total) { (charts::progress(d, t, "download")) } }
-                                td { (format::time(at)) }
+                                td { a href={ "/ui/deployments/" (dep) } { (dep.get(..8).unwrap_or(dep)) } }
+                                td { (r.version) }
+                                td { (status_badge(&r.state)) @if let Some(why) = &r.reason { br; span.small { (why) } } }
+                                td { @if let (Some(d), Some(t)) = (r.bytes_done, r.bytes_total) { (charts::progress(d, t, "download")) } }
+                                td { (format::time(r.updated_at)) }
                             }
                         } }
                     } }
@@ -561,6 +493,6 @@ pub async fn device_live(
 
 /// `POST /ui/devices/{id}/revoke` (ops).
 pub async fn revoke(State(state): State<AppState>, Path(id): Path<String>, form: Form) -> UiResult {
-    devices::revoke(State(state), form.session.op, Path(id.clone())).await?;
+    fleet::revoke(&state, &form.session.op, &id).await?;
     Ok(see_other(&format!("/ui/devices/{id}")))
 }

@@ -14,8 +14,8 @@ use super::{
 };
 use crate::AppState;
 use crate::auth::{Role, SESSION_COOKIE};
-use crate::http::ApiJson;
-use crate::http::session::{self, LoginRequest};
+use crate::service::Error as ServiceError;
+use crate::service::users::{self, LoginRequest};
 use crate::store::new_secret;
 
 /// Which navigation entry is current.
@@ -260,21 +260,13 @@ pub async fn login(
     if request.email.is_empty() || request.password.is_empty() {
         return fail("Enter your email and password.");
     }
-    let response = match session::login(State(state.clone()), ApiJson(request)).await {
-        Ok(r) => r,
-        Err(crate::http::Error::Unauthorized) => {
+    let token = match users::login(&state, request).await {
+        Ok(session) => session.token,
+        Err(ServiceError::Unauthorized) => {
             return fail("Wrong email, password or organisation.");
         }
         Err(e) => return Err(e.into()),
     };
-    let bytes = axum::body::to_bytes(response.into_body(), 64 * 1024)
-        .await
-        .map_err(|e| anyhow::anyhow!("reading the login response: {e}"))?;
-    let body: serde_json::Value = serde_json::from_slice(&bytes)
-        .map_err(|e| anyhow::anyhow!("parsing the login response: {e}"))?;
-    let token = body["token"]
-        .as_str()
-        .ok_or_else(|| anyhow::anyhow!("the login response has no token"))?;
     let mut response = see_other(&next);
     let secure = if is_https(&headers) { "; Secure" } else { "" };
     let session = format!(
@@ -296,7 +288,7 @@ pub async fn login(
 
 /// `POST /ui/logout`: revokes the session token (the API's logout).
 pub async fn logout(State(state): State<AppState>, form: Form) -> UiResult {
-    session::logout(State(state), form.session.op).await?;
+    users::logout(&state, &form.session.op).await?;
     let mut response = see_other("/ui/login");
     response.headers_mut().append(
         header::SET_COOKIE,

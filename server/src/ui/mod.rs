@@ -2,9 +2,10 @@
 //! the binary), one stylesheet and one small script served by the binary,
 //! nothing from elsewhere (operators may be air-gapped).
 //!
-//! Every page reads and writes through the same handler functions as the
-//! JSON API (`crate::http::*`), so roles, validation and the audit log are
-//! the API's. What the UI adds:
+//! Every page reads and writes through the same services as the JSON API
+//! (`crate::service::*`), so roles, validation and the audit log are the
+//! API's; the UI runs no SQL and calls no handler (tests/layering.rs).
+//! What the UI adds:
 //!
 //! - the session: the `kernex_session` cookie, honoured here for any method
 //!   (the JSON API keeps refusing it for form posts);
@@ -464,8 +465,8 @@ impl From<Error> for UiError {
     }
 }
 
-impl From<sqlx::Error> for UiError {
-    fn from(e: sqlx::Error) -> Self {
+impl From<crate::service::Error> for UiError {
+    fn from(e: crate::service::Error) -> Self {
         Error::from(e).into()
     }
 }

@@ -14,32 +14,22 @@ use super::layout::{self, Nav, heading, status_badge};
 use super::{Form, Session, UiError, UiResult, csrf_field, see_other};
 use crate::AppState;
 use crate::auth::Role;
-use crate::http::ApiJson;
-use crate::http::deployments::{self, Deployment, NewDeployment};
-use crate::http::devices::{self, Device, DeviceFilter};
-use crate::http::enrollment;
-use crate::http::releases::{self, Release};
+use crate::service::deployments::{self, Deployment, NewDeployment};
+use crate::service::devices::fleet::{self, Device, DeviceFilter};
+use crate::service::enrollment;
+use crate::service::releases::{self, Release};
 use kernex_protocol::api::NewEnrollmentToken;
 
 async fn releases_of(state: &AppState, s: &Session) -> UiResult<Vec<Release>> {
-    let ApiJson(list) = releases::list(State(state.clone()), s.op.clone()).await?;
-    Ok(list)
+    Ok(releases::list(state, &s.op).await?)
 }
 
 async fn devices_of(state: &AppState, s: &Session) -> UiResult<Vec<Device>> {
-    let ApiJson(list) = devices::list(
-        State(state.clone()),
-        s.op.clone(),
-        Ok(Query(DeviceFilter {
-            tag: None,
-            hardware_class: None,
-            version: None,
-            status: None,
-            limit: Some(5000),
-        })),
-    )
-    .await?;
-    Ok(list)
+    let all = DeviceFilter {
+        limit: Some(5000),
+        ..DeviceFilter::default()
+    };
+    Ok(fleet::list(state, &s.op, &all).await?)
 }
 
 /// Query of the deployments page.
@@ -57,7 +47,7 @@ pub async fn deployments(
     query: Result<Query<DeploymentsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> UiResult {
     let Query(q) = query.map_err(|e| UiError::bad_request(e.body_text()))?;
-    let ApiJson(list) = deployments::list(State(state.clone()), s.op.clone()).await?;
+    let list = deployments::list(&state, &s.op).await?;
     let releases = releases_of(&state, &s).await?;
     let versions: HashMap<&str, &str> = releases
         .iter()
@@ -161,12 +151,7 @@ pub async fn confirm_deploy(State(state): State<AppState>, form: Form) -> UiResu
         return Err(UiError::forbidden());
     }
     let req = new_deployment(&form)?;
-    let ApiJson(release) = releases::detail(
-        State(state.clone()),
-        s.op.clone(),
-        Path(req.release_id.clone()),
-    )
-    .await?;
+    let release = releases::detail(&state, &s.op, &req.release_id).await?;
     let all = devices_of(&state, s).await?;
     let by_id: BTreeMap<&str, &Device> = all.iter().map(|d| (d.id.as_str(), d)).collect();
     let mut chosen = Vec::new();
@@ -208,8 +193,7 @@ pub async fn confirm_deploy(State(state): State<AppState>, form: Form) -> UiResu
 /// `POST /ui/deployments`: the API's deployment.
 pub async fn deploy(State(state): State<AppState>, form: Form) -> UiResult {
     let req = new_deployment(&form)?;
-    let (_, ApiJson(created)) =
-        deployments::create(State(state), form.session.op.clone(), ApiJson(req)).await?;
+    let created = deployments::create(&state, &form.session.op, req).await?;
     Ok(see_other(&format!("/ui/deployments/{}", created.id)))
 }
 
@@ -218,8 +202,7 @@ async fn deployment_body(
     s: &Session,
     id: &str,
 ) -> UiResult<(Deployment, Markup)> {
-    let ApiJson(d) =
-        deployments::detail(State(state.clone()), s.op.clone(), Path(id.to_string())).await?;
+    let d = deployments::detail(state, &s.op, id).await?;
     let names: HashMap<String, String> = devices_of(state, s)
         .await?
         .into_iter()
@@ -259,23 +242,19 @@ pub async fn deployment(
     Path(id): Path<String>,
 ) -> UiResult {
     let (d, body) = deployment_body(&state, &s, &id).await?;
-    let ApiJson(release) = releases::detail(
-        State(state.clone()),
-        s.op.clone(),
-        Path(d.release_id.clone()),
-    )
-    .await
-    .unwrap_or(ApiJson(Release {
-        id: d.release_id.clone(),
-        version: "deleted release".into(),
-        compatible: String::new(),
-        signer: String::new(),
-        size: 0,
-        sha256: String::new(),
-        unstable: false,
-        created_at: 0,
-        manifest: None,
-    }));
+    let release = releases::detail(&state, &s.op, &d.release_id)
+        .await
+        .unwrap_or(Release {
+            id: d.release_id.clone(),
+            version: "deleted release".into(),
+            compatible: String::new(),
+            signer: String::new(),
+            size: 0,
+            sha256: String::new(),
+            unstable: false,
+            created_at: 0,
+            manifest: None,
+        });
     Ok(layout::page(
         &s,
         Nav::Deployments,
@@ -299,7 +278,7 @@ pub async fn deployment_live(
 }
 
 async fn tokens_page(state: &AppState, s: &Session, created: Option<(String, String)>) -> UiResult {
-    let ApiJson(list) = enrollment::list(State(state.clone()), s.op.clone()).await?;
+    let list = enrollment::list(state, &s.op).await?;
     Ok(layout::page(
         s,
         Nav::Tokens,
@@ -392,25 +371,23 @@ pub async fn create_token(State(state): State<AppState>, form: Form) -> UiResult
             Some(crate::store::now_ms() + days * 86_400_000)
         }
     };
-    let (status, ApiJson(created)) = enrollment::create(
-        State(state.clone()),
-        form.session.op.clone(),
-        ApiJson(NewEnrollmentToken {
+    let created = enrollment::create(
+        &state,
+        &form.session.op,
+        NewEnrollmentToken {
             label: label.clone(),
             tags,
             expires_at,
             require_preauthorization: form.get("require_preauthorization").is_some(),
             require_tpm: form.get("require_tpm").is_some(),
-        }),
+        },
     )
     .await?;
     let token = created
         .token
         .ok_or_else(|| anyhow::anyhow!("the created token has no secret"))?;
     let mut response = tokens_page(&state, &form.session, Some((label, token))).await?;
-    if status == StatusCode::CREATED {
-        *response.status_mut() = StatusCode::CREATED;
-    }
+    *response.status_mut() = StatusCode::CREATED;
     Ok(response)
 }
 
@@ -420,6 +397,6 @@ pub async fn revoke_token(
     Path(id): Path<String>,
     form: Form,
 ) -> UiResult {
-    enrollment::revoke(State(state), form.session.op, Path(id)).await?;
+    enrollment::revoke(&state, &form.session.op, &id).await?;
     Ok(see_other("/ui/enrollment-tokens"))
 }

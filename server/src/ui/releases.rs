@@ -1,30 +1,26 @@
 //! Releases: list, upload (the script sends the file to `upload`, which
 //! runs the API's upload), manifest, and the delta between two releases.
 
-use std::io::Write;
-
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use futures_util::StreamExt;
-use kernex_protocol::bundle::{Bundle, BundleDelta};
 use kernex_protocol::manifest::Manifest;
 use maud::{Markup, html};
 use serde::Deserialize;
-use sqlx::Row;
 
 use super::format;
 use super::layout::{self, Nav, heading, status_badge};
 use super::{CsrfHeader, Session, UiError, UiResult};
 use crate::AppState;
 use crate::auth::Role;
-use crate::http::ApiJson;
-use crate::http::releases::{self, Release};
+use crate::http::Error;
+use crate::service::Error as ServiceError;
+use crate::service::releases::{self, Release};
+use crate::service::users::require;
 
 async fn all(state: &AppState, s: &Session) -> UiResult<Vec<Release>> {
-    let ApiJson(list) = releases::list(State(state.clone()), s.op.clone()).await?;
-    Ok(list)
+    Ok(releases::list(state, &s.op).await?)
 }
 
 fn release_select(name: &str, label: &str, list: &[Release], current: Option<&str>) -> Markup {
@@ -99,22 +95,34 @@ pub async fn list(State(state): State<AppState>, s: Session) -> UiResult {
 }
 
 /// `POST /ui/releases/upload`: the body is the bundle; the CSRF token is in
-/// the `X-CSRF-Token` header. Answers the API's JSON (the script shows it).
+/// the `X-CSRF-Token` header. Answers the API's JSON (the script shows
+/// it), under the API's role check and upload rate limit.
 pub async fn upload(
     State(state): State<AppState>,
     s: Session,
     _csrf: CsrfHeader,
     body: Body,
 ) -> Response {
-    match releases::upload(State(state), s.op, body).await {
-        Ok(created) => created.into_response(),
-        Err(e) => e.into_response(),
+    let admitted = require(&s.op, Role::Ops)
+        .map_err(Error::from)
+        .and_then(|()| {
+            state.limits.check(
+                &format!("upload:{}", s.op.user_id),
+                state.config.uploads_per_minute,
+            )
+        });
+    if let Err(e) = admitted {
+        return e.into_response();
+    }
+    match releases::upload(&state, &s.op, body.into_data_stream()).await {
+        Ok(created) => (StatusCode::CREATED, axum::Json(created)).into_response(),
+        Err(e) => Error::from(e).into_response(),
     }
 }
 
 /// `GET /ui/releases/{id}`: the release and its signed manifest.
 pub async fn detail(State(state): State<AppState>, s: Session, Path(id): Path<String>) -> UiResult {
-    let ApiJson(r) = releases::detail(State(state.clone()), s.op.clone(), Path(id)).await?;
+    let r = releases::detail(&state, &s.op, &id).await?;
     let raw = r.manifest.clone().unwrap_or_default();
     let typed: Option<Manifest> = serde_json::from_value(raw.clone()).ok();
     let pretty = serde_json::to_string_pretty(&raw).unwrap_or_default();
@@ -172,41 +180,6 @@ pub struct DeltaQuery {
     to: Option<String>,
 }
 
-async fn spool_blob(state: &AppState, key: &str) -> UiResult<tempfile::NamedTempFile> {
-    let mut file = tempfile::NamedTempFile::new_in(&state.spool)
-        .map_err(|e| anyhow::anyhow!("unable to create a spool file: {e}"))?;
-    let mut stream = state.blobs.get(key, None).await?;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| anyhow::anyhow!("reading blob {key}: {e}"))?;
-        file.write_all(&chunk)
-            .map_err(|e| anyhow::anyhow!("writing the spool file: {e}"))?;
-    }
-    Ok(file)
-}
-
-fn compute_delta(old: &std::path::Path, new: &std::path::Path) -> anyhow::Result<BundleDelta> {
-    let mut old = Bundle::open(std::fs::File::open(old)?)?;
-    let mut new = Bundle::open(std::fs::File::open(new)?)?;
-    // Both were verified at upload; the indexes are checked against them.
-    Ok(new.delta_from(Some(&mut old))?)
-}
-
-async fn blob_of(state: &AppState, org: &str, id: &str) -> UiResult<(String, String, String)> {
-    let row = sqlx::query(
-        "SELECT blob_key, version, compatible FROM releases WHERE id = $1 AND org_id = $2",
-    )
-    .bind(id)
-    .bind(org)
-    .fetch_optional(state.store.pool())
-    .await?
-    .ok_or_else(|| UiError::not_found("No such release."))?;
-    Ok((
-        row.try_get("blob_key")?,
-        row.try_get("version")?,
-        row.try_get("compatible")?,
-    ))
-}
-
 /// `GET /ui/releases/delta?from=&to=`.
 pub async fn delta(
     State(state): State<AppState>,
@@ -219,22 +192,22 @@ pub async fn delta(
             "Choose the two releases (from and to).",
         ));
     };
-    let (old_key, old_version, old_class) = blob_of(&state, &s.op.org_id, &from).await?;
-    let (new_key, new_version, new_class) = blob_of(&state, &s.op.org_id, &to).await?;
-    let old_file = spool_blob(&state, &old_key).await?;
-    let new_file = spool_blob(&state, &new_key).await?;
-    let (old_path, new_path) = (old_file.path().to_path_buf(), new_file.path().to_path_buf());
-    let d = tokio::task::spawn_blocking(move || compute_delta(&old_path, &new_path))
+    let releases::ReleaseDelta {
+        from_version: old_version,
+        from_class: old_class,
+        to_version: new_version,
+        to_class: new_class,
+        delta: d,
+    } = releases::delta(&state, &s.op, &from, &to)
         .await
-        .map_err(|e| anyhow::anyhow!("delta task failed: {e}"))?
-        .map_err(|e| {
-            UiError::page(
+        .map_err(|e| match e {
+            ServiceError::Unprocessable(detail) => UiError::page(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "Delta unavailable",
-                format!("The stored bundles could not be compared: {e:#}"),
-            )
+                detail,
+            ),
+            e => e.into(),
         })?;
-    drop((old_file, new_file));
     let list = all(&state, &s).await?;
     let saved = if d.full_bundle_bytes > 0 {
         100.0 - d.total_bytes as f64 * 100.0 / d.full_bundle_bytes as f64

@@ -1,11 +1,11 @@
 //! Rollouts: create with a preview (bytes, metered cost and projected
 //! duration per wave, as a table and charts), then watch each wave live,
 //! and pause, resume, abort or roll back (each confirmed). Everything goes
-//! through the rollouts API's handlers.
+//! through the rollouts service, as the API does.
 
 use std::collections::{BTreeMap, HashMap};
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use maud::{Markup, html};
 use serde_json::json;
 
@@ -15,10 +15,11 @@ use super::layout::{self, Nav, heading, status_badge};
 use super::{Form, Session, UiError, UiResult, csrf_field, see_other};
 use crate::AppState;
 use crate::auth::Role;
-use crate::http::ApiJson;
-use crate::http::releases::{self, Release};
-use crate::http::rollouts::{self, DetailQuery, Preview, Rollout};
+use crate::service::releases::{self, Release};
+use crate::service::rollouts::preview::{self as previews, Preview};
+use crate::service::rollouts::progress::{self, Rollout};
 use crate::service::rollouts::spec::RolloutSpec;
+use crate::service::rollouts::transitions::{self, Action};
 
 /// The form's fields with their defaults (the API's defaults, in the
 /// units an operator types).
@@ -206,8 +207,7 @@ fn money(v: f64) -> String {
 }
 
 async fn release_list(state: &AppState, s: &Session) -> UiResult<Vec<Release>> {
-    let ApiJson(list) = releases::list(State(state.clone()), s.op.clone()).await?;
-    Ok(list)
+    Ok(releases::list(state, &s.op).await?)
 }
 
 fn spec_form(s: &Session, f: &SpecForm, releases: &[Release]) -> Markup {
@@ -270,7 +270,7 @@ fn spec_form(s: &Session, f: &SpecForm, releases: &[Release]) -> Markup {
 
 /// `GET /ui/rollouts`.
 pub async fn list(State(state): State<AppState>, s: Session) -> UiResult {
-    let ApiJson(list) = rollouts::list(State(state.clone()), s.op.clone()).await?;
+    let list = progress::list(&state, &s.op).await?;
     let releases = release_list(&state, &s).await?;
     let versions: HashMap<&str, &str> = releases
         .iter()
@@ -385,15 +385,7 @@ pub async fn preview(State(state): State<AppState>, form: Form) -> UiResult {
     }
     let f = SpecForm::from_form(&form);
     let spec = f.spec()?;
-    let ApiJson(p) = rollouts::preview_spec(
-        State(state.clone()),
-        s.op.clone(),
-        Ok(Query(DetailQuery {
-            devices: Some(true),
-        })),
-        ApiJson(spec),
-    )
-    .await?;
+    let p = previews::preview(&state, &s.op, &spec, None, true).await?;
     let releases = release_list(&state, s).await?;
     Ok(layout::page(
         s,
@@ -423,8 +415,7 @@ pub async fn preview(State(state): State<AppState>, form: Form) -> UiResult {
 /// `POST /ui/rollouts`: creates the draft.
 pub async fn create(State(state): State<AppState>, form: Form) -> UiResult {
     let spec = SpecForm::from_form(&form).spec()?;
-    let (_, ApiJson(r)) =
-        rollouts::create(State(state), form.session.op.clone(), ApiJson(spec)).await?;
+    let r = transitions::create(&state, &form.session.op, spec).await?;
     Ok(see_other(&format!("/ui/rollouts/{}", r.id)))
 }
 
@@ -439,17 +430,8 @@ fn state_class(state: &str) -> &'static str {
 }
 
 async fn live_body(state: &AppState, s: &Session, id: &str) -> UiResult<(Rollout, Markup)> {
-    let ApiJson(r) = rollouts::detail(
-        State(state.clone()),
-        s.op.clone(),
-        Path(id.to_string()),
-        Ok(Query(DetailQuery {
-            devices: Some(true),
-        })),
-    )
-    .await?;
-    let ApiJson(samples) =
-        rollouts::samples(State(state.clone()), s.op.clone(), Path(id.to_string())).await?;
+    let r = progress::detail(state, &s.op, id, true).await?;
+    let samples = progress::samples(state, &s.op, id).await?;
     let waves = r.waves.as_deref().unwrap_or_default();
     let rows: Vec<(String, Vec<(String, u64)>)> = waves
         .iter()
@@ -556,25 +538,12 @@ fn actions(status: &str) -> Vec<(&'static str, &'static str, &'static str)> {
 pub async fn detail(State(state): State<AppState>, s: Session, Path(id): Path<String>) -> UiResult {
     let (r, live) = live_body(&state, &s, &id).await?;
     let draft_preview = if r.status == "draft" {
-        let ApiJson(p) = rollouts::preview(
-            State(state.clone()),
-            s.op.clone(),
-            Path(id.clone()),
-            Ok(Query(DetailQuery {
-                devices: Some(true),
-            })),
-        )
-        .await?;
+        let p = previews::preview_saved(&state, &s.op, &id, true).await?;
         Some(preview_view(&p))
     } else {
         None
     };
-    let ApiJson(release) = releases::detail(
-        State(state.clone()),
-        s.op.clone(),
-        Path(r.release_id.clone()),
-    )
-    .await?;
+    let release = releases::detail(&state, &s.op, &r.release_id).await?;
     let title = if r.name.is_empty() {
         format!("Rollout of {}", release.version)
     } else {
@@ -614,22 +583,15 @@ pub async fn live(State(state): State<AppState>, s: Session, Path(id): Path<Stri
 }
 
 /// `POST /ui/rollouts/{id}/{action}`: start, pause, resume, abort,
-/// rollback (ops, enforced by the API).
+/// rollback (ops, enforced by the service).
 pub async fn act(
     State(state): State<AppState>,
     Path((id, action)): Path<(String, String)>,
     form: Form,
 ) -> UiResult {
-    let op = form.session.op.clone();
-    let st = State(state);
-    let path = Path(id.clone());
-    match action.as_str() {
-        "start" => rollouts::start(st, op, path).await?,
-        "pause" => rollouts::pause(st, op, path).await?,
-        "resume" => rollouts::resume(st, op, path).await?,
-        "abort" => rollouts::abort(st, op, path).await?,
-        "rollback" => rollouts::rollback(st, op, path).await?,
-        other => return Err(UiError::not_found(format!("No rollout action {other:?}."))),
+    let Some(action) = Action::parse(&action) else {
+        return Err(UiError::not_found(format!("No rollout action {action:?}.")));
     };
+    transitions::act(&state, &form.session.op, &id, action).await?;
     Ok(see_other(&format!("/ui/rollouts/{id}")))
 }

@@ -1,4 +1,5 @@
 //! Devices: what they ask of the control plane and what operators see of
 //! them.
 
+pub mod fleet;
 pub mod poll;

@@ -2,7 +2,7 @@
 //! that a live rollout governs, and how `POST /device/report` moves its
 //! per-device state (late and out-of-order reports never move it back).
 
-use sqlx::Row;
+use sqlx::FromRow;
 
 use super::plan::DAY_MS;
 use super::rank;
@@ -25,12 +25,28 @@ pub fn watch_since(state: &AppState) -> i64 {
     state.clock.now_ms().saturating_sub(watch)
 }
 
+/// The device's record in the rollout that governs it, for poll.
+#[derive(FromRow)]
+struct Governed {
+    rollout_id: String,
+    state: String,
+    wave: i64,
+    position: i64,
+    window_start: Option<i64>,
+    window_end: Option<i64>,
+    from_release_id: Option<String>,
+    status: String,
+    release_id: String,
+    current_wave: i64,
+    poll_horizon: i64,
+}
+
 /// The device's poll answer when a rollout governs it (`desired: None` is
 /// "nothing to do now", 204), with the poll hint when the rollout acts on
 /// the device; `None` is "no rollout: ask deployments".
 pub async fn poll(state: &AppState, device: &Device) -> Result<Option<Answer>> {
     let now = state.clock.now_ms();
-    let Some(row) = sqlx::query(
+    let Some(row) = sqlx::query_as::<_, Governed>(
         "SELECT rd.rollout_id, rd.state, rd.wave, rd.position, rd.window_start, rd.window_end, rd.from_release_id, r.status, r.release_id, r.current_wave, r.poll_horizon \
          FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id \
          WHERE rd.device_pk = $1 AND (r.status IN ('scheduled', 'running', 'paused', 'rolled_back') OR (r.status = 'completed' AND (r.completed_at >= $2 OR rd.state IN ('pending', 'scheduled', 'downloading', 'installed', 'rebooting')))) \
@@ -43,15 +59,19 @@ pub async fn poll(state: &AppState, device: &Device) -> Result<Option<Answer>> {
     else {
         return Ok(None);
     };
-    let rollout_id: String = row.try_get("rollout_id")?;
-    let dev_state: String = row.try_get("state")?;
-    let status: String = row.try_get("status")?;
-    let window_start: Option<i64> = row.try_get("window_start")?;
-    let window_end: Option<i64> = row.try_get("window_end")?;
-    let wave: i64 = row.try_get("wave")?;
-    let current_wave: i64 = row.try_get("current_wave")?;
-    let position: i64 = row.try_get("position")?;
-    let horizon: i64 = row.try_get("poll_horizon")?;
+    let Governed {
+        rollout_id,
+        state: dev_state,
+        wave,
+        position,
+        window_start,
+        window_end,
+        from_release_id,
+        status,
+        release_id,
+        current_wave,
+        poll_horizon: horizon,
+    } = row;
     let hint = (state.config.rollout_poll_secs > 0).then_some(state.config.rollout_poll_secs);
     // The rollout acts on this device soon: it is next in line for a
     // window (pending in the current wave or the next one, within the
@@ -85,7 +105,7 @@ pub async fn poll(state: &AppState, device: &Device) -> Result<Option<Answer>> {
         governs: status != "completed" || open,
     };
     if dev_state == "rolling_back" {
-        let Some(from) = row.try_get::<Option<String>, _>("from_release_id")? else {
+        let Some(from) = from_release_id else {
             return Ok(Some(nothing));
         };
         let mut d = desired(state, &from).await?;
@@ -106,7 +126,6 @@ pub async fn poll(state: &AppState, device: &Device) -> Result<Option<Answer>> {
     if !live || !installing {
         return Ok(Some(nothing));
     }
-    let release_id: String = row.try_get("release_id")?;
     let mut d = desired(state, &release_id).await?;
     d.action = Some(DesiredAction::Install);
     d.rollout_id = Some(rollout_id);
@@ -131,23 +150,36 @@ pub async fn poll(state: &AppState, device: &Device) -> Result<Option<Answer>> {
 }
 
 async fn desired(state: &AppState, release_id: &str) -> Result<DesiredState> {
-    let r = sqlx::query("SELECT id, version, size, sha256 FROM releases WHERE id = $1")
-        .bind(release_id)
-        .fetch_optional(state.store.pool())
-        .await?
-        .ok_or(Error::NotFound("no such release"))?;
-    let id: String = r.try_get("id")?;
+    let (id, version, size, sha256): (String, String, i64, String) =
+        sqlx::query_as("SELECT id, version, size, sha256 FROM releases WHERE id = $1")
+            .bind(release_id)
+            .fetch_optional(state.store.pool())
+            .await?
+            .ok_or(Error::NotFound("no such release"))?;
     Ok(DesiredState {
         url: paths::bundle(&id),
         release_id: id,
-        version: r.try_get("version")?,
-        size: r.try_get("size")?,
-        sha256: r.try_get("sha256")?,
+        version,
+        size,
+        sha256,
         action: None,
         rollout_id: None,
         download_window: None,
         poll_after_secs: None,
     })
+}
+
+/// The rollout record a report applies to.
+#[derive(FromRow)]
+struct Record {
+    rollout_id: String,
+    state: String,
+    bytes_done: i64,
+    link_class: String,
+    status: String,
+    spec: String,
+    release_id: String,
+    from_version: Option<String>,
 }
 
 /// Applies a report to the rollout record it names (if any). Returns the
@@ -163,7 +195,7 @@ pub async fn report(
     // device now runs again; otherwise the newest rollout of the named
     // release (or the newest live one when no release is named).
     let row = if r.state == ReportState::RolledBack {
-        sqlx::query(
+        sqlx::query_as::<_, Record>(
             "SELECT rd.rollout_id, rd.state, rd.bytes_done, rd.link_class, r.status, r.spec, r.release_id, rd.from_version FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id \
              WHERE rd.device_pk = $1 AND ($2 IS NULL OR rd.from_release_id = $2) AND rd.state IN ('rolling_back', 'committed', 'rolled_back') ORDER BY r.created_at DESC LIMIT 1",
         )
@@ -172,7 +204,7 @@ pub async fn report(
         .fetch_optional(&mut **tx)
         .await?
     } else {
-        sqlx::query(
+        sqlx::query_as::<_, Record>(
             "SELECT rd.rollout_id, rd.state, rd.bytes_done, rd.link_class, r.status, r.spec, r.release_id, rd.from_version FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id \
              WHERE rd.device_pk = $1 AND (($2 IS NULL AND r.status IN ('running', 'paused', 'rolled_back')) OR r.release_id = $2) ORDER BY r.created_at DESC LIMIT 1",
         )
@@ -184,10 +216,10 @@ pub async fn report(
     let Some(row) = row else {
         return Ok(None);
     };
-    let rollout_id: String = row.try_get("rollout_id")?;
-    let old: String = row.try_get("state")?;
-    let status: String = row.try_get("status")?;
-    let release_id: String = row.try_get("release_id")?;
+    let rollout_id = &row.rollout_id;
+    let old = row.state.as_str();
+    let status = row.status.as_str();
+    let release_id = &row.release_id;
     // The rollout record's states are the report states, but for
     // `rebooting` (the device's `rebooted`).
     let mut new = match r.state {
@@ -199,19 +231,19 @@ pub async fn report(
         new = "rolling_back".into();
     }
     let progress = new == "downloading" && old == "downloading";
-    if rank(&new) < rank(&old) || (rank(&new) == rank(&old) && new != old && !progress) {
+    if rank(&new) < rank(old) || (rank(&new) == rank(old) && new != old && !progress) {
         // Late: about an earlier step than the record shows. Nothing to move.
         tracing::debug!(device = %device.pk, rollout = %rollout_id, old, new, "late report ignored");
         return Ok(None);
     }
-    let old_done: i64 = row.try_get("bytes_done")?;
+    let old_done = row.bytes_done;
     let done = r.bytes_done.map(|b| b.max(0));
     if let Some(done) = done
         && done > old_done
     {
-        let link: String = row.try_get("link_class")?;
-        let spec: RolloutSpec = serde_json::from_str(&row.try_get::<String, _>("spec")?)
-            .map_err(|e| Error::Internal(e.into()))?;
+        let link = &row.link_class;
+        let spec: RolloutSpec =
+            serde_json::from_str(&row.spec).map_err(|e| Error::Internal(e.into()))?;
         let day = now.div_euclid(DAY_MS);
         sqlx::query(
             "INSERT INTO device_daily_bytes (device_pk, day, granted, reported) VALUES ($1, $2, 0, $3) \
@@ -224,20 +256,19 @@ pub async fn report(
         .await?;
         // A metered device that used up today's budget gives its
         // bandwidth back; it gets a new window on another day.
-        if let Some(budget) = spec.bandwidth.class(&link).budget_bytes_per_day {
-            let used: i64 = sqlx::query(
+        if let Some(budget) = spec.bandwidth.class(link).budget_bytes_per_day {
+            let (used,): (i64,) = sqlx::query_as(
                 "SELECT reported FROM device_daily_bytes WHERE device_pk = $1 AND day = $2",
             )
             .bind(&device.pk)
             .bind(day)
             .fetch_one(&mut **tx)
-            .await?
-            .try_get("reported")?;
+            .await?;
             if u64::try_from(used).unwrap_or(0) >= budget {
                 sqlx::query(
                     "UPDATE rollout_devices SET active = 0 WHERE rollout_id = $1 AND device_pk = $2",
                 )
-                .bind(&rollout_id)
+                .bind(rollout_id)
                 .bind(&device.pk)
                 .execute(&mut **tx)
                 .await?;
@@ -257,34 +288,33 @@ pub async fn report(
     .bind(r.bytes_total)
     .bind(reason)
     .bind(now)
-    .bind(&rollout_id)
+    .bind(rollout_id)
     .bind(&device.pk)
     .execute(&mut **tx)
     .await?;
     let version = match new.as_str() {
         "committed" | "rolling_back" if r.state == ReportState::Committed => {
             sqlx::query("UPDATE devices SET desired_release_id = $1 WHERE id = $2")
-                .bind(&release_id)
+                .bind(release_id)
                 .bind(&device.pk)
                 .execute(&mut **tx)
                 .await?;
-            Some(
-                sqlx::query("SELECT version FROM releases WHERE id = $1")
-                    .bind(&release_id)
+            let (version,): (String,) =
+                sqlx::query_as("SELECT version FROM releases WHERE id = $1")
+                    .bind(release_id)
                     .fetch_one(&mut **tx)
-                    .await?
-                    .try_get("version")?,
-            )
+                    .await?;
+            Some(version)
         }
         "rolled_back" => {
             sqlx::query(
                 "UPDATE devices SET desired_release_id = (SELECT from_release_id FROM rollout_devices WHERE rollout_id = $1 AND device_pk = $2) WHERE id = $2",
             )
-            .bind(&rollout_id)
+            .bind(rollout_id)
             .bind(&device.pk)
             .execute(&mut **tx)
             .await?;
-            row.try_get::<Option<String>, _>("from_version")?
+            row.from_version.clone()
         }
         _ => None,
     };

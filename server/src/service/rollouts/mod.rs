@@ -10,15 +10,25 @@
 //! * [`scheduler`]: the background pass that starts, gates, promotes,
 //!   pauses, rolls back and admits downloads (one replica at a time).
 //! * [`device`]: what poll and report do for a device in a rollout.
+//! * [`preview`]: what a rollout will take, before it starts.
+//! * [`transitions`]: create, start, pause, resume, abort, roll back.
+//! * [`progress`]: what operators see of rollouts (list, detail, samples).
+//! * [`link`]: a device's link class, site and time zone.
+//! * [`test_clock`]: the clock the simulator steps (`test-clock = true`).
 //!
 //! Targets and their exact delta bytes are computed here, from the chunk
 //! indexes of the two releases' bundles in the blob store.
 
 pub mod device;
+pub mod link;
 pub mod plan;
+pub mod preview;
+pub mod progress;
 pub mod scheduler;
 pub mod spec;
+pub mod test_clock;
 pub mod time;
+pub mod transitions;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Seek, SeekFrom};
@@ -65,7 +75,7 @@ pub fn rank(state: &str) -> u8 {
 }
 
 /// A release as the planner needs it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ReleaseRef {
     /// Id.
     pub id: String,
@@ -77,18 +87,14 @@ pub struct ReleaseRef {
 
 /// Loads a release of the organisation (404 if none).
 pub async fn release(state: &AppState, org_id: &str, id: &str) -> Result<ReleaseRef> {
-    let row =
-        sqlx::query("SELECT id, version, compatible FROM releases WHERE id = $1 AND org_id = $2")
-            .bind(id)
-            .bind(org_id)
-            .fetch_optional(state.store.pool())
-            .await?
-            .ok_or(Error::NotFound("no such release"))?;
-    Ok(ReleaseRef {
-        id: row.try_get("id")?,
-        version: row.try_get("version")?,
-        compatible: row.try_get("compatible")?,
-    })
+    sqlx::query_as::<_, ReleaseRef>(
+        "SELECT id, version, compatible FROM releases WHERE id = $1 AND org_id = $2",
+    )
+    .bind(id)
+    .bind(org_id)
+    .fetch_optional(state.store.pool())
+    .await?
+    .ok_or(Error::NotFound("no such release"))
 }
 
 /// Reads a blob as a seekable file, one range request per buffer fill.
@@ -259,6 +265,19 @@ pub struct Targets {
     pub unactivated: u64,
 }
 
+/// A device the selector may take, with the columns a target needs.
+#[derive(sqlx::FromRow)]
+struct Candidate {
+    id: String,
+    device_id: String,
+    current_version: Option<String>,
+    link_class: Option<String>,
+    site: Option<String>,
+    time_zone: Option<String>,
+    tpm_required: i64,
+    ek_fingerprint: Option<String>,
+}
+
 /// Selects the devices `spec` targets, with their exact delta bytes, in
 /// diversity order. `exclude_rollout` is the rollout itself (not "busy").
 pub async fn targets(
@@ -279,7 +298,7 @@ pub async fn targets(
     let pool = state.store.pool();
     // Only the columns a target needs (the hardware class is the
     // release's: it is in the WHERE).
-    let rows = sqlx::query(
+    let rows = sqlx::query_as::<_, Candidate>(
         "SELECT id, device_id, current_version, link_class, site, time_zone, tpm_required, ek_fingerprint FROM devices WHERE org_id = $1 AND revoked = 0 AND hardware_class = $2",
     )
     .bind(org_id)
@@ -288,42 +307,39 @@ pub async fn targets(
     .await?;
     let mut tags: HashMap<String, HashSet<String>> = HashMap::new();
     if !spec.selector.tags.is_empty() {
-        for r in sqlx::query("SELECT device_pk, tag FROM device_tags WHERE org_id = $1")
-            .bind(org_id)
-            .fetch_all(pool)
-            .await?
-        {
-            tags.entry(r.try_get("device_pk")?)
-                .or_default()
-                .insert(r.try_get("tag")?);
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT device_pk, tag FROM device_tags WHERE org_id = $1")
+                .bind(org_id)
+                .fetch_all(pool)
+                .await?;
+        for (device, tag) in rows {
+            tags.entry(device).or_default().insert(tag);
         }
     }
-    let mut busy: HashSet<String> = HashSet::new();
-    for r in sqlx::query(
+    let busy: Vec<(String,)> = sqlx::query_as(
         "SELECT rd.device_pk FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id WHERE r.org_id = $1 AND r.status IN ('scheduled', 'running', 'paused') AND r.id <> $2",
     )
     .bind(org_id)
     .bind(exclude_rollout.unwrap_or(""))
     .fetch_all(pool)
-    .await?
-    {
-        busy.insert(r.try_get("device_pk")?);
-    }
-    let mut versions: HashMap<String, String> = HashMap::new();
-    for r in sqlx::query("SELECT id, version FROM releases WHERE org_id = $1 AND compatible = $2")
-        .bind(org_id)
-        .bind(&release.compatible)
-        .fetch_all(pool)
-        .await?
-    {
-        versions.insert(r.try_get("version")?, r.try_get("id")?);
-    }
+    .await?;
+    let busy: HashSet<String> = busy.into_iter().map(|(pk,)| pk).collect();
+    let releases: Vec<(String, String)> =
+        sqlx::query_as("SELECT id, version FROM releases WHERE org_id = $1 AND compatible = $2")
+            .bind(org_id)
+            .bind(&release.compatible)
+            .fetch_all(pool)
+            .await?;
+    let versions: HashMap<String, String> = releases
+        .into_iter()
+        .map(|(id, version)| (version, id))
+        .collect();
     let mut out = Targets::default();
     // Per current version: the release it is and the exact delta from it,
     // computed once per distinct version (not per device).
     let mut deltas: HashMap<Option<String>, (Option<String>, u64)> = HashMap::new();
     for r in rows {
-        let pk: String = r.try_get("id")?;
+        let pk = r.id;
         if !spec.selector.tags.is_empty() {
             let have = tags.get(&pk);
             if !spec
@@ -335,7 +351,7 @@ pub async fn targets(
                 continue;
             }
         }
-        let current: Option<String> = r.try_get("current_version")?;
+        let current = r.current_version;
         if !spec.selector.current_versions.is_empty()
             && !current
                 .as_ref()
@@ -347,8 +363,8 @@ pub async fn targets(
             out.already_current += 1;
             continue;
         }
-        let tpm = r.try_get::<Option<String>, _>("ek_fingerprint")?.is_some();
-        if !tpm && r.try_get::<i64, _>("tpm_required")? != 0 {
+        let tpm = r.ek_fingerprint.is_some();
+        if !tpm && r.tpm_required != 0 {
             // Enrolled under a TPM policy, credential activation not done:
             // it is refused releases, so a wave would wait on it forever.
             out.unactivated += 1;
@@ -367,14 +383,15 @@ pub async fn targets(
                 (from, bytes)
             }
         };
-        let link: Option<String> = r.try_get("link_class")?;
         out.targets.push(Target {
             pk,
-            device_id: r.try_get("device_id")?,
+            device_id: r.device_id,
             hardware_class: release.compatible.clone(),
-            link_class: link.unwrap_or_else(|| DEFAULT_LINK_CLASS.to_string()),
-            site: r.try_get("site")?,
-            time_zone: r.try_get("time_zone")?,
+            link_class: r
+                .link_class
+                .unwrap_or_else(|| DEFAULT_LINK_CLASS.to_string()),
+            site: r.site,
+            time_zone: r.time_zone,
             from_release_id: from,
             from_version: current,
             bytes,

@@ -22,15 +22,17 @@
 //!    limit, and (metered) the bytes granted today within the budget.
 //! 5. A sample of the reserved egress and states (`rollout_samples`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use anyhow::Result;
-use sqlx::Row;
+use sqlx::FromRow;
 
-use super::plan::DAY_MS;
 use super::spec::RolloutSpec;
-use super::time::{Openness, Windows, time_zone};
 use crate::AppState;
+
+mod admit;
+
+use admit::admit;
 
 const LEASE: &str = "rollouts";
 
@@ -100,18 +102,15 @@ pub async fn tick(state: &AppState) -> Result<bool> {
     }
     // Offline detection reads last_seen_at: write the pending poll times.
     state.last_seen.flush(&state.store).await?;
-    let ids: Vec<String> = sqlx::query(
+    let ids: Vec<(String,)> = sqlx::query_as(
         "SELECT id FROM rollouts WHERE status IN ('scheduled', 'running', 'paused') \
          OR (status = 'completed' AND EXISTS (SELECT 1 FROM rollout_devices rd WHERE rd.rollout_id = rollouts.id AND rd.state IN ('pending', 'scheduled', 'downloading'))) \
          ORDER BY created_at",
     )
     .fetch_all(state.store.pool())
-    .await?
-    .iter()
-    .map(|r| r.try_get("id"))
-    .collect::<sqlx::Result<_>>()?;
+    .await?;
     let stepped = !ids.is_empty();
-    for id in ids {
+    for (id,) in ids {
         if let Err(e) = step(state, &id, now).await {
             tracing::warn!(rollout = %id, error = format!("{e:#}"), "rollout pass failed");
         }
@@ -134,6 +133,18 @@ fn is_quote_wait(reason: &str) -> bool {
     reason.starts_with("waiting: ") && reason.contains(QUOTE_WAIT)
 }
 
+/// A device of a wave, with what the gates read of it.
+#[derive(FromRow)]
+struct Member {
+    state: String,
+    active: i64,
+    updated_at: i64,
+    last_seen_at: Option<i64>,
+    attestation: String,
+    attested_version: Option<String>,
+    attested_at: Option<i64>,
+}
+
 struct Counts {
     size: i64,
     committed: i64,
@@ -154,7 +165,7 @@ async fn wave_counts(
     offline_before: i64,
     attested_version: Option<&str>,
 ) -> Result<Counts> {
-    let rows = sqlx::query(
+    let rows = sqlx::query_as::<_, Member>(
         "SELECT rd.state, rd.active, rd.updated_at, d.last_seen_at, d.attestation, d.attested_version, d.attested_at FROM rollout_devices rd JOIN devices d ON d.id = rd.device_pk WHERE rd.rollout_id = $1 AND rd.wave = $2",
     )
     .bind(id)
@@ -169,29 +180,23 @@ async fn wave_counts(
         unattested: 0,
     };
     for r in rows {
-        let s: String = r.try_get("state")?;
-        let active: i64 = r.try_get("active")?;
-        let seen: Option<i64> = r.try_get("last_seen_at")?;
+        let (active, seen) = (r.active, r.last_seen_at);
         c.size += 1;
         let quote = match attested_version {
-            Some(want) => {
-                let quoted: Option<String> = r.try_get("attested_version")?;
-                let verdict: String = r.try_get("attestation")?;
-                // Only a verdict on a quote made after the device reported
-                // this state (its commit) counts: not an older one.
-                let at: Option<i64> = r.try_get("attested_at")?;
-                let since: i64 = r.try_get("updated_at")?;
-                Some(
-                    if quoted.as_deref() == Some(want) && at.is_some_and(|t| t >= since) {
-                        verdict
-                    } else {
-                        "none".into()
-                    },
-                )
-            }
+            // Only a verdict on a quote made after the device reported
+            // this state (its commit) counts: not an older one.
+            Some(want) => Some(
+                if r.attested_version.as_deref() == Some(want)
+                    && r.attested_at.is_some_and(|t| t >= r.updated_at)
+                {
+                    r.attestation
+                } else {
+                    "none".into()
+                },
+            ),
             None => None,
         };
-        match s.as_str() {
+        match r.state.as_str() {
             "committed" if quote.as_deref().is_some_and(|q| q == "mismatch") => {
                 c.errors += 1;
                 c.settled += 1;
@@ -284,16 +289,28 @@ pub async fn set_status(
 }
 
 async fn release_version(tx: &mut Tx, release_id: &str) -> Result<String> {
-    Ok(sqlx::query("SELECT version FROM releases WHERE id = $1")
+    let (version,): (String,) = sqlx::query_as("SELECT version FROM releases WHERE id = $1")
         .bind(release_id)
         .fetch_one(&mut **tx)
-        .await?
-        .try_get("version")?)
+        .await?;
+    Ok(version)
+}
+
+/// What a pass reads of a rollout.
+#[derive(FromRow)]
+struct Stored {
+    status: String,
+    status_reason: Option<String>,
+    spec: String,
+    start_at: Option<i64>,
+    current_wave: i64,
+    wave_settled_at: Option<i64>,
+    gate_accepted: i64,
 }
 
 async fn step(state: &AppState, id: &str, now: i64) -> Result<()> {
     let mut tx = state.store.begin_write().await?;
-    let Some(row) = sqlx::query(
+    let Some(row) = sqlx::query_as::<_, Stored>(
         "SELECT status, status_reason, spec, start_at, current_wave, wave_settled_at, gate_accepted FROM rollouts WHERE id = $1",
     )
     .bind(id)
@@ -302,13 +319,13 @@ async fn step(state: &AppState, id: &str, now: i64) -> Result<()> {
     else {
         return Ok(());
     };
-    let mut status: String = row.try_get("status")?;
-    let mut reason: Option<String> = row.try_get("status_reason")?;
-    let spec: RolloutSpec = serde_json::from_str(&row.try_get::<String, _>("spec")?)?;
-    let start_at: Option<i64> = row.try_get("start_at")?;
-    let mut wave: i64 = row.try_get("current_wave")?;
-    let mut settled_at: Option<i64> = row.try_get("wave_settled_at")?;
-    let mut accepted = row.try_get::<i64, _>("gate_accepted")? != 0;
+    let spec: RolloutSpec = serde_json::from_str(&row.spec)?;
+    let mut status = row.status;
+    let mut reason = row.status_reason;
+    let start_at = row.start_at;
+    let mut wave = row.current_wave;
+    let mut settled_at = row.wave_settled_at;
+    let mut accepted = row.gate_accepted != 0;
     let offline_ms = i64::try_from(state.config.offline_after_secs.saturating_mul(1000))?;
     let offline_before = now - offline_ms;
     let n_waves = i64::try_from(spec.waves.len())?;
@@ -502,14 +519,13 @@ async fn step(state: &AppState, id: &str, now: i64) -> Result<()> {
     // Next in line: the pending devices the next passes will give windows
     // to (in wave and position order) poll at the rollout hint, the rest of
     // a big wave at their own pace.
-    let first: Option<i64> = sqlx::query(
+    let (first,): (Option<i64>,) = sqlx::query_as(
         "SELECT MIN(position) AS p FROM rollout_devices WHERE rollout_id = $1 AND state = 'pending' AND wave <= $2",
     )
     .bind(id)
     .bind(wave.min(n_waves - 1) + 1)
     .fetch_one(&mut *tx)
-    .await?
-    .try_get("p")?;
+    .await?;
     let lookahead = i64::try_from(spec.bandwidth.max_concurrent_downloads.saturating_mul(2))
         .unwrap_or(i64::MAX);
     sqlx::query("UPDATE rollouts SET poll_horizon = $1 WHERE id = $2")
@@ -522,152 +538,20 @@ async fn step(state: &AppState, id: &str, now: i64) -> Result<()> {
     Ok(())
 }
 
-async fn admit(
-    tx: &mut Tx,
-    spec: &RolloutSpec,
-    id: &str,
-    wave: i64,
-    now: i64,
-    seen_after: i64,
-) -> Result<()> {
-    let policy = &spec.bandwidth;
-    let cap = policy.egress_cap_bytes_per_sec;
-    let mut rate_sum = 0u64;
-    let mut count = 0u64;
-    let mut sites: HashMap<String, u64> = HashMap::new();
-    for r in
-        sqlx::query("SELECT rate, site FROM rollout_devices WHERE rollout_id = $1 AND active = 1")
-            .bind(id)
-            .fetch_all(&mut **tx)
-            .await?
-    {
-        rate_sum += u64::try_from(r.try_get::<i64, _>("rate")?).unwrap_or(0);
-        count += 1;
-        if let Some(s) = r.try_get::<Option<String>, _>("site")? {
-            *sites.entry(s).or_default() += 1;
-        }
-    }
-    if count >= policy.max_concurrent_downloads || rate_sum >= cap {
-        return Ok(());
-    }
-    let candidates = sqlx::query(
-        "SELECT rd.device_pk, rd.link_class, rd.site, rd.delta_bytes, rd.bytes_done, rd.bytes_total, rd.rate, d.time_zone \
-         FROM rollout_devices rd JOIN devices d ON d.id = rd.device_pk \
-         WHERE rd.rollout_id = $1 AND rd.wave <= $2 AND rd.active = 0 AND rd.state IN ('pending', 'downloading') AND d.last_seen_at >= $3 \
-         ORDER BY rd.wave, rd.position LIMIT 5000",
-    )
-    .bind(id)
-    .bind(wave)
-    .bind(seen_after)
-    .fetch_all(&mut **tx)
-    .await?;
-    let windows = Windows::new(&spec.maintenance_windows);
-    let mut openness: HashMap<String, Openness> = HashMap::new();
-    let day = now.div_euclid(DAY_MS);
-    let grace = i64::try_from(policy.window_grace_secs.saturating_mul(1000))?;
-    for r in candidates {
-        if count >= policy.max_concurrent_downloads {
-            break;
-        }
-        let rate = u64::try_from(r.try_get::<i64, _>("rate")?).unwrap_or(1);
-        if rate_sum + rate > cap {
-            continue;
-        }
-        let site: Option<String> = r.try_get("site")?;
-        if let Some(s) = &site
-            && sites.get(s).copied().unwrap_or(0) >= policy.max_concurrent_per_site
-        {
-            continue;
-        }
-        let tz_name: Option<String> = r.try_get("time_zone")?;
-        let tz_key = tz_name.clone().unwrap_or_default();
-        let open = match openness.get(&tz_key) {
-            Some(o) => *o,
-            None => {
-                let tz = time_zone(&tz_key).unwrap_or(jiff::tz::TimeZone::UTC);
-                let o = windows.at(&tz, now);
-                openness.insert(tz_key, o);
-                o
-            }
-        };
-        let Openness::OpenUntil(close) = open else {
-            continue;
-        };
-        let device: String = r.try_get("device_pk")?;
-        let link: String = r.try_get("link_class")?;
-        let total: i64 = r
-            .try_get::<Option<i64>, _>("bytes_total")?
-            .unwrap_or(r.try_get("delta_bytes")?);
-        let done: i64 = r.try_get("bytes_done")?;
-        let remaining = u64::try_from((total - done).max(0)).unwrap_or(0);
-        let mut grant = remaining;
-        if let Some(budget) = policy.class(&link).budget_bytes_per_day {
-            let used = sqlx::query(
-                "SELECT granted, reported FROM device_daily_bytes WHERE device_pk = $1 AND day = $2",
-            )
-            .bind(&device)
-            .bind(day)
-            .fetch_optional(&mut **tx)
-            .await?
-            .map(|u| -> sqlx::Result<i64> {
-                Ok(u.try_get::<i64, _>("granted")?.max(u.try_get("reported")?))
-            })
-            .transpose()?
-            .unwrap_or(0);
-            let left = budget.saturating_sub(u64::try_from(used).unwrap_or(0));
-            if left == 0 || (remaining > 0 && left < remaining.min(64 * 1024)) {
-                continue;
-            }
-            grant = remaining.min(left);
-        }
-        let not_after = (now + grace).min(close);
-        let updated = sqlx::query(
-            "UPDATE rollout_devices SET state = CASE WHEN state = 'pending' THEN 'scheduled' ELSE state END, active = 1, window_start = $1, window_end = $2, windows_given = windows_given + 1, last_progress_at = $1, updated_at = $1 WHERE rollout_id = $3 AND device_pk = $4 AND active = 0",
-        )
-        .bind(now)
-        .bind(not_after)
-        .bind(id)
-        .bind(&device)
-        .execute(&mut **tx)
-        .await?;
-        if updated.rows_affected() != 1 {
-            continue;
-        }
-        if grant > 0 {
-            sqlx::query(
-                "INSERT INTO device_daily_bytes (device_pk, day, granted, reported) VALUES ($1, $2, $3, 0) \
-                 ON CONFLICT (device_pk, day) DO UPDATE SET granted = device_daily_bytes.granted + excluded.granted",
-            )
-            .bind(&device)
-            .bind(day)
-            .bind(i64::try_from(grant)?)
-            .execute(&mut **tx)
-            .await?;
-        }
-        rate_sum += rate;
-        count += 1;
-        if let Some(s) = site {
-            *sites.entry(s).or_default() += 1;
-        }
-    }
-    Ok(())
-}
-
 async fn record_sample(tx: &mut Tx, id: &str, now: i64) -> Result<()> {
     let mut states: BTreeMap<String, i64> = BTreeMap::new();
     let mut reserved = 0i64;
     let mut active = 0i64;
-    for r in sqlx::query(
+    let groups: Vec<(String, i64, Option<i64>, i64)> = sqlx::query_as(
         "SELECT state, active, CAST(COALESCE(SUM(rate), 0) AS BIGINT) AS rate, COUNT(*) AS n FROM rollout_devices WHERE rollout_id = $1 GROUP BY state, active",
     )
     .bind(id)
     .fetch_all(&mut **tx)
-    .await?
-    {
-        let n: i64 = r.try_get("n")?;
-        *states.entry(r.try_get("state")?).or_default() += n;
-        if r.try_get::<i64, _>("active")? == 1 {
-            reserved += r.try_get::<Option<i64>, _>("rate")?.unwrap_or(0);
+    .await?;
+    for (state, is_active, rate, n) in groups {
+        *states.entry(state).or_default() += n;
+        if is_active == 1 {
+            reserved += rate.unwrap_or(0);
             active += n;
         }
     }

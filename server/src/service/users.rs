@@ -1,0 +1,296 @@
+//! Operators: login and logout, the organisation's users and roles, and
+//! its keyring (the CAs release bundles must chain to).
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::audit::audited;
+use super::{Error, Result};
+use crate::AppState;
+use crate::auth::{self, Operator, Role};
+use crate::store::{new_secret, now_ms, secret_hash};
+
+/// 403 unless the operator has at least `role`.
+pub fn require(op: &Operator, role: Role) -> Result<()> {
+    if op.role >= role {
+        Ok(())
+    } else {
+        Err(Error::Forbidden)
+    }
+}
+
+/// Login request.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    /// Organisation name; default: the server's default organisation.
+    pub organization: Option<String>,
+    /// Email.
+    pub email: String,
+    /// Password.
+    pub password: String,
+}
+
+/// A bearer token for `Authorization: Bearer <token>`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LoginResponse {
+    /// The token (shown once).
+    pub token: String,
+    /// Expiry, unix ms.
+    pub expires_at: i64,
+    /// The operator's role.
+    pub role: Role,
+}
+
+// argon2id hash of a random password nobody knows.
+const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$0Jq4i1hO7x3YxRzr8wJt1nq0b9n9i5m1Zb0uI0p0v5k";
+
+#[derive(sqlx::FromRow)]
+struct Credentials {
+    id: String,
+    password_hash: String,
+    role: String,
+}
+
+/// Checks email and password and issues a token (401 when they do not
+/// match, with the same timing as when they do).
+pub async fn login(state: &AppState, req: LoginRequest) -> Result<LoginResponse> {
+    let org = req
+        .organization
+        .unwrap_or_else(|| state.config.default_organization.clone());
+    let row = sqlx::query_as::<_, Credentials>(
+        "SELECT u.id, u.password_hash, u.role FROM users u JOIN organizations o ON o.id = u.org_id WHERE o.name = $1 AND u.email = $2",
+    )
+    .bind(&org)
+    .bind(&req.email)
+    .fetch_optional(state.store.pool())
+    .await?;
+    // Hash even when the user is unknown, so timing does not tell.
+    let (user_id, hash, role) = match row {
+        Some(r) => (Some(r.id), r.password_hash, r.role),
+        None => (None, DUMMY_HASH.to_string(), String::new()),
+    };
+    let password = req.password;
+    let ok = tokio::task::spawn_blocking(move || auth::verify_password(&password, &hash))
+        .await
+        .map_err(|e| Error::Internal(e.into()))?;
+    let (Some(user_id), true) = (user_id, ok) else {
+        return Err(Error::Unauthorized);
+    };
+    let role = Role::parse(&role).ok_or(Error::Unauthorized)?;
+    let token = new_secret("kxo")?;
+    let now = now_ms();
+    let ttl = i64::try_from(state.config.token_ttl_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let expires_at = now.saturating_add(ttl);
+    sqlx::query(
+        "INSERT INTO api_tokens (token_hash, user_id, created_at, expires_at, revoked) VALUES ($1, $2, $3, $4, 0)",
+    )
+    .bind(secret_hash(&token))
+    .bind(&user_id)
+    .bind(now)
+    .bind(expires_at)
+    .execute(state.store.pool())
+    .await?;
+    Ok(LoginResponse {
+        token,
+        expires_at,
+        role,
+    })
+}
+
+/// Ends the operator's session: the token stops working.
+pub async fn logout(state: &AppState, op: &Operator) -> Result<()> {
+    sqlx::query("UPDATE api_tokens SET revoked = 1 WHERE token_hash = $1")
+        .bind(&op.token_hash)
+        .execute(state.store.pool())
+        .await?;
+    Ok(())
+}
+
+/// A new user.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewUser {
+    /// Email, unique in the organisation.
+    pub email: String,
+    /// Initial password (at least 12 characters).
+    pub password: String,
+    /// Role.
+    pub role: Role,
+}
+
+/// A user.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct User {
+    /// Id.
+    pub id: String,
+    /// Email.
+    pub email: String,
+    /// Role.
+    pub role: Role,
+}
+
+/// Creates a user in the operator's organisation (admin).
+pub async fn create_user(state: &AppState, op: &Operator, req: NewUser) -> Result<User> {
+    require(op, Role::Admin)?;
+    let target = format!("user:{}", req.email);
+    audited(state, op, "user.create", &target, async {
+        if req.password.chars().count() < 12 {
+            return Err(Error::Invalid(
+                "password must have at least 12 characters".into(),
+            ));
+        }
+        if req.email.is_empty() || req.email.len() > 254 {
+            return Err(Error::Invalid("email must have 1 to 254 characters".into()));
+        }
+        let id = match auth::create_user(
+            &state.store,
+            &op.org_id,
+            &req.email,
+            &req.password,
+            req.role,
+        )
+        .await
+        {
+            Ok(id) => id,
+            Err(e) => {
+                if e.downcast_ref::<sqlx::Error>()
+                    .is_some_and(crate::store::is_unique_violation)
+                {
+                    return Err(Error::Conflict(format!(
+                        "user {} already exists",
+                        req.email
+                    )));
+                }
+                return Err(Error::Internal(e));
+            }
+        };
+        Ok((
+            User {
+                id,
+                email: req.email.clone(),
+                role: req.role,
+            },
+            String::new(),
+        ))
+    })
+    .await
+}
+
+#[derive(sqlx::FromRow)]
+struct UserRow {
+    id: String,
+    email: String,
+    role: String,
+}
+
+/// The organisation's users, by email.
+pub async fn list_users(state: &AppState, op: &Operator) -> Result<Vec<User>> {
+    let rows = sqlx::query_as::<_, UserRow>(
+        "SELECT id, email, role FROM users WHERE org_id = $1 ORDER BY email",
+    )
+    .bind(&op.org_id)
+    .fetch_all(state.store.pool())
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| User {
+            id: r.id,
+            email: r.email,
+            role: Role::parse(&r.role).unwrap_or(Role::ReadOnly),
+        })
+        .collect())
+}
+
+/// The organisation's keyring: CA certificates (PEM) that release bundles
+/// must chain to.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Keyring {
+    /// PEM text, one or more certificates.
+    pub pem: String,
+}
+
+/// Replaces the keyring (admin); 422 when the PEM holds no usable CA.
+pub async fn set_keyring(state: &AppState, op: &Operator, keyring: Keyring) -> Result<()> {
+    require(op, Role::Admin)?;
+    audited(state, op, "keyring.set", "org", async {
+        kernex_protocol::signature::Keyring::from_pem(keyring.pem.as_bytes())
+            .map_err(|e| Error::Unprocessable(e.to_string()))?;
+        sqlx::query("UPDATE organizations SET keyring_pem = $1, updated_at = $2 WHERE id = $3")
+            .bind(&keyring.pem)
+            .bind(now_ms())
+            .bind(&op.org_id)
+            .execute(state.store.pool())
+            .await?;
+        Ok(((), String::new()))
+    })
+    .await
+}
+
+/// The keyring's PEM text, `None` when none is set.
+pub async fn keyring_pem(state: &AppState, org_id: &str) -> Result<Option<String>> {
+    let (pem,): (Option<String>,) =
+        sqlx::query_as("SELECT keyring_pem FROM organizations WHERE id = $1")
+            .bind(org_id)
+            .fetch_one(state.store.pool())
+            .await?;
+    Ok(pem)
+}
+
+/// The keyring (404 when none is set).
+pub async fn keyring(state: &AppState, op: &Operator) -> Result<Keyring> {
+    keyring_pem(state, &op.org_id)
+        .await?
+        .map(|pem| Keyring { pem })
+        .ok_or(Error::NotFound("no keyring set"))
+}
+
+/// A CA certificate of the keyring, as operators see it.
+#[derive(Debug)]
+pub struct Certificate {
+    /// Subject, `key=value, ...`.
+    pub subject: String,
+    /// Issuer, `key=value, ...`.
+    pub issuer: String,
+    /// Expiry, as OpenSSL prints it.
+    pub not_after: String,
+    /// Hex SHA-256 fingerprint.
+    pub sha256: String,
+}
+
+fn name(n: &openssl::x509::X509NameRef) -> String {
+    n.entries()
+        .map(|e| {
+            let key = e.object().nid().short_name().unwrap_or("?");
+            let value = e.data().to_string().unwrap_or_default();
+            format!("{key}={value}")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn certificates(pem: &str) -> Vec<Certificate> {
+    openssl::x509::X509::stack_from_pem(pem.as_bytes())
+        .unwrap_or_default()
+        .iter()
+        .map(|c| Certificate {
+            subject: name(c.subject_name()),
+            issuer: name(c.issuer_name()),
+            not_after: c.not_after().to_string(),
+            sha256: c
+                .digest(openssl::hash::MessageDigest::sha256())
+                .map(|d| hex::encode(d.as_ref()))
+                .unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// The keyring's certificates (none when no keyring is set).
+pub async fn keyring_certificates(state: &AppState, op: &Operator) -> Result<Vec<Certificate>> {
+    Ok(keyring_pem(state, &op.org_id)
+        .await?
+        .as_deref()
+        .map(certificates)
+        .unwrap_or_default())
+}
