@@ -1,4 +1,10 @@
 //! Devices: what they ask of the control plane and what operators see of
 //! them.
 
+pub mod bundle;
+pub mod credential;
+pub mod enroll;
+pub mod link;
 pub mod poll;
+pub mod report;
+pub mod telemetry;
