@@ -167,8 +167,9 @@ pub async fn download(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response> {
-    let bundle = devices::bundle::find(&state, &device, &id).await?;
-    let response = crate::http::bundle::serve(&state, &bundle, &headers).await?;
+    device.require_proven()?;
+    let response =
+        crate::http::releases::serve_bundle(&state, &device.org_id, &id, &headers).await?;
     if response.status().is_success()
         && let Some(n) = response
             .headers()

@@ -3,7 +3,6 @@
 
 pub mod attestation;
 pub mod audit_log;
-pub mod bundle;
 pub mod deployments;
 pub mod device_api;
 pub mod device_poll;

@@ -47,3 +47,16 @@ pub fn unproven() -> Error {
         "this device must prove its TPM (credential activation) before it is served releases: enroll again with its TPM identity".into(),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_tpm_policy_without_a_bound_tpm_is_unproven() {
+        assert!(is_unproven(1, None));
+        assert!(!is_unproven(1, Some("ek")));
+        assert!(!is_unproven(0, None));
+        assert!(!is_unproven(0, Some("ek")));
+    }
+}

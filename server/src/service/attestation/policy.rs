@@ -346,3 +346,32 @@ pub fn view(state: &AppState, row: &ViewRow) -> AttestationView {
     }
     view
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_input_is_bounded_before_it_is_decoded() {
+        assert_eq!(decode_hex("credential", "00ff", 8).ok(), Some(vec![0, 255]));
+        match decode_hex("ek_public", &"a".repeat(10), 8) {
+            Err(Error::Invalid(why)) => assert_eq!(
+                why,
+                "ek_public: 10 hex characters, more than the limit of 8"
+            ),
+            other => panic!("not refused: {other:?}"),
+        }
+        match decode_hex("credential", "zz", 8) {
+            Err(Error::Invalid(why)) => assert!(why.starts_with("credential: not hex"), "{why}"),
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_tpm_is_named_by_the_sha256_of_its_ek() {
+        assert_eq!(
+            fingerprint(b""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+}

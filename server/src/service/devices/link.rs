@@ -59,3 +59,36 @@ pub async fn store(state: &AppState, pk: &str, link: &Link) -> Result<()> {
     .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(link_class: Option<&str>, site: Option<&str>, time_zone: Option<&str>) -> Link {
+        Link {
+            link_class: link_class.map(Into::into),
+            site: site.map(Into::into),
+            time_zone: time_zone.map(Into::into),
+        }
+    }
+
+    fn refusal(l: &Link) -> String {
+        match l.check() {
+            Err(Error::Invalid(why)) => why,
+            other => format!("not refused as invalid: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_error_names_the_field() {
+        assert!(Link::default().is_empty());
+        assert!(
+            link(Some("metered-4g"), Some("plant/7"), Some("Europe/Berlin"))
+                .check()
+                .is_ok()
+        );
+        assert!(refusal(&link(Some("wi fi"), None, None)).starts_with("link_class "));
+        assert!(refusal(&link(None, Some(""), None)).starts_with("site "));
+        assert!(refusal(&link(None, None, Some("Mars/Olympus"))).starts_with("time_zone "));
+    }
+}

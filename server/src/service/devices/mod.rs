@@ -1,7 +1,6 @@
 //! Devices: what they ask of the control plane and what operators see of
 //! them.
 
-pub mod bundle;
 pub mod credential;
 pub mod enroll;
 pub mod link;

@@ -142,3 +142,23 @@ pub async fn record(state: &AppState, device: &Device, r: &Report) -> Result<()>
     tx.commit().await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_install_shows_as_updating_until_its_outcome() {
+        for (state, want) in [
+            (ReportState::Downloading, "updating"),
+            (ReportState::Installed, "updating"),
+            (ReportState::Rebooted, "updating"),
+            (ReportState::Committed, "online"),
+            (ReportState::RolledBack, "online"),
+            (ReportState::Reverted, "reverted"),
+            (ReportState::Failed, "error"),
+        ] {
+            assert_eq!(status(state), want, "{state:?}");
+        }
+    }
+}
