@@ -214,10 +214,10 @@ pub struct Device {
 }
 
 impl Device {
-    /// 403 for a device that must prove its TPM first.
-    pub fn require_proven(&self) -> Result<(), Error> {
+    /// Refused (403) for a device that must prove its TPM first.
+    pub fn require_proven(&self) -> crate::service::Result<()> {
         if self.unproven {
-            return Err(crate::service::attestation::unproven().into());
+            return Err(crate::service::attestation::unproven());
         }
         Ok(())
     }
@@ -236,19 +236,8 @@ impl FromRequestParts<AppState> for Device {
             Some(device) => device,
             None => {
                 let generation = state.credentials.generation();
-                let row = sqlx::query(
-                    "SELECT id, org_id, device_id, tpm_required, ek_fingerprint FROM devices WHERE credential_hash = $1 AND revoked = 0",
-                )
-                .bind(&hash)
-                .fetch_optional(state.store.pool())
-                .await?
-                .ok_or(Error::Unauthorized)?;
-                let device = Device {
-                    pk: row.try_get("id")?,
-                    org_id: row.try_get("org_id")?,
-                    device_id: row.try_get("device_id")?,
-                    unproven: crate::service::attestation::is_unproven(&row)?,
-                };
+                let device =
+                    crate::service::devices::credential::authenticate(state, &hash).await?;
                 state.credentials.insert(hash, device.clone(), generation);
                 device
             }

@@ -31,9 +31,9 @@ use crate::http::{
         rollouts::samples, rollouts::egress, rollouts::set_link, rollouts::get_clock, rollouts::set_clock,
         device_api::enroll, device_api::poll, device_api::heartbeat, device_api::report,
         device_api::logs, device_api::download,
-        attestation::preauthorize, attestation::list_preauthorizations,
-        attestation::remove_preauthorization, attestation::bind, attestation::activate,
-        attestation::attestation,
+        attestation::preauth::preauthorize, attestation::preauth::list_preauthorizations,
+        attestation::preauth::remove_preauthorization, attestation::device::bind,
+        attestation::device::activate, attestation::device::attestation,
     )
 )]
 pub struct ApiDoc;

@@ -1,5 +1,10 @@
 //! Devices: what they ask of the control plane and what operators see of
 //! them.
 
+pub mod credential;
+pub mod enroll;
 pub mod fleet;
+pub mod link;
 pub mod poll;
+pub mod report;
+pub mod telemetry;

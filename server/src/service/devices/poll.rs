@@ -1,11 +1,19 @@
-//! What a device's poll answers: the rollout that governs it, else the
-//! release assigned to it (deployments), else nothing.
+//! What a device's poll reads and answers. [`authenticate`] reads, in one
+//! query, the device the credential authenticates (not revoked), its
+//! current version, the release assigned to it, and whether a live rollout
+//! governs it. A fleet polls all the time and mostly has nothing to do, so
+//! the common answers (204, or the assigned release) cost one indexed
+//! read, and none while the poll cache (`crate::poll_cache`) holds the
+//! device; only a device in a rollout goes on to `rollouts::device::poll`.
+//! [`answer`]: the rollout that governs the device, else the release
+//! assigned to it (deployments), else nothing.
 
 use kernex_protocol::api::{DesiredState, paths};
 
 use crate::AppState;
 use crate::auth::Device;
-use crate::service::Result;
+use crate::service::attestation::is_unproven;
+use crate::service::{Error, Result};
 
 /// The release assigned to a device outside rollouts.
 #[derive(Debug, Clone)]
@@ -48,6 +56,67 @@ pub struct Answer {
     /// nothing"; false for a completed rollout whose rollback watch only
     /// adds the hint: deployments still apply.
     pub governs: bool,
+}
+
+/// The row [`authenticate`] reads.
+#[derive(Debug, sqlx::FromRow)]
+struct PollRow {
+    id: String,
+    org_id: String,
+    device_id: String,
+    current_version: Option<String>,
+    tpm_required: i64,
+    ek_fingerprint: Option<String>,
+    release_id: Option<String>,
+    version: Option<String>,
+    size: Option<i64>,
+    sha256: Option<String>,
+    in_rollout: i64,
+}
+
+/// The non-revoked device whose credential hashes to `hash`, and what its
+/// poll needs to know; [`Error::Unauthorized`] when there is none.
+pub async fn authenticate(state: &AppState, hash: &str) -> Result<Polled> {
+    let row = sqlx::query_as::<_, PollRow>(
+        "SELECT d.id, d.org_id, d.device_id, d.current_version, d.tpm_required, d.ek_fingerprint, r.id AS release_id, r.version, r.size, r.sha256, \
+         CAST(CASE WHEN EXISTS (SELECT 1 FROM rollout_devices rd JOIN rollouts ro ON ro.id = rd.rollout_id \
+              WHERE rd.device_pk = d.id AND (ro.status IN ('scheduled', 'running', 'paused', 'rolled_back') \
+              OR (ro.status = 'completed' AND (ro.completed_at >= $2 OR rd.state IN ('pending', 'scheduled', 'downloading', 'installed', 'rebooting'))))) \
+         THEN 1 ELSE 0 END AS BIGINT) AS in_rollout \
+         FROM devices d LEFT JOIN releases r ON r.id = d.desired_release_id \
+         WHERE d.credential_hash = $1 AND d.revoked = 0",
+    )
+    .bind(hash)
+    .bind(crate::service::rollouts::device::watch_since(state))
+    .fetch_optional(state.store.pool())
+    .await?
+    .ok_or(Error::Unauthorized)?;
+    let assigned = match (row.release_id, row.version, row.size, row.sha256) {
+        (Some(id), Some(version), Some(size), Some(sha256)) => Some(Assigned {
+            id,
+            version,
+            size,
+            sha256,
+        }),
+        (None, ..) => None,
+        (Some(id), ..) => {
+            return Err(Error::Internal(anyhow::anyhow!(
+                "release {id} has no version, size or digest"
+            )));
+        }
+    };
+    Ok(Polled {
+        device: Device {
+            unproven: is_unproven(row.tpm_required, row.ek_fingerprint.as_deref()),
+            pk: row.id,
+            org_id: row.org_id,
+            device_id: row.device_id,
+        },
+        current_version: row.current_version,
+        assigned,
+        in_rollout: row.in_rollout != 0,
+        tpm: row.tpm_required != 0 || row.ek_fingerprint.is_some(),
+    })
 }
 
 /// A rollout that governs the device decides; otherwise the assigned

@@ -1,0 +1,235 @@
+//! Enrollment: a device trades an enrollment token for a device
+//! credential. Idempotent: the same device id with the same token is the
+//! same device (no new row); its credential is rotated and the new one
+//! returned, since only a hash of the old one is kept. A TPM identity, or
+//! a token or pre-authorisation that demands one, adds the checks of
+//! `service::attestation::policy` and a credential-activation challenge.
+
+use kernex_protocol::api::{EnrollRequest, EnrollResponse};
+
+use super::link::{self, Link};
+use crate::AppState;
+use crate::audit;
+use crate::service::attestation::policy::{
+    EnrollmentCheck, TokenPolicy, check_enrollment, store_activation,
+};
+use crate::service::names::{check_name, check_tags};
+use crate::service::{Error, Result};
+use crate::store::{new_id, new_secret, now_ms, secret_hash};
+
+/// What an enrollment came to.
+#[derive(Debug)]
+pub enum Outcome {
+    /// A new device (HTTP 201).
+    Created(EnrollResponse),
+    /// The device was enrolled already; its credential is rotated (200).
+    Renewed(EnrollResponse),
+    /// The TPM checks refused it (policy, pre-authorisation, the vendor
+    /// CAs): the caller tells the device, the log and the audit log.
+    Refused {
+        /// The organisation of the enrollment token.
+        org_id: String,
+        /// Why.
+        error: Error,
+    },
+}
+
+/// A live enrollment token.
+#[derive(Debug, sqlx::FromRow)]
+struct TokenRow {
+    id: String,
+    org_id: String,
+    /// JSON array of tags every device enrolled with it gets.
+    tags: String,
+    require_preauthorization: i64,
+    require_tpm: i64,
+}
+
+/// A device already enrolled with the same id.
+#[derive(Debug, sqlx::FromRow)]
+struct ExistingRow {
+    id: String,
+    enrollment_token_id: Option<String>,
+    revoked: i64,
+    ek_fingerprint: Option<String>,
+    tpm_required: i64,
+}
+
+/// Enrolls a device with an enrollment token (see the module).
+/// [`Error::Unauthorized`]: no such live token; [`Error::Forbidden`]: the
+/// device was revoked; [`Error::Conflict`]: the device id is enrolled
+/// with another token.
+pub async fn enroll(state: &AppState, req: &EnrollRequest) -> Result<Outcome> {
+    check_name("device_id", &req.device_id)?;
+    check_name("hardware_class", &req.hardware_class)?;
+    check_tags(&req.tags)?;
+    let link = Link {
+        link_class: req.link_class.clone(),
+        site: req.site.clone(),
+        time_zone: req.time_zone.clone(),
+    };
+    link.check()?;
+    let token = sqlx::query_as::<_, TokenRow>(
+        "SELECT id, org_id, tags, require_preauthorization, require_tpm FROM enrollment_tokens WHERE token_hash = $1 AND revoked = 0 AND (expires_at IS NULL OR expires_at > $2)",
+    )
+    .bind(secret_hash(&req.enrollment_token))
+    .bind(now_ms())
+    .fetch_optional(state.store.pool())
+    .await?
+    .ok_or(Error::Unauthorized)?;
+    let org_id = &token.org_id;
+    let policy = TokenPolicy {
+        require_preauthorization: token.require_preauthorization != 0,
+        require_tpm: token.require_tpm != 0,
+    };
+    let mut tags: Vec<String> = serde_json::from_str(&token.tags).unwrap_or_default();
+    tags.extend(req.tags.iter().cloned());
+    tags.sort();
+    tags.dedup();
+
+    let credential = new_secret("kxd")?;
+    let now = now_ms();
+    let check = |bound: Option<String>| async move {
+        check_enrollment(
+            state,
+            org_id,
+            &req.device_id,
+            policy,
+            req.tpm.as_ref(),
+            req.tpm_slot_pcr,
+            bound.as_deref(),
+        )
+        .await
+    };
+    for _ in 0..3 {
+        let existing = sqlx::query_as::<_, ExistingRow>(
+            "SELECT id, enrollment_token_id, revoked, ek_fingerprint, tpm_required FROM devices WHERE org_id = $1 AND device_id = $2",
+        )
+        .bind(org_id)
+        .bind(&req.device_id)
+        .fetch_optional(state.store.pool())
+        .await?;
+        if let Some(row) = existing {
+            let id = row.id;
+            let bound = row.ek_fingerprint;
+            // A row that must prove a TPM and never did holds nothing: it
+            // may be someone squatting on a pre-authorised serial with
+            // another token. The board itself (its TPM checked below) takes
+            // it over.
+            let unproven = bound.is_none() && row.tpm_required != 0;
+            if row.enrollment_token_id.as_deref() != Some(token.id.as_str()) && !unproven {
+                return Err(Error::Conflict(format!(
+                    "device {} is already enrolled with another token",
+                    req.device_id
+                )));
+            }
+            if row.revoked != 0 {
+                return Err(Error::Forbidden);
+            }
+            let check: EnrollmentCheck = match check(bound.clone()).await {
+                Ok(check) => check,
+                Err(error) => {
+                    return Ok(Outcome::Refused {
+                        org_id: org_id.clone(),
+                        error,
+                    });
+                }
+            };
+            if bound.is_some() {
+                // Bound to a TPM: the new credential replaces the old one
+                // only when that TPM answers the challenge. The EK is public;
+                // knowing it must not be enough to take the device over.
+            } else {
+                sqlx::query(
+                    "UPDATE devices SET credential_hash = $1, enrollment_token_id = $2 WHERE id = $3 AND revoked = 0",
+                )
+                .bind(secret_hash(&credential))
+                .bind(&token.id)
+                .bind(&id)
+                .execute(state.store.pool())
+                .await?;
+                crate::poll_cache::forget_device(state, &id).await;
+            }
+            link::store(state, &id, &link).await?;
+            let pending = bound.is_some().then(|| secret_hash(&credential));
+            let activation = store_activation(state, &id, &check, pending.as_deref()).await?;
+            record(state, org_id, &req.device_id, "device.re-enroll", &id).await?;
+            return Ok(Outcome::Renewed(EnrollResponse {
+                id,
+                credential,
+                activation,
+            }));
+        }
+        let check = match check(None).await {
+            Ok(check) => check,
+            Err(error) => {
+                return Ok(Outcome::Refused {
+                    org_id: org_id.clone(),
+                    error,
+                });
+            }
+        };
+        let id = new_id()?;
+        let mut tx = state.store.begin_write().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO devices (id, org_id, device_id, hardware_class, hardware_metadata, status, credential_hash, enrollment_token_id, revoked, registered_at) VALUES ($1, $2, $3, $4, $5, 'offline', $6, $7, 0, $8)",
+        )
+        .bind(&id)
+        .bind(org_id)
+        .bind(&req.device_id)
+        .bind(&req.hardware_class)
+        .bind(serde_json::Value::Object(req.hardware_metadata.clone()).to_string())
+        .bind(secret_hash(&credential))
+        .bind(&token.id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await;
+        match inserted {
+            Ok(_) => {}
+            // Enrolled concurrently: go round and take the existing row.
+            Err(e) if crate::store::is_unique_violation(&e) => continue,
+            Err(e) => return Err(e.into()),
+        }
+        for tag in &tags {
+            sqlx::query("INSERT INTO device_tags (device_pk, org_id, tag) VALUES ($1, $2, $3)")
+                .bind(&id)
+                .bind(org_id)
+                .bind(tag)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        link::store(state, &id, &link).await?;
+        let activation = store_activation(state, &id, &check, None).await?;
+        record(state, org_id, &req.device_id, "device.enroll", &id).await?;
+        return Ok(Outcome::Created(EnrollResponse {
+            id,
+            credential,
+            activation,
+        }));
+    }
+    Err(Error::Conflict("enrollment raced; retry".into()))
+}
+
+/// Records a successful enrollment in the audit log.
+async fn record(
+    state: &AppState,
+    org_id: &str,
+    device_id: &str,
+    action: &str,
+    id: &str,
+) -> Result<()> {
+    audit::append(
+        &state.store,
+        audit::Entry {
+            org_id,
+            actor: &format!("device:{device_id}"),
+            action,
+            target: &format!("device:{id}"),
+            result: "ok",
+            detail: serde_json::json!({}),
+        },
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,134 @@
+//! Heartbeats (inventory, load, link fields) and log batches: what a
+//! device tells the control plane between installs.
+
+use kernex_protocol::api::{Heartbeat, LogBatch, MAX_LOG_LINES, MAX_LOG_MESSAGE};
+
+use super::link::{self, Link};
+use crate::AppState;
+use crate::auth::Device;
+use crate::service::names::check_name;
+use crate::service::{Error, Result};
+use crate::store::new_id;
+
+/// Memory use above which a device is degraded, percent.
+pub const DEGRADED_MEMORY_PERCENT: f64 = 90.0;
+
+/// Records a heartbeat: a `heartbeats` row, the device's status (degraded
+/// above [`DEGRADED_MEMORY_PERCENT`] of memory, else an install's status
+/// until its report, else online), its slots, its version when it changed
+/// (a reflashed device) and its link fields.
+pub async fn heartbeat(state: &AppState, device: &Device, hb: &Heartbeat) -> Result<()> {
+    device.require_proven()?;
+    for (what, v) in [
+        ("booted_slot", &hb.booted_slot),
+        ("primary_slot", &hb.primary_slot),
+        ("version", &hb.version),
+    ] {
+        if let Some(v) = v {
+            check_name(what, v)?;
+        }
+    }
+    let memory_percent = match (hb.memory_used_bytes, hb.memory_total_bytes) {
+        (Some(used), Some(total)) if total > 0 => Some(used as f64 * 100.0 / total as f64),
+        _ => None,
+    };
+    let degraded = memory_percent.is_some_and(|m| m > DEGRADED_MEMORY_PERCENT);
+    let link = Link {
+        link_class: hb.link_class.clone(),
+        site: hb.site.clone(),
+        time_zone: hb.time_zone.clone(),
+    };
+    link.check()?;
+    let now = state.clock.now_ms();
+    let inventory = serde_json::to_string(hb).map_err(|e| Error::Internal(e.into()))?;
+    let mut tx = state.store.begin_write().await?;
+    sqlx::query(
+        "INSERT INTO heartbeats (id, device_pk, org_id, at, cpu_percent, memory_percent, status, inventory) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(new_id()?)
+    .bind(&device.pk)
+    .bind(&device.org_id)
+    .bind(now)
+    .bind(hb.cpu_percent)
+    .bind(memory_percent)
+    .bind(if degraded { "degraded" } else { "healthy" })
+    .bind(&inventory)
+    .execute(&mut *tx)
+    .await?;
+    // Degraded, else an install's status (updating, reverted, error)
+    // stays until its report, else online.
+    sqlx::query(
+        "UPDATE devices SET last_seen_at = $1, status = CASE WHEN $2 = 1 THEN 'degraded' WHEN status IN ('updating', 'reverted', 'error') THEN status ELSE 'online' END, booted_slot = COALESCE($3, booted_slot), primary_slot = COALESCE($4, primary_slot) WHERE id = $5",
+    )
+    .bind(now)
+    .bind(i64::from(degraded))
+    .bind(&hb.booted_slot)
+    .bind(&hb.primary_slot)
+    .bind(&device.pk)
+    .execute(&mut *tx)
+    .await?;
+    // The version only when it changed (a reflashed device): what the
+    // device's poll answers depends on it.
+    let new_version = match &hb.version {
+        Some(v) => {
+            sqlx::query(
+                "UPDATE devices SET current_version = $1 WHERE id = $2 AND (current_version IS NULL OR current_version <> $1)",
+            )
+            .bind(v)
+            .bind(&device.pk)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                > 0
+        }
+        None => false,
+    };
+    tx.commit().await?;
+    link::store(state, &device.pk, &link).await?;
+    if new_version {
+        crate::poll_cache::forget_device(state, &device.pk).await;
+    }
+    Ok(())
+}
+
+/// Stores a batch of at most [`MAX_LOG_LINES`] log lines, each message cut
+/// to [`MAX_LOG_MESSAGE`] bytes (at a character boundary); a line without
+/// a time gets the server's.
+pub async fn logs(state: &AppState, device: &Device, batch: &LogBatch) -> Result<()> {
+    device.require_proven()?;
+    if batch.entries.len() > MAX_LOG_LINES {
+        return Err(Error::Invalid(format!(
+            "at most {MAX_LOG_LINES} log lines per batch"
+        )));
+    }
+    let now = state.clock.now_ms();
+    let mut tx = state.store.begin_write().await?;
+    for line in &batch.entries {
+        let mut message = line.message.clone();
+        if message.len() > MAX_LOG_MESSAGE {
+            let mut cut = MAX_LOG_MESSAGE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        sqlx::query(
+            "INSERT INTO device_logs (id, device_pk, org_id, at, level, message) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(new_id()?)
+        .bind(&device.pk)
+        .bind(&device.org_id)
+        .bind(line.at.unwrap_or(now))
+        .bind(line.level.as_str())
+        .bind(&message)
+        .execute(&mut *tx)
+        .await?;
+    }
+    sqlx::query("UPDATE devices SET last_seen_at = $1 WHERE id = $2")
+        .bind(now)
+        .bind(&device.pk)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
