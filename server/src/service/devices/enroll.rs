@@ -7,7 +7,7 @@
 
 use kernex_protocol::api::{EnrollRequest, EnrollResponse};
 
-use super::link::{self, Link};
+use super::link::{self, Link, check_link};
 use crate::AppState;
 use crate::audit;
 use crate::service::attestation::policy::{
@@ -68,7 +68,7 @@ pub async fn enroll(state: &AppState, req: &EnrollRequest) -> Result<Outcome> {
         site: req.site.clone(),
         time_zone: req.time_zone.clone(),
     };
-    link.check()?;
+    check_link(&link)?;
     let token = sqlx::query_as::<_, TokenRow>(
         "SELECT id, org_id, tags, require_preauthorization, require_tpm FROM enrollment_tokens WHERE token_hash = $1 AND revoked = 0 AND (expires_at IS NULL OR expires_at > $2)",
     )

@@ -9,10 +9,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
 use crate::auth::{Operator, Role};
-// The attestation verdict still lives with the device TPM endpoints; this
-// is the one place the service layer reaches it, until it moves to
-// `service::attestation` (tests/layering.rs names this line).
-use crate::http::attestation as verdict;
+use crate::service::attestation as verdict;
 use crate::service::audit::audited;
 use crate::service::names::check_tags;
 use crate::service::users::require;
@@ -112,8 +109,7 @@ fn offline_after_ms(state: &AppState) -> i64 {
 }
 
 fn attestation(state: &AppState, row: &AnyRow) -> Result<AttestationView> {
-    verdict::view(state, row)
-        .map_err(|e| Error::Internal(anyhow::anyhow!("attestation verdict: {e:?}")))
+    Ok(verdict::view(state, &verdict::ViewRow::from_row(row)?))
 }
 
 async fn device(state: &AppState, row: &AnyRow) -> Result<Device> {

@@ -1,51 +1,15 @@
 //! A device's link class, site and time zone, as the device itself sends
-//! them (enrollment, heartbeat): checked, and stored over what was there
-//! (an absent field leaves the stored one alone).
+//! them (enrollment, heartbeat): checked (`service::rollouts::link`), and
+//! stored over what was there (an absent field leaves the stored one
+//! alone).
 
 use crate::AppState;
-use crate::service::rollouts::spec::check_label;
-use crate::service::rollouts::time::time_zone;
-use crate::service::{Error, Result};
-
-/// Link fields a device sent.
-#[derive(Debug, Clone, Default)]
-pub struct Link {
-    /// e.g. ethernet, wifi, metered-4g.
-    pub link_class: Option<String>,
-    /// Site or cell tag.
-    pub site: Option<String>,
-    /// IANA time zone, e.g. Europe/Berlin.
-    pub time_zone: Option<String>,
-}
-
-impl Link {
-    /// Checks the fields; the error names the field.
-    pub fn check(&self) -> Result<()> {
-        if let Some(c) = &self.link_class {
-            check_label("link_class", c)?;
-        }
-        if let Some(s) = &self.site {
-            check_label("site", s)?;
-        }
-        if let Some(tz) = &self.time_zone
-            && time_zone(tz).is_none()
-        {
-            return Err(Error::Invalid(format!(
-                "time_zone {tz:?}: not an IANA time zone (e.g. Europe/Berlin)"
-            )));
-        }
-        Ok(())
-    }
-
-    /// Nothing was sent.
-    pub fn is_empty(&self) -> bool {
-        self.link_class.is_none() && self.site.is_none() && self.time_zone.is_none()
-    }
-}
+use crate::service::Result;
+pub use crate::service::rollouts::link::{DeviceLink as Link, check_link};
 
 /// Stores the link fields device `pk` sent (absent ones are left alone).
 pub async fn store(state: &AppState, pk: &str, link: &Link) -> Result<()> {
-    if link.is_empty() {
+    if link.link_class.is_none() && link.site.is_none() && link.time_zone.is_none() {
         return Ok(());
     }
     sqlx::query(
@@ -63,6 +27,7 @@ pub async fn store(state: &AppState, pk: &str, link: &Link) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::service::Error;
 
     fn link(link_class: Option<&str>, site: Option<&str>, time_zone: Option<&str>) -> Link {
         Link {
@@ -73,7 +38,7 @@ mod tests {
     }
 
     fn refusal(l: &Link) -> String {
-        match l.check() {
+        match check_link(l) {
             Err(Error::Invalid(why)) => why,
             other => format!("not refused as invalid: {other:?}"),
         }
@@ -81,11 +46,13 @@ mod tests {
 
     #[test]
     fn the_error_names_the_field() {
-        assert!(Link::default().is_empty());
         assert!(
-            link(Some("metered-4g"), Some("plant/7"), Some("Europe/Berlin"))
-                .check()
-                .is_ok()
+            check_link(&link(
+                Some("metered-4g"),
+                Some("plant/7"),
+                Some("Europe/Berlin")
+            ))
+            .is_ok()
         );
         assert!(refusal(&link(Some("wi fi"), None, None)).starts_with("link_class "));
         assert!(refusal(&link(None, Some(""), None)).starts_with("site "));

@@ -3,7 +3,7 @@
 
 use kernex_protocol::api::{Heartbeat, LogBatch, MAX_LOG_LINES, MAX_LOG_MESSAGE};
 
-use super::link::{self, Link};
+use super::link::{self, Link, check_link};
 use crate::AppState;
 use crate::auth::Device;
 use crate::service::names::check_name;
@@ -38,7 +38,7 @@ pub async fn heartbeat(state: &AppState, device: &Device, hb: &Heartbeat) -> Res
         site: hb.site.clone(),
         time_zone: hb.time_zone.clone(),
     };
-    link.check()?;
+    check_link(&link)?;
     let now = state.clock.now_ms();
     let inventory = serde_json::to_string(hb).map_err(|e| Error::Internal(e.into()))?;
     let mut tx = state.store.begin_write().await?;
