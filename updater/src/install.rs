@@ -59,6 +59,33 @@ pub struct InstallOptions {
     pub at_time: Option<i64>,
 }
 
+/// How far an install is, given to the progress callback of
+/// [`install_with_progress`] each time the install's progress is saved
+/// (after every synced batch of chunks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub struct InstallProgress {
+    /// Image bytes written and verified so far (all classes).
+    pub done_bytes: u64,
+    /// Image bytes in the bundle (all classes).
+    pub total_bytes: u64,
+    /// Bytes downloaded by this install so far (all runs).
+    pub downloaded_bytes: u64,
+}
+
+impl InstallProgress {
+    fn of(pending: &PendingInstall) -> Self {
+        Self {
+            done_bytes: pending.done_bytes,
+            total_bytes: pending.total_bytes,
+            downloaded_bytes: pending.downloaded_bytes,
+        }
+    }
+}
+
+/// Receives install progress ([`install_with_progress`]).
+pub type ProgressFn<'a> = dyn Fn(InstallProgress) + 'a;
+
 /// What an install did.
 #[derive(Debug, Clone, Serialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -366,6 +393,7 @@ struct Writer<'a> {
     pending: &'a mut PendingInstall,
     batch_bytes: u64,
     fetched_before: u64,
+    progress: &'a ProgressFn<'a>,
 }
 
 impl Writer<'_> {
@@ -405,7 +433,9 @@ impl Writer<'_> {
         if let Some(f) = fetched {
             self.pending.downloaded_bytes = self.fetched_before + f;
         }
-        self.data.set_pending(self.pending)
+        self.data.set_pending(self.pending)?;
+        (self.progress)(InstallProgress::of(self.pending));
+        Ok(())
     }
 }
 
@@ -550,6 +580,7 @@ fn clone_image(
     data: &DataDir,
     pending: &mut PendingInstall,
     report: &mut InstallReport,
+    progress: &ProgressFn<'_>,
 ) -> Result<(), UpdateError> {
     let class = job.entry.slot_class;
     let index = job.index;
@@ -569,6 +600,7 @@ fn clone_image(
         pending,
         batch_bytes: 0,
         fetched_before,
+        progress,
     };
     let mut todo: Vec<usize> = Vec::new();
     // 1. Chunks the journal says are in the target: re-read and re-hash.
@@ -727,8 +759,22 @@ pub fn install(
     source: &mut dyn Source,
     options: &InstallOptions,
 ) -> Result<InstallReport, UpdateError> {
+    install_with_progress(config, flow, source, options, &|_| {})
+}
+
+/// [`install`], calling `progress` each time the install's progress is
+/// saved: after every synced batch of chunks, on the install's own thread.
+/// The same progress also lands in the data dir's pending install record
+/// (`kernex-updater status`).
+pub fn install_with_progress(
+    config: &SystemConfig,
+    flow: &mut dyn BootFlow,
+    source: &mut dyn Source,
+    options: &InstallOptions,
+    progress: &ProgressFn<'_>,
+) -> Result<InstallReport, UpdateError> {
     let data = DataDir::new(&config.data_dir);
-    let result = run(config, flow, source, options, &data);
+    let result = run(config, flow, source, options, &data, progress);
     let (outcome, reason, version, target) = match &result {
         Ok(r) => (
             crate::store::Outcome::Installed,
@@ -767,6 +813,7 @@ fn run(
     source: &mut dyn Source,
     options: &InstallOptions,
     data: &DataDir,
+    progress: &ProgressFn<'_>,
 ) -> Result<InstallReport, UpdateError> {
     let (booted, target) = choose_target(flow)?;
     let booted_record = data.slot_record(booted)?;
@@ -819,6 +866,7 @@ fn run(
         },
     };
     data.set_pending(&pending)?;
+    progress(InstallProgress::of(&pending));
     data.clear_slot(target)?;
     let state = flow.state()?;
     if state.attempts_left(target) > 0 || state.order.first() == Some(&target) {
@@ -884,10 +932,12 @@ fn run(
             data,
             &mut pending,
             &mut report,
+            progress,
         )?;
         slot.sync()?;
         indexes.push((class, index_bytes));
     }
+    progress(InstallProgress::of(&pending));
     // Every chunk written, synced and journaled; the final SHA-256 check of
     // the slot is next (hw-tests cuts the power here).
     #[cfg(debug_assertions)]

@@ -25,5 +25,5 @@ pub mod store;
 
 pub use config::{LinkProfile, SlotPair, Slots, SystemConfig};
 pub use error::UpdateError;
-pub use install::{InstallOptions, InstallReport, install};
+pub use install::{InstallOptions, InstallProgress, InstallReport, install, install_with_progress};
 pub use status::{Status, status};
