@@ -15,6 +15,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod error;
+mod failpoints;
 pub mod health;
 pub mod install;
 pub mod journal;

@@ -6,6 +6,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use kernex_protocol::reader::RangeRead;
 use serde::{Deserialize, Serialize};
 
 use crate::config::LinkProfile;
@@ -13,30 +14,24 @@ use crate::error::{UpdateError, io_err};
 use crate::store::DataDir;
 
 /// Receives fetched bytes in order.
-pub type Sink<'a> = dyn FnMut(&[u8]) -> Result<(), UpdateError> + 'a;
+pub type Sink<'a> = kernex_protocol::reader::Sink<'a, UpdateError>;
 
-/// A readable bundle.
-pub trait Source: std::fmt::Debug {
+/// A readable bundle: ranges of it ([`RangeRead`], the protocol's one
+/// reader interface), with counts of what reading it cost.
+pub trait Source: RangeRead<Error = UpdateError> + std::fmt::Debug {
     /// The file path or URL, for messages.
     fn name(&self) -> &str;
-    /// Size of the bundle, once known (after the first fetch).
-    fn total_size(&self) -> Option<u64>;
-    /// Streams bytes `offset..offset+len` to `sink`, in order, each byte
-    /// once: a dropped connection is resumed where it stopped.
-    fn fetch(&mut self, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<(), UpdateError>;
     /// Bytes received so far (for HTTP, every body byte the server sent).
     fn fetched_bytes(&self) -> u64;
     /// Requests made so far.
     fn requests(&self) -> u64;
+}
 
-    /// Reads `offset..offset+len` into memory.
-    fn read_range(&mut self, offset: u64, len: u64) -> Result<Vec<u8>, UpdateError> {
-        let mut out = Vec::with_capacity(len.min(1 << 24) as usize);
-        self.fetch(offset, len, &mut |b| {
-            out.extend_from_slice(b);
-            Ok(())
-        })?;
-        Ok(out)
+/// A bundle the protocol's rules reject (read by
+/// `kernex_protocol::reader`) is a rejected bundle.
+impl From<kernex_protocol::bundle::BundleError> for UpdateError {
+    fn from(e: kernex_protocol::bundle::BundleError) -> Self {
+        UpdateError::Bundle(e.to_string())
     }
 }
 
@@ -80,25 +75,9 @@ impl FileSource {
     }
 }
 
-impl Source for FileSource {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn total_size(&self) -> Option<u64> {
-        Some(self.size)
-    }
-
-    fn fetch(&mut self, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<(), UpdateError> {
+impl FileSource {
+    fn read_at(&mut self, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<(), UpdateError> {
         self.requests += 1;
-        if offset.saturating_add(len) > self.size {
-            return Err(UpdateError::Bundle(format!(
-                "{} is truncated: {} bytes, needs at least {}",
-                self.name,
-                self.size,
-                offset.saturating_add(len)
-            )));
-        }
         self.file
             .seek(SeekFrom::Start(offset))
             .map_err(io_err("seek in the bundle", &self.path))?;
@@ -114,6 +93,42 @@ impl Source for FileSource {
             left -= n as u64;
         }
         Ok(())
+    }
+}
+
+impl RangeRead for FileSource {
+    type Error = UpdateError;
+
+    fn known_size(&mut self) -> Result<Option<u64>, UpdateError> {
+        Ok(Some(self.size))
+    }
+
+    fn read_into(&mut self, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<(), UpdateError> {
+        if offset.saturating_add(len) > self.size {
+            self.requests += 1;
+            return Err(UpdateError::Bundle(format!(
+                "{} is truncated: {} bytes, needs at least {}",
+                self.name,
+                self.size,
+                offset.saturating_add(len)
+            )));
+        }
+        self.read_at(offset, len, sink)
+    }
+
+    fn read_start(&mut self, len: u64) -> Result<Vec<u8>, UpdateError> {
+        let mut out = Vec::new();
+        self.read_at(0, len.min(self.size), &mut |b| {
+            out.extend_from_slice(b);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+}
+
+impl Source for FileSource {
+    fn name(&self) -> &str {
+        &self.name
     }
 
     fn fetched_bytes(&self) -> u64 {
@@ -388,12 +403,21 @@ impl HttpSource {
     }
 
     /// One request for `pos..end`; advances `pos` by what reached the sink.
-    fn attempt(&mut self, pos: &mut u64, end: u64, sink: &mut Sink<'_>) -> Result<(), Attempt> {
+    /// Once the response says how large the bundle is, `end` is cut to
+    /// that size when `at_most` (the first read of a bundle that may be
+    /// smaller), and a range past it is an error otherwise.
+    fn attempt(
+        &mut self,
+        pos: &mut u64,
+        end: &mut u64,
+        at_most: bool,
+        sink: &mut Sink<'_>,
+    ) -> Result<(), Attempt> {
         self.requests += 1;
         let mut request = self
             .agent
             .get(&self.url)
-            .header("Range", format!("bytes={}-{}", *pos, end - 1));
+            .header("Range", format!("bytes={}-{}", *pos, *end - 1));
         if let Some(credential) = &self.bearer {
             request = request.header("Authorization", format!("Bearer {credential}"));
         }
@@ -435,8 +459,8 @@ impl HttpSource {
             }
             416 => {
                 return Err(Attempt::Fatal(self.download_err(format!(
-                    "the server has no bytes {}..{end} (416): the bundle is truncated",
-                    *pos
+                    "the server has no bytes {}..{} (416): the bundle is truncated",
+                    *pos, *end
                 ))));
             }
             s if (500..600).contains(&s) || s == 408 || s == 429 => {
@@ -448,13 +472,23 @@ impl HttpSource {
                 ));
             }
         }
+        if let Some(total) = self.total {
+            if at_most {
+                *end = (*end).min(total);
+            } else if *end > total {
+                return Err(Attempt::Fatal(UpdateError::Bundle(format!(
+                    "{} is truncated: {total} bytes, needs at least {}",
+                    self.url, *end
+                ))));
+            }
+        }
         let mut reader = resp.body_mut().as_reader();
         let mut buf = vec![0u8; 64 * 1024];
-        while *pos < end {
+        while *pos < *end {
             let want = if skip > 0 {
                 skip.min(buf.len() as u64)
             } else {
-                (end - *pos).min(buf.len() as u64)
+                (*end - *pos).min(buf.len() as u64)
             } as usize;
             let n = match reader.read(&mut buf[..want]) {
                 Ok(0) => return Err(Attempt::Retry("connection closed early".into())),
@@ -486,32 +520,33 @@ fn parse_content_range(value: &str) -> Option<(u64, u64)> {
     Some((start.trim().parse().ok()?, total.trim().parse().ok()?))
 }
 
-impl Source for HttpSource {
-    fn name(&self) -> &str {
-        &self.url
-    }
-
-    fn total_size(&self) -> Option<u64> {
-        self.total
-    }
-
-    fn fetch(&mut self, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<(), UpdateError> {
-        if let Some(total) = self.total
-            && offset.saturating_add(len) > total
-        {
-            return Err(UpdateError::Bundle(format!(
-                "{} is truncated: {total} bytes, needs at least {}",
-                self.url,
-                offset.saturating_add(len)
-            )));
+impl HttpSource {
+    /// Streams `offset..offset + len` (cut at the bundle's end when
+    /// `at_most`), resuming a dropped connection where it stopped.
+    fn fetch(
+        &mut self,
+        offset: u64,
+        len: u64,
+        at_most: bool,
+        sink: &mut Sink<'_>,
+    ) -> Result<(), UpdateError> {
+        let mut end = offset.saturating_add(len);
+        if let Some(total) = self.total {
+            if at_most {
+                end = end.min(total);
+            } else if end > total {
+                return Err(UpdateError::Bundle(format!(
+                    "{} is truncated: {total} bytes, needs at least {end}",
+                    self.url
+                )));
+            }
         }
-        let end = offset + len;
         let mut pos = offset;
         let mut failures = 0u32;
         while pos < end {
             self.link.check()?;
             let before = pos;
-            match self.attempt(&mut pos, end, sink) {
+            match self.attempt(&mut pos, &mut end, at_most, sink) {
                 Ok(()) => {}
                 Err(Attempt::Fatal(e)) => {
                     self.link.save()?;
@@ -538,6 +573,33 @@ impl Source for HttpSource {
         }
         self.link.save()?;
         Ok(())
+    }
+}
+
+impl RangeRead for HttpSource {
+    type Error = UpdateError;
+
+    fn known_size(&mut self) -> Result<Option<u64>, UpdateError> {
+        Ok(self.total)
+    }
+
+    fn read_into(&mut self, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<(), UpdateError> {
+        self.fetch(offset, len, false, sink)
+    }
+
+    fn read_start(&mut self, len: u64) -> Result<Vec<u8>, UpdateError> {
+        let mut out = Vec::new();
+        self.fetch(0, len, true, &mut |b| {
+            out.extend_from_slice(b);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+}
+
+impl Source for HttpSource {
+    fn name(&self) -> &str {
+        &self.url
     }
 
     fn fetched_bytes(&self) -> u64 {

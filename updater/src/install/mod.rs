@@ -1,40 +1,44 @@
 //! `install`: verify a bundle, clone its images into the inactive slot from
 //! seeds and Range requests, verify the slot, and tell the bootloader to
 //! try it.
+//!
+//! The bundle is read by the protocol's rules: `kernex_protocol::reader`
+//! reads and checks its start and each index, `kernex_protocol::plan` says
+//! which ranges to request, so what an install fetches is what the
+//! server's preview (`Bundle::delta_from`) counts.
+//!
+//! * [`fetch`]: an image's index and its patch table.
+//! * [`clone`]: the chunks, from the journal, the booted slot, patch
+//!   frames and the archive, written and journaled in synced batches.
 
-use std::collections::{HashMap, HashSet};
+mod clone;
+pub mod fetch;
+
 use std::path::Path;
 
 use kernex_bootloader::{BootFlow, DEFAULT_ATTEMPTS, Slot};
-use kernex_protocol::archive;
-use kernex_protocol::container::{
-    self, BLOCK, BundleLayout, ImageSpans, MANIFEST_MEMBER, SIGNATURE_MEMBER,
-};
-use kernex_protocol::index::{ChunkHash, ChunkIndex, IndexHead};
-use kernex_protocol::limits::{MAX_MANIFEST_SIZE, MAX_SIGNATURE_SIZE};
-use kernex_protocol::patch::{self, PatchTable};
+use kernex_protocol::reader::{BundleHead, Prefixed, read_head};
 use kernex_protocol::{
-    ImageEntry, Keyring, Manifest, Sha256Digest, SlotClass, VerifiedManifest, VerifyOptions,
+    Keyring, Manifest, Sha256Digest, SlotClass, VerifiedManifest, VerifyOptions,
 };
 use serde::Serialize;
-use sha2::{Digest, Sha256};
+
+pub use fetch::fetch_index;
+pub use kernex_protocol::plan::{FIRST_READ, MAX_REQUEST};
 
 use crate::config::SystemConfig;
 use crate::error::UpdateError;
-use crate::journal::{ChunkKey, Journal};
+use crate::failpoints::failpoint;
+use crate::journal::Journal;
 use crate::slot::{SeedSlot, TargetSlot};
 use crate::source::Source;
 use crate::store::{DataDir, PendingInstall, SlotRecord};
+use clone::{ImageJob, clone_image};
 
 /// This updater's version, compared with a bundle's `min-updater-version`.
 pub const UPDATER_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Boot attempts a freshly installed slot gets.
 pub const TRY_ATTEMPTS: u32 = 3;
-/// Bytes read first from a bundle: the manifest and signature of every
-/// real bundle fit; more is fetched if not.
-pub const FIRST_READ: u64 = 8 * 1024;
-/// Largest merged Range request.
-pub const MAX_REQUEST: u64 = 8 * 1024 * 1024;
 /// Chunks written between two syncs of the slot and the journal.
 pub const BATCH_CHUNKS: usize = 32;
 /// Bytes written between two syncs of the slot and the journal.
@@ -119,95 +123,6 @@ pub struct InstallReport {
     pub patch_failures: u64,
 }
 
-/// The manifest and signature of a bundle, and its layout.
-#[derive(Debug)]
-pub struct BundleHead {
-    /// Manifest bytes as signed.
-    pub manifest_bytes: Vec<u8>,
-    /// Detached signature.
-    pub signature: Vec<u8>,
-    /// Every member's place.
-    pub layout: BundleLayout,
-}
-
-fn rejected(what: impl std::fmt::Display) -> UpdateError {
-    UpdateError::Bundle(what.to_string())
-}
-
-/// Reads the manifest and signature from the start of a bundle and checks
-/// that the bundle is as large as they say. Nothing is trusted yet.
-pub fn read_head(source: &mut dyn Source) -> Result<BundleHead, UpdateError> {
-    let first = match source.total_size() {
-        Some(total) => FIRST_READ.min(total),
-        None => FIRST_READ,
-    };
-    let mut head = source.read_range(0, first)?;
-    fn need(head: &mut Vec<u8>, end: u64, source: &mut dyn Source) -> Result<(), UpdateError> {
-        let have = head.len() as u64;
-        if end > have {
-            let more = source.read_range(have, end - have)?;
-            head.extend_from_slice(&more);
-        }
-        Ok(())
-    }
-    need(&mut head, BLOCK, source)?;
-    let h = container::parse_member_header(&head[..BLOCK as usize], 0).map_err(rejected)?;
-    if h.name != MANIFEST_MEMBER {
-        return Err(rejected(format!(
-            "first member is {:?}, expected {MANIFEST_MEMBER}: not a Kernex bundle",
-            h.name
-        )));
-    }
-    if h.size > MAX_MANIFEST_SIZE {
-        return Err(rejected(format!(
-            "manifest of {} bytes is larger than the limit of {MAX_MANIFEST_SIZE}",
-            h.size
-        )));
-    }
-    let sig_at = BundleLayout::signature_header_offset(h.size);
-    need(&mut head, sig_at + BLOCK, source)?;
-    let s =
-        container::parse_member_header(&head[sig_at as usize..(sig_at + BLOCK) as usize], sig_at)
-            .map_err(rejected)?;
-    if s.name != SIGNATURE_MEMBER {
-        return Err(rejected(
-            "the bundle is not signed (no manifest.sig member)",
-        ));
-    }
-    if s.size > MAX_SIGNATURE_SIZE {
-        return Err(rejected(format!(
-            "signature of {} bytes is larger than the limit of {MAX_SIGNATURE_SIZE}",
-            s.size
-        )));
-    }
-    need(&mut head, sig_at + BLOCK + s.size, source)?;
-    let manifest_bytes = head[BLOCK as usize..(BLOCK + h.size) as usize].to_vec();
-    let signature = head[(sig_at + BLOCK) as usize..(sig_at + BLOCK + s.size) as usize].to_vec();
-    let manifest = Manifest::from_slice(&manifest_bytes).map_err(rejected)?;
-    let layout = BundleLayout::compute(h.size, s.size, &manifest);
-    match source.total_size() {
-        Some(total) if total < layout.total_size => {
-            return Err(rejected(format!(
-                "bundle is truncated: {total} bytes, its manifest needs {}",
-                layout.total_size
-            )));
-        }
-        Some(total) if total > layout.total_size => {
-            return Err(rejected(format!(
-                "bundle has {} bytes of unexpected data after its end",
-                total - layout.total_size
-            )));
-        }
-        Some(_) => {}
-        None => return Err(rejected("the source did not say how large the bundle is")),
-    }
-    Ok(BundleHead {
-        manifest_bytes,
-        signature,
-        layout,
-    })
-}
-
 /// Checks the signature, then that the release is for this device.
 pub fn verify_head(
     head: &BundleHead,
@@ -228,7 +143,7 @@ pub fn verify_head(
             at_time: options.at_time,
         },
     )
-    .map_err(rejected)?;
+    .map_err(|e| UpdateError::Bundle(e.to_string()))?;
     if verified.compatible != config.compatible {
         return Err(UpdateError::Refused(format!(
             "bundle is for {:?}, this device is {:?}",
@@ -288,468 +203,6 @@ pub fn choose_target(flow: &mut dyn BootFlow) -> Result<(Slot, Slot), UpdateErro
         )));
     }
     Ok((booted, target))
-}
-
-fn page_digest(page: &[u8]) -> [u8; 16] {
-    let full = Sha256::digest(page);
-    let mut out = [0u8; 16];
-    out.copy_from_slice(&full[..16]);
-    out
-}
-
-/// Gets an image's index: the head, pages the old index already holds, the
-/// rest fetched (adjacent pages in one request), all checked against the
-/// verified manifest.
-pub fn fetch_index(
-    source: &mut dyn Source,
-    spans: &ImageSpans,
-    entry: &ImageEntry,
-    old: Option<&[u8]>,
-    report: &mut InstallReport,
-) -> Result<(Vec<u8>, ChunkIndex), UpdateError> {
-    let class = entry.slot_class;
-    let head_bytes = source.read_range(spans.index.offset, entry.index.head_size)?;
-    if Sha256Digest::of(&head_bytes) != entry.index.head_sha256 {
-        return Err(rejected(format!(
-            "{class} index head does not match the manifest"
-        )));
-    }
-    let head = IndexHead::decode(&head_bytes).map_err(rejected)?;
-    if head.file_size() != entry.index.size || head.head_size() != entry.index.head_size {
-        return Err(rejected(format!(
-            "{class} index size disagrees with the manifest"
-        )));
-    }
-    let mut old_pages: HashMap<[u8; 16], &[u8]> = HashMap::new();
-    if let Some(old) = old
-        && let Ok(old_head) = IndexHead::decode(old)
-    {
-        for p in &old_head.pages {
-            let (start, end) = (p.offset as usize, p.offset as usize + p.len as usize);
-            if let Some(bytes) = old.get(start..end) {
-                old_pages.insert(p.digest, bytes);
-            }
-        }
-    }
-    let mut pages: Vec<Option<Vec<u8>>> = Vec::with_capacity(head.pages.len());
-    for p in &head.pages {
-        let reused = old_pages
-            .get(&p.digest)
-            .filter(|b| b.len() == p.len as usize && page_digest(b) == p.digest)
-            .map(|b| b.to_vec());
-        if reused.is_some() {
-            report.index_pages_reused += 1;
-        }
-        pages.push(reused);
-    }
-    let mut i = 0;
-    while i < pages.len() {
-        if pages[i].is_some() {
-            i += 1;
-            continue;
-        }
-        let start = i;
-        let mut len = 0u64;
-        while i < pages.len() && pages[i].is_none() && len < MAX_REQUEST {
-            len += u64::from(head.pages[i].len);
-            i += 1;
-        }
-        let bytes = source.read_range(spans.index.offset + head.pages[start].offset, len)?;
-        let mut at = 0usize;
-        for (k, slot) in pages.iter_mut().enumerate().take(i).skip(start) {
-            let n = head.pages[k].len as usize;
-            *slot = bytes.get(at..at + n).map(<[u8]>::to_vec);
-            at += n;
-            report.index_pages_fetched += 1;
-        }
-    }
-    let mut bytes = head_bytes;
-    for page in pages.into_iter().flatten() {
-        bytes.extend_from_slice(&page);
-    }
-    if Sha256Digest::of(&bytes) != entry.index.sha256 {
-        return Err(rejected(format!(
-            "{class} index does not match the manifest"
-        )));
-    }
-    let index = ChunkIndex::decode(&bytes).map_err(rejected)?;
-    if index.image_size() != entry.size
-        || index.archive_data_offset() != entry.archive.header_size
-        || entry.archive.header_size + index.archive_data_size() != entry.archive.size
-    {
-        return Err(rejected(format!(
-            "{class} index disagrees with the manifest's image or archive sizes"
-        )));
-    }
-    Ok((bytes, index))
-}
-
-/// Writes chunks to the target, keeps the journal and the progress.
-struct Writer<'a> {
-    class: SlotClass,
-    target: &'a TargetSlot,
-    journal: &'a mut Journal,
-    data: &'a DataDir,
-    pending: &'a mut PendingInstall,
-    batch_bytes: u64,
-    fetched_before: u64,
-    progress: &'a ProgressFn<'a>,
-}
-
-impl Writer<'_> {
-    /// Writes a chunk and queues its journal record; syncs both once the
-    /// batch is full: [`BATCH_CHUNKS`] or [`BATCH_BYTES`] for downloaded
-    /// chunks, [`SEED_BATCH_BYTES`] for chunks copied from the seed.
-    fn put(
-        &mut self,
-        id: usize,
-        chunk: &archive::VerifiedChunk,
-        offsets: &[u64],
-        from_seed: bool,
-    ) -> Result<(), UpdateError> {
-        self.target.write(chunk, offsets)?;
-        let bytes = chunk.data().len() as u64 * offsets.len() as u64;
-        self.pending.done_bytes += bytes;
-        self.batch_bytes += bytes;
-        self.journal.push((self.class, id as u32));
-        let full = if from_seed {
-            self.batch_bytes >= SEED_BATCH_BYTES
-        } else {
-            self.journal.queued() >= BATCH_CHUNKS || self.batch_bytes >= BATCH_BYTES
-        };
-        if full {
-            self.commit(None)?;
-        }
-        Ok(())
-    }
-
-    fn commit(&mut self, fetched: Option<u64>) -> Result<(), UpdateError> {
-        if self.journal.queued() == 0 {
-            return Ok(());
-        }
-        self.target.sync()?;
-        self.journal.commit()?;
-        self.batch_bytes = 0;
-        if let Some(f) = fetched {
-            self.pending.downloaded_bytes = self.fetched_before + f;
-        }
-        self.data.set_pending(self.pending)?;
-        (self.progress)(InstallProgress::of(self.pending));
-        Ok(())
-    }
-}
-
-/// Everything one image's clone needs.
-struct ImageJob<'a> {
-    entry: &'a ImageEntry,
-    spans: ImageSpans,
-    index: &'a ChunkIndex,
-    seed: Option<(SeedSlot, ChunkIndex)>,
-    /// A patch from the booted slot's image: its table and where its data
-    /// starts in the bundle.
-    patch: Option<(PatchTable, u64)>,
-}
-
-/// Fetches and checks the table of the patch from the booted slot's image
-/// `base`, if the bundle carries one. A table that does not match the
-/// manifest is not used (the chunks come from the archive), like a chunk
-/// that does not verify: the install goes on.
-fn fetch_patch_table(
-    source: &mut dyn Source,
-    spans: &ImageSpans,
-    entry: &ImageEntry,
-    base: &Sha256Digest,
-    base_size: u64,
-    index: &ChunkIndex,
-) -> Result<Option<(PatchTable, u64)>, UpdateError> {
-    let class = entry.slot_class;
-    let Some((k, patch)) = entry.patch_from(base) else {
-        return Ok(None);
-    };
-    let Some((_, span)) = spans.patches.get(k) else {
-        return Err(rejected(format!("{class} patch {k} is not in the layout")));
-    };
-    let bytes = source.read_range(span.offset, patch.table_size)?;
-    let table = match PatchTable::from_member(&bytes, patch, index) {
-        Ok(t) if t.base_size == base_size => t,
-        Ok(t) => {
-            tracing::warn!(%class, patch_base = t.base_size, slot = base_size, "patch is for an image of another size; fetching whole chunks");
-            return Ok(None);
-        }
-        Err(e) => {
-            tracing::warn!(%class, error = %e, "patch table is invalid; fetching whole chunks");
-            return Ok(None);
-        }
-    };
-    tracing::info!(%class, from = %patch.base_version, entries = table.entries.len(), "using the patch from the booted release");
-    Ok(Some((table, span.offset + patch.table_size)))
-}
-
-/// Step 3a: the chunks `todo` names that the patch covers, fetched as
-/// frames (adjacent frames in one request), decoded against the seed and
-/// verified. Returns the chunks still to fetch from the archive: those
-/// without a frame, and those whose frame did not decode or verify.
-#[allow(clippy::too_many_arguments)] // one step of clone_image
-fn apply_patch(
-    todo: Vec<usize>,
-    table: &PatchTable,
-    data_start: u64,
-    seed: &SeedSlot,
-    stored: &[kernex_protocol::index::StoredChunk],
-    offsets: &[Vec<u64>],
-    source: &mut dyn Source,
-    writer: &mut Writer<'_>,
-    report: &mut InstallReport,
-) -> Result<Vec<usize>, UpdateError> {
-    let class = writer.class;
-    let mut rest = Vec::new();
-    let mut patched: Vec<(usize, &kernex_protocol::patch::PatchEntry)> = Vec::new();
-    for id in todo {
-        match u32::try_from(id).ok().and_then(|n| table.entry(n)) {
-            Some(e) => patched.push((id, e)),
-            None => rest.push(id),
-        }
-    }
-    let fetched_at_start = source.fetched_bytes();
-    let mut i = 0;
-    while i < patched.len() {
-        let first = patched[i].1;
-        let mut end = first.data_offset + u64::from(first.data_len);
-        let mut group = vec![patched[i]];
-        i += 1;
-        while i < patched.len() {
-            let e = patched[i].1;
-            if e.data_offset != end || end + u64::from(e.data_len) - first.data_offset > MAX_REQUEST
-            {
-                break;
-            }
-            end += u64::from(e.data_len);
-            group.push(patched[i]);
-            i += 1;
-        }
-        let mut buf: Vec<u8> = Vec::new();
-        let mut next = 0usize;
-        source.fetch(
-            data_start + first.data_offset,
-            end - first.data_offset,
-            &mut |mut bytes: &[u8]| {
-                while !bytes.is_empty() {
-                    let Some(&(id, e)) = group.get(next) else {
-                        return Ok(());
-                    };
-                    let n = (e.data_len as usize - buf.len()).min(bytes.len());
-                    buf.extend_from_slice(&bytes[..n]);
-                    bytes = &bytes[n..];
-                    if buf.len() == e.data_len as usize {
-                        let prefix = patch::gather_prefix(e, |o, l| seed.read_at(o, l))?;
-                        match patch::decode_chunk(&stored[id], &prefix, &buf) {
-                            Ok(chunk) => {
-                                writer.put(id, &chunk, &offsets[id], false)?;
-                                report.chunks_patched += 1;
-                            }
-                            Err(err) => {
-                                tracing::warn!(%class, chunk = id, error = %err, "patch frame does not give its chunk; fetching it from the archive");
-                                report.patch_failures += 1;
-                                rest.push(id);
-                            }
-                        }
-                        buf.clear();
-                        next += 1;
-                    }
-                }
-                Ok(())
-            },
-        )?;
-        let fetched = source.fetched_bytes() - fetched_at_start;
-        writer.commit(Some(fetched))?;
-        writer.pending.downloaded_bytes = writer.fetched_before + fetched;
-    }
-    // The archive fetch adds its own bytes to what this step fetched.
-    writer.fetched_before = writer.pending.downloaded_bytes;
-    rest.sort_unstable();
-    Ok(rest)
-}
-
-#[allow(clippy::too_many_arguments)] // one image's whole clone, called once
-fn clone_image(
-    job: ImageJob<'_>,
-    source: &mut dyn Source,
-    target: &TargetSlot,
-    journal: &mut Journal,
-    done: &HashSet<ChunkKey>,
-    data: &DataDir,
-    pending: &mut PendingInstall,
-    report: &mut InstallReport,
-    progress: &ProgressFn<'_>,
-) -> Result<(), UpdateError> {
-    let class = job.entry.slot_class;
-    let index = job.index;
-    let stored = index.stored_chunks();
-    let mut offsets: Vec<Vec<u64>> = vec![Vec::new(); stored.len()];
-    for (at, id, _) in index.image_chunks() {
-        if let Some(o) = offsets.get_mut(id) {
-            o.push(at);
-        }
-    }
-    let fetched_before = pending.downloaded_bytes;
-    let mut writer = Writer {
-        class,
-        target,
-        journal,
-        data,
-        pending,
-        batch_bytes: 0,
-        fetched_before,
-        progress,
-    };
-    let mut todo: Vec<usize> = Vec::new();
-    // 1. Chunks the journal says are in the target: re-read and re-hash.
-    for (id, chunk) in stored.iter().enumerate() {
-        let first = offsets[id].first().copied().unwrap_or(0);
-        if done.contains(&(class, id as u32)) && target.holds(first, chunk)? {
-            report.chunks_resumed += 1;
-            writer.pending.done_bytes += u64::from(chunk.source_size) * offsets[id].len() as u64;
-        } else {
-            todo.push(id);
-        }
-    }
-    // 2. Chunks the booted slot holds, by its recorded index, re-hashed.
-    if let Some((seed, seed_index)) = &job.seed {
-        let mut seed_at: HashMap<ChunkHash, u64> = HashMap::new();
-        for (at, _, c) in seed_index.image_chunks() {
-            seed_at.entry(c.hash).or_insert(at);
-        }
-        let mut rest = Vec::with_capacity(todo.len());
-        for id in todo {
-            let chunk = &stored[id];
-            let from_seed = match seed_at.get(&chunk.hash) {
-                Some(&at) => seed.chunk_at(at, chunk)?,
-                None => None,
-            };
-            match from_seed {
-                Some(v) => {
-                    writer.put(id, &v, &offsets[id], true)?;
-                    report.chunks_from_seed += 1;
-                }
-                None => rest.push(id),
-            }
-        }
-        todo = rest;
-    }
-    writer.commit(Some(0))?;
-    // 3a. Chunks the patch from the booted slot's image covers.
-    if let (Some((table, patch_start)), Some((seed, _))) = (&job.patch, &job.seed) {
-        todo = apply_patch(
-            todo,
-            table,
-            *patch_start,
-            seed,
-            stored,
-            &offsets,
-            source,
-            &mut writer,
-            report,
-        )?;
-    }
-    let fetched_before = writer.fetched_before;
-    // 3b. The rest from the archive, adjacent chunks in one request.
-    let data_start = job.spans.archive.offset + index.archive_data_offset();
-    let fetched_at_start = source.fetched_bytes();
-    // Failed downloads per stored chunk; a chunk that does not verify is
-    // fetched again (with the rest of its request) after a backoff.
-    let mut failures: HashMap<usize, u32> = HashMap::new();
-    let mut i = 0;
-    while i < todo.len() {
-        let group_start = i;
-        let first = todo[i];
-        let mut group = vec![first];
-        let mut end = stored[first].archive_offset + u64::from(stored[first].archive_size);
-        i += 1;
-        while i < todo.len() {
-            let c = &stored[todo[i]];
-            if c.archive_offset != end
-                || end + u64::from(c.archive_size) - stored[first].archive_offset > MAX_REQUEST
-            {
-                break;
-            }
-            end += u64::from(c.archive_size);
-            group.push(todo[i]);
-            i += 1;
-        }
-        let start = stored[first].archive_offset;
-        let mut buf: Vec<u8> = Vec::new();
-        let mut next = 0usize;
-        let mut corrupt: Option<usize> = None;
-        let result = source.fetch(
-            data_start + start,
-            end - start,
-            &mut |mut bytes: &[u8]| {
-                while !bytes.is_empty() {
-                    let Some(&id) = group.get(next) else {
-                        return Ok(());
-                    };
-                    let chunk = &stored[id];
-                    let want = chunk.archive_size as usize - buf.len();
-                    let n = want.min(bytes.len());
-                    buf.extend_from_slice(&bytes[..n]);
-                    bytes = &bytes[n..];
-                    if buf.len() == chunk.archive_size as usize {
-                        let verified = archive::verify_chunk(chunk, &buf).map_err(|e| {
-                            corrupt = Some(next);
-                            UpdateError::Chunk {
-                                class,
-                                offset: offsets[id].first().copied().unwrap_or(0),
-                                reason: format!("downloaded chunk does not verify: {e}"),
-                            }
-                        })?;
-                        writer.put(id, &verified, &offsets[id], false)?;
-                        report.chunks_fetched += 1;
-                        buf.clear();
-                        next += 1;
-                    }
-                }
-                Ok(())
-            },
-        );
-        if let Err(e) = result {
-            let fetched = source.fetched_bytes() - fetched_at_start;
-            writer.commit(Some(fetched))?;
-            let Some(bad) = corrupt else {
-                return Err(e);
-            };
-            // Everything before the bad chunk is written; start again there.
-            let id = group[bad];
-            let n = failures.entry(id).or_insert(0);
-            *n += 1;
-            if *n >= CHUNK_ATTEMPTS {
-                return Err(match e {
-                    UpdateError::Chunk {
-                        class,
-                        offset,
-                        reason,
-                    } => UpdateError::Chunk {
-                        class,
-                        offset,
-                        reason: format!("{reason} (fetched {n} times)"),
-                    },
-                    other => other,
-                });
-            }
-            let delay = crate::source::FIRST_BACKOFF
-                .saturating_mul(1 << (*n - 1))
-                .min(crate::source::MAX_BACKOFF);
-            tracing::warn!(%class, chunk = id, error = %e, ?delay, "fetching the chunk again");
-            report.chunks_refetched += 1;
-            std::thread::sleep(delay);
-            i = group_start + bad;
-            writer.pending.downloaded_bytes = fetched_before + fetched;
-            continue;
-        }
-        let fetched = source.fetched_bytes() - fetched_at_start;
-        writer.commit(Some(fetched))?;
-        writer.pending.downloaded_bytes = fetched_before + fetched;
-    }
-    Ok(())
 }
 
 /// Installs the bundle at `source` into the inactive slot.
@@ -822,6 +275,8 @@ fn run(
         None => None,
     };
     let head = read_head(source)?;
+    // Later reads of the bytes the first read holds are served from it.
+    let source = &mut Prefixed::new(&head.prefix, source);
     let verified = verify_head(&head, config, booted_manifest.as_ref(), options)?;
     let manifest_sha256 = Sha256Digest::of(verified.bytes());
     let mut report = InstallReport {
@@ -841,8 +296,8 @@ fn run(
         flow.set_try_next(target, TRY_ATTEMPTS)?;
         data.clear_pending()?;
         report.already_installed = true;
-        report.bytes_fetched = source.fetched_bytes();
-        report.requests = source.requests();
+        report.bytes_fetched = source.inner().fetched_bytes();
+        report.requests = source.inner().requests();
         return Ok(report);
     }
 
@@ -850,12 +305,12 @@ fn run(
     // sure the bootloader cannot boot it half-written.
     let mut pending = match data.pending()? {
         Some(p) if p.manifest_sha256 == manifest_sha256 && p.target == target => PendingInstall {
-            source: source.name().to_owned(),
+            source: source.inner().name().to_owned(),
             done_bytes: 0,
             ..p
         },
         _ => PendingInstall {
-            source: source.name().to_owned(),
+            source: source.inner().name().to_owned(),
             version: verified.version.to_string(),
             manifest_sha256,
             target,
@@ -881,7 +336,7 @@ fn run(
             .layout
             .image(class)
             .cloned()
-            .ok_or_else(|| rejected(format!("no {class} members in the layout")))?;
+            .ok_or_else(|| UpdateError::Bundle(format!("no {class} members in the layout")))?;
         let pair = config
             .slots
             .pair(class)
@@ -912,7 +367,7 @@ fn run(
         };
         let patch = match (&seed, base_image) {
             (Some(_), Some((base, base_size))) => {
-                fetch_patch_table(source, &spans, entry, &base, base_size, &index)?
+                fetch::fetch_patch_table(source, &spans, entry, &base, base_size, &index)?
             }
             _ => None,
         };
@@ -940,8 +395,7 @@ fn run(
     progress(InstallProgress::of(&pending));
     // Every chunk written, synced and journaled; the final SHA-256 check of
     // the slot is next (hw-tests cuts the power here).
-    #[cfg(debug_assertions)]
-    pause_at("verify");
+    failpoint!(pause "verify");
     if let Err(e) = verify_slots(config, &verified, target) {
         // The journal vouched for chunks the slot does not hold: start over.
         crate::store::remove(&data.journal_path())?;
@@ -949,62 +403,20 @@ fn run(
     }
     let record = SlotRecord {
         manifest: String::from_utf8(verified.bytes().to_vec())
-            .map_err(|_| rejected("manifest is not UTF-8"))?,
+            .map_err(|_| UpdateError::Bundle("manifest is not UTF-8".into()))?,
         signature: hex::encode(&head.signature),
         verified: true,
         installed_at: crate::store::now(),
     };
     let refs: Vec<(SlotClass, &[u8])> = indexes.iter().map(|(c, b)| (*c, b.as_slice())).collect();
     data.write_slot(target, &record, &refs)?;
-    #[cfg(debug_assertions)]
-    pause_at("slot-record");
+    failpoint!(pause "slot-record");
     flow.set_try_next(target, TRY_ATTEMPTS)?;
-    #[cfg(debug_assertions)]
-    pause_at("env-write");
+    failpoint!(pause "env-write");
     data.clear_pending()?;
-    report.bytes_fetched = source.fetched_bytes();
-    report.requests = source.requests();
+    report.bytes_fetched = source.inner().fetched_bytes();
+    report.requests = source.inner().requests();
     Ok(report)
-}
-
-/// Debug builds only (never compiled into a release): whether
-/// `KERNEX_TEST_PAUSE_AT` names this `step` (`step` for its first
-/// occurrence, `step:N` for its N-th), so a power-cut test can stop the
-/// process exactly there with [`stop_self`] and SIGKILL it.
-#[cfg(debug_assertions)]
-pub(crate) fn pause_requested(step: &str) -> bool {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static HITS: AtomicU32 = AtomicU32::new(0);
-    let Ok(want) = std::env::var("KERNEX_TEST_PAUSE_AT") else {
-        return false;
-    };
-    let (name, nth) = match want.split_once(':') {
-        Some((name, n)) => (name, n.parse().unwrap_or(1)),
-        None => (want.as_str(), 1),
-    };
-    name == step && HITS.fetch_add(1, Ordering::SeqCst) + 1 == nth
-}
-
-/// Debug builds only: stops this process (SIGSTOP, through `kill`, as the
-/// crate has no unsafe code); carries on if it is continued instead.
-#[cfg(debug_assertions)]
-pub(crate) fn stop_self() {
-    tracing::warn!("KERNEX_TEST_PAUSE_AT: stopping");
-    let pid = std::process::id().to_string();
-    if let Err(e) = std::process::Command::new("kill")
-        .args(["-STOP", &pid])
-        .status()
-    {
-        tracing::warn!("unable to stop: {e}");
-    }
-}
-
-/// Debug builds only: [`stop_self`] when `step` is the one requested.
-#[cfg(debug_assertions)]
-fn pause_at(step: &str) {
-    if pause_requested(step) {
-        stop_self();
-    }
 }
 
 /// Re-reads every image of `target` and checks size and SHA-256.
