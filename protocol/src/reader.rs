@@ -139,6 +139,13 @@ impl<'r, R: RangeRead + ?Sized> Prefixed<'r, R> {
     pub fn inner(&mut self) -> &mut R {
         self.inner
     }
+
+    /// Reads everything from the source from now on: after a download of
+    /// the prefix turned out corrupt, fetching again must not serve the
+    /// same bytes.
+    pub fn forget_prefix(&mut self) {
+        self.prefix = &[];
+    }
 }
 
 /// The part of `offset..offset + len` past a prefix of `held` bytes: what

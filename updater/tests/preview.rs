@@ -246,3 +246,29 @@ fn a_bundle_smaller_than_the_first_read_installs_over_http() {
     assert_eq!(file_sha256(&dev.path("slot-b.img")), sha256(&tiny));
     assert_eq!(dev.flow().primary_slot().unwrap(), Some(Slot::B));
 }
+
+#[test]
+fn a_chunk_corrupted_in_the_first_read_is_fetched_again() {
+    let keys = keys();
+    let tiny = image(512, 5);
+    let b = bundle(&tiny, "1.0.0", &keys.signer);
+    let opened = Bundle::open(Cursor::new(b.bytes.clone())).unwrap();
+    let chunk_at = opened.layout().images[0].archive.offset
+        + opened.unverified_manifest().images[0].archive.header_size;
+    assert!(chunk_at < kernex_updater::install::FIRST_READ);
+    let dev = Device::new(&keys, &image(512, 4));
+    let server = Server::start(b.bytes.clone(), Fault::CorruptOnce(chunk_at));
+    let config = dev.load();
+    let mut flow = config.bootloader.open().unwrap();
+    let mut src = source::open(&server.url, Link::unlimited()).unwrap();
+    let report = kernex_updater::install(
+        &config,
+        flow.as_mut(),
+        src.as_mut(),
+        &InstallOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(report.chunks_refetched, 1, "{report:?}");
+    assert_eq!(report.requests, 2, "{report:?}");
+    assert_eq!(file_sha256(&dev.path("slot-b.img")), sha256(&tiny));
+}

@@ -333,6 +333,8 @@ fn fetch_archive<S: Source + ?Sized>(
                 .saturating_mul(1 << (*n - 1))
                 .min(crate::source::MAX_BACKOFF);
             tracing::warn!(%class, chunk = id, error = %e, ?delay, "fetching the chunk again");
+            // The chunk may lie in the bundle's first read: fetch it anew.
+            source.forget_prefix();
             report.chunks_refetched += 1;
             std::thread::sleep(delay);
             i = group_start + bad;
