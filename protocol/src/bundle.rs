@@ -25,7 +25,9 @@ use crate::manifest::{
 };
 use crate::patch::{BuiltPatch, PatchError, PatchTable};
 use crate::plan::{Held, plan_image};
-use crate::reader::{BundleHead, RangeRead, Sink, check_index, check_members, read_head};
+use crate::reader::{
+    BundleHead, RangeRead, Sink, check_index, check_members, clip, member_reads, read_head,
+};
 use crate::signature::{self, Keyring, SignatureError, VerifyOptions};
 #[cfg(feature = "bita")]
 use {
@@ -274,6 +276,9 @@ pub struct BundleDelta {
     /// The first read (manifest, signature and whatever else of the
     /// bundle's first [`crate::reader::FIRST_READ`] bytes).
     pub manifest_bytes: u64,
+    /// The container's other member headers and its end marker, past the
+    /// first read ([`check_members`]).
+    pub container_bytes: u64,
     /// Per image.
     pub images: Vec<ImageDelta>,
     /// Everything downloaded.
@@ -490,8 +495,9 @@ impl<R: RangeRead> Bundle<R> {
     /// What a device holding `old`'s images downloads to install this
     /// bundle (`old` None: a device with nothing to seed from): the sum of
     /// the requests `kernex-updater install` makes, by the same rules
-    /// ([`read_head`] and [`crate::plan::plan_image`]), so the server's
-    /// rollout preview and `kernex-image bundle delta` are exact.
+    /// ([`read_head`], [`check_members`] and [`crate::plan::plan_image`],
+    /// each read past the first one only), so the server's rollout preview
+    /// and `kernex-image bundle delta` are exact.
     pub fn delta_from<S: RangeRead<Error = R::Error>>(
         &mut self,
         mut old: Option<&mut Bundle<S>>,
@@ -532,12 +538,20 @@ impl<R: RangeRead> Bundle<R> {
             });
         }
         let manifest_bytes: u64 = self.head_reads.iter().map(|(_, n)| n).sum();
-        let total_bytes =
-            manifest_bytes + images.iter().map(|i| i.delta.total_bytes()).sum::<u64>();
+        let container: Vec<(u64, u64)> = member_reads(&self.head.layout)
+            .into_iter()
+            .filter_map(|(at, n)| clip(prefix, at, n))
+            .collect();
+        requests += container.len() as u64;
+        let container_bytes: u64 = container.iter().map(|(_, n)| n).sum();
+        let total_bytes = manifest_bytes
+            + container_bytes
+            + images.iter().map(|i| i.delta.total_bytes()).sum::<u64>();
         Ok(BundleDelta {
             from: old.map(|o| o.head.manifest.version.clone()),
             to: manifest.version.clone(),
             manifest_bytes,
+            container_bytes,
             images,
             total_bytes,
             requests,

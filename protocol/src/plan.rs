@@ -3,8 +3,10 @@
 //! server that previews.
 //!
 //! After [`crate::reader::read_head`] (the first [`FIRST_READ`] bytes, more
-//! only if the manifest and signature do not fit), a device installs each
-//! image in manifest order:
+//! only if the manifest and signature do not fit) and
+//! [`crate::reader::check_members`] (each member header and the end marker,
+//! [`crate::reader::member_reads`]), a device installs each image in
+//! manifest order:
 //!
 //! 1. the index head (its page table), then the index pages its booted
 //!    slot's index does not hold ([`reusable_pages`]), adjacent missing

@@ -15,11 +15,9 @@
 //! source is exactly as large as the layout says. [`Prefixed`] then serves
 //! later reads of those first bytes from memory, so nothing is fetched
 //! twice. [`check_members`] checks every other member header and the end
-//! marker (what a reader of the whole file, `Bundle::open`, does; a device
-//! uses only bytes the signed manifest binds by digest, and does not spend
-//! requests on them); [`check_index_head`] and [`check_index`] check an
-//! image's index against the manifest: digests, sizes, and the archive
-//! sizes it implies.
+//! marker (`Bundle::open` and a device's install both run it);
+//! [`check_index_head`] and [`check_index`] check an image's index against
+//! the manifest: digests, sizes, and the archive sizes it implies.
 
 use std::io::{Read, Seek, SeekFrom};
 
@@ -287,18 +285,42 @@ pub fn read_head<R: RangeRead + ?Sized>(r: &mut R) -> Result<BundleHead, R::Erro
     })
 }
 
+/// The reads [`check_members`] makes, (offset, bytes) in order: every
+/// member header after the signature's, then the end-of-archive marker.
+pub fn member_reads(layout: &BundleLayout) -> Vec<(u64, u64)> {
+    layout
+        .members()
+        .into_iter()
+        .skip(2)
+        .map(|(_, at, _)| (at, BLOCK))
+        .chain([(layout.total_size - 2 * BLOCK, 2 * BLOCK)])
+        .collect()
+}
+
 /// Checks every member header after the signature (name and size where
-/// the manifest puts them) and the end-of-archive marker.
+/// the manifest puts them) and the end-of-archive marker, reading
+/// [`member_reads`].
 pub fn check_members<R: RangeRead + ?Sized>(
     r: &mut R,
     layout: &BundleLayout,
 ) -> Result<(), R::Error> {
-    for (name, at, span) in layout.members().into_iter().skip(2) {
-        let block = r.read_range(at, BLOCK)?;
-        let m = container::parse_member_header(&block, at).map_err(BundleError::from)?;
-        if m.name != name || m.size != span.size {
+    let members: Vec<_> = layout.members().into_iter().skip(2).collect();
+    for (k, (at, len)) in member_reads(layout).into_iter().enumerate() {
+        let bytes = r.read_range(at, len)?;
+        let Some((name, _, span)) = members.get(k) else {
+            if bytes.iter().any(|&b| b != 0) {
+                return Err(BundleError::Member {
+                    member: "end of archive".into(),
+                    reason: "end marker is not zero".into(),
+                }
+                .into());
+            }
+            continue;
+        };
+        let m = container::parse_member_header(&bytes, at).map_err(BundleError::from)?;
+        if m.name != *name || m.size != span.size {
             return Err(BundleError::Member {
-                member: name,
+                member: name.clone(),
                 reason: format!(
                     "found {:?} of {} bytes where the manifest puts {} bytes",
                     m.name, m.size, span.size
@@ -306,14 +328,6 @@ pub fn check_members<R: RangeRead + ?Sized>(
             }
             .into());
         }
-    }
-    let end = r.read_range(layout.total_size - 2 * BLOCK, 2 * BLOCK)?;
-    if end.iter().any(|&b| b != 0) {
-        return Err(BundleError::Member {
-            member: "end of archive".into(),
-            reason: "end marker is not zero".into(),
-        }
-        .into());
     }
     Ok(())
 }

@@ -17,7 +17,7 @@ pub mod fetch;
 use std::path::Path;
 
 use kernex_bootloader::{BootFlow, DEFAULT_ATTEMPTS, Slot};
-use kernex_protocol::reader::{BundleHead, Prefixed, read_head};
+use kernex_protocol::reader::{BundleHead, Prefixed, check_members, read_head};
 use kernex_protocol::{
     Keyring, Manifest, Sha256Digest, SlotClass, VerifiedManifest, VerifyOptions,
 };
@@ -277,6 +277,7 @@ fn run(
     let head = read_head(source)?;
     // Later reads of the bytes the first read holds are served from it.
     let source = &mut Prefixed::new(&head.prefix, source);
+    check_members(source, &head.layout)?;
     let verified = verify_head(&head, config, booted_manifest.as_ref(), options)?;
     let manifest_sha256 = Sha256Digest::of(verified.bytes());
     let mut report = InstallReport {
