@@ -39,6 +39,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "rollout_left_out",
         include_str!("../migrations/0006_rollout_left_out.sql"),
     ),
+    (
+        7,
+        "release_deltas_exact",
+        include_str!("../migrations/0007_release_deltas_exact.sql"),
+    ),
 ];
 
 /// Which database is behind the pool.
