@@ -384,7 +384,7 @@ impl SimDevice {
             .and_then(|v| v.to_str().ok())
             .and_then(api::parse_poll_after)
         {
-            self.next_poll = now + ms(after.as_secs()).clamp(1000, poll_ms);
+            self.next_poll = now + ms(after.as_secs()).clamp(1000, poll_ms.max(1000));
         }
         if resp.status() != StatusCode::OK {
             return;
@@ -393,7 +393,7 @@ impl SimDevice {
             return;
         };
         if let Some(s) = desired.poll_after_secs {
-            self.next_poll = now + ms(s).clamp(1000, poll_ms);
+            self.next_poll = now + ms(s).clamp(1000, poll_ms.max(1000));
         }
         let action = desired.action();
         let DesiredState {
