@@ -11,6 +11,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use kernex_protocol::api::{self, EnrollmentToken, NewEnrollmentToken};
 use serde_json::{Value, json};
 
 /// The address of the host's loopback as the guest sees it (QEMU user
@@ -211,13 +212,22 @@ impl ControlPlane {
     /// A new enrollment token; with `require_tpm`, devices must enroll
     /// with their TPM identity (credential activation).
     pub fn enrollment_token(&self, require_tpm: bool) -> Result<String> {
+        let new = NewEnrollmentToken {
+            label: "hw-tests".into(),
+            tags: vec!["qemu".into()],
+            expires_at: None,
+            require_preauthorization: false,
+            require_tpm,
+        };
         let v = self.call_expecting(
             201,
             "POST",
-            "/api/v1/enrollment-tokens",
-            Some(json!({"label": "hw-tests", "tags": ["qemu"], "require_tpm": require_tpm})),
+            api::paths::ENROLLMENT_TOKENS,
+            Some(serde_json::to_value(new)?),
         )?;
-        Ok(v["token"].as_str().context("no token")?.to_owned())
+        let token: EnrollmentToken = serde_json::from_value(v)
+            .context("the enrollment token answer is not the contract's")?;
+        token.token.context("no token")
     }
 
     /// The device that enrolled as `device_id`, if it has.

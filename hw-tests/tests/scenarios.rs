@@ -31,6 +31,7 @@ use kernex_hw_tests::machine::{Hardware, Lab, Machine, SshTarget, boot_timeout};
 use kernex_hw_tests::scenarios::{self, INSTALL_TIMEOUT, Rig, scenario_1, scenario_2};
 use kernex_hw_tests::server::ControlPlane;
 use kernex_protocol::Sha256Digest;
+use kernex_protocol::api::{AttestationState, ReportState};
 use serde_json::Value;
 
 struct Fixture {
@@ -632,15 +633,19 @@ fn s7_daemon_enrolls_with_a_real_server_over_the_network_installs_reboots_and_co
     // The server saw the install, then the commit. (The daemon queues its
     // `rebooted` report at boot and delivers it with `committed` once the
     // watchdog has decided, so `rebooted` is seen only by luck.)
-    let pos = |s: &str| {
+    let pos = |s: ReportState| {
         states
             .iter()
-            .position(|x| x == s)
+            .position(|x| x == s.as_str())
             .unwrap_or_else(|| panic!("the server never saw {s:?}: {states:?}"))
     };
-    assert!(pos("installed") < pos("committed"), "{states:?}");
-    if let Some(r) = states.iter().position(|x| x == "rebooted") {
-        assert!(pos("installed") < r && r < pos("committed"), "{states:?}");
+    let (installed, committed) = (pos(ReportState::Installed), pos(ReportState::Committed));
+    assert!(installed < committed, "{states:?}");
+    if let Some(r) = states
+        .iter()
+        .position(|x| x == ReportState::Rebooted.as_str())
+    {
+        assert!(installed < r && r < committed, "{states:?}");
     }
     // ...and, from the heartbeats, that the device restarted in between.
     // Uptime only grows: had B's first heartbeat (uptime `b_up`) come from
@@ -668,7 +673,11 @@ fn s7_daemon_enrolls_with_a_real_server_over_the_network_installs_reboots_and_co
         "no restart between A's heartbeat (uptime {a_up} s) and B's (uptime {b_up} s, {w} s later)"
     );
     let dep = cp.deployment(&deployment).unwrap();
-    assert_eq!(dep["devices"][0]["state"], "committed", "{dep}");
+    assert_eq!(
+        dep["devices"][0]["state"],
+        ReportState::Committed.as_str(),
+        "{dep}"
+    );
     let fetched = dep["devices"][0]["bytes_done"].as_i64().unwrap();
     let size = std::fs::metadata(&f.v2.bundle).unwrap().len() as i64;
     assert!(
@@ -694,7 +703,7 @@ fn s7_daemon_enrolls_with_a_real_server_over_the_network_installs_reboots_and_co
         || {
             cp.device("qemu-hw-1")
                 .unwrap()
-                .filter(|d| d["attestation"]["state"] == "attested")
+                .filter(|d| d["attestation"]["state"] == AttestationState::Attested.as_str())
         },
     );
     assert_eq!(d["attestation"]["version"], "2.0.0", "{d}");

@@ -1,52 +1,29 @@
 //! Pre-authorising a device with the control plane before it first boots:
 //! `POST {server}/api/v1/tpm/preauthorizations` with an operator's API
-//! token, body `{"device_id", "ek_public", "ek_certificate"}` (lowercase hex,
-//! `null` without a TPM: pre-authorised by serial). The server answers 201
-//! (created) or 200 (the same device and EK again: idempotent) with
-//! `{"id", "device_id", "ek_fingerprint"}`, 409 when the device id is
-//! pre-authorised with another EK, 401/403 for the token, 422 for an EK it
-//! cannot parse.
+//! token and an [`api::NewPreauthorization`] (lowercase hex; no
+//! `ek_public` without a TPM: pre-authorised by serial). The server answers
+//! 201 (created) or 200 (the same device and EK again: idempotent) with an
+//! [`api::Preauthorization`], 409 when the device id is pre-authorised with
+//! another EK, 401/403 for the token, 422 for an EK it cannot parse.
+//! Before that, the enrollment token the board will carry is checked
+//! (`POST /api/v1/enrollment-tokens/check`, [`api::TokenCheck`]). The wire
+//! types and paths are [`kernex_protocol::api`]'s, the ones the server
+//! uses.
 
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use kernex_protocol::api;
+pub use kernex_protocol::api::paths::PREAUTHORIZATIONS as PATH;
+pub use kernex_protocol::api::{EnrollmentToken, Preauthorization};
+use serde::Serialize;
 
-/// The API path, below the server URL.
-pub const PATH: &str = "/api/v1/tpm/preauthorizations";
 /// Largest answer read.
 pub const MAX_ANSWER: u64 = 64 * 1024;
 
-/// What is sent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct PreauthRequest {
-    /// The device id the board will enroll with (its serial).
-    pub device_id: String,
-    /// Lowercase hex of the EK's marshalled `TPMT_PUBLIC`, when there is a TPM.
-    pub ek_public: Option<String>,
-    /// Lowercase hex of the EK certificate (DER), when the TPM has one.
-    pub ek_certificate: Option<String>,
-}
-
-impl PreauthRequest {
-    /// SHA-256 of the EK public bytes, as the server reports it.
-    pub fn ek_fingerprint(&self) -> Option<String> {
-        let hex_public = self.ek_public.as_ref()?;
-        let bytes = hex::decode(hex_public).ok()?;
-        Some(hex::encode(Sha256::digest(bytes)))
-    }
-}
-
-/// What the server answers on success.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Preauthorization {
-    /// The pre-authorisation's id.
-    pub id: String,
-    /// The device id.
-    pub device_id: String,
-    /// SHA-256 of the EK public bytes (none for a serial-only one).
-    pub ek_fingerprint: Option<String>,
-}
+/// What is sent: the contract's request. Its
+/// [`ek_fingerprint`](api::NewPreauthorization::ek_fingerprint) is what the
+/// server must answer with.
+pub type PreauthRequest = api::NewPreauthorization;
 
 /// Whether the server created the pre-authorisation or already had it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -129,7 +106,7 @@ pub fn preauthorize(
     api_token: &str,
     request: &PreauthRequest,
 ) -> Result<(Outcome, Preauthorization), PreauthError> {
-    let (status, answer) = post_json(server, PATH, api_token, request)?;
+    let (status, answer) = post_json(server, api::paths::PREAUTHORIZATIONS, api_token, request)?;
     handle_answer(request, status, &answer)
 }
 
@@ -174,7 +151,11 @@ pub fn withdraw(server: &str, api_token: &str, device_id: &str) -> Result<(), Pr
     if !(server.starts_with("http://") || server.starts_with("https://")) {
         return Err(PreauthError::BadUrl(server.to_owned()));
     }
-    let url = format!("{}{PATH}/{device_id}", server.trim_end_matches('/'));
+    let url = format!(
+        "{}{}",
+        server.trim_end_matches('/'),
+        api::paths::preauthorization(device_id)
+    );
     let mut resp = agent()
         .delete(&url)
         .header("Authorization", format!("Bearer {api_token}"))
@@ -214,18 +195,6 @@ fn agent() -> ureq::Agent {
     ureq::Agent::new_with_config(config)
 }
 
-/// The enrollment-token check's path, below the server URL.
-pub const TOKEN_CHECK_PATH: &str = "/api/v1/enrollment-tokens/check";
-
-/// What the server says about an enrollment token devices can use now.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EnrollmentTokenInfo {
-    /// Its id.
-    pub id: String,
-    /// Its label (the batch).
-    pub label: String,
-}
-
 /// Asks the server whether devices can enroll with `token` now (`POST
 /// /api/v1/enrollment-tokens/check`): a token the server does not know,
 /// revoked or expired must not be written onto a board.
@@ -233,12 +202,15 @@ pub fn check_enrollment_token(
     server: &str,
     api_token: &str,
     token: &str,
-) -> Result<EnrollmentTokenInfo, PreauthError> {
+) -> Result<EnrollmentToken, PreauthError> {
+    let check = api::TokenCheck {
+        token: token.to_owned(),
+    };
     let (status, answer) = post_json(
         server,
-        TOKEN_CHECK_PATH,
+        api::paths::ENROLLMENT_TOKEN_CHECK,
         api_token,
-        &serde_json::json!({ "token": token }),
+        &check,
     )?;
     let text = || -> String { String::from_utf8_lossy(&answer).chars().take(500).collect() };
     match status {
@@ -318,6 +290,8 @@ pub fn handle_answer(
 mod tests {
     #![allow(clippy::unwrap_used)]
 
+    use sha2::{Digest, Sha256};
+
     use super::*;
 
     fn request(ek: Option<&[u8]>) -> PreauthRequest {
@@ -333,7 +307,16 @@ mod tests {
         let body = serde_json::to_value(request(Some(b"\x00\x01\xab"))).unwrap();
         assert_eq!(
             body,
-            serde_json::json!({"device_id": "SN-1", "ek_public": "0001ab", "ek_certificate": null})
+            serde_json::json!({"device_id": "SN-1", "ek_public": "0001ab"})
+        );
+        let body = serde_json::to_value(request(None)).unwrap();
+        assert_eq!(body, serde_json::json!({"device_id": "SN-1"}));
+        let check = api::TokenCheck {
+            token: "kxe_1".into(),
+        };
+        assert_eq!(
+            serde_json::to_value(check).unwrap(),
+            serde_json::json!({"token": "kxe_1"})
         );
     }
 
@@ -341,7 +324,9 @@ mod tests {
     fn answers_map_to_outcomes_and_named_errors() {
         let ek = b"ek-bytes";
         let fp = hex::encode(Sha256::digest(ek));
-        let ok = format!(r#"{{"id":"p1","device_id":"SN-1","ek_fingerprint":"{fp}"}}"#);
+        let ok = format!(
+            r#"{{"id":"p1","device_id":"SN-1","ek_fingerprint":"{fp}","ek_certificate":false,"created_at":1}}"#
+        );
         let r = request(Some(ek));
         assert_eq!(
             handle_answer(&r, 201, ok.as_bytes()).unwrap().0,
@@ -352,13 +337,13 @@ mod tests {
             Outcome::AlreadyPresent
         );
         let serial = request(None);
-        let by_serial = br#"{"id":"p2","device_id":"SN-1","ek_fingerprint":null,"extra":1}"#;
+        let by_serial = br#"{"id":"p2","device_id":"SN-1","ek_fingerprint":null,"ek_certificate":false,"created_at":1,"extra":1}"#;
         assert!(handle_answer(&serial, 201, by_serial).is_ok());
         assert!(matches!(
             handle_answer(&r, 201, by_serial),
             Err(PreauthError::BadAnswer { .. })
         ));
-        let other = br#"{"id":"p1","device_id":"SN-2","ek_fingerprint":null}"#;
+        let other = br#"{"id":"p1","device_id":"SN-2","ek_fingerprint":null,"ek_certificate":false,"created_at":1}"#;
         assert!(matches!(
             handle_answer(&serial, 200, other),
             Err(PreauthError::BadAnswer { .. })

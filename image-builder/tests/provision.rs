@@ -23,6 +23,7 @@ use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{delete, post};
 use common::*;
+use kernex_protocol::api;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -54,13 +55,31 @@ async fn preauthorize(
             Json(json!({"error": "invalid API token"})),
         );
     }
-    let device = body["device_id"].as_str().unwrap().to_owned();
-    let ek = body["ek_public"].as_str().map(str::to_owned);
-    let fingerprint = ek
+    // As strict as the server: the contract's request, nothing else.
+    let request: api::NewPreauthorization = match serde_json::from_value(body) {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": e.to_string()})),
+            );
+        }
+    };
+    // The fingerprint as the server computes it, not through the client's
+    // code.
+    let fingerprint = request
+        .ek_public
         .as_ref()
         .map(|e| hex::encode(Sha256::digest(hex::decode(e).unwrap())));
-    let answer =
-        json!({"id": format!("pre-{device}"), "device_id": device, "ek_fingerprint": fingerprint});
+    let answer = api::Preauthorization {
+        id: format!("pre-{}", request.device_id),
+        device_id: request.device_id.clone(),
+        ek_fingerprint: fingerprint,
+        ek_certificate: request.ek_certificate.is_some(),
+        created_at: 1_700_000_000_000,
+    };
+    let answer = serde_json::to_value(answer).unwrap();
+    let (device, ek) = (request.device_id, request.ek_public);
     match seen.devices.get(&device) {
         Some(known) if *known == ek => (StatusCode::OK, Json(answer)),
         Some(_) => (
@@ -95,7 +114,10 @@ async fn withdraw(
     }
 }
 
-async fn check_token(headers: HeaderMap, Json(body): Json<Value>) -> (StatusCode, Json<Value>) {
+async fn check_token(
+    headers: HeaderMap,
+    Json(body): Json<api::TokenCheck>,
+) -> (StatusCode, Json<Value>) {
     if headers.get("authorization").and_then(|v| v.to_str().ok())
         != Some(&format!("Bearer {API_TOKEN}"))
     {
@@ -104,8 +126,19 @@ async fn check_token(headers: HeaderMap, Json(body): Json<Value>) -> (StatusCode
             Json(json!({"error": "invalid API token"})),
         );
     }
-    if body["token"] == "kxe_factory_token" {
-        (StatusCode::OK, Json(json!({"id": "t1", "label": "line 2"})))
+    if body.token == "kxe_factory_token" {
+        let token = api::EnrollmentToken {
+            id: "t1".into(),
+            label: "line 2".into(),
+            tags: vec!["line-2".into()],
+            created_at: 1_700_000_000_000,
+            expires_at: None,
+            revoked: false,
+            require_preauthorization: true,
+            require_tpm: false,
+            token: None,
+        };
+        (StatusCode::OK, Json(serde_json::to_value(token).unwrap()))
     } else {
         (
             StatusCode::NOT_FOUND,
@@ -133,12 +166,12 @@ impl Server {
                 .unwrap();
             rt.block_on(async move {
                 let app = axum::Router::new()
-                    .route("/api/v1/tpm/preauthorizations", post(preauthorize))
+                    .route(api::paths::PREAUTHORIZATIONS, post(preauthorize))
                     .route(
-                        "/api/v1/tpm/preauthorizations/{device_id}",
+                        &api::paths::preauthorization("{device_id}"),
                         delete(withdraw),
                     )
-                    .route("/api/v1/enrollment-tokens/check", post(check_token))
+                    .route(api::paths::ENROLLMENT_TOKEN_CHECK, post(check_token))
                     .with_state(state);
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 tx.send(listener.local_addr().unwrap()).unwrap();
@@ -318,10 +351,8 @@ fn provision_by_serial_writes_verifies_and_is_idempotent() {
     let reqs = server.requests();
     assert_eq!(reqs.len(), 1);
     assert_eq!(reqs[0].0.as_deref(), Some(&*format!("Bearer {API_TOKEN}")));
-    assert_eq!(
-        reqs[0].1,
-        json!({"device_id": "SN-0001", "ek_public": null, "ek_certificate": null})
-    );
+    // Serial only: no `ek_public`, no `ek_certificate`.
+    assert_eq!(reqs[0].1, json!({"device_id": "SN-0001"}));
 
     // The target holds the image, apart from the identity on its data partition.
     let written = fs::read(&target).unwrap();

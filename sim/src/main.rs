@@ -6,6 +6,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use kernex_sim::fleet::{Fleet, FleetOptions, LinkProfile};
 use kernex_sim::releases::make_releases;
+use kernex_sim::report::{print_preview, print_summary};
 use serde_json::{Value, json};
 
 /// Fleet simulator for Kernex rollouts.
@@ -362,23 +363,10 @@ async fn run(a: RunArgs) -> Result<()> {
     let mut fleet = Fleet::setup(opts).await?;
     let preview = fleet.start_rollout().await?;
     if !a.json {
-        println!(
-            "preview: {} devices, {} bytes, metered cost {:.2}, projected {} s, peak reserved {} / cap {} B/s",
-            preview["targets"],
-            preview["total_bytes"],
-            preview["metered_cost"].as_f64().unwrap_or(0.0),
-            preview["projected_duration_secs"],
-            preview["peak_reserved_bytes_per_sec"],
-            preview["egress_cap_bytes_per_sec"]
-        );
+        print_preview(&preview);
     }
     fleet
-        .run_until(|f| {
-            matches!(
-                f.status(),
-                "completed" | "aborted" | "rolled_back" | "paused"
-            ) && f.quiet()
-        })
+        .run_until(|f| f.rollout_stopped() && f.quiet())
         .await?;
     if a.rollback_after_complete && fleet.status() == "completed" {
         fleet.rollback().await?;
@@ -387,50 +375,8 @@ async fn run(a: RunArgs) -> Result<()> {
     let summary = fleet.summary().await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
-        return Ok(());
+    } else {
+        print_summary(&summary);
     }
-    println!("--- summary ---");
-    println!(
-        "rollout {}: {} {}",
-        summary.rollout_id,
-        summary.status,
-        summary.status_reason.clone().unwrap_or_default()
-    );
-    println!(
-        "devices {}, wall {:.1} s, simulated {} s",
-        summary.devices, summary.wall_secs, summary.sim_secs
-    );
-    println!(
-        "waves promoted at (simulated s): {:?}",
-        summary.waves_promoted_at_secs
-    );
-    if let Some(s) = summary.all_committed_after_secs {
-        println!("every device committed after {s} s (simulated)");
-    }
-    if let Some(s) = summary.rollback_secs {
-        println!("rollback: every device back on its previous version after {s} s (simulated)");
-    }
-    println!(
-        "bytes: preview {} / downloaded {}; metered cost (preview) {:.2}",
-        summary.preview_total_bytes, summary.downloaded_total_bytes, summary.preview_metered_cost
-    );
-    println!(
-        "egress: peak {} B/s / cap {} B/s = {:.3} (devices' count); server's count: peak {} B/s = {:.3}",
-        summary.peak_egress_bytes_per_sec,
-        summary.egress_cap_bytes_per_sec,
-        summary.peak_egress_over_cap,
-        summary.server_peak_egress_bytes_per_sec,
-        summary.server_peak_egress_over_cap
-    );
-    if let Some(b) = summary.metered_budget_per_day {
-        println!(
-            "metered: max {} bytes per device-day / budget {}",
-            summary.metered_max_device_day_bytes, b
-        );
-    }
-    println!(
-        "versions: {:?}; link drops {}",
-        summary.versions, summary.link_drops
-    );
     Ok(())
 }

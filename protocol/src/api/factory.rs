@@ -81,6 +81,18 @@ pub struct NewPreauthorization {
     pub ek_certificate: Option<String>,
 }
 
+impl NewPreauthorization {
+    /// The `ek_fingerprint` the server records for this request: lowercase
+    /// hex of the SHA-256 of the EK's `TPMT_PUBLIC` bytes. None without
+    /// `ek_public` (by serial only) or when `ek_public` is not hex (the
+    /// server refuses it).
+    pub fn ek_fingerprint(&self) -> Option<String> {
+        use sha2::{Digest, Sha256};
+        let public = hex::decode(self.ek_public.as_deref()?).ok()?;
+        Some(hex::encode(Sha256::digest(public)))
+    }
+}
+
 /// A pre-authorised device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -96,4 +108,25 @@ pub struct Preauthorization {
     pub ek_certificate: bool,
     /// Recorded, unix ms.
     pub created_at: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ek_fingerprint_is_the_sha256_of_the_ek_public_bytes() {
+        let request = |ek: Option<&str>| NewPreauthorization {
+            device_id: "SN-1".into(),
+            ek_public: ek.map(str::to_owned),
+            ek_certificate: None,
+        };
+        assert_eq!(
+            request(Some("616263")).ek_fingerprint().as_deref(),
+            Some("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"),
+            "SHA-256 of the bytes \"abc\", not of their hex"
+        );
+        assert_eq!(request(None).ek_fingerprint(), None);
+        assert_eq!(request(Some("not hex")).ek_fingerprint(), None);
+    }
 }
