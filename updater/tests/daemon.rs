@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{Keys, bundle, edit, image, keys};
+use kernex_protocol::api;
 use serde_json::{Value, json};
 
 /// A kernex-server on 127.0.0.1:PORT, run by a tokio runtime on its own
@@ -569,23 +570,35 @@ fn offline_device_keeps_its_assignment_and_delivers_in_order() {
     });
     drop(dev);
 
-    // Messages queued while offline go out oldest first.
+    // Messages queued while offline go out oldest first. The first was
+    // queued by an updater before the typed outbox (a device upgraded
+    // while offline): its file format is pinned here.
     let data = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(data.path().join("outbox")).unwrap();
+    std::fs::write(
+        data.path().join("outbox/0000000000000001.json"),
+        r#"{"path":"/api/v1/device/logs","key":"0123abcd-1","queued-at":1700000000,"body":{"entries":[{"level":"info","message":"queued line 0","at":null}]}}"#,
+    )
+    .unwrap();
     let mut outbox = kernex_updater::daemon::outbox::Outbox::open(data.path()).unwrap();
-    for i in 0..5 {
+    let line = |level, message: String| api::LogLine {
+        level,
+        message,
+        at: None,
+    };
+    for i in 1..5 {
         outbox
-            .push(
-                "/api/v1/device/logs",
-                json!({"entries": [{"level": "info", "message": format!("queued line {i}")}]}),
-            )
+            .push(api::LogBatch {
+                entries: vec![line(api::LogLevel::Info, format!("queued line {i}"))],
+            })
             .unwrap();
     }
-    // A message the server can never accept is set aside, not retried forever.
+    // A message the server can never accept (more lines than a batch may
+    // hold) is set aside, not retried forever.
     outbox
-        .push(
-            "/api/v1/device/logs",
-            json!({"entries": [{"level": "loud", "message": "x"}]}),
-        )
+        .push(api::LogBatch {
+            entries: vec![line(api::LogLevel::Info, "x".into()); api::MAX_LOG_LINES + 1],
+        })
         .unwrap();
     let down = kernex_updater::daemon::client::Client::new(
         &format!("http://{}", link.addr),
@@ -609,17 +622,14 @@ fn offline_device_keeps_its_assignment_and_delivers_in_order() {
         &cp.url,
         kernex_updater::source::tls_config(None).unwrap(),
     );
-    let enrolled = client
-        .enroll(&kernex_updater::daemon::client::EnrollRequest {
-            enrollment_token: t["token"].as_str().unwrap(),
-            device_id: "sim-3",
-            hardware_class: "qemu-aarch64",
-            hardware_metadata: serde_json::Map::new(),
-            tags: &[],
-            tpm: None,
-            tpm_slot_pcr: None,
-        })
-        .unwrap();
+    // The enrollment request as it goes on the wire.
+    let request: api::EnrollRequest = serde_json::from_value(json!({
+        "enrollment_token": t["token"],
+        "device_id": "sim-3",
+        "hardware_class": "qemu-aarch64",
+    }))
+    .unwrap();
+    let enrolled = client.enroll(&request).unwrap();
     let done = outbox.deliver(&client, &enrolled.credential).unwrap();
     assert_eq!((done.sent, done.rejected, done.left), (5, 1, 0), "{done:?}");
     let (s, logs) = cp.op(

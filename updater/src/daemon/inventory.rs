@@ -1,40 +1,12 @@
-//! The heartbeat: what the device is running and how it is doing.
+//! The heartbeat: what the device is running, how it is doing and what
+//! its link is ([`kernex_protocol::api::Heartbeat`]).
 
 use std::path::Path;
 
-use serde::Serialize;
+use kernex_protocol::api::Heartbeat;
 use sysinfo::{Disks, System};
 
 use crate::status::Status;
-
-/// The heartbeat body (`POST /api/v1/device/heartbeat`).
-#[derive(Debug, Clone, Serialize, Default)]
-pub struct Heartbeat {
-    /// CPU use, percent.
-    pub cpu_percent: Option<f64>,
-    /// Memory in use, bytes.
-    pub memory_used_bytes: Option<u64>,
-    /// Memory total, bytes.
-    pub memory_total_bytes: Option<u64>,
-    /// Disk in use where the data dir lives, bytes.
-    pub disk_used_bytes: Option<u64>,
-    /// Disk total where the data dir lives, bytes.
-    pub disk_total_bytes: Option<u64>,
-    /// Hottest thermal zone, °C.
-    pub temperature_celsius: Option<f64>,
-    /// Seconds since boot.
-    pub uptime_secs: Option<u64>,
-    /// Slot booted.
-    pub booted_slot: Option<String>,
-    /// Slot the bootloader tries first.
-    pub primary_slot: Option<String>,
-    /// Release version running.
-    pub version: Option<String>,
-    /// This updater's version.
-    pub updater_version: Option<String>,
-    /// Everything else: the A/B status, the link profile.
-    pub extra: serde_json::Map<String, serde_json::Value>,
-}
 
 /// Samples the system between heartbeats (CPU use needs two samples).
 #[derive(Debug)]
@@ -85,6 +57,7 @@ impl Sampler {
             version: booted.and_then(|s| s.version.clone()),
             updater_version: Some(env!("CARGO_PKG_VERSION").to_owned()),
             extra,
+            ..Heartbeat::default()
         }
     }
 }

@@ -30,9 +30,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use kernex_bootloader::Slot;
+use kernex_protocol::api::{self, DesiredAction, ReportState};
 use serde::{Deserialize, Serialize};
 
-use self::client::{Client, ClientError, Desired, EnrollRequest};
+use self::client::{Client, ClientError};
 use self::outbox::Outbox;
 use self::state::{Action, Awaiting, Credential, DaemonState, GivenUp};
 use crate::cli::Context;
@@ -145,19 +146,6 @@ enum Next {
     Booted,
     /// Done (`--cycles` reached).
     Stop,
-}
-
-/// A 403 answering a request the credential is not the question of
-/// (enrollment, a TPM binding): the server refused it by policy and its
-/// detail says why (e.g. "EK certificate not issued by a trusted TPM
-/// vendor CA").
-fn policy_refusal(e: ClientError) -> ClientError {
-    match e {
-        ClientError::Unauthorized { status: 403, body } => {
-            ClientError::Rejected { status: 403, body }
-        }
-        other => other,
-    }
 }
 
 /// Runs the daemon until stopped.
@@ -319,7 +307,7 @@ impl<'a> Daemon<'a> {
                 tracing::info!(slot = %a.slot, "the reboot for {} has not happened yet", a.version);
             } else if booted == a.slot {
                 if !a.reported_rebooted {
-                    self.report(&a, "rebooted", None)?;
+                    self.report(&a, ReportState::Rebooted, None)?;
                     st.awaiting = Some(Awaiting {
                         reported_rebooted: true,
                         ..a
@@ -337,7 +325,7 @@ impl<'a> Daemon<'a> {
                     ),
                 };
                 tracing::warn!(%reason, "{} reverted", a.version);
-                self.report_outcome(&a, "reverted", Some(&reason), booted)?;
+                self.report_outcome(&a, ReportState::Reverted, Some(&reason), booted)?;
                 st.awaiting = None;
                 state::save(&self.data, &st)?;
             }
@@ -352,8 +340,8 @@ impl<'a> Daemon<'a> {
             Ok(RunResult::NotOnTrial(_)) | Ok(RunResult::Committed(_)) => {
                 if let Some(a) = awaited {
                     let state = match a.action {
-                        Action::Install => "committed",
-                        Action::Rollback => "rolled_back",
+                        Action::Install => ReportState::Committed,
+                        Action::Rollback => ReportState::RolledBack,
                     };
                     tracing::info!(version = %a.version, slot = %booted, "{state}");
                     self.report_outcome(&a, state, None, booted)?;
@@ -370,7 +358,12 @@ impl<'a> Daemon<'a> {
             Ok(RunResult::Reverted(record)) => {
                 tracing::warn!(reason = %record.reason, slot = %booted, "health watchdog reverted the slot");
                 if let Some(a) = awaited {
-                    self.report_outcome(&a, "reverted", Some(&record.reason), booted.other())?;
+                    self.report_outcome(
+                        &a,
+                        ReportState::Reverted,
+                        Some(&record.reason),
+                        booted.other(),
+                    )?;
                     state::save(
                         &self.data,
                         &DaemonState {
@@ -379,11 +372,11 @@ impl<'a> Daemon<'a> {
                         },
                     )?;
                 } else {
-                    self.queue_report(serde_json::json!({
-                        "state": "reverted",
-                        "reason": record.reason,
-                        "booted_slot": booted.name(),
-                    }))?;
+                    self.queue_report(api::Report {
+                        reason: Some(record.reason.clone()),
+                        booted_slot: Some(booted.name().to_owned()),
+                        ..api::Report::new(ReportState::Reverted)
+                    })?;
                 }
                 // health::run ran the reboot command already.
                 Ok(record.rebooted)
@@ -396,24 +389,22 @@ impl<'a> Daemon<'a> {
         }
     }
 
-    fn queue_report(&mut self, body: serde_json::Value) -> Result<()> {
-        self.outbox
-            .push("/api/v1/device/report", body)
-            .context("unable to queue a report")
+    fn queue_report(&mut self, report: api::Report) -> Result<()> {
+        self.outbox.push(report).context("unable to queue a report")
     }
 
-    fn report(&mut self, a: &Awaiting, state: &str, reason: Option<&str>) -> Result<()> {
-        self.queue_report(serde_json::json!({
-            "state": state,
-            "release_id": a.release_id,
-            "reason": reason,
-        }))
+    fn report(&mut self, a: &Awaiting, state: ReportState, reason: Option<&str>) -> Result<()> {
+        self.queue_report(api::Report {
+            release_id: Some(a.release_id.clone()),
+            reason: reason.map(str::to_owned),
+            ..api::Report::new(state)
+        })
     }
 
     fn report_outcome(
         &mut self,
         a: &Awaiting,
-        state: &str,
+        state: ReportState,
         reason: Option<&str>,
         running: Slot,
     ) -> Result<()> {
@@ -422,13 +413,13 @@ impl<'a> Daemon<'a> {
             .slot_record(running)?
             .and_then(|r| r.manifest().ok())
             .map(|m| m.version.to_string());
-        self.queue_report(serde_json::json!({
-            "state": state,
-            "release_id": a.release_id,
-            "version": version,
-            "booted_slot": running.name(),
-            "reason": reason,
-        }))
+        self.queue_report(api::Report {
+            release_id: Some(a.release_id.clone()),
+            version,
+            booted_slot: Some(running.name().to_owned()),
+            reason: reason.map(str::to_owned),
+            ..api::Report::new(state)
+        })
     }
 
     fn ship_logs(&mut self) {
@@ -436,24 +427,20 @@ impl<'a> Daemon<'a> {
         if lines.is_empty() && dropped == 0 {
             return;
         }
-        let mut entries: Vec<serde_json::Value> = Vec::with_capacity(lines.len() + 1);
+        let mut entries = Vec::with_capacity(lines.len() + 1);
         if dropped > 0 {
-            entries.push(serde_json::json!({
-                "level": "warn",
-                "message": format!("{dropped} log lines dropped (buffer full)"),
-                "at": now_ms(),
-            }));
+            entries.push(api::LogLine {
+                level: api::LogLevel::Warn,
+                message: format!("{dropped} log lines dropped (buffer full)"),
+                at: Some(now_ms()),
+            });
         }
-        entries.extend(
-            lines
-                .into_iter()
-                .map(|l| serde_json::to_value(l).unwrap_or_default()),
-        );
-        for batch in entries.chunks(1000) {
-            if let Err(e) = self.outbox.push(
-                "/api/v1/device/logs",
-                serde_json::json!({ "entries": batch }),
-            ) {
+        entries.extend(lines);
+        for batch in entries.chunks(api::MAX_LOG_LINES) {
+            let batch = api::LogBatch {
+                entries: batch.to_vec(),
+            };
+            if let Err(e) = self.outbox.push(batch) {
                 tracing::debug!(error = %e, "unable to queue log lines");
             }
         }
@@ -492,12 +479,15 @@ impl<'a> Daemon<'a> {
         });
         let enrolled = self
             .client
-            .enroll(&EnrollRequest {
-                enrollment_token: &token,
-                device_id: &device_id,
-                hardware_class: &self.ctx.config.compatible,
+            .enroll(&api::EnrollRequest {
+                enrollment_token: token,
+                device_id: device_id.clone(),
+                hardware_class: self.ctx.config.compatible.clone(),
                 hardware_metadata: metadata,
-                tags: &self.server.tags,
+                tags: self.server.tags.clone(),
+                link_class: None,
+                site: None,
+                time_zone: None,
                 tpm_slot_pcr: tpm
                     .as_ref()
                     .and(self.ctx.config.tpm.as_ref())
@@ -506,7 +496,7 @@ impl<'a> Daemon<'a> {
             })
             // A 403 to an enrollment is a policy refusal (the detail says
             // which), not a refused credential: there is none yet.
-            .map_err(policy_refusal)
+            .map_err(ClientError::as_policy_refusal)
             .context("enrollment failed")?;
         if let Some(challenge) = &enrolled.activation {
             // Not stored before the TPM proved itself: the next cycle
@@ -530,17 +520,16 @@ impl<'a> Daemon<'a> {
 
     /// The TPM identity for enrollment, when a TPM is configured.
     #[cfg(feature = "tpm")]
-    fn tpm_identity(&self) -> Result<Option<serde_json::Value>> {
+    fn tpm_identity(&self) -> Result<Option<api::TpmIdentity>> {
         let Some(tpm) = &self.ctx.config.tpm else {
             return Ok(None);
         };
         let ak = crate::attest::ak_path(&self.ctx.config.data_dir);
-        let identity = crate::attest::identity(tpm, &ak, false)?;
-        Ok(Some(serde_json::to_value(identity)?))
+        Ok(Some(crate::attest::identity(tpm, &ak, false)?))
     }
 
     #[cfg(not(feature = "tpm"))]
-    fn tpm_identity(&self) -> Result<Option<serde_json::Value>> {
+    fn tpm_identity(&self) -> Result<Option<api::TpmIdentity>> {
         if self.ctx.config.tpm.is_some() {
             tracing::warn!(
                 "[tpm] is configured but this kernex-updater was built without TPM support (cargo feature `tpm`): enrolling without a TPM identity"
@@ -552,20 +541,18 @@ impl<'a> Daemon<'a> {
     /// Opens the enrollment's credential-activation challenge with the TPM
     /// and gives the server the credential.
     #[cfg(feature = "tpm")]
-    fn activate_tpm(&self, credential: &str, challenge: &serde_json::Value) -> Result<()> {
+    fn activate_tpm(&self, credential: &str, challenge: &api::Activation) -> Result<()> {
         let Some(tpm) = &self.ctx.config.tpm else {
             bail!("the server sent a TPM challenge, but no [tpm] is configured");
         };
-        let challenge: kernex_attest::Activation = serde_json::from_value(challenge.clone())
-            .context("unreadable credential-activation challenge")?;
         let ak = crate::attest::ak_path(&self.ctx.config.data_dir);
-        let secret = crate::attest::activate(tpm, &ak, &challenge)?;
+        let secret = crate::attest::activate(tpm, &ak, challenge)?;
         self.client
-            .post(
-                Some(credential),
-                "/api/v1/device/activate",
-                &serde_json::json!({ "credential": hex::encode(secret) }),
-                None,
+            .activate(
+                credential,
+                &api::ActivationAnswer {
+                    credential: hex::encode(secret),
+                },
             )
             .context("the server refused the activation")?;
         tracing::info!("TPM bound: credential activation succeeded");
@@ -573,7 +560,7 @@ impl<'a> Daemon<'a> {
     }
 
     #[cfg(not(feature = "tpm"))]
-    fn activate_tpm(&self, _credential: &str, _challenge: &serde_json::Value) -> Result<()> {
+    fn activate_tpm(&self, _credential: &str, _challenge: &api::Activation) -> Result<()> {
         bail!("the server sent a TPM challenge, but this kernex-updater has no TPM support")
     }
 
@@ -643,34 +630,33 @@ impl<'a> Daemon<'a> {
         let ak = crate::attest::ak_path(&self.ctx.config.data_dir);
         let identity =
             crate::attest::identity(tpm, &ak, false).context("unable to read the TPM identity")?;
-        let answer = match self.client.post(
-            Some(credential),
-            "/api/v1/device/tpm",
-            &serde_json::json!({ "tpm": identity, "tpm_slot_pcr": tpm.pcr }),
-            None,
-        ) {
+        let binding = api::TpmBinding {
+            tpm: identity,
+            tpm_slot_pcr: Some(tpm.pcr),
+        };
+        let answer = match self.client.bind_tpm(credential, &binding) {
             Ok(a) => a,
             // 403 here is the binding refused by policy, not the credential.
             Err(ClientError::Unauthorized { status: 401, body }) => {
                 return Err(self.on_client_error(ClientError::Unauthorized { status: 401, body }));
             }
             Err(e) => {
-                return Err(
-                    anyhow::Error::new(policy_refusal(e)).context("POST /api/v1/device/tpm failed")
-                );
+                return Err(anyhow::Error::new(e.as_policy_refusal())
+                    .context(format!("POST {} failed", api::paths::TPM_BIND)));
             }
         };
-        let answer: serde_json::Value =
-            serde_json::from_slice(&answer).context("unreadable answer to the TPM binding")?;
-        match answer["state"].as_str() {
-            Some("bound") => {}
-            Some("challenge") => self
-                .activate_tpm(credential, &answer["activation"])
-                .context("TPM credential activation failed")?,
-            other => bail!("unexpected TPM binding state {other:?}"),
+        match answer.state {
+            api::BindingState::Bound => {}
+            api::BindingState::Challenge => {
+                let challenge = answer.activation.as_ref().ok_or_else(|| {
+                    anyhow!("the server asked for credential activation without a challenge")
+                })?;
+                self.activate_tpm(credential, challenge)
+                    .context("TPM credential activation failed")?;
+            }
         }
         self.record_tpm_binding(id);
-        tracing::info!(ek = %answer["ek_fingerprint"], "TPM bound to this device's enrollment");
+        tracing::info!(ek = %answer.ek_fingerprint, "TPM bound to this device's enrollment");
         Ok(())
     }
 
@@ -695,17 +681,17 @@ impl<'a> Daemon<'a> {
         let nonce = hex::decode(nonce).context("the nonce is not hex")?;
         let ak = crate::attest::ak_path(&self.ctx.config.data_dir);
         let quote = crate::attest::quote(tpm, &ak, &nonce)?;
-        let answer = self
+        let verdict = self
             .client
-            .post(
-                Some(credential),
-                "/api/v1/device/attestation",
-                &serde_json::json!({ "version": version, "quote": quote }),
-                None,
+            .attest_quote(
+                credential,
+                &api::QuoteReport {
+                    version: version.clone(),
+                    quote,
+                },
             )
             .map_err(|e| self.on_client_error(e))?;
-        let verdict: serde_json::Value = serde_json::from_slice(&answer).unwrap_or_default();
-        tracing::info!(%version, attestation = %verdict["attestation"], reason = %verdict["reason"], "quote verified by the server");
+        tracing::info!(%version, attestation = %verdict.attestation, reason = ?verdict.reason, "quote verified by the server");
         Ok(())
     }
 
@@ -786,10 +772,7 @@ impl<'a> Daemon<'a> {
         self.deliver()?;
         let status = crate::status::status(&self.ctx.config, self.ctx.flow.as_mut())?;
         let hb = self.sampler.heartbeat(&status, &self.ctx.config.data_dir);
-        if let Err(e) = self
-            .client
-            .post(Some(&credential), "/api/v1/device/heartbeat", &hb, None)
-        {
+        if let Err(e) = self.client.heartbeat(&credential, &hb) {
             return Err(self.on_client_error(e).context("heartbeat failed"));
         }
         let answer = match self.client.poll(&credential) {
@@ -822,7 +805,7 @@ impl<'a> Daemon<'a> {
         &mut self,
         credential: &str,
         status: &crate::status::Status,
-        desired: &Desired,
+        desired: &api::DesiredState,
     ) -> Result<Option<CycleEnd>> {
         let booted = status.booted_slot;
         let version_in = |slot: Slot| {
@@ -862,8 +845,8 @@ impl<'a> Daemon<'a> {
             reported_rebooted: false,
             at: crate::store::now(),
         };
-        match desired.action.as_str() {
-            "rollback" => {
+        match desired.action() {
+            DesiredAction::Rollback => {
                 let other = booted.other();
                 if version_in(other).as_deref() != Some(desired.version.as_str()) {
                     let reason = format!(
@@ -885,7 +868,7 @@ impl<'a> Daemon<'a> {
                         .map(|()| None),
                 }
             }
-            "install" => {
+            DesiredAction::Install => {
                 if let Some(w) = desired.download_window {
                     let now = now_ms();
                     if now < w.not_before_ms {
@@ -905,20 +888,25 @@ impl<'a> Daemon<'a> {
                     awaiting(Action::Install, booted.other()),
                 )
             }
-            other => {
-                tracing::warn!(action = other, "unknown action from the server; ignored");
+            DesiredAction::Unknown => {
+                tracing::warn!("unknown action from the server; ignored");
                 Ok(None)
             }
         }
     }
 
-    fn give_up(&mut self, st: &mut DaemonState, desired: &Desired, reason: String) -> Result<()> {
+    fn give_up(
+        &mut self,
+        st: &mut DaemonState,
+        desired: &api::DesiredState,
+        reason: String,
+    ) -> Result<()> {
         tracing::error!(release = %desired.release_id, %reason, "{} failed", desired.version);
-        self.queue_report(serde_json::json!({
-            "state": "failed",
-            "release_id": desired.release_id,
-            "reason": reason,
-        }))?;
+        self.queue_report(api::Report {
+            release_id: Some(desired.release_id.clone()),
+            reason: Some(reason.clone()),
+            ..api::Report::new(ReportState::Failed)
+        })?;
         st.given_up = Some(GivenUp {
             release_id: desired.release_id.clone(),
             reason,
@@ -931,7 +919,7 @@ impl<'a> Daemon<'a> {
         &mut self,
         credential: &str,
         st: &mut DaemonState,
-        desired: &Desired,
+        desired: &api::DesiredState,
         mut awaiting: Awaiting,
     ) -> Result<Option<CycleEnd>> {
         let url = self.client.url(&desired.url);
@@ -967,12 +955,12 @@ impl<'a> Daemon<'a> {
                 if let Some(t) = report.target {
                     awaiting.slot = t;
                 }
-                self.queue_report(serde_json::json!({
-                    "state": "installed",
-                    "release_id": desired.release_id,
-                    "bytes_done": report.bytes_fetched,
-                    "bytes_total": desired.size,
-                }))?;
+                self.queue_report(api::Report {
+                    release_id: Some(desired.release_id.clone()),
+                    bytes_done: Some(i64::try_from(report.bytes_fetched).unwrap_or(i64::MAX)),
+                    bytes_total: Some(desired.size),
+                    ..api::Report::new(ReportState::Installed)
+                })?;
                 st.awaiting = Some(awaiting);
                 st.given_up = None;
                 state::save(&self.data, st)?;
@@ -1065,13 +1053,12 @@ fn progress(
             continue;
         }
         last_bytes = Some(p.done_bytes);
-        let body = serde_json::json!({
-            "state": "downloading",
-            "release_id": release_id,
-            "bytes_done": p.downloaded_bytes,
-            "bytes_total": serde_json::Value::Null,
-        });
-        if let Err(e) = client.post(Some(credential), "/api/v1/device/report", &body, None) {
+        let report = api::Report {
+            release_id: Some(release_id.to_owned()),
+            bytes_done: Some(i64::try_from(p.downloaded_bytes).unwrap_or(i64::MAX)),
+            ..api::Report::new(ReportState::Downloading)
+        };
+        if let Err(e) = client.report(credential, &report, None) {
             tracing::debug!(error = %e, "progress report not delivered");
         }
     }
