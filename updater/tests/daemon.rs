@@ -457,6 +457,86 @@ fn daemon_enrolls_installs_by_delta_commits_and_switches_back() {
     assert!(text.contains("installed; rebooting into it"), "{text}");
 }
 
+/// The device's `[server] link-class`, `site` and `time-zone` reach the
+/// control plane: sent at enrollment and with every heartbeat, so a
+/// changed config takes effect at the next start without enrolling again.
+/// The rollout scheduler sees them: the preview places the device under
+/// its link class, with its site and time zone.
+#[test]
+fn daemon_sends_its_link_class_site_and_time_zone() {
+    let keys = keys();
+    let cp = ControlPlane::start(&keys);
+    let release = cp.upload(&bundle(&image(MIB, 1), "1.0.0", &keys.signer).bytes);
+    let token = cp.enrollment_token();
+    let mut dev = SimDevice::new(&keys, &image(MIB, 9), &cp.url, &token, "linked-1");
+    let base = std::fs::read_to_string(&dev.dev.config).unwrap();
+    let configure = |dev: &SimDevice, class: &str, site: &str, tz: &str| {
+        let text = base.replace(
+            "[server]\n",
+            &format!(
+                "[server]\nlink-class = \"{class}\"\nsite = \"{site}\"\ntime-zone = \"{tz}\"\n"
+            ),
+        );
+        std::fs::write(&dev.dev.config, text).unwrap();
+    };
+    // What the rollout scheduler knows of the device.
+    let seen = || {
+        let (s, p) = cp.op(
+            "POST",
+            "/api/v1/rollouts/preview",
+            Some(json!({"release_id": release, "selector": {"tags": ["site-lab"]}})),
+        );
+        assert_eq!(s, 200, "{p}");
+        let d = p["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["device_id"] == "linked-1")
+            .cloned()?;
+        Some((
+            d["link_class"].as_str()?.to_string(),
+            d["site"].as_str().map(str::to_string),
+            d["time_zone"].as_str().map(str::to_string),
+            p["link_classes"].clone(),
+        ))
+    };
+
+    configure(&dev, "metered-4g", "cell-7", "Europe/Berlin");
+    dev.start();
+    wait_for("enrollment", &dev, Duration::from_secs(60), || {
+        cp.device("linked-1").filter(|d| d["status"] == "online")
+    });
+    let (class, site, tz, classes) = seen().unwrap();
+    assert_eq!(
+        (class.as_str(), site.as_deref(), tz.as_deref()),
+        ("metered-4g", Some("cell-7"), Some("Europe/Berlin"))
+    );
+    assert_eq!(classes["metered-4g"]["devices"], 1, "{classes}");
+    let credential = std::fs::read(dev.dev.path("data/credential.json")).unwrap();
+
+    // The device moves: its next heartbeats say so.
+    dev.stop();
+    configure(&dev, "wifi", "depot-2", "Asia/Tokyo");
+    dev.start();
+    wait_for(
+        "the new link in a heartbeat",
+        &dev,
+        Duration::from_secs(30),
+        || {
+            seen().filter(|(class, site, tz, _)| {
+                class == "wifi"
+                    && site.as_deref() == Some("depot-2")
+                    && tz.as_deref() == Some("Asia/Tokyo")
+            })
+        },
+    );
+    assert_eq!(
+        std::fs::read(dev.dev.path("data/credential.json")).unwrap(),
+        credential,
+        "the same enrollment: the heartbeat carried the change"
+    );
+}
+
 /// Forwards 127.0.0.1 connections to `upstream` while `up` is set;
 /// refuses (closes at once) otherwise: a link that drops.
 struct Link {

@@ -6,6 +6,7 @@ use std::path::Path;
 use kernex_protocol::api::Heartbeat;
 use sysinfo::{Disks, System};
 
+use super::ServerConfig;
 use crate::status::Status;
 
 /// Samples the system between heartbeats (CPU use needs two samples).
@@ -29,8 +30,14 @@ impl Sampler {
         Self { system }
     }
 
-    /// The heartbeat for `status`, with the data dir's disk.
-    pub fn heartbeat(&mut self, status: &Status, data_dir: &Path) -> Heartbeat {
+    /// The heartbeat for `status`, with the data dir's disk and the link
+    /// class, site and time zone of `server`.
+    pub fn heartbeat(
+        &mut self,
+        status: &Status,
+        data_dir: &Path,
+        server: &ServerConfig,
+    ) -> Heartbeat {
         self.system.refresh_cpu_usage();
         self.system.refresh_memory();
         let (disk_used, disk_total) = disk_of(data_dir).unzip();
@@ -56,8 +63,10 @@ impl Sampler {
             primary_slot: status.primary_slot.map(|s| s.name().to_owned()),
             version: booted.and_then(|s| s.version.clone()),
             updater_version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+            link_class: server.link_class.clone(),
+            site: server.site.clone(),
+            time_zone: server.time_zone.clone(),
             extra,
-            ..Heartbeat::default()
         }
     }
 }

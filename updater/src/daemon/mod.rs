@@ -485,9 +485,9 @@ impl<'a> Daemon<'a> {
                 hardware_class: self.ctx.config.compatible.clone(),
                 hardware_metadata: metadata,
                 tags: self.server.tags.clone(),
-                link_class: None,
-                site: None,
-                time_zone: None,
+                link_class: self.server.link_class.clone(),
+                site: self.server.site.clone(),
+                time_zone: self.server.time_zone.clone(),
                 tpm_slot_pcr: tpm
                     .as_ref()
                     .and(self.ctx.config.tpm.as_ref())
@@ -771,7 +771,9 @@ impl<'a> Daemon<'a> {
         self.ship_logs();
         self.deliver()?;
         let status = crate::status::status(&self.ctx.config, self.ctx.flow.as_mut())?;
-        let hb = self.sampler.heartbeat(&status, &self.ctx.config.data_dir);
+        let hb = self
+            .sampler
+            .heartbeat(&status, &self.ctx.config.data_dir, &self.server);
         if let Err(e) = self.client.heartbeat(&credential, &hb) {
             return Err(self.on_client_error(e).context("heartbeat failed"));
         }
