@@ -307,7 +307,8 @@ fn cross_libraries(
 /// Builds the guest's `kernex-updater` for `arch`'s board (debug profile;
 /// without the default `llm` feature: the guest runs no llm check, and
 /// llama.cpp would make the binary and its build much bigger; with `tpm` on
-/// the x86_64 board, whose TPM scenario 6 uses) and returns its path.
+/// the x86_64 board, whose TPM scenario 6 uses; with the test hooks,
+/// `failpoints`, which the power-cut scenario uses) and returns its path.
 /// Building it here, rather than trusting whatever binary is in the target
 /// directory, makes sure the guest runs this checkout's updater.
 ///
@@ -316,7 +317,11 @@ fn cross_libraries(
 /// linked by Debian's aarch64-linux-gnu-gcc against arm64 OpenSSL.
 pub fn build_updater(arch: Arch) -> Result<PathBuf> {
     match arch {
-        Arch::X86_64 => build_binary("kernex-updater", Features::Only(&["tpm"]), None),
+        Arch::X86_64 => build_binary(
+            "kernex-updater",
+            Features::Only(&["tpm", "failpoints"]),
+            None,
+        ),
         Arch::Arm64 => {
             let dir = assets_dir(arch);
             let rust = dir.join("rust/usr");
@@ -365,7 +370,11 @@ pub fn build_updater(arch: Arch) -> Result<PathBuf> {
                     ),
                 ],
             };
-            build_binary("kernex-updater", Features::Only(&[]), Some(&cross))
+            build_binary(
+                "kernex-updater",
+                Features::Only(&["failpoints"]),
+                Some(&cross),
+            )
         }
     }
 }

@@ -311,8 +311,9 @@ fn s4_v4_kernel_never_comes_up_and_u_boot_falls_back_to_a() {
 }
 
 /// Starts `install` of v2 in the background with the updater told to stop
-/// itself (SIGSTOP) at `step` (`KERNEX_TEST_PAUSE_AT`, compiled into debug
-/// builds, which the guest runs), and waits until it has stopped there.
+/// itself (SIGSTOP) at `step` (`KERNEX_TEST_PAUSE_AT`, compiled in with the
+/// `failpoints` feature, which the guest's build has), and waits until it
+/// has stopped there.
 fn install_until(m: &mut Machine, step: &str) {
     let (out, code) = m
         .sh(

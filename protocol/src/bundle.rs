@@ -1,29 +1,31 @@
 //! Bundles: writing one from built archives, and opening, verifying and
 //! extracting one.
 //!
-//! Reading is staged so nothing untrusted is used before it is checked:
+//! A bundle is read through a [`RangeRead`] (a file, a buffer, the
+//! server's object store; the device reads it over HTTP with the same
+//! rules, see [`crate::reader`] and [`crate::plan`]). Reading is staged so
+//! nothing untrusted is used before it is checked:
 //! [`Bundle::open`] checks the container's structure and sizes;
 //! [`Bundle::verify`] checks the signature and yields a
 //! [`VerifiedManifest`]; [`Bundle::extract_image`] and
 //! [`Bundle::verify_contents`] take that verified manifest and check every
 //! index, archive header and chunk against it.
 
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Write};
 
 use serde::Serialize;
 
 use crate::archive::{ArchiveError, BuiltArchive};
-use crate::container::{
-    self, BLOCK, BundleLayout, ContainerError, MANIFEST_MEMBER, SIGNATURE_MEMBER,
-};
+use crate::container::{self, BundleLayout, ContainerError, MANIFEST_MEMBER, SIGNATURE_MEMBER};
 use crate::digest::Sha256Digest;
 use crate::index::{ChunkIndex, Delta, IndexError};
-use crate::limits::*;
 use crate::manifest::{
     ArchiveRef, FsType, ImageEntry, IndexRef, MANIFEST_FORMAT, Manifest, ManifestError, PatchRef,
     SlotClass, VerifiedManifest,
 };
 use crate::patch::{BuiltPatch, PatchError, PatchTable};
+use crate::plan::{Held, plan_image};
+use crate::reader::{BundleHead, RangeRead, Sink, check_index, check_members, read_head};
 use crate::signature::{self, Keyring, SignatureError, VerifyOptions};
 #[cfg(feature = "bita")]
 use {
@@ -269,12 +271,15 @@ pub struct BundleDelta {
     pub from: Option<semver::Version>,
     /// The release it installs.
     pub to: semver::Version,
-    /// Manifest, signature and their headers.
+    /// The first read (manifest, signature and whatever else of the
+    /// bundle's first [`crate::reader::FIRST_READ`] bytes).
     pub manifest_bytes: u64,
     /// Per image.
     pub images: Vec<ImageDelta>,
     /// Everything downloaded.
     pub total_bytes: u64,
+    /// Range requests made.
+    pub requests: u64,
     /// The whole bundle, for comparison.
     pub full_bundle_bytes: u64,
 }
@@ -285,7 +290,8 @@ pub struct BundleDelta {
 pub struct ImageDelta {
     /// Slot class.
     pub slot_class: SlotClass,
-    /// The delta.
+    /// The delta: bytes fetched for this image, by kind (what the first
+    /// read already held is not counted again).
     #[serde(flatten)]
     pub delta: Delta,
     /// Size of bita's own archive header for the new image, the index a
@@ -296,37 +302,44 @@ pub struct ImageDelta {
 }
 
 /// An opened bundle whose structure has been checked but whose signature
-/// has not (yet).
+/// has not (yet). Read through any [`RangeRead`]: a file, a buffer, an
+/// object store.
 #[derive(Debug)]
 pub struct Bundle<R> {
     reader: R,
-    manifest_bytes: Vec<u8>,
-    signature: Vec<u8>,
-    manifest: Manifest,
-    layout: BundleLayout,
+    head: BundleHead,
+    /// The reads [`read_head`] made: (offset, bytes).
+    head_reads: Vec<(u64, u64)>,
 }
 
-fn read_exact_at<R: Read + Seek>(
-    r: &mut R,
-    offset: u64,
-    len: u64,
-    what: &str,
-) -> Result<Vec<u8>, BundleError> {
-    r.seek(SeekFrom::Start(offset))
-        .map_err(io_err(format!("seeking to {what}")))?;
-    let mut buf = Vec::new();
-    let n = r
-        .by_ref()
-        .take(len)
-        .read_to_end(&mut buf)
-        .map_err(io_err(format!("reading {what}")))?;
-    if (n as u64) < len {
-        return Err(BundleError::Truncated {
-            expected: offset + len,
-            found: offset + n as u64,
-        });
+/// Records the reads made through it.
+struct Recorder<'a, R: ?Sized> {
+    inner: &'a mut R,
+    reads: Vec<(u64, u64)>,
+}
+
+impl<R: RangeRead + ?Sized> RangeRead for Recorder<'_, R> {
+    type Error = R::Error;
+
+    fn known_size(&mut self) -> Result<Option<u64>, R::Error> {
+        self.inner.known_size()
     }
-    Ok(buf)
+
+    fn read_into(
+        &mut self,
+        offset: u64,
+        len: u64,
+        sink: &mut Sink<'_, R::Error>,
+    ) -> Result<(), R::Error> {
+        self.reads.push((offset, len));
+        self.inner.read_into(offset, len, sink)
+    }
+
+    fn read_start(&mut self, len: u64) -> Result<Vec<u8>, R::Error> {
+        let bytes = self.inner.read_start(len)?;
+        self.reads.push((0, bytes.len() as u64));
+        Ok(bytes)
+    }
 }
 
 /// Verification summary of one image.
@@ -347,107 +360,43 @@ pub struct ImageReport {
     pub sha256: Sha256Digest,
 }
 
-impl<R: Read + Seek> Bundle<R> {
-    /// Opens a bundle: reads the manifest and signature and checks that
-    /// every member is where and as large as the manifest says. Does not
-    /// check the signature.
-    pub fn open(mut reader: R) -> Result<Self, BundleError> {
-        let file_size = reader
-            .seek(SeekFrom::End(0))
-            .map_err(io_err("measuring the bundle"))?;
-        let header = read_exact_at(&mut reader, 0, BLOCK, "the manifest header")?;
-        let h = container::parse_member_header(&header, 0)?;
-        if h.name != MANIFEST_MEMBER {
-            return Err(BundleError::Member {
-                member: h.name,
-                reason: format!("expected {MANIFEST_MEMBER} first; not a Kernex bundle"),
-            });
-        }
-        if h.size > MAX_MANIFEST_SIZE {
-            return Err(ManifestError::TooLarge {
-                limit: MAX_MANIFEST_SIZE,
-                found: h.size,
-            }
-            .into());
-        }
-        let manifest_bytes = read_exact_at(&mut reader, BLOCK, h.size, "the manifest")?;
-        let sig_at = BundleLayout::signature_header_offset(h.size);
-        let header = read_exact_at(&mut reader, sig_at, BLOCK, "the signature header")?;
-        let sh = container::parse_member_header(&header, sig_at)?;
-        if sh.name != SIGNATURE_MEMBER {
-            return Err(SignatureError::Unsigned.into());
-        }
-        if sh.size > MAX_SIGNATURE_SIZE {
-            return Err(SignatureError::TooLarge {
-                limit: MAX_SIGNATURE_SIZE,
-                found: sh.size,
-            }
-            .into());
-        }
-        let signature = read_exact_at(&mut reader, sig_at + BLOCK, sh.size, "the signature")?;
-        let manifest = Manifest::from_slice(&manifest_bytes)?;
-        let layout = BundleLayout::compute(h.size, sh.size, &manifest);
-        if file_size < layout.total_size {
-            return Err(BundleError::Truncated {
-                expected: layout.total_size,
-                found: file_size,
-            });
-        }
-        if file_size > layout.total_size {
-            return Err(BundleError::TrailingData(file_size - layout.total_size));
-        }
-        for (name, at, span) in layout.members().into_iter().skip(2) {
-            let block = read_exact_at(&mut reader, at, BLOCK, &name)?;
-            let m = container::parse_member_header(&block, at)?;
-            if m.name != name || m.size != span.size {
-                return Err(BundleError::Member {
-                    member: name,
-                    reason: format!(
-                        "found {:?} of {} bytes where the manifest puts {} bytes",
-                        m.name, m.size, span.size
-                    ),
-                });
-            }
-        }
-        let end = read_exact_at(
-            &mut reader,
-            layout.total_size - 2 * BLOCK,
-            2 * BLOCK,
-            "the end marker",
-        )?;
-        if end.iter().any(|&b| b != 0) {
-            return Err(BundleError::Member {
-                member: "end of archive".into(),
-                reason: "end marker is not zero".into(),
-            });
-        }
+impl<R: RangeRead> Bundle<R> {
+    /// Opens a bundle: reads the manifest and signature ([`read_head`])
+    /// and checks that every member is where and as large as the manifest
+    /// says ([`check_members`]). Does not check the signature.
+    pub fn open(mut reader: R) -> Result<Self, R::Error> {
+        let mut recorder = Recorder {
+            inner: &mut reader,
+            reads: Vec::new(),
+        };
+        let head = read_head(&mut recorder)?;
+        let head_reads = recorder.reads;
+        check_members(&mut reader, &head.layout)?;
         Ok(Bundle {
             reader,
-            manifest_bytes,
-            signature,
-            manifest,
-            layout,
+            head,
+            head_reads,
         })
     }
 
     /// The manifest, NOT verified: for display only.
     pub fn unverified_manifest(&self) -> &Manifest {
-        &self.manifest
+        &self.head.manifest
     }
 
     /// The manifest bytes as signed.
     pub fn manifest_bytes(&self) -> &[u8] {
-        &self.manifest_bytes
+        &self.head.manifest_bytes
     }
 
     /// The detached signature (DER).
     pub fn signature(&self) -> &[u8] {
-        &self.signature
+        &self.head.signature
     }
 
     /// Member layout.
     pub fn layout(&self) -> &BundleLayout {
-        &self.layout
+        &self.head.layout
     }
 
     /// Checks the signature against `keyring`.
@@ -458,8 +407,8 @@ impl<R: Read + Seek> Bundle<R> {
     ) -> Result<VerifiedManifest, BundleError> {
         Ok(signature::verify_manifest(
             keyring,
-            &self.manifest_bytes,
-            &self.signature,
+            &self.head.manifest_bytes,
+            &self.head.signature,
             options,
         )?)
     }
@@ -471,11 +420,27 @@ impl<R: Read + Seek> Bundle<R> {
     ) -> Result<(&'m ImageEntry, crate::container::ImageSpans), BundleError> {
         let entry = manifest.image(class).ok_or(BundleError::NoImage(class))?;
         let spans = self
+            .head
             .layout
             .image(class)
             .cloned()
             .ok_or(BundleError::NoImage(class))?;
         Ok((entry, spans))
+    }
+
+    /// Reads an image's index file and checks it against the manifest
+    /// ([`check_index`]): the bytes and the decoded index.
+    pub fn read_index_file(
+        &mut self,
+        manifest: &Manifest,
+        class: SlotClass,
+    ) -> Result<(Vec<u8>, ChunkIndex), R::Error> {
+        let (entry, spans) = self.entry(manifest, class)?;
+        let bytes = self
+            .reader
+            .read_range(spans.index.offset, spans.index.size)?;
+        let index = check_index(entry, &bytes)?;
+        Ok((bytes, index))
     }
 
     /// Reads an image's index and checks it against the manifest. With an
@@ -484,45 +449,9 @@ impl<R: Read + Seek> Bundle<R> {
         &mut self,
         manifest: &Manifest,
         class: SlotClass,
-    ) -> Result<ChunkIndex, BundleError> {
-        let (entry, spans) = self.entry(manifest, class)?;
-        let name = container::index_member(class);
-        let bytes = read_exact_at(
-            &mut self.reader,
-            spans.index.offset,
-            spans.index.size,
-            &name,
-        )?;
-        let head_size = entry.index.head_size as usize;
-        let head = Sha256Digest::of(&bytes[..head_size.min(bytes.len())]);
-        if head != entry.index.head_sha256 {
-            return Err(BundleError::Digest {
-                what: format!("{name} head"),
-                expected: entry.index.head_sha256,
-                found: head,
-            });
-        }
-        let whole = Sha256Digest::of(&bytes);
-        if whole != entry.index.sha256 {
-            return Err(BundleError::Digest {
-                what: name,
-                expected: entry.index.sha256,
-                found: whole,
-            });
-        }
-        let index =
-            ChunkIndex::decode(&bytes).map_err(|source| BundleError::Index { class, source })?;
-        if index.image_size() != entry.size {
-            return Err(BundleError::Member {
-                member: name,
-                reason: format!(
-                    "describes {} bytes, manifest says {}",
-                    index.image_size(),
-                    entry.size
-                ),
-            });
-        }
-        Ok(index)
+    ) -> Result<ChunkIndex, R::Error> {
+        self.read_index_file(manifest, class)
+            .map(|(_, index)| index)
     }
 
     /// Reads the table of an image's patch from the base image `base`,
@@ -535,7 +464,7 @@ impl<R: Read + Seek> Bundle<R> {
         class: SlotClass,
         base: &Sha256Digest,
         index: &ChunkIndex,
-    ) -> Result<Option<PatchTable>, BundleError> {
+    ) -> Result<Option<PatchTable>, R::Error> {
         let (entry, spans) = self.entry(manifest, class)?;
         let Some((k, patch)) = entry.patch_from(base) else {
             return Ok(None);
@@ -549,70 +478,70 @@ impl<R: Read + Seek> Bundle<R> {
                 member: name.clone(),
                 reason: "not in the layout".into(),
             })?;
-        let bytes = read_exact_at(&mut self.reader, span.offset, patch.table_size, &name)?;
-        PatchTable::from_member(&bytes, patch, index)
-            .map(Some)
-            .map_err(|source| BundleError::Patch {
+        let bytes = self.reader.read_range(span.offset, patch.table_size)?;
+        Ok(Some(
+            PatchTable::from_member(&bytes, patch, index).map_err(|source| BundleError::Patch {
                 member: name,
                 source,
-            })
+            })?,
+        ))
     }
 
     /// What a device holding `old`'s images downloads to install this
-    /// bundle (`old` None: a device with nothing to seed from), per image:
-    /// the index head and the pages it lacks, then each chunk it lacks from
-    /// the patch from its image when this bundle carries one, else from the
-    /// archive. Exactly what `kernex-updater install` fetches; the server's
-    /// rollout preview and `kernex-image bundle delta` print it.
-    pub fn delta_from<S: Read + Seek>(
+    /// bundle (`old` None: a device with nothing to seed from): the sum of
+    /// the requests `kernex-updater install` makes, by the same rules
+    /// ([`read_head`] and [`crate::plan::plan_image`]), so the server's
+    /// rollout preview and `kernex-image bundle delta` are exact.
+    pub fn delta_from<S: RangeRead<Error = R::Error>>(
         &mut self,
         mut old: Option<&mut Bundle<S>>,
-    ) -> Result<BundleDelta, BundleError> {
-        let manifest = self.manifest.clone();
+    ) -> Result<BundleDelta, R::Error> {
+        let manifest = self.head.manifest.clone();
+        let prefix = self.head.prefix.len() as u64;
         let mut images = Vec::new();
+        let mut requests = self.head_reads.len() as u64;
         for image in &manifest.images {
             let class = image.slot_class;
-            let new_index = self.read_index(&manifest, class)?;
-            let (old_index, old_sha) = match old.as_deref_mut() {
+            let (_, spans) = self.entry(&manifest, class)?;
+            let index = self.read_index(&manifest, class)?;
+            let held = match old.as_deref_mut() {
                 Some(o) => {
-                    let m = o.manifest.clone();
+                    let m = o.head.manifest.clone();
                     match m.image(class) {
-                        Some(e) => (Some(o.read_index(&m, class)?), Some(e.sha256)),
-                        None => (None, None),
+                        Some(e) => Some((o.read_index_file(&m, class)?, (e.sha256, e.size))),
+                        None => None,
                     }
                 }
-                None => (None, None),
+                None => None,
             };
-            let mut delta = Delta::between(old_index.as_ref(), &new_index);
-            // A device uses its booted slot as a seed (and so a patch
-            // against it) only when the chunk hashes have the same length.
-            if let (Some(old_index), Some(base)) = (old_index.as_ref(), old_sha)
-                && old_index.hash_len() == new_index.hash_len()
-                && let Some(table) = self.read_patch_table(&manifest, class, &base, &new_index)?
-            {
-                let patch = image.patch_from(&base).map(|(_, p)| p.table_size);
-                delta.apply_patch(&table, patch.unwrap_or(0), old_index, &new_index);
-            }
+            let held = held.as_ref().map(|((bytes, index), base)| Held {
+                index_bytes: bytes,
+                index,
+                image: Some(*base),
+            });
+            let reader = &mut self.reader;
+            let plan = plan_image(image, &spans, &index, held, prefix, &mut |r| {
+                reader.read_range(r.offset, r.len)
+            })?;
+            requests += plan.requests.len() as u64;
             images.push(ImageDelta {
                 slot_class: class,
-                delta,
+                delta: plan.delta,
                 bita_header_bytes: image.archive.header_size,
                 image_size: image.size,
             });
         }
-        let layout = &self.layout;
-        // Manifest and signature with their headers; the device then knows
-        // where every other member is.
-        let manifest_bytes = layout.signature.end() + container::padding(layout.signature.size);
+        let manifest_bytes: u64 = self.head_reads.iter().map(|(_, n)| n).sum();
         let total_bytes =
             manifest_bytes + images.iter().map(|i| i.delta.total_bytes()).sum::<u64>();
         Ok(BundleDelta {
-            from: old.map(|o| o.manifest.version.clone()),
+            from: old.map(|o| o.head.manifest.version.clone()),
             to: manifest.version.clone(),
             manifest_bytes,
             images,
             total_bytes,
-            full_bundle_bytes: layout.total_size,
+            requests,
+            full_bundle_bytes: self.head.layout.total_size,
         })
     }
 
@@ -624,22 +553,20 @@ impl<R: Read + Seek> Bundle<R> {
         manifest: &Manifest,
         class: SlotClass,
         index: &ChunkIndex,
-    ) -> Result<archive::ArchiveHeader, BundleError> {
+    ) -> Result<archive::ArchiveHeader, R::Error> {
         let (entry, spans) = self.entry(manifest, class)?;
         let name = container::archive_member(class);
-        let bytes = read_exact_at(
-            &mut self.reader,
-            spans.archive.offset,
-            entry.archive.header_size,
-            &name,
-        )?;
+        let bytes = self
+            .reader
+            .read_range(spans.archive.offset, entry.archive.header_size)?;
         let digest = Sha256Digest::of(&bytes);
         if digest != entry.archive.header_sha256 {
             return Err(BundleError::Digest {
                 what: format!("{name} header"),
                 expected: entry.archive.header_sha256,
                 found: digest,
-            });
+            }
+            .into());
         }
         let arch = |source| BundleError::Archive { class, source };
         let header = archive::parse_archive_header(&bytes).map_err(arch)?;
@@ -650,7 +577,8 @@ impl<R: Read + Seek> Bundle<R> {
             return Err(BundleError::Member {
                 member: name,
                 reason: "archive size disagrees with its header and index".into(),
-            });
+            }
+            .into());
         }
         Ok(header)
     }
@@ -665,7 +593,7 @@ impl<R: Read + Seek> Bundle<R> {
         class: SlotClass,
         out: &mut dyn Write,
         progress: &dyn Fn(u64),
-    ) -> Result<ImageReport, BundleError> {
+    ) -> Result<ImageReport, R::Error> {
         let manifest = verified.manifest();
         let index = self.read_index(manifest, class)?;
         self.read_archive_header(manifest, class, &index)?;
@@ -679,19 +607,15 @@ impl<R: Read + Seek> Bundle<R> {
         let mut cached_bytes = 0u64;
         let mut hasher = Sha256::new();
         let mut written = 0u64;
-        let mut buf = Vec::new();
         let arch = |source| BundleError::Archive { class, source };
         for (_, id, chunk) in index.image_chunks() {
             let verified_chunk = match cache.get(&id) {
                 Some(c) => c.clone(),
                 None => {
-                    self.reader
-                        .seek(SeekFrom::Start(data_start + chunk.archive_offset))
-                        .map_err(io_err("seeking to a chunk"))?;
-                    buf.resize(chunk.archive_size as usize, 0);
-                    self.reader
-                        .read_exact(&mut buf)
-                        .map_err(io_err("reading a chunk"))?;
+                    let buf = self.reader.read_range(
+                        data_start + chunk.archive_offset,
+                        u64::from(chunk.archive_size),
+                    )?;
                     let v = archive::verify_chunk(chunk, &buf).map_err(arch)?;
                     if occurrences[id] > 1
                         && cached_bytes + u64::from(chunk.source_size) <= CACHE_BUDGET
@@ -704,7 +628,8 @@ impl<R: Read + Seek> Bundle<R> {
             };
             hasher.update(verified_chunk.data());
             out.write_all(verified_chunk.data())
-                .map_err(io_err("writing the image"))?;
+                .map_err(io_err("writing the image"))
+                .map_err(R::Error::from)?;
             written += verified_chunk.data().len() as u64;
             progress(written);
         }
@@ -714,7 +639,8 @@ impl<R: Read + Seek> Bundle<R> {
                 what: format!("{class} image"),
                 expected: entry.sha256,
                 found: digest,
-            });
+            }
+            .into());
         }
         Ok(ImageReport {
             slot_class: class,
@@ -733,7 +659,7 @@ impl<R: Read + Seek> Bundle<R> {
         &mut self,
         verified: &VerifiedManifest,
         progress: &dyn Fn(u64),
-    ) -> Result<Vec<ImageReport>, BundleError> {
+    ) -> Result<Vec<ImageReport>, R::Error> {
         let classes: Vec<SlotClass> = verified.images.iter().map(|i| i.slot_class).collect();
         let mut done = 0u64;
         let mut reports = Vec::new();

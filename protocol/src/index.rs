@@ -369,7 +369,8 @@ fn le_u64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
-fn page_digest(page: &[u8]) -> [u8; 16] {
+/// First 16 bytes of a page's SHA-256, as the page table lists it.
+pub fn page_digest(page: &[u8]) -> [u8; 16] {
     let full = Sha256::digest(page);
     let mut out = [0u8; 16];
     out.copy_from_slice(&full[..16]);

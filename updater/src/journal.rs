@@ -153,8 +153,7 @@ impl Journal {
         if self.pending.is_empty() {
             return Ok(());
         }
-        #[cfg(debug_assertions)]
-        if crate::install::pause_requested("journal-write") {
+        crate::failpoints::failpoint!(pause "journal-write" => {
             // A power cut mid-write: half the records and a torn one.
             let before = self
                 .file
@@ -166,12 +165,12 @@ impl Journal {
                 .write_all(&self.pending[..torn.min(self.pending.len())])
                 .map_err(io_err("write", &self.path))?;
             self.file.sync_data().map_err(io_err("sync", &self.path))?;
-            crate::install::stop_self();
+            crate::failpoints::stop_self();
             // Continued, not killed: undo the torn write.
             self.file
                 .set_len(before)
                 .map_err(io_err("truncate", &self.path))?;
-        }
+        });
         self.file
             .write_all(&self.pending)
             .map_err(io_err("write", &self.path))?;

@@ -15,6 +15,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod error;
+mod failpoints;
 pub mod health;
 pub mod install;
 pub mod journal;
@@ -25,5 +26,5 @@ pub mod store;
 
 pub use config::{LinkProfile, SlotPair, Slots, SystemConfig};
 pub use error::UpdateError;
-pub use install::{InstallOptions, InstallReport, install};
+pub use install::{InstallOptions, InstallProgress, InstallReport, install, install_with_progress};
 pub use status::{Status, status};

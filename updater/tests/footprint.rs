@@ -2,7 +2,8 @@
 //! `kernex-protocol` without its `bita` feature, so no async runtime or
 //! async HTTP stack ends up on the device, and the protocol crate keeps
 //! compiling without that feature. llama.cpp (the `llm` health check) is in
-//! a default build and out of a `--no-default-features` one.
+//! a default build and out of a `--no-default-features` one. The test hooks
+//! (`failpoints`) are in the tests' build and in no other.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
@@ -107,5 +108,53 @@ fn protocol_compiles_without_bita() {
         out.status.success(),
         "kernex-protocol does not compile without the bita feature:\n{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The test hooks' names (`src/failpoints.rs`).
+const HOOKS: &[&str] = &["KERNEX_TEST_PAUSE_AT", "KERNEX_HEALTH_CRASH_AFTER"];
+
+/// Which of [`HOOKS`] the file at `path` holds.
+fn hooks_in(path: &Path) -> Vec<&'static str> {
+    let bytes = std::fs::read(path).unwrap();
+    // std's substring search (optimised even in a debug test build).
+    let text = String::from_utf8_lossy(&bytes);
+    HOOKS.iter().copied().filter(|h| text.contains(h)).collect()
+}
+
+#[test]
+fn a_build_without_failpoints_carries_no_test_hook() {
+    // The binary the tests run is built with `failpoints` (the
+    // dev-dependency on this crate turns it on): the search finds both.
+    let tested = hooks_in(Path::new(env!("CARGO_BIN_EXE_kernex-updater")));
+    assert_eq!(tested, HOOKS, "the test build lacks a hook");
+    // A build without the feature, as shipped (no llama.cpp: it has no hook
+    // and takes minutes to build), has neither, in any profile.
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("updater-without-failpoints");
+    let out = cargo()
+        .args([
+            "build",
+            "--locked",
+            "-p",
+            "kernex-updater",
+            "--bin",
+            "kernex-updater",
+            "--no-default-features",
+            "--message-format",
+            "short",
+            "--target-dir",
+        ])
+        .arg(&target)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kernex-updater does not build without features:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shipped = hooks_in(&target.join("debug/kernex-updater"));
+    assert!(
+        shipped.is_empty(),
+        "a build without the failpoints feature carries {shipped:?}"
     );
 }

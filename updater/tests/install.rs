@@ -486,3 +486,37 @@ fn rate_limit_holds() {
     assert!(rate < 200_000.0 * 1.15, "rate {rate}");
     assert!(rate > 200_000.0 * 0.5, "rate {rate}");
 }
+
+#[test]
+fn progress_reaches_the_callback_and_ends_at_the_image_size() {
+    let keys = keys();
+    let v1 = image(2 * MIB, 4);
+    let b = bundle(&v1, "1.0.0", &keys.signer);
+    let dev = Device::new(&keys, &v1);
+    let server = Server::start(b.bytes.clone(), Fault::None);
+    let config = dev.load();
+    let mut flow = config.bootloader.open().unwrap();
+    let mut src = source::open(&server.url, Link::unlimited()).unwrap();
+    let seen = std::cell::RefCell::new(Vec::new());
+    let report = kernex_updater::install_with_progress(
+        &config,
+        flow.as_mut(),
+        src.as_mut(),
+        &InstallOptions::default(),
+        &|p| seen.borrow_mut().push(p),
+    )
+    .unwrap();
+    let seen = seen.into_inner();
+    assert!(seen.len() > 2, "{seen:?}");
+    for pair in seen.windows(2) {
+        assert!(
+            pair[1].done_bytes >= pair[0].done_bytes
+                && pair[1].downloaded_bytes >= pair[0].downloaded_bytes,
+            "progress went backwards: {pair:?}"
+        );
+    }
+    let last = seen.last().unwrap();
+    assert_eq!(last.total_bytes, v1.len() as u64);
+    assert_eq!(last.done_bytes, v1.len() as u64);
+    assert!(last.downloaded_bytes > 0 && last.downloaded_bytes <= report.bytes_fetched);
+}

@@ -21,10 +21,10 @@ pub mod spec;
 pub mod time;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{Read, Seek, SeekFrom};
 
 use futures_util::StreamExt;
-use kernex_protocol::bundle::Bundle;
+use kernex_protocol::bundle::{Bundle, BundleError};
+use kernex_protocol::reader::{RangeRead, Sink};
 use sqlx::Row;
 
 use crate::AppState;
@@ -91,93 +91,102 @@ pub async fn release(state: &AppState, org_id: &str, id: &str) -> Result<Release
     })
 }
 
-/// Reads a blob as a seekable file, one range request per buffer fill.
-/// Used from a blocking thread.
-struct BlobReader {
+/// A bundle in the blob store, read by ranges through the protocol's one
+/// reader interface: each read is one ranged get. Used from a blocking
+/// thread.
+struct BlobRange {
     rt: tokio::runtime::Handle,
     blobs: Blobs,
     key: String,
     size: u64,
-    pos: u64,
-    buf: Vec<u8>,
-    buf_at: u64,
 }
 
-impl Read for BlobReader {
-    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        if self.pos >= self.size || out.is_empty() {
-            return Ok(0);
-        }
-        let have = self.buf_at <= self.pos && self.pos < self.buf_at + self.buf.len() as u64;
-        if !have {
-            let want = (out.len() as u64).max(1 << 20);
-            let end = (self.pos + want).min(self.size);
-            let (blobs, key, range) = (self.blobs.clone(), self.key.clone(), self.pos..end);
-            let bytes = self.rt.block_on(async move {
+impl BlobRange {
+    fn get(&self, range: std::ops::Range<u64>) -> Result<Vec<u8>, BundleError> {
+        let (blobs, key) = (self.blobs.clone(), self.key.clone());
+        let what = format!("reading bytes {}..{} of blob {key}", range.start, range.end);
+        self.rt
+            .block_on(async move {
                 let mut stream = blobs.get(&key, Some(range)).await?;
                 let mut buf = Vec::new();
                 while let Some(chunk) = stream.next().await {
                     buf.extend_from_slice(&chunk?);
                 }
                 anyhow::Ok(buf)
+            })
+            .map_err(|e| BundleError::Io {
+                context: what,
+                source: std::io::Error::other(e),
+            })
+    }
+}
+
+impl RangeRead for BlobRange {
+    type Error = BundleError;
+
+    fn known_size(&mut self) -> Result<Option<u64>, BundleError> {
+        Ok(Some(self.size))
+    }
+
+    fn read_into(
+        &mut self,
+        offset: u64,
+        len: u64,
+        sink: &mut Sink<'_, BundleError>,
+    ) -> Result<(), BundleError> {
+        let end = offset.saturating_add(len);
+        if end > self.size {
+            return Err(BundleError::Truncated {
+                expected: end,
+                found: self.size,
             });
-            self.buf = bytes.map_err(std::io::Error::other)?;
-            self.buf_at = self.pos;
-            if self.buf.is_empty() {
-                return Ok(0);
-            }
         }
-        let start = usize::try_from(self.pos - self.buf_at).map_err(std::io::Error::other)?;
-        let n = out.len().min(self.buf.len() - start);
-        out[..n].copy_from_slice(&self.buf[start..start + n]);
-        self.pos += n as u64;
-        Ok(n)
+        if len == 0 {
+            return Ok(());
+        }
+        let bytes = self.get(offset..end)?;
+        if bytes.len() as u64 != len {
+            return Err(BundleError::Truncated {
+                expected: end,
+                found: offset + bytes.len() as u64,
+            });
+        }
+        sink(&bytes)
+    }
+
+    fn read_start(&mut self, len: u64) -> Result<Vec<u8>, BundleError> {
+        let n = len.min(self.size);
+        self.read_range(0, n)
     }
 }
 
-impl Seek for BlobReader {
-    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
-        let new = match pos {
-            SeekFrom::Start(p) => Some(p),
-            SeekFrom::End(d) => self.size.checked_add_signed(d),
-            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
-        };
-        self.pos = new.ok_or_else(|| std::io::Error::other("seek before the start of the blob"))?;
-        Ok(self.pos)
-    }
-}
-
-async fn open_release(
-    state: &AppState,
-    id: &str,
-) -> Result<Bundle<std::io::BufReader<BlobReader>>> {
+async fn open_release(state: &AppState, id: &str) -> Result<Bundle<BlobRange>> {
     let row = sqlx::query("SELECT blob_key, size FROM releases WHERE id = $1")
         .bind(id)
         .fetch_optional(state.store.pool())
         .await?
         .ok_or(Error::NotFound("no such release"))?;
-    let reader = BlobReader {
+    let reader = BlobRange {
         rt: tokio::runtime::Handle::current(),
         blobs: state.blobs.clone(),
         key: row.try_get("blob_key")?,
         size: u64::try_from(row.try_get::<i64, _>("size")?)
             .map_err(|e| Error::Internal(e.into()))?,
-        pos: 0,
-        buf: Vec::new(),
-        buf_at: 0,
     };
-    tokio::task::spawn_blocking(move || Bundle::open(std::io::BufReader::new(reader)))
+    tokio::task::spawn_blocking(move || Bundle::open(reader))
         .await
         .map_err(|e| Error::Internal(e.into()))?
         .map_err(|e| Error::Internal(anyhow::anyhow!("stored bundle {id} unreadable: {e}")))
 }
 
 /// The exact bytes a device running `from` (None: nothing to seed from)
-/// downloads to install `to`: manifest, signature and container headers,
-/// then per image the index head, the index pages and the chunks it does
-/// not hold, as patch frames where the new release carries a patch from
-/// the device's image — what `kernex-image bundle delta` prints.
-/// Computed once per pair from the chunk indexes and kept.
+/// downloads to install `to`: the sum of the range requests
+/// `kernex-updater install` makes (`Bundle::delta_from`, by the protocol's
+/// request plan: the first read, then per image the index head, the index
+/// pages and the chunks it does not hold, as patch frames where the new
+/// release carries a patch from the device's image) — what `kernex-image
+/// bundle delta` prints. Computed once per pair from the bundles in the
+/// blob store (read through `RangeRead`) and kept.
 pub async fn release_delta(state: &AppState, from: Option<&str>, to: &str) -> Result<u64> {
     let from_key = from.unwrap_or("");
     if let Some(row) = sqlx::query(

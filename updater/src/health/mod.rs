@@ -40,11 +40,6 @@ pub const DEFAULT_SYSTEMCTL: &str = "systemctl";
 /// (a run hung past it lets the watchdog reset the device).
 pub const FEED_GRACE: Duration = Duration::from_secs(60);
 
-/// Set to `mark-good` to make `health run` abort right after the boot env
-/// was committed and before the outcome is recorded: the power-cut test
-/// uses it to cut between those two steps.
-pub const CRASH_POINT_ENV: &str = "KERNEX_HEALTH_CRASH_AFTER";
-
 /// The device-local `[health]` table of system.toml: overrides the
 /// manifest's spec field by field (`checks` as a whole), plus the
 /// watchdog device, which only the device knows.
@@ -306,9 +301,9 @@ pub fn run(config: &SystemConfig, flow: &mut dyn BootFlow) -> Result<RunResult, 
     match verdict {
         Ok(reason) => {
             crate::boot::mark_good(flow)?;
-            if std::env::var(CRASH_POINT_ENV).as_deref() == Ok("mark-good") {
-                std::process::abort();
-            }
+            // Test builds only: a power cut between the commit and its
+            // record (`KERNEX_HEALTH_CRASH_AFTER=mark-good`).
+            crate::failpoints::failpoint!(crash "mark-good");
             let record = HealthRecord {
                 outcome: HealthOutcome::Committed,
                 reason,
