@@ -537,6 +537,45 @@ fn daemon_sends_its_link_class_site_and_time_zone() {
     );
 }
 
+/// While a download runs, the daemon reports its progress (the install's
+/// progress callback, at most one report per PROGRESS_EVERY): over a slow
+/// link the deployment shows the device downloading, with the bytes
+/// downloaded so far, before it commits. (Without progress reports the
+/// state goes from assigned to installed.)
+#[test]
+fn daemon_reports_download_progress() {
+    let keys = keys();
+    let cp = ControlPlane::start(&keys);
+    let v1 = bundle(&image(4 * MIB, 21), "1.0.0", &keys.signer);
+    let r1 = cp.upload(&v1.bytes);
+    let token = cp.enrollment_token();
+    let mut dev = SimDevice::new(&keys, &image(4 * MIB, 22), &cp.url, &token, "slow-1");
+    // About 10 s for the download.
+    let config =
+        std::fs::read_to_string(&dev.dev.config).unwrap() + "[link]\nrate-limit = 200000\n";
+    std::fs::write(&dev.dev.config, config).unwrap();
+    dev.start();
+    let d = wait_for("enrollment", &dev, Duration::from_secs(60), || {
+        cp.device("slow-1").filter(|d| d["status"] == "online")
+    });
+    let dep = cp.deploy(&r1, d["id"].as_str().unwrap());
+    let during = wait_for("a progress report", &dev, Duration::from_secs(60), || {
+        let v = cp.deployment(&dep);
+        (v["devices"][0]["state"] == "downloading").then_some(v)
+    });
+    // What the install counted when it saved its progress last: it
+    // counts a request's bytes when the request is done.
+    let done = during["devices"][0]["bytes_done"].as_i64().unwrap();
+    assert!(
+        done >= 0 && (done as usize) < v1.bytes.len(),
+        "{done} of {} bytes: {during}",
+        v1.bytes.len()
+    );
+    wait_for("1.0.0 committed", &dev, Duration::from_secs(90), || {
+        Some(cp.deployment(&dep)).filter(|d| d["status"] == "success")
+    });
+}
+
 /// Forwards 127.0.0.1 connections to `upstream` while `up` is set;
 /// refuses (closes at once) otherwise: a link that drops.
 struct Link {

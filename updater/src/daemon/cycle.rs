@@ -3,7 +3,8 @@
 //! install into the inactive slot (inside its download window) or a
 //! rollback to the other slot. Either ends in a reboot.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::cell::Cell;
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -15,9 +16,9 @@ use super::state::{self, Action, Awaiting, DaemonState, GivenUp};
 use super::tpm::TpmError;
 use super::{Daemon, PROGRESS_EVERY, now_ms, reports};
 use crate::error::UpdateError;
+use crate::install::InstallProgress;
 use crate::source::{HttpSource, Link};
 use crate::status::Status;
-use crate::store::DataDir;
 
 /// How a cycle wants the next one to start.
 pub(super) enum CycleEnd {
@@ -201,16 +202,32 @@ impl Daemon<'_> {
             allow_downgrade: self.server.allow_downgrade,
             at_time: None,
         };
-        let stop = AtomicBool::new(false);
         let config = &self.ctx.config;
         let flow = self.ctx.flow.as_mut();
         let client = &self.client;
-        let data = &self.data;
         let release_id = desired.release_id.as_str();
+        // The install calls back after every saved batch; at most one
+        // report per PROGRESS_EVERY goes to a thread that sends it, so a
+        // slow server never holds up the download.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<InstallProgress>(1);
         let result = std::thread::scope(|scope| {
-            scope.spawn(|| progress(client, credential, data, release_id, &stop));
-            let r = crate::install::install(config, flow, &mut source, &options);
-            stop.store(true, Ordering::Relaxed);
+            scope.spawn(move || send_progress(client, credential, release_id, &rx));
+            let gate = ProgressGate::new();
+            let on_progress = move |p: InstallProgress| {
+                if gate.admit(&p) {
+                    // Full: the last report is still being sent; skip this one.
+                    let _ = tx.try_send(p);
+                }
+            };
+            let r = crate::install::install_with_progress(
+                config,
+                flow,
+                &mut source,
+                &options,
+                &on_progress,
+            );
+            // Ends the sender thread.
+            drop(on_progress);
             r
         });
         match result {
@@ -254,30 +271,43 @@ fn transient(e: &UpdateError) -> bool {
     )
 }
 
-/// Reports download progress while an install runs (best effort: not
-/// queued, a later report supersedes it).
-fn progress(
+/// Lets through at most one progress per [`PROGRESS_EVERY`], and only
+/// when the install moved since the last one.
+struct ProgressGate {
+    last: Cell<Instant>,
+    last_bytes: Cell<Option<u64>>,
+}
+
+impl ProgressGate {
+    fn new() -> Self {
+        Self {
+            last: Cell::new(Instant::now()),
+            last_bytes: Cell::new(None),
+        }
+    }
+
+    fn admit(&self, p: &InstallProgress) -> bool {
+        if self.last.get().elapsed() < PROGRESS_EVERY {
+            return false;
+        }
+        self.last.set(Instant::now());
+        if self.last_bytes.get() == Some(p.done_bytes) {
+            return false;
+        }
+        self.last_bytes.set(Some(p.done_bytes));
+        true
+    }
+}
+
+/// Reports the download progress it receives until the install ends (best
+/// effort: not queued, a later report supersedes it).
+fn send_progress(
     client: &Client,
     credential: &str,
-    data: &DataDir,
     release_id: &str,
-    stop: &AtomicBool,
+    progress: &Receiver<InstallProgress>,
 ) {
-    let mut last = Instant::now();
-    let mut last_bytes = None;
-    while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(100));
-        if last.elapsed() < PROGRESS_EVERY {
-            continue;
-        }
-        last = Instant::now();
-        let Ok(Some(p)) = data.pending() else {
-            continue;
-        };
-        if last_bytes == Some(p.done_bytes) {
-            continue;
-        }
-        last_bytes = Some(p.done_bytes);
+    for p in progress {
         let report = reports::downloading(release_id, p.downloaded_bytes);
         if let Err(e) = client.report(credential, &report, None) {
             tracing::debug!(error = %e, "progress report not delivered");
