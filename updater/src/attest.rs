@@ -6,8 +6,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
-use kernex_attest::{Activation, AkBlob, DeviceError, Quote, Tpm, TpmIdentity};
+use kernex_attest::{AkBlob, DeviceError, Tpm};
 use kernex_bootloader::Slot;
+use kernex_protocol::api::{Activation, Quote, TpmIdentity};
 use serde::Serialize;
 
 use crate::cli::attest::TpmConfig;

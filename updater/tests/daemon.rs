@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{Keys, bundle, edit, image, keys};
+use kernex_protocol::api;
 use serde_json::{Value, json};
 
 /// A kernex-server on 127.0.0.1:PORT, run by a tokio runtime on its own
@@ -456,6 +457,125 @@ fn daemon_enrolls_installs_by_delta_commits_and_switches_back() {
     assert!(text.contains("installed; rebooting into it"), "{text}");
 }
 
+/// The device's `[server] link-class`, `site` and `time-zone` reach the
+/// control plane: sent at enrollment and with every heartbeat, so a
+/// changed config takes effect at the next start without enrolling again.
+/// The rollout scheduler sees them: the preview places the device under
+/// its link class, with its site and time zone.
+#[test]
+fn daemon_sends_its_link_class_site_and_time_zone() {
+    let keys = keys();
+    let cp = ControlPlane::start(&keys);
+    let release = cp.upload(&bundle(&image(MIB, 1), "1.0.0", &keys.signer).bytes);
+    let token = cp.enrollment_token();
+    let mut dev = SimDevice::new(&keys, &image(MIB, 9), &cp.url, &token, "linked-1");
+    let base = std::fs::read_to_string(&dev.dev.config).unwrap();
+    let configure = |dev: &SimDevice, class: &str, site: &str, tz: &str| {
+        let text = base.replace(
+            "[server]\n",
+            &format!(
+                "[server]\nlink-class = \"{class}\"\nsite = \"{site}\"\ntime-zone = \"{tz}\"\n"
+            ),
+        );
+        std::fs::write(&dev.dev.config, text).unwrap();
+    };
+    // What the rollout scheduler knows of the device.
+    let seen = || {
+        let (s, p) = cp.op(
+            "POST",
+            "/api/v1/rollouts/preview",
+            Some(json!({"release_id": release, "selector": {"tags": ["site-lab"]}})),
+        );
+        assert_eq!(s, 200, "{p}");
+        let d = p["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["device_id"] == "linked-1")
+            .cloned()?;
+        Some((
+            d["link_class"].as_str()?.to_string(),
+            d["site"].as_str().map(str::to_string),
+            d["time_zone"].as_str().map(str::to_string),
+            p["link_classes"].clone(),
+        ))
+    };
+
+    configure(&dev, "metered-4g", "cell-7", "Europe/Berlin");
+    dev.start();
+    wait_for("enrollment", &dev, Duration::from_secs(60), || {
+        cp.device("linked-1").filter(|d| d["status"] == "online")
+    });
+    let (class, site, tz, classes) = seen().unwrap();
+    assert_eq!(
+        (class.as_str(), site.as_deref(), tz.as_deref()),
+        ("metered-4g", Some("cell-7"), Some("Europe/Berlin"))
+    );
+    assert_eq!(classes["metered-4g"]["devices"], 1, "{classes}");
+    let credential = std::fs::read(dev.dev.path("data/credential.json")).unwrap();
+
+    // The device moves: its next heartbeats say so.
+    dev.stop();
+    configure(&dev, "wifi", "depot-2", "Asia/Tokyo");
+    dev.start();
+    wait_for(
+        "the new link in a heartbeat",
+        &dev,
+        Duration::from_secs(30),
+        || {
+            seen().filter(|(class, site, tz, _)| {
+                class == "wifi"
+                    && site.as_deref() == Some("depot-2")
+                    && tz.as_deref() == Some("Asia/Tokyo")
+            })
+        },
+    );
+    assert_eq!(
+        std::fs::read(dev.dev.path("data/credential.json")).unwrap(),
+        credential,
+        "the same enrollment: the heartbeat carried the change"
+    );
+}
+
+/// While a download runs, the daemon reports its progress (the install's
+/// progress callback, at most one report per PROGRESS_EVERY): over a slow
+/// link the deployment shows the device downloading, with the bytes
+/// downloaded so far, before it commits. (Without progress reports the
+/// state goes from assigned to installed.)
+#[test]
+fn daemon_reports_download_progress() {
+    let keys = keys();
+    let cp = ControlPlane::start(&keys);
+    let v1 = bundle(&image(4 * MIB, 21), "1.0.0", &keys.signer);
+    let r1 = cp.upload(&v1.bytes);
+    let token = cp.enrollment_token();
+    let mut dev = SimDevice::new(&keys, &image(4 * MIB, 22), &cp.url, &token, "slow-1");
+    // About 10 s for the download.
+    let config =
+        std::fs::read_to_string(&dev.dev.config).unwrap() + "[link]\nrate-limit = 200000\n";
+    std::fs::write(&dev.dev.config, config).unwrap();
+    dev.start();
+    let d = wait_for("enrollment", &dev, Duration::from_secs(60), || {
+        cp.device("slow-1").filter(|d| d["status"] == "online")
+    });
+    let dep = cp.deploy(&r1, d["id"].as_str().unwrap());
+    let during = wait_for("a progress report", &dev, Duration::from_secs(60), || {
+        let v = cp.deployment(&dep);
+        (v["devices"][0]["state"] == "downloading").then_some(v)
+    });
+    // What the install counted when it saved its progress last: it
+    // counts a request's bytes when the request is done.
+    let done = during["devices"][0]["bytes_done"].as_i64().unwrap();
+    assert!(
+        done >= 0 && (done as usize) < v1.bytes.len(),
+        "{done} of {} bytes: {during}",
+        v1.bytes.len()
+    );
+    wait_for("1.0.0 committed", &dev, Duration::from_secs(90), || {
+        Some(cp.deployment(&dep)).filter(|d| d["status"] == "success")
+    });
+}
+
 /// Forwards 127.0.0.1 connections to `upstream` while `up` is set;
 /// refuses (closes at once) otherwise: a link that drops.
 struct Link {
@@ -569,23 +689,35 @@ fn offline_device_keeps_its_assignment_and_delivers_in_order() {
     });
     drop(dev);
 
-    // Messages queued while offline go out oldest first.
+    // Messages queued while offline go out oldest first. The first was
+    // queued by an updater before the typed outbox (a device upgraded
+    // while offline): its file format is pinned here.
     let data = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(data.path().join("outbox")).unwrap();
+    std::fs::write(
+        data.path().join("outbox/0000000000000001.json"),
+        r#"{"path":"/api/v1/device/logs","key":"0123abcd-1","queued-at":1700000000,"body":{"entries":[{"level":"info","message":"queued line 0","at":null}]}}"#,
+    )
+    .unwrap();
     let mut outbox = kernex_updater::daemon::outbox::Outbox::open(data.path()).unwrap();
-    for i in 0..5 {
+    let line = |level, message: String| api::LogLine {
+        level,
+        message,
+        at: None,
+    };
+    for i in 1..5 {
         outbox
-            .push(
-                "/api/v1/device/logs",
-                json!({"entries": [{"level": "info", "message": format!("queued line {i}")}]}),
-            )
+            .push(api::LogBatch {
+                entries: vec![line(api::LogLevel::Info, format!("queued line {i}"))],
+            })
             .unwrap();
     }
-    // A message the server can never accept is set aside, not retried forever.
+    // A message the server can never accept (more lines than a batch may
+    // hold) is set aside, not retried forever.
     outbox
-        .push(
-            "/api/v1/device/logs",
-            json!({"entries": [{"level": "loud", "message": "x"}]}),
-        )
+        .push(api::LogBatch {
+            entries: vec![line(api::LogLevel::Info, "x".into()); api::MAX_LOG_LINES + 1],
+        })
         .unwrap();
     let down = kernex_updater::daemon::client::Client::new(
         &format!("http://{}", link.addr),
@@ -609,17 +741,14 @@ fn offline_device_keeps_its_assignment_and_delivers_in_order() {
         &cp.url,
         kernex_updater::source::tls_config(None).unwrap(),
     );
-    let enrolled = client
-        .enroll(&kernex_updater::daemon::client::EnrollRequest {
-            enrollment_token: t["token"].as_str().unwrap(),
-            device_id: "sim-3",
-            hardware_class: "qemu-aarch64",
-            hardware_metadata: serde_json::Map::new(),
-            tags: &[],
-            tpm: None,
-            tpm_slot_pcr: None,
-        })
-        .unwrap();
+    // The enrollment request as it goes on the wire.
+    let request: api::EnrollRequest = serde_json::from_value(json!({
+        "enrollment_token": t["token"],
+        "device_id": "sim-3",
+        "hardware_class": "qemu-aarch64",
+    }))
+    .unwrap();
+    let enrolled = client.enroll(&request).unwrap();
     let done = outbox.deliver(&client, &enrolled.credential).unwrap();
     assert_eq!((done.sent, done.rejected, done.left), (5, 1, 0), "{done:?}");
     let (s, logs) = cp.op(

@@ -102,7 +102,7 @@ mod with_tpm {
     use std::path::Path;
 
     use anyhow::{Context as _, Result, bail};
-    use kernex_attest::Activation;
+    use kernex_protocol::api::Activation;
 
     use super::{AttestCommand, TpmConfig};
     use crate::attest;

@@ -1,13 +1,19 @@
 //! The control plane's device API over one keep-alive HTTP agent (ureq:
-//! blocking, no async runtime on the device).
+//! blocking, no async runtime on the device): one typed method per
+//! endpoint, with the requests and answers of [`kernex_protocol::api`].
 
 use std::time::Duration;
 
+use kernex_protocol::api::{self, paths};
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 
 /// Largest response body read from the server.
 pub const MAX_RESPONSE_BYTES: u64 = 1024 * 1024;
+
+/// Longest quote nonce accepted from a poll answer, hex characters (a
+/// nonce is at most 64 bytes).
+const MAX_NONCE_HEX: usize = 128;
 
 /// How a call to the server failed.
 #[derive(Debug, thiserror::Error)]
@@ -38,111 +44,32 @@ pub enum ClientError {
     BadAnswer(String),
 }
 
-/// `POST /api/v1/device/enroll`.
-#[derive(Debug, Serialize)]
-pub struct EnrollRequest<'a> {
-    /// Factory enrollment token.
-    pub enrollment_token: &'a str,
-    /// This device's id (serial, hostname).
-    pub device_id: &'a str,
-    /// Hardware class (`compatible`).
-    pub hardware_class: &'a str,
-    /// Facts about the hardware.
-    pub hardware_metadata: serde_json::Map<String, serde_json::Value>,
-    /// Extra tags.
-    pub tags: &'a [String],
-    /// The TPM identity (`kernex_attest::TpmIdentity` as JSON), when the
-    /// device has a TPM configured.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tpm: Option<serde_json::Value>,
-    /// The PCR the booted slot is measured into.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tpm_slot_pcr: Option<u8>,
+impl ClientError {
+    /// A 403 answering a request the credential is not the question of
+    /// (enrollment, a TPM binding): the server refused it by policy and
+    /// its detail says why (e.g. "EK certificate not issued by a trusted
+    /// TPM vendor CA").
+    pub fn as_policy_refusal(self) -> ClientError {
+        match self {
+            ClientError::Unauthorized { status: 403, body } => {
+                ClientError::Rejected { status: 403, body }
+            }
+            other => other,
+        }
+    }
 }
 
-/// The enrollment answer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Enrolled {
-    /// The server's id for this device.
-    pub id: String,
-    /// The device credential.
-    pub credential: String,
-    /// With a TPM identity: the credential-activation challenge
-    /// (`kernex_attest::Activation` as JSON).
-    #[serde(default)]
-    pub activation: Option<serde_json::Value>,
-}
-
-/// The header of a poll answer carrying a quote nonce (hex).
-pub const NONCE_HEADER: &str = "kernex-attestation-nonce";
-
-/// A poll's answer.
+/// A poll's answer: the body and what its headers say.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PollAnswer {
     /// What to do; `None`: nothing.
-    pub desired: Option<Desired>,
-    /// A nonce to answer with a TPM quote at `POST /device/attestation`.
+    pub desired: Option<api::DesiredState>,
+    /// A nonce (hex) to answer with a TPM quote ([`Client::attest_quote`]).
     pub nonce: Option<String>,
-    /// The server's `Kernex-Poll-After` hint (a rollout acts on this
-    /// device): poll again after this long, if sooner than the interval.
+    /// The server's [`api::POLL_AFTER_HEADER`] hint (a rollout acts on
+    /// this device): poll again after this long, if sooner than the
+    /// interval.
     pub poll_after: Option<Duration>,
-}
-
-/// The poll hint header.
-pub const POLL_AFTER_HEADER: &str = "kernex-poll-after";
-
-/// A `Kernex-Poll-After` value: whole seconds, 1 to 86400; anything else
-/// is ignored.
-pub fn parse_poll_after(value: &str) -> Option<Duration> {
-    let secs: u64 = value.trim().parse().ok()?;
-    (1..=86_400)
-        .contains(&secs)
-        .then(|| Duration::from_secs(secs))
-}
-
-/// A download window assigned by the rollout scheduler (server clock,
-/// Unix milliseconds).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DownloadWindow {
-    /// Start no earlier than this.
-    pub not_before_ms: i64,
-    /// Start no later than this.
-    pub not_after_ms: i64,
-}
-
-/// What the server wants this device to do (`GET /api/v1/device/poll`).
-/// Unknown fields are ignored: newer servers may say more.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Desired {
-    /// Release id.
-    pub release_id: String,
-    /// Release version.
-    pub version: String,
-    /// Bundle size.
-    #[serde(default)]
-    pub size: i64,
-    /// Bundle SHA-256.
-    #[serde(default)]
-    pub sha256: String,
-    /// Bundle URL (absolute, or relative to the server URL).
-    pub url: String,
-    /// `install` (default) or `rollback` (boot the other slot, which holds
-    /// `version`; no download).
-    #[serde(default = "default_action")]
-    pub action: String,
-    /// The rollout this belongs to.
-    #[serde(default)]
-    pub rollout_id: Option<String>,
-    /// When downloading may start.
-    #[serde(default)]
-    pub download_window: Option<DownloadWindow>,
-    /// Poll again after this many seconds.
-    #[serde(default)]
-    pub poll_after_secs: Option<u64>,
-}
-
-fn default_action() -> String {
-    "install".into()
 }
 
 /// The device API at `base` (e.g. `http://127.0.0.1:8080`).
@@ -177,33 +104,32 @@ impl Client {
         }
     }
 
-    /// Enrolls with a factory token.
-    pub fn enroll(&self, req: &EnrollRequest<'_>) -> Result<Enrolled, ClientError> {
-        let body = self.post(None, "/api/v1/device/enroll", req, None)?;
-        parse(&body)
+    /// Enrolls with a factory token ([`paths::ENROLL`]).
+    pub fn enroll(&self, req: &api::EnrollRequest) -> Result<api::EnrollResponse, ClientError> {
+        parse(&self.post(None, paths::ENROLL, req, None)?)
     }
 
-    /// Polls for desired state (`None` when there is nothing to do) and a
-    /// quote nonce, when the server asks for one.
+    /// Polls for desired state ([`paths::POLL`]; `None` when there is
+    /// nothing to do) and a quote nonce, when the server asks for one.
     pub fn poll(&self, credential: &str) -> Result<PollAnswer, ClientError> {
         let resp = self
             .agent
-            .get(self.url("/api/v1/device/poll"))
+            .get(self.url(paths::POLL))
             .header("Authorization", format!("Bearer {credential}"))
             .call()
             .map_err(|e| ClientError::Offline(e.to_string()))?;
-        // A nonce is at most 64 bytes: anything longer or not hex is ignored.
+        // Anything longer than a nonce or not hex is ignored.
         let nonce = resp
             .headers()
-            .get(NONCE_HEADER)
+            .get(api::NONCE_HEADER)
             .and_then(|v| v.to_str().ok())
-            .filter(|v| v.len() <= 128 && v.bytes().all(|b| b.is_ascii_hexdigit()))
+            .filter(|v| v.len() <= MAX_NONCE_HEX && v.bytes().all(|b| b.is_ascii_hexdigit()))
             .map(str::to_owned);
         let poll_after = resp
             .headers()
-            .get(POLL_AFTER_HEADER)
+            .get(api::POLL_AFTER_HEADER)
             .and_then(|v| v.to_str().ok())
-            .and_then(parse_poll_after);
+            .and_then(api::parse_poll_after);
         let (status, body) = read(resp)?;
         let desired = match status {
             204 => None,
@@ -217,26 +143,75 @@ impl Client {
         })
     }
 
-    /// POSTs JSON to `path`; the answer body on 2xx.
-    pub fn post<T: Serialize + ?Sized>(
+    /// Sends inventory ([`paths::HEARTBEAT`]).
+    pub fn heartbeat(&self, credential: &str, hb: &api::Heartbeat) -> Result<(), ClientError> {
+        self.post(Some(credential), paths::HEARTBEAT, hb, None)
+            .map(drop)
+    }
+
+    /// Reports install progress or an outcome ([`paths::REPORT`]). With
+    /// `idempotency_key`, a resend after a lost answer is not applied
+    /// twice.
+    pub fn report(
+        &self,
+        credential: &str,
+        report: &api::Report,
+        idempotency_key: Option<&str>,
+    ) -> Result<(), ClientError> {
+        self.post(Some(credential), paths::REPORT, report, idempotency_key)
+            .map(drop)
+    }
+
+    /// Ships log lines ([`paths::LOGS`]).
+    pub fn logs(
+        &self,
+        credential: &str,
+        batch: &api::LogBatch,
+        idempotency_key: Option<&str>,
+    ) -> Result<(), ClientError> {
+        self.post(Some(credential), paths::LOGS, batch, idempotency_key)
+            .map(drop)
+    }
+
+    /// Binds this device's enrollment to its TPM ([`paths::TPM_BIND`]).
+    pub fn bind_tpm(
+        &self,
+        credential: &str,
+        binding: &api::TpmBinding,
+    ) -> Result<api::TpmBindingAnswer, ClientError> {
+        parse(&self.post(Some(credential), paths::TPM_BIND, binding, None)?)
+    }
+
+    /// Answers a credential-activation challenge ([`paths::ACTIVATE`]).
+    pub fn activate(
+        &self,
+        credential: &str,
+        answer: &api::ActivationAnswer,
+    ) -> Result<api::Activated, ClientError> {
+        parse(&self.post(Some(credential), paths::ACTIVATE, answer, None)?)
+    }
+
+    /// Answers a quote nonce ([`paths::ATTESTATION`]).
+    pub fn attest_quote(
+        &self,
+        credential: &str,
+        quote: &api::QuoteReport,
+    ) -> Result<api::QuoteResult, ClientError> {
+        parse(&self.post(Some(credential), paths::ATTESTATION, quote, None)?)
+    }
+
+    /// POSTs `body` as JSON to `path`; the answer body on 2xx.
+    fn post<T: Serialize + ?Sized>(
         &self,
         credential: Option<&str>,
         path: &str,
         body: &T,
         idempotency_key: Option<&str>,
     ) -> Result<Vec<u8>, ClientError> {
-        let json = serde_json::to_vec(body).map_err(|e| ClientError::BadAnswer(e.to_string()))?;
-        self.post_raw(credential, path, &json, idempotency_key)
-    }
-
-    /// POSTs JSON bytes to `path`; the answer body on 2xx.
-    pub fn post_raw(
-        &self,
-        credential: Option<&str>,
-        path: &str,
-        json: &[u8],
-        idempotency_key: Option<&str>,
-    ) -> Result<Vec<u8>, ClientError> {
+        // Serialising the api types cannot fail (no maps with non-string
+        // keys, no failing serialisers); a failure is still an error.
+        let json = serde_json::to_vec(body)
+            .map_err(|e| ClientError::BadAnswer(format!("unable to encode the request: {e}")))?;
         let mut req = self
             .agent
             .post(self.url(path))
@@ -245,10 +220,10 @@ impl Client {
             req = req.header("Authorization", format!("Bearer {c}"));
         }
         if let Some(k) = idempotency_key {
-            req = req.header("Idempotency-Key", k);
+            req = req.header(api::IDEMPOTENCY_KEY_HEADER, k);
         }
         let resp = req
-            .send(json)
+            .send(&json[..])
             .map_err(|e| ClientError::Offline(e.to_string()))?;
         let (status, body) = read(resp)?;
         if (200..300).contains(&status) {
@@ -280,28 +255,5 @@ fn classify(status: u16, body: &[u8]) -> ClientError {
         401 | 403 => ClientError::Unauthorized { status, body },
         408 | 429 | 500..=599 => ClientError::Offline(format!("HTTP {status}: {body}")),
         _ => ClientError::Rejected { status, body },
-    }
-}
-
-#[cfg(test)]
-mod poll_hint_tests {
-    use super::*;
-
-    #[test]
-    fn poll_after_takes_whole_seconds_in_range() {
-        assert_eq!(parse_poll_after("10"), Some(Duration::from_secs(10)));
-        assert_eq!(parse_poll_after(" 1 "), Some(Duration::from_secs(1)));
-        assert_eq!(parse_poll_after("86400"), Some(Duration::from_secs(86_400)));
-        for bad in [
-            "0",
-            "-5",
-            "1.5",
-            "",
-            "ten",
-            "86401",
-            "99999999999999999999999",
-        ] {
-            assert_eq!(parse_poll_after(bad), None, "{bad:?}");
-        }
     }
 }

@@ -1,40 +1,13 @@
-//! The heartbeat: what the device is running and how it is doing.
+//! The heartbeat: what the device is running, how it is doing and what
+//! its link is ([`kernex_protocol::api::Heartbeat`]).
 
 use std::path::Path;
 
-use serde::Serialize;
+use kernex_protocol::api::Heartbeat;
 use sysinfo::{Disks, System};
 
+use super::ServerConfig;
 use crate::status::Status;
-
-/// The heartbeat body (`POST /api/v1/device/heartbeat`).
-#[derive(Debug, Clone, Serialize, Default)]
-pub struct Heartbeat {
-    /// CPU use, percent.
-    pub cpu_percent: Option<f64>,
-    /// Memory in use, bytes.
-    pub memory_used_bytes: Option<u64>,
-    /// Memory total, bytes.
-    pub memory_total_bytes: Option<u64>,
-    /// Disk in use where the data dir lives, bytes.
-    pub disk_used_bytes: Option<u64>,
-    /// Disk total where the data dir lives, bytes.
-    pub disk_total_bytes: Option<u64>,
-    /// Hottest thermal zone, °C.
-    pub temperature_celsius: Option<f64>,
-    /// Seconds since boot.
-    pub uptime_secs: Option<u64>,
-    /// Slot booted.
-    pub booted_slot: Option<String>,
-    /// Slot the bootloader tries first.
-    pub primary_slot: Option<String>,
-    /// Release version running.
-    pub version: Option<String>,
-    /// This updater's version.
-    pub updater_version: Option<String>,
-    /// Everything else: the A/B status, the link profile.
-    pub extra: serde_json::Map<String, serde_json::Value>,
-}
 
 /// Samples the system between heartbeats (CPU use needs two samples).
 #[derive(Debug)]
@@ -57,8 +30,14 @@ impl Sampler {
         Self { system }
     }
 
-    /// The heartbeat for `status`, with the data dir's disk.
-    pub fn heartbeat(&mut self, status: &Status, data_dir: &Path) -> Heartbeat {
+    /// The heartbeat for `status`, with the data dir's disk and the link
+    /// class, site and time zone of `server`.
+    pub fn heartbeat(
+        &mut self,
+        status: &Status,
+        data_dir: &Path,
+        server: &ServerConfig,
+    ) -> Heartbeat {
         self.system.refresh_cpu_usage();
         self.system.refresh_memory();
         let (disk_used, disk_total) = disk_of(data_dir).unzip();
@@ -84,6 +63,9 @@ impl Sampler {
             primary_slot: status.primary_slot.map(|s| s.name().to_owned()),
             version: booted.and_then(|s| s.version.clone()),
             updater_version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+            link_class: server.link_class.clone(),
+            site: server.site.clone(),
+            time_zone: server.time_zone.clone(),
             extra,
         }
     }

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-use serde::Serialize;
+use kernex_protocol::api::{LogLevel, LogLine, MAX_LOG_MESSAGE};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::Layer;
@@ -16,19 +16,8 @@ use tracing_subscriber::layer::Context;
 
 /// Lines kept between two drains; older ones are dropped (and counted).
 pub const MAX_BUFFERED_LINES: usize = 1000;
-/// Longest line kept, bytes.
-pub const MAX_LINE_BYTES: usize = 8 * 1024;
-
-/// One line as the server's log API takes it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct LogLine {
-    /// debug, info, warn, error.
-    pub level: &'static str,
-    /// The message and its fields.
-    pub message: String,
-    /// Unix milliseconds.
-    pub at: i64,
-}
+/// Longest line kept, bytes: what the server keeps of a line.
+pub const MAX_LINE_BYTES: usize = MAX_LOG_MESSAGE;
 
 #[derive(Debug, Default)]
 struct Buffer {
@@ -93,9 +82,9 @@ impl<S: Subscriber> Layer<S> for ShipLayer {
             return;
         }
         let level = match *event.metadata().level() {
-            Level::ERROR => "error",
-            Level::WARN => "warn",
-            Level::INFO => "info",
+            Level::ERROR => LogLevel::Error,
+            Level::WARN => LogLevel::Warn,
+            Level::INFO => LogLevel::Info,
             _ => return,
         };
         let mut fields = Fields(String::new());
@@ -120,6 +109,10 @@ impl<S: Subscriber> Layer<S> for ShipLayer {
             lines.pop_front();
             b.dropped.fetch_add(1, Ordering::Relaxed);
         }
-        lines.push_back(LogLine { level, message, at });
+        lines.push_back(LogLine {
+            level,
+            message,
+            at: Some(at),
+        });
     }
 }

@@ -3,10 +3,18 @@
 //! oldest first. A device that is offline for hours keeps what it has to
 //! say and delivers it in order when it is back; a power cut loses nothing
 //! that was queued (each file is written atomically).
+//!
+//! A file holds one [`Message`]: an [`Outgoing`] report or log batch (the
+//! [`kernex_protocol::api`] types), its idempotency key and when it was
+//! queued. Files an older updater queued (`path` and an untyped JSON
+//! `body`, before the wire types had one owner) are read too, so a device
+//! upgraded while offline still delivers them; a body that is not a valid
+//! report or log batch is set aside, as the server would have rejected it.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use kernex_protocol::api::{self, paths};
 use serde::{Deserialize, Serialize};
 
 use super::client::{Client, ClientError};
@@ -21,24 +29,100 @@ pub const MAX_MESSAGE_BYTES: u64 = 2 * 1024 * 1024;
 /// Rejected messages kept for inspection.
 pub const MAX_REJECTED: usize = 50;
 
+/// What the device has to say.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outgoing {
+    /// Install progress or outcome ([`paths::REPORT`]).
+    Report(api::Report),
+    /// Log lines ([`paths::LOGS`]).
+    Logs(api::LogBatch),
+}
+
+impl From<api::Report> for Outgoing {
+    fn from(r: api::Report) -> Self {
+        Self::Report(r)
+    }
+}
+
+impl From<api::LogBatch> for Outgoing {
+    fn from(b: api::LogBatch) -> Self {
+        Self::Logs(b)
+    }
+}
+
+impl Outgoing {
+    fn send(&self, client: &Client, credential: &str, key: &str) -> Result<(), ClientError> {
+        match self {
+            Self::Report(r) => client.report(credential, r, Some(key)),
+            Self::Logs(b) => client.logs(credential, b, Some(key)),
+        }
+    }
+}
+
 /// One queued message.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Message {
-    /// Device API path, e.g. `/api/v1/device/report`.
-    pub path: String,
     /// Sent as the `Idempotency-Key`: a resend after a lost answer is not
     /// applied twice.
     pub key: String,
     /// Unix time queued.
     pub queued_at: u64,
-    /// The JSON body.
-    pub body: serde_json::Value,
+    /// The report or log batch.
+    pub message: Outgoing,
 }
 
-impl Message {
-    fn is_logs(&self) -> bool {
-        self.path.ends_with("/logs")
+/// A message as updaters before the typed outbox queued it.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct LegacyMessage {
+    /// Device API path: [`paths::REPORT`] or [`paths::LOGS`].
+    path: String,
+    key: String,
+    queued_at: u64,
+    body: serde_json::Value,
+}
+
+impl TryFrom<LegacyMessage> for Message {
+    type Error = String;
+
+    fn try_from(old: LegacyMessage) -> Result<Self, String> {
+        let message = match old.path.as_str() {
+            paths::REPORT => serde_json::from_value(old.body)
+                .map(Outgoing::Report)
+                .map_err(|e| format!("queued report: {e}"))?,
+            paths::LOGS => serde_json::from_value(old.body)
+                .map(Outgoing::Logs)
+                .map_err(|e| format!("queued log batch: {e}"))?,
+            other => return Err(format!("queued for an unknown path {other:?}")),
+        };
+        Ok(Message {
+            key: old.key,
+            queued_at: old.queued_at,
+            message,
+        })
+    }
+}
+
+/// A message file: this format or the one before.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OnDisk {
+    Typed(Message),
+    Legacy(LegacyMessage),
+}
+
+/// Reads a message file's bytes.
+fn decode(bytes: &[u8]) -> Result<Message, String> {
+    match serde_json::from_slice::<OnDisk>(bytes) {
+        Ok(OnDisk::Typed(m)) => Ok(m),
+        Ok(OnDisk::Legacy(old)) => Message::try_from(old),
+        // Untagged errors say nothing: name the new format's complaint.
+        Err(_) => Err(serde_json::from_slice::<Message>(bytes)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| "not a queued message".into())),
     }
 }
 
@@ -124,13 +208,16 @@ impl Outbox {
         Ok(self.len()? == 0)
     }
 
-    /// Queues `body` for `path`.
-    pub fn push(&mut self, path: &str, body: serde_json::Value) -> Result<(), UpdateError> {
+    /// Queues a report or log batch.
+    pub fn push(&mut self, message: impl Into<Outgoing>) -> Result<(), UpdateError> {
         let queued = Self::sequence(&self.dir)?;
         if queued.len() >= MAX_MESSAGES {
             let victim = queued
                 .iter()
-                .find(|(_, p)| self.load(p).is_ok_and(|m| m.is_logs()))
+                .find(|(_, p)| {
+                    self.load(p)
+                        .is_ok_and(|m| matches!(m.message, Outgoing::Logs(_)))
+                })
                 .or(queued.first());
             if let Some((_, p)) = victim {
                 tracing::warn!(file = %p.display(), "outbox full: dropping the oldest message");
@@ -140,10 +227,9 @@ impl Outbox {
         let seq = self.next;
         self.next += 1;
         let message = Message {
-            path: path.to_owned(),
             key: format!("{}-{seq}", self.prefix),
             queued_at: now(),
-            body,
+            message: message.into(),
         };
         let bytes = serde_json::to_vec(&message).map_err(|e| UpdateError::State {
             path: self.dir.clone(),
@@ -154,9 +240,9 @@ impl Outbox {
 
     fn load(&self, path: &Path) -> Result<Message, UpdateError> {
         let bytes = read_limited(path, MAX_MESSAGE_BYTES)?;
-        serde_json::from_slice(&bytes).map_err(|e| UpdateError::State {
+        decode(&bytes).map_err(|reason| UpdateError::State {
             path: path.to_owned(),
-            reason: e.to_string(),
+            reason,
         })
     }
 
@@ -194,10 +280,8 @@ impl Outbox {
                     continue;
                 }
             };
-            let body = serde_json::to_vec(&message.body)
-                .map_err(|e| ClientError::BadAnswer(e.to_string()))?;
-            match client.post_raw(Some(credential), &message.path, &body, Some(&message.key)) {
-                Ok(_) => {
+            match message.message.send(client, credential, &message.key) {
+                Ok(()) => {
                     remove(&path).map_err(|e| ClientError::Offline(e.to_string()))?;
                     done.sent += 1;
                 }
@@ -210,5 +294,78 @@ impl Outbox {
             done.left -= 1;
         }
         Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+
+    /// Pins the file format: a report as this updater queues it.
+    #[test]
+    fn a_queued_report_reads_back() {
+        let text = r#"{"key":"ab12-7","queued-at":1700000000,"message":{"report":{
+            "state":"committed","release_id":"r1","version":"1.0.1","booted_slot":"B","reason":null}}}"#;
+        let m = decode(text.as_bytes()).unwrap();
+        let mut report = api::Report::new(api::ReportState::Committed);
+        report.release_id = Some("r1".into());
+        report.version = Some("1.0.1".into());
+        report.booted_slot = Some("B".into());
+        assert_eq!(m.message, Outgoing::Report(report));
+        assert_eq!((m.key.as_str(), m.queued_at), ("ab12-7", 1_700_000_000));
+        let again = serde_json::to_vec(&m).unwrap();
+        assert_eq!(decode(&again).unwrap(), m);
+    }
+
+    /// Files the updater queued before the typed outbox (path and body)
+    /// are delivered by this one.
+    #[test]
+    fn files_of_the_old_format_are_read() {
+        let report = r#"{"path":"/api/v1/device/report","key":"k-1","queued-at":5,
+            "body":{"state":"reverted","reason":"probe failed","booted_slot":"A"}}"#;
+        let m = decode(report.as_bytes()).unwrap();
+        let Outgoing::Report(r) = &m.message else {
+            panic!("{m:?}")
+        };
+        assert_eq!(r.state, api::ReportState::Reverted);
+        assert_eq!(r.reason.as_deref(), Some("probe failed"));
+        assert_eq!(m.key, "k-1");
+
+        let logs = r#"{"path":"/api/v1/device/logs","key":"k-2","queued-at":6,
+            "body":{"entries":[{"level":"warn","message":"hot","at":12}]}}"#;
+        let m = decode(logs.as_bytes()).unwrap();
+        assert_eq!(
+            m.message,
+            Outgoing::Logs(api::LogBatch {
+                entries: vec![api::LogLine {
+                    level: api::LogLevel::Warn,
+                    message: "hot".into(),
+                    at: Some(12),
+                }]
+            })
+        );
+    }
+
+    /// What the server would have rejected is refused on reading (and set
+    /// aside by delivery), with a reason.
+    #[test]
+    fn unreadable_files_say_why() {
+        for (text, why) in [
+            (
+                r#"{"path":"/api/v1/device/logs","key":"k","queued-at":1,"body":{"entries":[{"level":"loud","message":"x"}]}}"#,
+                "log batch",
+            ),
+            (
+                r#"{"path":"/api/v1/device/other","key":"k","queued-at":1,"body":{}}"#,
+                "unknown path",
+            ),
+            (r#"{"key":"k","queued-at":1}"#, "message"),
+            ("not json", "expected"),
+        ] {
+            let e = decode(text.as_bytes()).unwrap_err();
+            assert!(e.contains(why), "{text}: {e}");
+        }
     }
 }
