@@ -73,7 +73,9 @@ impl ControlPlane {
                 };
                 edit(&mut config);
                 let state = kernex_server::AppState::open(config).await.unwrap();
-                tokio::spawn(kernex_server::service::rollouts::scheduler::run(state.clone()));
+                tokio::spawn(kernex_server::service::rollouts::scheduler::run(
+                    state.clone(),
+                ));
                 let admin = kernex_server::bootstrap(&state).await.unwrap().unwrap();
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 let addr = listener.local_addr().unwrap();
