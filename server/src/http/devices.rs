@@ -12,7 +12,7 @@ use crate::AppState;
 use crate::auth::Operator;
 use crate::http::{ApiJson, Result};
 use crate::service::devices::fleet;
-pub use crate::service::devices::fleet::{Device, DeviceFilter, LogFilter, LogLine};
+pub use crate::service::devices::fleet::{Device, DeviceFilter, DeviceLogEntry, LogFilter};
 
 /// Routes.
 pub fn router() -> Router<AppState> {
@@ -80,13 +80,13 @@ pub async fn set_tags(
 
 /// A device's log lines, newest first.
 #[utoipa::path(get, path = "/api/v1/devices/{id}/logs", params(LogFilter),
-    responses((status = 200, body = [LogLine]), (status = 404)))]
+    responses((status = 200, body = [DeviceLogEntry]), (status = 404)))]
 pub async fn logs(
     State(state): State<AppState>,
     op: Operator,
     Path(id): Path<String>,
     filter: Result<Query<LogFilter>, axum::extract::rejection::QueryRejection>,
-) -> Result<ApiJson<Vec<LogLine>>> {
+) -> Result<ApiJson<Vec<DeviceLogEntry>>> {
     let Query(f) = filter?;
     Ok(ApiJson(fleet::logs(&state, &op, &id, &f).await?))
 }

@@ -2,6 +2,7 @@
 //! library. Each chart has a text alternative (a title and, where it
 //! matters, the numbers next to it).
 
+use kernex_protocol::api::ReportState;
 use maud::{Markup, html};
 
 use super::format;
@@ -103,12 +104,28 @@ pub fn stacked(
 
 /// The colour class of a status or state.
 pub fn bar_class(label: &str) -> &'static str {
+    if let Some(state) = ReportState::parse(label) {
+        // A rolled-back device is back on a release it ran: not a fault.
+        return match state {
+            ReportState::RolledBack => "neutral",
+            state => report_class(state),
+        };
+    }
     match label {
-        "online" | "committed" => "good",
-        "updating" | "downloading" | "installed" | "rebooted" | "assigned" => "busy",
+        "online" => "good",
+        "updating" | "assigned" => "busy",
         "degraded" | "offline" => "warn",
-        "reverted" | "error" | "failed" => "bad",
+        "error" => "bad",
         _ => "neutral",
+    }
+}
+
+/// The colour class of what a device reported about an install.
+pub fn report_class(state: ReportState) -> &'static str {
+    match state {
+        ReportState::Committed => "good",
+        ReportState::Downloading | ReportState::Installed | ReportState::Rebooted => "busy",
+        ReportState::Reverted | ReportState::Failed | ReportState::RolledBack => "bad",
     }
 }
 

@@ -12,6 +12,8 @@ use super::{
     CSRF_FIELD, Form, LOGIN_CSRF_COOKIE, Session, UiError, UiResult, cookie, csrf_field, is_https,
     parse_form, same_token, see_other,
 };
+use kernex_protocol::api::ReportState;
+
 use crate::AppState;
 use crate::auth::{Role, SESSION_COOKIE};
 use crate::service::Error as ServiceError;
@@ -309,16 +311,18 @@ pub fn heading(title: &str, subtitle: Option<Markup>) -> Markup {
 
 /// A status badge.
 pub fn status_badge(status: &str) -> Markup {
-    let class = match status {
-        "online" | "committed" | "success" | "ok" | "done" | "completed" | "attested" => "good",
-        "updating" | "downloading" | "installed" | "rebooted" | "rebooting" | "assigned"
-        | "in_progress" | "pending" | "running" | "current" | "scheduled" | "rolling_back" => {
-            "busy"
-        }
-        "degraded" | "offline" | "paused" | "expired" | "stale" => "warn",
-        "reverted" | "error" | "failed" | "rolled_back" | "revoked" | "unstable" | "aborted"
-        | "mismatch" => "bad",
-        _ => "neutral",
+    let class = match ReportState::parse(status) {
+        // What a device reported about an install (deployment and rollout
+        // records keep the report's state).
+        Some(state) => super::charts::report_class(state),
+        None => match status {
+            "online" | "success" | "ok" | "done" | "completed" | "attested" => "good",
+            "updating" | "rebooting" | "assigned" | "in_progress" | "pending" | "running"
+            | "current" | "scheduled" | "rolling_back" => "busy",
+            "degraded" | "offline" | "paused" | "expired" | "stale" => "warn",
+            "error" | "revoked" | "unstable" | "aborted" | "mismatch" => "bad",
+            _ => "neutral",
+        },
     };
     html! { span class={ "badge " (class) } { (status.replace('_', " ")) } }
 }

@@ -276,9 +276,10 @@ pub struct LogFilter {
     pub limit: Option<i64>,
 }
 
-/// One log line.
+/// One log line of a device, as operators read it (the device sends
+/// `kernex_protocol::api::LogLine`).
 #[derive(Debug, Serialize, ToSchema, FromRow)]
-pub struct LogLine {
+pub struct DeviceLogEntry {
     /// When, unix ms.
     pub at: i64,
     /// Level.
@@ -293,9 +294,9 @@ pub async fn logs(
     op: &Operator,
     id: &str,
     f: &LogFilter,
-) -> Result<Vec<LogLine>> {
+) -> Result<Vec<DeviceLogEntry>> {
     exists(state, op, id).await?;
-    Ok(sqlx::query_as::<_, LogLine>(
+    Ok(sqlx::query_as::<_, DeviceLogEntry>(
         "SELECT at, level, message FROM device_logs WHERE device_pk = $1 AND org_id = $2 AND ($3 IS NULL OR level = $3) AND at < $4 ORDER BY at DESC LIMIT $5",
     )
     .bind(id)
