@@ -4,7 +4,9 @@ use crate::{BootError, Slot};
 
 /// The order used when `BOOT_ORDER` is not set.
 pub const DEFAULT_ORDER: [Slot; 2] = [Slot::A, Slot::B];
-/// Attempts a slot gets when it is marked good, and when a counter is not set.
+/// Attempts a slot gets when it is marked good, and when a counter is not
+/// set; also what a slot holding a release gets on a factory disk
+/// (`kernex-image disk create`). The one definition of "3 attempts".
 pub const DEFAULT_ATTEMPTS: u32 = 3;
 /// Most attempts a slot can be given: the boot scripts count single digits
 /// (U-Boot's `setexpr` is hexadecimal, `test -gt` decimal; GRUB cannot do
@@ -51,6 +53,18 @@ impl Vars for u_boot_env::Env {
     }
     fn set_var(&mut self, name: &str, value: &str) -> Result<(), BootError> {
         Ok(self.set(name, value)?)
+    }
+}
+
+/// Variables collected in a map: what a new environment (a factory disk's
+/// U-Boot env or grubenv) should hold, before it is encoded.
+impl Vars for std::collections::BTreeMap<String, String> {
+    fn var(&self, name: &str) -> Option<&str> {
+        self.get(name).map(String::as_str)
+    }
+    fn set_var(&mut self, name: &str, value: &str) -> Result<(), BootError> {
+        self.insert(name.to_owned(), value.to_owned());
+        Ok(())
     }
 }
 

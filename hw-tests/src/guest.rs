@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use kernex_image::bundle::{BundleBuilder, Image, load_signer};
 use kernex_image::rootfs::{Filesystem, RootfsOptions, build_rootfs};
+use kernex_protocol::archive::ArchiveOptions;
 use kernex_protocol::bundle::Bundle;
 use kernex_protocol::manifest::VerifiedManifest;
 use kernex_protocol::{Keyring, VerifyOptions};
@@ -504,24 +506,21 @@ pub fn build(assets: &Assets, keys: &Keys, release: &Release, dir: &Path) -> Res
     build_rootfs(&stage, &image, &opts)
         .with_context(|| format!("rootfs image of {}", release.version))?;
     let bundle = dir.join(format!("release-{}.kxb", release.version));
-    kernex_image_cli(&[
-        "bundle",
-        "create",
-        "--compatible",
+    let version = semver::Version::parse(&release.version)
+        .with_context(|| format!("release version {}", release.version))?;
+    let signer = load_signer(&keys.dir.join("signing.key"), &keys.dir.join("signing.crt"))?;
+    BundleBuilder::new(
         assets.arch.compatible(),
-        "--version",
-        &release.version,
-        "--rootfs",
-        &image.display().to_string(),
-        "--key",
-        &keys.dir.join("signing.key").display().to_string(),
-        "--cert",
-        &keys.dir.join("signing.crt").display().to_string(),
-        "--out",
-        &bundle.display().to_string(),
-        "--threads",
-        "2",
-    ])?;
+        version,
+        Image::file(&image),
+        &signer,
+    )
+    .archive_options(ArchiveOptions {
+        threads: 2,
+        ..ArchiveOptions::default()
+    })
+    .build(&bundle)
+    .with_context(|| format!("bundle of {}", release.version))?;
     Ok(Built {
         release: release.clone(),
         image,

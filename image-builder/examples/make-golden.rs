@@ -6,18 +6,18 @@
 //! regenerated when the format version changes. Certificates are valid for
 //! 100 years (the expired one for 2001 only), so the files keep verifying.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::io::Cursor;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use kernex_image::bundle::{BundleBuilder, Image};
 use kernex_image::keys::{self, KeyPair, Usage, Validity};
-use kernex_protocol::archive::{self, ArchiveOptions};
-use kernex_protocol::bundle::{self, ImageInput, ReleaseInfo};
+use kernex_protocol::FsType;
+use kernex_protocol::archive::ArchiveOptions;
+use kernex_protocol::bundle::Bundle;
 use kernex_protocol::index::ChunkerParams;
 use kernex_protocol::signature::Signer;
-use kernex_protocol::{FsType, SlotClass};
 
 const CENTURY: i64 = 100 * 365 * 86_400;
 
@@ -46,73 +46,47 @@ fn signer(pair: &KeyPair) -> Result<Signer> {
     )?)
 }
 
-/// Builds a bundle; `edit` may change the manifest bytes before signing.
-fn make_bundle(signer: Option<&Signer>, edit: &dyn Fn(Vec<u8>) -> Vec<u8>) -> Result<Vec<u8>> {
+/// The golden bundle of [`image`], signed by `signer`.
+fn make_bundle(signer: &Signer) -> Result<Vec<u8>> {
     let img = image();
-    let options = ArchiveOptions {
+    let mut out = Vec::new();
+    BundleBuilder::new(
+        "qemu-aarch64",
+        semver::Version::new(1, 0, 0),
+        Image::bytes(&img).filesystem(FsType::Raw),
+        signer,
+    )
+    .metadata("notes", "golden test bundle")
+    .archive_options(ArchiveOptions {
         chunker: ChunkerParams::rollsum(16 * 1024, 4 * 1024, 64 * 1024, 64),
         ..ArchiveOptions::default()
-    };
-    let mut data = Vec::new();
-    let built = archive::build_archive(&img[..], &mut data, &options, &|_| {})?;
-    let release = ReleaseInfo {
-        version: semver::Version::new(1, 0, 0),
-        compatible: "qemu-aarch64".into(),
-        min_updater_version: semver::Version::new(0, 1, 0),
-        metadata: BTreeMap::from([("notes".to_string(), "golden test bundle".to_string())]),
-    };
-    let inputs = [ImageInput {
-        class: SlotClass::Rootfs,
-        filesystem: FsType::Raw,
-        built: &built,
-        patches: &[],
-    }];
-    let manifest = bundle::manifest_for(&release, &inputs)?;
-    let manifest_bytes = edit(manifest.to_vec()?);
-    let sig = match signer {
-        Some(s) => s.sign(&manifest_bytes)?,
-        None => Vec::new(),
-    };
-    let mut out = Vec::new();
-    let mut reader = Cursor::new(data);
-    let mut images: Vec<(ImageInput<'_>, &mut dyn std::io::Read)> = vec![(
-        ImageInput {
-            class: SlotClass::Rootfs,
-            filesystem: FsType::Raw,
-            built: &built,
-            patches: &[],
-        },
-        &mut reader,
-    )];
-    if signer.is_some() {
-        bundle::write_bundle(&mut out, &manifest_bytes, &sig, &mut images)?;
-    } else {
-        // An unsigned bundle: the same members without manifest.sig.
-        write_unsigned(&mut out, &manifest_bytes, &built, &mut reader)?;
-    }
+    })
+    .write(&mut out)?;
     Ok(out)
 }
 
-fn write_unsigned(
-    out: &mut Vec<u8>,
-    manifest: &[u8],
-    built: &archive::BuiltArchive,
-    data: &mut Cursor<Vec<u8>>,
-) -> Result<()> {
+/// `valid` with its manifest replaced by `manifest` and its signature by
+/// `signature` (none: an unsigned bundle, the same members without
+/// manifest.sig). Assembled by hand: the builder signs what it writes, and
+/// `write_bundle` refuses manifests the parser rejects.
+fn reassembled(valid: &[u8], manifest: &[u8], signature: Option<&[u8]>) -> Result<Vec<u8>> {
     use kernex_protocol::container::*;
-    let mut member = |name: &str, bytes: &[u8]| -> Result<()> {
-        write_member_header(out, name, bytes.len() as u64)?;
-        out.extend_from_slice(bytes);
-        write_padding(out, bytes.len() as u64)?;
-        Ok(())
-    };
-    member(MANIFEST_MEMBER, manifest)?;
-    member(&index_member(SlotClass::Rootfs), &built.index_bytes)?;
-    let mut archive = built.header.clone();
-    archive.extend_from_slice(data.get_ref());
-    member(&archive_member(SlotClass::Rootfs), &archive)?;
-    write_end(out)?;
-    Ok(())
+    let b = Bundle::open(Cursor::new(valid))?;
+    let rest_at = b.layout().images[0].index.offset - BLOCK;
+    let mut out = Vec::new();
+    let members = [
+        (MANIFEST_MEMBER, Some(manifest)),
+        (SIGNATURE_MEMBER, signature),
+    ];
+    for (name, bytes) in members {
+        if let Some(bytes) = bytes {
+            write_member_header(&mut out, name, bytes.len() as u64)?;
+            out.extend_from_slice(bytes);
+            write_padding(&mut out, bytes.len() as u64)?;
+        }
+    }
+    out.extend_from_slice(&valid[rest_at as usize..]);
+    Ok(out)
 }
 
 fn main() -> Result<()> {
@@ -168,8 +142,7 @@ fn main() -> Result<()> {
     write("ca.crt", &ca.cert.to_pem()?)?;
     write("other-ca.crt", &other_ca.cert.to_pem()?)?;
 
-    let same = |m: Vec<u8>| m;
-    let valid = make_bundle(Some(&signer(&good)?), &same)?;
+    let valid = make_bundle(&signer(&good)?)?;
     write("valid.kxb", &valid)?;
     write("truncated.kxb", &valid[..valid.len() * 2 / 3])?;
 
@@ -192,19 +165,11 @@ fn main() -> Result<()> {
     index[kxi + 100] ^= 0x01;
     write("bitflip-index.kxb", &index)?;
 
-    write("unsigned.kxb", &make_bundle(None, &same)?)?;
-    write(
-        "unknown-ca.kxb",
-        &make_bundle(Some(&signer(&stranger)?), &same)?,
-    )?;
-    write(
-        "expired-signer.kxb",
-        &make_bundle(Some(&signer(&expired)?), &same)?,
-    )?;
-    write(
-        "wrong-usage.kxb",
-        &make_bundle(Some(&signer(&tls)?), &same)?,
-    )?;
+    let manifest = Bundle::open(Cursor::new(&valid))?.manifest_bytes().to_vec();
+    write("unsigned.kxb", &reassembled(&valid, &manifest, None)?)?;
+    write("unknown-ca.kxb", &make_bundle(&signer(&stranger)?)?)?;
+    write("expired-signer.kxb", &make_bundle(&signer(&expired)?)?)?;
+    write("wrong-usage.kxb", &make_bundle(&signer(&tls)?)?)?;
     let unknown_field = |m: Vec<u8>| {
         let text = String::from_utf8_lossy(&m).replacen(
             "{\n",
@@ -232,23 +197,13 @@ fn main() -> Result<()> {
 }
 
 /// A valid bundle whose manifest is replaced by `edit(manifest)` and signed
-/// again (write_bundle refuses manifests the parser rejects, so this
-/// assembles the container by hand).
+/// again.
 fn resigned(signer: &Signer, edit: &dyn Fn(Vec<u8>) -> Vec<u8>) -> Result<Vec<u8>> {
-    let valid = make_bundle(Some(signer), &|m| m)?;
-    let b = kernex_protocol::bundle::Bundle::open(Cursor::new(valid.clone()))?;
+    let valid = make_bundle(signer)?;
+    let b = Bundle::open(Cursor::new(&valid))?;
     let manifest = edit(b.manifest_bytes().to_vec());
     let sig = signer.sign(&manifest)?;
-    let rest_at = b.layout().images[0].index.offset - kernex_protocol::container::BLOCK;
-    let mut out = Vec::new();
-    use kernex_protocol::container::*;
-    for (name, bytes) in [(MANIFEST_MEMBER, &manifest), (SIGNATURE_MEMBER, &sig)] {
-        write_member_header(&mut out, name, bytes.len() as u64)?;
-        out.extend_from_slice(bytes);
-        write_padding(&mut out, bytes.len() as u64)?;
-    }
-    out.extend_from_slice(&valid[rest_at as usize..]);
-    Ok(out)
+    reassembled(&valid, &manifest, Some(&sig))
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {

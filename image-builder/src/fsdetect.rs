@@ -10,17 +10,22 @@ use kernex_protocol::FsType;
 /// The filesystem in the image at `path`: ext2/3/4, squashfs, erofs, or
 /// raw when none is recognised.
 pub fn detect(path: &Path) -> Result<FsType> {
-    let mut f = File::open(path).with_context(|| format!("unable to open {}", path.display()))?;
-    let mut head = [0u8; 4];
-    let mut read_at = |offset: u64, buf: &mut [u8]| -> Result<bool> {
-        f.seek(SeekFrom::Start(offset))
-            .with_context(|| format!("unable to read {}", path.display()))?;
-        match f.read_exact(buf) {
+    let f = File::open(path).with_context(|| format!("unable to open {}", path.display()))?;
+    detect_in(f).with_context(|| format!("unable to read {}", path.display()))
+}
+
+/// The filesystem in the image `image` reads (from its start): ext2/3/4,
+/// squashfs, erofs, or raw when none is recognised.
+pub fn detect_in(mut image: impl Read + Seek) -> std::io::Result<FsType> {
+    let mut read_at = |offset: u64, buf: &mut [u8]| -> std::io::Result<bool> {
+        image.seek(SeekFrom::Start(offset))?;
+        match image.read_exact(buf) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
-            Err(e) => Err(e).with_context(|| format!("unable to read {}", path.display())),
+            Err(e) => Err(e),
         }
     };
+    let mut head = [0u8; 4];
     if read_at(0, &mut head)? && &head == b"hsqs" {
         return Ok(FsType::Squashfs);
     }

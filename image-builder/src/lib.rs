@@ -3,9 +3,12 @@
 //! boards on a factory line.
 //!
 //! The binary is a thin shell over this library: each command lives in
-//! [`cli`], the work in the other modules, so tests call it directly.
+//! [`cli`], the work in the other modules, so tests, the fleet simulator and
+//! the whole-system tests call it directly — e.g. [`bundle::BundleBuilder`]
+//! for what `bundle create` does.
 
 pub mod board;
+pub mod bundle;
 pub mod cli;
 pub mod disk;
 pub mod fsdetect;

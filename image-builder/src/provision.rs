@@ -30,7 +30,9 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::disk::{self, DISK_RECORD, DiskRecord, SYSTEM_TOML, table, tools};
+use kernex_device::{ServerConfig, SystemConfig};
+
+use crate::disk::{DISK_RECORD, DiskRecord, SYSTEM_TOML, table, tools};
 use crate::preauth::{self, Outcome, PreauthRequest, Preauthorization};
 use crate::progress;
 
@@ -40,8 +42,6 @@ pub const TOKEN_FILE: &str = "/etc/kernex/enrollment-token";
 pub const REPORT_FILE: &str = "/etc/kernex/provisioning.json";
 /// Longest device id accepted.
 pub const MAX_DEVICE_ID: usize = 128;
-const BEGIN: &str = "# >>> kernex-image provision";
-const END: &str = "# <<< kernex-image provision";
 const BLOCK: usize = 4 << 20;
 
 /// Options of [`provision`].
@@ -484,32 +484,33 @@ fn hash_prefix(path: &Path, size: u64, quiet: bool, direct: bool) -> Result<Stri
     Ok(hex::encode(hasher.finalize()))
 }
 
-/// `system.toml` with this device's `[server]` table (any earlier one
-/// written by provision replaced).
-pub fn with_server_table(base: &str, server: &str, device_id: &str, token_path: &str) -> String {
-    let mut out = String::new();
-    let mut skipping = false;
-    for line in base.lines() {
-        if line.trim() == BEGIN {
-            skipping = true;
-            continue;
-        }
-        if skipping {
-            if line.trim() == END {
-                skipping = false;
-            }
-            continue;
-        }
-        out.push_str(line);
-        out.push('\n');
-    }
-    out.push_str(&format!(
-        "\n{BEGIN}\n[server]\nurl = {}\ndevice-id = {}\nenrollment-token-file = {}\n{END}\n",
-        disk::toml_str(server),
-        disk::toml_str(device_id),
-        disk::toml_str(token_path)
-    ));
-    out
+/// `system.toml` (`base`) with this device's identity in its `[server]`
+/// table: the control plane's `server` URL, `device_id` and the enrollment
+/// token in the file `token_path`. The other keys of an earlier `[server]`
+/// table stay; so do the comment lines `base` begins with.
+pub fn with_server_table(
+    base: &str,
+    server: &str,
+    device_id: &str,
+    token_path: &str,
+) -> Result<String> {
+    let mut config = SystemConfig::from_toml(base, Path::new(SYSTEM_TOML))?;
+    let mut table = config
+        .server
+        .take()
+        .unwrap_or_else(|| ServerConfig::new(server));
+    table.url = server.to_owned();
+    table.device_id = Some(device_id.to_owned());
+    table.enrollment_token = None;
+    table.enrollment_token_file = Some(token_path.into());
+    config.server = Some(table);
+    let header: String = base
+        .lines()
+        .take_while(|l| l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let body = toml::to_string(&config).context("unable to write system.toml")?;
+    Ok(format!("{header}{body}"))
 }
 
 fn write_identity(
@@ -523,7 +524,7 @@ fn write_identity(
         .with_context(|| format!("{SYSTEM_TOML} is missing from the target's data partition"))?;
     let base = String::from_utf8(base).context("system.toml is not UTF-8")?;
     let token_path = format!("{}{TOKEN_FILE}", data.record.data_mount);
-    let system = with_server_table(&base, &opts.server, device_id, &token_path);
+    let system = with_server_table(&base, &opts.server, device_id, &token_path)?;
     let stage = tempfile::tempdir().context("unable to create a temporary directory")?;
     let files: [(&str, Vec<u8>, &str); 3] = [
         (SYSTEM_TOML, system.into_bytes(), "0100644"),
@@ -571,12 +572,24 @@ mod tests {
 
     #[test]
     fn the_server_table_replaces_an_earlier_one() {
-        let base = "compatible = \"x\"\n\n[bootloader]\nbackend = \"u-boot\"\n";
-        let once = with_server_table(base, "https://a", "SN-1", "/data/t");
-        let twice = with_server_table(&once, "https://b", "SN-2", "/data/t");
+        let base = "# written by disk create\n\
+                    compatible = \"x\"\ndata-dir = \"/data/kernex\"\nkeyring = \"/k.pem\"\n\
+                    [slots.rootfs]\nA = \"/dev/vda2\"\nB = \"/dev/vda3\"\n\
+                    [bootloader]\nbackend = \"u-boot\"\n\
+                    [server]\nurl = \"https://old\"\ntags = [\"lab\"]\nenrollment-token = \"kxe_old\"\n";
+        let once = with_server_table(base, "https://a", "SN-1", "/data/t").unwrap();
+        let twice = with_server_table(&once, "https://b", "SN-2", "/data/t").unwrap();
         assert_eq!(twice.matches("[server]").count(), 1);
         assert!(twice.contains("url = \"https://b\"") && !twice.contains("https://a"));
-        assert!(twice.starts_with(base));
+        assert!(twice.starts_with("# written by disk create\n"), "{twice}");
+        let config = SystemConfig::from_toml(&twice, Path::new("system.toml")).unwrap();
+        let server = config.server.unwrap();
+        assert_eq!(server.device_id.as_deref(), Some("SN-2"));
+        assert_eq!(server.enrollment_token_file, Some(PathBuf::from("/data/t")));
+        // The inline token would win over the file: it is gone; other keys stay.
+        assert_eq!(server.enrollment_token, None);
+        assert_eq!(server.tags, ["lab"]);
+        assert_eq!(config.compatible, "x");
     }
 
     #[test]

@@ -2,15 +2,15 @@
 //! hardware class whose images share most of their chunks, and the exact
 //! byte ranges a device running one must fetch to install another.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::fs;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use kernex_image::bundle::{BundleBuilder, Image};
 use kernex_image::keys::{Usage, Validity, create_ca, create_leaf};
-use kernex_protocol::archive::{ArchiveOptions, build_archive};
-use kernex_protocol::bundle::{self, Bundle, ImageInput, ReleaseInfo};
+use kernex_protocol::bundle::Bundle;
 use kernex_protocol::container;
 use kernex_protocol::index::ChunkIndex;
 use kernex_protocol::signature::Signer;
@@ -104,33 +104,15 @@ pub fn make_releases(
                 }
             }
         }
-        let mut data = Vec::new();
-        let built = build_archive(
-            Cursor::new(&image),
-            &mut data,
-            &ArchiveOptions::default(),
-            &|_| {},
-        )?;
-        let release = ReleaseInfo {
-            version: version.clone(),
-            compatible: compatible.to_string(),
-            min_updater_version: semver::Version::new(0, 1, 0),
-            metadata: BTreeMap::from([("made-by".to_string(), "kernex-sim".to_string())]),
-        };
-        let input = ImageInput {
-            class: SlotClass::Rootfs,
-            filesystem: FsType::Raw,
-            built: &built,
-            patches: &[],
-        };
-        let manifest = bundle::manifest_for(&release, std::slice::from_ref(&input))?;
-        let manifest_bytes = manifest.to_vec()?;
-        let sig = signer.sign(&manifest_bytes)?;
         let mut out = Vec::new();
-        let mut reader = Cursor::new(data);
-        let mut images: Vec<(ImageInput<'_>, &mut dyn std::io::Read)> =
-            vec![(input, &mut reader as &mut dyn std::io::Read)];
-        bundle::write_bundle(&mut out, &manifest_bytes, &sig, &mut images)?;
+        BundleBuilder::new(
+            compatible,
+            version.clone(),
+            Image::bytes(&image).filesystem(FsType::Raw),
+            &signer,
+        )
+        .metadata("made-by", "kernex-sim")
+        .write(&mut out)?;
         let path = dir.join(format!("{compatible}-{version}.kxb"));
         fs::write(&path, &out).with_context(|| format!("unable to write {}", path.display()))?;
         bundles.push(path);

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result};
 use kernex_attest::{AkBlob, DeviceError, Tpm};
 use kernex_bootloader::Slot;
+use kernex_device::layout;
 use kernex_protocol::api::{Activation, Quote, TpmIdentity};
 use serde::Serialize;
 
@@ -19,7 +20,7 @@ const MAX_AK_FILE: u64 = 64 * 1024;
 
 /// Where the AK is kept: `<data-dir>/attest/ak.json`.
 pub fn ak_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("attest").join("ak.json")
+    data_dir.join(layout::ATTEST_AK)
 }
 
 /// Opens the configured TPM.
@@ -81,7 +82,7 @@ pub fn activate(config: &TpmConfig, ak_path: &Path, challenge: &Activation) -> R
 /// Where the daemon records which server credential is bound to this TPM:
 /// `<data-dir>/attest/binding.json`.
 pub fn binding_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("attest").join("binding.json")
+    data_dir.join(layout::ATTEST_BINDING)
 }
 
 /// The server bound this device (its id there) to this TPM and AK.

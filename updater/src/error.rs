@@ -95,6 +95,31 @@ pub enum UpdateError {
     SlotState(String),
 }
 
+impl From<kernex_device::ConfigError> for UpdateError {
+    fn from(e: kernex_device::ConfigError) -> Self {
+        match e {
+            kernex_device::ConfigError::Io {
+                action,
+                path,
+                source,
+            } => UpdateError::Io {
+                action,
+                path,
+                source,
+            },
+            kernex_device::ConfigError::Invalid { path, reason } => {
+                UpdateError::Config { path, reason }
+            }
+        }
+    }
+}
+
+impl From<kernex_device::RecordError> for UpdateError {
+    fn from(e: kernex_device::RecordError) -> Self {
+        UpdateError::Bundle(e.to_string())
+    }
+}
+
 /// `map_err` helper for I/O on a path.
 pub(crate) fn io_err(
     action: &'static str,

@@ -191,7 +191,7 @@ pub fn status(config: &SystemConfig, flow: &mut dyn BootFlow) -> Result<Status, 
 
 fn server_status(data: &DataDir, url: &str) -> Result<ServerStatus, UpdateError> {
     let daemon = crate::daemon::state::load(data)?;
-    let outbox = data.root().join("outbox");
+    let outbox = data.root().join(kernex_device::layout::OUTBOX);
     let queued_messages = match std::fs::read_dir(&outbox) {
         Ok(entries) => entries
             .filter_map(Result::ok)

@@ -1,4 +1,5 @@
-//! The data directory: small records written atomically.
+//! The data directory: small records written atomically. Its file names
+//! are [`kernex_device::layout`]'s:
 //!
 //! ```text
 //! <data-dir>/slot-A/record.json     what slot A holds (manifest, signature, image digests)
@@ -18,8 +19,9 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use kernex_bootloader::Slot;
+use kernex_device::layout;
 use kernex_protocol::index::ChunkIndex;
-use kernex_protocol::{Manifest, Sha256Digest, SlotClass};
+use kernex_protocol::{Sha256Digest, SlotClass};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::error::{UpdateError, io_err};
@@ -108,32 +110,9 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), UpdateError> {
     write_atomically(path, &bytes)
 }
 
-/// What a slot holds, as recorded after it was written and verified.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub struct SlotRecord {
-    /// The manifest bytes as signed (UTF-8 JSON).
-    pub manifest: String,
-    /// The detached signature, hex.
-    pub signature: String,
-    /// Whether the slot's content was read back and matched the manifest.
-    pub verified: bool,
-    /// Unix time of the install.
-    pub installed_at: u64,
-}
-
-impl SlotRecord {
-    /// The recorded manifest, parsed. It was verified when installed.
-    pub fn manifest(&self) -> Result<Manifest, UpdateError> {
-        Manifest::from_slice(self.manifest.as_bytes())
-            .map_err(|e| UpdateError::Bundle(format!("recorded manifest: {e}")))
-    }
-
-    /// SHA-256 of the manifest bytes: identifies a release.
-    pub fn manifest_digest(&self) -> Sha256Digest {
-        Sha256Digest::of(self.manifest.as_bytes())
-    }
-}
+/// What a slot holds, as recorded after it was written and verified
+/// (`kernex-device`'s format: the image builder writes it too).
+pub use kernex_device::SlotRecord;
 
 /// The install in progress.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -210,31 +189,27 @@ impl DataDir {
         &self.root
     }
 
-    fn slot_dir(&self, slot: Slot) -> PathBuf {
-        self.root.join(format!("slot-{slot}"))
-    }
-
     fn record_path(&self, slot: Slot) -> PathBuf {
-        self.slot_dir(slot).join("record.json")
+        self.root.join(layout::slot_record(slot))
     }
 
     fn index_path(&self, slot: Slot, class: SlotClass) -> PathBuf {
-        self.slot_dir(slot).join(format!("{class}.kxi"))
+        self.root.join(layout::slot_index(slot, class))
     }
 
     /// The install directory.
     pub fn install_dir(&self) -> PathBuf {
-        self.root.join("install")
+        self.root.join(layout::INSTALL_DIR)
     }
 
     /// The journal of the install in progress.
     pub fn journal_path(&self) -> PathBuf {
-        self.install_dir().join("journal")
+        self.root.join(layout::JOURNAL)
     }
 
     /// The budget counter.
     pub fn budget_path(&self) -> PathBuf {
-        self.root.join("budget.json")
+        self.root.join(layout::BUDGET)
     }
 
     /// What `slot` holds, if recorded.
@@ -296,28 +271,28 @@ impl DataDir {
 
     /// The install in progress.
     pub fn pending(&self) -> Result<Option<PendingInstall>, UpdateError> {
-        read_json(&self.install_dir().join("state.json"))
+        read_json(&self.root.join(layout::INSTALL_STATE))
     }
 
     /// Saves the install in progress.
     pub fn set_pending(&self, pending: &PendingInstall) -> Result<(), UpdateError> {
-        write_json(&self.install_dir().join("state.json"), pending)
+        write_json(&self.root.join(layout::INSTALL_STATE), pending)
     }
 
     /// Drops the install in progress and its journal.
     pub fn clear_pending(&self) -> Result<(), UpdateError> {
         remove(&self.journal_path())?;
-        remove(&self.install_dir().join("state.json"))
+        remove(&self.root.join(layout::INSTALL_STATE))
     }
 
     /// The last install's outcome.
     pub fn last_install(&self) -> Result<Option<LastInstall>, UpdateError> {
-        read_json(&self.root.join("last-install.json"))
+        read_json(&self.root.join(layout::LAST_INSTALL))
     }
 
     /// Records the last install's outcome.
     pub fn set_last_install(&self, last: &LastInstall) -> Result<(), UpdateError> {
-        write_json(&self.root.join("last-install.json"), last)
+        write_json(&self.root.join(layout::LAST_INSTALL), last)
     }
 
     /// Reads a JSON state file of the data dir.

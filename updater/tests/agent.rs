@@ -1,5 +1,6 @@
-//! A device with an agent slot pair (`[slots.agent]`): a bundle made by
-//! `kernex-image bundle create --rootfs … --agent …` installs both images
+//! A device with an agent slot pair (`[slots.agent]`): a bundle of a rootfs
+//! and an agent image (what `kernex-image bundle create --rootfs … --agent …`
+//! makes, built through its library, `kernex_image::bundle`) installs both images
 //! into slot B through the real binary, both are verified and recorded, and
 //! `status` shows both; a bundle without the agent image is refused.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -10,8 +11,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::{image, sha256};
-use kernex_image::cli::bundle::{BundleCommand, CreateArgs};
+use kernex_image::bundle::{self, BundleBuilder, Image};
 use kernex_image::keys::{self, Usage, Validity};
+use kernex_protocol::archive::ArchiveOptions;
+use kernex_protocol::index::ChunkerParams;
 
 const MIB: usize = 1024 * 1024;
 
@@ -76,31 +79,27 @@ fn device(old_rootfs: &[u8], old_agent: &[u8]) -> AgentDevice {
     d
 }
 
-/// `kernex-image bundle create`, as the CLI runs it.
+/// What `kernex-image bundle create` makes of these images, through the
+/// library it calls.
 fn bundle_create(dev: &AgentDevice, rootfs: &Path, agent: Option<&Path>, out: &Path) {
-    kernex_image::cli::bundle::run(BundleCommand::Create(CreateArgs {
-        compatible: "qemu-aarch64".into(),
-        version: semver::Version::new(1, 1, 0),
-        rootfs: rootfs.to_owned(),
-        agent: agent.map(Path::to_owned),
-        key: dev.path("key.pem"),
-        cert: dev.path("cert.pem"),
-        out: out.to_owned(),
-        min_updater_version: semver::Version::new(0, 1, 0),
-        metadata: vec![("model".into(), "test-model".into())],
-        avg_chunk_size: 8 * 1024,
-        min_chunk_size: 2 * 1024,
-        max_chunk_size: 64 * 1024,
-        hash_length: 16,
-        compression_level: 3,
+    let signer = bundle::load_signer(&dev.path("key.pem"), &dev.path("cert.pem")).unwrap();
+    let mut builder = BundleBuilder::new(
+        "qemu-aarch64",
+        semver::Version::new(1, 1, 0),
+        Image::file(rootfs),
+        &signer,
+    )
+    .metadata("model", "test-model")
+    .archive_options(ArchiveOptions {
+        chunker: ChunkerParams::rollsum(8 * 1024, 2 * 1024, 64 * 1024, 64),
+        hash_len: 16,
+        zstd_level: 3,
         threads: 1,
-        patch_from: Vec::new(),
-        keyring: None,
-        patch_level: 19,
-        json: true,
-        health: None,
-    }))
-    .unwrap();
+    });
+    if let Some(agent) = agent {
+        builder = builder.agent(Image::file(agent));
+    }
+    builder.build(out).unwrap();
 }
 
 #[test]

@@ -22,6 +22,9 @@ fn example_config_parses() {
     assert_eq!(server.poll_interval, 60);
     assert_eq!(server.tags, vec!["site-berlin"]);
     assert!(server.allow_downgrade);
+    assert_eq!(server.link_class.as_deref(), Some("metered-4g"));
+    assert_eq!(server.site.as_deref(), Some("berlin-3"));
+    assert_eq!(server.time_zone.as_deref(), Some("Europe/Berlin"));
     let health = config.health.unwrap();
     assert_eq!(health.deadline, Some(300));
     assert_eq!(health.stability_window, Some(60));

@@ -105,15 +105,8 @@ fn rejected_bundles_never_touch_a_slot() {
     let at = tampered.windows(7).position(|w| w == b"\"1.0.0\"").unwrap();
     tampered[at + 1] = b'9';
     let stranger = bundle(&v1, "1.0.0", &keys.stranger);
-    let other_hw = bundle_with(
-        &v1,
-        "1.0.0",
-        "jetson-orin-nano",
-        "0.1.0",
-        &keys.signer,
-        &|m| m,
-    );
-    let future = bundle_with(&v1, "1.0.0", "qemu-aarch64", "99.0.0", &keys.signer, &|m| m);
+    let other_hw = bundle_with(&v1, "1.0.0", "jetson-orin-nano", "0.1.0", &keys.signer);
+    let future = bundle_with(&v1, "1.0.0", "qemu-aarch64", "99.0.0", &keys.signer);
     let truncated = good.bytes[..good.bytes.len() - 5000].to_vec();
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("tampered", tampered, "signature"),
@@ -293,8 +286,8 @@ fn delta_install_fetches_only_what_changed() {
     let report = install(&dev, &s2.url).unwrap();
     assert_eq!(file_sha256(&dev.path("slot-a.img")), sha256(&v2));
     assert_eq!(file_sha256(&dev.path("slot-b.img")), sha256(&v1));
-    let old = ChunkIndex::decode(&b1.built.index_bytes).unwrap();
-    let new = ChunkIndex::decode(&b2.built.index_bytes).unwrap();
+    let old = ChunkIndex::decode(&b1.built.archive.index_bytes).unwrap();
+    let new = ChunkIndex::decode(&b2.built.archive.index_bytes).unwrap();
     let delta = Delta::between(Some(&old), &new);
     let served = s2.served();
     // Manifest + signature come in the first read of 8 KiB.
@@ -348,7 +341,7 @@ fn patched_chunks_come_as_small_frames_against_the_booted_slot() {
     let v2 = sprinkle(&v1, MIB, MIB, 3000);
     let b1 = bundle(&v1, "1.0.0", &keys.signer);
     let plain = bundle(&v2, "1.1.0", &keys.signer);
-    let patched = bundle_patched(&v2, "1.1.0", &keys.signer, &v1, &b1, "1.0.0");
+    let patched = bundle_patched(&v2, "1.1.0", &keys, &b1);
     let without = predicted(&b1, &plain);
     let with = predicted(&b1, &patched);
     let image = &with.images[0].delta;
@@ -387,7 +380,7 @@ fn a_corrupt_patch_frame_or_table_falls_back_to_the_archive() {
     let v1 = image(4 * MIB, 1);
     let v2 = sprinkle(&v1, MIB, MIB, 3000);
     let b1 = bundle(&v1, "1.0.0", &keys.signer);
-    let patched = bundle_patched(&v2, "1.1.0", &keys.signer, &v1, &b1, "1.0.0");
+    let patched = bundle_patched(&v2, "1.1.0", &keys, &b1);
     let opened =
         kernex_protocol::bundle::Bundle::open(std::io::Cursor::new(patched.bytes.clone())).unwrap();
     let manifest = opened.unverified_manifest().clone();

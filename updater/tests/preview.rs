@@ -128,7 +128,7 @@ fn patch_delta_fetches_what_the_preview_says() {
     let v1 = image(4 * MIB, 1);
     let v2 = sprinkle(&v1, MIB, MIB, 3000);
     let b1 = bundle(&v1, "1.0.0", &keys.signer);
-    let b2 = bundle_patched(&v2, "1.1.0", &keys.signer, &v1, &b1, "1.0.0");
+    let b2 = bundle_patched(&v2, "1.1.0", &keys, &b1);
     let dev = Device::new(&keys, &v1);
     install_over_http(&dev, &b1.bytes);
     boot_b(&dev);

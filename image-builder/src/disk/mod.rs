@@ -27,7 +27,8 @@ use std::io::{BufReader, BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use kernex_bootloader::GrubEnv;
+use kernex_bootloader::{Backend, BootState, BootloaderConfig, DEFAULT_ATTEMPTS, GrubEnv, Slot};
+use kernex_device::{SlotPair, SlotRecord, Slots, SystemConfig, layout};
 use kernex_protocol::bundle::Bundle;
 use kernex_protocol::signature::{Keyring, VerifyOptions};
 use kernex_protocol::{Sha256Digest, SlotClass, VerifiedManifest};
@@ -41,11 +42,11 @@ use table::{Entry, Guid, Table};
 /// Where `disk create` records what it wrote, on the data partition.
 pub const DISK_RECORD: &str = "/etc/kernex/disk.json";
 /// The updater config on the data partition (`provision` adds `[server]`).
-pub const SYSTEM_TOML: &str = "/etc/kernex/system.toml";
+pub const SYSTEM_TOML: &str = kernex_device::DEFAULT_CONFIG;
+/// The keyring `system.toml` names: the release's CA, in the image.
+pub const KEYRING: &str = "/etc/kernex/keyring.pem";
 /// The data partition directory of the updater's state (`data-dir`).
 pub const DATA_DIR: &str = "kernex";
-/// The contract's attempt count for a slot that holds a release.
-pub const ATTEMPTS: u32 = 3;
 
 /// What goes into the slots.
 #[derive(Debug, Clone)]
@@ -323,7 +324,7 @@ pub fn create(opts: &CreateOptions) -> Result<CreateReport> {
         boot_spec.label_or_default(),
         volume_id,
     )?;
-    let boot_state = boot_state(opts.fill_b);
+    let boot_state = boot_state(opts.fill_b)?;
     write_boot_state(board, &placed, &boot_state, boot_stage.path())?;
     tools::mcopy_tree(&disk_path, boot.start, boot_stage.path())?;
 
@@ -387,13 +388,17 @@ pub fn create(opts: &CreateOptions) -> Result<CreateReport> {
 
 /// The contract's variables for a factory disk: slot A first with its
 /// attempts; slot B has none unless it holds the release too.
-pub fn boot_state(fill_b: bool) -> BTreeMap<String, String> {
-    let b_left = if fill_b { ATTEMPTS } else { 0 };
-    BTreeMap::from([
-        ("BOOT_ORDER".to_owned(), "A B".to_owned()),
-        ("BOOT_A_LEFT".to_owned(), ATTEMPTS.to_string()),
-        ("BOOT_B_LEFT".to_owned(), b_left.to_string()),
-    ])
+pub fn boot_state(fill_b: bool) -> Result<BTreeMap<String, String>> {
+    let state = BootState {
+        order: vec![Slot::A, Slot::B],
+        a_left: DEFAULT_ATTEMPTS,
+        b_left: if fill_b { DEFAULT_ATTEMPTS } else { 0 },
+    };
+    let mut vars = BTreeMap::new();
+    state
+        .to_vars(&mut vars)
+        .context("unable to set the boot state")?;
+    Ok(vars)
 }
 
 type SlotRecords = Vec<(String, Vec<u8>)>;
@@ -431,15 +436,20 @@ fn write_slots(
             let signature = hex::encode(bundle.signature());
             let manifest = String::from_utf8(bundle.manifest_bytes().to_vec())
                 .context("the manifest is not UTF-8")?;
-            let record = serde_json::json!({
-                "manifest": manifest,
-                "signature": signature,
-                "verified": true,
-                "installed-at": opts.timestamp,
-            });
+            let record = SlotRecord {
+                manifest,
+                signature,
+                verified: true,
+                installed_at: opts.timestamp,
+            };
             let record = serde_json::to_vec_pretty(&record)?;
-            let slots: &[&str] = if opts.fill_b { &["A", "B"] } else { &["A"] };
-            for slot in slots {
+            let slots: &[Slot] = if opts.fill_b {
+                &[Slot::A, Slot::B]
+            } else {
+                &[Slot::A]
+            };
+            let data_path = |rel: PathBuf| Path::new(DATA_DIR).join(rel).display().to_string();
+            for &slot in slots {
                 for image in &verified.images {
                     let class = image.slot_class;
                     let index = bundle
@@ -451,12 +461,9 @@ fn write_slots(
                             "the {class} index does not re-encode to the bytes the manifest names"
                         );
                     }
-                    records.push((format!("{DATA_DIR}/slot-{slot}/{class}.kxi"), index));
+                    records.push((data_path(layout::slot_index(slot, class)), index));
                 }
-                records.push((
-                    format!("{DATA_DIR}/slot-{slot}/record.json"),
-                    record.clone(),
-                ));
+                records.push((data_path(layout::slot_record(slot)), record.clone()));
             }
             let release = ReleaseRecord {
                 version: verified.version.clone(),
@@ -853,48 +860,64 @@ fn write_boot_state(
     Ok(())
 }
 
-/// TOML basic string (JSON string escapes are valid TOML).
-pub fn toml_str(s: &str) -> String {
-    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+/// The updater's config for this board (`kernex-device`'s
+/// [`SystemConfig`]): its slots, boot-state backend and data dir, without
+/// `[server]` (`provision` adds it).
+pub fn system_config(board: &BoardProfile, placed: &[Placed]) -> Result<SystemConfig> {
+    let data_mount = &board.device.data_mount;
+    let slot = |role| find(placed, role).map(|p| PathBuf::from(&p.device));
+    let pair = |a, b| -> Result<SlotPair> {
+        Ok(SlotPair {
+            a: slot(a)?,
+            b: slot(b)?,
+        })
+    };
+    let agent = match board.partition(Role::AgentA) {
+        Some(_) => Some(pair(Role::AgentA, Role::AgentB)?),
+        None => None,
+    };
+    let mut bootloader = BootloaderConfig {
+        backend: Backend::UBoot,
+        fw_env_config: None,
+        grubenv: None,
+        path: None,
+        cmdline: None,
+        booted_slot: None,
+    };
+    match &board.bootloader {
+        BootloaderSpec::UBoot { .. } => {
+            bootloader.fw_env_config =
+                Some(format!("{data_mount}/etc/kernex/fw_env.config").into());
+        }
+        BootloaderSpec::Grub { config_dir, .. } => {
+            bootloader.backend = Backend::Grub;
+            bootloader.grubenv =
+                Some(format!("{}/{config_dir}/grubenv", board.device.boot_mount).into());
+        }
+    }
+    Ok(SystemConfig::new(
+        board.compatible.clone(),
+        format!("{data_mount}/{DATA_DIR}"),
+        KEYRING,
+        Slots {
+            rootfs: pair(Role::RootfsA, Role::RootfsB)?,
+            agent,
+        },
+        bootloader,
+    ))
 }
 
-/// The updater's `system.toml` for this board, without `[server]`
-/// (`provision` adds it).
-pub fn system_toml(board: &BoardProfile, placed: &[Placed]) -> Result<String> {
-    let data_mount = &board.device.data_mount;
-    let slot = |role| find(placed, role).map(|p| p.device.clone());
-    let mut s = format!(
+/// `config` as the text of `system.toml`, after a comment saying who wrote
+/// it for which board.
+pub fn system_toml(board: &BoardProfile, config: &SystemConfig) -> Result<String> {
+    let body = toml::to_string(config).context("unable to write system.toml")?;
+    Ok(format!(
         "# /etc/kernex/system.toml, written by kernex-image disk create for board {}.\n\
-         # It lives on the data partition ({data_mount}/etc/kernex/system.toml); the\n\
+         # It lives on the data partition ({}/etc/kernex/system.toml); the\n\
          # image links /etc/kernex/system.toml to it. See updater/system.example.toml.\n\
-         compatible = {}\n\
-         data-dir = {}\n\
-         keyring = \"/etc/kernex/keyring.pem\"\n\n\
-         [slots.rootfs]\nA = {}\nB = {}\n",
-        board.name,
-        toml_str(&board.compatible),
-        toml_str(&format!("{data_mount}/{DATA_DIR}")),
-        toml_str(&slot(Role::RootfsA)?),
-        toml_str(&slot(Role::RootfsB)?),
-    );
-    if board.partition(Role::AgentA).is_some() {
-        s.push_str(&format!(
-            "\n[slots.agent]\nA = {}\nB = {}\n",
-            toml_str(&slot(Role::AgentA)?),
-            toml_str(&slot(Role::AgentB)?)
-        ));
-    }
-    match &board.bootloader {
-        BootloaderSpec::UBoot { .. } => s.push_str(&format!(
-            "\n[bootloader]\nbackend = \"u-boot\"\nfw-env-config = {}\n",
-            toml_str(&format!("{data_mount}/etc/kernex/fw_env.config"))
-        )),
-        BootloaderSpec::Grub { config_dir, .. } => s.push_str(&format!(
-            "\n[bootloader]\nbackend = \"grub\"\ngrubenv = {}\n",
-            toml_str(&format!("{}/{config_dir}/grubenv", board.device.boot_mount))
-        )),
-    }
-    Ok(s)
+         {body}",
+        board.name, board.device.data_mount,
+    ))
 }
 
 /// `fw_env.config` for a U-Boot board: the env file on the mounted boot
@@ -951,7 +974,7 @@ fn stage_data(
     write_staged(
         stage,
         &rel(SYSTEM_TOML),
-        system_toml(board, placed)?.as_bytes(),
+        system_toml(board, &system_config(board, placed)?)?.as_bytes(),
         &mut names,
     )?;
     if let Some(cfg) = fw_env_config(board) {

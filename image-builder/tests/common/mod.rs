@@ -1,5 +1,6 @@
 //! Helpers shared by the disk and provisioning tests: the binary, the peer
-//! tools (never skipped: a missing one fails), a release to build from.
+//! tools (never skipped: a missing one fails), a release to build from (its
+//! bundles made by the library's `BundleBuilder`).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::fs;
@@ -7,6 +8,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use kernex_image::bundle::{BundleBuilder, Image, load_signer};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -104,23 +106,19 @@ impl Release {
         if out.exists() {
             return out;
         }
-        run(kernex_image()
-            .args([
-                "bundle",
-                "create",
-                "--compatible",
-                compatible,
-                "--version",
-                version,
-            ])
-            .arg("--rootfs")
-            .arg(self.path("rootfs-1.img"))
-            .arg("--key")
-            .arg(self.path("keys/signing.key"))
-            .arg("--cert")
-            .arg(self.path("keys/signing.crt"))
-            .arg("--out")
-            .arg(&out));
+        let signer = load_signer(
+            &self.path("keys/signing.key"),
+            &self.path("keys/signing.crt"),
+        )
+        .unwrap();
+        BundleBuilder::new(
+            compatible,
+            semver::Version::parse(version).unwrap(),
+            Image::file(self.path("rootfs-1.img")),
+            &signer,
+        )
+        .build(&out)
+        .unwrap();
         out
     }
 }

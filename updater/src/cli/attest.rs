@@ -4,38 +4,8 @@
 //! The `[tpm]` table of the config names the TPM and the slot PCR; the TPM
 //! code is compiled in with the `tpm` cargo feature (it links tpm2-tss).
 
-use serde::{Deserialize, Serialize};
-
-/// The `[tpm]` table.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub struct TpmConfig {
-    /// tpm2-tss TCTI: `device:/dev/tpmrm0` (the kernel's resource manager)
-    /// on hardware, `swtpm:host=127.0.0.1,port=2321` for swtpm.
-    #[serde(default = "default_tcti")]
-    pub tcti: String,
-    /// The PCR the booted slot's measurement is extended into (0–15).
-    #[serde(default = "default_pcr")]
-    pub pcr: u8,
-}
-
-fn default_tcti() -> String {
-    "device:/dev/tpmrm0".to_owned()
-}
-
-/// Same as `kernex_attest::DEFAULT_SLOT_PCR` (not linked without `tpm`).
-fn default_pcr() -> u8 {
-    14
-}
-
-impl Default for TpmConfig {
-    fn default() -> Self {
-        Self {
-            tcti: default_tcti(),
-            pcr: default_pcr(),
-        }
-    }
-}
+/// The `[tpm]` table (`kernex-device`'s).
+pub use kernex_device::TpmConfig;
 
 /// `attest` subcommands.
 #[derive(Debug, clap::Subcommand)]

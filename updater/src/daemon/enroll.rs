@@ -6,6 +6,7 @@ use anyhow::{Context as _, Result, anyhow};
 use kernex_protocol::api;
 
 use super::Daemon;
+use super::ServerConfigExt as _;
 use super::client::ClientError;
 use super::state::{self, Credential};
 

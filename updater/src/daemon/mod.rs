@@ -37,11 +37,10 @@ mod reports;
 pub mod state;
 mod tpm;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow};
-use serde::{Deserialize, Serialize};
 
 pub use self::boot::simulate_power_on;
 use self::client::{Client, ClientError};
@@ -53,7 +52,7 @@ use crate::cli::Context;
 use crate::store::DataDir;
 
 /// Default poll interval, seconds (the seed's 60 s).
-pub const DEFAULT_POLL_INTERVAL: u64 = 60;
+pub use kernex_device::DEFAULT_POLL_INTERVAL;
 /// Longest retry delay while the server is unreachable, seconds.
 pub const MAX_BACKOFF_SECS: u64 = 60;
 /// Progress reports while downloading, at most this often.
@@ -61,60 +60,16 @@ pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// How long to wait for the system to go down after the reboot command.
 pub const REBOOT_GRACE: Duration = Duration::from_secs(300);
 
-/// The `[server]` table of system.toml.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub struct ServerConfig {
-    /// The control plane, e.g. `https://kernex.example.com`.
-    pub url: String,
-    /// The factory enrollment token.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub enrollment_token: Option<String>,
-    /// A file holding the enrollment token (written by provisioning).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub enrollment_token_file: Option<PathBuf>,
-    /// This device's id in the organisation (default: the host name).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub device_id: Option<String>,
-    /// Tags asked for at enrollment (added to the token's).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub tags: Vec<String>,
-    /// Seconds between polls (jittered by ±10 %).
-    #[serde(default = "default_poll_interval")]
-    pub poll_interval: u64,
-    /// Install a release the server assigns even when its version is lower
-    /// than the running one (an operator's rollback to an older release).
-    /// `false` for fleets that must never go back (anti-rollback): such an
-    /// assignment is then reported as failed.
-    #[serde(default = "default_true")]
-    pub allow_downgrade: bool,
-    /// Trust only the CA certificates in this PEM file for the server (a
-    /// private CA pinned at the factory) instead of the system's.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ca: Option<PathBuf>,
-    /// What the device's link is (`ethernet`, `wifi`, `metered-4g`, ...):
-    /// sent at enrollment and with each heartbeat, for the rollout
-    /// scheduler's per-link budgets.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub link_class: Option<String>,
-    /// Site or cell tag (the scheduler's per-site limits).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub site: Option<String>,
-    /// IANA time zone, e.g. `Europe/Berlin` (maintenance windows in local
-    /// time).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub time_zone: Option<String>,
+/// The `[server]` table of system.toml (`kernex-device`'s).
+pub use kernex_device::ServerConfig;
+
+/// What the daemon reads from the `[server]` table beyond its keys.
+trait ServerConfigExt {
+    fn token(&self) -> Result<Option<String>>;
+    fn device_id(&self) -> String;
 }
 
-fn default_true() -> bool {
-    true
-}
-
-fn default_poll_interval() -> u64 {
-    DEFAULT_POLL_INTERVAL
-}
-
-impl ServerConfig {
+impl ServerConfigExt for ServerConfig {
     fn token(&self) -> Result<Option<String>> {
         if let Some(t) = &self.enrollment_token {
             return Ok(Some(t.trim().to_owned()));

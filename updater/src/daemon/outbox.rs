@@ -166,7 +166,7 @@ fn random_hex(n: usize) -> String {
 impl Outbox {
     /// Opens (creating) the queue under `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Self, UpdateError> {
-        let dir = data_dir.join("outbox");
+        let dir = data_dir.join(kernex_device::layout::OUTBOX);
         fs::create_dir_all(dir.join("rejected")).map_err(io_err("create", &dir))?;
         let next = Self::sequence(&dir)?
             .last()

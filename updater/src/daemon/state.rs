@@ -2,6 +2,7 @@
 //! its credential (`credential.json`, mode 0600) and what it is waiting for
 //! (`daemon.json`: an install or rollback that needs a reboot to finish).
 
+use kernex_device::layout;
 use std::fs;
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
@@ -85,11 +86,11 @@ pub struct DaemonState {
 }
 
 fn state_path(data: &DataDir) -> PathBuf {
-    data.root().join("daemon.json")
+    data.root().join(layout::DAEMON_STATE)
 }
 
 fn credential_path(data: &DataDir) -> PathBuf {
-    data.root().join("credential.json")
+    data.root().join(layout::CREDENTIAL)
 }
 
 /// Loads `daemon.json` (defaults when missing).
@@ -158,7 +159,7 @@ pub fn boot_id(data: &DataDir, simulated: bool) -> Result<String, UpdateError> {
 }
 
 fn sim_boot_path(data: &DataDir) -> PathBuf {
-    data.root().join("simulated-boot-id")
+    data.root().join(layout::SIMULATED_BOOT_ID)
 }
 
 /// Advances the simulated boot counter.

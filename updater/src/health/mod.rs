@@ -17,6 +17,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kernex_bootloader::{BootFlow, DEFAULT_ATTEMPTS, Slot};
+use kernex_device::layout;
 use kernex_protocol::manifest::{HealthCheck, HealthSpec};
 use serde::{Deserialize, Serialize};
 
@@ -35,61 +36,13 @@ pub const DEFAULT_MAX_REVERT_REBOOTS: u32 = 3;
 /// Default hardware watchdog / sd_notify feed interval, milliseconds.
 pub const DEFAULT_FEED_INTERVAL_MS: u64 = 1000;
 /// The program systemd-mode `service` checks ask (`systemctl show`).
-pub const DEFAULT_SYSTEMCTL: &str = "systemctl";
+pub use kernex_device::DEFAULT_SYSTEMCTL;
 /// Grace after the deadline during which the hardware watchdog is still fed
 /// (a run hung past it lets the watchdog reset the device).
 pub const FEED_GRACE: Duration = Duration::from_secs(60);
 
-/// The device-local `[health]` table of system.toml: overrides the
-/// manifest's spec field by field (`checks` as a whole), plus the
-/// watchdog device, which only the device knows.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub struct HealthConfig {
-    /// Seconds.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub deadline: Option<u64>,
-    /// Seconds.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stability_window: Option<u64>,
-    /// Most revert reboots in a row.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_revert_reboots: Option<u32>,
-    /// Replaces the manifest's checks when present.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub checks: Option<Vec<HealthCheck>>,
-    /// Hardware watchdog device fed while the checks run (`/dev/watchdog`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub watchdog_device: Option<PathBuf>,
-    /// Feed interval for the watchdog device and sd_notify, milliseconds.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub feed_interval_ms: Option<u64>,
-    /// The `systemctl` the systemd-mode `service` checks run (program and
-    /// arguments, `show …` appended): default `["systemctl"]`, the system
-    /// manager; `["systemctl", "--user"]` for units of the user manager
-    /// whose `$XDG_RUNTIME_DIR` the updater runs with.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub systemctl_command: Option<Vec<String>>,
-}
-
-impl HealthConfig {
-    /// The `systemctl` command line systemd-mode checks run.
-    pub fn systemctl(&self) -> Vec<String> {
-        self.systemctl_command
-            .clone()
-            .unwrap_or_else(|| vec![DEFAULT_SYSTEMCTL.to_owned()])
-    }
-
-    /// The override part, as a spec.
-    pub fn spec(&self) -> HealthSpec {
-        HealthSpec {
-            deadline: self.deadline,
-            stability_window: self.stability_window,
-            max_revert_reboots: self.max_revert_reboots,
-            checks: self.checks.clone(),
-        }
-    }
-}
+/// The device-local `[health]` table of system.toml (`kernex-device`'s).
+pub use kernex_device::HealthConfig;
 
 /// The spec in force: defaults filled in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,15 +117,15 @@ pub struct RevertCounter {
 }
 
 fn record_path(data: &DataDir) -> PathBuf {
-    data.root().join("health.json")
+    data.root().join(layout::HEALTH)
 }
 
 fn revert_path(data: &DataDir) -> PathBuf {
-    data.root().join("health-last-revert.json")
+    data.root().join(layout::HEALTH_LAST_REVERT)
 }
 
 fn counter_path(data: &DataDir) -> PathBuf {
-    data.root().join("health-reverts.json")
+    data.root().join(layout::HEALTH_REVERTS)
 }
 
 /// The last watchdog decision.

@@ -37,8 +37,8 @@ use clone::{ImageJob, clone_image};
 
 /// This updater's version, compared with a bundle's `min-updater-version`.
 pub const UPDATER_VERSION: &str = env!("CARGO_PKG_VERSION");
-/// Boot attempts a freshly installed slot gets.
-pub const TRY_ATTEMPTS: u32 = 3;
+/// Boot attempts a newly installed slot gets (the boot-state contract's).
+pub use kernex_bootloader::DEFAULT_ATTEMPTS as TRY_ATTEMPTS;
 /// Chunks written between two syncs of the slot and the journal.
 pub const BATCH_CHUNKS: usize = 32;
 /// Bytes written between two syncs of the slot and the journal.

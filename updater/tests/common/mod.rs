@@ -3,19 +3,18 @@
 //! backend).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, dead_code)]
 
-use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Cursor, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use kernex_image::bundle::{BuiltImage, BundleBuilder, Image};
 use kernex_image::keys::{self, KeyPair, Usage, Validity};
-use kernex_protocol::archive::{self, ArchiveOptions, BuiltArchive};
-use kernex_protocol::bundle::{self, ImageInput, ReleaseInfo};
+use kernex_protocol::FsType;
+use kernex_protocol::archive::ArchiveOptions;
 use kernex_protocol::index::ChunkerParams;
-use kernex_protocol::signature::Signer;
-use kernex_protocol::{FsType, SlotClass};
+use kernex_protocol::signature::{Keyring, Signer};
 use sha2::{Digest, Sha256};
 
 pub struct Keys {
@@ -86,7 +85,8 @@ pub fn edit(base: &[u8], at: usize, len: usize) -> Vec<u8> {
 
 pub struct Built {
     pub bytes: Vec<u8>,
-    pub built: BuiltArchive,
+    /// Its rootfs image: archive and patches.
+    pub built: BuiltImage,
 }
 
 pub fn options() -> ArchiveOptions {
@@ -97,101 +97,52 @@ pub fn options() -> ArchiveOptions {
     }
 }
 
-/// A signed bundle of one rootfs image; `edit_manifest` may change the
-/// manifest bytes before signing.
+/// A signed bundle of one rootfs image.
 pub fn bundle_with(
     img: &[u8],
     version: &str,
     compatible: &str,
     min_updater: &str,
     signer: &Signer,
-    edit_manifest: &dyn Fn(Vec<u8>) -> Vec<u8>,
 ) -> Built {
-    let mut data = Vec::new();
-    let built = archive::build_archive(img, &mut data, &options(), &|_| {}).unwrap();
-    let release = ReleaseInfo {
-        version: semver::Version::parse(version).unwrap(),
-        compatible: compatible.into(),
-        min_updater_version: semver::Version::parse(min_updater).unwrap(),
-        metadata: BTreeMap::new(),
-    };
-    let inputs = [ImageInput {
-        class: SlotClass::Rootfs,
-        filesystem: FsType::Raw,
-        built: &built,
-        patches: &[],
-    }];
-    let manifest = bundle::manifest_for(&release, &inputs).unwrap();
-    let manifest_bytes = edit_manifest(manifest.to_vec().unwrap());
-    let sig = signer.sign(&manifest_bytes).unwrap();
-    let mut out = Vec::new();
-    let mut reader = Cursor::new(data);
-    let mut images: Vec<(ImageInput<'_>, &mut dyn std::io::Read)> = vec![(
-        ImageInput {
-            class: SlotClass::Rootfs,
-            filesystem: FsType::Raw,
-            built: &built,
-            patches: &[],
-        },
-        &mut reader,
-    )];
-    bundle::write_bundle(&mut out, &manifest_bytes, &sig, &mut images).unwrap();
-    Built { bytes: out, built }
+    let builder = BundleBuilder::new(
+        compatible,
+        semver::Version::parse(version).unwrap(),
+        Image::bytes(img).filesystem(FsType::Raw),
+        signer,
+    )
+    .min_updater_version(semver::Version::parse(min_updater).unwrap())
+    .archive_options(options());
+    build(&builder)
 }
 
-/// A signed bundle of `img` that also carries a chunk patch from `base`
-/// (the image of `base_bundle`, release `base_version`).
-pub fn bundle_patched(
-    img: &[u8],
-    version: &str,
-    signer: &Signer,
-    base: &[u8],
-    base_bundle: &Built,
-    base_version: &str,
-) -> Built {
-    let mut data = Vec::new();
-    let built = archive::build_archive(img, &mut data, &options(), &|_| {}).unwrap();
-    let (table, frames, chunks_new) = kernex_protocol::patch::build_patch(
-        base,
-        &base_bundle.built.index,
-        &built.index,
-        |at, len| Ok(img[at as usize..at as usize + len as usize].to_vec()),
-        19,
-        2,
+/// A signed bundle of `img` that also carries a chunk patch from the image
+/// of `base_bundle` (verified against `keys`' CA).
+pub fn bundle_patched(img: &[u8], version: &str, keys: &Keys, base_bundle: &Built) -> Built {
+    let keyring = Keyring::from_pem(&keys.ca_pem).unwrap();
+    let builder = BundleBuilder::new(
+        "qemu-aarch64",
+        semver::Version::parse(version).unwrap(),
+        Image::bytes(img).filesystem(FsType::Raw),
+        &keys.signer,
     )
-    .unwrap();
+    .archive_options(options())
+    .patch_from(&base_bundle.bytes)
+    .keyring(&keyring);
+    let built = build(&builder);
+    let patches = &built.built.patches;
     assert!(
-        !table.entries.is_empty(),
-        "nothing patched of {chunks_new} new chunks"
+        patches.iter().any(|p| p.chunks_patched > 0),
+        "nothing patched: {patches:?}"
     );
-    let patches = [kernex_protocol::patch::BuiltPatch {
-        base_version: semver::Version::parse(base_version).unwrap(),
-        base_sha256: kernex_protocol::Sha256Digest::of(base),
-        table: table.encode(),
-        data: frames,
-        chunks_new,
-        chunks_patched: table.entries.len() as u64,
-    }];
-    let release = ReleaseInfo {
-        version: semver::Version::parse(version).unwrap(),
-        compatible: "qemu-aarch64".into(),
-        min_updater_version: semver::Version::parse("0.1.0").unwrap(),
-        metadata: BTreeMap::new(),
-    };
-    let input = || ImageInput {
-        class: SlotClass::Rootfs,
-        filesystem: FsType::Raw,
-        built: &built,
-        patches: &patches,
-    };
-    let manifest = bundle::manifest_for(&release, &[input()]).unwrap();
-    let manifest_bytes = manifest.to_vec().unwrap();
-    let sig = signer.sign(&manifest_bytes).unwrap();
-    let mut out = Vec::new();
-    let mut reader = Cursor::new(data);
-    let mut images: Vec<(ImageInput<'_>, &mut dyn std::io::Read)> = vec![(input(), &mut reader)];
-    bundle::write_bundle(&mut out, &manifest_bytes, &sig, &mut images).unwrap();
-    Built { bytes: out, built }
+    built
+}
+
+fn build(builder: &BundleBuilder<'_>) -> Built {
+    let mut bytes = Vec::new();
+    let made = builder.write(&mut bytes).unwrap();
+    let built = made.images.into_iter().next().unwrap();
+    Built { bytes, built }
 }
 
 /// `base` with one byte changed every `every` bytes from `from`: a binary
@@ -205,7 +156,7 @@ pub fn sprinkle(base: &[u8], from: usize, len: usize, every: usize) -> Vec<u8> {
 }
 
 pub fn bundle(img: &[u8], version: &str, signer: &Signer) -> Built {
-    bundle_with(img, version, "qemu-aarch64", "0.1.0", signer, &|m| m)
+    bundle_with(img, version, "qemu-aarch64", "0.1.0", signer)
 }
 
 pub fn sha256(bytes: &[u8]) -> String {
