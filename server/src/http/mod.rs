@@ -25,8 +25,6 @@ use serde::de::DeserializeOwned;
 use tower_http::trace::TraceLayer;
 
 use crate::AppState;
-use crate::audit;
-use crate::auth::Operator;
 pub use error::{Error, Result};
 
 /// The application: operator API, device API, OpenAPI document, metrics.
@@ -94,33 +92,4 @@ impl<T: serde::Serialize> IntoResponse for ApiJson<T> {
     fn into_response(self) -> Response {
         axum::Json(self.0).into_response()
     }
-}
-
-/// Runs a mutating operation and records it in the audit log with its
-/// outcome, success or not.
-pub async fn audited<T>(
-    state: &AppState,
-    op: &Operator,
-    action: &str,
-    target: &str,
-    work: impl Future<Output = Result<(T, String)>>,
-) -> Result<T> {
-    let outcome = work.await;
-    let (result, target) = match &outcome {
-        Ok((_, t)) => ("ok".to_string(), if t.is_empty() { target } else { t }),
-        Err(e) => (format!("error: {}", e.summary()), target),
-    };
-    audit::append(
-        &state.store,
-        audit::Entry {
-            org_id: &op.org_id,
-            actor: &op.actor(),
-            action,
-            target,
-            result: &result,
-            detail: serde_json::json!({}),
-        },
-    )
-    .await?;
-    outcome.map(|(v, _)| v)
 }

@@ -9,8 +9,9 @@ use kernex_protocol::api::{NewPreauthorization, Preauthorization};
 
 use crate::AppState;
 use crate::auth::{Operator, Role};
-use crate::http::{ApiJson, Result, audited};
+use crate::http::{ApiJson, Result};
 use crate::service::attestation::preauth::{self, Recorded};
+use crate::service::audit::audited;
 
 /// Pre-authorise a device (ops): 201 when recorded, 200 when the same
 /// device id and EK were already recorded (the factory line may retry).
@@ -25,16 +26,16 @@ pub async fn preauthorize(
 ) -> Result<(StatusCode, ApiJson<Preauthorization>)> {
     op.require(Role::Ops)?;
     let target = format!("device:{}", req.device_id);
-    audited(&state, &op, "tpm.preauthorize", &target, async {
-        let (recorded, found) =
-            preauth::preauthorize(&state, &op.org_id, &op.user_id, &req).await?;
-        let status = match recorded {
-            Recorded::Created => StatusCode::CREATED,
-            Recorded::Existing => StatusCode::OK,
-        };
-        Ok(((status, ApiJson(found)), target.clone()))
+    let (recorded, found) = audited(&state, &op, "tpm.preauthorize", &target, async {
+        let answer = preauth::preauthorize(&state, &op.org_id, &op.user_id, &req).await?;
+        Ok((answer, target.clone()))
     })
-    .await
+    .await?;
+    let status = match recorded {
+        Recorded::Created => StatusCode::CREATED,
+        Recorded::Existing => StatusCode::OK,
+    };
+    Ok((status, ApiJson(found)))
 }
 
 /// List pre-authorised devices.
@@ -60,7 +61,8 @@ pub async fn remove_preauthorization(
     let target = format!("device:{device_id}");
     audited(&state, &op, "tpm.preauthorization.remove", &target, async {
         preauth::remove(&state, &op.org_id, &device_id).await?;
-        Ok((StatusCode::NO_CONTENT, String::new()))
+        Ok(((), String::new()))
     })
-    .await
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
 }
