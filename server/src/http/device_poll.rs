@@ -32,7 +32,7 @@ impl FromRequestParts<AppState> for PollAuth {
     /// or revoked credential; the per-device rate limit). What it read is
     /// kept in the poll cache (`crate::poll_cache`) until a write drops it.
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self> {
-        let token = crate::auth::bearer(parts).ok_or(Error::Unauthorized)?;
+        let token = crate::http::extract::bearer(parts).ok_or(Error::Unauthorized)?;
         if !token.starts_with("kxd_") {
             return Err(Error::Unauthorized);
         }

@@ -9,6 +9,7 @@ pub mod device_poll;
 pub mod devices;
 pub mod enrollment;
 pub mod error;
+pub mod extract;
 pub mod idempotency;
 pub mod metrics;
 pub mod openapi;
