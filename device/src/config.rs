@@ -107,9 +107,24 @@ pub struct SlotPair {
     /// Slot B.
     #[serde(rename = "B")]
     pub b: PathBuf,
+    /// The largest image either slot holds, in bytes (optional; for file
+    /// slots, whose size nothing else bounds). The updater refuses a larger
+    /// image before writing anything; a block device is also checked
+    /// against its own size, a file against its filesystem's free space.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
 }
 
 impl SlotPair {
+    /// A pair of `a` and `b` with no configured size.
+    pub fn new(a: impl Into<PathBuf>, b: impl Into<PathBuf>) -> Self {
+        Self {
+            a: a.into(),
+            b: b.into(),
+            size: None,
+        }
+    }
+
     /// The path of `slot`.
     pub fn path(&self, slot: Slot) -> &Path {
         match slot {
@@ -210,6 +225,11 @@ impl SystemConfig {
                     "slots.{class}: A and B are the same path {}",
                     pair.a.display()
                 )));
+            }
+            if let Some(pair) = config.slots.pair(class)
+                && pair.size == Some(0)
+            {
+                return Err(bad(format!("slots.{class}.size must be more than 0 bytes")));
             }
         }
         Ok(config)

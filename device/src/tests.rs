@@ -13,10 +13,7 @@ fn board_config() -> SystemConfig {
         "/data/kernex",
         "/etc/kernex/keyring.pem",
         Slots {
-            rootfs: SlotPair {
-                a: "/dev/mmcblk0p2".into(),
-                b: "/dev/mmcblk0p3".into(),
-            },
+            rootfs: SlotPair::new("/dev/mmcblk0p2", "/dev/mmcblk0p3"),
             agent: None,
         },
         BootloaderConfig {

@@ -213,12 +213,7 @@ pub(super) fn write_boot_state(
 pub fn system_config(board: &BoardProfile, placed: &[Placed]) -> Result<SystemConfig> {
     let data_mount = &board.device.data_mount;
     let slot = |role| find(placed, role).map(|p| PathBuf::from(&p.device));
-    let pair = |a, b| -> Result<SlotPair> {
-        Ok(SlotPair {
-            a: slot(a)?,
-            b: slot(b)?,
-        })
-    };
+    let pair = |a, b| -> Result<SlotPair> { Ok(SlotPair::new(slot(a)?, slot(b)?)) };
     let agent = match board.partition(Role::AgentA) {
         Some(_) => Some(pair(Role::AgentA, Role::AgentB)?),
         None => None,

@@ -116,6 +116,9 @@ pub struct InstallReport {
     pub chunks_resumed: u64,
     /// Downloads of a chunk fetched again because it did not verify.
     pub chunks_refetched: u64,
+    /// Downloads of an index fetched again because it did not match the
+    /// manifest.
+    pub index_refetched: u64,
     /// Chunks decoded from a patch against the booted slot.
     pub chunks_patched: u64,
     /// Patch frames that did not decode to their chunk (fetched from the
@@ -269,6 +272,8 @@ fn run(
     progress: &ProgressFn<'_>,
 ) -> Result<InstallReport, UpdateError> {
     let (booted, target) = choose_target(flow)?;
+    // Whatever its path says, the target must not be the booted slot.
+    crate::slot::check_target(config, booted, target)?;
     let booted_record = data.slot_record(booted)?;
     let booted_manifest = match &booted_record {
         Some(r) => Some(r.manifest()?),
@@ -302,6 +307,36 @@ fn run(
         return Ok(report);
     }
 
+    // Everything that can fail without touching the target fails first:
+    // room for every image, then every index, fetched again while it does
+    // not match the manifest. Until the target is invalidated below, its
+    // record, its bytes and a rollback to it are as they were.
+    crate::slot::check_room(config, target, &verified.images)?;
+    let mut fetched: Vec<FetchedIndex<'_>> = Vec::new();
+    for entry in &verified.images {
+        let class = entry.slot_class;
+        let spans = head
+            .layout
+            .image(class)
+            .cloned()
+            .ok_or_else(|| UpdateError::Bundle(format!("no {class} members in the layout")))?;
+        let old = data.slot_index(booted, class)?;
+        let (index_bytes, index) = fetch_index(
+            source,
+            &spans,
+            entry,
+            old.as_ref().map(|(b, _)| b.as_slice()),
+            &mut report,
+        )?;
+        fetched.push(FetchedIndex {
+            entry,
+            spans,
+            old: old.map(|(_, i)| i),
+            index_bytes,
+            index,
+        });
+    }
+
     // From here on the target is written: forget what it held, and make
     // sure the bootloader cannot boot it half-written.
     let mut pending = match data.pending()? {
@@ -331,31 +366,25 @@ fn run(
     let (mut journal, done) = Journal::open(&data.journal_path(), &manifest_sha256, target)?;
 
     let mut indexes: Vec<(SlotClass, Vec<u8>)> = Vec::new();
-    for entry in &verified.images {
+    for FetchedIndex {
+        entry,
+        spans,
+        old,
+        index_bytes,
+        index,
+    } in fetched
+    {
         let class = entry.slot_class;
-        let spans = head
-            .layout
-            .image(class)
-            .cloned()
-            .ok_or_else(|| UpdateError::Bundle(format!("no {class} members in the layout")))?;
         let pair = config
             .slots
             .pair(class)
             .ok_or_else(|| UpdateError::Refused(format!("no {class} slots")))?;
-        let old = data.slot_index(booted, class)?;
-        let (index_bytes, index) = fetch_index(
-            source,
-            &spans,
-            entry,
-            old.as_ref().map(|(b, _)| b.as_slice()),
-            &mut report,
-        )?;
         let base_image = booted_manifest
             .as_ref()
             .and_then(|m| m.image(class))
             .map(|e| (e.sha256, e.size));
         let seed = match old {
-            Some((_, old_index)) if old_index.hash_len() == index.hash_len() => {
+            Some(old_index) if old_index.hash_len() == index.hash_len() => {
                 match SeedSlot::open(pair.path(booted)) {
                     Ok(s) => Some((s, old_index)),
                     Err(e) => {
@@ -418,6 +447,16 @@ fn run(
     report.bytes_fetched = source.inner().fetched_bytes();
     report.requests = source.inner().requests();
     Ok(report)
+}
+
+/// An image's index, fetched and checked before the target is touched,
+/// with the booted slot's index of the same class (the seed's).
+struct FetchedIndex<'m> {
+    entry: &'m kernex_protocol::manifest::ImageEntry,
+    spans: kernex_protocol::container::ImageSpans,
+    old: Option<kernex_protocol::index::ChunkIndex>,
+    index_bytes: Vec<u8>,
+    index: kernex_protocol::index::ChunkIndex,
 }
 
 /// Re-reads every image of `target` and checks size and SHA-256.

@@ -210,8 +210,17 @@ impl Drop for Busy<'_> {
     }
 }
 
+/// Called with (first byte, end) of each response before it is sent.
+pub type Observer = Arc<dyn Fn(u64, u64) + Send + Sync>;
+
 impl Server {
     pub fn start(body: Vec<u8>, fault: Fault) -> Server {
+        Self::observed(body, fault, Arc::new(|_, _| {}))
+    }
+
+    /// [`Server::start`], calling `observer` before each response (what
+    /// the device holds while a given range is being fetched).
+    pub fn observed(body: Vec<u8>, fault: Fault, observer: Observer) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/release.kxb", listener.local_addr().unwrap());
         let served = Arc::new(AtomicU64::new(0));
@@ -226,12 +235,14 @@ impl Server {
                 let Ok(conn) = conn else { continue };
                 let (body, s, r, l, b) = (body.clone(), s.clone(), r.clone(), l.clone(), b.clone());
                 let corrupted = corrupted.clone();
+                let observer = observer.clone();
                 std::thread::spawn(move || {
                     let counters = Counters {
                         served: &s,
                         requests: &r,
                         log: &l,
                         busy: &b,
+                        observer: &*observer,
                     };
                     let _ = handle(conn, &body, fault, &corrupted, &counters);
                 });
@@ -280,6 +291,7 @@ struct Counters<'a> {
     requests: &'a AtomicU64,
     log: &'a Mutex<Vec<(u64, u64)>>,
     busy: &'a AtomicU64,
+    observer: &'a (dyn Fn(u64, u64) + Send + Sync),
 }
 
 fn handle(
@@ -294,6 +306,7 @@ fn handle(
         requests,
         log,
         busy,
+        observer,
     } = counters;
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut out = conn;
@@ -359,6 +372,7 @@ fn handle(
             ));
         }
         head.push_str("\r\n");
+        observer(start, end);
         out.write_all(head.as_bytes())?;
         let mut data = body[start as usize..end as usize].to_vec();
         if let Fault::Corrupt(at) = fault

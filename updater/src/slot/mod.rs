@@ -1,5 +1,15 @@
 //! Slot devices: the booted slot is only ever read (as a seed); the target
 //! slot is a distinct type, the only one with write methods.
+//!
+//! * [`identity`]: what a slot path resolves to, so that the target is
+//!   never the booted slot however its path is spelt ([`check_target`]).
+//! * [`capacity`]: whether the target has room for the images
+//!   ([`check_room`]).
+//!
+//! An install runs both checks before it invalidates the target.
+
+pub mod capacity;
+pub mod identity;
 
 use std::fs::{self, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
@@ -12,6 +22,9 @@ use kernex_protocol::{Sha256Digest, SlotClass};
 use sha2::{Digest, Sha256};
 
 use crate::error::{UpdateError, io_err};
+
+pub use capacity::check_room;
+pub use identity::{SlotIdentity, check_target};
 
 /// A slot opened read-only: the booted slot, used as a seed.
 #[derive(Debug)]
