@@ -15,6 +15,8 @@
 //! credential.json           the device's credential (0600)
 //! simulated-boot-id         a simulated device's boot id
 //! outbox/                   reports and log batches waiting for the server
+//! security-floor.a          the anti-rollback floor (highest security version committed)
+//! security-floor.b          its redundant copy
 //! attest/ak.json            the TPM attestation key (wrapped by the TPM)
 //! attest/binding.json       the server's binding of that key
 //! ```
@@ -51,6 +53,10 @@ pub const CREDENTIAL: &str = "credential.json";
 pub const SIMULATED_BOOT_ID: &str = "simulated-boot-id";
 /// Reports and log batches waiting for the server.
 pub const OUTBOX: &str = "outbox";
+/// The anti-rollback floor, first copy (see the updater's `floor` module).
+pub const SECURITY_FLOOR_A: &str = "security-floor.a";
+/// The anti-rollback floor, second copy.
+pub const SECURITY_FLOOR_B: &str = "security-floor.b";
 /// The TPM attestation key.
 pub const ATTEST_AK: &str = "attest/ak.json";
 /// The server's binding of the attestation key.

@@ -32,11 +32,13 @@ pub struct ServerConfig {
         skip_serializing_if = "is_default_poll_interval"
     )]
     pub poll_interval: u64,
-    /// Install a release the server assigns even when its version is lower
-    /// than the running one (an operator's rollback to an older release).
-    /// `false` for fleets that must never go back (anti-rollback): such an
-    /// assignment is then reported as failed.
-    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    /// Install a release the server assigns, or follow its `rollback`
+    /// action, even when the release's version is lower than the running
+    /// one. Default `false`: such an assignment is reported as failed.
+    /// Either way the anti-rollback floor holds: a release whose
+    /// `security-version` is below the highest one the device committed is
+    /// always refused.
+    #[serde(default, skip_serializing_if = "is_false")]
     pub allow_downgrade: bool,
     /// Trust only the CA certificates in this PEM file for the server (a
     /// private CA pinned at the factory) instead of the system's.
@@ -57,12 +59,8 @@ pub struct ServerConfig {
     pub time_zone: Option<String>,
 }
 
-fn default_true() -> bool {
-    true
-}
-
-fn is_true(value: &bool) -> bool {
-    *value
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 fn default_poll_interval() -> u64 {
@@ -83,7 +81,7 @@ impl ServerConfig {
             device_id: None,
             tags: Vec::new(),
             poll_interval: DEFAULT_POLL_INTERVAL,
-            allow_downgrade: true,
+            allow_downgrade: false,
             ca: None,
             link_class: None,
             site: None,

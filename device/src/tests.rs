@@ -69,7 +69,7 @@ fn the_server_table_with_link_fields_round_trips() {
     assert_eq!(back, config);
     let server = back.server.unwrap();
     assert_eq!(server.poll_interval, DEFAULT_POLL_INTERVAL);
-    assert!(server.allow_downgrade);
+    assert!(!server.allow_downgrade, "anti-rollback by default");
 
     let typo = text.replace("time-zone", "timezone");
     let err = SystemConfig::from_toml(&typo, Path::new("system.toml")).unwrap_err();

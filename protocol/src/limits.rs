@@ -14,6 +14,9 @@ pub const MAX_IMAGES: usize = 8;
 pub const MAX_IMAGE_SIZE: u64 = 1 << 44;
 /// Longest `compatible` string.
 pub const MAX_COMPATIBLE_LEN: usize = 64;
+/// Largest manifest `security-version` (fits the server's signed 64-bit
+/// columns and a device's floor files with room to spare).
+pub const MAX_SECURITY_VERSION: u64 = u32::MAX as u64;
 /// Most free-form metadata entries in a manifest.
 pub const MAX_METADATA_ENTRIES: usize = 64;
 /// Longest metadata key.

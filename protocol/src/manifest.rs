@@ -30,6 +30,14 @@ pub struct Manifest {
     pub compatible: String,
     /// Oldest updater that may install this bundle.
     pub min_updater_version: semver::Version,
+    /// Anti-rollback generation: a device refuses to install or roll back
+    /// to a release whose security version is below the highest one it has
+    /// committed (its floor). Raise it when a release fixes a
+    /// vulnerability the older ones must never come back with. Signed with
+    /// the rest of the manifest; 0 (the default, and absent from the JSON)
+    /// for bundles made before the field existed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub security_version: u64,
     /// One entry per slot class the bundle updates; `rootfs` is required.
     pub images: Vec<ImageEntry>,
     /// Free-form metadata (model name, quantisation, notes...). Updaters
@@ -499,6 +507,10 @@ pub enum ManifestError {
     },
 }
 
+fn is_zero(value: &u64) -> bool {
+    *value == 0
+}
+
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ManifestError {
     ManifestError::Invalid {
         field: field.into(),
@@ -571,6 +583,15 @@ impl Manifest {
             });
         }
         check_compatible(&self.compatible)?;
+        if self.security_version > MAX_SECURITY_VERSION {
+            return Err(invalid(
+                "security-version",
+                format!(
+                    "{} is more than the limit of {MAX_SECURITY_VERSION}",
+                    self.security_version
+                ),
+            ));
+        }
         if self.images.is_empty() {
             return Err(invalid("images", "a bundle needs at least one image"));
         }
@@ -761,6 +782,7 @@ mod tests {
             version: semver::Version::new(1, 0, 0),
             compatible: "qemu-aarch64".into(),
             min_updater_version: semver::Version::new(0, 1, 0),
+            security_version: 0,
             images: vec![ImageEntry {
                 slot_class: SlotClass::Rootfs,
                 filesystem: FsType::Ext4,
@@ -824,6 +846,32 @@ mod tests {
             err.to_string().contains("health.checks[0].command"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn security_version_is_optional_signed_json_and_bounded() {
+        let mut m = manifest();
+        let old = m.to_vec().expect("serialises");
+        assert!(
+            !String::from_utf8_lossy(&old).contains("security-version"),
+            "0 is left out, so older manifests keep their bytes"
+        );
+        assert_eq!(
+            Manifest::from_slice(&old).expect("parses").security_version,
+            0
+        );
+        m.security_version = 7;
+        let bytes = m.to_vec().expect("serialises");
+        assert!(String::from_utf8_lossy(&bytes).contains("\"security-version\": 7"));
+        assert_eq!(
+            Manifest::from_slice(&bytes)
+                .expect("parses")
+                .security_version,
+            7
+        );
+        m.security_version = MAX_SECURITY_VERSION + 1;
+        let err = m.validate().expect_err("above the limit");
+        assert!(err.to_string().contains("security-version"), "{err}");
     }
 
     #[test]

@@ -41,6 +41,9 @@ fn valid_bundle_verifies_and_extracts_the_exact_image() {
     let verified = bundle.verify(&keyring(), VerifyOptions::default()).unwrap();
     assert_eq!(verified.version.to_string(), "1.0.0");
     assert_eq!(verified.compatible, "qemu-aarch64");
+    // Made before `security-version` existed: it reads as 0, and its
+    // signature still verifies (the field is left out when 0).
+    assert_eq!(verified.security_version, 0);
     assert_eq!(
         verified.signer().subject,
         "O=Kernex golden, CN=Kernex golden signing"

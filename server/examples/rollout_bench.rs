@@ -127,7 +127,7 @@ async fn main() -> Result<()> {
     );
     for round in 0..3 {
         let t0 = Instant::now();
-        let targets = rollouts::targets(&state, &org, &spec, &release, None)
+        let targets = rollouts::targets(&state, &org, &spec, &release, None, true)
             .await
             .map_err(api)?;
         let selected = t0.elapsed();

@@ -44,6 +44,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "release_deltas_exact",
         include_str!("../migrations/0007_release_deltas_exact.sql"),
     ),
+    (
+        8,
+        "anti_rollback",
+        include_str!("../migrations/0008_anti_rollback.sql"),
+    ),
 ];
 
 /// Which database is behind the pool.

@@ -93,6 +93,18 @@ pub enum UpdateError {
     /// An operation was refused because of the A/B state.
     #[error("{0}")]
     SlotState(String),
+    /// A release below the anti-rollback floor ([`crate::floor`]).
+    #[error(
+        "refusing to {what}: its security version {security_version} is below this device's anti-rollback floor {floor}"
+    )]
+    BelowFloor {
+        /// What was asked, e.g. "install 2.0.1".
+        what: String,
+        /// The release's security version.
+        security_version: u64,
+        /// The device's floor.
+        floor: u64,
+    },
 }
 
 impl From<kernex_device::ConfigError> for UpdateError {

@@ -12,7 +12,10 @@
 //!   power-cut test can SIGKILL it exactly there. Pause points: `verify`
 //!   (every chunk written and journaled, the slot check next),
 //!   `slot-record`, `env-write`, and `journal-write` (half a batch of
-//!   journal records and a torn one on disk).
+//!   journal records and a torn one on disk); and in raising the
+//!   anti-rollback floor (`crate::floor`): `floor-raise` (the slot is
+//!   committed, neither copy written), `floor-copy-a` (copy A new, copy B
+//!   old), `floor-copy-b` (both new).
 //! * `KERNEX_HEALTH_CRASH_AFTER=<step>`: the process aborts right after
 //!   the crash point `step` (`mark-good`: the watchdog committed the slot,
 //!   its record is not written yet).

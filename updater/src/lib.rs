@@ -16,6 +16,7 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 mod failpoints;
+pub mod floor;
 pub mod health;
 pub mod install;
 pub mod journal;

@@ -19,6 +19,9 @@ pub struct Status {
     pub primary_slot: Option<Slot>,
     /// Whether the booted slot is committed (its counter is back at 3).
     pub committed: bool,
+    /// The anti-rollback floor: the highest security version committed
+    /// (`None`: both copies of it are corrupt; installs are refused).
+    pub security_floor: Option<u64>,
     /// The raw boot-state variables.
     pub boot_state: BootState,
     /// Both slots.
@@ -67,6 +70,8 @@ pub struct SlotStatus {
     pub attempts_left: u32,
     /// Installed release version, if recorded.
     pub version: Option<String>,
+    /// The recorded release's security version.
+    pub security_version: Option<u64>,
     /// Whether the recorded image was verified after writing.
     pub verified: bool,
     /// Unix time of the install.
@@ -149,6 +154,7 @@ pub fn status(config: &SystemConfig, flow: &mut dyn BootFlow) -> Result<Status, 
             booted: slot == booted,
             attempts_left: state.attempts_left(slot),
             version: manifest.as_ref().map(|m| m.version.to_string()),
+            security_version: manifest.as_ref().map(|m| m.security_version),
             verified: record.as_ref().is_some_and(|r| r.verified),
             installed_at: record.as_ref().map(|r| r.installed_at),
             images,
@@ -170,6 +176,7 @@ pub fn status(config: &SystemConfig, flow: &mut dyn BootFlow) -> Result<Status, 
         booted_slot: booted,
         primary_slot: state.primary(),
         committed: state.attempts_left(booted) >= DEFAULT_ATTEMPTS,
+        security_floor: crate::floor::Floor::new(&data).get().ok(),
         boot_state: state,
         slots,
         pending_install,
@@ -229,6 +236,13 @@ impl std::fmt::Display for Status {
                 .unwrap_or("none (counters reset on next boot)"),
             order.join(" ")
         )?;
+        match self.security_floor {
+            Some(floor) => writeln!(
+                f,
+                "security floor {floor}   (releases below it are refused)"
+            )?,
+            None => writeln!(f, "security floor unreadable (both copies corrupt)")?,
+        }
         writeln!(f)?;
         writeln!(
             f,

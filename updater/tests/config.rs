@@ -21,7 +21,7 @@ fn example_config_parses() {
     assert_eq!(server.url, "https://kernex.example.com");
     assert_eq!(server.poll_interval, 60);
     assert_eq!(server.tags, vec!["site-berlin"]);
-    assert!(server.allow_downgrade);
+    assert!(!server.allow_downgrade, "anti-rollback by default");
     assert_eq!(server.link_class.as_deref(), Some("metered-4g"));
     assert_eq!(server.site.as_deref(), Some("berlin-3"));
     assert_eq!(server.time_zone.as_deref(), Some("Europe/Berlin"));

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Keys, bundle, edit, image, keys};
+use common::{Keys, bundle, bundle_secure, edit, image, keys};
 use kernex_protocol::api;
 use serde_json::{Value, json};
 
@@ -236,6 +236,7 @@ impl SimDevice {
              [slots.rootfs]\nA = \"{}\"\nB = \"{}\"\n\
              [bootloader]\nbackend = \"file\"\npath = \"{}\"\ncmdline = \"{}\"\n\
              [server]\nurl = \"{server}\"\nenrollment-token = \"{token}\"\ndevice-id = \"{device_id}\"\npoll-interval = 1\n\
+             allow-downgrade = true\n\
              [health]\ndeadline = 20\nstability-window = 0\n",
             p("data"),
             p("keyring.pem"),
@@ -1278,4 +1279,163 @@ fn daemon_over_https_with_a_pinned_private_ca() {
     );
     assert!(log.to_lowercase().contains("certificate"), "{log}");
     assert!(cp.device("tls-2").is_none());
+}
+
+/// Deploys `r1`, then rolls out `r2` to the device through the scheduler,
+/// waiting for each to be committed; returns the rollout id.
+fn committed_then_rolled_out(
+    cp: &ControlPlane,
+    dev: &SimDevice,
+    device_id: &str,
+    r1: &str,
+    r2: &str,
+) -> String {
+    let d = wait_for("enrollment", dev, Duration::from_secs(60), || {
+        cp.device(device_id).filter(|d| d["status"] == "online")
+    });
+    let id = d["id"].as_str().unwrap().to_string();
+    let dep = cp.deploy(r1, &id);
+    wait_for(
+        "the first release committed",
+        dev,
+        Duration::from_secs(60),
+        || Some(cp.deployment(&dep)).filter(|d| d["status"] == "success"),
+    );
+    let (s, v) = cp.op(
+        "POST",
+        "/api/v1/rollouts",
+        Some(
+            json!({"name": "fix", "release_id": r2, "selector": {"tags": ["site-lab"]},
+                    "waves": [{"percent": 100, "soak_secs": 0}]}),
+        ),
+    );
+    assert_eq!(s, 201, "{v}");
+    let ro = v["id"].as_str().unwrap().to_string();
+    let (s, v) = cp.op("POST", &format!("/api/v1/rollouts/{ro}/start"), None);
+    assert!(s == 200 || s == 204, "{s} {v}");
+    wait_for("rollout completed", dev, Duration::from_secs(90), || {
+        let (_, v) = cp.op("GET", &format!("/api/v1/rollouts/{ro}"), None);
+        (v["status"] == "completed").then_some(v)
+    });
+    ro
+}
+
+/// Anti-rollback through the real daemon and server: 4.1.0 fixes a
+/// vulnerability (security version 2 over 4.0.0's 1). Once the device
+/// committed it, its watchdog raised its floor to 2 and its heartbeat told
+/// the server; the rollout's rollback to 4.0.0 is then refused at the API
+/// (409, naming the device and why), and the device stays on 4.1.0.
+#[test]
+fn a_rollback_across_the_floor_is_refused_at_the_api() {
+    let keys = keys();
+    let cp = ControlPlane::start(&keys);
+    let v1_img = image(2 * MIB, 21);
+    let v2_img = edit(&v1_img, 4096, 100);
+    let r1 = cp.upload(&bundle_secure(&v1_img, "4.0.0", 1, &keys.signer).bytes);
+    let r2 = cp.upload(&bundle_secure(&v2_img, "4.1.0", 2, &keys.signer).bytes);
+    let token = cp.enrollment_token();
+    let mut dev = SimDevice::new(&keys, &image(2 * MIB, 22), &cp.url, &token, "floor-1");
+    dev.start();
+    let ro = committed_then_rolled_out(&cp, &dev, "floor-1", &r1, &r2);
+    let d = wait_for("the floor reported", &dev, Duration::from_secs(30), || {
+        cp.device("floor-1").filter(|d| d["security_floor"] == 2)
+    });
+    assert_eq!(d["current_version"], "4.1.0", "{d}");
+    let slot = d["booted_slot"].clone();
+
+    let (s, v) = cp.op("POST", &format!("/api/v1/rollouts/{ro}/rollback"), None);
+    assert_eq!(s, 409, "{v}");
+    let reason = v["detail"].as_str().unwrap();
+    assert!(reason.contains("anti-rollback floor"), "{reason}");
+    assert!(
+        reason.contains("floor-1 (floor 2, 4.0.0 has security version 1)"),
+        "{reason}"
+    );
+    let (_, r) = cp.op("GET", &format!("/api/v1/rollouts/{ro}"), None);
+    assert_eq!(r["status"], "completed", "{r}");
+    // A deployment of 4.0.0 is refused the same way.
+    let (s, v) = cp.op(
+        "POST",
+        "/api/v1/deployments",
+        Some(json!({"release_id": r1, "devices": [d["id"]]})),
+    );
+    assert_eq!(s, 409, "{v}");
+    // The device keeps running 4.1.0 in the same slot.
+    std::thread::sleep(Duration::from_secs(3));
+    let d = cp.device("floor-1").unwrap();
+    assert_eq!(
+        (&d["current_version"], &d["booted_slot"]),
+        (&json!("4.1.0"), &slot),
+        "{d}"
+    );
+    let status = dev.status();
+    assert_eq!(status["security-floor"], 2, "{status}");
+    assert!(!dev.log().contains("rolling back"), "{}", dev.log());
+}
+
+/// The daemon checks the floor itself: a rollback the server accepted
+/// (its view of the floor is 1) while the device's floor is 2 is refused
+/// by the daemon, reported as failed with the reason, and the boot order
+/// is left alone. `allow-downgrade = true`, so the floor is the reason.
+#[test]
+fn the_daemon_refuses_a_server_rollback_below_its_floor() {
+    let keys = keys();
+    let cp = ControlPlane::start(&keys);
+    let v1_img = image(2 * MIB, 31);
+    let v2_img = edit(&v1_img, 4096, 100);
+    let r1 = cp.upload(&bundle_secure(&v1_img, "5.0.0", 1, &keys.signer).bytes);
+    let r2 = cp.upload(&bundle_secure(&v2_img, "5.1.0", 1, &keys.signer).bytes);
+    let token = cp.enrollment_token();
+    let mut dev = SimDevice::new(&keys, &image(2 * MIB, 32), &cp.url, &token, "floor-2");
+    dev.start();
+    let ro = committed_then_rolled_out(&cp, &dev, "floor-2", &r1, &r2);
+    wait_for("the floor reported", &dev, Duration::from_secs(30), || {
+        cp.device("floor-2").filter(|d| d["security_floor"] == 1)
+    });
+    // Powered off; its floor is 2 (what a commit the server has not heard
+    // of yet leaves), the server still knows 1 and accepts the rollback.
+    dev.stop();
+    let data = kernex_updater::store::DataDir::new(dev.dev.path("data"));
+    kernex_updater::floor::Floor::new(&data).raise(2).unwrap();
+    let booted = dev.status()["booted-slot"].clone();
+    let (s, v) = cp.op("POST", &format!("/api/v1/rollouts/{ro}/rollback"), None);
+    assert!(s == 200 || s == 204, "{s} {v}");
+    dev.start();
+    let given_up = wait_for(
+        "the rollback refused",
+        &dev,
+        Duration::from_secs(60),
+        || {
+            let s = dev.status();
+            let g = s["server"]["given-up"].clone();
+            (!g.is_null()).then_some(g)
+        },
+    );
+    let reason = given_up["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("refusing to roll back to 5.0.0")
+            && reason.contains("anti-rollback floor 2"),
+        "{reason}"
+    );
+    // Reported: the server shows the device's failure and why.
+    wait_for(
+        "the failure reported",
+        &dev,
+        Duration::from_secs(30),
+        || {
+            cp.device("floor-2").filter(|d| {
+                d["status_reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("anti-rollback floor 2"))
+            })
+        },
+    );
+    let status = dev.status();
+    assert_eq!(status["booted-slot"], booted, "{status}");
+    assert_eq!(status["primary-slot"], booted, "{status}");
+    assert!(
+        !dev.log().contains("rolling back: booting the other slot"),
+        "{}",
+        dev.log()
+    );
 }

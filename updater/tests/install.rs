@@ -47,7 +47,7 @@ fn install_from_file_then_status_mark_good_and_rollback() {
     let path = dev.write_bundle("v1.kxb", &b.bytes);
 
     // Nothing verified in B yet: rollback is refused.
-    let err = kernex_updater::boot::rollback(&dev.load(), dev.flow().as_mut()).unwrap_err();
+    let err = kernex_updater::boot::rollback(&dev.load(), dev.flow().as_mut(), true).unwrap_err();
     assert!(
         err.to_string().contains("no record of a verified image"),
         "{err}"
@@ -83,15 +83,15 @@ fn install_from_file_then_status_mark_good_and_rollback() {
     // B is not committed and A is its fallback: installing into A is refused.
     let err = install(&dev, &path).unwrap_err();
     assert!(err.to_string().contains("not committed"), "{err}");
-    kernex_updater::boot::mark_good(flow.as_mut()).unwrap();
+    kernex_updater::boot::mark_good(&dev.load(), flow.as_mut()).unwrap();
     assert_eq!(flow.attempts_left(Slot::B).unwrap(), 3);
     // A has no record (factory image): no rollback to it.
-    assert!(kernex_updater::boot::rollback(&dev.load(), flow.as_mut()).is_err());
+    assert!(kernex_updater::boot::rollback(&dev.load(), flow.as_mut(), true).is_err());
     // Installing the same release again goes to A; then A can be rolled back to.
     install(&dev, &path).unwrap();
     kernex_updater::boot::mark_bad(flow.as_mut()).unwrap();
     assert_eq!(flow.primary_slot().unwrap(), Some(Slot::A));
-    kernex_updater::boot::rollback(&dev.load(), flow.as_mut()).unwrap();
+    kernex_updater::boot::rollback(&dev.load(), flow.as_mut(), true).unwrap();
     assert_eq!(flow.primary_slot().unwrap(), Some(Slot::A));
 }
 
@@ -280,7 +280,7 @@ fn delta_install_fetches_only_what_changed() {
     install(&dev, &s1.url).unwrap();
     // Boot into B and commit it.
     dev.write_config("B", "");
-    kernex_updater::boot::mark_good(dev.flow().as_mut()).unwrap();
+    kernex_updater::boot::mark_good(&dev.load(), dev.flow().as_mut()).unwrap();
 
     let s2 = Server::start(b2.bytes.clone(), Fault::None);
     let report = install(&dev, &s2.url).unwrap();
@@ -328,7 +328,7 @@ fn device_on(keys: &Keys, v1: &[u8], b1: &Built) -> Device {
     let s1 = Server::start(b1.bytes.clone(), Fault::None);
     install(&dev, &s1.url).unwrap();
     dev.write_config("B", "");
-    kernex_updater::boot::mark_good(dev.flow().as_mut()).unwrap();
+    kernex_updater::boot::mark_good(&dev.load(), dev.flow().as_mut()).unwrap();
     dev
 }
 

@@ -84,7 +84,7 @@ fn assert_exact(what: &str, predicted: &BundleDelta, fetched: (InstallReport, u6
 /// Boots `dev` into B and commits it (after an install into B).
 fn boot_b(dev: &Device) {
     dev.write_config("B", "");
-    kernex_updater::boot::mark_good(dev.flow().as_mut()).unwrap();
+    kernex_updater::boot::mark_good(&dev.load(), dev.flow().as_mut()).unwrap();
 }
 
 #[test]
@@ -166,6 +166,7 @@ fn two_image_bundle(rootfs: &[u8], agent: &[u8], version: &str, keys: &Keys) -> 
         version: semver::Version::parse(version).unwrap(),
         compatible: "qemu-aarch64".into(),
         min_updater_version: semver::Version::parse("0.1.0").unwrap(),
+        security_version: 0,
         metadata: BTreeMap::new(),
     };
     let manifest_bytes = bundle::manifest_for(&release, &inputs)
@@ -217,7 +218,7 @@ fn agent_only_change_fetches_what_the_preview_says() {
     let first = preview(None, &b1);
     assert_exact("full, two images", &first, install_over_http(&dev, &b1));
     with_agent_slots(&dev, "B", None);
-    kernex_updater::boot::mark_good(dev.flow().as_mut()).unwrap();
+    kernex_updater::boot::mark_good(&dev.load(), dev.flow().as_mut()).unwrap();
     let predicted = preview(Some(&b1), &b2);
     assert_eq!(predicted.images[0].delta.chunks_fetched, 0, "{predicted:?}");
     assert!(

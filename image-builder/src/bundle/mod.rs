@@ -259,6 +259,7 @@ impl<'a> BundleBuilder<'a> {
                 version,
                 compatible: compatible.into(),
                 min_updater_version: semver::Version::new(0, 1, 0),
+                security_version: 0,
                 metadata: BTreeMap::new(),
             },
             rootfs,
@@ -283,6 +284,13 @@ impl<'a> BundleBuilder<'a> {
     /// The oldest updater version allowed to install the bundle.
     pub fn min_updater_version(mut self, version: semver::Version) -> Self {
         self.release.min_updater_version = version;
+        self
+    }
+
+    /// The release's anti-rollback generation (default 0): devices that
+    /// committed a release of a higher security version refuse this one.
+    pub fn security_version(mut self, security_version: u64) -> Self {
+        self.release.security_version = security_version;
         self
     }
 

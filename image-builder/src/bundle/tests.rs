@@ -95,7 +95,8 @@ fn a_bundle_verifies_and_holds_its_images_and_says_what_it_is() {
         &builder(&keys, "1.2.0", &rootfs)
             .agent(Image::bytes(&agent))
             .metadata("model", "qwen-1.5b")
-            .min_updater_version(semver::Version::new(0, 2, 0)),
+            .min_updater_version(semver::Version::new(0, 2, 0))
+            .security_version(3),
     );
     assert_eq!(built.size, bytes.len() as u64);
     let mut bundle = Bundle::open(Cursor::new(&bytes)).unwrap();
@@ -106,6 +107,7 @@ fn a_bundle_verifies_and_holds_its_images_and_says_what_it_is() {
     assert_eq!(verified.signer(), &built.signer);
     assert_eq!(verified.version.to_string(), "1.2.0");
     assert_eq!(verified.min_updater_version.to_string(), "0.2.0");
+    assert_eq!(verified.security_version, 3, "signed with the manifest");
     assert_eq!(verified.metadata["model"], "qwen-1.5b");
     assert!(verified.health.is_none());
     for (image, class, data) in [

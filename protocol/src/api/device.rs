@@ -187,6 +187,11 @@ pub struct Heartbeat {
     /// IANA time zone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_zone: Option<String>,
+    /// The anti-rollback floor: the highest manifest `security-version`
+    /// the device has committed. It refuses any release below it, so the
+    /// server refuses to assign one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_floor: Option<u64>,
     /// Anything else (kept, not interpreted): the A/B status, the link
     /// profile, the health verdict.
     #[serde(default)]

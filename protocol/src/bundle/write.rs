@@ -25,6 +25,8 @@ pub struct ReleaseInfo {
     pub compatible: String,
     /// Oldest updater allowed to install.
     pub min_updater_version: semver::Version,
+    /// Anti-rollback generation ([`Manifest::security_version`]).
+    pub security_version: u64,
     /// Free-form metadata.
     pub metadata: std::collections::BTreeMap<String, String>,
 }
@@ -39,6 +41,7 @@ pub fn manifest_for(
         version: release.version.clone(),
         compatible: release.compatible.clone(),
         min_updater_version: release.min_updater_version.clone(),
+        security_version: release.security_version,
         images: images
             .iter()
             .map(|i| {

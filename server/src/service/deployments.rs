@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::FromRow;
 use utoipa::ToSchema;
 
+use super::anti_rollback;
 use super::audit::audited;
 use super::users::require;
 use super::{Error, Result};
@@ -64,15 +65,16 @@ pub struct Deployment {
 }
 
 /// Assigns a release to devices (ops): each must be of the release's
-/// hardware class.
+/// hardware class, and none may have an anti-rollback floor above the
+/// release's security version (409, naming them).
 pub async fn create(state: &AppState, op: &Operator, req: NewDeployment) -> Result<Deployment> {
     require(op, Role::Ops)?;
     audited(state, op, "deployment.create", &format!("release:{}", req.release_id), async {
         if req.devices.is_empty() || req.devices.len() > 10_000 {
             return Err(Error::Invalid("devices: 1 to 10000 device ids".into()));
         }
-        let (compatible,): (String,) =
-            sqlx::query_as("SELECT compatible FROM releases WHERE id = $1 AND org_id = $2")
+        let (compatible, version, security_version): (String, String, i64) =
+            sqlx::query_as("SELECT compatible, version, security_version FROM releases WHERE id = $1 AND org_id = $2")
                 .bind(&req.release_id)
                 .bind(&op.org_id)
                 .fetch_optional(state.store.pool())
@@ -93,12 +95,13 @@ pub async fn create(state: &AppState, op: &Operator, req: NewDeployment) -> Resu
         .execute(&mut *tx)
         .await?;
         let mut seen = std::collections::BTreeSet::new();
+        let mut above_floor = Vec::new();
         for device in &req.devices {
             if !seen.insert(device.as_str()) {
                 continue;
             }
-            let (class,): (String,) =
-                sqlx::query_as("SELECT hardware_class FROM devices WHERE id = $1 AND org_id = $2")
+            let (class, device_id, floor): (String, String, Option<i64>) =
+                sqlx::query_as("SELECT hardware_class, device_id, security_floor FROM devices WHERE id = $1 AND org_id = $2")
                     .bind(device)
                     .bind(&op.org_id)
                     .fetch_optional(&mut *tx)
@@ -108,6 +111,14 @@ pub async fn create(state: &AppState, op: &Operator, req: NewDeployment) -> Resu
                 return Err(Error::Unprocessable(format!(
                     "device {device} is {class}, the release is for {compatible}"
                 )));
+            }
+            if anti_rollback::refuses(floor, security_version) {
+                above_floor.push(anti_rollback::AboveFloor {
+                    device_id,
+                    security_floor: floor.unwrap_or_default(),
+                    version: version.clone(),
+                    security_version,
+                });
             }
             sqlx::query(
                 "INSERT INTO deployment_devices (deployment_id, device_pk, state, updated_at) VALUES ($1, $2, 'assigned', $3)",
@@ -123,6 +134,14 @@ pub async fn create(state: &AppState, op: &Operator, req: NewDeployment) -> Resu
                 .bind(&op.org_id)
                 .execute(&mut *tx)
                 .await?;
+        }
+        if !above_floor.is_empty() {
+            // Nothing is written: the transaction is dropped.
+            return Err(anti_rollback::refusal(
+                &format!("deploy {version}"),
+                &above_floor,
+                above_floor.len(),
+            ));
         }
         tx.commit().await?;
         let target = format!("deployment:{id}");

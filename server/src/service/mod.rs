@@ -7,6 +7,7 @@
 //! maps it to a status and a JSON body, once (`impl From<service::Error>
 //! for http::Error`).
 
+pub mod anti_rollback;
 pub mod attestation;
 pub mod audit;
 pub mod deployments;

@@ -41,6 +41,9 @@ pub struct Release {
     pub sha256: String,
     /// Marked unstable after failures.
     pub unstable: bool,
+    /// The manifest's anti-rollback generation: devices whose floor is
+    /// above it refuse the release.
+    pub security_version: i64,
     /// Uploaded, unix ms.
     pub created_at: i64,
     /// The signed manifest (detail only).
@@ -49,8 +52,7 @@ pub struct Release {
     pub manifest: Option<serde_json::Value>,
 }
 
-const COLUMNS: &str =
-    "id, version, compatible, signer, size, sha256, unstable, created_at, manifest, blob_key";
+const COLUMNS: &str = "id, version, compatible, signer, size, sha256, unstable, security_version, created_at, manifest, blob_key";
 
 /// A stored release.
 #[derive(Debug, FromRow)]
@@ -62,6 +64,7 @@ struct ReleaseRow {
     size: i64,
     sha256: String,
     unstable: i64,
+    security_version: i64,
     created_at: i64,
     manifest: String,
     blob_key: String,
@@ -82,6 +85,7 @@ impl ReleaseRow {
             size: self.size,
             sha256: self.sha256,
             unstable: self.unstable != 0,
+            security_version: self.security_version,
             created_at: self.created_at,
             manifest,
         })
@@ -103,6 +107,7 @@ struct Verified {
     compatible: String,
     signer: String,
     manifest: String,
+    security_version: i64,
 }
 
 /// Stores an uploaded bundle (ops). `body` is the `.kxb` file. It is
@@ -164,6 +169,9 @@ where
                 compatible: m.compatible.clone(),
                 signer: verified.signer().subject.clone(),
                 manifest: String::from_utf8_lossy(verified.bytes()).into_owned(),
+                // Bounded by the manifest's own limit, far below i64::MAX.
+                security_version: i64::try_from(m.security_version)
+                    .map_err(|e| Error::Unprocessable(format!("security-version: {e}")))?,
             })
         })
         .await
@@ -191,7 +199,7 @@ where
         let now = now_ms();
         let size = i64::try_from(size).map_err(|e| Error::Internal(e.into()))?;
         let inserted = sqlx::query(
-            "INSERT INTO releases (id, org_id, version, compatible, manifest, signer, blob_key, size, sha256, unstable, created_by, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10, $11)",
+            "INSERT INTO releases (id, org_id, version, compatible, manifest, signer, blob_key, size, sha256, unstable, created_by, created_at, security_version) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10, $11, $12)",
         )
         .bind(&id)
         .bind(&op.org_id)
@@ -204,6 +212,7 @@ where
         .bind(&sha256)
         .bind(&op.user_id)
         .bind(now)
+        .bind(verified.security_version)
         .execute(state.store.pool())
         .await;
         match inserted {
@@ -227,6 +236,7 @@ where
                 size,
                 sha256,
                 unstable: false,
+                security_version: verified.security_version,
                 created_at: now,
                 manifest,
             },

@@ -345,6 +345,9 @@ async fn device_live_body(state: &AppState, s: &Session, d: &Device) -> UiResult
             dt { "Assigned" } dd { (d.desired_version.as_deref().unwrap_or("—")) }
             dt { "Booted slot" } dd { (d.booted_slot.as_deref().unwrap_or("unknown")) }
             dt { "Primary slot" } dd { (d.primary_slot.as_deref().unwrap_or("unknown")) }
+            dt { "Security floor" } dd { @match d.security_floor {
+                Some(f) => { (f) " " span.small { "(refuses releases of a lower security version)" } },
+                None => "not reported" } }
             dt { "Attestation" } dd { (status_badge(&d.attestation.state))
                 @match d.attestation.state.as_str() {
                     "unattested" => { " " span.small { "(no TPM bound to this device)" } }

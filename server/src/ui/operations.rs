@@ -252,6 +252,7 @@ pub async fn deployment(
             size: 0,
             sha256: String::new(),
             unstable: false,
+            security_version: 0,
             created_at: 0,
             manifest: None,
         });

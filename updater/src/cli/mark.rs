@@ -6,8 +6,8 @@ use super::Context;
 
 /// Commits the booted slot.
 pub fn good(ctx: &mut Context) -> Result<()> {
-    let slot =
-        crate::boot::mark_good(ctx.flow.as_mut()).context("unable to mark the booted slot good")?;
+    let slot = crate::boot::mark_good(&ctx.config, ctx.flow.as_mut())
+        .context("unable to mark the booted slot good")?;
     println!("slot {slot} marked good");
     Ok(())
 }

@@ -131,7 +131,11 @@ impl Daemon<'_> {
                     return self.give_up(&mut st, desired, reason).map(|()| None);
                 }
                 tracing::info!(version = %desired.version, slot = %other, "rolling back: booting the other slot");
-                match crate::boot::rollback(&self.ctx.config, self.ctx.flow.as_mut()) {
+                match crate::boot::rollback(
+                    &self.ctx.config,
+                    self.ctx.flow.as_mut(),
+                    self.server.allow_downgrade,
+                ) {
                     Ok(slot) => {
                         st.awaiting = Some(awaiting(Action::Rollback, slot));
                         state::save(&self.data, &st)?;

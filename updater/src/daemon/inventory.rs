@@ -66,6 +66,7 @@ impl Sampler {
             link_class: server.link_class.clone(),
             site: server.site.clone(),
             time_zone: server.time_zone.clone(),
+            security_floor: status.security_floor,
             extra,
         }
     }

@@ -193,12 +193,25 @@ impl std::fmt::Display for RunResult {
     }
 }
 
+/// Raises the anti-rollback floor to the committed slot's security version.
+/// A failure (both copies corrupt) is logged, not fatal: the commit stands,
+/// and installs stay refused until the floor reads again.
+fn raise_floor(config: &SystemConfig, booted: Slot) {
+    match crate::boot::raise_floor_to_booted(config, booted) {
+        Ok(floor) => tracing::debug!(floor, "security floor"),
+        Err(e) => tracing::error!(error = %e, "unable to raise the security floor"),
+    }
+}
+
 /// Runs the watchdog once: see the module docs.
 pub fn run(config: &SystemConfig, flow: &mut dyn BootFlow) -> Result<RunResult, UpdateError> {
     let data = DataDir::new(&config.data_dir);
     let booted = flow.booted_slot()?;
     let state = flow.state()?;
     if state.attempts_left(booted) >= DEFAULT_ATTEMPTS {
+        // Committed: a power cut between the commit and raising the floor
+        // is caught up here, at the next boot.
+        raise_floor(config, booted);
         if revert_counter(&data)?.consecutive != 0 {
             set_counter(&data, 0)?;
         }
@@ -253,7 +266,8 @@ pub fn run(config: &SystemConfig, flow: &mut dyn BootFlow) -> Result<RunResult, 
     feeder.stop();
     match verdict {
         Ok(reason) => {
-            crate::boot::mark_good(flow)?;
+            flow.mark_good(booted)?;
+            raise_floor(config, booted);
             // Test builds only: a power cut between the commit and its
             // record (`KERNEX_HEALTH_CRASH_AFTER=mark-good`).
             crate::failpoints::failpoint!(crash "mark-good");

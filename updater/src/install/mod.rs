@@ -18,9 +18,7 @@ use std::path::Path;
 
 use kernex_bootloader::{BootFlow, DEFAULT_ATTEMPTS, Slot};
 use kernex_protocol::reader::{BundleHead, Prefixed, check_members, read_head};
-use kernex_protocol::{
-    Keyring, Manifest, Sha256Digest, SlotClass, VerifiedManifest, VerifyOptions,
-};
+use kernex_protocol::{Manifest, Sha256Digest, SlotClass, VerifiedManifest, VerifyOptions};
 use serde::Serialize;
 
 pub use fetch::fetch_index;
@@ -126,18 +124,16 @@ pub struct InstallReport {
     pub patch_failures: u64,
 }
 
-/// Checks the signature, then that the release is for this device.
+/// Checks the signature, then that the release is for this device, not
+/// below its anti-rollback floor ([`crate::floor`]) and, unless
+/// `allow_downgrade`, not older than the booted release.
 pub fn verify_head(
     head: &BundleHead,
     config: &SystemConfig,
     booted: Option<&Manifest>,
     options: &InstallOptions,
 ) -> Result<VerifiedManifest, UpdateError> {
-    let pem = crate::store::read_limited(&config.keyring, 4 * 1024 * 1024)?;
-    let keyring = Keyring::from_pem(&pem).map_err(|e| UpdateError::Config {
-        path: config.keyring.clone(),
-        reason: format!("keyring: {e}"),
-    })?;
+    let keyring = crate::boot::keyring(config)?;
     let verified = kernex_protocol::signature::verify_manifest(
         &keyring,
         &head.manifest_bytes,
@@ -161,6 +157,11 @@ pub fn verify_head(
             verified.min_updater_version
         )));
     }
+    // Anti-rollback: no override, not even --allow-downgrade.
+    crate::floor::Floor::new(&DataDir::new(&config.data_dir)).check(
+        verified.security_version,
+        &format!("install {}", verified.version),
+    )?;
     if let Some(booted) = booted
         && verified.version < booted.version
         && !options.allow_downgrade

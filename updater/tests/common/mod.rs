@@ -159,6 +159,19 @@ pub fn bundle(img: &[u8], version: &str, signer: &Signer) -> Built {
     bundle_with(img, version, "qemu-aarch64", "0.1.0", signer)
 }
 
+/// A signed bundle of one rootfs image with a manifest `security-version`.
+pub fn bundle_secure(img: &[u8], version: &str, security_version: u64, signer: &Signer) -> Built {
+    let builder = BundleBuilder::new(
+        "qemu-aarch64",
+        semver::Version::parse(version).unwrap(),
+        Image::bytes(img).filesystem(FsType::Raw),
+        signer,
+    )
+    .security_version(security_version)
+    .archive_options(options());
+    build(&builder)
+}
+
 pub fn sha256(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }

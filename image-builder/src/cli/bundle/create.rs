@@ -41,6 +41,12 @@ pub struct CreateArgs {
     /// Oldest updater version allowed to install this bundle.
     #[arg(long, default_value = "0.1.0")]
     pub min_updater_version: semver::Version,
+    /// Anti-rollback generation (0 to 4294967295): a device that committed
+    /// a release of a higher security version refuses to install or roll
+    /// back to this one. Raise it with every release that fixes a
+    /// vulnerability older releases must never bring back.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub security_version: u64,
     /// Free-form metadata, repeatable: --meta model=qwen-1.5b --meta quant=Q4_K_M.
     #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = parse_meta)]
     pub metadata: Vec<(String, String)>,
@@ -125,6 +131,7 @@ pub fn run(args: CreateArgs) -> Result<()> {
         &signer,
     )
     .min_updater_version(args.min_updater_version.clone())
+    .security_version(args.security_version)
     .archive_options(ArchiveOptions {
         chunker: ChunkerParams::rollsum(
             args.avg_chunk_size,

@@ -106,6 +106,10 @@ pub fn run(args: InspectArgs) -> Result<()> {
     println!("version:      {}", m.version);
     println!("compatible:   {}", m.compatible);
     println!("min updater:  {}", m.min_updater_version);
+    println!(
+        "security:     {} (anti-rollback generation)",
+        m.security_version
+    );
     match (&out.signer, &out.signer_error) {
         (Some(s), _) => println!("signed by:    {s} (NOT verified; use `bundle verify`)"),
         (None, Some(e)) => println!("signed by:    unreadable signature: {e}"),

@@ -61,6 +61,10 @@ pub struct Device {
     pub booted_slot: Option<String>,
     /// Primary slot.
     pub primary_slot: Option<String>,
+    /// Anti-rollback floor the device reports: the highest release
+    /// security version it committed; it refuses anything below (None:
+    /// not reported yet).
+    pub security_floor: Option<i64>,
     /// online, offline, degraded, updating, reverted, error.
     pub status: String,
     /// Why (e.g. the revert reason).
@@ -82,7 +86,7 @@ pub struct Device {
     pub inventory: Option<serde_json::Value>,
 }
 
-const SELECT: &str = "SELECT d.id, d.device_id, d.hardware_class, d.hardware_metadata, d.current_version, d.desired_release_id, r.version AS desired_version, d.booted_slot, d.primary_slot, d.status, d.status_reason, d.revoked, d.last_seen_at, d.registered_at, d.attestation, d.attestation_reason, d.attested_version, d.attested_at, d.ek_fingerprint FROM devices d LEFT JOIN releases r ON r.id = d.desired_release_id";
+const SELECT: &str = "SELECT d.id, d.device_id, d.hardware_class, d.hardware_metadata, d.current_version, d.desired_release_id, r.version AS desired_version, d.booted_slot, d.primary_slot, d.security_floor, d.status, d.status_reason, d.revoked, d.last_seen_at, d.registered_at, d.attestation, d.attestation_reason, d.attested_version, d.attested_at, d.ek_fingerprint FROM devices d LEFT JOIN releases r ON r.id = d.desired_release_id";
 
 /// The device columns of [`SELECT`] (the attestation columns are read by
 /// the verdict).
@@ -97,6 +101,7 @@ struct DeviceRow {
     desired_version: Option<String>,
     booted_slot: Option<String>,
     primary_slot: Option<String>,
+    security_floor: Option<i64>,
     status: String,
     status_reason: Option<String>,
     revoked: i64,
@@ -133,6 +138,7 @@ async fn device(state: &AppState, row: &AnyRow) -> Result<Device> {
         desired_release_id: r.desired_release_id,
         booted_slot: r.booted_slot,
         primary_slot: r.primary_slot,
+        security_floor: r.security_floor,
         status: if offline { "offline".into() } else { r.status },
         status_reason: r.status_reason,
         revoked: r.revoked != 0,

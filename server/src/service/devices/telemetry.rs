@@ -16,7 +16,7 @@ pub const DEGRADED_MEMORY_PERCENT: f64 = 90.0;
 /// Records a heartbeat: a `heartbeats` row, the device's status (degraded
 /// above [`DEGRADED_MEMORY_PERCENT`] of memory, else an install's status
 /// until its report, else online), its slots, its version when it changed
-/// (a reflashed device) and its link fields.
+/// (a reflashed device), its anti-rollback floor and its link fields.
 pub async fn heartbeat(state: &AppState, device: &Device, hb: &Heartbeat) -> Result<()> {
     device.require_proven()?;
     for (what, v) in [
@@ -39,6 +39,16 @@ pub async fn heartbeat(state: &AppState, device: &Device, hb: &Heartbeat) -> Res
         time_zone: hb.time_zone.clone(),
     };
     check_link(&link)?;
+    let security_floor = match hb.security_floor {
+        Some(f) if f > kernex_protocol::limits::MAX_SECURITY_VERSION => {
+            return Err(Error::Invalid(format!(
+                "security_floor: {f} is more than the limit of {}",
+                kernex_protocol::limits::MAX_SECURITY_VERSION
+            )));
+        }
+        Some(f) => i64::try_from(f).ok(),
+        None => None,
+    };
     let now = state.clock.now_ms();
     let inventory = serde_json::to_string(hb).map_err(|e| Error::Internal(e.into()))?;
     let mut tx = state.store.begin_write().await?;
@@ -58,12 +68,13 @@ pub async fn heartbeat(state: &AppState, device: &Device, hb: &Heartbeat) -> Res
     // Degraded, else an install's status (updating, reverted, error)
     // stays until its report, else online.
     sqlx::query(
-        "UPDATE devices SET last_seen_at = $1, status = CASE WHEN $2 = 1 THEN 'degraded' WHEN status IN ('updating', 'reverted', 'error') THEN status ELSE 'online' END, booted_slot = COALESCE($3, booted_slot), primary_slot = COALESCE($4, primary_slot) WHERE id = $5",
+        "UPDATE devices SET last_seen_at = $1, status = CASE WHEN $2 = 1 THEN 'degraded' WHEN status IN ('updating', 'reverted', 'error') THEN status ELSE 'online' END, booted_slot = COALESCE($3, booted_slot), primary_slot = COALESCE($4, primary_slot), security_floor = COALESCE($5, security_floor) WHERE id = $6",
     )
     .bind(now)
     .bind(i64::from(degraded))
     .bind(&hb.booted_slot)
     .bind(&hb.primary_slot)
+    .bind(security_floor)
     .bind(&device.pk)
     .execute(&mut *tx)
     .await?;

@@ -83,12 +83,14 @@ pub struct ReleaseRef {
     pub version: String,
     /// Hardware class.
     pub compatible: String,
+    /// Anti-rollback generation.
+    pub security_version: i64,
 }
 
 /// Loads a release of the organisation (404 if none).
 pub async fn release(state: &AppState, org_id: &str, id: &str) -> Result<ReleaseRef> {
     sqlx::query_as::<_, ReleaseRef>(
-        "SELECT id, version, compatible FROM releases WHERE id = $1 AND org_id = $2",
+        "SELECT id, version, compatible, security_version FROM releases WHERE id = $1 AND org_id = $2",
     )
     .bind(id)
     .bind(org_id)
@@ -272,6 +274,9 @@ pub struct Targets {
     /// Enrolled under a TPM policy and not yet activated: served nothing,
     /// so never selected.
     pub unactivated: u64,
+    /// Selected, but their anti-rollback floor is above the release's
+    /// security version: they would refuse it (by device id).
+    pub above_floor: Vec<crate::service::anti_rollback::AboveFloor>,
 }
 
 /// A device the selector may take, with the columns a target needs.
@@ -285,16 +290,19 @@ struct Candidate {
     time_zone: Option<String>,
     tpm_required: i64,
     ek_fingerprint: Option<String>,
+    security_floor: Option<i64>,
 }
 
-/// Selects the devices `spec` targets, with their exact delta bytes, in
-/// diversity order. `exclude_rollout` is the rollout itself (not "busy").
+/// Selects the devices `spec` targets, with their exact delta bytes
+/// (`with_deltas`; else 0 and no `from_release_id`), in diversity order.
+/// `exclude_rollout` is the rollout itself (not "busy").
 pub async fn targets(
     state: &AppState,
     org_id: &str,
     spec: &RolloutSpec,
     release: &ReleaseRef,
     exclude_rollout: Option<&str>,
+    with_deltas: bool,
 ) -> Result<Targets> {
     if let Some(c) = &spec.selector.hardware_class
         && c != &release.compatible
@@ -308,7 +316,7 @@ pub async fn targets(
     // Only the columns a target needs (the hardware class is the
     // release's: it is in the WHERE).
     let rows = sqlx::query_as::<_, Candidate>(
-        "SELECT id, device_id, current_version, link_class, site, time_zone, tpm_required, ek_fingerprint FROM devices WHERE org_id = $1 AND revoked = 0 AND hardware_class = $2",
+        "SELECT id, device_id, current_version, link_class, site, time_zone, tpm_required, ek_fingerprint, security_floor FROM devices WHERE org_id = $1 AND revoked = 0 AND hardware_class = $2",
     )
     .bind(org_id)
     .bind(&release.compatible)
@@ -383,7 +391,19 @@ pub async fn targets(
             out.busy += 1;
             continue;
         }
+        if crate::service::anti_rollback::refuses(r.security_floor, release.security_version) {
+            out.above_floor
+                .push(crate::service::anti_rollback::AboveFloor {
+                    device_id: r.device_id,
+                    security_floor: r.security_floor.unwrap_or_default(),
+                    version: release.version.clone(),
+                    security_version: release.security_version,
+                });
+            continue;
+        }
         let (from, bytes) = match deltas.get(&current) {
+            // Only who is targeted was asked (rollout create).
+            None if !with_deltas => (None, 0),
             Some((from, bytes)) => (from.clone(), *bytes),
             None => {
                 let from = current.as_ref().and_then(|v| versions.get(v)).cloned();

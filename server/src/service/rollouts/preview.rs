@@ -266,6 +266,16 @@ fn warnings(t: &Targets) -> Vec<String> {
             t.unactivated
         ));
     }
+    if !t.above_floor.is_empty() {
+        out.push(
+            crate::service::anti_rollback::refusal(
+                "start this rollout",
+                &t.above_floor,
+                t.above_floor.len(),
+            )
+            .to_string(),
+        );
+    }
     out
 }
 
@@ -280,7 +290,7 @@ pub async fn preview(
 ) -> Result<Preview> {
     spec.validate()?;
     let release = super::release(state, &op.org_id, &spec.release_id).await?;
-    let t = super::targets(state, &op.org_id, spec, &release, id).await?;
+    let t = super::targets(state, &op.org_id, spec, &release, id, true).await?;
     Ok(build_preview(
         spec,
         &release,

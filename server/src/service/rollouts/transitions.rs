@@ -9,6 +9,7 @@ use super::spec::RolloutSpec;
 use super::{Targets, scheduler};
 use crate::AppState;
 use crate::auth::{Operator, Role};
+use crate::service::anti_rollback::{self, AboveFloor};
 use crate::service::audit::audited;
 use crate::service::users::require;
 use crate::service::{Error, Result};
@@ -27,6 +28,16 @@ pub async fn create(state: &AppState, op: &Operator, spec: RolloutSpec) -> Resul
                 "selector.hardware_class {c} does not match the release's {}",
                 release.compatible
             )));
+        }
+        // Devices that would refuse the release (their anti-rollback floor
+        // is above it) make the rollout a 409 now, not a wave that fails.
+        let t = super::targets(state, &op.org_id, &spec, &release, None, false).await?;
+        if !t.above_floor.is_empty() {
+            return Err(anti_rollback::refusal(
+                &format!("roll out {}", release.version),
+                &t.above_floor,
+                t.above_floor.len(),
+            ));
         }
         let id = new_id()?;
         let now = state.clock.now_ms();
@@ -84,6 +95,14 @@ async fn apply(
                 return Err(refuse("start", status));
             }
             let t = prepared.ok_or_else(|| refuse("start", status))??;
+            // A floor may have risen since the draft was made.
+            if !t.above_floor.is_empty() {
+                return Err(anti_rollback::refusal(
+                    &format!("start rollout {id}"),
+                    &t.above_floor,
+                    t.above_floor.len(),
+                ));
+            }
             if t.targets.is_empty() {
                 return Err(Error::Unprocessable(format!(
                     "the selector matches no device that needs this release ({} already run it, {} are in another rollout, {} have not activated their TPM, {} have no TPM and every wave requires attestation)",
@@ -175,10 +194,31 @@ async fn apply(
             ) {
                 return Err(refuse("roll back", status));
             }
+            check_rollback_floors(tx, id).await?;
             scheduler::roll_back(tx, id, now, "rolled back by the operator").await?;
         }
     }
     Ok(())
+}
+
+/// Refuses (409) a rollback that would send a device that committed the
+/// rollout's release back to a release below its anti-rollback floor.
+async fn check_rollback_floors(tx: &mut scheduler::Tx, id: &str) -> Result<()> {
+    let above: Vec<AboveFloor> = sqlx::query_as(
+        "SELECT d.device_id, d.security_floor, r.version, r.security_version FROM rollout_devices rd JOIN devices d ON d.id = rd.device_pk JOIN releases r ON r.id = rd.from_release_id \
+         WHERE rd.rollout_id = $1 AND rd.state = 'committed' AND d.security_floor IS NOT NULL AND d.security_floor > r.security_version ORDER BY d.device_id",
+    )
+    .bind(id)
+    .fetch_all(&mut **tx)
+    .await?;
+    if above.is_empty() {
+        return Ok(());
+    }
+    Err(anti_rollback::refusal(
+        &format!("roll back rollout {id}"),
+        &above,
+        above.len(),
+    ))
 }
 
 async fn transition(
@@ -267,7 +307,7 @@ pub async fn act(state: &AppState, op: &Operator, id: &str, action: Action) -> R
             let (spec, row) = load(state, &op.org_id, id).await?;
             let prepared = if row.status == "draft" {
                 let release = super::release(state, &op.org_id, &spec.release_id).await?;
-                Some(super::targets(state, &op.org_id, &spec, &release, Some(id)).await)
+                Some(super::targets(state, &op.org_id, &spec, &release, Some(id), true).await)
             } else {
                 None
             };

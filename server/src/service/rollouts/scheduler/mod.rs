@@ -223,7 +223,10 @@ async fn wave_counts(
 }
 
 /// Sets the rollout rolled back: committed devices get a rollback action
-/// on their next poll, devices not yet installing are cancelled.
+/// on their next poll, devices not yet installing are cancelled. A device
+/// whose anti-rollback floor is above the release it came from would refuse
+/// the rollback, so it stays committed (an operator's rollback is refused
+/// with a 409 before it gets here; a gate's goes ahead for the others).
 pub async fn roll_back(tx: &mut Tx, id: &str, now: i64, reason: &str) -> Result<()> {
     sqlx::query(
         "UPDATE rollouts SET status = 'rolled_back', status_reason = $1, updated_at = $2, completed_at = $2 WHERE id = $3",
@@ -234,7 +237,8 @@ pub async fn roll_back(tx: &mut Tx, id: &str, now: i64, reason: &str) -> Result<
     .execute(&mut **tx)
     .await?;
     sqlx::query(
-        "UPDATE rollout_devices SET state = 'rolling_back', updated_at = $1 WHERE rollout_id = $2 AND state = 'committed' AND from_release_id IS NOT NULL",
+        "UPDATE rollout_devices SET state = 'rolling_back', updated_at = $1 WHERE rollout_id = $2 AND state = 'committed' AND from_release_id IS NOT NULL \
+         AND NOT EXISTS (SELECT 1 FROM devices d JOIN releases r ON r.id = rollout_devices.from_release_id WHERE d.id = rollout_devices.device_pk AND d.security_floor > r.security_version)",
     )
     .bind(now)
     .bind(id)
