@@ -44,6 +44,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "release_deltas_exact",
         include_str!("../migrations/0007_release_deltas_exact.sql"),
     ),
+    (
+        10,
+        "enrollment_limits",
+        include_str!("../migrations/0010_enrollment_limits.sql"),
+    ),
 ];
 
 /// Which database is behind the pool.
