@@ -136,13 +136,20 @@ test-clock = true
 scheduler-interval-ms = 0
 device-requests-per-minute = 0
 user-requests-per-minute = 0
+[limits]
+enrollments-per-token-per-minute = 0
+enrollments-per-address-per-minute = 0
 EOF
     else
-        # The defaults: real clock, a scheduler pass every 5 s, rate limits.
+        # The defaults: real clock, a scheduler pass every 5 s, rate limits
+        # (but a whole simulated fleet enrolls from one address at once).
         cat >"$dir.toml" <<EOF
 listen = "127.0.0.1:$port"
 data-dir = "$dir"
 $db_line
+[limits]
+enrollments-per-token-per-minute = 0
+enrollments-per-address-per-minute = 0
 EOF
     fi
     "$bindir/kernex-server" --config "$dir.toml" >"$dir.out" 2>"$dir.err" &

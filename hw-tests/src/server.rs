@@ -24,6 +24,8 @@ const SERVER_TOML: &str = "\
 device-requests-per-minute = 0
 uploads-per-minute = 0
 scheduler-interval-ms = 500
+[limits]
+enrollments-per-address-per-minute = 0
 ";
 
 /// A running `kernex-server`, stopped (by its PID) when dropped.
@@ -215,7 +217,13 @@ impl ControlPlane {
         let new = NewEnrollmentToken {
             label: "hw-tests".into(),
             tags: vec!["qemu".into()],
+            allowed_tags: Vec::new(),
             expires_at: None,
+            expires_in_secs: Some(86_400),
+            max_uses: None,
+            link_class: None,
+            site: None,
+            time_zone: None,
             require_preauthorization: false,
             require_tpm,
         };

@@ -5,8 +5,9 @@
 //! 201 (created) or 200 (the same device and EK again: idempotent) with an
 //! [`api::Preauthorization`], 409 when the device id is pre-authorised with
 //! another EK, 401/403 for the token, 422 for an EK it cannot parse.
-//! Before that, the enrollment token the board will carry is checked
-//! (`POST /api/v1/enrollment-tokens/check`, [`api::TokenCheck`]). The wire
+//! Before that, the batch's enrollment token is checked (`POST
+//! /api/v1/enrollment-tokens/check`, [`api::TokenCheck`]); after it, a
+//! single-use token for the board is made from it ([`device_token`]). The wire
 //! types and paths are [`kernex_protocol::api`]'s, the ones the server
 //! uses.
 
@@ -143,19 +144,90 @@ fn post_json<T: Serialize + ?Sized>(
     Ok((status, answer))
 }
 
+/// How long a board's own token lives when the batch token has no expiry
+/// (one made before expiries were required): 30 days.
+pub const DEVICE_TOKEN_TTL_SECS: i64 = 30 * 86_400;
+
+/// Makes the single-use enrollment token one board carries (`POST
+/// /api/v1/enrollment-tokens`): the batch token's tags, allowed tags,
+/// policy and expiry, `max_uses` 1, labelled with the batch's label and
+/// the device id. Read off the board, it enrolls at most one device,
+/// where the batch token enrolled any number.
+pub fn device_token(
+    server: &str,
+    api_token: &str,
+    batch: &EnrollmentToken,
+    device_id: &str,
+) -> Result<EnrollmentToken, PreauthError> {
+    let mut label = format!("{} / {device_id}", batch.label);
+    let mut cut = label.len().min(200);
+    while !label.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    label.truncate(cut);
+    let request = api::NewEnrollmentToken {
+        label,
+        tags: batch.tags.clone(),
+        allowed_tags: batch.allowed_tags.clone(),
+        expires_at: batch.expires_at,
+        expires_in_secs: batch.expires_at.is_none().then_some(DEVICE_TOKEN_TTL_SECS),
+        max_uses: Some(1),
+        link_class: batch.link_class.clone(),
+        site: batch.site.clone(),
+        time_zone: batch.time_zone.clone(),
+        require_preauthorization: batch.require_preauthorization,
+        require_tpm: batch.require_tpm,
+    };
+    let (status, answer) = post_json(server, api::paths::ENROLLMENT_TOKENS, api_token, &request)?;
+    let text = || -> String { String::from_utf8_lossy(&answer).chars().take(500).collect() };
+    match status {
+        201 => {
+            let token: EnrollmentToken =
+                serde_json::from_slice(&answer).map_err(|e| PreauthError::BadAnswer {
+                    status,
+                    reason: format!("{e}: {}", text()),
+                })?;
+            if token.token.is_none() {
+                return Err(PreauthError::BadAnswer {
+                    status,
+                    reason: "the new enrollment token has no secret".into(),
+                });
+            }
+            Ok(token)
+        }
+        401 | 403 => Err(PreauthError::Unauthorized {
+            status,
+            body: text(),
+        }),
+        _ => Err(PreauthError::Refused {
+            status,
+            body: text(),
+        }),
+    }
+}
+
+/// Revokes enrollment token `id` (`DELETE /api/v1/enrollment-tokens/{id}`):
+/// what `provision` does with the board's own token when it failed to
+/// write the board. 404 (already gone) is success.
+pub fn revoke_token(server: &str, api_token: &str, id: &str) -> Result<(), PreauthError> {
+    delete(server, api_token, &api::paths::enrollment_token(id))
+}
+
 /// Withdraws the pre-authorisation of `device_id` (`DELETE
 /// /api/v1/tpm/preauthorizations/{device_id}`): what `provision` does when
 /// it created one and then failed to write the board. 404 (already gone)
 /// is success.
 pub fn withdraw(server: &str, api_token: &str, device_id: &str) -> Result<(), PreauthError> {
+    delete(server, api_token, &api::paths::preauthorization(device_id))
+}
+
+/// DELETEs `server` + `path` with the operator's token; 2xx and 404 are
+/// success.
+fn delete(server: &str, api_token: &str, path: &str) -> Result<(), PreauthError> {
     if !(server.starts_with("http://") || server.starts_with("https://")) {
         return Err(PreauthError::BadUrl(server.to_owned()));
     }
-    let url = format!(
-        "{}{}",
-        server.trim_end_matches('/'),
-        api::paths::preauthorization(device_id)
-    );
+    let url = format!("{}{path}", server.trim_end_matches('/'));
     let mut resp = agent()
         .delete(&url)
         .header("Authorization", format!("Bearer {api_token}"))

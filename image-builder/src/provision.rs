@@ -3,22 +3,29 @@
 //! 1. read the disk image's record (`etc/kernex/disk.json` on its data
 //!    partition, written by `disk create`);
 //! 2. read the board's TPM endorsement key, when there is a TPM (`--tpm`);
-//! 3. pre-authorise the device with the control plane ([`crate::preauth`]);
+//! 3. pre-authorise the device with the control plane ([`crate::preauth`]),
+//!    and make the board its own single-use enrollment token from the
+//!    batch's (`--enroll-token`: same tags, policy and expiry, `max-uses`
+//!    1), so that a token read off one board enrolls no other;
 //! 4. write the image to the target (a block device or a file) and read it
 //!    back: its SHA-256 must equal the image's;
 //! 5. write the device's identity into the target's data partition:
 //!    `[server]` in `etc/kernex/system.toml` (url, device-id,
-//!    enrollment-token-file), `etc/kernex/enrollment-token` (0600) and
+//!    enrollment-token-file), `etc/kernex/enrollment-token` (0600, the
+//!    board's single-use token, never the batch's) and
 //!    `etc/kernex/provisioning.json` (this report).
 //!
 //! The cheap checks and the server come before the long write, so a
 //! rejected token or a missing TPM stops before the target is touched. A
-//! failed write or identity step withdraws a pre-authorisation this run
-//! created, removes a file target and clears the first MiB of a block
+//! failed write or identity step revokes the board's token, withdraws a
+//! pre-authorisation this run created, removes a file target and clears
+//! the first MiB of a block
 //! device, so no half-written board boots. A block device is read back
 //! with `O_DIRECT`, from the medium rather than the page cache.
 //! Running it again on the same board gives the same result (the server
-//! answers 200 for the same device and EK).
+//! answers 200 for the same device and EK), with a new single-use token:
+//! the earlier one, never used, expires with the batch's (or revoke it;
+//! its id is in the earlier report).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
@@ -101,6 +108,8 @@ pub struct ProvisionReport {
     pub server: String,
     /// The server's pre-authorisation.
     pub preauthorization: Preauthorization,
+    /// The id of the board's single-use enrollment token (not its secret).
+    pub enrollment_token_id: String,
     /// Created now, or already there (a re-run).
     pub preauthorization_outcome: Outcome,
     /// When (RFC 3339, UTC).
@@ -268,6 +277,30 @@ pub fn provision(opts: &ProvisionOptions) -> Result<ProvisionReport> {
             )),
         }
     };
+    let board_token = preauth::device_token(&opts.server, &opts.api_token, &token, &device_id)
+        .with_context(|| {
+            format!(
+                "unable to make device {device_id}'s enrollment token with {}",
+                opts.server
+            )
+        })
+        .map_err(undo)?;
+    let secret = board_token.token.clone().unwrap_or_default();
+    tracing::debug!(token = %board_token.id, "single-use enrollment token made");
+    let undo = |e: anyhow::Error| -> anyhow::Error {
+        let e = match preauth::revoke_token(&opts.server, &opts.api_token, &board_token.id) {
+            Ok(()) => e.context(format!(
+                "the enrollment token {} made for {device_id} was revoked",
+                board_token.id
+            )),
+            Err(r) => e.context(format!(
+                "the enrollment token {} made for {device_id} could not be revoked ({r}): revoke it with DELETE {}",
+                board_token.id,
+                kernex_protocol::api::paths::enrollment_token(&board_token.id)
+            )),
+        };
+        undo(e)
+    };
     let image_sha256 =
         write_target(&opts.image, &opts.target, image_size, opts.quiet).map_err(undo)?;
 
@@ -283,12 +316,13 @@ pub fn provision(opts: &ProvisionOptions) -> Result<ProvisionReport> {
         target: opts.target.clone(),
         server: opts.server.clone(),
         preauthorization,
+        enrollment_token_id: board_token.id.clone(),
         preauthorization_outcome: outcome,
         time: now_rfc3339(),
         seconds: 0.0,
     };
     report.seconds = started.elapsed().as_secs_f64();
-    write_identity(opts, &data, &device_id, &report).map_err(undo)?;
+    write_identity(opts, &data, &device_id, &secret, &report).map_err(undo)?;
     Ok(report)
 }
 
@@ -517,6 +551,7 @@ fn write_identity(
     opts: &ProvisionOptions,
     data: &DataPartition,
     device_id: &str,
+    token: &str,
     report: &ProvisionReport,
 ) -> Result<()> {
     let target = &opts.target;
@@ -530,7 +565,7 @@ fn write_identity(
         (SYSTEM_TOML, system.into_bytes(), "0100644"),
         (
             TOKEN_FILE,
-            format!("{}\n", opts.enroll_token.trim()).into_bytes(),
+            format!("{}\n", token.trim()).into_bytes(),
             "0100600",
         ),
         (REPORT_FILE, serde_json::to_vec_pretty(report)?, "0100644"),

@@ -2,7 +2,8 @@
 //! board's TPM (tpm2-tools cross-checks the EK), and a small HTTP server on
 //! 127.0.0.1:0 that speaks the pre-authorisation contract (POST
 //! /api/v1/tpm/preauthorizations: 201 new, 200 same device and EK, 409
-//! another EK, 401 bad token) and records what it was sent. The data
+//! another EK, 401 bad token), makes and revokes enrollment tokens, and
+//! records what it was sent. The data
 //! partition it writes is read back with debugfs and e2fsck. Block device
 //! targets are real loop devices (losetup, as root); a device that fails
 //! mid-write is a loop device over a file on a full tmpfs.
@@ -34,6 +35,78 @@ struct Seen {
     /// device id -> ek_public
     devices: HashMap<String, Option<String>>,
     requests: Vec<(Option<String>, Value)>,
+    /// Enrollment tokens made: what was asked, the answer, revoked.
+    tokens: Vec<(api::NewEnrollmentToken, api::EnrollmentToken, bool)>,
+}
+
+fn authorized(headers: &HeaderMap) -> bool {
+    headers.get("authorization").and_then(|v| v.to_str().ok())
+        == Some(&format!("Bearer {API_TOKEN}"))
+}
+
+async fn create_token(
+    State(seen): State<Shared>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> (StatusCode, Json<Value>) {
+    if !authorized(&headers) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "invalid API token"})),
+        );
+    }
+    // As strict as the server: the contract's request, nothing else.
+    let request: api::NewEnrollmentToken = match serde_json::from_value(body) {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": e.to_string()})),
+            );
+        }
+    };
+    let mut seen = seen.lock().unwrap();
+    let n = seen.tokens.len();
+    let token = api::EnrollmentToken {
+        id: format!("t-board-{n}"),
+        label: request.label.clone(),
+        tags: request.tags.clone(),
+        allowed_tags: request.allowed_tags.clone(),
+        created_at: 1_700_000_000_000,
+        expires_at: request.expires_at,
+        revoked: false,
+        require_preauthorization: request.require_preauthorization,
+        require_tpm: request.require_tpm,
+        max_uses: request.max_uses,
+        uses: 0,
+        link_class: request.link_class.clone(),
+        site: request.site.clone(),
+        time_zone: request.time_zone.clone(),
+        token: Some(format!("kxe_board_{n}")),
+    };
+    seen.tokens.push((request, token.clone(), false));
+    (
+        StatusCode::CREATED,
+        Json(serde_json::to_value(token).unwrap()),
+    )
+}
+
+async fn revoke_token(
+    State(seen): State<Shared>,
+    headers: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+) -> StatusCode {
+    if !authorized(&headers) {
+        return StatusCode::UNAUTHORIZED;
+    }
+    let mut seen = seen.lock().unwrap();
+    match seen.tokens.iter_mut().find(|(_, t, _)| t.id == id) {
+        Some(entry) => {
+            entry.2 = true;
+            StatusCode::NO_CONTENT
+        }
+        None => StatusCode::NOT_FOUND,
+    }
 }
 
 type Shared = Arc<Mutex<Seen>>;
@@ -131,8 +204,14 @@ async fn check_token(
             id: "t1".into(),
             label: "line 2".into(),
             tags: vec!["line-2".into()],
+            allowed_tags: Vec::new(),
             created_at: 1_700_000_000_000,
             expires_at: None,
+            max_uses: None,
+            uses: 0,
+            link_class: None,
+            site: None,
+            time_zone: None,
             revoked: false,
             require_preauthorization: true,
             require_tpm: false,
@@ -172,6 +251,8 @@ impl Server {
                         delete(withdraw),
                     )
                     .route(api::paths::ENROLLMENT_TOKEN_CHECK, post(check_token))
+                    .route(api::paths::ENROLLMENT_TOKENS, post(create_token))
+                    .route(&api::paths::enrollment_token("{id}"), delete(revoke_token))
                     .with_state(state);
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 tx.send(listener.local_addr().unwrap()).unwrap();
@@ -187,6 +268,11 @@ impl Server {
 
     fn requests(&self) -> Vec<(Option<String>, Value)> {
         self.seen.lock().unwrap().requests.clone()
+    }
+
+    /// The enrollment tokens made: (request, answer, revoked).
+    fn tokens(&self) -> Vec<(api::NewEnrollmentToken, api::EnrollmentToken, bool)> {
+        self.seen.lock().unwrap().tokens.clone()
     }
 
     fn preauthorized(&self, device: &str) -> bool {
@@ -378,9 +464,25 @@ fn provision_by_serial_writes_verifies_and_is_idempotent() {
         Some("/data/etc/kernex/enrollment-token")
     );
     assert_eq!(system["compatible"].as_str(), Some("qemu-aarch64"));
+    // The board carries its own single-use token, made from the batch's,
+    // never the batch's.
+    let tokens = server.tokens();
+    assert_eq!(tokens.len(), 1);
+    let (asked, made, revoked) = &tokens[0];
+    assert_eq!(asked.label, "line 2 / SN-0001");
+    assert_eq!(asked.max_uses, Some(1));
+    assert_eq!(asked.tags, vec!["line-2".to_string()]);
+    assert!(asked.require_preauthorization && !asked.require_tpm);
+    assert_eq!(
+        (asked.expires_at, asked.expires_in_secs),
+        (None, Some(30 * 86_400)),
+        "the batch token has no expiry: the board's gets 30 days"
+    );
+    assert!(!revoked);
+    assert_eq!(report["enrollment-token-id"], made.id.as_str());
     assert_eq!(
         debugfs_cat(&target, off as u64, "/etc/kernex/enrollment-token"),
-        b"kxe_factory_token\n"
+        format!("{}\n", made.token.as_deref().unwrap()).into_bytes()
     );
     let stat = String::from_utf8(
         run(peer("debugfs")
@@ -779,7 +881,14 @@ fn a_failed_write_withdraws_the_preauthorization_and_leaves_nothing_bootable() {
             err.contains("the pre-authorisation of SN-BAD made by this run was withdrawn"),
             "{err}"
         );
+        assert!(err.contains("made for SN-BAD was revoked"), "{err}");
     }
+    let tokens = server.tokens();
+    let (_, _, revoked) = tokens
+        .iter()
+        .find(|(asked, _, _)| asked.label.ends_with("/ SN-BAD"))
+        .unwrap();
+    assert!(revoked, "the failed board's token is revoked");
     let mut head = vec![0u8; 1 << 20];
     use std::io::Read;
     fs::File::open(&backing)

@@ -85,6 +85,9 @@ pub struct Config {
     /// default): any TPM that passes credential activation, a software TPM
     /// (swtpm) included.
     pub tpm_cert_store: Vec<PathBuf>,
+    /// Limits on enrollment and on what one device may store
+    /// (`[limits]`; see `server/README.md`, "Limits").
+    pub limits: crate::limits::Limits,
     /// A manual server clock, stepped through `POST /api/v1/test/clock`,
     /// for the fleet simulator and tests. Never enable in production.
     pub test_clock: bool,
@@ -122,6 +125,7 @@ impl Default for Config {
             tls_key: None,
             attestation_max_age_secs: 24 * 3600,
             tpm_cert_store: Vec::new(),
+            limits: crate::limits::Limits::default(),
             test_clock: false,
         }
     }

@@ -9,6 +9,7 @@ pub mod config;
 pub mod credentials;
 pub mod http;
 pub mod last_seen;
+pub mod limits;
 pub mod poll_cache;
 pub mod retention;
 pub mod service;
@@ -55,6 +56,8 @@ pub struct Shared {
     pub metrics: Arc<http::metrics::Metrics>,
     /// Per-caller rate limits.
     pub limits: Arc<http::rate_limit::RateLimiter>,
+    /// Enrollments per token and per source address.
+    pub admission: Arc<service::admission::Admission>,
     /// Where "now" comes from for rollouts and the device API (a manual
     /// clock with `test-clock = true`).
     pub clock: Arc<dyn service::rollouts::time::Clock>,
@@ -104,6 +107,7 @@ impl AppState {
             spool,
             metrics: Arc::new(http::metrics::Metrics::new()),
             limits: Arc::new(http::rate_limit::RateLimiter::default()),
+            admission: Arc::new(service::admission::Admission::default()),
             clock: if config.test_clock {
                 Arc::new(service::rollouts::time::ManualClock::new(now_ms()))
             } else {

@@ -152,12 +152,12 @@ async fn serve(config: Config) -> Result<()> {
         Some(acceptor) => {
             let listener = kernex_server::tls::TlsListener::new(listener, acceptor)
                 .context("unable to start the TLS listener")?;
-            axum::serve(listener, http::app(state.clone()))
+            axum::serve(listener, http::peer::make_service(http::app(state.clone())))
                 .with_graceful_shutdown(shutdown_signal())
                 .await
         }
         None => {
-            axum::serve(listener, http::app(state.clone()))
+            axum::serve(listener, http::peer::make_service(http::app(state.clone())))
                 .with_graceful_shutdown(shutdown_signal())
                 .await
         }

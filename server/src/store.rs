@@ -49,6 +49,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "anti_rollback",
         include_str!("../migrations/0008_anti_rollback.sql"),
     ),
+    (
+        10,
+        "enrollment_limits",
+        include_str!("../migrations/0010_enrollment_limits.sql"),
+    ),
 ];
 
 /// Which database is behind the pool.

@@ -59,7 +59,7 @@ async fn login_and_roles(h: Arc<Harness>) {
             Method::POST,
             "/api/v1/enrollment-tokens",
             Some(&ro),
-            Some(json!({"label": "x"})),
+            Some(json!({"label": "x", "expires_in_secs": 3600})),
         )
         .await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
@@ -69,7 +69,7 @@ async fn login_and_roles(h: Arc<Harness>) {
             Method::POST,
             "/api/v1/enrollment-tokens",
             Some(&ops),
-            Some(json!({"label": "x"})),
+            Some(json!({"label": "x", "expires_in_secs": 3600})),
         )
         .await;
     assert_eq!(s, StatusCode::CREATED);
@@ -170,7 +170,7 @@ fn operator_endpoints(f: &Fixture) -> Vec<(Method, String, Option<Value>, bool)>
         (
             Method::POST,
             "/api/v1/enrollment-tokens".into(),
-            Some(json!({"label": "x"})),
+            Some(json!({"label": "x", "expires_in_secs": 3600})),
             true,
         ),
         (
@@ -1183,7 +1183,7 @@ async fn audit_log_is_a_hash_chain(h: Arc<Harness>) {
             Method::POST,
             "/api/v1/enrollment-tokens",
             Some(&ro),
-            Some(json!({"label": "no"})),
+            Some(json!({"label": "no", "expires_in_secs": 3600})),
         )
         .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
@@ -1507,7 +1507,7 @@ async fn session_cookie_and_logout(h: Arc<Harness>) {
             "/api/v1/enrollment-tokens",
             None,
             &[("cookie", &pair), ("content-type", "application/json")],
-            Body::from(r#"{"label": "from the UI"}"#),
+            Body::from(r#"{"label": "from the UI", "expires_in_secs": 3600}"#),
         )
         .await;
     assert_eq!(s, StatusCode::CREATED);

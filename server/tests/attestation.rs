@@ -134,7 +134,7 @@ async fn token(h: &Harness, preauthorized: bool, tpm: bool) -> String {
             Method::POST,
             "/api/v1/enrollment-tokens",
             Some(&h.admin),
-            Some(json!({"label": "line 2", "require_preauthorization": preauthorized, "require_tpm": tpm})),
+            Some(json!({"label": "line 2", "require_preauthorization": preauthorized, "require_tpm": tpm, "expires_in_secs": 86_400})),
         )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{body}");
@@ -1058,10 +1058,43 @@ async fn the_factory_line_client_preauthorises_what_the_device_enrolls_with(h: A
         ),
         "{err}"
     );
-    let (s, v) = enroll(&h, &line, "line-1", Some(other.identity_json())).await;
+    // The board carries its own single-use token, made from the line's.
+    let made = {
+        let (url, admin, info) = (url.clone(), h.admin.clone(), info.clone());
+        tokio::task::spawn_blocking(move || {
+            kernex_image::preauth::device_token(&url, &admin, &info, "line-1")
+        })
+        .await
+        .unwrap()
+        .unwrap()
+    };
+    assert_eq!(made.label, "line 2 / line-1");
+    assert_eq!(made.max_uses, Some(1));
+    assert!(made.require_preauthorization && made.require_tpm);
+    assert_eq!(made.expires_at, info.expires_at);
+    let board_token = made.token.clone().unwrap();
+    let (s, v) = enroll(&h, &board_token, "line-1", Some(other.identity_json())).await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
-    let (s, v) = enroll(&h, &line, "line-1", Some(board.identity_json())).await;
+    let (s, v) = enroll(&h, &board_token, "line-1", Some(board.identity_json())).await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (_, list) = h
+        .call(
+            Method::GET,
+            "/api/v1/enrollment-tokens",
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    let used = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == made.id.as_str())
+        .unwrap();
+    assert_eq!(
+        (used["uses"].as_i64(), used["max_uses"].as_i64()),
+        (Some(1), Some(1))
+    );
     let credential = v["credential"].as_str().unwrap().to_string();
     let (s, ok) = h
         .call(

@@ -28,6 +28,16 @@ fn example_config_parses() {
     assert!(c.database_url().starts_with("sqlite://"));
     assert!(c.tpm_cert_store.is_empty());
     assert!(c.ek_ca_store().unwrap().is_none());
+    assert_eq!(c.limits, d.limits, "the [limits] table shows the defaults");
+}
+
+#[test]
+fn limits_are_a_table_of_their_own() {
+    let c = Config::from_toml("[limits]\nenrollments-per-token-per-minute = 0\n").unwrap();
+    assert_eq!(c.limits.enrollments_per_token_per_minute, 0);
+    assert_eq!(c.limits.enrollment_token_max_ttl_days, 365);
+    let e = Config::from_toml("[limits]\nmax-extra = 1\n").unwrap_err();
+    assert!(format!("{e:#}").contains("max-extra"), "{e:#}");
 }
 
 #[test]

@@ -438,7 +438,7 @@ fn operator_flows_in_a_real_browser() {
         "POST",
         &api("/enrollment-tokens"),
         Some(&admin),
-        Some(json!({"label": "factory", "tags": ["site-a"]})),
+        Some(json!({"label": "factory", "tags": ["site-a"], "expires_in_secs": 86_400})),
     );
     assert_eq!(s, 201);
     let enrollment = v["token"].as_str().unwrap().to_string();
@@ -831,7 +831,7 @@ fn rollout_lifecycle_in_a_real_browser() {
     let config = dir.path().join("server.toml");
     std::fs::write(
         &config,
-        "scheduler-interval-ms = 200\ndevice-requests-per-minute = 0\nuser-requests-per-minute = 0\n",
+        "scheduler-interval-ms = 200\ndevice-requests-per-minute = 0\nuser-requests-per-minute = 0\n[limits]\nenrollments-per-address-per-minute = 0\n",
     )
     .unwrap();
     let (_server, origin, password) = start_server_with(&dir.path().join("data"), Some(&config));
@@ -883,7 +883,7 @@ fn rollout_lifecycle_in_a_real_browser() {
         "POST",
         &api("/enrollment-tokens"),
         Some(&admin),
-        Some(json!({"label": "rollout fleet", "tags": ["site-a"]})),
+        Some(json!({"label": "rollout fleet", "tags": ["site-a"], "expires_in_secs": 86_400})),
     );
     assert_eq!(s, 201);
     let enrollment = v["token"].as_str().unwrap().to_string();

@@ -276,7 +276,13 @@ impl Fleet {
             .enrollment_token(&NewEnrollmentToken {
                 label: "kernex-sim".into(),
                 tags: vec![self.run_tag()],
+                allowed_tags: Vec::new(),
                 expires_at: None,
+                expires_in_secs: Some(7 * 86_400),
+                max_uses: None,
+                link_class: None,
+                site: None,
+                time_zone: None,
                 require_preauthorization: false,
                 require_tpm: false,
             })
@@ -300,6 +306,20 @@ impl Fleet {
             .await;
         for d in enrolled {
             self.devices.push(d?);
+        }
+        // The plan gave each device its link, site and time zone, which it
+        // claims at enrollment: the operator accepts the claims.
+        let operator = &self.operator;
+        let pks: Vec<String> = self.devices.iter().map(|d| d.pk.clone()).collect();
+        let accepted: Vec<Result<()>> = futures_util::stream::iter(
+            pks.into_iter()
+                .map(|pk| async move { operator.accept_link(&pk).await }),
+        )
+        .buffer_unordered(4)
+        .collect()
+        .await;
+        for a in accepted {
+            a?;
         }
         self.devices.sort_by(|a, b| a.device_id.cmp(&b.device_id));
         Ok(())

@@ -197,6 +197,15 @@ impl Operator {
         serde_json::from_value(v).context("the enrollment token answer is not the contract's")
     }
 
+    /// Accepts what device `pk` claimed as its link class, site and time
+    /// zone (a device's claim is only a hint until an operator accepts
+    /// it).
+    pub async fn accept_link(&self, pk: &str) -> Result<()> {
+        self.post_empty(&format!("/api/v1/devices/{pk}/link/accept"))
+            .await?;
+        Ok(())
+    }
+
     /// Creates a rollout from `spec`; the created rollout.
     pub async fn create_rollout(&self, spec: &Value) -> Result<Value> {
         self.call_ok(Method::POST, paths::ROLLOUTS, Some(spec))

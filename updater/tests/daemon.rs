@@ -144,7 +144,7 @@ impl ControlPlane {
         let (s, v) = self.op(
             "POST",
             "/api/v1/enrollment-tokens",
-            Some(json!({"label": "test line", "tags": ["site-lab"]})),
+            Some(json!({"label": "test line", "tags": ["site-lab"], "expires_in_secs": 86_400})),
         );
         assert_eq!(s, 201, "{v}");
         v["token"].as_str().unwrap().to_string()
@@ -462,9 +462,10 @@ fn daemon_enrolls_installs_by_delta_commits_and_switches_back() {
 
 /// The device's `[server] link-class`, `site` and `time-zone` reach the
 /// control plane: sent at enrollment and with every heartbeat, so a
-/// changed config takes effect at the next start without enrolling again.
-/// The rollout scheduler sees them: the preview places the device under
-/// its link class, with its site and time zone.
+/// changed config is seen at the next start without enrolling again. They
+/// are the device's claim, a hint: the rollout scheduler sees them once an
+/// operator accepted it (the preview places the device under its link
+/// class, with its site and time zone).
 #[test]
 fn daemon_sends_its_link_class_site_and_time_zone() {
     let keys = keys();
@@ -504,11 +505,36 @@ fn daemon_sends_its_link_class_site_and_time_zone() {
         ))
     };
 
+    // The device's claim, and the operator accepting it.
+    let hint = |pk: &str| {
+        let (s, v) = cp.op("GET", &format!("/api/v1/devices/{pk}/link"), None);
+        assert_eq!(s, 200, "{v}");
+        v["hint"].clone()
+    };
+    let accept = |pk: &str| {
+        let (s, v) = cp.op("POST", &format!("/api/v1/devices/{pk}/link/accept"), None);
+        assert_eq!(s, 200, "{v}");
+    };
+
     configure(&dev, "metered-4g", "cell-7", "Europe/Berlin");
     dev.start();
-    wait_for("enrollment", &dev, Duration::from_secs(60), || {
+    let pk = wait_for("enrollment", &dev, Duration::from_secs(60), || {
         cp.device("linked-1").filter(|d| d["status"] == "online")
-    });
+    })["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (class, site, _, _) = seen().unwrap();
+    assert_eq!(
+        (class.as_str(), site.as_deref()),
+        ("ethernet", None),
+        "a claim is not taken before an operator accepts it"
+    );
+    assert_eq!(
+        hint(&pk),
+        json!({"link_class": "metered-4g", "site": "cell-7", "time_zone": "Europe/Berlin"})
+    );
+    accept(&pk);
     let (class, site, tz, classes) = seen().unwrap();
     assert_eq!(
         (class.as_str(), site.as_deref(), tz.as_deref()),
@@ -522,16 +548,17 @@ fn daemon_sends_its_link_class_site_and_time_zone() {
     configure(&dev, "wifi", "depot-2", "Asia/Tokyo");
     dev.start();
     wait_for(
-        "the new link in a heartbeat",
+        "the new claim in a heartbeat",
         &dev,
         Duration::from_secs(30),
-        || {
-            seen().filter(|(class, site, tz, _)| {
-                class == "wifi"
-                    && site.as_deref() == Some("depot-2")
-                    && tz.as_deref() == Some("Asia/Tokyo")
-            })
-        },
+        || Some(hint(&pk)).filter(|h| h["site"] == "depot-2"),
+    );
+    assert_eq!(seen().unwrap().1.as_deref(), Some("cell-7"), "still a hint");
+    accept(&pk);
+    let (class, site, tz, _) = seen().unwrap();
+    assert_eq!(
+        (class.as_str(), site.as_deref(), tz.as_deref()),
+        ("wifi", Some("depot-2"), Some("Asia/Tokyo"))
     );
     assert_eq!(
         std::fs::read(dev.dev.path("data/credential.json")).unwrap(),
@@ -737,7 +764,7 @@ fn offline_device_keeps_its_assignment_and_delivers_in_order() {
     let (s, t) = cp.op(
         "POST",
         "/api/v1/enrollment-tokens",
-        Some(json!({"label": "second"})),
+        Some(json!({"label": "second", "expires_in_secs": 86_400})),
     );
     assert_eq!(s, 201);
     let client = kernex_updater::daemon::client::Client::new(
@@ -953,7 +980,7 @@ fn tpm_only_token(cp: &ControlPlane) -> String {
     let (s, v) = cp.op(
         "POST",
         "/api/v1/enrollment-tokens",
-        Some(json!({"label": "tpm line", "require_tpm": true})),
+        Some(json!({"label": "tpm line", "require_tpm": true, "expires_in_secs": 86_400})),
     );
     assert_eq!(s, 201, "{v}");
     v["token"].as_str().unwrap().to_string()

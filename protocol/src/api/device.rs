@@ -28,6 +28,8 @@ pub struct EnrollRequest {
     #[serde(default)]
     pub tags: Vec<String>,
     /// Link class, e.g. ethernet, wifi, metered-4g (rollout scheduling).
+    /// This and `site`, `time_zone` are a hint: the token or an operator
+    /// sets them, an operator may accept the device's claim.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link_class: Option<String>,
     /// Site or cell tag (rollout scheduling).

@@ -14,9 +14,32 @@ pub struct NewEnrollmentToken {
     /// Tags every device enrolled with it gets.
     #[serde(default)]
     pub tags: Vec<String>,
-    /// Expiry, unix ms (none: never).
-    #[serde(default)]
+    /// The only tags a device may ask for at enrollment, beyond `tags`
+    /// (empty: none). Asking for another one is refused, naming it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_tags: Vec<String>,
+    /// Expiry, unix ms. An expiry is required: this or `expires_in_secs`
+    /// (not both), at most the server's `enrollment-token-max-ttl-days`
+    /// away.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<i64>,
+    /// Expiry, seconds from now (instead of `expires_at`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_secs: Option<i64>,
+    /// How many devices may enroll with it (none: no cap until it
+    /// expires). `kernex-image provision` makes single-use tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_uses: Option<i64>,
+    /// Link class of the devices enrolled with it (e.g. metered-4g); what
+    /// a device claims is only a hint an operator may accept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_class: Option<String>,
+    /// Site or cell of the devices enrolled with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
+    /// IANA time zone of the devices enrolled with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
     /// Accept only devices the factory line pre-authorised
     /// (`POST /api/v1/tpm/preauthorizations`).
     #[serde(default)]
@@ -37,11 +60,31 @@ pub struct EnrollmentToken {
     pub label: String,
     /// Tags given to enrolled devices.
     pub tags: Vec<String>,
+    /// The tags a device may ask for beyond `tags`.
+    #[serde(default)]
+    pub allowed_tags: Vec<String>,
     /// Created, unix ms.
     pub created_at: i64,
-    /// Expiry, unix ms.
+    /// Expiry, unix ms (none only for tokens made before expiries were
+    /// required: they expire `enrollment-token-max-ttl-days` after
+    /// creation).
     #[serde(default)]
     pub expires_at: Option<i64>,
+    /// How many devices may enroll with it (none: no cap).
+    #[serde(default)]
+    pub max_uses: Option<i64>,
+    /// How many devices enrolled with it.
+    #[serde(default)]
+    pub uses: i64,
+    /// Link class given to enrolled devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_class: Option<String>,
+    /// Site given to enrolled devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
+    /// Time zone given to enrolled devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
     /// Revoked.
     pub revoked: bool,
     /// Only pre-authorised devices.

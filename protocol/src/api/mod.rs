@@ -20,6 +20,7 @@
 //! | POST | [`paths::ATTESTATION`] | [`QuoteReport`] | [`QuoteResult`] |
 //! | POST | [`paths::ENROLLMENT_TOKENS`] (operator) | [`NewEnrollmentToken`] | [`EnrollmentToken`] |
 //! | POST | [`paths::ENROLLMENT_TOKEN_CHECK`] (operator) | [`TokenCheck`] | [`EnrollmentToken`] |
+//! | DELETE | [`paths::enrollment_token`] (operator) | | 204 |
 //! | POST | [`paths::PREAUTHORIZATIONS`] (operator) | [`NewPreauthorization`] | [`Preauthorization`] |
 //! | DELETE | [`paths::preauthorization`] (operator) | | 204 |
 //!
@@ -82,6 +83,11 @@ pub mod paths {
     /// A release's bundle, for devices (`Range` supported).
     pub fn bundle(release_id: &str) -> String {
         format!("/api/v1/device/releases/{release_id}/bundle")
+    }
+
+    /// One enrollment token, by id (operators: `DELETE` revokes it).
+    pub fn enrollment_token(id: &str) -> String {
+        format!("{ENROLLMENT_TOKENS}/{id}")
     }
 
     /// One pre-authorisation, by the device id it was made for.

@@ -17,6 +17,7 @@ use kernex_protocol::api::{
 use crate::AppState;
 use crate::audit;
 use crate::auth::Device;
+use crate::http::peer::Source;
 use crate::http::{ApiJson, Error, Result};
 use crate::service::attestation::quote::poll_nonce;
 use crate::service::devices;
@@ -38,12 +39,16 @@ pub fn router() -> Router<AppState> {
 /// same token is the same device (no new row); its credential is rotated
 /// and the new one returned, since only a hash of the old one is kept.
 #[utoipa::path(post, path = "/api/v1/device/enroll", request_body = EnrollRequest,
-    responses((status = 200, body = EnrollResponse), (status = 201, body = EnrollResponse), (status = 401), (status = 403, description = "the device was revoked"), (status = 409)))]
+    responses((status = 200, body = EnrollResponse), (status = 201, body = EnrollResponse), (status = 401),
+        (status = 403, description = "the device was revoked, a tag is outside the token's allowed tags, or the token is used up"),
+        (status = 409), (status = 413, description = "hardware_metadata over max-hardware-metadata-bytes"),
+        (status = 429, description = "over the enrollment rate limit of the token or the source address")))]
 pub async fn enroll(
     State(state): State<AppState>,
+    Source(source): Source,
     ApiJson(req): ApiJson<EnrollRequest>,
 ) -> Result<(StatusCode, ApiJson<EnrollResponse>)> {
-    match devices::enroll::enroll(&state, &req).await? {
+    match devices::enroll::enroll(&state, &req, source).await? {
         Outcome::Created(answer) => Ok((StatusCode::CREATED, ApiJson(answer))),
         Outcome::Renewed(answer) => Ok((StatusCode::OK, ApiJson(answer))),
         Outcome::Refused { org_id, error } => {
@@ -156,7 +161,9 @@ pub async fn logs(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Download a release bundle of the device's organisation, with `Range`.
+/// Download the bundle of a release assigned to the device (its current
+/// deployment, or a rollout that selected it), with `Range`; any other
+/// release is 404, as one that does not exist.
 #[utoipa::path(get, path = "/api/v1/device/releases/{id}/bundle",
     responses((status = 200), (status = 206), (status = 401),
         (status = 403, description = "the device must complete TPM credential activation first"),
@@ -167,7 +174,7 @@ pub async fn download(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response> {
-    device.require_proven()?;
+    devices::download::check(&state, &device, &id).await?;
     let response =
         crate::http::releases::serve_bundle(&state, &device.org_id, &id, &headers).await?;
     if response.status().is_success()

@@ -26,6 +26,8 @@ pub enum Error {
     Conflict(String),
     /// 413: body larger than the limit (bytes).
     TooLarge(u64),
+    /// 413: over a named limit, with what and which limit.
+    OverLimit(String),
     /// 429: over the rate limit; seconds until the next request may pass.
     TooManyRequests(u64),
     /// 416: the Range cannot be served; the resource's size.
@@ -47,7 +49,7 @@ impl Error {
             Error::Forbidden | Error::Refused(_) => StatusCode::FORBIDDEN,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Conflict(_) => StatusCode::CONFLICT,
-            Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::TooLarge(_) | Error::OverLimit(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::RangeNotSatisfiable(_) => StatusCode::RANGE_NOT_SATISFIABLE,
             Error::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -62,7 +64,8 @@ impl Error {
             Error::BadRequest(d)
             | Error::Conflict(d)
             | Error::Unprocessable(d)
-            | Error::Refused(d) => {
+            | Error::Refused(d)
+            | Error::OverLimit(d) => {
                 format!("{status} {d}")
             }
             Error::NotFound(what) => format!("{status} {what}"),
@@ -88,6 +91,7 @@ impl Error {
             Error::TooLarge(limit) => {
                 json!({"error": "payload too large", "detail": {"limit": limit}})
             }
+            Error::OverLimit(d) => json!({"error": "payload too large", "detail": d}),
             Error::RangeNotSatisfiable(size) => {
                 json!({"error": "range not satisfiable", "detail": {"size": size}})
             }
@@ -139,6 +143,7 @@ impl From<crate::service::Error> for Error {
             E::NotFound(what) => Error::NotFound(what),
             E::Conflict(d) => Error::Conflict(d),
             E::TooLarge(limit) => Error::TooLarge(limit),
+            E::OverLimit(d) => Error::OverLimit(d),
             E::Unprocessable(d) => Error::Unprocessable(d),
             E::TooManyRequests(secs) => Error::TooManyRequests(secs),
             E::Internal(e) => Error::Internal(e),

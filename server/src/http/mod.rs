@@ -13,6 +13,7 @@ pub mod extract;
 pub mod idempotency;
 pub mod metrics;
 pub mod openapi;
+pub mod peer;
 pub mod rate_limit;
 pub mod releases;
 pub mod rollouts;

@@ -28,7 +28,7 @@ use crate::http::{
         audit_log::list,
         rollouts::create, rollouts::list, rollouts::detail, rollouts::preview, rollouts::preview_spec,
         rollouts::start, rollouts::pause, rollouts::resume, rollouts::abort, rollouts::rollback,
-        rollouts::samples, rollouts::egress, rollouts::set_link, rollouts::get_clock, rollouts::set_clock,
+        rollouts::samples, rollouts::egress, rollouts::set_link, rollouts::get_link, rollouts::accept_link, rollouts::get_clock, rollouts::set_clock,
         device_api::enroll, device_api::poll, device_api::heartbeat, device_api::report,
         device_api::logs, device_api::download,
         attestation::preauth::preauthorize, attestation::preauth::list_preauthorizations,

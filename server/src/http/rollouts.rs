@@ -16,7 +16,7 @@ use utoipa::IntoParams;
 use crate::AppState;
 use crate::auth::Operator;
 use crate::http::{ApiJson, Result};
-pub use crate::service::rollouts::link::{DeviceLink, check_link};
+pub use crate::service::rollouts::link::{DeviceLink, LinkView, check_link};
 pub use crate::service::rollouts::preview::Preview;
 pub use crate::service::rollouts::progress::{Egress, Rollout, Sample};
 use crate::service::rollouts::spec::RolloutSpec;
@@ -38,7 +38,8 @@ pub fn router() -> Router<AppState> {
         .route("/rollouts/{id}/resume", post(resume))
         .route("/rollouts/{id}/abort", post(abort))
         .route("/rollouts/{id}/rollback", post(rollback))
-        .route("/devices/{id}/link", put(set_link))
+        .route("/devices/{id}/link", put(set_link).get(get_link))
+        .route("/devices/{id}/link/accept", post(accept_link))
         .route("/test/clock", get(get_clock).post(set_clock))
 }
 
@@ -229,6 +230,30 @@ pub async fn set_link(
     ApiJson(req): ApiJson<DeviceLink>,
 ) -> Result<ApiJson<DeviceLink>> {
     Ok(ApiJson(link::set_link(&state, &op, &id, req).await?))
+}
+
+/// A device's link class, site and time zone, and what the device itself
+/// claims (a hint, until an operator accepts it).
+#[utoipa::path(get, path = "/api/v1/devices/{id}/link",
+    responses((status = 200, body = LinkView), (status = 404)))]
+pub async fn get_link(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(id): Path<String>,
+) -> Result<ApiJson<LinkView>> {
+    Ok(ApiJson(link::link_view(&state, &op, &id).await?))
+}
+
+/// Accept what the device claims as its link class, site and time zone
+/// (ops); 409 when it claimed nothing.
+#[utoipa::path(post, path = "/api/v1/devices/{id}/link/accept",
+    responses((status = 200, body = DeviceLink), (status = 403), (status = 404), (status = 409)))]
+pub async fn accept_link(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(id): Path<String>,
+) -> Result<ApiJson<DeviceLink>> {
+    Ok(ApiJson(link::accept_hint(&state, &op, &id).await?))
 }
 
 /// The server clock (only with `test-clock = true`).

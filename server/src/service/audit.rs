@@ -18,7 +18,7 @@ fn status(e: &Error) -> u16 {
         Error::Forbidden | Error::Refused(_) => 403,
         Error::NotFound(_) => 404,
         Error::Conflict(_) => 409,
-        Error::TooLarge(_) => 413,
+        Error::TooLarge(_) | Error::OverLimit(_) => 413,
         Error::Unprocessable(_) => 422,
         Error::TooManyRequests(_) => 429,
         Error::Internal(_) => 500,
@@ -29,7 +29,11 @@ fn status(e: &Error) -> u16 {
 pub fn summary(e: &Error) -> String {
     let code = status(e);
     match e {
-        Error::Invalid(d) | Error::Conflict(d) | Error::Unprocessable(d) | Error::Refused(d) => {
+        Error::Invalid(d)
+        | Error::Conflict(d)
+        | Error::Unprocessable(d)
+        | Error::Refused(d)
+        | Error::OverLimit(d) => {
             format!("{code} {d}")
         }
         Error::NotFound(what) => format!("{code} {what}"),

@@ -8,6 +8,7 @@
 //! for http::Error`).
 
 pub mod anti_rollback;
+pub mod admission;
 pub mod attestation;
 pub mod audit;
 pub mod deployments;
@@ -36,6 +37,9 @@ pub enum Error {
     Conflict(String),
     /// Larger than the limit, in bytes (413; 0: the request's limit).
     TooLarge(u64),
+    /// Over a named limit of what a device may send or store, with what
+    /// and which limit (413), e.g. a heartbeat's `extra`.
+    OverLimit(String),
     /// Well-formed but rejected, e.g. a bundle that does not verify (422).
     Unprocessable(String),
     /// Over a rate limit; seconds until the next attempt may pass (429).
@@ -53,7 +57,10 @@ impl std::fmt::Display for Error {
             Error::Invalid(d) => write!(f, "invalid: {d}"),
             Error::Unauthorized => f.write_str("missing, invalid, expired or revoked credentials"),
             Error::Forbidden => f.write_str("your role does not allow this"),
-            Error::Refused(d) | Error::Conflict(d) | Error::Unprocessable(d) => f.write_str(d),
+            Error::Refused(d)
+            | Error::Conflict(d)
+            | Error::Unprocessable(d)
+            | Error::OverLimit(d) => f.write_str(d),
             Error::NotFound(what) => write!(f, "not found: {what}"),
             Error::TooLarge(limit) => write!(f, "larger than the limit of {limit} bytes"),
             Error::TooManyRequests(secs) => write!(f, "too many requests; retry in {secs} s"),

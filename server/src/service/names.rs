@@ -1,5 +1,5 @@
 //! The names the API accepts: device ids, hardware classes, versions,
-//! slots, tags.
+//! slots, tags; and the bound on free-form JSON objects devices send.
 
 use super::{Error, Result};
 
@@ -33,6 +33,26 @@ pub fn check_tags(tags: &[String]) -> Result<()> {
                 "tag {t:?}: 1-64 characters of letters, digits and ._:=-"
             )));
         }
+    }
+    Ok(())
+}
+
+/// Bounds a free-form JSON object a device sends (a heartbeat's `extra`,
+/// enrollment's `hardware_metadata`): at most `limit` bytes serialised,
+/// else [`Error::OverLimit`] (413) naming `what` and the config `key`.
+pub fn check_metadata(
+    what: &str,
+    object: &serde_json::Map<String, serde_json::Value>,
+    limit: usize,
+    key: &str,
+) -> Result<()> {
+    let size = serde_json::to_vec(object)
+        .map_err(|e| Error::Internal(e.into()))?
+        .len();
+    if size > limit {
+        return Err(Error::OverLimit(format!(
+            "{what}: {size} bytes of JSON, at most {limit} ([limits] {key})"
+        )));
     }
     Ok(())
 }

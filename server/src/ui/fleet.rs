@@ -401,6 +401,7 @@ pub async fn device(
     let history = fleet::deployments(&state, &s.op, &id).await?;
     let rollout_rows = fleet::rollouts(&state, &s.op, &id).await?;
     let live = device_live_body(&state, &s, &d).await?;
+    let link = super::link::panel(&state, &s, &d.id).await?;
     Ok(layout::page(
         &s,
         Nav::Devices,
@@ -410,6 +411,7 @@ pub async fn device(
             (heading(&d.device_id, Some(html! { (d.hardware_class) " · enrolled " (format::time(d.registered_at))
                 @for t in &d.tags { " " span.tag { (t) } } })))
             div data-refresh={ "/ui/devices/" (d.id) "/live" } data-interval="10" aria-live="polite" { (live) }
+            (link)
             section {
                 h2 { "Logs" }
                 form.filters method="get" action={ "/ui/devices/" (d.id) } {

@@ -22,9 +22,11 @@ mod charts;
 mod fleet;
 mod format;
 mod layout;
+mod link;
 mod operations;
 mod releases;
 mod rollouts;
+mod tokens;
 
 use axum::Router;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
@@ -62,6 +64,7 @@ pub fn router() -> Router<AppState> {
         .route("/ui/devices/{id}", get(fleet::device))
         .route("/ui/devices/{id}/live", get(fleet::device_live))
         .route("/ui/devices/{id}/revoke", post(fleet::revoke))
+        .route("/ui/devices/{id}/link/accept", post(link::accept))
         .route("/ui/releases", get(releases::list))
         .route("/ui/releases/upload", post(releases::upload))
         .route("/ui/releases/delta", get(releases::delta))
@@ -78,11 +81,11 @@ pub fn router() -> Router<AppState> {
         )
         .route(
             "/ui/enrollment-tokens",
-            get(operations::tokens).post(operations::create_token),
+            get(tokens::tokens).post(tokens::create_token),
         )
         .route(
             "/ui/enrollment-tokens/{id}/revoke",
-            post(operations::revoke_token),
+            post(tokens::revoke_token),
         )
         .route("/ui/rollouts", get(rollouts::list).post(rollouts::create))
         .route("/ui/rollouts/preview", post(rollouts::preview))
@@ -442,6 +445,7 @@ impl From<Error> for UiError {
                     "The request is larger than the server accepts.".into()
                 },
             ),
+            Error::OverLimit(d) => UiError::page(StatusCode::PAYLOAD_TOO_LARGE, "Too large", d),
             Error::TooManyRequests(secs) => UiError::page(
                 StatusCode::TOO_MANY_REQUESTS,
                 "Too many requests",

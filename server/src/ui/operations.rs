@@ -1,10 +1,9 @@
-//! Deployments (assign a release to devices, with a confirmation step) and
-//! enrollment tokens (create, shown once; revoke).
+//! Deployments (assign a release to devices, with a confirmation step).
+//! Enrollment tokens are `ui::tokens`.
 
 use std::collections::{BTreeMap, HashMap};
 
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
 use maud::{Markup, html};
 use serde::Deserialize;
 
@@ -16,9 +15,7 @@ use crate::AppState;
 use crate::auth::Role;
 use crate::service::deployments::{self, Deployment, NewDeployment};
 use crate::service::devices::fleet::{self, Device, DeviceFilter};
-use crate::service::enrollment;
 use crate::service::releases::{self, Release};
-use kernex_protocol::api::NewEnrollmentToken;
 
 async fn releases_of(state: &AppState, s: &Session) -> UiResult<Vec<Release>> {
     Ok(releases::list(state, &s.op).await?)
@@ -276,128 +273,4 @@ pub async fn deployment_live(
 ) -> UiResult {
     let (_, body) = deployment_body(&state, &s, &id).await?;
     Ok(layout::fragment(body))
-}
-
-async fn tokens_page(state: &AppState, s: &Session, created: Option<(String, String)>) -> UiResult {
-    let list = enrollment::list(state, &s.op).await?;
-    Ok(layout::page(
-        s,
-        Nav::Tokens,
-        "Enrollment tokens",
-        html! {
-            (heading("Enrollment tokens", Some(html! { "A factory line enrolls devices with a token; every device enrolled with it gets its tags." })))
-            @if let Some((label, token)) = &created {
-                section.panel.secret role="status" {
-                    h2 { "Token created: " (label) }
-                    p { "Copy it now: it is shown only once and stored only as a hash." }
-                    p { code #new-token.mono { (token) } }
-                }
-            }
-            @if s.can(Role::Ops) {
-                section.panel {
-                    h2 { "New token" }
-                    form method="post" action="/ui/enrollment-tokens" {
-                        (csrf_field(s))
-                        div.field {
-                            label for="label" { "Label" }
-                            input #label type="text" name="label" required maxlength="200" placeholder="factory line 2, batch 2026-11";
-                        }
-                        div.field {
-                            label for="tags" { "Tags (separated by spaces or commas)" }
-                            input #tags type="text" name="tags" placeholder="site-a metered";
-                        }
-                        div.field {
-                            label for="expires_days" { "Expires after (days, empty: never)" }
-                            input #expires_days type="number" name="expires_days" min="1" max="3650";
-                        }
-                        div.field {
-                            label { input type="checkbox" name="require_preauthorization" value="1"; " Only pre-authorised devices (the factory line records each serial or TPM)" }
-                        }
-                        div.field {
-                            label { input type="checkbox" name="require_tpm" value="1"; " Only devices with a TPM (credential activation at enrollment)" }
-                        }
-                        div.field.actions { button.primary type="submit" { "Create token" } }
-                    }
-                }
-            }
-            @if list.is_empty() { p.empty { "No enrollment token yet." } } @else {
-                div.table-wrap { table {
-                    thead { tr { th scope="col" { "Label" } th scope="col" { "Tags" } th scope="col" { "Created" } th scope="col" { "Expires" } th scope="col" { "State" }
-                        @if s.can(Role::Ops) { th scope="col" { span.visually-hidden { "Actions" } } } } }
-                    tbody { @for t in &list { tr {
-                        td { (t.label) }
-                        td { @for tag in &t.tags { span.tag { (tag) } " " } }
-                        td { (format::time(t.created_at)) }
-                        td { @match t.expires_at { Some(e) => (format::time(e)), None => "never" } }
-                        td { @if t.revoked { (status_badge("revoked")) } @else if t.expires_at.is_some_and(|e| e < crate::store::now_ms()) { (status_badge("expired")) } @else { (status_badge("ok")) } }
-                        @if s.can(Role::Ops) { td {
-                            @if !t.revoked {
-                                form.inline method="post" action={ "/ui/enrollment-tokens/" (t.id) "/revoke" } data-confirm={ "Revoke the token \u{201c}" (t.label) "\u{201d}? Devices already enrolled stay." } {
-                                    (csrf_field(s))
-                                    button.danger.small type="submit" { "Revoke" span.visually-hidden { " " (t.label) } }
-                                }
-                            }
-                        } }
-                    } } }
-                } }
-            }
-        },
-    ))
-}
-
-/// `GET /ui/enrollment-tokens`.
-pub async fn tokens(State(state): State<AppState>, s: Session) -> UiResult {
-    tokens_page(&state, &s, None).await
-}
-
-/// `POST /ui/enrollment-tokens`: creates a token and shows it once (the
-/// page is not cached and a reload does not show it again).
-pub async fn create_token(State(state): State<AppState>, form: Form) -> UiResult {
-    let label = form.required("label", "The label")?.to_string();
-    let tags: Vec<String> = form
-        .get("tags")
-        .unwrap_or("")
-        .split(|c: char| c == ',' || c.is_whitespace())
-        .filter(|t| !t.is_empty())
-        .map(str::to_string)
-        .collect();
-    let expires_at = match form.get("expires_days") {
-        None => None,
-        Some(d) => {
-            let days: i64 = d
-                .parse()
-                .ok()
-                .filter(|d| (1..=3650).contains(d))
-                .ok_or_else(|| UiError::bad_request("Expiry: a number of days from 1 to 3650."))?;
-            Some(crate::store::now_ms() + days * 86_400_000)
-        }
-    };
-    let created = enrollment::create(
-        &state,
-        &form.session.op,
-        NewEnrollmentToken {
-            label: label.clone(),
-            tags,
-            expires_at,
-            require_preauthorization: form.get("require_preauthorization").is_some(),
-            require_tpm: form.get("require_tpm").is_some(),
-        },
-    )
-    .await?;
-    let token = created
-        .token
-        .ok_or_else(|| anyhow::anyhow!("the created token has no secret"))?;
-    let mut response = tokens_page(&state, &form.session, Some((label, token))).await?;
-    *response.status_mut() = StatusCode::CREATED;
-    Ok(response)
-}
-
-/// `POST /ui/enrollment-tokens/{id}/revoke`.
-pub async fn revoke_token(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-    form: Form,
-) -> UiResult {
-    enrollment::revoke(&state, &form.session.op, &id).await?;
-    Ok(see_other("/ui/enrollment-tokens"))
 }

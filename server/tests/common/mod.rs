@@ -71,6 +71,12 @@ impl Harness {
             // The bad-bundle tests upload a dozen files in a few seconds;
             // rate limits are tested on their own.
             uploads_per_minute: 0,
+            // Fleets enroll with one token; the enrollment limits are
+            // tested on their own.
+            limits: kernex_server::limits::Limits {
+                enrollments_per_token_per_minute: 0,
+                ..Default::default()
+            },
             ..Config::default()
         };
         let mut pg_database = None;
@@ -255,7 +261,7 @@ impl Harness {
                 Method::POST,
                 "/api/v1/enrollment-tokens",
                 Some(token),
-                Some(json!({"label": "batch 1", "tags": tags})),
+                Some(json!({"label": "batch 1", "tags": tags, "expires_in_secs": 86_400})),
             )
             .await;
         assert_eq!(s, StatusCode::CREATED, "{body}");

@@ -5,6 +5,8 @@
 //! a token or pre-authorisation that demands one, adds the checks of
 //! `service::attestation::policy` and a credential-activation challenge.
 
+use std::net::IpAddr;
+
 use kernex_protocol::api::{EnrollRequest, EnrollResponse};
 
 use super::link::{self, Link, check_link};
@@ -13,7 +15,8 @@ use crate::audit;
 use crate::service::attestation::policy::{
     EnrollmentCheck, TokenPolicy, check_enrollment, store_activation,
 };
-use crate::service::names::{check_name, check_tags};
+use crate::service::enrollment;
+use crate::service::names::{check_metadata, check_name, check_tags};
 use crate::service::{Error, Result};
 use crate::store::{new_id, new_secret, now_ms, secret_hash};
 
@@ -34,17 +37,6 @@ pub enum Outcome {
     },
 }
 
-/// A live enrollment token.
-#[derive(Debug, sqlx::FromRow)]
-struct TokenRow {
-    id: String,
-    org_id: String,
-    /// JSON array of tags every device enrolled with it gets.
-    tags: String,
-    require_preauthorization: i64,
-    require_tpm: i64,
-}
-
 /// A device already enrolled with the same id.
 #[derive(Debug, sqlx::FromRow)]
 struct ExistingRow {
@@ -59,33 +51,35 @@ struct ExistingRow {
 /// [`Error::Unauthorized`]: no such live token; [`Error::Forbidden`]: the
 /// device was revoked; [`Error::Conflict`]: the device id is enrolled
 /// with another token.
-pub async fn enroll(state: &AppState, req: &EnrollRequest) -> Result<Outcome> {
+/// The token's bounds (expiry, use cap, allowed tags, rate limits per
+/// token and per `source` address) are `service::enrollment::redeem`'s.
+pub async fn enroll(
+    state: &AppState,
+    req: &EnrollRequest,
+    source: Option<IpAddr>,
+) -> Result<Outcome> {
     check_name("device_id", &req.device_id)?;
     check_name("hardware_class", &req.hardware_class)?;
     check_tags(&req.tags)?;
-    let link = Link {
+    check_metadata(
+        "hardware_metadata",
+        &req.hardware_metadata,
+        state.config.limits.max_hardware_metadata_bytes,
+        "max-hardware-metadata-bytes",
+    )?;
+    let claim = Link {
         link_class: req.link_class.clone(),
         site: req.site.clone(),
         time_zone: req.time_zone.clone(),
     };
-    check_link(&link)?;
-    let token = sqlx::query_as::<_, TokenRow>(
-        "SELECT id, org_id, tags, require_preauthorization, require_tpm FROM enrollment_tokens WHERE token_hash = $1 AND revoked = 0 AND (expires_at IS NULL OR expires_at > $2)",
-    )
-    .bind(secret_hash(&req.enrollment_token))
-    .bind(now_ms())
-    .fetch_optional(state.store.pool())
-    .await?
-    .ok_or(Error::Unauthorized)?;
+    check_link(&claim)?;
+    let token = enrollment::redeem(state, &req.enrollment_token, &req.tags, source).await?;
     let org_id = &token.org_id;
     let policy = TokenPolicy {
-        require_preauthorization: token.require_preauthorization != 0,
-        require_tpm: token.require_tpm != 0,
+        require_preauthorization: token.require_preauthorization,
+        require_tpm: token.require_tpm,
     };
-    let mut tags: Vec<String> = serde_json::from_str(&token.tags).unwrap_or_default();
-    tags.extend(req.tags.iter().cloned());
-    tags.sort();
-    tags.dedup();
+    let tags = &token.tags;
 
     let credential = new_secret("kxd")?;
     let now = now_ms();
@@ -150,7 +144,7 @@ pub async fn enroll(state: &AppState, req: &EnrollRequest) -> Result<Outcome> {
                 .await?;
                 crate::poll_cache::forget_device(state, &id).await;
             }
-            link::store(state, &id, &link).await?;
+            link::store_hint(state, &id, &claim).await?;
             let pending = bound.is_some().then(|| secret_hash(&credential));
             let activation = store_activation(state, &id, &check, pending.as_deref()).await?;
             record(state, org_id, &req.device_id, "device.re-enroll", &id).await?;
@@ -171,6 +165,7 @@ pub async fn enroll(state: &AppState, req: &EnrollRequest) -> Result<Outcome> {
         };
         let id = new_id()?;
         let mut tx = state.store.begin_write().await?;
+        enrollment::take_use(&mut tx, &token.id).await?;
         let inserted = sqlx::query(
             "INSERT INTO devices (id, org_id, device_id, hardware_class, hardware_metadata, status, credential_hash, enrollment_token_id, revoked, registered_at) VALUES ($1, $2, $3, $4, $5, 'offline', $6, $7, 0, $8)",
         )
@@ -190,7 +185,7 @@ pub async fn enroll(state: &AppState, req: &EnrollRequest) -> Result<Outcome> {
             Err(e) if crate::store::is_unique_violation(&e) => continue,
             Err(e) => return Err(e.into()),
         }
-        for tag in &tags {
+        for tag in tags {
             sqlx::query("INSERT INTO device_tags (device_pk, org_id, tag) VALUES ($1, $2, $3)")
                 .bind(&id)
                 .bind(org_id)
@@ -199,7 +194,8 @@ pub async fn enroll(state: &AppState, req: &EnrollRequest) -> Result<Outcome> {
                 .await?;
         }
         tx.commit().await?;
-        link::store(state, &id, &link).await?;
+        link::store(state, &id, &token.link).await?;
+        link::store_hint(state, &id, &claim).await?;
         let activation = store_activation(state, &id, &check, None).await?;
         record(state, org_id, &req.device_id, "device.enroll", &id).await?;
         return Ok(Outcome::Created(EnrollResponse {

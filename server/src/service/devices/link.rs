@@ -1,13 +1,16 @@
-//! A device's link class, site and time zone, as the device itself sends
-//! them (enrollment, heartbeat): checked (`service::rollouts::link`), and
-//! stored over what was there (an absent field leaves the stored one
-//! alone).
+//! A device's link class, site and time zone. The enrollment token sets
+//! them ([`store`]); what the device itself sends (enrollment, heartbeat)
+//! is checked (`service::rollouts::link`) and kept only as a hint
+//! ([`store_hint`]) that an operator may accept
+//! (`service::rollouts::link::accept_hint`): a device does not choose its
+//! own site, time zone or link class, which decide when a rollout reaches
+//! it.
 
 use crate::AppState;
-use crate::service::Result;
 pub use crate::service::rollouts::link::{DeviceLink as Link, check_link};
+use crate::service::{Error, Result};
 
-/// Stores the link fields device `pk` sent (absent ones are left alone).
+/// Stores link fields for device `pk` (absent ones are left alone).
 pub async fn store(state: &AppState, pk: &str, link: &Link) -> Result<()> {
     if link.link_class.is_none() && link.site.is_none() && link.time_zone.is_none() {
         return Ok(());
@@ -18,6 +21,23 @@ pub async fn store(state: &AppState, pk: &str, link: &Link) -> Result<()> {
     .bind(&link.link_class)
     .bind(&link.site)
     .bind(&link.time_zone)
+    .bind(pk)
+    .execute(state.store.pool())
+    .await?;
+    Ok(())
+}
+
+/// Keeps what device `pk` claimed as its link hint (nothing claimed: the
+/// hint stays). Written only when it changed.
+pub async fn store_hint(state: &AppState, pk: &str, claim: &Link) -> Result<()> {
+    if claim.link_class.is_none() && claim.site.is_none() && claim.time_zone.is_none() {
+        return Ok(());
+    }
+    let hint = serde_json::to_string(claim).map_err(|e| Error::Internal(e.into()))?;
+    sqlx::query(
+        "UPDATE devices SET link_hint = $1 WHERE id = $2 AND (link_hint IS NULL OR link_hint <> $1)",
+    )
+    .bind(&hint)
     .bind(pk)
     .execute(state.store.pool())
     .await?;

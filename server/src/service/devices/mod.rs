@@ -2,9 +2,11 @@
 //! them.
 
 pub mod credential;
+pub mod download;
 pub mod enroll;
 pub mod fleet;
 pub mod link;
+pub mod log_store;
 pub mod poll;
 pub mod report;
 pub mod telemetry;

@@ -4,9 +4,10 @@
 use kernex_protocol::api::{Heartbeat, LogBatch, MAX_LOG_LINES, MAX_LOG_MESSAGE};
 
 use super::link::{self, Link, check_link};
+use super::log_store;
 use crate::AppState;
 use crate::auth::Device;
-use crate::service::names::check_name;
+use crate::service::names::{check_metadata, check_name};
 use crate::service::{Error, Result};
 use crate::store::new_id;
 
@@ -16,7 +17,8 @@ pub const DEGRADED_MEMORY_PERCENT: f64 = 90.0;
 /// Records a heartbeat: a `heartbeats` row, the device's status (degraded
 /// above [`DEGRADED_MEMORY_PERCENT`] of memory, else an install's status
 /// until its report, else online), its slots, its version when it changed
-/// (a reflashed device), its anti-rollback floor and its link fields.
+/// (a reflashed device), its anti-rollback floor and the link fields it
+/// claims (a hint only, `service::devices::link`).
 pub async fn heartbeat(state: &AppState, device: &Device, hb: &Heartbeat) -> Result<()> {
     device.require_proven()?;
     for (what, v) in [
@@ -49,6 +51,12 @@ pub async fn heartbeat(state: &AppState, device: &Device, hb: &Heartbeat) -> Res
         Some(f) => i64::try_from(f).ok(),
         None => None,
     };
+    check_metadata(
+        "extra",
+        &hb.extra,
+        state.config.limits.max_heartbeat_extra_bytes,
+        "max-heartbeat-extra-bytes",
+    )?;
     let now = state.clock.now_ms();
     let inventory = serde_json::to_string(hb).map_err(|e| Error::Internal(e.into()))?;
     let mut tx = state.store.begin_write().await?;
@@ -95,7 +103,7 @@ pub async fn heartbeat(state: &AppState, device: &Device, hb: &Heartbeat) -> Res
         None => false,
     };
     tx.commit().await?;
-    link::store(state, &device.pk, &link).await?;
+    link::store_hint(state, &device.pk, &link).await?;
     if new_version {
         crate::poll_cache::forget_device(state, &device.pk).await;
     }
@@ -103,8 +111,13 @@ pub async fn heartbeat(state: &AppState, device: &Device, hb: &Heartbeat) -> Res
 }
 
 /// Stores a batch of at most [`MAX_LOG_LINES`] log lines, each message cut
-/// to [`MAX_LOG_MESSAGE`] bytes (at a character boundary); a line without
-/// a time gets the server's.
+/// to [`MAX_LOG_MESSAGE`] bytes (at a character boundary). A line's time
+/// is clamped to `[limits] log-clock-skew-secs` around the server's clock
+/// (a line without one gets the server's), so that retention prunes every
+/// line in time. The device's stored lines are capped
+/// (`device-log-max-lines`, `device-log-max-bytes`): the batch makes room
+/// by deleting the device's oldest lines (`service::devices::log_store`);
+/// a batch alone over a cap is [`Error::OverLimit`] (413).
 pub async fn logs(state: &AppState, device: &Device, batch: &LogBatch) -> Result<()> {
     device.require_proven()?;
     if batch.entries.len() > MAX_LOG_LINES {
@@ -113,25 +126,40 @@ pub async fn logs(state: &AppState, device: &Device, batch: &LogBatch) -> Result
         )));
     }
     let now = state.clock.now_ms();
-    let mut tx = state.store.begin_write().await?;
-    for line in &batch.entries {
-        let mut message = line.message.clone();
-        if message.len() > MAX_LOG_MESSAGE {
-            let mut cut = MAX_LOG_MESSAGE;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
+    let skew = state.config.limits.log_clock_skew_ms();
+    let lines: Vec<(i64, &str, String)> = batch
+        .entries
+        .iter()
+        .map(|line| {
+            let mut message = line.message.clone();
+            if message.len() > MAX_LOG_MESSAGE {
+                let mut cut = MAX_LOG_MESSAGE;
+                while !message.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                message.truncate(cut);
             }
-            message.truncate(cut);
-        }
+            let at = line
+                .at
+                .unwrap_or(now)
+                .clamp(now.saturating_sub(skew), now.saturating_add(skew));
+            (at, line.level.as_str(), message)
+        })
+        .collect();
+    let bytes: u64 = lines.iter().map(|(_, _, m)| m.len() as u64).sum();
+    let mut tx = state.store.begin_write().await?;
+    log_store::make_room(&mut tx, state, &device.pk, lines.len() as u64, bytes).await?;
+    for (at, level, message) in &lines {
         sqlx::query(
-            "INSERT INTO device_logs (id, device_pk, org_id, at, level, message) VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO device_logs (id, device_pk, org_id, at, level, message, bytes) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(new_id()?)
         .bind(&device.pk)
         .bind(&device.org_id)
-        .bind(line.at.unwrap_or(now))
-        .bind(line.level.as_str())
-        .bind(&message)
+        .bind(*at)
+        .bind(*level)
+        .bind(message)
+        .bind(message.len() as i64)
         .execute(&mut *tx)
         .await?;
     }

@@ -1,6 +1,8 @@
 //! A device's link: its link class, site and time zone, which the rollout
-//! planner spreads downloads by. Operators set it; devices report it at
-//! enrollment and in heartbeats.
+//! planner spreads downloads by. The enrollment token sets it, operators
+//! set it; what a device claims for itself (at enrollment, in heartbeats)
+//! is only a hint, kept apart (`devices.link_hint`), that an operator may
+//! accept ([`accept_hint`]).
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -14,7 +16,7 @@ use crate::service::users::require;
 use crate::service::{Error, Result};
 
 /// A device's link class, site and time zone.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceLink {
     /// e.g. ethernet, wifi, metered-4g (null: ethernet).
@@ -66,6 +68,81 @@ pub async fn set_link(
         if done.rows_affected() == 0 {
             return Err(Error::NotFound("no such device"));
         }
+        Ok((link, String::new()))
+    })
+    .await
+}
+
+/// A device's link and what the device claims.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LinkView {
+    /// What the rollout planner uses (the token's or an operator's).
+    pub link: DeviceLink,
+    /// What the device last claimed (enrollment, heartbeat), if anything.
+    pub hint: Option<DeviceLink>,
+}
+
+#[derive(sqlx::FromRow)]
+struct LinkRow {
+    link_class: Option<String>,
+    site: Option<String>,
+    time_zone: Option<String>,
+    link_hint: Option<String>,
+}
+
+async fn read(state: &AppState, op: &Operator, id: &str) -> Result<LinkView> {
+    let row = sqlx::query_as::<_, LinkRow>(
+        "SELECT link_class, site, time_zone, link_hint FROM devices WHERE id = $1 AND org_id = $2",
+    )
+    .bind(id)
+    .bind(&op.org_id)
+    .fetch_optional(state.store.pool())
+    .await?
+    .ok_or(Error::NotFound("no such device"))?;
+    Ok(LinkView {
+        link: DeviceLink {
+            link_class: row.link_class,
+            site: row.site,
+            time_zone: row.time_zone,
+        },
+        hint: row
+            .link_hint
+            .and_then(|h| serde_json::from_str::<DeviceLink>(&h).ok()),
+    })
+}
+
+/// A device's link and its own claim (any role).
+pub async fn link_view(state: &AppState, op: &Operator, id: &str) -> Result<LinkView> {
+    read(state, op, id).await
+}
+
+/// Takes the device's claim as its link (ops): each field it claimed
+/// replaces the stored one; [`Error::Conflict`] when it claimed nothing.
+pub async fn accept_hint(state: &AppState, op: &Operator, id: &str) -> Result<DeviceLink> {
+    require(op, Role::Ops)?;
+    audited(state, op, "device.link.accept", &format!("device:{id}"), async {
+        let view = read(state, op, id).await?;
+        let Some(hint) = view.hint else {
+            return Err(Error::Conflict(
+                "the device has claimed no link class, site or time zone".into(),
+            ));
+        };
+        check_link(&hint)?;
+        let link = DeviceLink {
+            link_class: hint.link_class.or(view.link.link_class),
+            site: hint.site.or(view.link.site),
+            time_zone: hint.time_zone.or(view.link.time_zone),
+        };
+        sqlx::query(
+            "UPDATE devices SET link_class = $1, site = $2, time_zone = $3 WHERE id = $4 AND org_id = $5",
+        )
+        .bind(&link.link_class)
+        .bind(&link.site)
+        .bind(&link.time_zone)
+        .bind(id)
+        .bind(&op.org_id)
+        .execute(state.store.pool())
+        .await?;
         Ok((link, String::new()))
     })
     .await

@@ -1,0 +1,118 @@
+//! Enrollment admission: how fast one enrollment token, and one source
+//! address, may enroll devices (`[limits] enrollments-per-token-per-minute`,
+//! `enrollments-per-address-per-minute`). Token buckets in memory, per
+//! server process, as the other rate limits; over the limit an enrollment
+//! is refused with [`Error::TooManyRequests`] (429 with `Retry-After`)
+//! before it touches the database.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use super::{Error, Result};
+
+/// Buckets kept per kind before full (idle) ones are dropped.
+const MAX_BUCKETS: usize = 100_000;
+
+/// The enrollment buckets: per token id and per source address.
+#[derive(Debug, Default)]
+pub struct Admission {
+    tokens: Buckets,
+    addresses: Buckets,
+}
+
+impl Admission {
+    /// One enrollment from `source`, at most `per_minute` a minute (0:
+    /// unlimited). An IPv6 address counts by its /64, which one host
+    /// usually holds whole.
+    pub fn address(&self, source: IpAddr, per_minute: u32) -> Result<()> {
+        let key = match source {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => v4.to_string(),
+                None => {
+                    let s = v6.segments();
+                    format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+                }
+            },
+        };
+        self.addresses.take(&key, per_minute)
+    }
+
+    /// One enrollment with token `token_id`, at most `per_minute` a minute
+    /// (0: unlimited).
+    pub fn token(&self, token_id: &str, per_minute: u32) -> Result<()> {
+        self.tokens.take(token_id, per_minute)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Buckets(Mutex<HashMap<String, Bucket>>);
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Buckets {
+    /// Takes one from `key`'s bucket of `per_minute` (also the burst).
+    fn take(&self, key: &str, per_minute: u32) -> Result<()> {
+        if per_minute == 0 {
+            return Ok(());
+        }
+        let rate = f64::from(per_minute) / 60.0;
+        let capacity = f64::from(per_minute);
+        let now = Instant::now();
+        let mut buckets = self
+            .0
+            .lock()
+            .map_err(|_| Error::Internal(anyhow::anyhow!("enrollment limiter lock poisoned")))?;
+        if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(key) {
+            buckets
+                .retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < capacity);
+        }
+        let bucket = buckets.entry(key.to_owned()).or_insert(Bucket {
+            tokens: capacity,
+            at: now,
+        });
+        bucket.tokens =
+            (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * rate).min(capacity);
+        bucket.at = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            Ok(())
+        } else {
+            let wait = ((1.0 - bucket.tokens) / rate).ceil().max(1.0);
+            Err(Error::TooManyRequests(wait as u64))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_token_and_address_has_its_own_bucket() {
+        let a = Admission::default();
+        for _ in 0..2 {
+            assert!(a.token("t1", 2).is_ok());
+        }
+        assert!(
+            matches!(a.token("t1", 2), Err(Error::TooManyRequests(s)) if (1..=30).contains(&s))
+        );
+        assert!(a.token("t2", 2).is_ok());
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        assert!(a.address(ip("2001:db8::1"), 1).is_ok());
+        assert!(
+            a.address(ip("2001:db8::2"), 1).is_err(),
+            "the same /64 is the same source"
+        );
+        assert!(a.address(ip("2001:db8:0:1::1"), 1).is_ok());
+        for _ in 0..100 {
+            assert!(a.address(ip("10.0.0.1"), 0).is_ok(), "0 is unlimited");
+        }
+    }
+}
