@@ -4,7 +4,9 @@
 pub mod credential;
 pub mod enroll;
 pub mod fleet;
+pub mod identity;
 pub mod link;
+pub mod pending;
 pub mod poll;
 pub mod report;
 pub mod telemetry;
