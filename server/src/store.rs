@@ -44,6 +44,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "release_deltas_exact",
         include_str!("../migrations/0007_release_deltas_exact.sql"),
     ),
+    (
+        9,
+        "device_keys",
+        include_str!("../migrations/0009_device_keys.sql"),
+    ),
 ];
 
 /// Which database is behind the pool.
