@@ -13,6 +13,7 @@
 //! health-reverts.json       revert reboots in a row
 //! daemon.json               the daemon's state (what it awaits, gave up on)
 //! credential.json           the device's credential (0600)
+//! device-key.pem            the device's private key (0600, never sent)
 //! simulated-boot-id         a simulated device's boot id
 //! outbox/                   reports and log batches waiting for the server
 //! security-floor.a          the anti-rollback floor (highest security version committed)
@@ -49,6 +50,8 @@ pub const HEALTH_REVERTS: &str = "health-reverts.json";
 pub const DAEMON_STATE: &str = "daemon.json";
 /// The device's credential.
 pub const CREDENTIAL: &str = "credential.json";
+/// The device's private key (PKCS#8 PEM, mode 0600): its identity.
+pub const DEVICE_KEY: &str = "device-key.pem";
 /// A simulated device's boot id.
 pub const SIMULATED_BOOT_ID: &str = "simulated-boot-id";
 /// Reports and log batches waiting for the server.

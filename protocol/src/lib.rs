@@ -16,6 +16,7 @@ pub mod api;
 pub mod archive;
 pub mod bundle;
 pub mod container;
+pub mod device_key;
 pub mod digest;
 pub mod index;
 pub mod limits;

@@ -36,6 +36,12 @@ const WIRE_TYPES: &[&str] = &[
     "TokenCheck",
     "NewPreauthorization",
     "Preauthorization",
+    "Challenge",
+    "KeyProof",
+    "DeviceAuth",
+    "AccessToken",
+    "EnrollPending",
+    "EnrollmentRequest",
 ];
 
 /// Header names, as they are written on the wire.

@@ -139,9 +139,18 @@ pub struct Device {
     /// Enrolled under a TPM policy and credential activation not done: it
     /// may poll (to be refused) and activate, nothing else.
     pub unproven: bool,
+    /// The access token's expiry, unix ms; `None`: a long-lived bearer
+    /// credential (a device not yet on its key).
+    pub expires_at: Option<i64>,
 }
 
 impl Device {
+    /// Whether the credential that authenticated it has expired at `now`
+    /// (unix ms): a cached entry must not outlive its token.
+    pub fn expired(&self, now: i64) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
+
     /// Refused (403) for a device that must prove its TPM first.
     pub fn require_proven(&self) -> crate::service::Result<()> {
         if self.unproven {

@@ -49,6 +49,14 @@ pub struct Config {
     pub uploads_per_minute: u32,
     /// Lifetime of an operator bearer token, in seconds.
     pub token_ttl_secs: u64,
+    /// Lifetime of a device access token, in seconds (1 to 86400): a
+    /// device signs a server nonce with its key for a new one, so a token
+    /// that leaks is useless after this long.
+    pub device_token_secs: u64,
+    /// Accept enrollments without a device key (updaters older than
+    /// device keys): such a device gets a long-lived bearer credential
+    /// until it registers a key. Off: those enrollments are refused.
+    pub legacy_device_credentials: bool,
     /// Name of the organisation created on first start.
     pub default_organization: String,
     /// Email of the admin user created on first start.
@@ -115,6 +123,8 @@ impl Default for Config {
             user_requests_per_minute: 1000,
             uploads_per_minute: 10,
             token_ttl_secs: 12 * 3600,
+            device_token_secs: 15 * 60,
+            legacy_device_credentials: true,
             default_organization: "default".into(),
             admin_email: "admin@localhost".into(),
             scheduler_interval_ms: 2000,
@@ -134,7 +144,14 @@ impl Default for Config {
 impl Config {
     /// Parses a TOML document.
     pub fn from_toml(text: &str) -> Result<Self> {
-        toml::from_str(text).context("invalid server configuration")
+        let config: Config = toml::from_str(text).context("invalid server configuration")?;
+        if !(1..=86_400).contains(&config.device_token_secs) {
+            anyhow::bail!(
+                "device-token-secs = {}: must be 1 to 86400",
+                config.device_token_secs
+            );
+        }
+        Ok(config)
     }
 
     /// Reads and parses a TOML file.

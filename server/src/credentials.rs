@@ -96,6 +96,7 @@ mod tests {
             org_id: "o".into(),
             device_id: format!("dev-{pk}"),
             unproven: false,
+            expires_at: None,
         }
     }
 

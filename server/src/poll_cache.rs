@@ -305,6 +305,7 @@ mod tests {
                 org_id: "o".into(),
                 device_id: format!("dev-{pk}"),
                 unproven: false,
+                expires_at: None,
             },
             current_version: Some(version.into()),
             assigned: None,

@@ -1,7 +1,8 @@
 //! Retention: raw heartbeats older than a day are folded into daily rows
 //! (`heartbeats_daily`: count, CPU and memory averages, memory peak,
 //! degraded count) and deleted; daily rows are kept `heartbeat_days` (7)
-//! and device logs `log_days` (30). The server runs `prune` every hour.
+//! and device logs `log_days` (30); expired device access tokens and
+//! nonces go. The server runs `prune` every hour.
 
 use anyhow::Result;
 
@@ -65,6 +66,14 @@ pub async fn prune(store: &Store, now: i64, heartbeat_days: u32, log_days: u32) 
         .bind(now.saturating_sub(IDEMPOTENCY_TTL_MS))
         .execute(store.pool())
         .await?;
+    // Expired device access tokens and nonces (by the wall clock, as
+    // they expire): dead weight, kept out of the token index.
+    for table in ["device_access_tokens", "device_challenges"] {
+        sqlx::query(&format!("DELETE FROM {table} WHERE expires_at <= $1"))
+            .bind(now_ms())
+            .execute(store.pool())
+            .await?;
+    }
     Ok(Pruned {
         heartbeats,
         daily,

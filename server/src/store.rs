@@ -50,6 +50,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../migrations/0008_anti_rollback.sql"),
     ),
     (
+        9,
+        "device_keys",
+        include_str!("../migrations/0009_device_keys.sql"),
+    ),
+    (
         10,
         "enrollment_limits",
         include_str!("../migrations/0010_enrollment_limits.sql"),

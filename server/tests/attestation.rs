@@ -25,6 +25,7 @@ both!(
     activation_then_quotes_attested_mismatch_and_rejections,
     the_factory_line_client_preauthorises_what_the_device_enrolls_with,
     an_enrolled_device_binds_its_tpm_later_and_is_attested,
+    a_tpm_re_enrollment_with_the_same_ek_moves_the_device_key,
 );
 
 mod vendor_cas_on_sqlite {
@@ -1479,5 +1480,124 @@ async fn an_enrolled_device_binds_its_tpm_later_and_is_attested(h: Arc<Harness>)
     assert!(
         binds.iter().any(|r| r.starts_with("error: 409")),
         "{binds:?}"
+    );
+}
+
+/// Enrolls `device_id` with `key`'s proof and a TPM identity.
+async fn enroll_keyed(
+    h: &Harness,
+    token: &str,
+    device_id: &str,
+    key: &kernex_protocol::device_key::DeviceKey,
+    tpm: Value,
+) -> (StatusCode, Value) {
+    let proof = h.proof(key, device_id).await;
+    h.call(
+        Method::POST,
+        "/api/v1/device/enroll",
+        None,
+        Some(json!({"enrollment_token": token, "device_id": device_id, "hardware_class": "qemu-x86_64", "tpm": tpm, "key": proof})),
+    )
+    .await
+}
+
+/// Proof by TPM credential activation (issue #20): the board re-enrolls
+/// with a new key (its data dir was wiped) and the same TPM. The new key
+/// becomes the device's only once that TPM answers; until then the
+/// device's current key keeps working. Someone who knows the board's
+/// (public) EK but not its TPM gets nothing that works.
+async fn a_tpm_re_enrollment_with_the_same_ek_moves_the_device_key(h: Arc<Harness>) {
+    let line = token(&h, false, true).await;
+    let board = DeviceTpm::new();
+    let first = h.device_key("tpm-1");
+    let (s, v) = enroll_keyed(&h, &line, "tpm-1", &first, board.identity_json()).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    let credential = v["credential"].as_str().unwrap().to_string();
+    assert!(credential.starts_with("kxa_"));
+    let (s, ok) = h
+        .call(
+            Method::POST,
+            "/api/v1/device/activate",
+            Some(&credential),
+            Some(json!({"credential": board.activate(&v)})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{ok}");
+    assert!(poll(&h, &credential).await.0.is_success());
+
+    // Someone with the board's EK, another TPM's AK and their own key.
+    let other = DeviceTpm::new();
+    let stranger = kernex_protocol::device_key::DeviceKey::generate().unwrap();
+    let mut forged = board.identity_json();
+    forged["ak-public"] = json!(hex::encode(&other.identity.ak_public));
+    let (s, v) = enroll_keyed(&h, &line, "tpm-1", &stranger, forged).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let forged_token = v["credential"].as_str().unwrap().to_string();
+    assert_eq!(poll(&h, &forged_token).await.0, StatusCode::UNAUTHORIZED);
+    let (s, _) = h
+        .call(
+            Method::POST,
+            "/api/v1/device/activate",
+            Some(&forged_token),
+            Some(json!({"credential": "11".repeat(32)})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert_eq!(
+        h.authenticate(&stranger, &id).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert!(
+        poll(&h, &credential).await.0.is_success(),
+        "the device keeps working"
+    );
+
+    // The board, data dir wiped: a new key, the same TPM.
+    let second = kernex_protocol::device_key::DeviceKey::generate().unwrap();
+    let (s, v) = enroll_keyed(&h, &line, "tpm-1", &second, board.identity_json()).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let renewed = v["credential"].as_str().unwrap().to_string();
+    assert_eq!(
+        poll(&h, &renewed).await.0,
+        StatusCode::UNAUTHORIZED,
+        "not before the TPM answers"
+    );
+    assert_eq!(
+        h.authenticate(&second, &id).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        h.authenticate(&first, &id).await.0,
+        StatusCode::OK,
+        "the current key still works"
+    );
+    let (s, ok) = h
+        .call(
+            Method::POST,
+            "/api/v1/device/activate",
+            Some(&renewed),
+            Some(json!({"credential": board.activate(&v)})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{ok}");
+    assert!(poll(&h, &renewed).await.0.is_success());
+    assert_eq!(
+        poll(&h, &credential).await.0,
+        StatusCode::UNAUTHORIZED,
+        "the old key's token"
+    );
+    assert_eq!(
+        h.authenticate(&first, &id).await.0,
+        StatusCode::UNAUTHORIZED,
+        "the old key"
+    );
+    let (s, fresh) = h.authenticate(&second, &id).await;
+    assert_eq!(s, StatusCode::OK, "{fresh}");
+    assert!(
+        poll(&h, fresh["token"].as_str().unwrap())
+            .await
+            .0
+            .is_success()
     );
 }

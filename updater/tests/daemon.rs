@@ -778,7 +778,11 @@ fn offline_device_keeps_its_assignment_and_delivers_in_order() {
         "hardware_class": "qemu-aarch64",
     }))
     .unwrap();
-    let enrolled = client.enroll(&request).unwrap();
+    let kernex_updater::daemon::client::Enrollment::Enrolled(enrolled) =
+        client.enroll(&request).unwrap()
+    else {
+        panic!("a new device id is enrolled at once");
+    };
     let done = outbox.deliver(&client, &enrolled.credential).unwrap();
     assert_eq!((done.sent, done.rejected, done.left), (5, 1, 0), "{done:?}");
     let (s, logs) = cp.op(

@@ -47,6 +47,12 @@ pub struct EnrollRequest {
     /// The PCR the device extends its slot measurement into (default 14).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tpm_slot_pcr: Option<u8>,
+    /// The device's public key and the proof it holds the private key. The
+    /// answer's credential is then a short-lived access token. Without
+    /// it (an updater older than device keys) the server may issue a
+    /// long-lived bearer credential (`legacy-device-credentials`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<super::KeyProof>,
 }
 
 /// Enrollment result. The credential is shown only here.
@@ -57,6 +63,11 @@ pub struct EnrollResponse {
     pub id: String,
     /// The device credential: `Authorization: Bearer <credential>`.
     pub credential: String,
+    /// When the enrollment carried a key: the credential is an access
+    /// token valid this many seconds (then `POST /device/auth`). None: a
+    /// long-lived bearer credential (no key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_secs: Option<u64>,
     /// With a TPM identity: the challenge to answer with
     /// TPM2_ActivateCredential (`id-object`, `encrypted-secret`, hex).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -9,7 +9,10 @@
 //!
 //! | method | path | body | answer |
 //! | --- | --- | --- | --- |
-//! | POST | [`paths::ENROLL`] | [`EnrollRequest`] | [`EnrollResponse`] (201 new, 200 known) |
+//! | POST | [`paths::CHALLENGE`] | | [`Challenge`] |
+//! | POST | [`paths::ENROLL`] | [`EnrollRequest`] | [`EnrollResponse`] (201 new, 200 known), [`EnrollPending`] (202) |
+//! | POST | [`paths::AUTH`] | [`DeviceAuth`] | [`AccessToken`] |
+//! | POST | [`paths::KEY`] (device) | [`KeyProof`] | [`AccessToken`] |
 //! | GET | [`paths::POLL`] | | [`DesiredState`] (200) or 204; headers [`NONCE_HEADER`], [`POLL_AFTER_HEADER`] |
 //! | POST | [`paths::HEARTBEAT`] | [`Heartbeat`] | 204 |
 //! | POST | [`paths::REPORT`] | [`Report`] | 204 |
@@ -23,6 +26,7 @@
 //! | DELETE | [`paths::enrollment_token`] (operator) | | 204 |
 //! | POST | [`paths::PREAUTHORIZATIONS`] (operator) | [`NewPreauthorization`] | [`Preauthorization`] |
 //! | DELETE | [`paths::preauthorization`] (operator) | | 204 |
+//! | GET | [`paths::ENROLLMENT_REQUESTS`] (operator) | | [`EnrollmentRequest`]s |
 //!
 //! Requests are strict (`deny_unknown_fields`): a typo is a 400, not a
 //! silently ignored setting. Answers are lenient: a newer server may say
@@ -31,6 +35,7 @@
 mod device;
 mod factory;
 pub mod hex;
+mod identity;
 mod tpm;
 
 pub use device::{
@@ -40,6 +45,10 @@ pub use device::{
 };
 pub use factory::{
     EnrollmentToken, NewEnrollmentToken, NewPreauthorization, Preauthorization, TokenCheck,
+};
+pub use identity::{
+    AccessToken, Challenge, DeviceAuth, EnrollPending, EnrollmentRequest, KeyProof, auth_message,
+    enroll_message,
 };
 pub use tpm::{
     Activated, Activation, ActivationAnswer, AttestationState, BindingState, Quote, QuoteReport,
@@ -57,6 +66,14 @@ pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 
 /// Paths, absolute from the server's base URL.
 pub mod paths {
+    /// A nonce to sign.
+    pub const CHALLENGE: &str = "/api/v1/device/challenge";
+    /// Trade a signed nonce for an access token.
+    pub const AUTH: &str = "/api/v1/device/auth";
+    /// Register (migrate from a bearer credential) or rotate the device key.
+    pub const KEY: &str = "/api/v1/device/key";
+    /// Re-enrollments waiting for an operator.
+    pub const ENROLLMENT_REQUESTS: &str = "/api/v1/enrollment-requests";
     /// Enroll with a factory token.
     pub const ENROLL: &str = "/api/v1/device/enroll";
     /// Poll for desired state.

@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use kernex_protocol::api::{
-    DesiredState, EnrollRequest, EnrollResponse, Heartbeat, LogBatch, NONCE_HEADER,
+    DesiredState, EnrollPending, EnrollRequest, EnrollResponse, Heartbeat, LogBatch, NONCE_HEADER,
     POLL_AFTER_HEADER, Report,
 };
 
@@ -33,13 +33,19 @@ pub fn router() -> Router<AppState> {
         .route("/logs", post(logs))
         .route("/releases/{id}/bundle", get(download))
         .merge(crate::http::attestation::device_router())
+        .merge(crate::http::device_identity::device_router())
 }
 
-/// Enroll with an enrollment token. Idempotent: the same device id with the
-/// same token is the same device (no new row); its credential is rotated
-/// and the new one returned, since only a hash of the old one is kept.
+/// Enroll with an enrollment token, the device's public key and the proof
+/// that it holds the private key. A device id enrolled already is renewed
+/// (200) only with proof that the request comes from that device (its
+/// current key, or TPM activation with its EK); otherwise the request
+/// waits for an operator (202, no credential) and the device keeps its
+/// identity.
 #[utoipa::path(post, path = "/api/v1/device/enroll", request_body = EnrollRequest,
-    responses((status = 200, body = EnrollResponse), (status = 201, body = EnrollResponse), (status = 401),
+    responses((status = 200, body = EnrollResponse), (status = 201, body = EnrollResponse),
+        (status = 202, body = EnrollPending, description = "enrolled already, no proof: an operator decides"),
+        (status = 401),
         (status = 403, description = "the device was revoked, a tag is outside the token's allowed tags, or the token is used up"),
         (status = 409), (status = 413, description = "hardware_metadata over max-hardware-metadata-bytes"),
         (status = 429, description = "over the enrollment rate limit of the token or the source address")))]
@@ -47,10 +53,11 @@ pub async fn enroll(
     State(state): State<AppState>,
     Source(source): Source,
     ApiJson(req): ApiJson<EnrollRequest>,
-) -> Result<(StatusCode, ApiJson<EnrollResponse>)> {
+) -> Result<Response> {
     match devices::enroll::enroll(&state, &req, source).await? {
-        Outcome::Created(answer) => Ok((StatusCode::CREATED, ApiJson(answer))),
-        Outcome::Renewed(answer) => Ok((StatusCode::OK, ApiJson(answer))),
+        Outcome::Created(answer) => Ok((StatusCode::CREATED, ApiJson(answer)).into_response()),
+        Outcome::Renewed(answer) => Ok((StatusCode::OK, ApiJson(answer)).into_response()),
+        Outcome::Pending(waiting) => Ok((StatusCode::ACCEPTED, ApiJson(waiting)).into_response()),
         Outcome::Refused { org_id, error } => {
             Err(refused(&state, &org_id, &req.device_id, error.into()).await)
         }

@@ -9,8 +9,9 @@ use std::sync::Arc;
 
 use crate::AppState;
 use crate::http::{Error, Result};
+use crate::service::devices::credential::Kind;
 use crate::service::devices::poll::{self, Polled};
-use crate::store::secret_hash;
+use crate::store::{now_ms, secret_hash};
 
 /// The `GET /poll` extractor: the authenticated device's [`Polled`], shared
 /// with the poll cache.
@@ -33,11 +34,13 @@ impl FromRequestParts<AppState> for PollAuth {
     /// kept in the poll cache (`crate::poll_cache`) until a write drops it.
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self> {
         let token = crate::http::extract::bearer(parts).ok_or(Error::Unauthorized)?;
-        if !token.starts_with("kxd_") {
-            return Err(Error::Unauthorized);
-        }
+        let kind = Kind::of(token).ok_or(Error::Unauthorized)?;
         let hash = secret_hash(token);
         if let Some(polled) = state.poll_cache.get(&hash) {
+            // A cached access token is good only until it expires.
+            if polled.device.expired(now_ms()) {
+                return Err(Error::Unauthorized);
+            }
             state.metrics.poll_cache_hits.inc();
             state.limits.check(
                 &format!("device:{}", polled.device.pk),
@@ -48,7 +51,7 @@ impl FromRequestParts<AppState> for PollAuth {
         state.metrics.poll_cache_misses.inc();
         let ticket = state.poll_cache.ticket();
         let generation = state.credentials.generation();
-        let polled = Arc::new(poll::authenticate(state, &hash).await?);
+        let polled = Arc::new(poll::authenticate(state, kind, &hash).await?);
         // The device's next requests (heartbeat, download) skip the lookup.
         state
             .credentials

@@ -11,6 +11,7 @@ use sqlx::Row;
 use crate::AppState;
 use crate::auth::{Device, Operator, Role, SESSION_COOKIE};
 use crate::http::error::Error;
+use crate::service::devices::credential::Kind;
 use crate::store::{now_ms, secret_hash};
 
 /// The operator token from the session cookie. Only honoured for safe
@@ -85,16 +86,16 @@ impl FromRequestParts<AppState> for Device {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
         let token = bearer(parts).ok_or(Error::Unauthorized)?;
-        if !token.starts_with("kxd_") {
-            return Err(Error::Unauthorized);
-        }
+        let kind = Kind::of(token).ok_or(Error::Unauthorized)?;
         let hash = secret_hash(token);
         let device = match state.credentials.get(&hash) {
+            // A cached access token is good only until it expires.
+            Some(device) if device.expired(now_ms()) => return Err(Error::Unauthorized),
             Some(device) => device,
             None => {
                 let generation = state.credentials.generation();
                 let device =
-                    crate::service::devices::credential::authenticate(state, &hash).await?;
+                    crate::service::devices::credential::authenticate(state, kind, &hash).await?;
                 state.credentials.insert(hash, device.clone(), generation);
                 device
             }

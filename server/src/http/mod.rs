@@ -5,6 +5,7 @@ pub mod attestation;
 pub mod audit_log;
 pub mod deployments;
 pub mod device_api;
+pub mod device_identity;
 pub mod device_poll;
 pub mod devices;
 pub mod enrollment;
@@ -41,6 +42,7 @@ pub fn app(state: AppState) -> Router {
         .merge(rollouts::router())
         .merge(audit_log::router())
         .merge(attestation::router())
+        .merge(device_identity::router())
         .merge(openapi::router())
         .nest("/device", device_api::router());
     Router::new()

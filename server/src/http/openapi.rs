@@ -8,8 +8,8 @@ use utoipa::{Modify, OpenApi};
 
 use crate::AppState;
 use crate::http::{
-    attestation, audit_log, deployments, device_api, devices, enrollment, releases, rollouts,
-    session,
+    attestation, audit_log, deployments, device_api, device_identity, devices, enrollment,
+    releases, rollouts, session,
 };
 
 /// The API description.
@@ -31,6 +31,8 @@ use crate::http::{
         rollouts::samples, rollouts::egress, rollouts::set_link, rollouts::get_link, rollouts::accept_link, rollouts::get_clock, rollouts::set_clock,
         device_api::enroll, device_api::poll, device_api::heartbeat, device_api::report,
         device_api::logs, device_api::download,
+        device_identity::challenge, device_identity::auth, device_identity::key,
+        device_identity::list, device_identity::approve, device_identity::reject,
         attestation::preauth::preauthorize, attestation::preauth::list_preauthorizations,
         attestation::preauth::remove_preauthorization, attestation::device::bind,
         attestation::device::activate, attestation::device::attestation,

@@ -238,12 +238,14 @@ pub async fn devices(
         }
     };
     let statuses: Vec<String> = STATUSES.iter().map(|s| s.to_string()).collect();
+    let requests = super::enrollment_requests::section(&state, &s).await?;
     Ok(layout::page(
         &s,
         Nav::Devices,
         "Devices",
         html! {
             (heading("Devices", None))
+            (requests)
             form.filters method="get" action="/ui/devices" role="search" {
                 div.field {
                     label for="q" { "Search" }

@@ -19,6 +19,7 @@
 
 mod admin;
 mod charts;
+mod enrollment_requests;
 mod fleet;
 mod format;
 mod layout;
@@ -65,6 +66,14 @@ pub fn router() -> Router<AppState> {
         .route("/ui/devices/{id}/live", get(fleet::device_live))
         .route("/ui/devices/{id}/revoke", post(fleet::revoke))
         .route("/ui/devices/{id}/link/accept", post(link::accept))
+        .route(
+            "/ui/enrollment-requests/{id}/approve",
+            post(enrollment_requests::approve),
+        )
+        .route(
+            "/ui/enrollment-requests/{id}/reject",
+            post(enrollment_requests::reject),
+        )
         .route("/ui/releases", get(releases::list))
         .route("/ui/releases/upload", post(releases::upload))
         .route("/ui/releases/delta", get(releases::delta))

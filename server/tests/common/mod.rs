@@ -11,6 +11,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::BodyExt;
+use kernex_protocol::device_key::DeviceKey;
 use kernex_server::config::Config;
 use kernex_server::{AppState, bootstrap, http};
 use serde_json::{Value, json};
@@ -45,6 +46,8 @@ pub struct Harness {
     /// The poll cache's change listener (PostgreSQL), as `kernex-server`
     /// runs it.
     listener: tokio::task::JoinHandle<()>,
+    /// Each enrolled device id's key, as the device keeps it.
+    keys: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<DeviceKey>>>,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -115,6 +118,7 @@ impl Harness {
             db,
             pg_database,
             listener,
+            keys: Default::default(),
         };
         h.admin = h.login("default", &first.email, &first.password).await;
         let ca = std::fs::read_to_string(golden("ca.crt")).unwrap();
@@ -271,14 +275,56 @@ impl Harness {
         )
     }
 
-    /// Enrolls a device; returns (internal id, credential).
+    /// The key of device `device_id` (made the first time), as the device
+    /// keeps it.
+    pub fn device_key(&self, device_id: &str) -> std::sync::Arc<DeviceKey> {
+        self.keys
+            .lock()
+            .unwrap()
+            .entry(device_id.to_string())
+            .or_insert_with(|| std::sync::Arc::new(DeviceKey::generate().unwrap()))
+            .clone()
+    }
+
+    /// A fresh server nonce.
+    pub async fn nonce(&self) -> String {
+        let (s, body) = self
+            .call(Method::POST, "/api/v1/device/challenge", None, None)
+            .await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        body["nonce"].as_str().unwrap().to_string()
+    }
+
+    /// The proof that the holder of `key` is `device_id`, on a fresh nonce.
+    pub async fn proof(&self, key: &DeviceKey, device_id: &str) -> Value {
+        let nonce = self.nonce().await;
+        serde_json::to_value(key.proof(device_id, &nonce).unwrap()).unwrap()
+    }
+
+    /// Device `id` (internal) signs a fresh nonce with `key`: the answer.
+    pub async fn authenticate(&self, key: &DeviceKey, id: &str) -> (StatusCode, Value) {
+        let nonce = self.nonce().await;
+        let auth = key.auth(id, &nonce).unwrap();
+        self.call(
+            Method::POST,
+            "/api/v1/device/auth",
+            None,
+            Some(serde_json::to_value(auth).unwrap()),
+        )
+        .await
+    }
+
+    /// Enrolls a device with its key ([`Harness::device_key`]); returns
+    /// (internal id, access token).
     pub async fn enroll(&self, enrollment: &str, device_id: &str, class: &str) -> (String, String) {
+        let key = self.device_key(device_id);
+        let proof = self.proof(&key, device_id).await;
         let (s, body) = self
             .call(
                 Method::POST,
                 "/api/v1/device/enroll",
                 None,
-                Some(json!({"enrollment_token": enrollment, "device_id": device_id, "hardware_class": class})),
+                Some(json!({"enrollment_token": enrollment, "device_id": device_id, "hardware_class": class, "key": proof})),
             )
             .await;
         assert!(

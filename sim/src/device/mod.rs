@@ -14,6 +14,7 @@ use kernex_protocol::api::{
     self, DesiredAction, DesiredState, EnrollRequest, EnrollResponse, Heartbeat, Report,
     ReportState,
 };
+use kernex_protocol::device_key::DeviceKey;
 use reqwest::StatusCode;
 
 mod link;
@@ -69,7 +70,13 @@ pub(crate) struct SimDevice {
     pub device_id: String,
     /// The server's id for it.
     pub pk: String,
+    /// Its key, as `kernex-updater` makes one: the identity it signs
+    /// server nonces with for access tokens.
+    key: DeviceKey,
+    /// The current access token.
     credential: String,
+    /// When to sign for a new one (a minute before it expires).
+    renew_at: std::time::Instant,
     /// Index into the options' link profiles.
     pub profile: usize,
     pub site: String,
@@ -117,6 +124,15 @@ pub(crate) struct Ctx<'a> {
     pub dt: i64,
 }
 
+/// When to renew a token valid `secs` from now: a minute early (at
+/// once for tokens shorter than two minutes' half).
+fn renew_at(secs: u64) -> std::time::Instant {
+    let secs = if secs > 120 { secs - 60 } else { secs / 2 };
+    let now = std::time::Instant::now();
+    now.checked_add(std::time::Duration::from_secs(secs))
+        .unwrap_or(now + std::time::Duration::from_secs(86_400 * 365))
+}
+
 /// `secs` in ms, at most a century: a longer delay means "never", and
 /// adding it to a time stays in range.
 pub(crate) fn ms(secs: u64) -> i64 {
@@ -143,6 +159,14 @@ impl SimDevice {
             tz,
             offline,
         } = plan;
+        let key = DeviceKey::generate()?;
+        let challenge: api::Challenge = http
+            .post(format!("{base}{}", api::paths::CHALLENGE))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
         let request = EnrollRequest {
             enrollment_token: token.to_string(),
             device_id: device_id.clone(),
@@ -154,6 +178,7 @@ impl SimDevice {
             time_zone: Some(tz.clone()),
             tpm: None,
             tpm_slot_pcr: None,
+            key: Some(key.proof(&device_id, &challenge.nonce)?),
         };
         let resp = http
             .post(format!("{base}{}", api::paths::ENROLL))
@@ -182,7 +207,9 @@ impl SimDevice {
         Ok(SimDevice {
             pk: enrolled.id,
             device_id,
+            key,
             credential: enrolled.credential,
+            renew_at: renew_at(enrolled.expires_in_secs.unwrap_or(u64::MAX / 2000)),
             profile,
             site,
             tz,
@@ -197,6 +224,45 @@ impl SimDevice {
             max_day_bytes: 0,
             downloaded: 0,
         })
+    }
+
+    /// Signs a fresh nonce for a new access token when the current one is
+    /// about to expire (wall-clock time: the server's test clock does not
+    /// age tokens). A failure is retried at the next step.
+    async fn renew(&mut self, ctx: &Ctx<'_>) {
+        if std::time::Instant::now() < self.renew_at {
+            return;
+        }
+        let renewed: Result<api::AccessToken> = async {
+            let challenge: api::Challenge = ctx
+                .http
+                .post(format!("{}{}", ctx.base, api::paths::CHALLENGE))
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            let auth = self.key.auth(&self.pk, &challenge.nonce)?;
+            Ok(ctx
+                .http
+                .post(format!("{}{}", ctx.base, api::paths::AUTH))
+                .json(&auth)
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?)
+        }
+        .await;
+        match renewed {
+            Ok(token) => {
+                self.credential = token.token;
+                self.renew_at = renew_at(token.expires_in_secs);
+            }
+            Err(e) => {
+                tracing::debug!(device = %self.device_id, error = %format!("{e:#}"), "unable to renew the access token")
+            }
+        }
     }
 
     /// Reachable at `now`.
@@ -235,6 +301,7 @@ impl SimDevice {
         if !self.online(now) {
             return 0;
         }
+        self.renew(ctx).await;
         self.flush(ctx).await;
         match self.phase.clone() {
             Phase::Downloading {

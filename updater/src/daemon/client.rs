@@ -72,6 +72,16 @@ pub struct PollAnswer {
     pub poll_after: Option<Duration>,
 }
 
+/// What an enrollment came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Enrollment {
+    /// Enrolled: the credential.
+    Enrolled(api::EnrollResponse),
+    /// The device id is enrolled already and this request did not prove
+    /// it is that device: an operator decides; no credential.
+    Pending(api::EnrollPending),
+}
+
 /// The device API at `base` (e.g. `http://127.0.0.1:8080`).
 #[derive(Debug)]
 pub struct Client {
@@ -104,9 +114,35 @@ impl Client {
         }
     }
 
-    /// Enrolls with a factory token ([`paths::ENROLL`]).
-    pub fn enroll(&self, req: &api::EnrollRequest) -> Result<api::EnrollResponse, ClientError> {
-        parse(&self.post(None, paths::ENROLL, req, None)?)
+    /// Enrolls with a factory token ([`paths::ENROLL`]): enrolled, or
+    /// waiting for an operator (202: the device id is enrolled already and
+    /// this key is not its key).
+    pub fn enroll(&self, req: &api::EnrollRequest) -> Result<Enrollment, ClientError> {
+        let (status, body) = self.post_status(None, paths::ENROLL, req)?;
+        match status {
+            202 => Ok(Enrollment::Pending(parse(&body)?)),
+            200..=299 => Ok(Enrollment::Enrolled(parse(&body)?)),
+            _ => Err(classify(status, &body)),
+        }
+    }
+
+    /// A nonce to sign ([`paths::CHALLENGE`]).
+    pub fn challenge(&self) -> Result<api::Challenge, ClientError> {
+        parse(&self.post(None, paths::CHALLENGE, &serde_json::json!({}), None)?)
+    }
+
+    /// Trades a signed nonce for an access token ([`paths::AUTH`]).
+    pub fn auth(&self, auth: &api::DeviceAuth) -> Result<api::AccessToken, ClientError> {
+        parse(&self.post(None, paths::AUTH, auth, None)?)
+    }
+
+    /// Registers (or rotates) the device key ([`paths::KEY`]).
+    pub fn register_key(
+        &self,
+        credential: &str,
+        proof: &api::KeyProof,
+    ) -> Result<api::AccessToken, ClientError> {
+        parse(&self.post(Some(credential), paths::KEY, proof, None)?)
     }
 
     /// Polls for desired state ([`paths::POLL`]; `None` when there is
@@ -198,6 +234,28 @@ impl Client {
         quote: &api::QuoteReport,
     ) -> Result<api::QuoteResult, ClientError> {
         parse(&self.post(Some(credential), paths::ATTESTATION, quote, None)?)
+    }
+
+    /// POSTs `body` as JSON to `path`; the status and answer body.
+    fn post_status<T: Serialize + ?Sized>(
+        &self,
+        credential: Option<&str>,
+        path: &str,
+        body: &T,
+    ) -> Result<(u16, Vec<u8>), ClientError> {
+        let json = serde_json::to_vec(body)
+            .map_err(|e| ClientError::BadAnswer(format!("unable to encode the request: {e}")))?;
+        let mut req = self
+            .agent
+            .post(self.url(path))
+            .header("Content-Type", "application/json");
+        if let Some(c) = credential {
+            req = req.header("Authorization", format!("Bearer {c}"));
+        }
+        let resp = req
+            .send(&json[..])
+            .map_err(|e| ClientError::Offline(e.to_string()))?;
+        read(resp)
     }
 
     /// POSTs `body` as JSON to `path`; the answer body on 2xx.

@@ -3,7 +3,8 @@
 //! At every boot: finish what the last boot started (report that the new
 //! slot came up, or that the bootloader fell back), run the health watchdog
 //! if the booted slot is on trial, and report its verdict. Then, forever:
-//! enroll once (credential stored 0600 in the data dir), deliver queued
+//! enroll once (a key made on the device, stored 0600 in the data dir and
+//! never sent; short-lived access tokens signed for with it), deliver queued
 //! reports and log batches in order, heartbeat with inventory, poll for the
 //! desired release, and install it (or roll back to the other slot) when
 //! the server says so and its download window is open, reporting every
@@ -257,13 +258,19 @@ impl<'a> Daemon<'a> {
         }
     }
 
-    /// A refused credential is forgotten so the next cycle enrolls again.
+    /// A refused access token is dropped so the next cycle signs for a
+    /// new one; a refused bearer credential is forgotten so the next cycle
+    /// enrolls again.
     fn on_client_error(&mut self, e: ClientError) -> anyhow::Error {
         if let ClientError::Unauthorized { .. } = e {
-            tracing::warn!("the server refused the credential; enrolling again next cycle");
-            self.credential = None;
-            if let Err(err) = state::forget_credential(&self.data) {
-                tracing::warn!(error = %err, "unable to remove the credential");
+            if let Some(c) = self.credential.as_mut().filter(|c| c.keyed) {
+                tracing::info!(
+                    "the server refused the access token; authenticating again next cycle"
+                );
+                c.expires_at = None;
+            } else {
+                tracing::warn!("the server refused the credential; enrolling again next cycle");
+                self.forget_credential();
             }
         }
         anyhow::Error::new(e)

@@ -1,5 +1,6 @@
 //! What the daemon remembers across restarts and reboots, in the data dir:
-//! its credential (`credential.json`, mode 0600) and what it is waiting for
+//! its key (`device-key.pem`, mode 0600), its credential
+//! (`credential.json`, mode 0600) and what it is waiting for
 //! (`daemon.json`: an install or rollback that needs a reboot to finish).
 
 use kernex_device::layout;
@@ -9,6 +10,7 @@ use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use kernex_bootloader::Slot;
+use kernex_protocol::device_key::DeviceKey;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{UpdateError, io_err};
@@ -24,8 +26,17 @@ pub struct Credential {
     pub device_id: String,
     /// The server's id for this device.
     pub id: String,
-    /// The bearer credential.
+    /// The bearer credential: with [`Credential::keyed`] the latest access
+    /// token (minutes), otherwise a long-lived credential from before
+    /// device keys, which the daemon trades for a key registration.
     pub credential: String,
+    /// The device authenticates with its key ([`layout::DEVICE_KEY`]).
+    #[serde(default)]
+    pub keyed: bool,
+    /// When the access token expires, unix ms by this device's clock
+    /// (a wrong clock costs a refused request and a new token, no more).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
 }
 
 /// What a pending reboot should finish.
@@ -125,7 +136,7 @@ pub fn store_credential(data: &DataDir, c: &Credential) -> Result<(), UpdateErro
     write_private(&path, &bytes)
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), UpdateError> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), UpdateError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io_err("create", dir))?;
     let tmp = path.with_extension("tmp");
@@ -141,6 +152,26 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), UpdateError> {
     fs::rename(&tmp, path).map_err(io_err("rename", &tmp))?;
     sync_dir(dir);
     Ok(())
+}
+
+/// The device's key ([`layout::DEVICE_KEY`]): read, or made (Ed25519)
+/// and stored with mode 0600 the first time. It never leaves the device.
+pub fn device_key(data: &DataDir) -> Result<DeviceKey, UpdateError> {
+    let path = data.root().join(layout::DEVICE_KEY);
+    let bad = |e: kernex_protocol::device_key::KeyError| UpdateError::State {
+        path: path.clone(),
+        reason: e.to_string(),
+    };
+    match crate::store::read_limited(&path, 16 * 1024) {
+        Ok(pem) => DeviceKey::from_pem(&pem).map_err(bad),
+        Err(_) if !path.exists() => {
+            let key = DeviceKey::generate().map_err(bad)?;
+            write_private(&path, &key.to_pem().map_err(bad)?)?;
+            tracing::info!(path = %path.display(), "device key created");
+            Ok(key)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Identifies this boot: the kernel's random boot id, or for a simulated

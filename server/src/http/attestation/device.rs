@@ -78,10 +78,10 @@ async fn activating_device(state: &AppState, headers: &HeaderMap) -> Result<Devi
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .filter(|t| t.starts_with("kxd_"))
         .ok_or(Error::Unauthorized)?;
+    let kind = credential::Kind::of(token).ok_or(Error::Unauthorized)?;
     let hash = crate::store::secret_hash(token);
-    let device = credential::authenticate_activating(state, &hash).await?;
+    let device = credential::authenticate_activating(state, kind, &hash).await?;
     state.limits.check(
         &format!("device:{}", device.pk),
         state.config.device_requests_per_minute,

@@ -32,6 +32,7 @@ struct ActivationRow {
     slot_pcr: i64,
     credential_hash: String,
     pending_credential_hash: Option<String>,
+    pending_public_key: Option<String>,
     created_at: i64,
 }
 
@@ -103,7 +104,7 @@ pub async fn activate(
 ) -> Result<Activated> {
     let credential = decode_hex("credential", &answer.credential, 256)?;
     let row = sqlx::query_as::<_, ActivationRow>(
-        "SELECT ek_fingerprint, ak_public, slot_pcr, credential_hash, pending_credential_hash, created_at FROM tpm_activations WHERE device_pk = $1",
+        "SELECT ek_fingerprint, ak_public, slot_pcr, credential_hash, pending_credential_hash, pending_public_key, created_at FROM tpm_activations WHERE device_pk = $1",
     )
     .bind(&device.pk)
     .fetch_optional(state.store.pool())
@@ -139,20 +140,51 @@ pub async fn activate(
         ));
     }
     let ek_fingerprint = row.ek_fingerprint;
+    // A re-enrollment that brought a key: the key becomes the device's and
+    // the pending secret is its first access token.
+    let (pending_credential, pending_token) =
+        match (&row.pending_public_key, &row.pending_credential_hash) {
+            (Some(_), Some(token)) => (
+                Some(crate::service::devices::identity::retired_credential()?),
+                Some(token.clone()),
+            ),
+            _ => (row.pending_credential_hash.clone(), None),
+        };
     let bound = sqlx::query(
-        "UPDATE devices SET ek_fingerprint = $1, ak_public = $2, slot_pcr = $3, credential_hash = COALESCE($4, credential_hash), attestation = 'pending', attestation_reason = NULL, attested_version = NULL, attested_at = NULL, quote_nonce = NULL, quote_nonce_at = NULL WHERE id = $5",
+        "UPDATE devices SET ek_fingerprint = $1, ak_public = $2, slot_pcr = $3, credential_hash = COALESCE($4, credential_hash), public_key = COALESCE($5, public_key), attestation = 'pending', attestation_reason = NULL, attested_version = NULL, attested_at = NULL, quote_nonce = NULL, quote_nonce_at = NULL WHERE id = $6",
     )
     .bind(&ek_fingerprint)
     .bind(&row.ak_public)
     .bind(row.slot_pcr)
-    .bind(&row.pending_credential_hash)
+    .bind(&pending_credential)
+    .bind(&row.pending_public_key)
     .bind(&device.pk)
     .execute(state.store.pool())
     .await;
     match bound {
         // A swapped credential: the old one stops working now; and cached
         // entries that still say "unproven" go.
-        Ok(_) => crate::poll_cache::forget_device(state, &device.pk).await,
+        Ok(_) => {
+            if let Some(token_hash) = &pending_token {
+                // The old key's tokens go; the new key's first one starts.
+                sqlx::query("DELETE FROM device_access_tokens WHERE device_pk = $1")
+                    .bind(&device.pk)
+                    .execute(state.store.pool())
+                    .await?;
+                sqlx::query(
+                    "INSERT INTO device_access_tokens (token_hash, device_pk, expires_at) VALUES ($1, $2, $3)",
+                )
+                .bind(token_hash)
+                .bind(&device.pk)
+                .bind(crate::store::now_ms().saturating_add(
+                    i64::try_from(state.config.device_token_secs.saturating_mul(1000))
+                        .unwrap_or(i64::MAX),
+                ))
+                .execute(state.store.pool())
+                .await?;
+            }
+            crate::poll_cache::forget_device(state, &device.pk).await
+        }
         // The unique (org, EK) index: another device id got this TPM first.
         Err(e) if crate::store::is_unique_violation(&e) => {
             return Err(Error::Conflict(format!(

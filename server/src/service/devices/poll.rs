@@ -13,6 +13,7 @@ use kernex_protocol::api::{DesiredState, paths};
 use crate::AppState;
 use crate::auth::Device;
 use crate::service::attestation::is_unproven;
+use crate::service::devices::credential::Kind;
 use crate::service::{Error, Result};
 
 /// The release assigned to a device outside rollouts.
@@ -61,6 +62,7 @@ pub struct Answer {
 /// The row [`authenticate`] reads.
 #[derive(Debug, sqlx::FromRow)]
 struct PollRow {
+    expires_at: Option<i64>,
     id: String,
     org_id: String,
     device_id: String,
@@ -76,18 +78,25 @@ struct PollRow {
 
 /// The non-revoked device whose credential hashes to `hash`, and what its
 /// poll needs to know; [`Error::Unauthorized`] when there is none.
-pub async fn authenticate(state: &AppState, hash: &str) -> Result<Polled> {
-    let row = sqlx::query_as::<_, PollRow>(
-        "SELECT d.id, d.org_id, d.device_id, d.current_version, d.tpm_required, d.ek_fingerprint, r.id AS release_id, r.version, r.size, r.sha256, \
+pub async fn authenticate(state: &AppState, kind: Kind, hash: &str) -> Result<Polled> {
+    let (from, filter, expires) = kind.from_where("$3");
+    let sql = format!(
+        "SELECT {expires} AS expires_at, d.id, d.org_id, d.device_id, d.current_version, d.tpm_required, d.ek_fingerprint, r.id AS release_id, r.version, r.size, r.sha256, \
          CAST(CASE WHEN EXISTS (SELECT 1 FROM rollout_devices rd JOIN rollouts ro ON ro.id = rd.rollout_id \
               WHERE rd.device_pk = d.id AND (ro.status IN ('scheduled', 'running', 'paused', 'rolled_back') \
               OR (ro.status = 'completed' AND (ro.completed_at >= $2 OR rd.state IN ('pending', 'scheduled', 'downloading', 'installed', 'rebooting'))))) \
          THEN 1 ELSE 0 END AS BIGINT) AS in_rollout \
-         FROM devices d LEFT JOIN releases r ON r.id = d.desired_release_id \
-         WHERE d.credential_hash = $1 AND d.revoked = 0",
-    )
-    .bind(hash)
-    .bind(crate::service::rollouts::device::watch_since(state))
+         FROM {from} LEFT JOIN releases r ON r.id = d.desired_release_id \
+         WHERE {filter}"
+    );
+    let row = sqlx::query_as::<_, PollRow>(&sql)
+        .bind(hash)
+        .bind(crate::service::rollouts::device::watch_since(state));
+    let row = if kind == Kind::Access {
+        row.bind(crate::store::now_ms())
+    } else {
+        row
+    }
     .fetch_optional(state.store.pool())
     .await?
     .ok_or(Error::Unauthorized)?;
@@ -111,6 +120,7 @@ pub async fn authenticate(state: &AppState, hash: &str) -> Result<Polled> {
             pk: row.id,
             org_id: row.org_id,
             device_id: row.device_id,
+            expires_at: row.expires_at,
         },
         current_version: row.current_version,
         assigned,
