@@ -44,6 +44,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "release_deltas_exact",
         include_str!("../migrations/0007_release_deltas_exact.sql"),
     ),
+    (
+        11,
+        "accounts",
+        include_str!("../migrations/0011_accounts.sql"),
+    ),
 ];
 
 /// Which database is behind the pool.

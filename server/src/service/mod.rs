@@ -7,12 +7,14 @@
 //! maps it to a status and a JSON body, once (`impl From<service::Error>
 //! for http::Error`).
 
+pub mod accounts;
 pub mod attestation;
 pub mod audit;
 pub mod deployments;
 pub mod devices;
 pub mod enrollment;
 pub mod names;
+pub mod orgs;
 pub mod releases;
 pub mod rollouts;
 pub mod users;

@@ -38,7 +38,7 @@ impl From<DeviceRow> for Device {
 /// [`Error::Unauthorized`] when there is none.
 pub async fn authenticate(state: &AppState, hash: &str) -> Result<Device> {
     let row = sqlx::query_as::<_, DeviceRow>(
-        "SELECT id, org_id, device_id, tpm_required, ek_fingerprint FROM devices WHERE credential_hash = $1 AND revoked = 0",
+        "SELECT id, org_id, device_id, tpm_required, ek_fingerprint FROM devices WHERE credential_hash = $1 AND revoked = 0 AND org_id NOT IN (SELECT id FROM organizations WHERE disabled = 1)",
     )
     .bind(hash)
     .fetch_optional(state.store.pool())
@@ -52,7 +52,7 @@ pub async fn authenticate(state: &AppState, hash: &str) -> Result<Device> {
 /// this answer (`tpm_activations.pending_credential_hash`).
 pub async fn authenticate_activating(state: &AppState, hash: &str) -> Result<Device> {
     let row = sqlx::query_as::<_, DeviceRow>(
-        "SELECT d.id, d.org_id, d.device_id, d.tpm_required, d.ek_fingerprint FROM devices d WHERE d.revoked = 0 AND (d.credential_hash = $1 OR d.id = (SELECT a.device_pk FROM tpm_activations a WHERE a.pending_credential_hash = $1))",
+        "SELECT d.id, d.org_id, d.device_id, d.tpm_required, d.ek_fingerprint FROM devices d WHERE d.revoked = 0 AND d.org_id NOT IN (SELECT id FROM organizations WHERE disabled = 1) AND (d.credential_hash = $1 OR d.id = (SELECT a.device_pk FROM tpm_activations a WHERE a.pending_credential_hash = $1))",
     )
     .bind(hash)
     .fetch_optional(state.store.pool())

@@ -70,7 +70,7 @@ pub async fn enroll(state: &AppState, req: &EnrollRequest) -> Result<Outcome> {
     };
     check_link(&link)?;
     let token = sqlx::query_as::<_, TokenRow>(
-        "SELECT id, org_id, tags, require_preauthorization, require_tpm FROM enrollment_tokens WHERE token_hash = $1 AND revoked = 0 AND (expires_at IS NULL OR expires_at > $2)",
+        "SELECT id, org_id, tags, require_preauthorization, require_tpm FROM enrollment_tokens WHERE token_hash = $1 AND revoked = 0 AND (expires_at IS NULL OR expires_at > $2) AND org_id NOT IN (SELECT id FROM organizations WHERE disabled = 1)",
     )
     .bind(secret_hash(&req.enrollment_token))
     .bind(now_ms())

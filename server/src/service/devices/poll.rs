@@ -84,7 +84,8 @@ pub async fn authenticate(state: &AppState, hash: &str) -> Result<Polled> {
               OR (ro.status = 'completed' AND (ro.completed_at >= $2 OR rd.state IN ('pending', 'scheduled', 'downloading', 'installed', 'rebooting'))))) \
          THEN 1 ELSE 0 END AS BIGINT) AS in_rollout \
          FROM devices d LEFT JOIN releases r ON r.id = d.desired_release_id \
-         WHERE d.credential_hash = $1 AND d.revoked = 0",
+         WHERE d.credential_hash = $1 AND d.revoked = 0 \
+         AND d.org_id NOT IN (SELECT id FROM organizations WHERE disabled = 1)",
     )
     .bind(hash)
     .bind(crate::service::rollouts::device::watch_since(state))
