@@ -1231,7 +1231,7 @@ async fn audit_log_is_a_hash_chain(h: Arc<Harness>) {
         .unwrap()
         .try_get("n")
         .unwrap();
-    assert_eq!(n, 4);
+    assert_eq!(n, 5);
 }
 
 async fn openapi_and_metrics(h: Arc<Harness>) {
