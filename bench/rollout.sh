@@ -160,7 +160,16 @@ EOF
     done
     grep -q listening "$dir.out" || die "kernex-server did not start: $(cat "$dir.err")"
     url=http://127.0.0.1:$port
-    password=$(sed -n 's/.*(shown only now): //p' "$dir.out")
+    # The bootstrap password must be changed before anything else.
+    local one_time token
+    one_time=$(sed -n 's/.*(shown only now): //p' "$dir.out")
+    password=$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')
+    token=$(curl -sS --fail-with-body "$url/api/v1/login" -H 'content-type: application/json' \
+        -d "{\"email\":\"admin@localhost\",\"password\":\"$one_time\"}" | jq -r .token)
+    curl -sS --fail-with-body "$url/api/v1/account/password" -H "authorization: Bearer $token" \
+        -H 'content-type: application/json' \
+        -d "{\"current_password\":\"$one_time\",\"new_password\":\"$password\"}" >/dev/null ||
+        die "unable to change the bootstrap password"
 }
 
 summary() { # $1: JSON summary file

@@ -135,6 +135,14 @@ impl ControlPlane {
             .as_str()
             .context("login gave no token")?
             .to_owned();
+        // The bootstrap password must be changed before anything else.
+        let new_password = format!("hw-tests {password}");
+        cp.call_expecting(
+            204,
+            "POST",
+            "/api/v1/account/password",
+            Some(json!({"current_password": password, "new_password": new_password})),
+        )?;
         let pem = std::fs::read_to_string(ca_pem)
             .with_context(|| format!("read {}", ca_pem.display()))?;
         cp.call_expecting(

@@ -98,6 +98,12 @@ pub async fn create_user(
 pub struct Operator {
     /// SHA-256 of the token used (for logout).
     pub token_hash: String,
+    /// An API token (automation), not a login session.
+    pub api_token: bool,
+    /// The password must be changed before anything else is allowed.
+    pub must_change_password: bool,
+    /// May manage the instance's organisations.
+    pub instance_admin: bool,
     /// User id.
     pub user_id: String,
     /// Organisation id: every query is scoped to it.
@@ -106,6 +112,82 @@ pub struct Operator {
     pub email: String,
     /// Role.
     pub role: Role,
+}
+
+/// How a session or API token is named to list and revoke it: the first
+/// 24 hex digits of its hash (never the secret, never the whole hash).
+pub fn credential_id(token_hash: &str) -> &str {
+    token_hash.get(..24).unwrap_or(token_hash)
+}
+
+#[derive(sqlx::FromRow)]
+struct OperatorRow {
+    id: String,
+    org_id: String,
+    email: String,
+    role: String,
+    kind: String,
+    token_role: Option<String>,
+    disabled: i64,
+    must_change_password: i64,
+    instance_admin: i64,
+    org_disabled: i64,
+}
+
+/// The operator an operator token (`kxo_` session or `kxa_` API token)
+/// authenticates, read from the store on every request: a role change, a
+/// disabled user or organisation, a revoked token take effect at once.
+/// [`Error::Unauthorized`] for an unknown, expired or revoked token, or a
+/// disabled user; [`Error::Refused`] for a disabled organisation.
+pub async fn authenticate(store: &Store, token: &str) -> Result<Operator, Error> {
+    if !token.starts_with("kxo_") && !token.starts_with("kxa_") {
+        return Err(Error::Unauthorized);
+    }
+    let hash = crate::store::secret_hash(token);
+    let row = sqlx::query_as::<_, OperatorRow>(
+        "SELECT u.id, u.org_id, u.email, u.role, t.kind, t.role AS token_role, u.disabled, \
+         u.must_change_password, u.instance_admin, o.disabled AS org_disabled \
+         FROM api_tokens t JOIN users u ON u.id = t.user_id JOIN organizations o ON o.id = u.org_id \
+         WHERE t.token_hash = $1 AND t.revoked = 0 AND t.expires_at > $2",
+    )
+    .bind(&hash)
+    .bind(now_ms())
+    .fetch_optional(store.pool())
+    .await?
+    .ok_or(Error::Unauthorized)?;
+    if row.disabled != 0 {
+        return Err(Error::Unauthorized);
+    }
+    if row.org_disabled != 0 {
+        return Err(Error::Refused("your organisation is disabled".into()));
+    }
+    let role = Role::parse(&row.role)
+        .ok_or_else(|| Error::Internal(anyhow!("unknown role {:?} in the database", row.role)))?;
+    let api_token = row.kind == "api";
+    // An API token acts with its own role, never above its user's current one.
+    let role = match row.token_role.as_deref().and_then(Role::parse) {
+        Some(cap) if api_token => role.min(cap),
+        _ => role,
+    };
+    Ok(Operator {
+        token_hash: hash,
+        api_token,
+        must_change_password: row.must_change_password != 0,
+        instance_admin: row.instance_admin != 0 && !api_token,
+        user_id: row.id,
+        org_id: row.org_id,
+        email: row.email,
+        role,
+    })
+}
+
+/// The refusal for an operator who must change the password first.
+pub fn must_change_password() -> Error {
+    Error::Refused(
+        "you must change your password before anything else: POST /api/v1/account/password \
+         (or the web UI's account page)"
+            .into(),
+    )
 }
 
 impl Operator {

@@ -75,6 +75,14 @@ impl CredentialCache {
         }
     }
 
+    /// Forgets every credential of organisation `org_id` (disabled).
+    pub fn forget_org(&self, org_id: &str) {
+        if let Ok(mut entries) = self.entries.lock() {
+            self.generation.fetch_add(1, Ordering::SeqCst);
+            entries.retain(|_, (d, _)| d.org_id != org_id);
+        }
+    }
+
     /// Entries held (fresh or not).
     pub fn len(&self) -> usize {
         self.entries.lock().map(|e| e.len()).unwrap_or(0)

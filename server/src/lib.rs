@@ -2,6 +2,7 @@
 //! the audit log, over an HTTP API (`http::app`) backed by a sqlx store
 //! (SQLite or PostgreSQL) and an object store for bundles.
 
+pub mod admin;
 pub mod audit;
 pub mod auth;
 pub mod blobs;
@@ -135,7 +136,8 @@ pub struct FirstAdmin {
     pub organization: String,
     /// Email.
     pub email: String,
-    /// One-time password: shown once, stored only as an argon2 hash.
+    /// One-time password: shown once, stored only as an argon2 hash, and
+    /// it must be changed at first login.
     pub password: String,
 }
 
@@ -151,19 +153,12 @@ pub async fn bootstrap(state: &AppState) -> Result<Option<FirstAdmin>> {
     }
     let org = &state.config.default_organization;
     let org_id = create_organization(&state.store, org).await?;
-    let password = store::new_secret("pw")?;
-    let password = password
-        .get(3..27)
-        .context("generated password too short")?
-        .to_string();
-    auth::create_user(
-        &state.store,
-        &org_id,
-        &state.config.admin_email,
-        &password,
-        auth::Role::Admin,
-    )
-    .await?;
+    // The instance admin: the default organisation's admin, who must
+    // change this password before anything else.
+    let (_, password) =
+        service::orgs::create_org_admin(&state.store, &org_id, &state.config.admin_email, true)
+            .await
+            .map_err(|e| anyhow::anyhow!("unable to create the first admin: {e}"))?;
     audit::append(
         &state.store,
         audit::Entry {

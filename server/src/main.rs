@@ -13,8 +13,13 @@ use kernex_server::{AppState, bootstrap, http};
 ///
 /// With no options it keeps everything in ./kernex-data: an embedded SQLite
 /// database (kernex.db) and a blob directory (blobs/). On the first start it
-/// creates the default organisation and an admin user and prints the
-/// admin's one-time password; log in with `POST /api/v1/login`.
+/// creates the default organisation and its admin (also the instance
+/// admin) and prints the admin's one-time password, once; it must be
+/// changed at the first login (`POST /api/v1/account/password`, or the web
+/// UI asks).
+///
+/// `kernex-server admin org ...` manages organisations on the host, against
+/// the same database (see `kernex-server admin org --help`).
 ///
 /// The API is described at /api/v1/openapi.json; Prometheus metrics are at
 /// /metrics. Logs go to stderr; set RUST_LOG (e.g. `kernex_server=debug`)
@@ -27,19 +32,23 @@ use kernex_server::{AppState, bootstrap, http};
 ///     kernex-server --listen 0.0.0.0:8443 --tls-cert server.crt --tls-key server.key
 ///     kernex-server --config /etc/kernex/server.toml
 ///     kernex-server --tpm-cert-store /etc/kernex/tpm-ca
+///     kernex-server admin org create acme --admin-email ops@acme.example
 #[derive(Debug, Parser)]
 #[command(name = "kernex-server", version, verbatim_doc_comment)]
 struct Args {
+    /// Instance administration on the host (default: serve).
+    #[command(subcommand)]
+    command: Option<Command>,
     /// TOML configuration file (see server.example.toml); flags override it.
-    #[arg(long, value_name = "FILE", env = "KERNEX_SERVER_CONFIG")]
+    #[arg(long, value_name = "FILE", env = "KERNEX_SERVER_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Directory for the SQLite database, blobs and the upload spool
     /// [default: ./kernex-data].
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", global = true)]
     data_dir: Option<PathBuf>,
     /// sqlite://FILE?mode=rwc or postgres://USER@HOST/DB
     /// [default: sqlite in the data directory].
-    #[arg(long, value_name = "URL", env = "DATABASE_URL")]
+    #[arg(long, value_name = "URL", env = "DATABASE_URL", global = true)]
     database_url: Option<String>,
     /// Blob store: s3://BUCKET (credentials, region and endpoint from the
     /// config file or AWS_* variables) [default: DATA-DIR/blobs].
@@ -66,6 +75,13 @@ struct Args {
         value_delimiter = ':'
     )]
     tpm_cert_store: Vec<PathBuf>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Manage organisations on the host, against the database.
+    #[command(subcommand)]
+    Admin(kernex_server::admin::AdminCommand),
 }
 
 fn main() {
@@ -112,7 +128,20 @@ fn run(args: Args) -> Result<()> {
         .enable_all()
         .build()
         .context("unable to start the async runtime")?;
-    runtime.block_on(serve(config))
+    match args.command {
+        Some(Command::Admin(cmd)) => runtime.block_on(admin(config, cmd)),
+        None => runtime.block_on(serve(config)),
+    }
+}
+
+async fn admin(config: Config, cmd: kernex_server::admin::AdminCommand) -> Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("unable to create {}", config.data_dir.display()))?;
+    let store = kernex_server::store::Store::connect(&config.database_url()).await?;
+    store.migrate().await?;
+    let outcome = kernex_server::admin::run(&store, cmd).await;
+    store.close().await;
+    outcome
 }
 
 async fn serve(config: Config) -> Result<()> {
@@ -125,7 +154,10 @@ async fn serve(config: Config) -> Result<()> {
     let state = AppState::open(config).await?;
     if let Some(admin) = bootstrap(&state).await? {
         println!(
-            "Created organisation {:?} and admin {:?}.\nOne-time admin password (shown only now): {}",
+            "Created organisation {:?} and admin {:?}.\nOne-time admin password (shown only now): {}\n\
+             WARNING: this password is printed once, never again, and it must be changed at the \
+             first login; until then it allows nothing else. Change it now (web UI, or \
+             POST /api/v1/account/password) and keep this output out of shared logs.",
             admin.organization, admin.email, admin.password
         );
     }

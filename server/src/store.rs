@@ -59,6 +59,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "enrollment_limits",
         include_str!("../migrations/0010_enrollment_limits.sql"),
     ),
+    (
+        11,
+        "accounts",
+        include_str!("../migrations/0011_accounts.sql"),
+    ),
 ];
 
 /// Which database is behind the pool.

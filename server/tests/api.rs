@@ -1190,7 +1190,8 @@ async fn audit_log_is_a_hash_chain(h: Arc<Harness>) {
     let (s, page) = h.call(Method::GET, "/api/v1/audit", Some(&ro), None).await;
     assert_eq!(s, StatusCode::OK);
     let entries = page["entries"].as_array().unwrap();
-    // bootstrap, keyring.set, user.create, enrollment_token.create
+    // bootstrap, the forced password change, keyring.set, user.create,
+    // enrollment_token.create
     let actions: Vec<&str> = entries
         .iter()
         .map(|e| e["action"].as_str().unwrap())
@@ -1201,6 +1202,7 @@ async fn audit_log_is_a_hash_chain(h: Arc<Harness>) {
             "enrollment_token.create",
             "user.create",
             "keyring.set",
+            "user.password.change",
             "organization.bootstrap"
         ]
     );
@@ -1229,7 +1231,7 @@ async fn audit_log_is_a_hash_chain(h: Arc<Harness>) {
         .unwrap()
         .try_get("n")
         .unwrap();
-    assert_eq!(n, 4);
+    assert_eq!(n, 5);
 }
 
 async fn openapi_and_metrics(h: Arc<Harness>) {

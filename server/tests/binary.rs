@@ -1,5 +1,7 @@
 //! The `kernex-server` binary: first start creates the admin and prints its
-//! one-time password, which logs in over real TCP; a restart does not.
+//! one-time password, which logs in over real TCP and must be changed
+//! before anything else; a restart prints nothing and the one-time password
+//! is dead. `kernex-server admin org ...` manages organisations.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -47,10 +49,17 @@ fn start(data_dir: &std::path::Path) -> (Server, String, Vec<String>) {
 }
 
 fn post_json(addr: &str, path: &str, body: &str) -> (u16, String) {
+    send(addr, "POST", path, None, body)
+}
+
+fn send(addr: &str, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -71,10 +80,39 @@ fn first_start_prints_a_one_time_admin_password_that_logs_in() {
         .find_map(|l| l.strip_prefix("One-time admin password (shown only now): "))
         .unwrap_or_else(|| panic!("no password in {lines:?}"))
         .to_string();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("WARNING: this password is printed once")),
+        "{lines:?}"
+    );
     let login = format!(r#"{{"email": "admin@localhost", "password": "{password}"}}"#);
     let (status, body) = post_json(&addr, "/api/v1/login", &login);
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"token\":\"kxo_"), "{body}");
+    assert!(body.contains("\"must_change_password\":true"), "{body}");
+    let token = body
+        .split("\"token\":\"")
+        .nth(1)
+        .and_then(|t| t.split('"').next())
+        .unwrap()
+        .to_string();
+    // Until the password is changed, nothing else is allowed.
+    let (status, body) = send(&addr, "GET", "/api/v1/devices", Some(&token), "");
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("change your password"), "{body}");
+    let change =
+        format!(r#"{{"current_password": "{password}", "new_password": "a new admin password"}}"#);
+    let (status, body) = send(
+        &addr,
+        "POST",
+        "/api/v1/account/password",
+        Some(&token),
+        &change,
+    );
+    assert_eq!(status, 204, "{body}");
+    let (status, body) = send(&addr, "GET", "/api/v1/devices", Some(&token), "");
+    assert_eq!(status, 200, "{body}");
     let (status, _) = post_json(
         &addr,
         "/api/v1/login",
@@ -84,11 +122,19 @@ fn first_start_prints_a_one_time_admin_password_that_logs_in() {
     assert!(data.join("kernex.db").exists());
     drop(server);
 
-    // Second start on the same data: no new admin, the old password works.
+    // Second start on the same data: no new admin, nothing printed; the
+    // one-time password no longer logs in, the new one does.
     let (_server, addr, lines) = start(&data);
     assert!(lines.iter().all(|l| !l.contains("password")), "{lines:?}");
     let (status, _) = post_json(&addr, "/api/v1/login", &login);
-    assert_eq!(status, 200);
+    assert_eq!(status, 401);
+    let (status, body) = post_json(
+        &addr,
+        "/api/v1/login",
+        r#"{"email": "admin@localhost", "password": "a new admin password"}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"must_change_password\":false"), "{body}");
 }
 
 #[test]
@@ -158,4 +204,72 @@ fn an_unusable_tpm_cert_store_stops_the_start_naming_it() {
         assert!(err.contains("tpm-cert-store"), "{err}");
         assert!(err.contains(want), "{err}");
     }
+}
+
+fn admin_cli(data: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_kernex-server"))
+        .args(["admin", "--data-dir"])
+        .arg(data)
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .env_remove("KERNEX_SERVER_CONFIG")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "admin {args:?}: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+#[test]
+fn admin_subcommand_manages_organisations_on_the_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // First start creates the default organisation.
+    drop(start(&data));
+    let out = admin_cli(
+        &data,
+        &[
+            "org",
+            "create",
+            "acme",
+            "--admin-email",
+            "root@acme.example",
+        ],
+    );
+    let password = out
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                "One-time password (shown only now; it must be changed at first login): ",
+            )
+        })
+        .unwrap_or_else(|| panic!("no password in {out}"))
+        .to_string();
+    let list = admin_cli(&data, &["org", "list"]);
+    assert!(list.contains("acme") && list.contains("default"), "{list}");
+    admin_cli(&data, &["org", "rename", "acme", "acme-corp"]);
+
+    let (server, addr, _) = start(&data);
+    let login = format!(
+        r#"{{"organization": "acme-corp", "email": "root@acme.example", "password": "{password}"}}"#
+    );
+    let (status, body) = post_json(&addr, "/api/v1/login", &login);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"must_change_password\":true"), "{body}");
+    drop(server);
+
+    admin_cli(&data, &["org", "disable", "acme-corp"]);
+    assert!(admin_cli(&data, &["org", "list"]).contains("disabled"));
+    let (_server, addr, _) = start(&data);
+    let (status, _) = post_json(&addr, "/api/v1/login", &login);
+    assert_eq!(status, 401, "a disabled organisation's admin cannot log in");
+    drop(_server);
+    admin_cli(&data, &["org", "enable", "acme-corp"]);
+    let (_server, addr, _) = start(&data);
+    let (status, body) = post_json(&addr, "/api/v1/login", &login);
+    assert_eq!(status, 200, "{body}");
 }

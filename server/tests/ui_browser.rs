@@ -361,8 +361,37 @@ fn start_server(data_dir: &Path) -> (Proc, String, String) {
     start_server_with(data_dir, None)
 }
 
-/// Starts kernex-server with a configuration file.
+/// The admin's password once [`start_server_with`] changed the one-time one.
+const ADMIN_PASSWORD: &str = "ui test admin password";
+
+/// Starts kernex-server with a configuration file, and changes the
+/// bootstrap admin's one-time password to [`ADMIN_PASSWORD`] (returned).
 fn start_server_with(data_dir: &Path, config: Option<&Path>) -> (Proc, String, String) {
+    let (server, origin, one_time) = start_server_fresh(data_dir, config);
+    let http = agent();
+    let (s, v) = request(
+        &http,
+        "POST",
+        &format!("{origin}/api/v1/login"),
+        None,
+        Some(json!({"email": "admin@localhost", "password": one_time})),
+    );
+    assert_eq!(s, 200, "{v}");
+    let token = v["token"].as_str().unwrap().to_string();
+    let (s, v) = request(
+        &http,
+        "POST",
+        &format!("{origin}/api/v1/account/password"),
+        Some(&token),
+        Some(json!({"current_password": one_time, "new_password": ADMIN_PASSWORD})),
+    );
+    assert_eq!(s, 204, "{v}");
+    (server, origin, ADMIN_PASSWORD.to_string())
+}
+
+/// Starts kernex-server; returns it, its origin and the admin's one-time
+/// password (not changed yet).
+fn start_server_fresh(data_dir: &Path, config: Option<&Path>) -> (Proc, String, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_kernex-server"));
     if let Some(c) = config {
         command.arg("--config").arg(c);
@@ -1100,4 +1129,157 @@ fn rollout_lifecycle_in_a_real_browser() {
     ] {
         assert!(audit.contains(action), "the audit log shows {action}");
     }
+}
+
+/// Waits until `f` holds, for up to 20 s.
+fn eventually(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn accounts_in_a_real_browser() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, origin, one_time) = start_server_fresh(&dir.path().join("data"), None);
+    let api = |path: &str| format!("{origin}/api/v1{path}");
+    let http = agent();
+    let b = Browser::start(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ui-screenshots"));
+
+    // First login with the one-time password: the UI sends the admin to
+    // the password page, and nowhere else, until it is changed.
+    b.goto(&format!("{origin}/ui/login"));
+    b.type_into("#email", "admin@localhost");
+    b.type_into("#password", &one_time);
+    b.click("form button[type=submit]");
+    b.wait_url("/ui/account/password");
+    b.wait_for("#must-change");
+    b.screenshot("20-forced-password-change");
+    b.goto(&format!("{origin}/ui/devices"));
+    b.wait_url("/ui/account/password");
+    // The two new passwords must match.
+    b.type_into("#current_password", &one_time);
+    b.type_into("#new_password", "the admin's own password");
+    b.type_into("#new_password_again", "a different password");
+    b.click("#password-panel button[type=submit]");
+    b.wait_for("#password-panel p.error");
+    b.type_into("#current_password", &one_time);
+    b.type_into("#new_password", "the admin's own password");
+    b.type_into("#new_password_again", "the admin's own password");
+    b.click("#password-panel button[type=submit]");
+    b.wait_url("/ui/");
+    b.wait_for("[data-count=total]");
+    b.goto(&format!("{origin}/ui/devices"));
+    b.wait_url("/ui/devices");
+    // The one-time password is dead, the new one logs in.
+    let (s, _) = request(
+        &http,
+        "POST",
+        &api("/login"),
+        None,
+        Some(json!({"email": "admin@localhost", "password": one_time})),
+    );
+    assert_eq!(s, 401);
+    let (s, v) = request(
+        &http,
+        "POST",
+        &api("/login"),
+        None,
+        Some(json!({"email": "admin@localhost", "password": "the admin's own password"})),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["must_change_password"], false);
+    let admin = v["token"].as_str().unwrap().to_string();
+
+    // The admin disables a user in the users page; their session stops.
+    let (s, _) = request(
+        &http,
+        "POST",
+        &api("/users"),
+        Some(&admin),
+        Some(json!({"email": "leaver@localhost", "password": "leaver password 1", "role": "ops"})),
+    );
+    assert_eq!(s, 201);
+    let (s, v) = request(
+        &http,
+        "POST",
+        &api("/login"),
+        None,
+        Some(json!({"email": "leaver@localhost", "password": "leaver password 1"})),
+    );
+    assert_eq!(s, 200, "{v}");
+    let leaver = v["token"].as_str().unwrap().to_string();
+    assert_eq!(
+        request(&http, "GET", &api("/me"), Some(&leaver), None).0,
+        200
+    );
+    b.goto(&format!("{origin}/ui/users"));
+    b.click("tr[data-user='leaver@localhost'] a");
+    b.wait_for("#disable-user");
+    b.screenshot("21-user");
+    b.click("#disable-user");
+    b.accept_dialog();
+    b.wait_for("#enable-user");
+    assert_eq!(b.text("main h1"), "leaver@localhost");
+    assert_eq!(
+        request(&http, "GET", &api("/me"), Some(&leaver), None).0,
+        401,
+        "a disabled user's session is refused"
+    );
+    let (_, users) = request(&http, "GET", &api("/users"), Some(&admin), None);
+    let row = users
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["email"] == "leaver@localhost")
+        .unwrap()
+        .clone();
+    assert_eq!(row["disabled"], true);
+    // The role, by the same page.
+    b.js("document.getElementById('role').value = 'read_only'; return null;");
+    b.click("#change-role");
+    b.wait_for("#enable-user");
+    eventually("the role changes to read_only", || {
+        let (_, users) = request(&http, "GET", &api("/users"), Some(&admin), None);
+        users
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|u| u["email"] == "leaver@localhost" && u["role"] == "read_only")
+    });
+
+    // An API token from "My account": shown once, works, then revoked.
+    b.click("#my-account");
+    b.wait_url("/ui/account");
+    b.type_into("#token-name", "CI upload");
+    let days = b.find("#token-days");
+    b.cmd("POST", &format!("/element/{days}/clear"), Some(json!({})));
+    b.cmd(
+        "POST",
+        &format!("/element/{days}/value"),
+        Some(json!({"text": "30"})),
+    );
+    b.click("form[action='/ui/account/tokens'] button[type=submit]");
+    b.wait_for("#new-token");
+    let token = b.text("#new-token");
+    assert!(token.starts_with("kxa_"), "{token}");
+    b.screenshot("22-api-token");
+    let (s, v) = request(&http, "GET", &api("/me"), Some(&token), None);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["email"], "admin@localhost");
+    b.goto(&format!("{origin}/ui/account"));
+    assert!(!b.text("main").contains(&token), "shown only once");
+    b.click("tr[data-kind=api_token] form button");
+    b.accept_dialog();
+    eventually("the token row goes", || {
+        !b.exists("tr[data-kind=api_token]")
+    });
+    assert_eq!(
+        request(&http, "GET", &api("/me"), Some(&token), None).0,
+        401,
+        "a revoked token is refused"
+    );
+    b.screenshot("23-account");
 }

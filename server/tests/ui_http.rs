@@ -910,4 +910,96 @@ both!(
     csrf_is_checked_on_every_mutation,
     read_only_sees_no_controls_and_is_refused,
     bad_input_gets_an_error_page,
+    organisations_and_accounts_pages,
 );
+
+/// The instance admin's organisations page, a user's page and the
+/// account page, rendered and used through their forms.
+async fn organisations_and_accounts_pages(h: Arc<Harness>) {
+    let ui = login(&h, "admin@localhost", common::ADMIN_PASSWORD).await;
+    for path in ["/ui/organizations", "/ui/account", "/ui/users"] {
+        let (s, page) = get(&h, &ui, path).await;
+        assert_eq!(s, StatusCode::OK, "{path}: {page}");
+        assert_same_origin(&page);
+    }
+    let (s, _, page) = post(
+        &h,
+        &ui,
+        "/ui/organizations",
+        &[
+            ("csrf", &ui.csrf),
+            ("name", "acme"),
+            ("admin_email", "root@acme.example"),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{page}");
+    let marker = "id=\"one-time-password\">";
+    let at = page.find(marker).unwrap_or_else(|| panic!("{page}")) + marker.len();
+    let password = &page[at..at + page[at..].find('<').unwrap()];
+    let (s, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/login",
+            None,
+            Some(
+                json!({"organization": "acme", "email": "root@acme.example", "password": password}),
+            ),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["must_change_password"], true);
+    let (_, page) = get(&h, &ui, "/ui/organizations").await;
+    assert!(page.contains("data-org=\"acme\""), "{page}");
+    // The organisation admin is no instance admin: no such page for them.
+    let (s, _) = h
+        .call(
+            Method::POST,
+            "/api/v1/account/password",
+            Some(v["token"].as_str().unwrap()),
+            Some(json!({"current_password": password, "new_password": "acme's own password"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = h
+        .call(Method::POST, "/api/v1/users", Some(&h.admin), Some(json!({"email": "plain-admin@localhost", "password": "plain admin password", "role": "admin"})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let plain = login(&h, "plain-admin@localhost", "plain admin password").await;
+    let (s, _) = get(&h, &plain, "/ui/organizations").await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (_, page) = get(&h, &plain, "/ui/").await;
+    assert!(!page.contains("/ui/organizations"), "no link for them");
+    // A user's page, by the admin; and a role change through its form.
+    let (_, users) = h
+        .call(Method::GET, "/api/v1/users", Some(&h.admin), None)
+        .await;
+    let id = users
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["email"] == "plain-admin@localhost")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (s, page) = get(&h, &ui, &format!("/ui/users/{id}")).await;
+    assert_eq!(s, StatusCode::OK, "{page}");
+    assert!(
+        page.contains("data-kind=\"session\""),
+        "their session is listed: {page}"
+    );
+    let (s, _, _) = post(
+        &h,
+        &ui,
+        &format!("/ui/users/{id}"),
+        &[("csrf", &ui.csrf), ("action", "role"), ("role", "ops")],
+    )
+    .await;
+    assert_eq!(s, StatusCode::SEE_OTHER);
+    let (s, _) = get(&h, &plain, "/ui/users").await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "demoted at once");
+    // Without the CSRF token nothing happens.
+    let (s, _, _) = post(&h, &ui, &format!("/ui/users/{id}"), &[("action", "delete")]).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+}

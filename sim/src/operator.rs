@@ -54,7 +54,14 @@ impl Operator {
         if !login.status().is_success() {
             bail!("login as {email} failed: {}", login.status());
         }
-        let token = login.json::<Value>().await?["token"]
+        let answer = login.json::<Value>().await?;
+        if answer["must_change_password"] == true {
+            bail!(
+                "{email} logged in with a one-time password that must be changed first \
+                 (the web UI asks, or POST /api/v1/account/password); then pass the new one"
+            );
+        }
+        let token = answer["token"]
             .as_str()
             .context("login answered without a token")?
             .to_string();

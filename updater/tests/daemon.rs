@@ -108,6 +108,15 @@ impl ControlPlane {
         );
         assert_eq!(s, 200, "{v}");
         let admin = v["token"].as_str().unwrap().to_string();
+        // The bootstrap password must be changed before anything else.
+        let (s, v) = call(
+            &url,
+            "POST",
+            "/api/v1/account/password",
+            Some(&admin),
+            Some(json!({"current_password": password, "new_password": "daemon test admin"})),
+        );
+        assert_eq!(s, 204, "{v}");
         let cp = ControlPlane {
             url,
             https_url: https.map(|a| format!("https://{a}")),

@@ -2,14 +2,12 @@
 //! or, for the web UI, the session cookie) and a device (its credential).
 //! The accounts, roles and credentials themselves are `crate::auth`'s.
 
-use anyhow::anyhow;
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
-use sqlx::Row;
 
 use crate::AppState;
-use crate::auth::{Device, Operator, Role, SESSION_COOKIE};
+use crate::auth::{Device, Operator, SESSION_COOKIE};
 use crate::http::error::Error;
 use crate::service::devices::credential::Kind;
 use crate::store::{now_ms, secret_hash};
@@ -53,33 +51,33 @@ impl FromRequestParts<AppState> for Operator {
         let token = bearer(parts)
             .or_else(|| session_cookie(parts))
             .ok_or(Error::Unauthorized)?;
-        if !token.starts_with("kxo_") {
-            return Err(Error::Unauthorized);
+        let op = operator(state, token).await?;
+        if op.must_change_password {
+            // Inside `/api/v1` the path arrives without the prefix.
+            let path = parts.uri.path();
+            let path = path.strip_prefix("/api/v1").unwrap_or(path);
+            if !PASSWORD_GATE_OPEN.contains(&path) {
+                return Err(crate::auth::must_change_password().into());
+            }
         }
-        let row = sqlx::query(
-            "SELECT u.id, u.org_id, u.email, u.role FROM api_tokens t JOIN users u ON u.id = t.user_id WHERE t.token_hash = $1 AND t.revoked = 0 AND t.expires_at > $2",
-        )
-        .bind(secret_hash(token))
-        .bind(now_ms())
-        .fetch_optional(state.store.pool())
-        .await?
-        .ok_or(Error::Unauthorized)?;
-        let role: String = row.try_get("role")?;
-        let user_id: String = row.try_get("id")?;
-        state.limits.check(
-            &format!("user:{user_id}"),
-            state.config.user_requests_per_minute,
-        )?;
-        Ok(Operator {
-            token_hash: secret_hash(token),
-            user_id,
-            org_id: row.try_get("org_id")?,
-            email: row.try_get("email")?,
-            role: Role::parse(&role)
-                .ok_or_else(|| Error::Internal(anyhow!("unknown role {role:?} in the database")))?,
-        })
+        Ok(op)
     }
 }
+
+/// The operator a token authenticates (read from the store on every
+/// request), rate-limited per user; the password gate is the caller's.
+pub async fn operator(state: &AppState, token: &str) -> Result<Operator, Error> {
+    let op = crate::auth::authenticate(&state.store, token).await?;
+    state.limits.check(
+        &format!("user:{}", op.user_id),
+        state.config.user_requests_per_minute,
+    )?;
+    Ok(op)
+}
+
+/// What an operator who must change the password may still call.
+/// (under `/api/v1`).
+pub const PASSWORD_GATE_OPEN: &[&str] = &["/account/password", "/logout"];
 
 impl FromRequestParts<AppState> for Device {
     type Rejection = Error;

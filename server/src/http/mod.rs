@@ -1,6 +1,7 @@
 //! The HTTP API. `app(state)` builds the whole router without a socket, so
 //! tests drive it with `tower::ServiceExt::oneshot`.
 
+pub mod accounts;
 pub mod attestation;
 pub mod audit_log;
 pub mod deployments;
@@ -15,6 +16,7 @@ pub mod idempotency;
 pub mod metrics;
 pub mod openapi;
 pub mod peer;
+pub mod orgs;
 pub mod rate_limit;
 pub mod releases;
 pub mod rollouts;
@@ -35,6 +37,8 @@ pub fn app(state: AppState) -> Router {
     let json_limit = state.config.max_json_bytes;
     let api = Router::new()
         .merge(session::router())
+        .merge(accounts::router())
+        .merge(orgs::router())
         .merge(enrollment::router())
         .merge(releases::router())
         .merge(devices::router())

@@ -8,8 +8,8 @@ use utoipa::{Modify, OpenApi};
 
 use crate::AppState;
 use crate::http::{
-    attestation, audit_log, deployments, device_api, device_identity, devices, enrollment,
-    releases, rollouts, session,
+    accounts, attestation, audit_log, deployments, device_api, device_identity, devices,
+    enrollment, orgs, releases, rollouts, session,
 };
 
 /// The API description.
@@ -21,6 +21,10 @@ use crate::http::{
     paths(
         session::login, session::logout, session::me, session::create_user, session::list_users,
         session::set_keyring, session::get_keyring,
+        accounts::change_password, accounts::my_tokens, accounts::create_token,
+        accounts::revoke_my_token, accounts::get_user, accounts::update_user, accounts::delete_user,
+        accounts::user_credentials, accounts::revoke_credential,
+        orgs::list, orgs::create, orgs::update, orgs::add_admin,
         enrollment::create, enrollment::list, enrollment::revoke, enrollment::check,
         releases::upload, releases::list, releases::detail, releases::remove, releases::download_operator,
         devices::list, devices::detail, devices::revoke, devices::set_tags, devices::logs,

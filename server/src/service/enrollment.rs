@@ -31,7 +31,8 @@ pub const MAX_USES_LIMIT: i64 = 1_000_000;
 /// A token is live (not revoked, not expired, counting a token without an
 /// expiry as expiring `max_ttl` ms after it was made). Binds: `$2` now,
 /// `$3` max_ttl.
-const LIVE: &str = "revoked = 0 AND COALESCE(expires_at, created_at + $3) > $2";
+const LIVE: &str = "revoked = 0 AND COALESCE(expires_at, created_at + $3) > $2 \
+    AND org_id NOT IN (SELECT id FROM organizations WHERE disabled = 1)";
 
 /// A stored token (flags are 0/1).
 #[derive(FromRow)]

@@ -9,12 +9,14 @@
 
 pub mod anti_rollback;
 pub mod admission;
+pub mod accounts;
 pub mod attestation;
 pub mod audit;
 pub mod deployments;
 pub mod devices;
 pub mod enrollment;
 pub mod names;
+pub mod orgs;
 pub mod releases;
 pub mod rollouts;
 pub mod users;

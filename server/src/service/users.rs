@@ -40,6 +40,9 @@ pub struct LoginResponse {
     pub expires_at: i64,
     /// The operator's role.
     pub role: Role,
+    /// Until the password is changed (`POST /api/v1/account/password`),
+    /// every other call answers 403.
+    pub must_change_password: bool,
 }
 
 // argon2id hash of a random password nobody knows.
@@ -50,6 +53,7 @@ struct Credentials {
     id: String,
     password_hash: String,
     role: String,
+    must_change_password: i64,
 }
 
 /// Checks email and password and issues a token (401 when they do not
@@ -59,16 +63,21 @@ pub async fn login(state: &AppState, req: LoginRequest) -> Result<LoginResponse>
         .organization
         .unwrap_or_else(|| state.config.default_organization.clone());
     let row = sqlx::query_as::<_, Credentials>(
-        "SELECT u.id, u.password_hash, u.role FROM users u JOIN organizations o ON o.id = u.org_id WHERE o.name = $1 AND u.email = $2",
+        "SELECT u.id, u.password_hash, u.role, u.must_change_password FROM users u JOIN organizations o ON o.id = u.org_id WHERE o.name = $1 AND u.email = $2 AND u.disabled = 0 AND o.disabled = 0",
     )
     .bind(&org)
     .bind(&req.email)
     .fetch_optional(state.store.pool())
     .await?;
     // Hash even when the user is unknown, so timing does not tell.
-    let (user_id, hash, role) = match row {
-        Some(r) => (Some(r.id), r.password_hash, r.role),
-        None => (None, DUMMY_HASH.to_string(), String::new()),
+    let (user_id, hash, role, must_change_password) = match row {
+        Some(r) => (
+            Some(r.id),
+            r.password_hash,
+            r.role,
+            r.must_change_password != 0,
+        ),
+        None => (None, DUMMY_HASH.to_string(), String::new(), false),
     };
     let password = req.password;
     let ok = tokio::task::spawn_blocking(move || auth::verify_password(&password, &hash))
@@ -95,6 +104,7 @@ pub async fn login(state: &AppState, req: LoginRequest) -> Result<LoginResponse>
         token,
         expires_at,
         role,
+        must_change_password,
     })
 }
 
@@ -128,6 +138,10 @@ pub struct User {
     pub email: String,
     /// Role.
     pub role: Role,
+    /// Disabled: every session and token is refused, login too.
+    pub disabled: bool,
+    /// Must change the password before anything else.
+    pub must_change_password: bool,
 }
 
 /// Creates a user in the operator's organisation (admin).
@@ -170,6 +184,8 @@ pub async fn create_user(state: &AppState, op: &Operator, req: NewUser) -> Resul
                 id,
                 email: req.email.clone(),
                 role: req.role,
+                disabled: false,
+                must_change_password: false,
             },
             String::new(),
         ))
@@ -182,12 +198,14 @@ struct UserRow {
     id: String,
     email: String,
     role: String,
+    disabled: i64,
+    must_change_password: i64,
 }
 
 /// The organisation's users, by email.
 pub async fn list_users(state: &AppState, op: &Operator) -> Result<Vec<User>> {
     let rows = sqlx::query_as::<_, UserRow>(
-        "SELECT id, email, role FROM users WHERE org_id = $1 ORDER BY email",
+        "SELECT id, email, role, disabled, must_change_password FROM users WHERE org_id = $1 ORDER BY email",
     )
     .bind(&op.org_id)
     .fetch_all(state.store.pool())
@@ -198,6 +216,8 @@ pub async fn list_users(state: &AppState, op: &Operator) -> Result<Vec<User>> {
             id: r.id,
             email: r.email,
             role: Role::parse(&r.role).unwrap_or(Role::ReadOnly),
+            disabled: r.disabled != 0,
+            must_change_password: r.must_change_password != 0,
         })
         .collect())
 }

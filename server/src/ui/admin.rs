@@ -167,9 +167,13 @@ pub async fn users(
                     div.field.actions { button.primary type="submit" { "Create user" } }
                 }
             }
-            div.table-wrap { table {
-                thead { tr { th scope="col" { "Email" } th scope="col" { "Role" } } }
-                tbody { @for u in &list { tr { td { (u.email) } td { span.badge.role { (u.role.as_str().replace('_', "-")) } } } } }
+            div.table-wrap { table #users {
+                thead { tr { th scope="col" { "Email" } th scope="col" { "Role" } th scope="col" { "State" } } }
+                tbody { @for u in &list { tr data-user=(u.email) {
+                    td { a href={ "/ui/users/" (u.id) } { (u.email) } }
+                    td { span.badge.role { (u.role.as_str().replace('_', "-")) } }
+                    td { @if u.disabled { (status_badge("disabled")) } @else { (status_badge("ok")) } }
+                } } }
             } }
         },
     ))

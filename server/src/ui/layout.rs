@@ -32,6 +32,8 @@ pub enum Nav {
     Audit,
     Users,
     Keyring,
+    Account,
+    Orgs,
 }
 
 fn head(title: &str) -> Markup {
@@ -70,6 +72,7 @@ pub fn page(s: &Session, nav: Nav, title: &str, body: Markup) -> Response {
         (Nav::Users, "/ui/users", "Users", Role::Admin),
         (Nav::Keyring, "/ui/keyring", "Keyring", Role::Admin),
     ];
+    let orgs = s.op.instance_admin;
     let markup = html! {
         (DOCTYPE)
         html lang="en" {
@@ -91,10 +94,19 @@ pub fn page(s: &Session, nav: Nav, title: &str, body: Markup) -> Response {
                                     }
                                 }
                             }
+                            @if orgs {
+                                li {
+                                    @if nav == Nav::Orgs {
+                                        a href="/ui/organizations" aria-current="page" { "Organisations" }
+                                    } @else {
+                                        a href="/ui/organizations" { "Organisations" }
+                                    }
+                                }
+                            }
                         }
                     }
                     div.who {
-                        span { (s.op.email) }
+                        a #my-account href="/ui/account" aria-current=[(nav == Nav::Account).then_some("page")] { (s.op.email) }
                         span.badge.role { (s.op.role.as_str().replace('_', "-")) }
                         form method="post" action="/ui/logout" {
                             (csrf_field(s))
@@ -262,14 +274,18 @@ pub async fn login(
     if request.email.is_empty() || request.password.is_empty() {
         return fail("Enter your email and password.");
     }
-    let token = match users::login(&state, request).await {
-        Ok(session) => session.token,
+    let (token, must_change) = match users::login(&state, request).await {
+        Ok(session) => (session.token, session.must_change_password),
         Err(ServiceError::Unauthorized) => {
             return fail("Wrong email, password or organisation.");
         }
         Err(e) => return Err(e.into()),
     };
-    let mut response = see_other(&next);
+    let mut response = see_other(if must_change {
+        super::PASSWORD_PAGE
+    } else {
+        &next
+    });
     let secure = if is_https(&headers) { "; Secure" } else { "" };
     let session = format!(
         "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{secure}",

@@ -17,6 +17,7 @@
 //! - security headers: a `Content-Security-Policy` that allows only this
 //!   origin, no framing, no sniffing, no caching of pages.
 
+mod account;
 mod admin;
 mod charts;
 mod enrollment_requests;
@@ -25,6 +26,8 @@ mod format;
 mod layout;
 mod link;
 mod operations;
+mod orgs;
+mod people;
 mod releases;
 mod rollouts;
 mod tokens;
@@ -103,6 +106,19 @@ pub fn router() -> Router<AppState> {
         .route("/ui/rollouts/{id}/{action}", post(rollouts::act))
         .route("/ui/audit", get(admin::audit))
         .route("/ui/users", get(admin::users).post(admin::create_user))
+        .route("/ui/users/{id}", get(people::detail).post(people::act))
+        .route(
+            "/ui/users/{id}/credentials/{credential}/revoke",
+            post(account::revoke_credential),
+        )
+        .route("/ui/account", get(account::page))
+        .route(
+            PASSWORD_PAGE,
+            get(account::password_page).post(account::change_password),
+        )
+        .route("/ui/account/tokens", post(account::create_token))
+        .route("/ui/organizations", get(orgs::list).post(orgs::create))
+        .route("/ui/organizations/{id}", post(orgs::act))
         .route("/ui/keyring", get(admin::keyring).post(admin::set_keyring))
         .layer(middleware::from_fn(security_headers))
 }
@@ -230,19 +246,27 @@ impl FromRequestParts<AppState> for Session {
         let Some(secret) = cookie(&parts.headers, SESSION_COOKIE) else {
             return Err(login());
         };
-        // Authenticate exactly as the API does, through its extractor.
-        let mut bearer = axum::http::Request::builder()
-            .method(Method::GET)
-            .header(header::AUTHORIZATION, format!("Bearer {secret}"))
-            .body(())
-            .map_err(|_| login())?
-            .into_parts()
-            .0;
-        let op = match Operator::from_request_parts(&mut bearer, state).await {
+        // Authenticate exactly as the API does it: the store, every request.
+        let op = match crate::auth::authenticate(&state.store, secret).await {
             Ok(op) => op,
-            Err(Error::Unauthorized) => return Err(login()),
+            Err(crate::service::Error::Unauthorized) => return Err(login()),
             Err(e) => return Err(e.into()),
         };
+        state.limits.check(
+            &format!("user:{}", op.user_id),
+            state.config.user_requests_per_minute,
+        )?;
+        if op.must_change_password && !PASSWORD_GATE_OPEN.contains(&parts.uri.path()) {
+            return Err(if parts.method == Method::GET {
+                UiError::Redirect(PASSWORD_PAGE.to_string())
+            } else {
+                UiError::page(
+                    StatusCode::FORBIDDEN,
+                    "Change your password",
+                    "You must change your password before anything else.",
+                )
+            });
+        }
         let csrf = csrf_token(secret);
         if parts.method != Method::GET && parts.method != Method::HEAD {
             // Mutations that are not forms (the upload) carry the header;
@@ -257,6 +281,12 @@ impl FromRequestParts<AppState> for Session {
         Ok(Session { op, csrf })
     }
 }
+
+/// The page where an operator who must change the password is sent.
+pub const PASSWORD_PAGE: &str = "/ui/account/password";
+
+/// What such an operator may still open.
+const PASSWORD_GATE_OPEN: &[&str] = &[PASSWORD_PAGE, "/ui/logout"];
 
 /// Marks a request whose CSRF header was checked.
 #[derive(Debug, Clone, Copy)]
@@ -381,6 +411,8 @@ pub enum UiError {
         /// Where to return.
         next: String,
     },
+    /// Go elsewhere first (e.g. the forced password change).
+    Redirect(String),
     /// An error page.
     Page {
         /// Status.
@@ -509,6 +541,7 @@ impl IntoResponse for UiError {
                 };
                 Redirect::to(&target).into_response()
             }
+            UiError::Redirect(to) => Redirect::to(&to).into_response(),
             UiError::Page {
                 status,
                 title,

@@ -50,6 +50,9 @@ pub struct Harness {
     keys: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<DeviceKey>>>,
 }
 
+/// The admin's password once the harness changed the bootstrap one.
+pub const ADMIN_PASSWORD: &str = "harness admin password";
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 async fn pg_admin() -> sqlx::AnyPool {
@@ -120,7 +123,27 @@ impl Harness {
             listener,
             keys: Default::default(),
         };
-        h.admin = h.login("default", &first.email, &first.password).await;
+        // The bootstrap password must be changed before anything else.
+        let (s, body) = h
+            .call(
+                Method::POST,
+                "/api/v1/login",
+                None,
+                Some(json!({"organization": "default", "email": first.email, "password": first.password})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        assert_eq!(body["must_change_password"], true, "{body}");
+        h.admin = body["token"].as_str().unwrap().to_string();
+        let (s, body) = h
+            .call(
+                Method::POST,
+                "/api/v1/account/password",
+                Some(&h.admin.clone()),
+                Some(json!({"current_password": first.password, "new_password": ADMIN_PASSWORD})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::NO_CONTENT, "{body}");
         let ca = std::fs::read_to_string(golden("ca.crt")).unwrap();
         let (s, _) = h
             .call(

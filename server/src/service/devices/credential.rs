@@ -21,6 +21,9 @@ pub enum Kind {
     Legacy,
 }
 
+/// Devices of a disabled organisation authenticate as no device.
+const LIVE_ORG: &str = "AND d.org_id NOT IN (SELECT id FROM organizations WHERE disabled = 1)";
+
 impl Kind {
     /// The kind of `token`, by its prefix; `None`: not a device secret.
     pub fn of(token: &str) -> Option<Kind> {
@@ -41,12 +44,12 @@ impl Kind {
         match self {
             Kind::Access => (
                 "device_access_tokens t JOIN devices d ON d.id = t.device_pk".into(),
-                format!("t.token_hash = $1 AND t.expires_at > {now} AND d.revoked = 0"),
+                format!("t.token_hash = $1 AND t.expires_at > {now} AND d.revoked = 0 {LIVE_ORG}"),
                 "t.expires_at",
             ),
             Kind::Legacy => (
                 "devices d".into(),
-                "d.credential_hash = $1 AND d.revoked = 0".into(),
+                format!("d.credential_hash = $1 AND d.revoked = 0 {LIVE_ORG}"),
                 "CAST(NULL AS BIGINT)",
             ),
         }
@@ -111,7 +114,7 @@ pub async fn authenticate_activating(state: &AppState, kind: Kind, hash: &str) -
         return Ok(device);
     }
     let row = sqlx::query_as::<_, DeviceRow>(
-        "SELECT d.id, d.org_id, d.device_id, d.tpm_required, d.ek_fingerprint, CAST(NULL AS BIGINT) AS expires_at FROM devices d WHERE d.revoked = 0 AND d.id = (SELECT a.device_pk FROM tpm_activations a WHERE a.pending_credential_hash = $1)",
+        "SELECT d.id, d.org_id, d.device_id, d.tpm_required, d.ek_fingerprint, CAST(NULL AS BIGINT) AS expires_at FROM devices d WHERE d.revoked = 0 AND d.org_id NOT IN (SELECT id FROM organizations WHERE disabled = 1) AND d.id = (SELECT a.device_pk FROM tpm_activations a WHERE a.pending_credential_hash = $1)",
     )
     .bind(hash)
     .fetch_optional(state.store.pool())
