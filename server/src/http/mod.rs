@@ -10,6 +10,7 @@ pub mod devices;
 pub mod enrollment;
 pub mod error;
 pub mod extract;
+pub mod guard;
 pub mod idempotency;
 pub mod metrics;
 pub mod openapi;
@@ -17,6 +18,7 @@ pub mod rate_limit;
 pub mod releases;
 pub mod rollouts;
 pub mod session;
+pub mod throttle;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request};
@@ -33,6 +35,7 @@ pub fn app(state: AppState) -> Router {
     let json_limit = state.config.max_json_bytes;
     let api = Router::new()
         .merge(session::router())
+        .merge(throttle::router())
         .merge(enrollment::router())
         .merge(releases::router())
         .merge(devices::router())
@@ -55,6 +58,7 @@ pub fn app(state: AppState) -> Router {
             state.clone(),
             idempotency::layer,
         ))
+        .layer(middleware::from_fn_with_state(state.clone(), guard::layer))
         .layer(DefaultBodyLimit::max(json_limit))
         .layer(middleware::from_fn_with_state(
             state.clone(),

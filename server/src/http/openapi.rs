@@ -9,7 +9,7 @@ use utoipa::{Modify, OpenApi};
 use crate::AppState;
 use crate::http::{
     attestation, audit_log, deployments, device_api, devices, enrollment, releases, rollouts,
-    session,
+    session, throttle,
 };
 
 /// The API description.
@@ -34,6 +34,7 @@ use crate::http::{
         attestation::preauth::preauthorize, attestation::preauth::list_preauthorizations,
         attestation::preauth::remove_preauthorization, attestation::device::bind,
         attestation::device::activate, attestation::device::attestation,
+        throttle::clear,
     )
 )]
 pub struct ApiDoc;

@@ -12,6 +12,7 @@ pub mod audit;
 pub mod deployments;
 pub mod devices;
 pub mod enrollment;
+pub mod login_throttle;
 pub mod names;
 pub mod releases;
 pub mod rollouts;

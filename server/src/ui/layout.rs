@@ -225,6 +225,7 @@ pub async fn login_page(
 /// session cookie.
 pub async fn login(
     State(state): State<AppState>,
+    crate::serve::ClientAddr(from): crate::serve::ClientAddr,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> UiResult {
@@ -262,7 +263,7 @@ pub async fn login(
     if request.email.is_empty() || request.password.is_empty() {
         return fail("Enter your email and password.");
     }
-    let token = match users::login(&state, request).await {
+    let token = match crate::service::login_throttle::login(&state, request, from).await {
         Ok(session) => session.token,
         Err(ServiceError::Unauthorized) => {
             return fail("Wrong email, password or organisation.");
