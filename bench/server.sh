@@ -18,6 +18,14 @@
 # is assigned with SQL while the server is stopped, and the server started
 # again, before the "release assigned" row.
 #
+# "Login under attack" (issue 21), per backend: the p50/p99 latency of a
+# device poll and of an operator GET (GET /api/v1/releases), each at a
+# fixed rate (--attack-rate per s), while --attackers clients hammer
+# POST /api/v1/login with wrong passwords (bench/login_attack.py: each
+# client on its own loopback address, guessing its own accounts, so every
+# guess reaches the password hasher until the per-address throttle stops
+# it), and the server's peak RSS. Goal: poll p99 < 50 ms, RSS < 300 MB.
+#
 # Usage: bench/server.sh [options]     (see --help; bench/README.md)
 set -euo pipefail
 
@@ -43,6 +51,12 @@ Usage: bench/server.sh [options]
   --profile NAME     cargo profile of the binaries: release, or dev (workspace
                      crates unoptimised, dependencies at opt-level 2; quicker
                      to build) (env BENCH_PROFILE, default release)
+  --attack-duration SECS  seconds of "login under attack" per backend, 0 to
+                     skip it (env BENCH_ATTACK_DURATION, default 20)
+  --attackers N      concurrent wrong-password clients (env BENCH_ATTACKERS,
+                     default 256)
+  --attack-rate N    legitimate polls and operator GETs per second during
+                     the attack, each (env BENCH_ATTACK_RATE, default 10)
   --keep             keep the work directory and the benchmark database
   -h, --help         this text
 
@@ -71,6 +85,9 @@ pg_database=${BENCH_PG_DATABASE:-kernex_bench}
 target_dir=${CARGO_TARGET_DIR:-$repo/target}
 work_root=${BENCH_WORK_DIR:-$target_dir/bench-server}
 profile=${BENCH_PROFILE:-release}
+attack_duration=${BENCH_ATTACK_DURATION:-20}
+attackers=${BENCH_ATTACKERS:-256}
+attack_rate=${BENCH_ATTACK_RATE:-10}
 keep=0
 
 while (($#)); do
@@ -85,12 +102,15 @@ while (($#)); do
         --pg-database) pg_database=${2:?--pg-database needs NAME}; shift 2 ;;
         --work-dir) work_root=${2:?--work-dir needs DIR}; shift 2 ;;
         --profile) profile=${2:?--profile needs NAME}; shift 2 ;;
+        --attack-duration) attack_duration=${2:?--attack-duration needs SECS}; shift 2 ;;
+        --attackers) attackers=${2:?--attackers needs N}; shift 2 ;;
+        --attack-rate) attack_rate=${2:?--attack-rate needs N}; shift 2 ;;
         --keep) keep=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown argument: $1" ;;
     esac
 done
-for n in "$devices" "$duration" "$warmup" "$connections" "$threads"; do
+for n in "$devices" "$duration" "$warmup" "$connections" "$threads" "$attack_duration" "$attackers" "$attack_rate"; do
     [[ $n =~ ^[0-9]+$ ]] || die "not a number: $n"
 done
 ((devices >= 1 && devices <= 1000000)) || die "--devices must be 1 to 1000000"
@@ -182,6 +202,8 @@ EOF
 
 results=$work/results.tsv
 : >"$results"
+attack_results=$work/attack.jsonl
+: >"$attack_results"
 
 # cache_counts URL: "HITS MISSES" of the server's poll cache (0 0 for the
 # bare handler, which has no /metrics).
@@ -311,6 +333,7 @@ for backend in $backends; do
     log "$backend: starting kernex-server"
     start "kernex-server-$backend" "$server_bin" --data-dir "$data" --database-url "$db_url" --listen 127.0.0.1:0
     url="http://$addr"
+    admin_password=$(sed -n 's/^One-time admin password (shown only now): //p' "$work/kernex-server-$backend.out")
     seed "$backend"
 
     # The answers are what they should be before anything is measured.
@@ -330,6 +353,18 @@ for backend in $backends; do
     [[ $code == 200 ]] || die "$backend: poll with a release assigned answered $code, not 200"
     [[ -s $poll_body ]] || cp "$work/poll-$backend.json" "$poll_body"
     measure "poll, release assigned (200)" "$backend" "$url" GET /api/v1/device/poll
+    if ((attack_duration > 0)); then
+        [[ -n $admin_password ]] || die "$backend: no admin password was printed at first start"
+        token=$(curl -s -H 'Content-Type: application/json' \
+            -d "{\"email\": \"admin@localhost\", \"password\": \"$admin_password\"}" "$url/api/v1/login" |
+            python3 -c 'import json, sys; print(json.load(sys.stdin)["token"])') ||
+            die "$backend: the admin could not log in"
+        log "$backend: login under attack ($attackers clients, ${attack_duration} s)"
+        python3 "$here/login_attack.py" --url "$url" --pid "$server_pid" --token "$token" \
+            --devices "$devices" --attackers "$attackers" --duration "$attack_duration" --rate "$attack_rate" |
+            python3 -c 'import json, sys; d = json.load(sys.stdin); d["server"] = sys.argv[1]; print(json.dumps(d))' "$backend" \
+            >>"$attack_results" || die "$backend: login_attack.py failed"
+    fi
     heartbeats=$(case $backend in
         sqlite) python3 -c 'import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute("SELECT COUNT(*) FROM heartbeats").fetchone()[0])' "$data/kernex.db" ;;
         postgres) psql "$pg_url" -qtAc 'SELECT COUNT(*) FROM heartbeats' ;;
@@ -385,5 +420,33 @@ for label in labels:
                 goal = "✔" if ok else "✘"
         print(f"| {label} | {names[server]} | {r[2]} | {r[3]} | {r[4]} | {ratio} | {goal} | {r[5]} | {r[6]} | {r[7]} |")
 EOF
+if [[ -s $attack_results ]]; then
+    echo
+    echo "### Login under attack"
+    echo
+    python3 - "$attack_results" <<'EOF'
+import json, sys
+names = {"sqlite": "SQLite", "postgres": "PostgreSQL"}
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+r0 = rows[0]
+print(f"{r0['attackers']} clients hammering POST /api/v1/login with wrong passwords for {r0['duration_secs']:.0f} s;")
+print(f"legitimate polls and operator GETs at {r0['rate']:.0f}/s each. Goal: poll p99 < 50 ms, RSS < 300 MB.")
+print()
+print("| server | phase | poll p50 / p99 ms | operator GET p50 / p99 ms | legit errors | RSS max MB | login answers | goal |")
+print("|---|---|---:|---:|---:|---:|---|---|")
+for r in rows:
+    for phase in ("baseline", "attack"):
+        p = r[phase]
+        f = lambda v: "-" if v is None else f"{v:.1f}"
+        answers = ", ".join(f"{k}: {v}" for k, v in p["login_answers"].items()) or "-"
+        goal = ""
+        if phase == "attack":
+            ok = (p["poll_p99_ms"] or 1e9) < 50 and r["vmhwm_mb"] < 300
+            goal = ("✔" if ok else "✘") + f" (peak RSS {r['vmhwm_mb']:.0f} MB)"
+        print(f"| {names.get(r['server'], r['server'])} | {phase} | {f(p['poll_p50_ms'])} / {f(p['poll_p99_ms'])} | "
+              f"{f(p['operator_p50_ms'])} / {f(p['operator_p99_ms'])} | {p['poll_errors'] + p['operator_errors']} | "
+              f"{f(p['rss_max_mb'])} | {answers} | {goal} |")
+EOF
+fi
 echo
-echo "Reproduce: bench/server.sh --devices $devices --duration $duration --connections $connections --threads $threads --profile $profile"
+echo "Reproduce: bench/server.sh --devices $devices --duration $duration --connections $connections --threads $threads --profile $profile --attack-duration $attack_duration --attackers $attackers --attack-rate $attack_rate"

@@ -44,7 +44,9 @@ impl Role {
     }
 }
 
-/// Hashes a password with argon2id and a random salt.
+/// Hashes a password with argon2id, the argon2 crate's default parameters
+/// and a random salt. The server hashes through [`crate::passwords::Hasher`]
+/// (configured parameters, bounded concurrency).
 pub fn hash_password(password: &str) -> anyhow::Result<String> {
     let mut salt = [0u8; 16];
     openssl::rand::rand_bytes(&mut salt)?;
@@ -55,7 +57,9 @@ pub fn hash_password(password: &str) -> anyhow::Result<String> {
         .to_string())
 }
 
-/// Checks a password against a stored hash.
+/// Checks a password against a stored hash (with the hash's own
+/// parameters), unbounded: the server verifies through
+/// [`crate::passwords::Hasher`].
 pub fn verify_password(password: &str, hash: &str) -> bool {
     PasswordHash::new(hash)
         .map(|h| {
@@ -66,7 +70,9 @@ pub fn verify_password(password: &str, hash: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Creates a user; returns its id.
+/// Creates a user, hashing `password` with the argon2 crate's defaults
+/// (unbounded: the server's own paths hash through
+/// [`crate::passwords::Hasher`] and [`insert_user`]); returns its id.
 pub async fn create_user(
     store: &Store,
     org_id: &str,
@@ -74,18 +80,30 @@ pub async fn create_user(
     password: &str,
     role: Role,
 ) -> anyhow::Result<String> {
-    let id = new_id()?;
     let password = password.to_string();
     let hash = tokio::task::spawn_blocking(move || hash_password(&password))
         .await
         .context("hashing task failed")??;
+    insert_user(store, org_id, email, &hash, role).await
+}
+
+/// Creates a user with a password hash already made (by
+/// [`crate::passwords::Hasher`]); returns its id.
+pub async fn insert_user(
+    store: &Store,
+    org_id: &str,
+    email: &str,
+    password_hash: &str,
+    role: Role,
+) -> anyhow::Result<String> {
+    let id = new_id()?;
     sqlx::query(
         "INSERT INTO users (id, org_id, email, password_hash, role, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
     )
     .bind(&id)
     .bind(org_id)
     .bind(email)
-    .bind(&hash)
+    .bind(password_hash)
     .bind(role.as_str())
     .bind(now_ms())
     .execute(store.pool())

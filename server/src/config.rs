@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde::Deserialize;
@@ -99,6 +100,91 @@ pub struct Config {
     /// A manual server clock, stepped through `POST /api/v1/test/clock`,
     /// for the fleet simulator and tests. Never enable in production.
     pub test_clock: bool,
+    /// `/metrics` answers only `Authorization: Bearer <this>` when set.
+    pub metrics_token: Option<String>,
+    /// Login throttling and password hashing (`[login]`).
+    pub login: LoginConfig,
+}
+
+/// `[login]`: the login throttle (`service::login_throttle`) and password
+/// hashing (`passwords`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct LoginConfig {
+    /// Failed logins per (account, address) before backoff starts.
+    pub free_attempts: u32,
+    /// Failed logins per (account, address) that lock that pair.
+    pub lockout_after: u32,
+    /// How long a lockout lasts; failures are forgotten this long after the
+    /// last one.
+    pub lockout_secs: u64,
+    /// The first backoff step, doubled with every further failure.
+    pub backoff_base_ms: u64,
+    /// Failed logins per address (any account) before backoff starts.
+    pub address_free_attempts: u32,
+    /// Failed logins per account (any address) before backoff starts.
+    pub account_free_attempts: u32,
+    /// Longest backoff per account (bounds what others can do to it).
+    pub account_max_backoff_secs: u64,
+    /// Throttle entries kept in memory.
+    pub throttle_max_entries: usize,
+    /// argon2id memory per hash, KiB (new hashes; stored ones keep theirs).
+    pub argon2_m_kib: u32,
+    /// argon2id passes.
+    pub argon2_t: u32,
+    /// argon2id lanes.
+    pub argon2_p: u32,
+    /// Password hashes at once (0: twice the cores).
+    pub hash_concurrency: usize,
+    /// How long a login waits for a hashing slot before 429.
+    pub hash_queue_ms: u64,
+}
+
+impl Default for LoginConfig {
+    fn default() -> Self {
+        LoginConfig {
+            free_attempts: 5,
+            lockout_after: 20,
+            lockout_secs: 900,
+            backoff_base_ms: 1000,
+            address_free_attempts: 20,
+            account_free_attempts: 20,
+            account_max_backoff_secs: 60,
+            throttle_max_entries: 100_000,
+            argon2_m_kib: 19 * 1024,
+            argon2_t: 2,
+            argon2_p: 1,
+            hash_concurrency: 0,
+            hash_queue_ms: 2000,
+        }
+    }
+}
+
+impl LoginConfig {
+    /// The throttle's settings.
+    pub fn throttle(&self) -> crate::service::login_throttle::Settings {
+        crate::service::login_throttle::Settings {
+            free_attempts: self.free_attempts,
+            lockout_after: self.lockout_after.max(self.free_attempts),
+            lockout: Duration::from_secs(self.lockout_secs),
+            backoff_base: Duration::from_millis(self.backoff_base_ms),
+            address_free_attempts: self.address_free_attempts,
+            account_free_attempts: self.account_free_attempts,
+            account_max_backoff: Duration::from_secs(self.account_max_backoff_secs),
+            max_entries: self.throttle_max_entries.max(16),
+        }
+    }
+
+    /// The hasher's settings.
+    pub fn hashing(&self) -> crate::passwords::Settings {
+        crate::passwords::Settings {
+            m_kib: self.argon2_m_kib,
+            t: self.argon2_t,
+            p: self.argon2_p,
+            concurrency: self.hash_concurrency,
+            queue: Duration::from_millis(self.hash_queue_ms),
+        }
+    }
 }
 
 impl Default for Config {
@@ -137,6 +223,8 @@ impl Default for Config {
             tpm_cert_store: Vec::new(),
             limits: crate::limits::Limits::default(),
             test_clock: false,
+            metrics_token: None,
+            login: LoginConfig::default(),
         }
     }
 }

@@ -11,8 +11,10 @@ pub mod credentials;
 pub mod http;
 pub mod last_seen;
 pub mod limits;
+pub mod passwords;
 pub mod poll_cache;
 pub mod retention;
+pub mod serve;
 pub mod service;
 pub mod store;
 pub mod tls;
@@ -75,6 +77,10 @@ pub struct Shared {
     /// The TPM vendor CAs an EK certificate must chain to
     /// (`tpm-cert-store`); none: any TPM is accepted.
     pub ek_cas: Option<Arc<kernex_attest::EkCaStore>>,
+    /// Password hashing, bounded (`[login]`).
+    pub passwords: Arc<passwords::Hasher>,
+    /// Failed logins, per account and address (`[login]`).
+    pub login_throttle: Arc<service::login_throttle::LoginThrottle>,
 }
 
 impl AppState {
@@ -87,6 +93,7 @@ impl AppState {
             )
         })?;
         let ek_cas = config.ek_ca_store()?.map(Arc::new);
+        let passwords = Arc::new(passwords::Hasher::new(config.login.hashing())?);
         if let Some(cas) = &ek_cas {
             tracing::info!(
                 anchors = cas.anchors(),
@@ -124,6 +131,10 @@ impl AppState {
             // hears their changes.
             poll_cache: Arc::new(poll_cache::PollCache::new(!shared)),
             ek_cas,
+            passwords,
+            login_throttle: Arc::new(service::login_throttle::LoginThrottle::new(
+                config.login.throttle(),
+            )),
             config: Arc::new(config),
         })))
     }

@@ -1,11 +1,11 @@
 //! The `[limits]` table of the server configuration: how long enrollment
-//! tokens live, how fast they may be used, and how much one device may
-//! store. Each key is documented in `server/README.md` ("Limits") and in
+//! tokens live, how fast they may be used, how much one device may store,
+//! and what one connection, one request and one address may hold. Each key is documented in `server/README.md` ("Limits") and in
 //! `server.example.toml`.
 
 use serde::Deserialize;
 
-/// Enrollment and per-device limits.
+/// Enrollment, per-device, connection and request limits.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
 pub struct Limits {
@@ -32,6 +32,26 @@ pub struct Limits {
     pub device_log_max_lines: u64,
     /// Bytes of log messages kept per device, as `device-log-max-lines`.
     pub device_log_max_bytes: u64,
+    /// A request's header must arrive within this many seconds of the
+    /// connection (or the previous response); also how long an idle
+    /// keep-alive connection is kept.
+    pub header_read_timeout_secs: u64,
+    /// A connection with no byte read or written for this many seconds is
+    /// closed (a stalled body, a client that stopped reading).
+    pub idle_timeout_secs: u64,
+    /// A handler must answer within this many seconds (503 otherwise);
+    /// bundle uploads are exempt (the idle timeout bounds them).
+    pub request_timeout_secs: u64,
+    /// Connections open at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Connections open at once from one address; more are closed at once.
+    pub max_connections_per_address: usize,
+    /// Requests per minute one address may make to the unauthenticated
+    /// routes (login, enroll, activate) (0: unlimited).
+    pub unauthenticated_per_address_per_minute: u32,
+    /// Reverse proxies whose `X-Forwarded-For` is believed: a request from
+    /// one of them is counted against the nearest hop that is not.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 impl Default for Limits {
@@ -46,6 +66,13 @@ impl Default for Limits {
             log_clock_skew_secs: 86_400,
             device_log_max_lines: 100_000,
             device_log_max_bytes: 16 << 20,
+            header_read_timeout_secs: 10,
+            idle_timeout_secs: 60,
+            request_timeout_secs: 60,
+            max_connections: 4096,
+            max_connections_per_address: 128,
+            unauthenticated_per_address_per_minute: 120,
+            trusted_proxies: Vec::new(),
         }
     }
 }

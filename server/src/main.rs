@@ -180,20 +180,15 @@ async fn serve(config: Config) -> Result<()> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     println!("kernex-server listening on {scheme}://{local}");
     tracing::info!(%local, scheme, "kernex-server listening");
-    match tls {
-        Some(acceptor) => {
-            let listener = kernex_server::tls::TlsListener::new(listener, acceptor)
-                .context("unable to start the TLS listener")?;
-            axum::serve(listener, http::peer::make_service(http::app(state.clone())))
-                .with_graceful_shutdown(shutdown_signal())
-                .await
-        }
-        None => {
-            axum::serve(listener, http::peer::make_service(http::app(state.clone())))
-                .with_graceful_shutdown(shutdown_signal())
-                .await
-        }
-    }
+    let limits = kernex_server::serve::Limits::from(&state.config.limits);
+    kernex_server::serve::run(
+        listener,
+        tls,
+        http::app(state.clone()),
+        limits,
+        shutdown_signal(),
+    )
+    .await
     .context("server failed")?;
     // Poll times not yet written (write-behind) go to the store now.
     state

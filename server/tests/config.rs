@@ -28,6 +28,73 @@ fn example_config_parses() {
     assert!(c.database_url().starts_with("sqlite://"));
     assert!(c.tpm_cert_store.is_empty());
     assert!(c.ek_ca_store().unwrap().is_none());
+    // [login] and [limits]: the example states the defaults.
+    assert!(c.metrics_token.is_none());
+    let (l, dl) = (&c.login, &d.login);
+    assert_eq!(
+        (
+            l.free_attempts,
+            l.lockout_after,
+            l.lockout_secs,
+            l.backoff_base_ms
+        ),
+        (
+            dl.free_attempts,
+            dl.lockout_after,
+            dl.lockout_secs,
+            dl.backoff_base_ms
+        )
+    );
+    assert_eq!(
+        (
+            l.address_free_attempts,
+            l.account_free_attempts,
+            l.account_max_backoff_secs
+        ),
+        (
+            dl.address_free_attempts,
+            dl.account_free_attempts,
+            dl.account_max_backoff_secs
+        )
+    );
+    assert_eq!(l.throttle_max_entries, dl.throttle_max_entries);
+    assert_eq!(
+        (
+            l.argon2_m_kib,
+            l.argon2_t,
+            l.argon2_p,
+            l.hash_concurrency,
+            l.hash_queue_ms
+        ),
+        (19456, 2, 1, 0, 2000)
+    );
+    let (m, dm) = (&c.limits, &d.limits);
+    assert_eq!(
+        (
+            m.header_read_timeout_secs,
+            m.idle_timeout_secs,
+            m.request_timeout_secs
+        ),
+        (
+            dm.header_read_timeout_secs,
+            dm.idle_timeout_secs,
+            dm.request_timeout_secs
+        )
+    );
+    assert_eq!(
+        (m.max_connections, m.max_connections_per_address),
+        (dm.max_connections, dm.max_connections_per_address)
+    );
+    assert_eq!(
+        m.unauthenticated_per_address_per_minute,
+        dm.unauthenticated_per_address_per_minute
+    );
+    assert!(m.trusted_proxies.is_empty());
+    let e = Config::from_toml("[login]\nargon2-m-kib = 1\n").unwrap();
+    assert!(
+        kernex_server::passwords::Hasher::new(e.login.hashing()).is_err(),
+        "argon2 refuses m = 1 KiB"
+    );
     assert_eq!(c.limits, d.limits, "the [limits] table shows the defaults");
 }
 

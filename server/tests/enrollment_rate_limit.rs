@@ -172,8 +172,10 @@ async fn the_server_limits_by_the_connection_s_address(h: Arc<Harness>) {
         listener.local_addr().unwrap()
     );
     let app = kernex_server::http::app(h.state.clone());
+    let limits = kernex_server::serve::Limits::from(&h.state.config.limits);
     let server = tokio::spawn(async move {
-        let _ = axum::serve(listener, kernex_server::http::peer::make_service(app)).await;
+        let _ =
+            kernex_server::serve::run(listener, None, app, limits, std::future::pending()).await;
     });
     let statuses = tokio::task::spawn_blocking(move || {
         let agent = ureq::Agent::new_with_config(

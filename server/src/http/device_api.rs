@@ -17,8 +17,8 @@ use kernex_protocol::api::{
 use crate::AppState;
 use crate::audit;
 use crate::auth::Device;
-use crate::http::peer::Source;
 use crate::http::{ApiJson, Error, Result};
+use crate::serve::ClientAddr;
 use crate::service::attestation::quote::poll_nonce;
 use crate::service::devices;
 use crate::service::devices::enroll::Outcome;
@@ -51,7 +51,7 @@ pub fn router() -> Router<AppState> {
         (status = 429, description = "over the enrollment rate limit of the token or the source address")))]
 pub async fn enroll(
     State(state): State<AppState>,
-    Source(source): Source,
+    ClientAddr(source): ClientAddr,
     ApiJson(req): ApiJson<EnrollRequest>,
 ) -> Result<Response> {
     match devices::enroll::enroll(&state, &req, source).await? {

@@ -1,5 +1,6 @@
 //! Prometheus metrics at `/metrics`: request counts and latency per route
-//! and status, and the poll cache's hits and misses.
+//! and status, and the poll cache's hits and misses. With `metrics-token`
+//! set, only `Authorization: Bearer <token>` reads them.
 
 use std::time::Instant;
 
@@ -44,17 +45,34 @@ impl std::hash::Hash for Route {
     }
 }
 
-/// `method`, `route` and, for the request counter, `status`.
+/// The methods labelled by name; any other (a client can send any token
+/// as a method) is `other`, so that clients cannot add series.
+fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// `method`, `route` and, for the request counter, `status`. Every label
+/// has a bounded set of values: known methods or `other`, the router's
+/// routes or `unmatched`, status codes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Labels {
-    method: Method,
+    method: &'static str,
     route: Route,
     status: Option<u16>,
 }
 
 impl EncodeLabelSet for Labels {
     fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> std::fmt::Result {
-        ("method", self.method.as_str()).encode(encoder.encode_label())?;
+        ("method", self.method).encode(encoder.encode_label())?;
         ("route", self.route.as_str()).encode(encoder.encode_label())?;
         if let Some(status) = self.status {
             ("status", status).encode(encoder.encode_label())?;
@@ -129,7 +147,7 @@ impl Metrics {
 /// Middleware: counts and times every request by matched route.
 pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let mut labels = Labels {
-        method: req.method().clone(),
+        method: method_label(req.method()),
         route: Route(req.extensions().get::<MatchedPath>().cloned()),
         status: None,
     };
@@ -151,7 +169,24 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/metrics", get(metrics))
 }
 
-async fn metrics(State(state): State<AppState>) -> Response {
+async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
+    if let Some(token) = &state.config.metrics_token {
+        let sent = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, t)| t.trim());
+        let ok = sent.is_some_and(|t| {
+            openssl::memcmp::eq(
+                crate::store::secret_hash(t).as_bytes(),
+                crate::store::secret_hash(token).as_bytes(),
+            )
+        });
+        if !ok {
+            return crate::http::Error::Unauthorized.into_response();
+        }
+    }
     let mut r = state.metrics.render().into_response();
     r.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -12,15 +12,16 @@ pub mod devices;
 pub mod enrollment;
 pub mod error;
 pub mod extract;
+pub mod guard;
 pub mod idempotency;
 pub mod metrics;
 pub mod openapi;
-pub mod peer;
 pub mod orgs;
 pub mod rate_limit;
 pub mod releases;
 pub mod rollouts;
 pub mod session;
+pub mod throttle;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request};
@@ -39,6 +40,7 @@ pub fn app(state: AppState) -> Router {
         .merge(session::router())
         .merge(accounts::router())
         .merge(orgs::router())
+        .merge(throttle::router())
         .merge(enrollment::router())
         .merge(releases::router())
         .merge(devices::router())
@@ -62,6 +64,7 @@ pub fn app(state: AppState) -> Router {
             state.clone(),
             idempotency::layer,
         ))
+        .layer(middleware::from_fn_with_state(state.clone(), guard::layer))
         .layer(DefaultBodyLimit::max(json_limit))
         .layer(middleware::from_fn_with_state(
             state.clone(),

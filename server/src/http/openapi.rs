@@ -9,7 +9,7 @@ use utoipa::{Modify, OpenApi};
 use crate::AppState;
 use crate::http::{
     accounts, attestation, audit_log, deployments, device_api, device_identity, devices,
-    enrollment, orgs, releases, rollouts, session,
+    enrollment, orgs, releases, rollouts, session, throttle,
 };
 
 /// The API description.
@@ -40,6 +40,7 @@ use crate::http::{
         attestation::preauth::preauthorize, attestation::preauth::list_preauthorizations,
         attestation::preauth::remove_preauthorization, attestation::device::bind,
         attestation::device::activate, attestation::device::attestation,
+        throttle::clear,
     )
 )]
 pub struct ApiDoc;

@@ -1,6 +1,8 @@
 //! Per-caller rate limits (token buckets, in memory, per server process):
-//! each device, each operator, and bundle uploads per operator. Over the
-//! limit → 429 with `Retry-After`.
+//! each device, each operator, bundle uploads per operator, and each
+//! address on the unauthenticated routes (`http::guard`). Over the limit →
+//! 429 with `Retry-After`. At most 200,000 buckets are kept (about 20 MB):
+//! full ones are dropped first, then the least recently used.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -41,6 +43,14 @@ impl RateLimiter {
             // Full buckets are the same as no bucket: drop them.
             buckets
                 .retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < capacity);
+            if buckets.len() >= MAX_BUCKETS {
+                // Still full (many callers at once): the least recently
+                // used tenth goes, so memory stays bounded.
+                let mut ages: Vec<Instant> = buckets.values().map(|b| b.at).collect();
+                let (_, cut, _) = ages.select_nth_unstable(MAX_BUCKETS / 10);
+                let cut = *cut;
+                buckets.retain(|_, b| b.at > cut);
+            }
         }
         if !buckets.contains_key(key) {
             buckets.insert(

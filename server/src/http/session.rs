@@ -12,8 +12,9 @@ use utoipa::ToSchema;
 use crate::AppState;
 use crate::auth::{self, Operator, Role};
 use crate::http::{ApiJson, Result};
-use crate::service::users;
+use crate::serve::ClientAddr;
 pub use crate::service::users::{Keyring, LoginRequest, LoginResponse, NewUser, User};
+use crate::service::{login_throttle, users};
 
 /// Routes.
 pub fn router() -> Router<AppState> {
@@ -27,12 +28,14 @@ pub fn router() -> Router<AppState> {
 
 /// Log in with email and password.
 #[utoipa::path(post, path = "/api/v1/login", request_body = LoginRequest,
-    responses((status = 200, body = LoginResponse, description = "also sets the kernex_session cookie"), (status = 401)))]
+    responses((status = 200, body = LoginResponse, description = "also sets the kernex_session cookie"), (status = 401),
+        (status = 429, description = "backing off after failed logins, or hashing saturated; see Retry-After")))]
 pub async fn login(
     State(state): State<AppState>,
+    ClientAddr(from): ClientAddr,
     ApiJson(req): ApiJson<LoginRequest>,
 ) -> Result<Response> {
-    let session = users::login(&state, req).await?;
+    let session = login_throttle::login(&state, req, from).await?;
     let cookie = format!(
         "{}={}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
         auth::SESSION_COOKIE,

@@ -37,21 +37,6 @@ pub fn check_password(password: &str) -> Result<()> {
     Ok(())
 }
 
-async fn hash(password: &str) -> Result<String> {
-    let password = password.to_string();
-    tokio::task::spawn_blocking(move || auth::hash_password(&password))
-        .await
-        .map_err(|e| Error::Internal(e.into()))?
-        .map_err(Error::Internal)
-}
-
-async fn verify(password: &str, hash: String) -> Result<bool> {
-    let password = password.to_string();
-    tokio::task::spawn_blocking(move || auth::verify_password(&password, &hash))
-        .await
-        .map_err(|e| Error::Internal(e.into()))
-}
-
 /// A password change.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -83,10 +68,14 @@ pub async fn change_password(state: &AppState, op: &Operator, req: PasswordChang
             .bind(&op.user_id)
             .fetch_one(state.store.pool())
             .await?;
-        if !verify(&req.current_password, stored).await? {
+        if !state
+            .passwords
+            .verify(&req.current_password, Some(&stored))
+            .await?
+        {
             return Err(Error::Refused("the current password is wrong".into()));
         }
-        let new_hash = hash(&req.new_password).await?;
+        let new_hash = state.passwords.hash(&req.new_password).await?;
         let mut tx = state.store.begin_write().await?;
         sqlx::query("UPDATE users SET password_hash = $1, must_change_password = 0 WHERE id = $2")
             .bind(&new_hash)

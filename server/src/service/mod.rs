@@ -7,14 +7,15 @@
 //! maps it to a status and a JSON body, once (`impl From<service::Error>
 //! for http::Error`).
 
-pub mod anti_rollback;
-pub mod admission;
 pub mod accounts;
+pub mod admission;
+pub mod anti_rollback;
 pub mod attestation;
 pub mod audit;
 pub mod deployments;
 pub mod devices;
 pub mod enrollment;
+pub mod login_throttle;
 pub mod names;
 pub mod orgs;
 pub mod releases;

@@ -3,7 +3,6 @@
 //! removed when unused, and compared (the delta between two).
 
 use std::fs::File;
-use std::io::Write;
 use std::path::PathBuf;
 
 use bytes::Bytes;
@@ -344,40 +343,31 @@ pub struct ReleaseDelta {
     pub delta: BundleDelta,
 }
 
-async fn spool_blob(state: &AppState, key: &str) -> Result<tempfile::NamedTempFile> {
-    let mut file = tempfile::NamedTempFile::new_in(&state.spool)
-        .map_err(|e| anyhow::anyhow!("unable to create a spool file: {e}"))?;
-    let mut stream = state.blobs.get(key, None).await?;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| anyhow::anyhow!("reading blob {key}: {e}"))?;
-        file.write_all(&chunk)
-            .map_err(|e| anyhow::anyhow!("writing the spool file: {e}"))?;
-    }
-    Ok(file)
-}
-
-fn compute_delta(old: &std::path::Path, new: &std::path::Path) -> anyhow::Result<BundleDelta> {
-    let mut old = Bundle::open(File::open(old)?)?;
-    let mut new = Bundle::open(File::open(new)?)?;
-    // Both were verified at upload; the indexes are checked against them.
-    Ok(new.delta_from(Some(&mut old))?)
-}
-
 /// The delta from release `from` to release `to`, from their stored
-/// bundles (422 when they cannot be compared).
+/// bundles' heads and chunk indexes, read by range from the blob store
+/// (as the rollout preview does): nothing is copied, whatever the bundles'
+/// size (422 when they cannot be compared).
 pub async fn delta(state: &AppState, op: &Operator, from: &str, to: &str) -> Result<ReleaseDelta> {
     let old = find(state, &op.org_id, from).await?;
     let new = find(state, &op.org_id, to).await?;
-    let old_file = spool_blob(state, &old.blob_key).await?;
-    let new_file = spool_blob(state, &new.blob_key).await?;
-    let (old_path, new_path) = (old_file.path().to_path_buf(), new_file.path().to_path_buf());
-    let delta = tokio::task::spawn_blocking(move || compute_delta(&old_path, &new_path))
+    let unreadable =
+        |e: Error| Error::Unprocessable(format!("The stored bundles could not be compared: {e}"));
+    let old_bundle = super::rollouts::open_release(state, &old.id)
         .await
-        .map_err(|e| anyhow::anyhow!("delta task failed: {e}"))?
-        .map_err(|e| {
-            Error::Unprocessable(format!("The stored bundles could not be compared: {e:#}"))
-        })?;
-    drop((old_file, new_file));
+        .map_err(unreadable)?;
+    let new_bundle = super::rollouts::open_release(state, &new.id)
+        .await
+        .map_err(unreadable)?;
+    let delta = tokio::task::spawn_blocking(move || {
+        let mut old = old_bundle;
+        let mut new = new_bundle;
+        // Both were verified at upload; the indexes are checked against
+        // them.
+        new.delta_from(Some(&mut old))
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("delta task failed: {e}"))?
+    .map_err(|e| Error::Unprocessable(format!("The stored bundles could not be compared: {e}")))?;
     Ok(ReleaseDelta {
         from_version: old.version,
         from_class: old.compatible,

@@ -45,9 +45,6 @@ pub struct LoginResponse {
     pub must_change_password: bool,
 }
 
-// argon2id hash of a random password nobody knows.
-const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$0Jq4i1hO7x3YxRzr8wJt1nq0b9n9i5m1Zb0uI0p0v5k";
-
 #[derive(sqlx::FromRow)]
 struct Credentials {
     id: String,
@@ -57,7 +54,8 @@ struct Credentials {
 }
 
 /// Checks email and password and issues a token (401 when they do not
-/// match, with the same timing as when they do).
+/// match, with the same timing as when they do). Unthrottled: callers go
+/// through `login_throttle::login`.
 pub async fn login(state: &AppState, req: LoginRequest) -> Result<LoginResponse> {
     let org = req
         .organization
@@ -73,16 +71,16 @@ pub async fn login(state: &AppState, req: LoginRequest) -> Result<LoginResponse>
     let (user_id, hash, role, must_change_password) = match row {
         Some(r) => (
             Some(r.id),
-            r.password_hash,
+            Some(r.password_hash),
             r.role,
             r.must_change_password != 0,
         ),
-        None => (None, DUMMY_HASH.to_string(), String::new(), false),
+        None => (None, None, String::new(), false),
     };
-    let password = req.password;
-    let ok = tokio::task::spawn_blocking(move || auth::verify_password(&password, &hash))
-        .await
-        .map_err(|e| Error::Internal(e.into()))?;
+    let ok = state
+        .passwords
+        .verify(&req.password, hash.as_deref())
+        .await?;
     let (Some(user_id), true) = (user_id, ok) else {
         return Err(Error::Unauthorized);
     };
@@ -157,28 +155,22 @@ pub async fn create_user(state: &AppState, op: &Operator, req: NewUser) -> Resul
         if req.email.is_empty() || req.email.len() > 254 {
             return Err(Error::Invalid("email must have 1 to 254 characters".into()));
         }
-        let id = match auth::create_user(
-            &state.store,
-            &op.org_id,
-            &req.email,
-            &req.password,
-            req.role,
-        )
-        .await
-        {
-            Ok(id) => id,
-            Err(e) => {
-                if e.downcast_ref::<sqlx::Error>()
-                    .is_some_and(crate::store::is_unique_violation)
-                {
-                    return Err(Error::Conflict(format!(
-                        "user {} already exists",
-                        req.email
-                    )));
+        let hash = state.passwords.hash(&req.password).await?;
+        let id =
+            match auth::insert_user(&state.store, &op.org_id, &req.email, &hash, req.role).await {
+                Ok(id) => id,
+                Err(e) => {
+                    if e.downcast_ref::<sqlx::Error>()
+                        .is_some_and(crate::store::is_unique_violation)
+                    {
+                        return Err(Error::Conflict(format!(
+                            "user {} already exists",
+                            req.email
+                        )));
+                    }
+                    return Err(Error::Internal(e));
                 }
-                return Err(Error::Internal(e));
-            }
-        };
+            };
         Ok((
             User {
                 id,

@@ -237,6 +237,7 @@ pub async fn login_page(
 /// session cookie.
 pub async fn login(
     State(state): State<AppState>,
+    crate::serve::ClientAddr(from): crate::serve::ClientAddr,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> UiResult {
@@ -274,13 +275,14 @@ pub async fn login(
     if request.email.is_empty() || request.password.is_empty() {
         return fail("Enter your email and password.");
     }
-    let (token, must_change) = match users::login(&state, request).await {
-        Ok(session) => (session.token, session.must_change_password),
-        Err(ServiceError::Unauthorized) => {
-            return fail("Wrong email, password or organisation.");
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let (token, must_change) =
+        match crate::service::login_throttle::login(&state, request, from).await {
+            Ok(session) => (session.token, session.must_change_password),
+            Err(ServiceError::Unauthorized) => {
+                return fail("Wrong email, password or organisation.");
+            }
+            Err(e) => return Err(e.into()),
+        };
     let mut response = see_other(if must_change {
         super::PASSWORD_PAGE
     } else {

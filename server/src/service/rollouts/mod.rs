@@ -102,7 +102,7 @@ pub async fn release(state: &AppState, org_id: &str, id: &str) -> Result<Release
 /// A bundle in the blob store, read by ranges through the protocol's one
 /// reader interface: each read is one ranged get. Used from a blocking
 /// thread.
-struct BlobRange {
+pub(crate) struct BlobRange {
     rt: tokio::runtime::Handle,
     blobs: Blobs,
     key: String,
@@ -168,7 +168,9 @@ impl RangeRead for BlobRange {
     }
 }
 
-async fn open_release(state: &AppState, id: &str) -> Result<Bundle<BlobRange>> {
+/// Opens release `id`'s stored bundle for range reads from the blob store
+/// (no copy: only the parts a caller reads are fetched).
+pub(crate) async fn open_release(state: &AppState, id: &str) -> Result<Bundle<BlobRange>> {
     let row = sqlx::query("SELECT blob_key, size FROM releases WHERE id = $1")
         .bind(id)
         .fetch_optional(state.store.pool())

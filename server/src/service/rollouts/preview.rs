@@ -288,6 +288,11 @@ pub async fn preview(
     id: Option<&str>,
     with_devices: bool,
 ) -> Result<Preview> {
+    // Previewing an unsaved spec reads every target's chunk indexes: work
+    // for those who may roll out (ops), as in the web UI.
+    if id.is_none() {
+        op.require(crate::auth::Role::Ops)?;
+    }
     spec.validate()?;
     let release = super::release(state, &op.org_id, &spec.release_id).await?;
     let t = super::targets(state, &op.org_id, spec, &release, id, true).await?;
