@@ -136,6 +136,9 @@ test-clock = true
 scheduler-interval-ms = 0
 device-requests-per-minute = 0
 user-requests-per-minute = 0
+[limits]
+# Every simulated device enrolls from 127.0.0.1.
+unauthenticated-per-address-per-minute = 0
 EOF
     else
         # The defaults: real clock, a scheduler pass every 5 s, rate limits.
