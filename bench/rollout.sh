@@ -139,6 +139,8 @@ user-requests-per-minute = 0
 [limits]
 enrollments-per-token-per-minute = 0
 enrollments-per-address-per-minute = 0
+# Every simulated device enrolls from 127.0.0.1.
+unauthenticated-per-address-per-minute = 0
 EOF
     else
         # The defaults: real clock, a scheduler pass every 5 s, rate limits
@@ -150,6 +152,7 @@ $db_line
 [limits]
 enrollments-per-token-per-minute = 0
 enrollments-per-address-per-minute = 0
+unauthenticated-per-address-per-minute = 0
 EOF
     fi
     "$bindir/kernex-server" --config "$dir.toml" >"$dir.out" 2>"$dir.err" &

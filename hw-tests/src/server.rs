@@ -26,6 +26,7 @@ uploads-per-minute = 0
 scheduler-interval-ms = 500
 [limits]
 enrollments-per-address-per-minute = 0
+unauthenticated-per-address-per-minute = 0
 ";
 
 /// A running `kernex-server`, stopped (by its PID) when dropped.

@@ -860,7 +860,7 @@ fn rollout_lifecycle_in_a_real_browser() {
     let config = dir.path().join("server.toml");
     std::fs::write(
         &config,
-        "scheduler-interval-ms = 200\ndevice-requests-per-minute = 0\nuser-requests-per-minute = 0\n[limits]\nenrollments-per-address-per-minute = 0\n",
+        "scheduler-interval-ms = 200\ndevice-requests-per-minute = 0\nuser-requests-per-minute = 0\n[limits]\nenrollments-per-address-per-minute = 0\nunauthenticated-per-address-per-minute = 0\n",
     )
     .unwrap();
     let (_server, origin, password) = start_server_with(&dir.path().join("data"), Some(&config));

@@ -25,7 +25,8 @@ use serde_json::{Value, json};
 /// The server must run with `test-clock = true` (never in production) and
 /// without device and enrollment rate limits (`device-requests-per-minute
 /// = 0`; `[limits] enrollments-per-token-per-minute = 0`,
-/// `enrollments-per-address-per-minute = 0`): simulated
+/// `enrollments-per-address-per-minute = 0`,
+/// `unauthenticated-per-address-per-minute = 0`): simulated
 /// minutes pass in real milliseconds. With `--real-time` the server runs on
 /// its real clock with its own scheduler instead, and every delay is
 /// really waited (times are wall-clock seconds).
