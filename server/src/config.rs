@@ -88,6 +88,21 @@ pub struct Config {
     /// A manual server clock, stepped through `POST /api/v1/test/clock`,
     /// for the fleet simulator and tests. Never enable in production.
     pub test_clock: bool,
+    /// An `Idempotency-Key` still in progress after this long (its request
+    /// crashed or the server restarted) is taken over by the next request
+    /// with it, seconds.
+    pub idempotency_in_progress_secs: u64,
+    /// The instance signs each organisation's audit chain head every this
+    /// many entries (0: never by count).
+    pub audit_checkpoint_entries: u64,
+    /// ... or at the first entry this many minutes after the last signed
+    /// checkpoint (0: never by time).
+    pub audit_checkpoint_minutes: u64,
+    /// Device-triggered audit entries (enrollment, attestation) of one
+    /// device, action and outcome are written at most once per this many
+    /// seconds; repeats in between are counted into the next entry
+    /// (0: every one is written).
+    pub audit_device_coalesce_secs: u64,
 }
 
 impl Default for Config {
@@ -123,6 +138,10 @@ impl Default for Config {
             attestation_max_age_secs: 24 * 3600,
             tpm_cert_store: Vec::new(),
             test_clock: false,
+            idempotency_in_progress_secs: 300,
+            audit_checkpoint_entries: 100,
+            audit_checkpoint_minutes: 10,
+            audit_device_coalesce_secs: 60,
         }
     }
 }

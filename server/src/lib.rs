@@ -71,6 +71,8 @@ pub struct Shared {
     /// The TPM vendor CAs an EK certificate must chain to
     /// (`tpm-cert-store`); none: any TPM is accepted.
     pub ek_cas: Option<Arc<kernex_attest::EkCaStore>>,
+    /// Device-triggered audit entries, coalesced per device.
+    pub audit_coalescer: Arc<audit::coalesce::Coalescer>,
 }
 
 impl AppState {
@@ -91,8 +93,13 @@ impl AppState {
                 "TPM enrollment requires an EK certificate from a trusted TPM vendor CA"
             );
         }
-        let store = Store::connect(&config.database_url()).await?;
+        let mut store = Store::connect(&config.database_url()).await?;
         store.migrate().await?;
+        store.set_audit_signer(Arc::new(audit::checkpoint::Signer::load_or_create(
+            &config.data_dir,
+            config.audit_checkpoint_entries,
+            config.audit_checkpoint_minutes,
+        )?));
         let blobs = config.blobs()?;
         let spool = config.spool_dir();
         std::fs::create_dir_all(&spool)
@@ -119,6 +126,9 @@ impl AppState {
             // hears their changes.
             poll_cache: Arc::new(poll_cache::PollCache::new(!shared)),
             ek_cas,
+            audit_coalescer: Arc::new(audit::coalesce::Coalescer::new(
+                config.audit_device_coalesce_secs,
+            )),
             config: Arc::new(config),
         })))
     }

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use kernex_server::config::Config;
 use kernex_server::{AppState, bootstrap, http};
 
@@ -27,6 +27,7 @@ use kernex_server::{AppState, bootstrap, http};
 ///     kernex-server --listen 0.0.0.0:8443 --tls-cert server.crt --tls-key server.key
 ///     kernex-server --config /etc/kernex/server.toml
 ///     kernex-server --tpm-cert-store /etc/kernex/tpm-ca
+///     kernex-server audit verify --public-key audit.pub copy-of-kernex.db
 #[derive(Debug, Parser)]
 #[command(name = "kernex-server", version, verbatim_doc_comment)]
 struct Args {
@@ -66,6 +67,16 @@ struct Args {
         value_delimiter = ':'
     )]
     tpm_cert_store: Vec<PathBuf>,
+    /// Without a command: run the server.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The audit log, offline: verify or export a copy of the database.
+    #[command(subcommand)]
+    Audit(kernex_server::audit::cli::AuditCommand),
 }
 
 fn main() {
@@ -112,7 +123,12 @@ fn run(args: Args) -> Result<()> {
         .enable_all()
         .build()
         .context("unable to start the async runtime")?;
-    runtime.block_on(serve(config))
+    match args.command {
+        Some(Command::Audit(command)) => {
+            runtime.block_on(kernex_server::audit::cli::run(command, &config))
+        }
+        None => runtime.block_on(serve(config)),
+    }
 }
 
 async fn serve(config: Config) -> Result<()> {
@@ -138,6 +154,10 @@ async fn serve(config: Config) -> Result<()> {
         state.clone(),
     ));
     tokio::spawn(kernex_server::last_seen::LastSeen::run(state.clone()));
+    tokio::spawn(kernex_server::audit::coalesce::run(
+        state.store.clone(),
+        state.audit_coalescer.clone(),
+    ));
     tokio::spawn(kernex_server::poll_cache::listen(state.clone()));
     let listener = tokio::net::TcpListener::bind(listen)
         .await

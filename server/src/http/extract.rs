@@ -49,6 +49,10 @@ impl FromRequestParts<AppState> for Operator {
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
+        // Already authenticated by the idempotency layer.
+        if let Some(op) = parts.extensions.get::<Operator>() {
+            return Ok(op.clone());
+        }
         let token = bearer(parts)
             .or_else(|| session_cookie(parts))
             .ok_or(Error::Unauthorized)?;
@@ -84,6 +88,10 @@ impl FromRequestParts<AppState> for Device {
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
+        // Already authenticated by the idempotency layer.
+        if let Some(device) = parts.extensions.get::<Device>() {
+            return Ok(device.clone());
+        }
         let token = bearer(parts).ok_or(Error::Unauthorized)?;
         if !token.starts_with("kxd_") {
             return Err(Error::Unauthorized);

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::FromRow;
 use utoipa::ToSchema;
 
-use super::audit::audited;
+use super::audit::Audited;
 use super::users::require;
 use super::{Error, Result};
 use crate::AppState;
@@ -67,7 +67,10 @@ pub struct Deployment {
 /// hardware class.
 pub async fn create(state: &AppState, op: &Operator, req: NewDeployment) -> Result<Deployment> {
     require(op, Role::Ops)?;
-    audited(state, op, "deployment.create", &format!("release:{}", req.release_id), async {
+    let audit_target = &format!("release:{}", req.release_id);
+    let audit = Audited::new(state, op, "deployment.create", audit_target);
+    let mut tx = audit.begin().await?;
+    let outcome: Result<_> = async {
         if req.devices.is_empty() || req.devices.len() > 10_000 {
             return Err(Error::Invalid("devices: 1 to 10000 device ids".into()));
         }
@@ -75,12 +78,11 @@ pub async fn create(state: &AppState, op: &Operator, req: NewDeployment) -> Resu
             sqlx::query_as("SELECT compatible FROM releases WHERE id = $1 AND org_id = $2")
                 .bind(&req.release_id)
                 .bind(&op.org_id)
-                .fetch_optional(state.store.pool())
+                .fetch_optional(&mut *tx)
                 .await?
                 .ok_or(Error::NotFound("no such release"))?;
         let id = new_id()?;
         let now = now_ms();
-        let mut tx = state.store.begin_write().await?;
         sqlx::query(
             "INSERT INTO deployments (id, org_id, release_id, status, description, created_by, created_at) VALUES ($1, $2, $3, 'in_progress', $4, $5, $6)",
         )
@@ -124,7 +126,6 @@ pub async fn create(state: &AppState, op: &Operator, req: NewDeployment) -> Resu
                 .execute(&mut *tx)
                 .await?;
         }
-        tx.commit().await?;
         let target = format!("deployment:{id}");
         Ok((
             Deployment {
@@ -137,8 +138,9 @@ pub async fn create(state: &AppState, op: &Operator, req: NewDeployment) -> Resu
             },
             target,
         ))
-    })
-    .await
+    }
+    .await;
+    audit.finish(tx, outcome).await
 }
 
 /// The organisation's deployments, newest first (at most 500).

@@ -5,7 +5,7 @@
 use kernex_protocol::api::{EnrollmentToken, NewEnrollmentToken};
 use sqlx::FromRow;
 
-use super::audit::audited;
+use super::audit::Audited;
 use super::names::check_tags;
 use super::users::require;
 use super::{Error, Result};
@@ -73,7 +73,9 @@ pub async fn create(
     req: NewEnrollmentToken,
 ) -> Result<EnrollmentToken> {
     require(op, Role::Ops)?;
-    audited(state, op, "enrollment_token.create", "enrollment_token", async {
+    let audit = Audited::new(state, op, "enrollment_token.create", "enrollment_token");
+    let mut tx = audit.begin().await?;
+    let outcome: Result<_> = async {
         check_tags(&req.tags)?;
         if req.label.len() > 200 {
             return Err(Error::Invalid("label: at most 200 characters".into()));
@@ -94,7 +96,7 @@ pub async fn create(
         .bind(req.expires_at)
         .bind(i64::from(req.require_preauthorization))
         .bind(i64::from(req.require_tpm))
-        .execute(state.store.pool())
+        .execute(&mut *tx)
         .await?;
         let target = format!("enrollment_token:{id}");
         Ok((
@@ -111,8 +113,9 @@ pub async fn create(
             },
             target,
         ))
-    })
-    .await
+    }
+    .await;
+    audit.finish(tx, outcome).await
 }
 
 /// The organisation's tokens (without secrets), newest first.
@@ -129,24 +132,21 @@ pub async fn list(state: &AppState, op: &Operator) -> Result<Vec<EnrollmentToken
 /// Revokes a token (ops). Devices already enrolled stay.
 pub async fn revoke(state: &AppState, op: &Operator, id: &str) -> Result<()> {
     require(op, Role::Ops)?;
-    audited(
-        state,
-        op,
-        "enrollment_token.revoke",
-        &format!("enrollment_token:{id}"),
-        async {
-            let done = sqlx::query(
-                "UPDATE enrollment_tokens SET revoked = 1 WHERE id = $1 AND org_id = $2",
-            )
-            .bind(id)
-            .bind(&op.org_id)
-            .execute(state.store.pool())
-            .await?;
-            if done.rows_affected() == 0 {
-                return Err(Error::NotFound("no such enrollment token"));
-            }
-            Ok(((), String::new()))
-        },
-    )
-    .await
+    let target = format!("enrollment_token:{id}");
+    let audit = Audited::new(state, op, "enrollment_token.revoke", &target);
+    let mut tx = audit.begin().await?;
+    let outcome: Result<_> = async {
+        let done =
+            sqlx::query("UPDATE enrollment_tokens SET revoked = 1 WHERE id = $1 AND org_id = $2")
+                .bind(id)
+                .bind(&op.org_id)
+                .execute(&mut *tx)
+                .await?;
+        if done.rows_affected() == 0 {
+            return Err(Error::NotFound("no such enrollment token"));
+        }
+        Ok(((), String::new()))
+    }
+    .await;
+    audit.finish(tx, outcome).await
 }
