@@ -1,10 +1,12 @@
 //! Device-triggered audit entries (enrollment, attestation, activation) are
-//! coalesced: per device, action and outcome, at most one entry is written
+//! coalesced: per device, action and result, at most one entry is written
 //! every `audit-device-coalesce-secs`; repeats in between are counted and
 //! the count goes into the next entry's `detail.repeats` (or into a
-//! summary entry `flush` writes once the window has passed). A device
-//! hammering an endpoint costs the chain one entry per window, not one
-//! per call.
+//! summary entry `flush` writes once the window has passed). And a device
+//! gets at most [`PER_DEVICE_PER_WINDOW`] entries per window however it
+//! varies its requests; the rest are counted into one `audit.suppressed`
+//! entry. A device hammering an endpoint costs the chain a few entries per
+//! window, not one per call.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -19,40 +21,69 @@ use crate::store::{Store, now_ms};
 /// unwritten: the next call writes an entry).
 const MAX_SLOTS: usize = 100_000;
 
+/// Distinct entries (action and result) one device may have written per
+/// window; past it, its entries are only counted, and the count is
+/// written once as `audit.suppressed` (a device cannot flood the chain
+/// by varying its requests).
+pub const PER_DEVICE_PER_WINDOW: u32 = 10;
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Key {
     org_id: String,
     actor: String,
     action: String,
-    /// The outcome's kind: the result up to its first `:` (`ok`,
-    /// `error`, `mismatch`), so varying reasons share one slot.
-    outcome: String,
+    result: String,
 }
 
 #[derive(Debug, Clone)]
 struct Slot {
     written_at: i64,
     repeats: u64,
-    /// The latest repeat, written as the summary.
+    /// The latest repeat's target, written with the summary.
+    target: String,
+}
+
+#[derive(Debug, Clone)]
+struct Budget {
+    window_start: i64,
+    written: u32,
+    suppressed: u64,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    slots: HashMap<Key, Slot>,
+    /// By (org, actor).
+    budgets: HashMap<(String, String), Budget>,
+}
+
+/// A summary to write: repeats not carried by a later entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Summary {
+    org_id: String,
+    actor: String,
+    action: String,
     target: String,
     result: String,
+    repeats: u64,
 }
 
 /// The coalescing table.
 #[derive(Debug)]
 pub struct Coalescer {
     window_ms: i64,
-    slots: Mutex<HashMap<Key, Slot>>,
+    table: Mutex<Table>,
 }
 
 impl Coalescer {
-    /// One entry per key every `window_secs` (0: no coalescing).
+    /// One entry per device, action and result every `window_secs` (0: no
+    /// coalescing).
     pub fn new(window_secs: u64) -> Self {
         Coalescer {
             window_ms: i64::try_from(window_secs)
                 .unwrap_or(i64::MAX / 1000)
                 .saturating_mul(1000),
-            slots: Mutex::new(HashMap::new()),
+            table: Mutex::new(Table::default()),
         }
     }
 
@@ -62,65 +93,98 @@ impl Coalescer {
         if self.window_ms == 0 {
             return Some(0);
         }
+        let window = self.window_ms;
         let key = Key {
             org_id: entry.org_id.to_string(),
             actor: entry.actor.to_string(),
             action: entry.action.to_string(),
-            outcome: entry
-                .result
-                .split(':')
-                .next()
-                .unwrap_or_default()
-                .to_string(),
+            result: entry.result.to_string(),
         };
-        let Ok(mut slots) = self.slots.lock() else {
+        let Ok(mut table) = self.table.lock() else {
             return Some(0);
         };
-        if let Some(slot) = slots.get_mut(&key) {
-            if now - slot.written_at < self.window_ms {
-                slot.repeats += 1;
-                slot.target = entry.target.to_string();
-                slot.result = entry.result.to_string();
-                return None;
-            }
-            let repeats = slot.repeats;
-            slot.written_at = now;
-            slot.repeats = 0;
-            return Some(repeats);
+        if let Some(slot) = table.slots.get_mut(&key)
+            && now - slot.written_at < window
+        {
+            slot.repeats += 1;
+            slot.target = entry.target.to_string();
+            return None;
         }
-        if slots.len() >= MAX_SLOTS {
-            let window = self.window_ms;
-            slots.retain(|_, s| s.repeats > 0 && now - s.written_at < window);
-            if slots.len() >= MAX_SLOTS {
-                slots.clear();
+        if table.slots.len() >= MAX_SLOTS || table.budgets.len() >= MAX_SLOTS {
+            table
+                .slots
+                .retain(|_, s| s.repeats > 0 && now - s.written_at < window);
+            table.budgets.retain(|_, b| b.suppressed > 0);
+            if table.slots.len() >= MAX_SLOTS || table.budgets.len() >= MAX_SLOTS {
+                *table = Table::default();
             }
         }
-        slots.insert(
+        let budget = table
+            .budgets
+            .entry((key.org_id.clone(), key.actor.clone()))
+            .or_insert(Budget {
+                window_start: now,
+                written: 0,
+                suppressed: 0,
+            });
+        if now - budget.window_start >= window {
+            budget.window_start = now;
+            budget.written = 0;
+        }
+        if budget.written >= PER_DEVICE_PER_WINDOW {
+            budget.suppressed += 1;
+            return None;
+        }
+        budget.written += 1;
+        let repeats = table.slots.get(&key).map_or(0, |s| s.repeats);
+        table.slots.insert(
             key,
             Slot {
                 written_at: now,
                 repeats: 0,
                 target: entry.target.to_string(),
-                result: entry.result.to_string(),
             },
         );
-        Some(0)
+        Some(repeats)
     }
 
-    /// Repeats whose window has passed with nothing written since: taken
-    /// out of the table, to be written as summaries.
-    fn due(&self, now: i64) -> Vec<(Key, Slot)> {
-        let Ok(mut slots) = self.slots.lock() else {
+    /// Repeats and suppressed entries whose window has passed with nothing
+    /// written since: taken out of the table, to be written as summaries.
+    fn due(&self, now: i64) -> Vec<Summary> {
+        let Ok(mut table) = self.table.lock() else {
             return Vec::new();
         };
         let window = self.window_ms;
         let mut out = Vec::new();
-        slots.retain(|k, s| {
+        table.slots.retain(|k, s| {
             if now - s.written_at < window {
                 return true;
             }
             if s.repeats > 0 {
-                out.push((k.clone(), s.clone()));
+                out.push(Summary {
+                    org_id: k.org_id.clone(),
+                    actor: k.actor.clone(),
+                    action: k.action.clone(),
+                    target: s.target.clone(),
+                    result: k.result.clone(),
+                    repeats: s.repeats,
+                });
+            }
+            false
+        });
+        table.budgets.retain(|(org_id, actor), b| {
+            if now - b.window_start < window {
+                return true;
+            }
+            if b.suppressed > 0 {
+                out.push(Summary {
+                    org_id: org_id.clone(),
+                    actor: actor.clone(),
+                    action: "audit.suppressed".into(),
+                    target: actor.clone(),
+                    result: "ok".into(),
+                    repeats: b.suppressed,
+                });
             }
             false
         });
@@ -159,16 +223,16 @@ fn with_repeats(detail: serde_json::Value, repeats: u64) -> serde_json::Value {
 /// a later entry within the window. Returns how many were written.
 pub async fn flush(store: &Store, coalescer: &Coalescer) -> Result<usize> {
     let due = coalescer.due(now_ms());
-    for (key, slot) in &due {
+    for d in &due {
         super::append(
             store,
             Entry {
-                org_id: &key.org_id,
-                actor: &key.actor,
-                action: &key.action,
-                target: &slot.target,
-                result: &slot.result,
-                detail: with_repeats(serde_json::json!({}), slot.repeats),
+                org_id: &d.org_id,
+                actor: &d.actor,
+                action: &d.action,
+                target: &d.target,
+                result: &d.result,
+                detail: with_repeats(serde_json::json!({}), d.repeats),
             },
         )
         .await?;
@@ -211,12 +275,30 @@ mod tests {
         assert_eq!(c.decide(&entry("ok"), 0), Some(0));
         assert_eq!(c.decide(&entry("ok"), 1_000), None);
         assert_eq!(c.decide(&entry("ok"), 2_000), None);
-        // Another outcome has its own slot.
+        // Another result has its own slot.
         assert_eq!(c.decide(&entry("error: 400 x"), 2_000), Some(0));
-        assert_eq!(c.decide(&entry("error: 400 y"), 3_000), None);
+        assert_eq!(c.decide(&entry("error: 400 x"), 3_000), None);
         assert_eq!(c.decide(&entry("ok"), 61_000), Some(2));
         let due = c.due(200_000);
         assert_eq!(due.len(), 1, "only the error slot has uncarried repeats");
-        assert_eq!(due[0].1.repeats, 1);
+        assert_eq!(due[0].repeats, 1);
+    }
+
+    #[test]
+    fn a_device_varying_its_requests_is_capped() {
+        let c = Coalescer::new(60);
+        let results: Vec<String> = (0..25).map(|i| format!("error: 422 offset {i}")).collect();
+        let written = results
+            .iter()
+            .filter(|r| c.decide(&entry(r), 1_000).is_some())
+            .count();
+        assert_eq!(written, PER_DEVICE_PER_WINDOW as usize);
+        let due = c.due(100_000);
+        let suppressed: Vec<_> = due
+            .iter()
+            .filter(|d| d.action == "audit.suppressed")
+            .collect();
+        assert_eq!(suppressed.len(), 1);
+        assert_eq!(suppressed[0].repeats, 15);
     }
 }

@@ -71,6 +71,9 @@ impl Harness {
             // The bad-bundle tests upload a dozen files in a few seconds;
             // rate limits are tested on their own.
             uploads_per_minute: 0,
+            // Tests count device audit entries; coalescing is tested on its
+            // own (audit_chain.rs).
+            audit_device_coalesce_secs: 0,
             ..Config::default()
         };
         let mut pg_database = None;
