@@ -100,6 +100,21 @@ pub struct Config {
     /// A manual server clock, stepped through `POST /api/v1/test/clock`,
     /// for the fleet simulator and tests. Never enable in production.
     pub test_clock: bool,
+    /// An `Idempotency-Key` still in progress after this long (its request
+    /// crashed or the server restarted) is taken over by the next request
+    /// with it, seconds.
+    pub idempotency_in_progress_secs: u64,
+    /// The instance signs each organisation's audit chain head every this
+    /// many entries (0: never by count).
+    pub audit_checkpoint_entries: u64,
+    /// ... or at the first entry this many minutes after the last signed
+    /// checkpoint (0: never by time).
+    pub audit_checkpoint_minutes: u64,
+    /// Device-triggered audit entries (enrollment, attestation) of one
+    /// device, action and outcome are written at most once per this many
+    /// seconds; repeats in between are counted into the next entry
+    /// (0: every one is written).
+    pub audit_device_coalesce_secs: u64,
     /// `/metrics` answers only `Authorization: Bearer <this>` when set.
     pub metrics_token: Option<String>,
     /// Login throttling and password hashing (`[login]`).
@@ -225,6 +240,10 @@ impl Default for Config {
             test_clock: false,
             metrics_token: None,
             login: LoginConfig::default(),
+            idempotency_in_progress_secs: 300,
+            audit_checkpoint_entries: 100,
+            audit_checkpoint_minutes: 10,
+            audit_device_coalesce_secs: 60,
         }
     }
 }

@@ -81,6 +81,8 @@ pub struct Shared {
     pub passwords: Arc<passwords::Hasher>,
     /// Failed logins, per account and address (`[login]`).
     pub login_throttle: Arc<service::login_throttle::LoginThrottle>,
+    /// Device-triggered audit entries, coalesced per device.
+    pub audit_coalescer: Arc<audit::coalesce::Coalescer>,
 }
 
 impl AppState {
@@ -102,8 +104,13 @@ impl AppState {
                 "TPM enrollment requires an EK certificate from a trusted TPM vendor CA"
             );
         }
-        let store = Store::connect(&config.database_url()).await?;
+        let mut store = Store::connect(&config.database_url()).await?;
         store.migrate().await?;
+        store.set_audit_signer(Arc::new(audit::checkpoint::Signer::load_or_create(
+            &config.data_dir,
+            config.audit_checkpoint_entries,
+            config.audit_checkpoint_minutes,
+        )?));
         let blobs = config.blobs()?;
         let spool = config.spool_dir();
         std::fs::create_dir_all(&spool)
@@ -134,6 +141,9 @@ impl AppState {
             passwords,
             login_throttle: Arc::new(service::login_throttle::LoginThrottle::new(
                 config.login.throttle(),
+            )),
+            audit_coalescer: Arc::new(audit::coalesce::Coalescer::new(
+                config.audit_device_coalesce_secs,
             )),
             config: Arc::new(config),
         })))

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use kernex_server::config::Config;
 use kernex_server::{AppState, bootstrap, http};
 
@@ -33,10 +33,12 @@ use kernex_server::{AppState, bootstrap, http};
 ///     kernex-server --config /etc/kernex/server.toml
 ///     kernex-server --tpm-cert-store /etc/kernex/tpm-ca
 ///     kernex-server admin org create acme --admin-email ops@acme.example
+///     kernex-server audit verify --public-key audit.pub copy-of-kernex.db
 #[derive(Debug, Parser)]
 #[command(name = "kernex-server", version, verbatim_doc_comment)]
 struct Args {
-    /// Instance administration on the host (default: serve).
+    /// Instance administration or the offline audit log on the host
+    /// (default: serve).
     #[command(subcommand)]
     command: Option<Command>,
     /// TOML configuration file (see server.example.toml); flags override it.
@@ -77,11 +79,14 @@ struct Args {
     tpm_cert_store: Vec<PathBuf>,
 }
 
-#[derive(Debug, clap::Subcommand)]
+#[derive(Debug, Subcommand)]
 enum Command {
     /// Manage organisations on the host, against the database.
     #[command(subcommand)]
     Admin(kernex_server::admin::AdminCommand),
+    /// The audit log, offline: verify or export a copy of the database.
+    #[command(subcommand)]
+    Audit(kernex_server::audit::cli::AuditCommand),
 }
 
 fn main() {
@@ -130,6 +135,9 @@ fn run(args: Args) -> Result<()> {
         .context("unable to start the async runtime")?;
     match args.command {
         Some(Command::Admin(cmd)) => runtime.block_on(admin(config, cmd)),
+        Some(Command::Audit(command)) => {
+            runtime.block_on(kernex_server::audit::cli::run(command, &config))
+        }
         None => runtime.block_on(serve(config)),
     }
 }
@@ -170,6 +178,10 @@ async fn serve(config: Config) -> Result<()> {
         state.clone(),
     ));
     tokio::spawn(kernex_server::last_seen::LastSeen::run(state.clone()));
+    tokio::spawn(kernex_server::audit::coalesce::run(
+        state.store.clone(),
+        state.audit_coalescer.clone(),
+    ));
     tokio::spawn(kernex_server::poll_cache::listen(state.clone()));
     let listener = tokio::net::TcpListener::bind(listen)
         .await

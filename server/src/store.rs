@@ -64,6 +64,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "accounts",
         include_str!("../migrations/0011_accounts.sql"),
     ),
+    (
+        13,
+        "audit_checkpoints",
+        include_str!("../migrations/0013_audit_checkpoints.sql"),
+    ),
 ];
 
 /// Which database is behind the pool.
@@ -75,11 +80,13 @@ pub enum Backend {
     Postgres,
 }
 
-/// The store: a pool and which backend it talks to.
+/// The store: a pool, which backend it talks to, and the key that signs
+/// the audit chain's checkpoints as entries are appended.
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    audit_signer: Option<std::sync::Arc<crate::audit::checkpoint::Signer>>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -146,7 +153,21 @@ impl Store {
             .connect(url)
             .await
             .with_context(|| format!("unable to connect to the database ({})", redact(url)))?;
-        Ok(Store { pool, backend })
+        Ok(Store {
+            pool,
+            backend,
+            audit_signer: None,
+        })
+    }
+
+    /// Signs audit checkpoints with `signer` from now on.
+    pub fn set_audit_signer(&mut self, signer: std::sync::Arc<crate::audit::checkpoint::Signer>) {
+        self.audit_signer = Some(signer);
+    }
+
+    /// The audit checkpoint signer, if any.
+    pub fn audit_signer(&self) -> Option<&crate::audit::checkpoint::Signer> {
+        self.audit_signer.as_deref()
     }
 
     /// The pool.

@@ -28,6 +28,13 @@ fn example_config_parses() {
     assert!(c.database_url().starts_with("sqlite://"));
     assert!(c.tpm_cert_store.is_empty());
     assert!(c.ek_ca_store().unwrap().is_none());
+    assert_eq!(
+        c.idempotency_in_progress_secs,
+        d.idempotency_in_progress_secs
+    );
+    assert_eq!(c.audit_checkpoint_entries, d.audit_checkpoint_entries);
+    assert_eq!(c.audit_checkpoint_minutes, d.audit_checkpoint_minutes);
+    assert_eq!(c.audit_device_coalesce_secs, d.audit_device_coalesce_secs);
     // [login] and [limits]: the example states the defaults.
     assert!(c.metrics_token.is_none());
     let (l, dl) = (&c.login, &d.login);

@@ -83,7 +83,7 @@ async fn concurrent_enrollment_keeps_the_audit_chain(h: Arc<Harness>) {
         .try_get("id")
         .unwrap();
     assert_eq!(
-        kernex_server::audit::verify_chain(&h.state.store, &org)
+        kernex_server::audit::verify_incremental(&h.state.store, &org)
             .await
             .unwrap(),
         None

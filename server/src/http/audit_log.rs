@@ -10,11 +10,13 @@ use crate::AppState;
 use crate::auth::Operator;
 use crate::http::{ApiJson, Result};
 use crate::service::audit;
-pub use crate::service::audit::AuditPage;
+pub use crate::service::audit::{AuditPage, SigningKey};
 
 /// Routes.
 pub fn router() -> Router<AppState> {
-    Router::new().route("/audit", get(list))
+    Router::new()
+        .route("/audit", get(list))
+        .route("/audit/key", get(key))
 }
 
 /// Paging.
@@ -36,4 +38,12 @@ pub async fn list(
 ) -> Result<ApiJson<AuditPage>> {
     let Query(q) = query?;
     Ok(ApiJson(audit::page(&state, &op, q.before, q.limit).await?))
+}
+
+/// The instance's audit signing key (public half): checkpoints of the
+/// chain are signed with it; `kernex-server audit verify --public-key`
+/// checks them offline.
+#[utoipa::path(get, path = "/api/v1/audit/key", responses((status = 200, body = SigningKey)))]
+pub async fn key(State(state): State<AppState>, _op: Operator) -> Result<ApiJson<SigningKey>> {
+    Ok(ApiJson(audit::signing_key(&state)?))
 }

@@ -69,8 +69,9 @@ pub async fn enroll(
 async fn refused(state: &AppState, org_id: &str, device_id: &str, e: Error) -> Error {
     let reason = e.summary();
     tracing::warn!(device = %device_id, %reason, "enrollment refused");
-    let appended = audit::append(
+    let appended = audit::coalesce::append(
         &state.store,
+        &state.audit_coalescer,
         audit::Entry {
             org_id,
             actor: &format!("device:{device_id}"),

@@ -48,6 +48,10 @@ impl FromRequestParts<AppState> for Operator {
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
+        // Already authenticated by the idempotency layer.
+        if let Some(op) = parts.extensions.get::<Operator>() {
+            return Ok(op.clone());
+        }
         let token = bearer(parts)
             .or_else(|| session_cookie(parts))
             .ok_or(Error::Unauthorized)?;
@@ -83,6 +87,10 @@ impl FromRequestParts<AppState> for Device {
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
+        // Already authenticated by the idempotency layer.
+        if let Some(device) = parts.extensions.get::<Device>() {
+            return Ok(device.clone());
+        }
         let token = bearer(parts).ok_or(Error::Unauthorized)?;
         let kind = Kind::of(token).ok_or(Error::Unauthorized)?;
         let hash = secret_hash(token);

@@ -29,7 +29,7 @@ use crate::http::{
         releases::upload, releases::list, releases::detail, releases::remove, releases::download_operator,
         devices::list, devices::detail, devices::revoke, devices::set_tags, devices::logs,
         deployments::create, deployments::list, deployments::detail,
-        audit_log::list,
+        audit_log::list, audit_log::key,
         rollouts::create, rollouts::list, rollouts::detail, rollouts::preview, rollouts::preview_spec,
         rollouts::start, rollouts::pause, rollouts::resume, rollouts::abort, rollouts::rollback,
         rollouts::samples, rollouts::egress, rollouts::set_link, rollouts::get_link, rollouts::accept_link, rollouts::get_clock, rollouts::set_clock,

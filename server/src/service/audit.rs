@@ -41,34 +41,128 @@ pub fn summary(e: &Error) -> String {
     }
 }
 
-/// Runs a mutating operation and records it in the audit log with its
-/// outcome. `work` answers its value and the target to record (empty:
-/// `target`).
+/// A write transaction (`Store::begin_write`) that an audited change and
+/// its audit entry share.
+pub type Tx = sqlx::Transaction<'static, sqlx::Any>;
+
+/// A mutating operation and its audit entry, in one transaction: the
+/// change and its record commit together or not at all.
+///
+/// ```ignore
+/// let audit = Audited::new(state, op, "device.revoke", &target);
+/// let mut tx = audit.begin().await?;
+/// let outcome: Result<_> = async { /* writes through &mut *tx */ }.await;
+/// audit.finish(tx, outcome).await
+/// ```
+///
+/// The work writes through the transaction (on SQLite another
+/// connection's write would wait for it) and does nothing slow in it:
+/// heavy preparation (hashing, streaming a bundle) runs before `begin`,
+/// and its failure goes to [`Audited::fail`]. A failure is recorded too,
+/// after the rollback, in a transaction of its own.
+#[derive(Debug)]
+pub struct Audited<'a> {
+    state: &'a AppState,
+    op: &'a Operator,
+    action: &'a str,
+    target: &'a str,
+}
+
+impl<'a> Audited<'a> {
+    /// `action` by `op` on `target` (the default target to record).
+    pub fn new(state: &'a AppState, op: &'a Operator, action: &'a str, target: &'a str) -> Self {
+        Audited {
+            state,
+            op,
+            action,
+            target,
+        }
+    }
+
+    /// Begins the write transaction.
+    pub async fn begin(&self) -> Result<Tx> {
+        Ok(self.state.store.begin_write().await?)
+    }
+
+    /// Ends the work: on success appends the entry (with the work's target,
+    /// or the default when empty) in `tx` and commits; on failure rolls
+    /// back and records the failure.
+    pub async fn finish<T>(&self, mut tx: Tx, outcome: Result<(T, String)>) -> Result<T> {
+        match outcome {
+            Ok((value, t)) => {
+                let actor = self.op.actor();
+                let entry = audit::Entry {
+                    org_id: &self.op.org_id,
+                    actor: &actor,
+                    action: self.action,
+                    target: if t.is_empty() { self.target } else { &t },
+                    result: "ok",
+                    detail: serde_json::json!({}),
+                };
+                audit::append_in(&self.state.store, &mut tx, &entry).await?;
+                tx.commit().await?;
+                Ok(value)
+            }
+            Err(e) => {
+                tx.rollback().await.ok();
+                self.fail(e).await
+            }
+        }
+    }
+
+    /// Records a failure (before or without a transaction) and answers it.
+    pub async fn fail<T>(&self, e: Error) -> Result<T> {
+        let result = format!("error: {}", summary(&e));
+        record(self.state, self.op, self.action, self.target, &result).await?;
+        Err(e)
+    }
+}
+
+/// Runs `work`, then records it with its outcome in a transaction of its
+/// own: NOT in the work's transaction. Transitional: the callers merged
+/// from the accounts, organisations, enrollment-request, link and
+/// login-throttle work still use it and move to [`Audited`].
 pub async fn audited<T>(
     state: &AppState,
     op: &Operator,
     action: &str,
     target: &str,
-    work: impl Future<Output = Result<(T, String)>>,
+    work: impl std::future::Future<Output = Result<(T, String)>>,
 ) -> Result<T> {
     let outcome = work.await;
     let (result, target) = match &outcome {
-        Ok((_, t)) => ("ok".to_string(), if t.is_empty() { target } else { t }),
+        Ok((_, t)) => (
+            "ok".to_string(),
+            if t.is_empty() { target } else { t.as_str() },
+        ),
         Err(e) => (format!("error: {}", summary(e)), target),
     };
+    record(state, op, action, target, &result).await?;
+    outcome.map(|(v, _)| v)
+}
+
+/// Records an outcome in a transaction of its own.
+async fn record(
+    state: &AppState,
+    op: &Operator,
+    action: &str,
+    target: &str,
+    result: &str,
+) -> Result<()> {
+    let actor = op.actor();
     audit::append(
         &state.store,
         audit::Entry {
             org_id: &op.org_id,
-            actor: &op.actor(),
+            actor: &actor,
             action,
             target,
-            result: &result,
+            result,
             detail: serde_json::json!({}),
         },
     )
     .await?;
-    outcome.map(|(v, _)| v)
+    Ok(())
 }
 
 /// A page of the audit log and whether the chain verifies.
@@ -81,30 +175,65 @@ pub struct AuditPage {
 }
 
 /// Entries before `before` (a `seq`), newest first, at most `limit`
-/// (default 100, at most 1000), and whether the chain verifies.
+/// (default 100, at most 1000), and whether the chain verifies: the
+/// entries shown, and the chain from the last verified mark to the head
+/// (never the whole chain on a page view; `kernex-server audit verify`
+/// does that offline).
 pub async fn page(
     state: &AppState,
     op: &Operator,
     before: Option<i64>,
     limit: Option<i64>,
 ) -> Result<AuditPage> {
-    let entries = audit::list(
+    let (entries, unfit) = audit::list(
         &state.store,
         &op.org_id,
         limit.unwrap_or(100).clamp(1, 1000),
         before,
     )
     .await?;
-    let chain_broken_at = chain_broken_at(state, op).await?;
+    let chain_broken_at = match (chain_broken_at(state, op).await?, unfit) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
     Ok(AuditPage {
         entries,
         chain_broken_at,
     })
 }
 
-/// The first entry of the organisation's chain whose hash does not match.
+/// The first entry of the organisation's chain whose hash does not match,
+/// checked from the last entry verified (`audit::verify_incremental`).
 pub async fn chain_broken_at(state: &AppState, op: &Operator) -> Result<Option<i64>> {
-    Ok(audit::verify_chain(&state.store, &op.org_id).await?)
+    Ok(audit::verify_incremental(&state.store, &op.org_id).await?)
+}
+
+/// The instance's audit signing key, public half.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SigningKey {
+    /// Raw Ed25519 public key, hex (what checkpoints name).
+    pub public_key: String,
+    /// The same as PEM (SubjectPublicKeyInfo): save it and pass it to
+    /// `kernex-server audit verify --public-key`.
+    pub public_key_pem: String,
+    /// A checkpoint is signed every this many entries (0: not by count).
+    pub checkpoint_entries: u64,
+    /// ... or this many minutes after the last (0: not by time).
+    pub checkpoint_minutes: u64,
+}
+
+/// The key that signs this instance's audit checkpoints.
+pub fn signing_key(state: &AppState) -> Result<SigningKey> {
+    let signer = state
+        .store
+        .audit_signer()
+        .ok_or_else(|| super::Error::Internal(anyhow::anyhow!("no audit signing key loaded")))?;
+    Ok(SigningKey {
+        public_key: signer.public_hex().to_string(),
+        public_key_pem: signer.public_pem()?,
+        checkpoint_entries: state.config.audit_checkpoint_entries,
+        checkpoint_minutes: state.config.audit_checkpoint_minutes,
+    })
 }
 
 /// What to search the log for; all optional, combined with AND.

@@ -7,7 +7,7 @@ use sqlx::FromRow;
 use utoipa::ToSchema;
 
 use super::anti_rollback;
-use super::audit::audited;
+use super::audit::Audited;
 use super::users::require;
 use super::{Error, Result};
 use crate::AppState;
@@ -69,7 +69,10 @@ pub struct Deployment {
 /// release's security version (409, naming them).
 pub async fn create(state: &AppState, op: &Operator, req: NewDeployment) -> Result<Deployment> {
     require(op, Role::Ops)?;
-    audited(state, op, "deployment.create", &format!("release:{}", req.release_id), async {
+    let audit_target = &format!("release:{}", req.release_id);
+    let audit = Audited::new(state, op, "deployment.create", audit_target);
+    let mut tx = audit.begin().await?;
+    let outcome: Result<_> = async {
         if req.devices.is_empty() || req.devices.len() > 10_000 {
             return Err(Error::Invalid("devices: 1 to 10000 device ids".into()));
         }
@@ -77,12 +80,11 @@ pub async fn create(state: &AppState, op: &Operator, req: NewDeployment) -> Resu
             sqlx::query_as("SELECT compatible, version, security_version FROM releases WHERE id = $1 AND org_id = $2")
                 .bind(&req.release_id)
                 .bind(&op.org_id)
-                .fetch_optional(state.store.pool())
+                .fetch_optional(&mut *tx)
                 .await?
                 .ok_or(Error::NotFound("no such release"))?;
         let id = new_id()?;
         let now = now_ms();
-        let mut tx = state.store.begin_write().await?;
         sqlx::query(
             "INSERT INTO deployments (id, org_id, release_id, status, description, created_by, created_at) VALUES ($1, $2, $3, 'in_progress', $4, $5, $6)",
         )
@@ -136,14 +138,13 @@ pub async fn create(state: &AppState, op: &Operator, req: NewDeployment) -> Resu
                 .await?;
         }
         if !above_floor.is_empty() {
-            // Nothing is written: the transaction is dropped.
+            // Nothing is written: `finish` rolls the transaction back.
             return Err(anti_rollback::refusal(
                 &format!("deploy {version}"),
                 &above_floor,
                 above_floor.len(),
             ));
         }
-        tx.commit().await?;
         let target = format!("deployment:{id}");
         Ok((
             Deployment {
@@ -156,8 +157,9 @@ pub async fn create(state: &AppState, op: &Operator, req: NewDeployment) -> Resu
             },
             target,
         ))
-    })
-    .await
+    }
+    .await;
+    audit.finish(tx, outcome).await
 }
 
 /// The organisation's deployments, newest first (at most 500).

@@ -14,7 +14,7 @@ use std::net::IpAddr;
 use kernex_protocol::api::{EnrollmentToken, NewEnrollmentToken};
 use sqlx::FromRow;
 
-use super::audit::audited;
+use super::audit::Audited;
 use super::names::check_tags;
 use super::users::require;
 use super::{Error, Result};
@@ -142,7 +142,9 @@ pub async fn create(
     req: NewEnrollmentToken,
 ) -> Result<EnrollmentToken> {
     require(op, Role::Ops)?;
-    audited(state, op, "enrollment_token.create", "enrollment_token", async {
+    let audit = Audited::new(state, op, "enrollment_token.create", "enrollment_token");
+    let mut tx = audit.begin().await?;
+    let outcome: Result<_> = async {
         check_tags(&req.tags)?;
         check_tags(&req.allowed_tags).map_err(|e| match e {
             Error::Invalid(d) => Error::Invalid(format!("allowed_tags: {d}")),
@@ -186,7 +188,7 @@ pub async fn create(
         .bind(&req.link_class)
         .bind(&req.site)
         .bind(&req.time_zone)
-        .execute(state.store.pool())
+        .execute(&mut *tx)
         .await?;
         let target = format!("enrollment_token:{id}");
         Ok((
@@ -209,8 +211,9 @@ pub async fn create(
             },
             target,
         ))
-    })
-    .await
+    }
+    .await;
+    audit.finish(tx, outcome).await
 }
 
 /// The organisation's tokens (without secrets), newest first.
@@ -227,26 +230,23 @@ pub async fn list(state: &AppState, op: &Operator) -> Result<Vec<EnrollmentToken
 /// Revokes a token (ops). Devices already enrolled stay.
 pub async fn revoke(state: &AppState, op: &Operator, id: &str) -> Result<()> {
     require(op, Role::Ops)?;
-    audited(
-        state,
-        op,
-        "enrollment_token.revoke",
-        &format!("enrollment_token:{id}"),
-        async {
-            let done = sqlx::query(
-                "UPDATE enrollment_tokens SET revoked = 1 WHERE id = $1 AND org_id = $2",
-            )
-            .bind(id)
-            .bind(&op.org_id)
-            .execute(state.store.pool())
-            .await?;
-            if done.rows_affected() == 0 {
-                return Err(Error::NotFound("no such enrollment token"));
-            }
-            Ok(((), String::new()))
-        },
-    )
-    .await
+    let target = format!("enrollment_token:{id}");
+    let audit = Audited::new(state, op, "enrollment_token.revoke", &target);
+    let mut tx = audit.begin().await?;
+    let outcome: Result<_> = async {
+        let done =
+            sqlx::query("UPDATE enrollment_tokens SET revoked = 1 WHERE id = $1 AND org_id = $2")
+                .bind(id)
+                .bind(&op.org_id)
+                .execute(&mut *tx)
+                .await?;
+        if done.rows_affected() == 0 {
+            return Err(Error::NotFound("no such enrollment token"));
+        }
+        Ok(((), String::new()))
+    }
+    .await;
+    audit.finish(tx, outcome).await
 }
 
 /// A live token a device presented, as enrollment needs it.

@@ -15,7 +15,7 @@ use sqlx::FromRow;
 use tokio::io::AsyncWriteExt;
 use utoipa::ToSchema;
 
-use super::audit::audited;
+use super::audit::Audited;
 use super::users::{keyring_pem, require};
 use super::{Error, Result};
 use crate::AppState;
@@ -119,9 +119,14 @@ where
     E: std::fmt::Display,
 {
     require(op, Role::Ops)?;
-    audited(state, op, "release.upload", "release", async {
+    // Spooled and verified outside the transaction (it takes as long as
+    // the upload); only the row is written in it.
+    let prepare = async {
         let keyring_pem = keyring_pem(state, &op.org_id).await?.ok_or_else(|| {
-            Error::Conflict("the organisation has no keyring: an admin must PUT /api/v1/org/keyring first".into())
+            Error::Conflict(
+                "the organisation has no keyring: an admin must PUT /api/v1/org/keyring first"
+                    .into(),
+            )
         })?;
 
         // Spool, counting and hashing.
@@ -159,9 +164,7 @@ where
             let verified = bundle
                 .verify(&keyring, VerifyOptions::default())
                 .map_err(reject)?;
-            bundle
-                .verify_contents(&verified, &|_| {})
-                .map_err(reject)?;
+            bundle.verify_contents(&verified, &|_| {}).map_err(reject)?;
             let m = verified.manifest();
             Ok(Verified {
                 version: m.version.to_string(),
@@ -176,13 +179,12 @@ where
         .await
         .map_err(|e| Error::Internal(e.into()))??;
 
-        let (exists,): (i64,) = sqlx::query_as(
-            "SELECT COUNT(*) AS n FROM releases WHERE org_id = $1 AND version = $2",
-        )
-        .bind(&op.org_id)
-        .bind(&verified.version)
-        .fetch_one(state.store.pool())
-        .await?;
+        let (exists,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) AS n FROM releases WHERE org_id = $1 AND version = $2")
+                .bind(&op.org_id)
+                .bind(&verified.version)
+                .fetch_one(state.store.pool())
+                .await?;
         if exists > 0 {
             return Err(Error::Conflict(format!(
                 "release {} already exists",
@@ -194,10 +196,19 @@ where
             state.blobs.put_file(&key, &path).await?;
         }
         drop(spooled);
-        let id = new_id()?;
-        let now = now_ms();
-        let size = i64::try_from(size).map_err(|e| Error::Internal(e.into()))?;
-        let inserted = sqlx::query(
+        Ok((verified, key, sha256, size))
+    };
+    let audit = Audited::new(state, op, "release.upload", "release");
+    let (verified, key, sha256, size): (Verified, String, String, u64) = match prepare.await {
+        Ok(prepared) => prepared,
+        Err(e) => return audit.fail(e).await,
+    };
+    let mut tx = audit.begin().await?;
+    let outcome: Result<_> = async {
+            let id = new_id()?;
+            let now = now_ms();
+            let size = i64::try_from(size).map_err(|e| Error::Internal(e.into()))?;
+            let inserted = sqlx::query(
             "INSERT INTO releases (id, org_id, version, compatible, manifest, signer, blob_key, size, sha256, unstable, created_by, created_at, security_version) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10, $11, $12)",
         )
         .bind(&id)
@@ -212,37 +223,38 @@ where
         .bind(&op.user_id)
         .bind(now)
         .bind(verified.security_version)
-        .execute(state.store.pool())
+        .execute(&mut *tx)
         .await;
-        match inserted {
-            Ok(_) => {}
-            Err(e) if crate::store::is_unique_violation(&e) => {
-                return Err(Error::Conflict(format!(
-                    "release {} already exists",
-                    verified.version
-                )));
+            match inserted {
+                Ok(_) => {}
+                Err(e) if crate::store::is_unique_violation(&e) => {
+                    return Err(Error::Conflict(format!(
+                        "release {} already exists",
+                        verified.version
+                    )));
+                }
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => return Err(e.into()),
+            let manifest = serde_json::from_str(&verified.manifest).ok();
+            let target = format!("release:{id}");
+            Ok((
+                Release {
+                    id,
+                    version: verified.version,
+                    compatible: verified.compatible,
+                    signer: verified.signer,
+                    size,
+                    sha256,
+                    unstable: false,
+                    security_version: verified.security_version,
+                    created_at: now,
+                    manifest,
+                },
+                target,
+            ))
         }
-        let manifest = serde_json::from_str(&verified.manifest).ok();
-        let target = format!("release:{id}");
-        Ok((
-            Release {
-                id,
-                version: verified.version,
-                compatible: verified.compatible,
-                signer: verified.signer,
-                size,
-                sha256,
-                unstable: false,
-                security_version: verified.security_version,
-                created_at: now,
-                manifest,
-            },
-            target,
-        ))
-    })
-    .await
+    .await;
+    audit.finish(tx, outcome).await
 }
 
 /// The organisation's releases, newest first.
@@ -276,13 +288,21 @@ pub async fn detail(state: &AppState, op: &Operator, id: &str) -> Result<Release
 /// The bundle goes when no other release shares it.
 pub async fn remove(state: &AppState, op: &Operator, id: &str) -> Result<()> {
     require(op, Role::Ops)?;
-    audited(state, op, "release.delete", &format!("release:{id}"), async {
-        let key = find(state, &op.org_id, id).await?.blob_key;
+    let target = format!("release:{id}");
+    let prepare = async { Ok(find(state, &op.org_id, id).await?.blob_key) };
+    let audit_target = &target;
+    let audit = Audited::new(state, op, "release.delete", audit_target);
+    let key = match prepare.await {
+        Ok(prepared) => prepared,
+        Err(e) => return audit.fail(e).await,
+    };
+    let mut tx = audit.begin().await?;
+    let outcome: Result<_> = async {
         let (used,): (i64,) = sqlx::query_as(
             "SELECT (SELECT COUNT(*) FROM devices WHERE desired_release_id = $1) + (SELECT COUNT(*) FROM deployments WHERE release_id = $1) AS n",
         )
         .bind(id)
-        .fetch_one(state.store.pool())
+        .fetch_one(&mut *tx)
         .await?;
         if used > 0 {
             return Err(Error::Conflict(
@@ -292,19 +312,22 @@ pub async fn remove(state: &AppState, op: &Operator, id: &str) -> Result<()> {
         sqlx::query("DELETE FROM releases WHERE id = $1 AND org_id = $2")
             .bind(id)
             .bind(&op.org_id)
-            .execute(state.store.pool())
+            .execute(&mut *tx)
             .await?;
         let (others,): (i64,) =
             sqlx::query_as("SELECT COUNT(*) AS n FROM releases WHERE blob_key = $1")
                 .bind(&key)
-                .fetch_one(state.store.pool())
+                .fetch_one(&mut *tx)
                 .await?;
-        if others == 0 {
-            state.blobs.delete(&key).await?;
-        }
-        Ok(((), String::new()))
-    })
-    .await
+        Ok(((others == 0).then_some(key), String::new()))
+    }
+    .await;
+    let orphan = audit.finish(tx, outcome).await?;
+    // Committed: the bundle goes when no release uses it any more.
+    if let Some(key) = orphan {
+        state.blobs.delete(&key).await?;
+    }
+    Ok(())
 }
 
 /// Where a release's bundle is stored.

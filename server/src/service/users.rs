@@ -4,10 +4,10 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::audit::audited;
+use super::audit::Audited;
 use super::{Error, Result};
 use crate::AppState;
-use crate::auth::{self, Operator, Role};
+use crate::auth::{Operator, Role};
 use crate::store::{new_secret, now_ms, secret_hash};
 
 /// 403 unless the operator has at least `role`.
@@ -146,7 +146,7 @@ pub struct User {
 pub async fn create_user(state: &AppState, op: &Operator, req: NewUser) -> Result<User> {
     require(op, Role::Admin)?;
     let target = format!("user:{}", req.email);
-    audited(state, op, "user.create", &target, async {
+    let prepare = async {
         if req.password.chars().count() < 12 {
             return Err(Error::Invalid(
                 "password must have at least 12 characters".into(),
@@ -155,22 +155,39 @@ pub async fn create_user(state: &AppState, op: &Operator, req: NewUser) -> Resul
         if req.email.is_empty() || req.email.len() > 254 {
             return Err(Error::Invalid("email must have 1 to 254 characters".into()));
         }
-        let hash = state.passwords.hash(&req.password).await?;
-        let id =
-            match auth::insert_user(&state.store, &op.org_id, &req.email, &hash, req.role).await {
-                Ok(id) => id,
-                Err(e) => {
-                    if e.downcast_ref::<sqlx::Error>()
-                        .is_some_and(crate::store::is_unique_violation)
-                    {
-                        return Err(Error::Conflict(format!(
-                            "user {} already exists",
-                            req.email
-                        )));
-                    }
-                    return Err(Error::Internal(e));
-                }
-            };
+        // Hashed before the transaction: argon2 is slow.
+        state.passwords.hash(&req.password).await
+    };
+    let audit_target = &target;
+    let audit = Audited::new(state, op, "user.create", audit_target);
+    let hash = match prepare.await {
+        Ok(prepared) => prepared,
+        Err(e) => return audit.fail(e).await,
+    };
+    let mut tx = audit.begin().await?;
+    let outcome: Result<_> = async {
+        let id = crate::store::new_id()?;
+        let inserted = sqlx::query(
+            "INSERT INTO users (id, org_id, email, password_hash, role, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&id)
+        .bind(&op.org_id)
+        .bind(&req.email)
+        .bind(&hash)
+        .bind(req.role.as_str())
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await;
+        match inserted {
+            Ok(_) => {}
+            Err(e) if crate::store::is_unique_violation(&e) => {
+                return Err(Error::Conflict(format!(
+                    "user {} already exists",
+                    req.email
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        }
         Ok((
             User {
                 id,
@@ -181,8 +198,9 @@ pub async fn create_user(state: &AppState, op: &Operator, req: NewUser) -> Resul
             },
             String::new(),
         ))
-    })
-    .await
+    }
+    .await;
+    audit.finish(tx, outcome).await
 }
 
 #[derive(sqlx::FromRow)]
@@ -226,18 +244,22 @@ pub struct Keyring {
 /// Replaces the keyring (admin); 422 when the PEM holds no usable CA.
 pub async fn set_keyring(state: &AppState, op: &Operator, keyring: Keyring) -> Result<()> {
     require(op, Role::Admin)?;
-    audited(state, op, "keyring.set", "org", async {
+    let audit_target = "org";
+    let audit = Audited::new(state, op, "keyring.set", audit_target);
+    let mut tx = audit.begin().await?;
+    let outcome: Result<_> = async {
         kernex_protocol::signature::Keyring::from_pem(keyring.pem.as_bytes())
             .map_err(|e| Error::Unprocessable(e.to_string()))?;
         sqlx::query("UPDATE organizations SET keyring_pem = $1, updated_at = $2 WHERE id = $3")
             .bind(&keyring.pem)
             .bind(now_ms())
             .bind(&op.org_id)
-            .execute(state.store.pool())
+            .execute(&mut *tx)
             .await?;
         Ok(((), String::new()))
-    })
-    .await
+    }
+    .await;
+    audit.finish(tx, outcome).await
 }
 
 /// The keyring's PEM text, `None` when none is set.

@@ -68,6 +68,7 @@ pub async fn audit(
     };
     let entries = audit::search(&state, &s.op, &search, PAGE).await?;
     let broken = audit::chain_broken_at(&state, &s.op).await?;
+    let key = audit::signing_key(&state)?;
     let older = (entries.len() as i64 == PAGE)
         .then(|| entries.last().map(|e| e.seq))
         .flatten();
@@ -111,6 +112,11 @@ pub async fn audit(
                 (input("since", "From", "date", &since_s))
                 (input("until", "To", "date", &until_s))
                 div.field.actions { button type="submit" { "Filter" } a href="/ui/audit" { "Clear" } }
+            }
+            details.audit-key {
+                summary { "Signing key: " code { (key.public_key) } }
+                p.small { "This instance signs the chain's head every " (key.checkpoint_entries) " entries or " (key.checkpoint_minutes) " minutes with this Ed25519 key. Save the PEM below and check a copy of the database offline with " code { "kernex-server audit verify --public-key FILE DATABASE" } "." }
+                pre.small { (key.public_key_pem) }
             }
             @if entries.is_empty() { p.empty { "No entry matches." } } @else {
                 div.table-wrap { table {

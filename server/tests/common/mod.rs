@@ -83,6 +83,9 @@ impl Harness {
                 enrollments_per_token_per_minute: 0,
                 ..Default::default()
             },
+            // Tests count device audit entries; coalescing is tested on its
+            // own (audit_chain.rs).
+            audit_device_coalesce_secs: 0,
             ..Config::default()
         };
         let mut pg_database = None;

@@ -19,7 +19,9 @@ const MAX_NONCE_HEX: usize = 128;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The server could not be reached or had a transient fault (transport
-    /// error, 408, 429, 5xx): try again later, nothing is lost.
+    /// error, 408, 429, 5xx, or 409 with `Retry-After`: the same
+    /// `Idempotency-Key` is still being processed): try again later,
+    /// nothing is lost.
     #[error("server unreachable: {0}")]
     Offline(String),
     /// The credential was refused (401) or the device is revoked (403).
@@ -283,9 +285,17 @@ impl Client {
         let resp = req
             .send(&json[..])
             .map_err(|e| ClientError::Offline(e.to_string()))?;
+        let retry_after = resp.headers().contains_key("retry-after");
         let (status, body) = read(resp)?;
         if (200..300).contains(&status) {
             Ok(body)
+        } else if status == 409 && retry_after {
+            // The server is still working on this key (an earlier attempt
+            // whose answer was lost): not a verdict on the message.
+            let body: String = String::from_utf8_lossy(&body).chars().take(500).collect();
+            Err(ClientError::Offline(format!(
+                "HTTP 409 (in progress): {body}"
+            )))
         } else {
             Err(classify(status, &body))
         }

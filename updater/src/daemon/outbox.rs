@@ -265,7 +265,9 @@ impl Outbox {
     /// Sends what is queued, oldest first, until the server is unreachable
     /// or refuses the credential (then `Err`, and the rest stays queued). A
     /// message the server rejects as such (4xx) is set aside so it cannot
-    /// block the queue forever.
+    /// block the queue forever; a 409 "still in progress" (with
+    /// `Retry-After`) is transient: the message stays and is sent again
+    /// on the next run.
     pub fn deliver(&self, client: &Client, credential: &str) -> Result<Delivered, ClientError> {
         let mut done = Delivered::default();
         let queued = Self::sequence(&self.dir).map_err(|e| ClientError::Offline(e.to_string()))?;
@@ -346,6 +348,97 @@ mod tests {
                 }]
             })
         );
+    }
+
+    /// A one-connection-per-answer HTTP server on 127.0.0.1 that answers
+    /// with `answers` in turn; returns its URL and the requests' heads.
+    fn server(answers: Vec<&'static str>) -> (String, std::sync::mpsc::Receiver<String>) {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for answer in answers {
+                let (stream, _) = listener.accept().unwrap();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut head = String::new();
+                let mut length = 0usize;
+                loop {
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap();
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    head.push_str(&line);
+                }
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body).unwrap();
+                tx.send(head).unwrap();
+                let mut stream = stream;
+                stream.write_all(answer.as_bytes()).unwrap();
+            }
+        });
+        (url, rx)
+    }
+
+    /// A 409 "in progress" (the server still works on an earlier attempt
+    /// with the same key) leaves the report queued; it is sent again, with
+    /// the same key, on the next run.
+    #[test]
+    fn a_409_in_progress_is_retried_later_not_dropped() {
+        let in_progress = "HTTP/1.1 409 Conflict\r\nRetry-After: 1\r\nContent-Type: application/json\r\nContent-Length: 22\r\nConnection: close\r\n\r\n{\"error\":\"conflict\"}  ";
+        let accepted = "HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n";
+        let (url, heads) = server(vec![in_progress, accepted]);
+        let dir = tempfile::tempdir().unwrap();
+        let mut outbox = Outbox::open(dir.path()).unwrap();
+        outbox
+            .push(api::Report::new(api::ReportState::Committed))
+            .unwrap();
+        let client = Client::new(&url, ureq::tls::TlsConfig::default());
+
+        let first = outbox.deliver(&client, "kxd_x");
+        assert!(matches!(first, Err(ClientError::Offline(_))), "{first:?}");
+        assert_eq!(outbox.len().unwrap(), 1, "the report stays queued");
+        let Ok(rejected) = fs::read_dir(
+            dir.path()
+                .join(kernex_device::layout::OUTBOX)
+                .join("rejected"),
+        ) else {
+            panic!("no rejected directory")
+        };
+        assert_eq!(rejected.count(), 0, "nothing set aside");
+
+        let second = outbox.deliver(&client, "kxd_x").unwrap();
+        assert_eq!((second.sent, second.left), (1, 0));
+        let key = |head: String| {
+            head.lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("idempotency-key:")
+                        .map(|v| v.trim().to_string())
+                })
+                .unwrap()
+        };
+        let (a, b) = (key(heads.recv().unwrap()), key(heads.recv().unwrap()));
+        assert_eq!(a, b, "the retry carries the same Idempotency-Key");
+    }
+
+    /// A 409 without `Retry-After` is the server's verdict: set aside.
+    #[test]
+    fn a_plain_409_is_set_aside() {
+        let conflict = "HTTP/1.1 409 Conflict\r\nContent-Type: application/json\r\nContent-Length: 22\r\nConnection: close\r\n\r\n{\"error\":\"conflict\"}  ";
+        let (url, _heads) = server(vec![conflict]);
+        let dir = tempfile::tempdir().unwrap();
+        let mut outbox = Outbox::open(dir.path()).unwrap();
+        outbox
+            .push(api::Report::new(api::ReportState::Committed))
+            .unwrap();
+        let client = Client::new(&url, ureq::tls::TlsConfig::default());
+        let done = outbox.deliver(&client, "kxd_x").unwrap();
+        assert_eq!((done.rejected, done.left), (1, 0));
     }
 
     /// What the server would have rejected is refused on reading (and set

@@ -116,8 +116,9 @@ pub async fn attestation(
 
 /// Records a device's TPM request and its outcome in the audit log.
 async fn record(state: &AppState, device: &Device, action: &str, result: &str) -> Result<()> {
-    audit::append(
+    audit::coalesce::append(
         &state.store,
+        &state.audit_coalescer,
         audit::Entry {
             org_id: &device.org_id,
             actor: &format!("device:{}", device.device_id),

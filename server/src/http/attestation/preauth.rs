@@ -11,7 +11,7 @@ use crate::AppState;
 use crate::auth::{Operator, Role};
 use crate::http::{ApiJson, Result};
 use crate::service::attestation::preauth::{self, Recorded};
-use crate::service::audit::audited;
+use crate::service::audit::Audited;
 
 /// Pre-authorise a device (ops): 201 when recorded, 200 when the same
 /// device id and EK were already recorded (the factory line may retry).
@@ -26,11 +26,15 @@ pub async fn preauthorize(
 ) -> Result<(StatusCode, ApiJson<Preauthorization>)> {
     op.require(Role::Ops)?;
     let target = format!("device:{}", req.device_id);
-    let (recorded, found) = audited(&state, &op, "tpm.preauthorize", &target, async {
-        let answer = preauth::preauthorize(&state, &op.org_id, &op.user_id, &req).await?;
+    let audit_target = &target;
+    let audit = Audited::new(&state, &op, "tpm.preauthorize", audit_target);
+    let mut tx = audit.begin().await?;
+    let outcome: crate::service::Result<_> = async {
+        let answer = preauth::preauthorize(&state, &mut tx, &op.org_id, &op.user_id, &req).await?;
         Ok((answer, target.clone()))
-    })
-    .await?;
+    }
+    .await;
+    let (recorded, found) = audit.finish(tx, outcome).await?;
     let status = match recorded {
         Recorded::Created => StatusCode::CREATED,
         Recorded::Existing => StatusCode::OK,
@@ -59,10 +63,14 @@ pub async fn remove_preauthorization(
 ) -> Result<StatusCode> {
     op.require(Role::Ops)?;
     let target = format!("device:{device_id}");
-    audited(&state, &op, "tpm.preauthorization.remove", &target, async {
-        preauth::remove(&state, &op.org_id, &device_id).await?;
+    let audit_target = &target;
+    let audit = Audited::new(&state, &op, "tpm.preauthorization.remove", audit_target);
+    let mut tx = audit.begin().await?;
+    let outcome: crate::service::Result<_> = async {
+        preauth::remove(&mut tx, &op.org_id, &device_id).await?;
         Ok(((), String::new()))
-    })
-    .await?;
+    }
+    .await;
+    audit.finish(tx, outcome).await?;
     Ok(StatusCode::NO_CONTENT)
 }

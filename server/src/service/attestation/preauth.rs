@@ -50,13 +50,17 @@ struct DeviceIdRow {
 
 const COLUMNS: &str = "id, device_id, ek_fingerprint, ek_certificate, created_at";
 
-async fn find(state: &AppState, org_id: &str, device_id: &str) -> Result<Option<Preauthorization>> {
+async fn find(
+    conn: &mut sqlx::AnyConnection,
+    org_id: &str,
+    device_id: &str,
+) -> Result<Option<Preauthorization>> {
     let row = sqlx::query_as::<_, PreauthRow>(&format!(
         "SELECT {COLUMNS} FROM tpm_preauthorizations WHERE org_id = $1 AND device_id = $2"
     ))
     .bind(org_id)
     .bind(device_id)
-    .fetch_optional(state.store.pool())
+    .fetch_optional(conn)
     .await?;
     Ok(row.map(Preauthorization::from))
 }
@@ -64,9 +68,11 @@ async fn find(state: &AppState, org_id: &str, device_id: &str) -> Result<Option<
 /// Pre-authorises `req.device_id` in organisation `org_id` for user
 /// `user_id`: recorded, or already recorded with the same EK (the factory
 /// line may retry). Another EK for the device id, or this EK for another
-/// device id, is a conflict.
+/// device id, is a conflict. Reads and writes go through `conn` (the
+/// audited transaction).
 pub async fn preauthorize(
     state: &AppState,
+    conn: &mut sqlx::AnyConnection,
     org_id: &str,
     user_id: &str,
     req: &NewPreauthorization,
@@ -109,7 +115,7 @@ pub async fn preauthorize(
         .bind(org_id)
         .bind(fp)
         .bind(&req.device_id)
-        .fetch_optional(state.store.pool())
+        .fetch_optional(&mut *conn)
         .await?;
         if let Some(other) = other {
             return Err(Error::Conflict(format!(
@@ -118,7 +124,7 @@ pub async fn preauthorize(
             )));
         }
     }
-    if let Some(found) = find(state, org_id, &req.device_id).await? {
+    if let Some(found) = find(conn, org_id, &req.device_id).await? {
         if found.ek_fingerprint != fp {
             return Err(Error::Conflict(format!(
                 "device {} is already pre-authorised with {}; remove that first",
@@ -132,8 +138,10 @@ pub async fn preauthorize(
     }
     let id = new_id()?;
     let now = now_ms();
+    // ON CONFLICT DO NOTHING: a unique violation would abort the
+    // (PostgreSQL) transaction this runs in.
     let inserted = sqlx::query(
-        "INSERT INTO tpm_preauthorizations (id, org_id, device_id, ek_public, ek_certificate, ek_fingerprint, created_by, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        "INSERT INTO tpm_preauthorizations (id, org_id, device_id, ek_public, ek_certificate, ek_fingerprint, created_by, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
     )
     .bind(&id)
     .bind(org_id)
@@ -143,13 +151,12 @@ pub async fn preauthorize(
     .bind(&fp)
     .bind(user_id)
     .bind(now)
-    .execute(state.store.pool())
-    .await;
-    match inserted {
-        Ok(_) => {}
+    .execute(&mut *conn)
+    .await?;
+    if inserted.rows_affected() == 0 {
         // Recorded concurrently: answer as a retry would.
-        Err(e) if crate::store::is_unique_violation(&e) => {
-            let found = find(state, org_id, &req.device_id)
+        {
+            let found = find(conn, org_id, &req.device_id)
                 .await?
                 .ok_or(Error::Conflict(
                     "pre-authorisation raced with a removal; retry".into(),
@@ -162,7 +169,6 @@ pub async fn preauthorize(
             }
             return Ok((Recorded::Existing, found));
         }
-        Err(e) => return Err(e.into()),
     }
     Ok((
         Recorded::Created,
@@ -189,12 +195,12 @@ pub async fn list(state: &AppState, org_id: &str) -> Result<Vec<Preauthorization
 
 /// Removes the pre-authorisation of `device_id`. A device already enrolled
 /// stays bound to its TPM.
-pub async fn remove(state: &AppState, org_id: &str, device_id: &str) -> Result<()> {
+pub async fn remove(conn: &mut sqlx::AnyConnection, org_id: &str, device_id: &str) -> Result<()> {
     let done =
         sqlx::query("DELETE FROM tpm_preauthorizations WHERE org_id = $1 AND device_id = $2")
             .bind(org_id)
             .bind(device_id)
-            .execute(state.store.pool())
+            .execute(conn)
             .await?;
     if done.rows_affected() == 0 {
         return Err(Error::NotFound("no such pre-authorisation"));

@@ -305,8 +305,9 @@ async fn record(
     action: &str,
     id: &str,
 ) -> Result<()> {
-    audit::append(
+    audit::coalesce::append(
         &state.store,
+        &state.audit_coalescer,
         audit::Entry {
             org_id,
             actor: &format!("device:{device_id}"),

@@ -10,7 +10,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::AppState;
 use crate::auth::{Operator, Role};
 use crate::service::attestation as verdict;
-use crate::service::audit::audited;
+use crate::service::audit::Audited;
 use crate::service::names::check_tags;
 use crate::service::users::require;
 use crate::service::{Error, Result};
@@ -208,19 +208,26 @@ pub async fn detail(state: &AppState, op: &Operator, id: &str) -> Result<Device>
 /// Revokes a device's credential (ops): its requests fail from now on.
 pub async fn revoke(state: &AppState, op: &Operator, id: &str) -> Result<()> {
     require(op, Role::Ops)?;
-    audited(state, op, "device.revoke", &format!("device:{id}"), async {
+    let audit_target = &format!("device:{id}");
+    let audit = Audited::new(state, op, "device.revoke", audit_target);
+    let mut tx = audit.begin().await?;
+    let outcome: Result<_> = async {
         let done = sqlx::query("UPDATE devices SET revoked = 1 WHERE id = $1 AND org_id = $2")
             .bind(id)
             .bind(&op.org_id)
-            .execute(state.store.pool())
+            .execute(&mut *tx)
             .await?;
         if done.rows_affected() == 0 {
             return Err(Error::NotFound("no such device"));
         }
-        crate::poll_cache::forget_device(state, id).await;
         Ok(((), String::new()))
-    })
-    .await
+    }
+    .await;
+    audit.finish(tx, outcome).await?;
+    // Committed: caches drop the device now (earlier, a request in
+    // between could cache it unrevoked again).
+    crate::poll_cache::forget_device(state, id).await;
+    Ok(())
 }
 
 async fn exists(state: &AppState, op: &Operator, id: &str) -> Result<()> {
@@ -241,8 +248,10 @@ pub async fn set_tags(state: &AppState, op: &Operator, id: &str, tags: Vec<Strin
     let mut tags = tags;
     tags.sort();
     tags.dedup();
-    audited(state, op, "device.tags", &format!("device:{id}"), async {
-        let mut tx = state.store.begin_write().await?;
+    let audit_target = &format!("device:{id}");
+    let audit = Audited::new(state, op, "device.tags", audit_target);
+    let mut tx = audit.begin().await?;
+    let outcome: Result<_> = async {
         let found: Option<(String,)> =
             sqlx::query_as("SELECT id FROM devices WHERE id = $1 AND org_id = $2")
                 .bind(id)
@@ -264,10 +273,10 @@ pub async fn set_tags(state: &AppState, op: &Operator, id: &str, tags: Vec<Strin
                 .execute(&mut *tx)
                 .await?;
         }
-        tx.commit().await?;
         Ok(((), String::new()))
-    })
-    .await
+    }
+    .await;
+    audit.finish(tx, outcome).await
 }
 
 /// Log filters.

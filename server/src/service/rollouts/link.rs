@@ -11,7 +11,7 @@ use super::spec::check_label;
 use super::time::time_zone;
 use crate::AppState;
 use crate::auth::{Operator, Role};
-use crate::service::audit::audited;
+use crate::service::audit::{Audited, audited};
 use crate::service::users::require;
 use crate::service::{Error, Result};
 
@@ -53,7 +53,10 @@ pub async fn set_link(
     link: DeviceLink,
 ) -> Result<DeviceLink> {
     require(op, Role::Ops)?;
-    audited(state, op, "device.link", &format!("device:{id}"), async {
+    let target = format!("device:{id}");
+    let audit = Audited::new(state, op, "device.link", &target);
+    let mut tx = audit.begin().await?;
+    let outcome: Result<_> = async {
         check_link(&link)?;
         let done = sqlx::query(
             "UPDATE devices SET link_class = $1, site = $2, time_zone = $3 WHERE id = $4 AND org_id = $5",
@@ -63,14 +66,15 @@ pub async fn set_link(
         .bind(&link.time_zone)
         .bind(id)
         .bind(&op.org_id)
-        .execute(state.store.pool())
+        .execute(&mut *tx)
         .await?;
         if done.rows_affected() == 0 {
             return Err(Error::NotFound("no such device"));
         }
         Ok((link, String::new()))
-    })
-    .await
+    }
+    .await;
+    audit.finish(tx, outcome).await
 }
 
 /// A device's link and what the device claims.

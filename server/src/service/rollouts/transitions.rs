@@ -10,7 +10,7 @@ use super::{Targets, scheduler};
 use crate::AppState;
 use crate::auth::{Operator, Role};
 use crate::service::anti_rollback::{self, AboveFloor};
-use crate::service::audit::audited;
+use crate::service::audit::Audited;
 use crate::service::users::require;
 use crate::service::{Error, Result};
 use crate::store::new_id;
@@ -18,9 +18,19 @@ use crate::store::new_id;
 /// Creates a rollout (ops): a draft until started.
 pub async fn create(state: &AppState, op: &Operator, spec: RolloutSpec) -> Result<Rollout> {
     require(op, Role::Ops)?;
-    audited(state, op, "rollout.create", &format!("release:{}", spec.release_id), async {
+    let target = format!("release:{}", spec.release_id);
+    let prepare = async {
         spec.validate()?;
-        let release = super::release(state, &op.org_id, &spec.release_id).await?;
+        super::release(state, &op.org_id, &spec.release_id).await
+    };
+    let audit_target = &target;
+    let audit = Audited::new(state, op, "rollout.create", audit_target);
+    let release = match prepare.await {
+        Ok(prepared) => prepared,
+        Err(e) => return audit.fail(e).await,
+    };
+    let mut tx = audit.begin().await?;
+    let outcome: Result<_> = async {
         if let Some(c) = &spec.selector.hardware_class
             && c != &release.compatible
         {
@@ -53,13 +63,16 @@ pub async fn create(state: &AppState, op: &Operator, spec: RolloutSpec) -> Resul
         .bind(spec.start_at_ms)
         .bind(&op.user_id)
         .bind(now)
-        .execute(state.store.pool())
+        .execute(&mut *tx)
         .await?;
-        let (spec, row) = load(state, &op.org_id, &id).await?;
-        let r = summary(state, spec, &row).await?;
-        Ok((r, format!("rollout:{id}")))
-    })
-    .await
+        let target = format!("rollout:{id}");
+        Ok((id, target))
+    }
+    .await;
+    let id = audit.finish(tx, outcome).await?;
+    // Read once committed (another connection).
+    let (spec, row) = load(state, &op.org_id, &id).await?;
+    summary(state, spec, &row).await
 }
 
 /// A state change an operator asks for.
@@ -229,11 +242,18 @@ async fn transition(
     change: Change,
 ) -> Result<Rollout> {
     require(op, Role::Ops)?;
-    audited(state, op, action, &format!("rollout:{id}"), async {
-        let (spec, row) = load(state, &op.org_id, id).await?;
+    let target = format!("rollout:{id}");
+    let prepare = load(state, &op.org_id, id);
+    let audit_target = &target;
+    let audit = Audited::new(state, op, action, audit_target);
+    let (spec, row) = match prepare.await {
+        Ok(prepared) => prepared,
+        Err(e) => return audit.fail(e).await,
+    };
+    let mut tx = audit.begin().await?;
+    let outcome: Result<_> = async {
         let status = row.status;
         let now = state.clock.now_ms();
-        let mut tx = state.store.begin_write().await?;
         // Re-read under the write lock.
         let (current,): (String,) = sqlx::query_as("SELECT status FROM rollouts WHERE id = $1")
             .bind(id)
@@ -245,11 +265,13 @@ async fn transition(
             ));
         }
         apply(&mut tx, op, id, &spec, &status, now, change).await?;
-        tx.commit().await?;
-        let (spec, row) = load(state, &op.org_id, id).await?;
-        Ok((summary(state, spec, &row).await?, String::new()))
-    })
-    .await
+        Ok(((), String::new()))
+    }
+    .await;
+    audit.finish(tx, outcome).await?;
+    // Read once committed (another connection).
+    let (spec, row) = load(state, &op.org_id, id).await?;
+    summary(state, spec, &row).await
 }
 
 /// What an operator asks of a rollout.
