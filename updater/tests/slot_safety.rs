@@ -316,13 +316,14 @@ fn assert_rollback_works(dev: &Device) {
     std::fs::write(dev.path("boot-state"), state).unwrap();
 }
 
-/// Installs v3 over HTTP with `fault` at the last byte of its index into a
-/// device booted on A with v1 in slot B (recorded): slot B is snapshotted
-/// while every index request is served and must be as before each time.
-fn install_with_flipped_index_byte(once: bool) {
+/// Installs v3 (`size` bytes) over HTTP with the last byte of its index
+/// flipped (`once` or on every download) into a device booted on A with v1
+/// in slot B (recorded): slot B is snapshotted while every index request is
+/// served and must be as before each time. Returns where the byte lies.
+fn install_with_flipped_index_byte(size: usize, once: bool) -> u64 {
     let keys = keys();
-    let v1 = image(MIB, 1);
-    let v3 = image(MIB, 3);
+    let v1 = image(size, 1);
+    let v3 = image(size, 3);
     let b1 = bundle(&v1, "1.0.0", &keys.signer);
     let b3 = bundle(&v3, "3.0.0", &keys.signer);
     let layout = kernex_protocol::bundle::Bundle::open(std::io::Cursor::new(b3.bytes.clone()))
@@ -389,16 +390,23 @@ fn install_with_flipped_index_byte(once: bool) {
         assert_eq!(dev.flow().primary_slot().unwrap(), Some(Slot::A));
         assert_rollback_works(&dev);
     }
+    flip_at
 }
 
 #[test]
 fn an_index_byte_flipped_once_is_fetched_again_and_the_install_completes() {
-    install_with_flipped_index_byte(true);
+    // In the bundle's first read (the index of a small image follows the
+    // manifest), and in a page fetched on its own.
+    let first_read = kernex_updater::install::FIRST_READ;
+    assert!(install_with_flipped_index_byte(MIB, true) < first_read);
+    assert!(install_with_flipped_index_byte(8 * MIB, true) > first_read);
 }
 
 #[test]
 fn an_index_corrupt_for_good_fails_before_the_rollback_slot_is_touched() {
-    install_with_flipped_index_byte(false);
+    let first_read = kernex_updater::install::FIRST_READ;
+    assert!(install_with_flipped_index_byte(MIB, false) < first_read);
+    assert!(install_with_flipped_index_byte(8 * MIB, false) > first_read);
 }
 
 #[test]
