@@ -164,98 +164,103 @@ fn assert_refused(dev: &Device, bundle: &str, a: &Path, b: &Path, a_file: &Path,
     );
 }
 
-#[test]
-fn a_target_that_resolves_to_the_booted_slot_is_refused() {
+/// A device on v1 in slot A and v2's bundle written into its directory.
+fn fresh() -> (Device, String, Vec<u8>) {
     let keys = keys();
     let v1 = image(MIB, 1);
     let v2 = image(MIB, 2);
     let b2 = bundle(&v2, "2.0.0", &keys.signer);
-    let fresh = || {
-        let dev = Device::new(&keys, &v1);
-        let bundle = dev.write_bundle("v2.kxb", &b2.bytes);
-        (dev, bundle)
-    };
+    let dev = Device::new(&keys, &v1);
+    let bundle = dev.write_bundle("v2.kxb", &b2.bytes);
+    (dev, bundle, v2)
+}
 
-    // A symlink to the booted slot's file.
-    let (dev, bundle) = fresh();
+#[test]
+fn slot_b_a_symlink_to_the_booted_slot_is_refused() {
+    let (dev, bundle, _) = fresh();
     let (a, b) = (dev.path("slot-a.img"), dev.path("slot-b.img"));
     std::os::unix::fs::symlink("slot-a.img", &b).unwrap();
     assert_refused(&dev, &bundle, &a, &b, &a, "symlink");
+}
 
-    // A hard link: another name, the same inode.
-    let (dev, bundle) = fresh();
+#[test]
+fn slot_b_a_hard_link_to_the_booted_slot_is_refused() {
+    let (dev, bundle, _) = fresh();
     let (a, b) = (dev.path("slot-a.img"), dev.path("slot-b.img"));
     std::fs::hard_link(&a, &b).unwrap();
     assert_refused(&dev, &bundle, &a, &b, &a, "hard link");
+}
 
-    // `dir/../a.img`.
-    let (dev, bundle) = fresh();
+#[test]
+fn slot_b_spelt_with_dot_dot_is_refused() {
+    let (dev, bundle, _) = fresh();
     std::fs::create_dir(dev.path("dir")).unwrap();
     let a = dev.path("slot-a.img");
     let b = dev.path("dir/../slot-a.img");
     assert_refused(&dev, &bundle, &a, &b, &a, "dir/..");
+}
 
-    // The booted slot's file bind-mounted over slot B's.
-    let (dev, bundle) = fresh();
+#[test]
+fn the_booted_slot_bind_mounted_over_slot_b_is_refused() {
+    let (dev, bundle, _) = fresh();
     let (a, b) = (dev.path("slot-a.img"), dev.path("slot-b.img"));
     std::fs::write(&b, b"").unwrap();
     if let Some(_mount) = Mount::new(&["--bind", &a.display().to_string()], &b) {
         assert_refused(&dev, &bundle, &a, &b, &a, "bind mount");
     }
+}
 
-    // A loop device over the booted slot's file, reached directly, through
-    // a `/dev/disk/by-*` style link and through a second device node; and
-    // the other way round, the booted slot a loop device over slot B's file.
-    let (dev, bundle) = fresh();
+/// A loop device over the booted slot's file, reached directly, through a
+/// `/dev/disk/by-*` style link and through a second device node; and the
+/// other way round, the booted slot a loop device over slot B's file.
+#[test]
+fn a_loop_device_over_the_booted_slot_is_refused() {
+    let (dev, bundle, _) = fresh();
     let a = dev.path("slot-a.img");
-    if let Some(lo) = LoopDevice::attach(&a) {
-        assert_refused(&dev, &bundle, &a, &lo.0, &a, "loop device");
+    let Some(lo) = LoopDevice::attach(&a) else {
+        return;
+    };
+    assert_refused(&dev, &bundle, &a, &lo.0, &a, "loop device");
 
-        std::fs::create_dir(dev.path("by-partuuid")).unwrap();
-        let link = dev.path("by-partuuid/0a1b2c3d-02");
-        std::os::unix::fs::symlink(&lo.0, &link).unwrap();
-        assert_refused(
-            &dev,
-            &bundle,
-            &a,
-            &link,
-            &a,
-            "by-partuuid link to a loop device",
-        );
+    std::fs::create_dir(dev.path("by-partuuid")).unwrap();
+    let link = dev.path("by-partuuid/0a1b2c3d-02");
+    std::os::unix::fs::symlink(&lo.0, &link).unwrap();
+    assert_refused(&dev, &bundle, &a, &link, &a, "by-partuuid link");
 
-        let rdev = std::fs::metadata(&lo.0).unwrap().rdev();
-        let (major, minor) = (
-            ((rdev >> 8) & 0xfff) | ((rdev >> 32) & 0xffff_f000),
-            (rdev & 0xff) | ((rdev >> 12) & 0xffff_ff00),
-        );
-        let node = dev.path("loop-alias");
-        let made = Command::new("mknod")
-            .arg(&node)
-            .args(["b", &major.to_string(), &minor.to_string()])
-            .status();
-        if made.is_ok_and(|s| s.success()) {
-            assert_refused(&dev, &bundle, &a, &node, &a, "second device node");
-        } else {
-            skip("mknod failed");
-        }
-
-        assert_refused(
-            &dev,
-            &bundle,
-            &lo.0,
-            &a,
-            &a,
-            "booted slot is the loop device",
-        );
+    let rdev = std::fs::metadata(&lo.0).unwrap().rdev();
+    let (major, minor) = (
+        ((rdev >> 8) & 0xfff) | ((rdev >> 32) & 0xffff_f000),
+        (rdev & 0xff) | ((rdev >> 12) & 0xffff_ff00),
+    );
+    let node = dev.path("loop-alias");
+    let made = Command::new("mknod")
+        .arg(&node)
+        .args(["b", &major.to_string(), &minor.to_string()])
+        .status();
+    if made.is_ok_and(|s| s.success()) {
+        assert_refused(&dev, &bundle, &a, &node, &a, "second device node");
+    } else {
+        skip("mknod failed");
     }
 
-    // Control: a distinct slot B installs.
-    let (dev, bundle) = fresh();
+    assert_refused(
+        &dev,
+        &bundle,
+        &lo.0,
+        &a,
+        &a,
+        "booted slot is the loop device",
+    );
+}
+
+#[test]
+fn a_distinct_slot_b_installs() {
+    let (dev, bundle, v2) = fresh();
     let (a, b) = (dev.path("slot-a.img"), dev.path("slot-b.img"));
     configure(&dev, "A", &a, &b, "");
     install(&dev, &bundle).unwrap();
     assert_eq!(file_sha256(&b), sha256(&v2));
-    assert_eq!(file_sha256(&a), sha256(&v1));
+    assert_eq!(file_sha256(&a), sha256(&image(MIB, 1)));
 }
 
 /// Brings `dev` (slot A holding `b1`'s image) to: A booted and committed
@@ -311,11 +316,14 @@ fn assert_rollback_works(dev: &Device) {
     std::fs::write(dev.path("boot-state"), state).unwrap();
 }
 
-#[test]
-fn a_flipped_index_byte_is_fetched_again_before_the_rollback_slot_is_touched() {
+/// Installs v3 (`size` bytes) over HTTP with the last byte of its index
+/// flipped (`once` or on every download) into a device booted on A with v1
+/// in slot B (recorded): slot B is snapshotted while every index request is
+/// served and must be as before each time. Returns where the byte lies.
+fn install_with_flipped_index_byte(size: usize, once: bool) -> u64 {
     let keys = keys();
-    let v1 = image(MIB, 1);
-    let v3 = image(MIB, 3);
+    let v1 = image(size, 1);
+    let v3 = image(size, 3);
     let b1 = bundle(&v1, "1.0.0", &keys.signer);
     let b3 = bundle(&v3, "3.0.0", &keys.signer);
     let layout = kernex_protocol::bundle::Bundle::open(std::io::Cursor::new(b3.bytes.clone()))
@@ -326,73 +334,89 @@ fn a_flipped_index_byte_is_fetched_again_before_the_rollback_slot_is_touched() {
     // The last byte of the index: in a page, past its head.
     let flip_at = index.offset + index.size - 1;
 
-    for (fault, completes) in [
-        (Fault::CorruptOnce(flip_at), true),
-        (Fault::Corrupt(flip_at), false),
-    ] {
-        let dev = Device::new(&keys, &v1);
-        let b = dev.path("slot-b.img");
-        settle_with_rollback_slot(&dev, &b1, &b, "");
-        let intact = rollback_slot(&dev.config, &b);
-        assert!(intact.record.is_some() && !intact.pending, "{intact:?}");
-        assert_eq!(intact.bytes, sha256(&v1));
+    let (fault, completes) = if once {
+        (Fault::CorruptOnce(flip_at), true)
+    } else {
+        (Fault::Corrupt(flip_at), false)
+    };
+    let dev = Device::new(&keys, &v1);
+    let b = dev.path("slot-b.img");
+    settle_with_rollback_slot(&dev, &b1, &b, "");
+    let intact = rollback_slot(&dev.config, &b);
+    assert!(intact.record.is_some() && !intact.pending, "{intact:?}");
+    assert_eq!(intact.bytes, sha256(&v1));
 
-        // What slot B is while each request for the index is served.
-        let seen: Arc<Mutex<Vec<RollbackSlot>>> = Arc::default();
-        let (config, b_path, log) = (dev.config.clone(), b.clone(), seen.clone());
-        let server = Server::observed(
-            b3.bytes.clone(),
-            fault,
-            Arc::new(move |start, end| {
-                if (start..end).contains(&flip_at) {
-                    log.lock().unwrap().push(rollback_slot(&config, &b_path));
-                }
-            }),
-        );
-        let result = install(&dev, &server.url);
-        let seen = seen.lock().unwrap().clone();
-        let attempts = u64::from(kernex_updater::install::CHUNK_ATTEMPTS);
+    // What slot B is while each request for the index is served.
+    let seen: Arc<Mutex<Vec<RollbackSlot>>> = Arc::default();
+    let (config, b_path, log) = (dev.config.clone(), b.clone(), seen.clone());
+    let server = Server::observed(
+        b3.bytes.clone(),
+        fault,
+        Arc::new(move |start, end| {
+            if (start..end).contains(&flip_at) {
+                log.lock().unwrap().push(rollback_slot(&config, &b_path));
+            }
+        }),
+    );
+    let result = install(&dev, &server.url);
+    let seen = seen.lock().unwrap().clone();
+    let attempts = u64::from(kernex_updater::install::CHUNK_ATTEMPTS);
+    assert_eq!(
+        seen.len() as u64,
+        if completes { 2 } else { attempts },
+        "{fault:?}: {result:?}"
+    );
+    for s in &seen {
         assert_eq!(
-            seen.len() as u64,
-            if completes { 2 } else { attempts },
-            "{fault:?}: {result:?}"
+            s, &intact,
+            "{fault:?}: slot B touched before the index verified"
         );
-        for s in &seen {
-            assert_eq!(
-                s, &intact,
-                "{fault:?}: slot B touched before the index verified"
-            );
-        }
-
-        if completes {
-            let report = result.unwrap();
-            assert_eq!(report.index_refetched, 1, "{report:?}");
-            assert_eq!(file_sha256(&b), sha256(&v3));
-            assert_eq!(file_sha256(&dev.path("slot-a.img")), sha256(&v1));
-            assert_eq!(dev.flow().primary_slot().unwrap(), Some(Slot::B));
-        } else {
-            let err = result.unwrap_err().to_string();
-            assert!(
-                err.contains("does not match the manifest")
-                    && err.contains(&format!("fetched {attempts} times")),
-                "{err}"
-            );
-            assert_eq!(rollback_slot(&dev.config, &b), intact);
-            assert_eq!(dev.flow().primary_slot().unwrap(), Some(Slot::A));
-            assert_rollback_works(&dev);
-        }
     }
+
+    if completes {
+        let report = result.unwrap();
+        assert_eq!(report.index_refetched, 1, "{report:?}");
+        assert_eq!(file_sha256(&b), sha256(&v3));
+        assert_eq!(file_sha256(&dev.path("slot-a.img")), sha256(&v1));
+        assert_eq!(dev.flow().primary_slot().unwrap(), Some(Slot::B));
+    } else {
+        let err = result.unwrap_err().to_string();
+        assert!(
+            err.contains("does not match the manifest")
+                && err.contains(&format!("fetched {attempts} times")),
+            "{err}"
+        );
+        assert_eq!(rollback_slot(&dev.config, &b), intact);
+        assert_eq!(dev.flow().primary_slot().unwrap(), Some(Slot::A));
+        assert_rollback_works(&dev);
+    }
+    flip_at
 }
 
 #[test]
-fn an_image_larger_than_its_slot_is_refused_before_anything_is_written() {
+fn an_index_byte_flipped_once_is_fetched_again_and_the_install_completes() {
+    // In the bundle's first read (the index of a small image follows the
+    // manifest), and in a page fetched on its own.
+    let first_read = kernex_updater::install::FIRST_READ;
+    assert!(install_with_flipped_index_byte(MIB, true) < first_read);
+    assert!(install_with_flipped_index_byte(8 * MIB, true) > first_read);
+}
+
+#[test]
+fn an_index_corrupt_for_good_fails_before_the_rollback_slot_is_touched() {
+    let first_read = kernex_updater::install::FIRST_READ;
+    assert!(install_with_flipped_index_byte(MIB, false) < first_read);
+    assert!(install_with_flipped_index_byte(8 * MIB, false) > first_read);
+}
+
+#[test]
+fn an_image_larger_than_a_file_slot_s_configured_size_is_refused() {
     let keys = keys();
     let v1 = image(MIB, 1);
     let big = image(2 * MIB, 5);
     let b1 = bundle(&v1, "1.0.0", &keys.signer);
     let b_big = bundle(&big, "2.0.0", &keys.signer);
-
-    // A file slot with a configured size: v1 fits exactly, 2 MiB does not.
+    // v1 fits exactly, 2 MiB does not.
     let dev = Device::new(&keys, &v1);
     let b = dev.path("slot-b.img");
     let size = format!("size = {}", v1.len());
@@ -409,44 +433,58 @@ fn an_image_larger_than_its_slot_is_refused_before_anything_is_written() {
     );
     assert_eq!(rollback_slot(&dev.config, &b), intact);
     assert_rollback_works(&dev);
+}
 
-    // A file slot on a filesystem with less free space than the image.
+#[test]
+fn an_image_larger_than_the_free_space_of_a_file_slot_s_filesystem_is_refused() {
+    let keys = keys();
+    let v1 = image(MIB, 1);
+    let b1 = bundle(&v1, "1.0.0", &keys.signer);
     let dev = Device::new(&keys, &v1);
     let small = dev.path("small-fs");
     std::fs::create_dir(&small).unwrap();
-    if let Some(_mount) = Mount::new(&["-t", "tmpfs", "-o", "size=512k", "tmpfs"], &small) {
-        let b = small.join("slot-b.img");
-        configure(&dev, "A", &dev.path("slot-a.img"), &b, "");
-        let path = dev.write_bundle("v1.kxb", &b1.bytes);
-        let state_before = std::fs::read(dev.path("boot-state")).ok();
-        let err = install(&dev, &path).unwrap_err().to_string();
-        assert!(
-            err.contains("no room") && err.contains(&v1.len().to_string()),
-            "{err}"
-        );
-        assert!(!b.exists(), "slot B was created");
-        assert!(DataDir::new(dev.path("data")).pending().unwrap().is_none());
-        assert_eq!(std::fs::read(dev.path("boot-state")).ok(), state_before);
-    }
+    let Some(_mount) = Mount::new(&["-t", "tmpfs", "-o", "size=512k", "tmpfs"], &small) else {
+        return;
+    };
+    let b = small.join("slot-b.img");
+    configure(&dev, "A", &dev.path("slot-a.img"), &b, "");
+    let path = dev.write_bundle("v1.kxb", &b1.bytes);
+    let state_before = std::fs::read(dev.path("boot-state")).ok();
+    let err = install(&dev, &path).unwrap_err().to_string();
+    assert!(
+        err.contains("no room") && err.contains(&v1.len().to_string()),
+        "{err}"
+    );
+    assert!(!b.exists(), "slot B was created");
+    assert!(DataDir::new(dev.path("data")).pending().unwrap().is_none());
+    assert_eq!(std::fs::read(dev.path("boot-state")).ok(), state_before);
+}
 
-    // A block device (a loop device over a 1 MiB file): v1 fits, 2 MiB
-    // does not.
+#[test]
+fn an_image_larger_than_a_block_device_slot_is_refused() {
+    let keys = keys();
+    let v1 = image(MIB, 1);
+    let big = image(2 * MIB, 5);
+    let b1 = bundle(&v1, "1.0.0", &keys.signer);
+    let b_big = bundle(&big, "2.0.0", &keys.signer);
+    // A loop device over a 1 MiB file: v1 fits, 2 MiB does not.
     let dev = Device::new(&keys, &v1);
     let backing = dev.path("slot-b.raw");
     std::fs::write(&backing, vec![0u8; v1.len()]).unwrap();
-    if let Some(lo) = LoopDevice::attach(&backing) {
-        settle_with_rollback_slot(&dev, &b1, &lo.0, "");
-        let intact = rollback_slot(&dev.config, &lo.0);
-        assert_eq!(intact.bytes, sha256(&v1));
-        let path = dev.write_bundle("big.kxb", &b_big.bytes);
-        let err = install(&dev, &path).unwrap_err().to_string();
-        assert!(
-            err.contains(&big.len().to_string())
-                && err.contains(&format!("block device of {} bytes", v1.len()))
-                && err.contains(&lo.0.display().to_string()),
-            "{err}"
-        );
-        assert_eq!(rollback_slot(&dev.config, &lo.0), intact);
-        assert_rollback_works(&dev);
-    }
+    let Some(lo) = LoopDevice::attach(&backing) else {
+        return;
+    };
+    settle_with_rollback_slot(&dev, &b1, &lo.0, "");
+    let intact = rollback_slot(&dev.config, &lo.0);
+    assert_eq!(intact.bytes, sha256(&v1));
+    let path = dev.write_bundle("big.kxb", &b_big.bytes);
+    let err = install(&dev, &path).unwrap_err().to_string();
+    assert!(
+        err.contains(&big.len().to_string())
+            && err.contains(&format!("block device of {} bytes", v1.len()))
+            && err.contains(&lo.0.display().to_string()),
+        "{err}"
+    );
+    assert_eq!(rollback_slot(&dev.config, &lo.0), intact);
+    assert_rollback_works(&dev);
 }
