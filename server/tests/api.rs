@@ -1345,6 +1345,14 @@ async fn device_logs_and_retention(h: Arc<Harness>) {
             .unwrap();
     }
     assert_eq!(h.count("heartbeats").await, 4);
+    // A device cannot date a line more than a day back (its "ancient" line
+    // was clamped to a day ago); a line stored 31 days ago is pruned.
+    sqlx::query("INSERT INTO device_logs (id, device_pk, org_id, at, level, message) SELECT 'old-line', id, org_id, $1, 'info', 'stored long ago' FROM devices WHERE id = $2")
+        .bind(now - 31 * day)
+        .bind(&device)
+        .execute(h.state.store.pool())
+        .await
+        .unwrap();
     let expected = kernex_server::retention::Pruned {
         heartbeats: 3,
         daily: 1,
@@ -1373,7 +1381,7 @@ async fn device_logs_and_retention(h: Arc<Harness>) {
     assert_eq!(h.count("heartbeats_daily").await, 1);
     assert_eq!(h.count("heartbeats").await, 1);
     let (_, all) = h.call(Method::GET, &path, Some(&h.admin), None).await;
-    assert_eq!(all.as_array().unwrap().len(), 2);
+    assert_eq!(all.as_array().unwrap().len(), 3, "the clamped line stays a day");
 }
 
 async fn idempotency_keys_replay_instead_of_repeating(h: Arc<Harness>) {

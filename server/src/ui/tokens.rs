@@ -175,6 +175,10 @@ fn request(form: &Form, d: &Draft) -> Result<NewEnrollmentToken, String> {
 /// page is not cached and a reload does not show it again). A refusal
 /// (400) shows the form again with the reason and the values typed.
 pub async fn create_token(State(state): State<AppState>, form: Form) -> UiResult {
+    // The role first: a read-only operator learns nothing from the form.
+    if !form.session.can(Role::Ops) {
+        return Err(UiError::forbidden());
+    }
     let value = |k: &str| form.get(k).unwrap_or("").to_string();
     let mut draft = Draft {
         label: value("label"),
