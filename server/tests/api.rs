@@ -654,18 +654,20 @@ async fn duplicate_enrollment_is_one_device(h: Arc<Harness>) {
         assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
     }
     assert_eq!(h.count("devices").await, 1);
-    // Concurrent enrollments of one device id: still one row.
+    // Concurrent enrollments of one device id (the device retrying with
+    // its key): still one row.
     let (_, token3) = h.enrollment_token(&h.admin, &[]).await;
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let h = h.clone();
         let token3 = token3.clone();
         tasks.push(tokio::spawn(async move {
+            let proof = h.proof(&h.device_key("serial-99"), "serial-99").await;
             h.call(
                 Method::POST,
                 "/api/v1/device/enroll",
                 None,
-                Some(json!({"enrollment_token": token3, "device_id": "serial-99", "hardware_class": "x86-64"})),
+                Some(json!({"enrollment_token": token3, "device_id": "serial-99", "hardware_class": "x86-64", "key": proof})),
             )
             .await
         }));

@@ -155,7 +155,8 @@ fn a_daemon_with_a_bearer_credential_migrates_to_its_key_and_keeps_working() {
             "compatible = \"qemu-aarch64\"\ndata-dir = \"{}\"\nkeyring = \"{}\"\nreboot-command = [\"true\"]\n\
              [slots.rootfs]\nA = \"{}\"\nB = \"{}\"\n\
              [bootloader]\nbackend = \"file\"\npath = \"{}\"\ncmdline = \"{}\"\n\
-             [server]\nurl = \"{url}\"\nenrollment-token = \"{token}\"\ndevice-id = \"veteran\"\npoll-interval = 1\n",
+             [server]\nurl = \"{url}\"\nenrollment-token = \"{token}\"\ndevice-id = \"veteran\"\npoll-interval = 1\n\
+             [health]\ndeadline = 20\nstability-window = 0\n",
             p("data"),
             p("keyring.pem"),
             p("slot-a.img"),

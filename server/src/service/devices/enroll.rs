@@ -163,7 +163,16 @@ pub async fn enroll(
                 return Err(Error::Forbidden);
             }
             if !proven_key && !tpm_proof {
-                // No proof: the enrolled device keeps its identity.
+                // No proof: the enrolled device keeps its identity. One
+                // bound to its TPM says why (the policy's refusal).
+                if bound.is_some()
+                    && let Err(error) = check(bound.clone()).await
+                {
+                    return Ok(Outcome::Refused {
+                        org_id: org_id.clone(),
+                        error,
+                    });
+                }
                 let Some(key) = key else {
                     return Err(Error::Conflict(format!(
                         "device {} is enrolled already: re-enrolling it needs its device key (an updater with device keys) or its TPM",
