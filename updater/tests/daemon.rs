@@ -83,10 +83,16 @@ impl ControlPlane {
                     Some((cert, key)) => {
                         let acceptor = kernex_server::tls::acceptor(&cert, &key).unwrap();
                         let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                        let tls = kernex_server::tls::TlsListener::new(tcp, acceptor).unwrap();
-                        let https = axum::serve::Listener::local_addr(&tls).unwrap();
+                        let https = tcp.local_addr().unwrap();
                         let app = kernex_server::http::app(state.clone());
-                        tokio::spawn(async move { axum::serve(tls, app).await });
+                        let limits = kernex_server::serve::Limits::from(&state.config.limits);
+                        tokio::spawn(kernex_server::serve::run(
+                            tcp,
+                            Some(acceptor),
+                            app,
+                            limits,
+                            std::future::pending(),
+                        ));
                         Some(https)
                     }
                     None => None,
