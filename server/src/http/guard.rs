@@ -23,7 +23,12 @@ fn is_unauthenticated(method: &Method, path: &str) -> bool {
     method == Method::POST
         && matches!(
             path,
-            "/api/v1/login" | "/ui/login" | "/api/v1/device/enroll" | "/api/v1/device/activate"
+            "/api/v1/login"
+                | "/ui/login"
+                | "/api/v1/device/enroll"
+                | "/api/v1/device/activate"
+                | "/api/v1/device/challenge"
+                | "/api/v1/device/auth"
         )
 }
 
