@@ -272,10 +272,10 @@ fn settle_with_rollback_slot(dev: &Device, b1: &Built, b: &Path, rootfs_extra: &
     configure(dev, "A", &a, b, rootfs_extra);
     assert_eq!(install(dev, &path).unwrap().target, Some(Slot::B));
     configure(dev, "B", &a, b, rootfs_extra);
-    kernex_updater::boot::mark_good(dev.flow().as_mut()).unwrap();
+    kernex_updater::boot::mark_good(&dev.load(), dev.flow().as_mut()).unwrap();
     assert_eq!(install(dev, &path).unwrap().target, Some(Slot::A));
     configure(dev, "A", &a, b, rootfs_extra);
-    kernex_updater::boot::mark_good(dev.flow().as_mut()).unwrap();
+    kernex_updater::boot::mark_good(&dev.load(), dev.flow().as_mut()).unwrap();
     assert_eq!(dev.flow().primary_slot().unwrap(), Some(Slot::A));
 }
 
@@ -309,7 +309,7 @@ fn assert_rollback_works(dev: &Device) {
     let mut flow = dev.flow();
     let state = std::fs::read(dev.path("boot-state")).unwrap();
     assert_eq!(
-        kernex_updater::boot::rollback(&dev.load(), flow.as_mut()).unwrap(),
+        kernex_updater::boot::rollback(&dev.load(), flow.as_mut(), false).unwrap(),
         Slot::B
     );
     assert_eq!(flow.primary_slot().unwrap(), Some(Slot::B));
