@@ -140,7 +140,8 @@ impl Daemon<'_> {
                 status: 404 | 405, ..
             }) => None,
             Err(e) => {
-                return Err(anyhow::Error::new(e).context("unable to get a nonce to enroll with"));
+                return Err(anyhow::Error::new(e)
+                    .context("enrollment failed: unable to get a nonce to sign"));
             }
         };
         let answer = self
