@@ -1379,7 +1379,11 @@ async fn device_logs_and_retention(h: Arc<Harness>) {
     assert_eq!(h.count("heartbeats_daily").await, 1);
     assert_eq!(h.count("heartbeats").await, 1);
     let (_, all) = h.call(Method::GET, &path, Some(&h.admin), None).await;
-    assert_eq!(all.as_array().unwrap().len(), 3, "the clamped line stays a day");
+    assert_eq!(
+        all.as_array().unwrap().len(),
+        3,
+        "the clamped line stays a day"
+    );
 }
 
 async fn idempotency_keys_replay_instead_of_repeating(h: Arc<Harness>) {
