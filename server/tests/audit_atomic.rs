@@ -2,7 +2,8 @@
 //! not at all, on SQLite and PostgreSQL: when the entry cannot be written
 //! (a trigger refuses it) the change is not made and a failure is
 //! recorded; a refused change writes nothing but its failure entry; a
-//! change made has both its row and its entry.
+//! change made has both its row and its entry; two admins demoting each
+//! other at once leave one admin.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -17,6 +18,7 @@ both!(
     a_change_whose_entry_fails_is_not_made,
     a_refused_change_writes_only_its_failure_entry,
     a_change_made_has_its_row_and_its_entry,
+    two_admins_demoting_each_other_leave_one,
 );
 
 const PW: &str = "correct horse battery";
@@ -258,4 +260,45 @@ async fn a_change_made_has_its_row_and_its_entry(h: Arc<Harness>) {
         )),
         "{log:?}"
     );
+}
+
+async fn two_admins_demoting_each_other_leave_one(h: Arc<Harness>) {
+    let (first, _, _) = user_row(&h, "admin@localhost").await.unwrap();
+    for round in 0..8 {
+        let email = format!("admin{round}@localhost");
+        let other = h.user(&email, "admin").await;
+        let (second, _, _) = user_row(&h, &email).await.unwrap();
+        let demote = |token: String, id: String| {
+            let h = h.clone();
+            tokio::spawn(async move {
+                h.call(
+                    Method::PATCH,
+                    &format!("/api/v1/users/{id}"),
+                    Some(&token),
+                    Some(json!({"role": "ops"})),
+                )
+                .await
+                .0
+            })
+        };
+        let a = demote(h.admin.clone(), second.clone());
+        let b = demote(other, first.clone());
+        let (a, b) = (a.await.unwrap(), b.await.unwrap());
+        let admins: Vec<(String,)> =
+            sqlx::query_as("SELECT id FROM users WHERE role = 'admin' AND disabled = 0")
+                .fetch_all(h.state.store.pool())
+                .await
+                .unwrap();
+        assert_eq!(admins.len(), 1, "round {round}: {a} {b}");
+        assert!(
+            [a, b].contains(&StatusCode::CONFLICT),
+            "round {round}: {a} {b}"
+        );
+        // The next round starts from the first admin alone.
+        sqlx::query("UPDATE users SET role = CASE WHEN id = $1 THEN 'admin' ELSE 'ops' END")
+            .bind(&first)
+            .execute(h.state.store.pool())
+            .await
+            .unwrap();
+    }
 }

@@ -141,11 +141,18 @@ async fn target<'e>(
 }
 
 /// Refuses to take away the organisation's last enabled admin; reads
-/// through the change's transaction.
+/// through the change's transaction, after locking the organisation's
+/// row: two admins demoting each other at once are serialised (on
+/// PostgreSQL the second counts after the first commits; SQLite's write
+/// transactions are serialised already).
 async fn keep_an_admin(tx: &mut sqlx::AnyConnection, op: &Operator, t: &Target) -> Result<()> {
     if t.role != Role::Admin.as_str() || t.disabled != 0 {
         return Ok(());
     }
+    sqlx::query("UPDATE organizations SET updated_at = updated_at WHERE id = $1")
+        .bind(&op.org_id)
+        .execute(&mut *tx)
+        .await?;
     let (others,): (i64,) = sqlx::query_as(
         "SELECT COUNT(*) FROM users WHERE org_id = $1 AND role = 'admin' AND disabled = 0 AND id <> $2",
     )
