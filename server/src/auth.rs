@@ -96,6 +96,18 @@ pub async fn insert_user(
     password_hash: &str,
     role: Role,
 ) -> anyhow::Result<String> {
+    let mut conn = store.pool().acquire().await?;
+    insert_user_in(&mut conn, org_id, email, password_hash, role).await
+}
+
+/// [`insert_user`] through `conn` (the caller's transaction).
+pub async fn insert_user_in(
+    conn: &mut sqlx::AnyConnection,
+    org_id: &str,
+    email: &str,
+    password_hash: &str,
+    role: Role,
+) -> anyhow::Result<String> {
     let id = new_id()?;
     sqlx::query(
         "INSERT INTO users (id, org_id, email, password_hash, role, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
@@ -106,7 +118,7 @@ pub async fn insert_user(
     .bind(password_hash)
     .bind(role.as_str())
     .bind(now_ms())
-    .execute(store.pool())
+    .execute(conn)
     .await?;
     Ok(id)
 }

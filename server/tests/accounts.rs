@@ -171,7 +171,7 @@ async fn disabled_user_is_refused_on_the_next_request(h: Arc<Harness>) {
 async fn role_downgrade_takes_effect_at_once(h: Arc<Harness>) {
     let token = h.user("deployer@localhost", "ops").await;
     let id = user_id(&h, "deployer@localhost").await;
-    let make = json!({"label": "line 1"});
+    let make = json!({"label": "line 1", "expires_in_secs": 3600});
     let (s, _) = h
         .call(
             Method::POST,

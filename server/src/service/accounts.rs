@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::audit::audited;
+use super::audit::Audited;
 use super::{Error, Result};
 use crate::AppState;
 use crate::auth::{self, Operator, Role, credential_id};
@@ -52,7 +52,10 @@ pub struct PasswordChange {
 /// must-change-password gate. Not with an API token.
 pub async fn change_password(state: &AppState, op: &Operator, req: PasswordChange) -> Result<()> {
     let target = format!("user:{}", op.email);
-    audited(state, op, "user.password.change", &target, async {
+    let audit = Audited::new(state, op, "user.password.change", &target);
+    // Checking the current password and hashing the new one are slow: before
+    // the transaction.
+    let prepare = async {
         if op.api_token {
             return Err(Error::Refused(
                 "an API token cannot change a password; log in".into(),
@@ -75,13 +78,28 @@ pub async fn change_password(state: &AppState, op: &Operator, req: PasswordChang
         {
             return Err(Error::Refused("the current password is wrong".into()));
         }
-        let new_hash = state.passwords.hash(&req.new_password).await?;
-        let mut tx = state.store.begin_write().await?;
-        sqlx::query("UPDATE users SET password_hash = $1, must_change_password = 0 WHERE id = $2")
-            .bind(&new_hash)
-            .bind(&op.user_id)
-            .execute(&mut *tx)
-            .await?;
+        Ok((stored, state.passwords.hash(&req.new_password).await?))
+    };
+    let (stored, new_hash) = match prepare.await {
+        Ok(prepared) => prepared,
+        Err(e) => return audit.fail(e).await,
+    };
+    let mut tx = audit.begin().await?;
+    let outcome: Result<_> = async {
+        // Only over the hash that was verified: a change in between wins.
+        let done = sqlx::query(
+            "UPDATE users SET password_hash = $1, must_change_password = 0 WHERE id = $2 AND password_hash = $3",
+        )
+        .bind(&new_hash)
+        .bind(&op.user_id)
+        .bind(&stored)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(Error::Conflict(
+                "the password changed meanwhile; try again".into(),
+            ));
+        }
         sqlx::query(
             "UPDATE api_tokens SET revoked = 1 WHERE user_id = $1 AND kind = 'session' AND token_hash <> $2",
         )
@@ -89,11 +107,12 @@ pub async fn change_password(state: &AppState, op: &Operator, req: PasswordChang
         .bind(&op.token_hash)
         .execute(&mut *tx)
         .await?;
-        tx.commit().await?;
-        tracing::info!(user = %op.email, "password changed; other sessions revoked");
         Ok(((), String::new()))
-    })
-    .await
+    }
+    .await;
+    audit.finish(tx, outcome).await?;
+    tracing::info!(user = %op.email, "password changed; other sessions revoked");
+    Ok(())
 }
 
 #[derive(sqlx::FromRow)]
@@ -104,28 +123,42 @@ struct Target {
     disabled: i64,
 }
 
-async fn target(state: &AppState, op: &Operator, id: &str) -> Result<Target> {
+/// The user `id` of the operator's organisation, read through `db` (the
+/// pool, or an audited change's transaction).
+async fn target<'e>(
+    db: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    op: &Operator,
+    id: &str,
+) -> Result<Target> {
     sqlx::query_as::<_, Target>(
         "SELECT id, email, role, disabled FROM users WHERE id = $1 AND org_id = $2",
     )
     .bind(id)
     .bind(&op.org_id)
-    .fetch_optional(state.store.pool())
+    .fetch_optional(db)
     .await?
     .ok_or(Error::NotFound("no such user"))
 }
 
-/// Refuses to take away the organisation's last enabled admin.
-async fn keep_an_admin(state: &AppState, op: &Operator, t: &Target) -> Result<()> {
+/// Refuses to take away the organisation's last enabled admin; reads
+/// through the change's transaction, after locking the organisation's
+/// row: two admins demoting each other at once are serialised (on
+/// PostgreSQL the second counts after the first commits; SQLite's write
+/// transactions are serialised already).
+async fn keep_an_admin(tx: &mut sqlx::AnyConnection, op: &Operator, t: &Target) -> Result<()> {
     if t.role != Role::Admin.as_str() || t.disabled != 0 {
         return Ok(());
     }
+    sqlx::query("UPDATE organizations SET updated_at = updated_at WHERE id = $1")
+        .bind(&op.org_id)
+        .execute(&mut *tx)
+        .await?;
     let (others,): (i64,) = sqlx::query_as(
         "SELECT COUNT(*) FROM users WHERE org_id = $1 AND role = 'admin' AND disabled = 0 AND id <> $2",
     )
     .bind(&op.org_id)
     .bind(&t.id)
-    .fetch_one(state.store.pool())
+    .fetch_one(&mut *tx)
     .await?;
     if others == 0 {
         return Err(Error::Conflict(
@@ -164,22 +197,25 @@ pub async fn update_user(
     req: UserUpdate,
 ) -> Result<super::users::User> {
     auth::Operator::require(op, Role::Admin)?;
-    let t = target(state, op, id).await?;
-    let label = format!("user:{}", t.email);
+    let label = format!("user:{}", target(state.store.pool(), op, id).await?.email);
     if let Some(role) = req.role {
-        audited(state, op, "user.role", &label, async {
+        let audit = Audited::new(state, op, "user.role", &label);
+        let mut tx = audit.begin().await?;
+        let outcome: Result<_> = async {
+            let t = target(&mut *tx, op, id).await?;
             not_yourself(op, &t, "change the role of")?;
             if role != Role::Admin {
-                keep_an_admin(state, op, &t).await?;
+                keep_an_admin(&mut tx, op, &t).await?;
             }
             sqlx::query("UPDATE users SET role = $1 WHERE id = $2")
                 .bind(role.as_str())
                 .bind(&t.id)
-                .execute(state.store.pool())
+                .execute(&mut *tx)
                 .await?;
             Ok(((), format!("{label} role={}", role.as_str())))
-        })
-        .await?;
+        }
+        .await;
+        audit.finish(tx, outcome).await?;
     }
     if let Some(disabled) = req.disabled {
         let action = if disabled {
@@ -187,13 +223,15 @@ pub async fn update_user(
         } else {
             "user.enable"
         };
-        audited(state, op, action, &label, async {
+        let audit = Audited::new(state, op, action, &label);
+        let mut tx = audit.begin().await?;
+        let outcome: Result<_> = async {
+            // Read again in the transaction: the role may have just changed.
+            let t = target(&mut *tx, op, id).await?;
             not_yourself(op, &t, "disable or enable")?;
             if disabled {
-                let t = target(state, op, id).await?;
-                keep_an_admin(state, op, &t).await?;
+                keep_an_admin(&mut tx, op, &t).await?;
             }
-            let mut tx = state.store.begin_write().await?;
             sqlx::query("UPDATE users SET disabled = $1 WHERE id = $2")
                 .bind(i64::from(disabled))
                 .bind(&t.id)
@@ -205,10 +243,10 @@ pub async fn update_user(
                     .execute(&mut *tx)
                     .await?;
             }
-            tx.commit().await?;
             Ok(((), String::new()))
-        })
-        .await?;
+        }
+        .await;
+        audit.finish(tx, outcome).await?;
     }
     user(state, op, id).await
 }
@@ -227,12 +265,13 @@ pub async fn user(state: &AppState, op: &Operator, id: &str) -> Result<super::us
 /// log keeps their email.
 pub async fn delete_user(state: &AppState, op: &Operator, id: &str) -> Result<()> {
     auth::Operator::require(op, Role::Admin)?;
-    let t = target(state, op, id).await?;
-    let label = format!("user:{}", t.email);
-    audited(state, op, "user.delete", &label, async {
+    let label = format!("user:{}", target(state.store.pool(), op, id).await?.email);
+    let audit = Audited::new(state, op, "user.delete", &label);
+    let mut tx = audit.begin().await?;
+    let outcome: Result<_> = async {
+        let t = target(&mut *tx, op, id).await?;
         not_yourself(op, &t, "delete")?;
-        keep_an_admin(state, op, &t).await?;
-        let mut tx = state.store.begin_write().await?;
+        keep_an_admin(&mut tx, op, &t).await?;
         sqlx::query("DELETE FROM api_tokens WHERE user_id = $1")
             .bind(&t.id)
             .execute(&mut *tx)
@@ -242,10 +281,10 @@ pub async fn delete_user(state: &AppState, op: &Operator, id: &str) -> Result<()
             .bind(&op.org_id)
             .execute(&mut *tx)
             .await?;
-        tx.commit().await?;
         Ok(((), String::new()))
-    })
-    .await
+    }
+    .await;
+    audit.finish(tx, outcome).await
 }
 
 /// What a credential is.
@@ -303,7 +342,7 @@ pub async fn credentials(
     user_id: &str,
 ) -> Result<Vec<Credential>> {
     may_manage(op, user_id)?;
-    target(state, op, user_id).await?;
+    target(state.store.pool(), op, user_id).await?;
     let rows = sqlx::query_as::<_, CredentialRow>(
         "SELECT token_hash, kind, name, role, created_at, expires_at FROM api_tokens \
          WHERE user_id = $1 AND revoked = 0 AND expires_at > $2 ORDER BY created_at DESC LIMIT 1000",
@@ -339,9 +378,11 @@ pub async fn revoke_credential(
     credential: &str,
 ) -> Result<()> {
     may_manage(op, user_id)?;
-    let t = target(state, op, user_id).await?;
+    let t = target(state.store.pool(), op, user_id).await?;
     let label = format!("user:{} credential:{credential}", t.email);
-    audited(state, op, "user.credential.revoke", &label, async {
+    let audit = Audited::new(state, op, "user.credential.revoke", &label);
+    let mut tx = audit.begin().await?;
+    let outcome: Result<_> = async {
         if credential.len() != 24 || !credential.chars().all(|c| c.is_ascii_hexdigit()) {
             return Err(Error::NotFound("no such session or token"));
         }
@@ -350,14 +391,15 @@ pub async fn revoke_credential(
         )
         .bind(&t.id)
         .bind(credential)
-        .execute(state.store.pool())
+        .execute(&mut *tx)
         .await?;
         if done.rows_affected() == 0 {
             return Err(Error::NotFound("no such session or token"));
         }
         Ok(((), String::new()))
-    })
-    .await
+    }
+    .await;
+    audit.finish(tx, outcome).await
 }
 
 /// A new API token.
@@ -396,7 +438,9 @@ pub async fn create_api_token(
 ) -> Result<CreatedApiToken> {
     let name = req.name.trim().to_string();
     let label = format!("api_token:{name}");
-    audited(state, op, "api_token.create", &label, async {
+    let audit = Audited::new(state, op, "api_token.create", &label);
+    let mut tx = audit.begin().await?;
+    let outcome: Result<_> = async {
         if op.api_token {
             return Err(Error::Refused(
                 "an API token cannot create API tokens; log in".into(),
@@ -432,7 +476,7 @@ pub async fn create_api_token(
         .bind(expires_at)
         .bind(&name)
         .bind(role.as_str())
-        .execute(state.store.pool())
+        .execute(&mut *tx)
         .await?;
         let id = credential_id(&hash).to_string();
         let target = format!("{label} id:{id} role={}", role.as_str());
@@ -446,6 +490,7 @@ pub async fn create_api_token(
             },
             target,
         ))
-    })
-    .await
+    }
+    .await;
+    audit.finish(tx, outcome).await
 }

@@ -85,8 +85,9 @@ impl<'a> Audited<'a> {
     }
 
     /// Ends the work: on success appends the entry (with the work's target,
-    /// or the default when empty) in `tx` and commits; on failure rolls
-    /// back and records the failure.
+    /// or the default when empty) in `tx` and commits; on failure (of the
+    /// work, or of the entry or the commit) rolls back and records the
+    /// failure.
     pub async fn finish<T>(&self, mut tx: Tx, outcome: Result<(T, String)>) -> Result<T> {
         match outcome {
             Ok((value, t)) => {
@@ -99,9 +100,16 @@ impl<'a> Audited<'a> {
                     result: "ok",
                     detail: serde_json::json!({}),
                 };
-                audit::append_in(&self.state.store, &mut tx, &entry).await?;
-                tx.commit().await?;
-                Ok(value)
+                // When the entry or the commit fails, the change goes with
+                // it, and is recorded as failed.
+                if let Err(e) = audit::append_in(&self.state.store, &mut tx, &entry).await {
+                    tx.rollback().await.ok();
+                    return self.fail(e.into()).await;
+                }
+                match tx.commit().await {
+                    Ok(()) => Ok(value),
+                    Err(e) => self.fail(e.into()).await,
+                }
             }
             Err(e) => {
                 tx.rollback().await.ok();
@@ -116,29 +124,6 @@ impl<'a> Audited<'a> {
         record(self.state, self.op, self.action, self.target, &result).await?;
         Err(e)
     }
-}
-
-/// Runs `work`, then records it with its outcome in a transaction of its
-/// own: NOT in the work's transaction. Transitional: the callers merged
-/// from the accounts, organisations, enrollment-request, link and
-/// login-throttle work still use it and move to [`Audited`].
-pub async fn audited<T>(
-    state: &AppState,
-    op: &Operator,
-    action: &str,
-    target: &str,
-    work: impl std::future::Future<Output = Result<(T, String)>>,
-) -> Result<T> {
-    let outcome = work.await;
-    let (result, target) = match &outcome {
-        Ok((_, t)) => (
-            "ok".to_string(),
-            if t.is_empty() { target } else { t.as_str() },
-        ),
-        Err(e) => (format!("error: {}", summary(e)), target),
-    };
-    record(state, op, action, target, &result).await?;
-    outcome.map(|(v, _)| v)
 }
 
 /// Records an outcome in a transaction of its own.

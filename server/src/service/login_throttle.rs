@@ -280,25 +280,25 @@ pub async fn login(
 /// many entries were dropped.
 pub async fn clear(state: &AppState, op: &Operator, user_id: &str) -> Result<usize> {
     op.require(Role::Admin)?;
-    super::audit::audited(
-        state,
-        op,
-        "user.login_throttle.clear",
-        &format!("user:{user_id}"),
-        async {
-            let row: Option<(String, String)> = sqlx::query_as(
-                "SELECT u.email, o.name FROM users u JOIN organizations o ON o.id = u.org_id WHERE u.id = $1 AND u.org_id = $2",
-            )
-            .bind(user_id)
-            .bind(&op.org_id)
-            .fetch_optional(state.store.pool())
-            .await?;
-            let (email, org) = row.ok_or(Error::NotFound("no such user"))?;
-            let dropped = state.login_throttle.clear(&format!("{org}\u{0}{email}"))?;
-            Ok((dropped, format!("user:{email}")))
-        },
-    )
-    .await
+    let target = format!("user:{user_id}");
+    let audit = super::audit::Audited::new(state, op, "user.login_throttle.clear", &target);
+    let mut tx = audit.begin().await?;
+    let outcome: Result<_> = async {
+        let row: Option<(String, String)> = sqlx::query_as(
+            "SELECT u.email, o.name FROM users u JOIN organizations o ON o.id = u.org_id WHERE u.id = $1 AND u.org_id = $2",
+        )
+        .bind(user_id)
+        .bind(&op.org_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let (email, org) = row.ok_or(Error::NotFound("no such user"))?;
+        let label = format!("user:{email}");
+        Ok((format!("{org}\u{0}{email}"), label))
+    }
+    .await;
+    let account = audit.finish(tx, outcome).await?;
+    // The throttle lives in memory: cleared once the entry is committed.
+    state.login_throttle.clear(&account)
 }
 
 #[cfg(test)]

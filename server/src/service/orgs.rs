@@ -11,7 +11,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::audit::audited;
+use super::audit::Audited;
 use super::{Error, Result};
 use crate::AppState;
 use crate::auth::{self, Operator, Role};
@@ -74,14 +74,15 @@ fn conflict(e: sqlx::Error, name: &str) -> Error {
     }
 }
 
+const ORG_COLUMNS: &str = "o.id, o.name, o.disabled, o.created_at, \
+     (SELECT COUNT(*) FROM users u WHERE u.org_id = o.id) AS users, \
+     (SELECT COUNT(*) FROM devices d WHERE d.org_id = o.id) AS devices";
+
 /// Every organisation, by name.
 pub async fn list_all(store: &Store) -> Result<Vec<Organization>> {
-    Ok(sqlx::query_as::<_, Organization>(
-        "SELECT o.id, o.name, o.disabled, o.created_at, \
-         (SELECT COUNT(*) FROM users u WHERE u.org_id = o.id) AS users, \
-         (SELECT COUNT(*) FROM devices d WHERE d.org_id = o.id) AS devices \
-         FROM organizations o ORDER BY o.name",
-    )
+    Ok(sqlx::query_as::<_, Organization>(&format!(
+        "SELECT {ORG_COLUMNS} FROM organizations o ORDER BY o.name"
+    ))
     .fetch_all(store.pool())
     .await?)
 }
@@ -95,16 +96,29 @@ pub async fn by_name(store: &Store, name: &str) -> Result<Organization> {
         .ok_or(Error::NotFound("no such organisation"))
 }
 
-async fn by_id(store: &Store, id: &str) -> Result<Organization> {
-    list_all(store)
-        .await?
-        .into_iter()
-        .find(|o| o.id == id)
-        .ok_or(Error::NotFound("no such organisation"))
+/// The organisation `id`, read through `db` (the pool, or a change's
+/// transaction).
+async fn by_id<'e>(
+    db: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    id: &str,
+) -> Result<Organization> {
+    sqlx::query_as::<_, Organization>(&format!(
+        "SELECT {ORG_COLUMNS} FROM organizations o WHERE o.id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(db)
+    .await?
+    .ok_or(Error::NotFound("no such organisation"))
 }
 
 /// Creates an organisation; returns its id.
 pub async fn create_org(store: &Store, name: &str) -> Result<String> {
+    let mut conn = store.pool().acquire().await?;
+    create_org_in(&mut conn, name).await
+}
+
+/// [`create_org`] through `conn` (the caller's transaction).
+pub async fn create_org_in(conn: &mut sqlx::AnyConnection, name: &str) -> Result<String> {
     check_org_name(name)?;
     let id = new_id()?;
     let now = now_ms();
@@ -114,7 +128,7 @@ pub async fn create_org(store: &Store, name: &str) -> Result<String> {
     .bind(&id)
     .bind(name)
     .bind(now)
-    .execute(store.pool())
+    .execute(conn)
     .await
     .map_err(|e| conflict(e, name))?;
     Ok(id)
@@ -122,12 +136,18 @@ pub async fn create_org(store: &Store, name: &str) -> Result<String> {
 
 /// Renames an organisation (its operators log in with the new name).
 pub async fn rename_org(store: &Store, id: &str, name: &str) -> Result<()> {
+    let mut conn = store.pool().acquire().await?;
+    rename_org_in(&mut conn, id, name).await
+}
+
+/// [`rename_org`] through `conn` (the caller's transaction).
+pub async fn rename_org_in(conn: &mut sqlx::AnyConnection, id: &str, name: &str) -> Result<()> {
     check_org_name(name)?;
     let done = sqlx::query("UPDATE organizations SET name = $1, updated_at = $2 WHERE id = $3")
         .bind(name)
         .bind(now_ms())
         .bind(id)
-        .execute(store.pool())
+        .execute(conn)
         .await
         .map_err(|e| conflict(e, name))?;
     if done.rows_affected() == 0 {
@@ -138,11 +158,21 @@ pub async fn rename_org(store: &Store, id: &str, name: &str) -> Result<()> {
 
 /// Disables or re-enables an organisation.
 pub async fn set_org_disabled(store: &Store, id: &str, disabled: bool) -> Result<()> {
+    let mut conn = store.pool().acquire().await?;
+    set_org_disabled_in(&mut conn, id, disabled).await
+}
+
+/// [`set_org_disabled`] through `conn` (the caller's transaction).
+pub async fn set_org_disabled_in(
+    conn: &mut sqlx::AnyConnection,
+    id: &str,
+    disabled: bool,
+) -> Result<()> {
     let done = sqlx::query("UPDATE organizations SET disabled = $1, updated_at = $2 WHERE id = $3")
         .bind(i64::from(disabled))
         .bind(now_ms())
         .bind(id)
-        .execute(store.pool())
+        .execute(conn)
         .await?;
     if done.rows_affected() == 0 {
         return Err(Error::NotFound("no such organisation"));
@@ -156,6 +186,13 @@ pub fn one_time_password() -> Result<String> {
     Ok(secret.get(3..27).unwrap_or(&secret).to_string())
 }
 
+fn check_email(email: &str) -> Result<()> {
+    if email.is_empty() || email.len() > 254 {
+        return Err(Error::Invalid("email must have 1 to 254 characters".into()));
+    }
+    Ok(())
+}
+
 /// Creates an admin of organisation `org_id` with a one-time password
 /// they must change at first login; returns (user id, password).
 pub async fn create_org_admin(
@@ -164,11 +201,32 @@ pub async fn create_org_admin(
     email: &str,
     instance_admin: bool,
 ) -> Result<(String, String)> {
-    if email.is_empty() || email.len() > 254 {
-        return Err(Error::Invalid("email must have 1 to 254 characters".into()));
-    }
+    check_email(email)?;
     let password = one_time_password()?;
-    let id = auth::create_user(store, org_id, email, &password, Role::Admin)
+    let hash = {
+        let password = password.clone();
+        tokio::task::spawn_blocking(move || auth::hash_password(&password))
+            .await
+            .map_err(|e| Error::Internal(e.into()))?
+            .map_err(Error::Internal)?
+    };
+    let mut tx = store.begin_write().await?;
+    let id = insert_org_admin(&mut tx, org_id, email, &hash, instance_admin).await?;
+    tx.commit().await?;
+    Ok((id, password))
+}
+
+/// Inserts an admin of organisation `org_id` whose one-time password
+/// hashes to `hash`, through `conn` (the caller's transaction); returns
+/// the user id.
+async fn insert_org_admin(
+    conn: &mut sqlx::AnyConnection,
+    org_id: &str,
+    email: &str,
+    hash: &str,
+    instance_admin: bool,
+) -> Result<String> {
+    let id = auth::insert_user_in(&mut *conn, org_id, email, hash, Role::Admin)
         .await
         .map_err(|e| {
             if e.downcast_ref::<sqlx::Error>()
@@ -182,9 +240,9 @@ pub async fn create_org_admin(
     sqlx::query("UPDATE users SET must_change_password = 1, instance_admin = $1 WHERE id = $2")
         .bind(i64::from(instance_admin))
         .bind(&id)
-        .execute(store.pool())
+        .execute(&mut *conn)
         .await?;
-    Ok((id, password))
+    Ok(id)
 }
 
 /// Makes a user an instance admin (or not).
@@ -236,6 +294,20 @@ pub async fn list(state: &AppState, op: &Operator) -> Result<Vec<Organization>> 
     list_all(&state.store).await
 }
 
+/// A one-time password for a new admin and its hash, made before the
+/// transaction (hashing is slow).
+struct AdminPassword {
+    password: String,
+    hash: String,
+}
+
+async fn admin_password(state: &AppState, email: &str) -> Result<AdminPassword> {
+    check_email(email)?;
+    let password = one_time_password()?;
+    let hash = state.passwords.hash(&password).await?;
+    Ok(AdminPassword { password, hash })
+}
+
 /// Creates an organisation and optionally its first admin (instance admin).
 pub async fn create(
     state: &AppState,
@@ -243,14 +315,27 @@ pub async fn create(
     req: NewOrganization,
 ) -> Result<CreatedOrganization> {
     let label = format!("organization:{}", req.name);
-    audited(state, op, "organization.create", &label, async {
+    let audit = Audited::new(state, op, "organization.create", &label);
+    let prepare = async {
         require_instance_admin(op)?;
-        let id = create_org(&state.store, &req.name).await?;
-        let admin = match &req.admin_email {
-            Some(email) => Some(new_admin(state, &id, &req.name, email).await?),
-            None => None,
+        check_org_name(&req.name)?;
+        match &req.admin_email {
+            Some(email) => Ok(Some(admin_password(state, email).await?)),
+            None => Ok(None),
+        }
+    };
+    let password = match prepare.await {
+        Ok(prepared) => prepared,
+        Err(e) => return audit.fail(e).await,
+    };
+    let mut tx = audit.begin().await?;
+    let outcome: Result<_> = async {
+        let id = create_org_in(&mut tx, &req.name).await?;
+        let admin = match (&req.admin_email, password) {
+            (Some(email), Some(p)) => Some(new_admin(&mut tx, &id, &req.name, email, p).await?),
+            _ => None,
         };
-        let organization = by_id(&state.store, &id).await?;
+        let organization = by_id(&mut *tx, &id).await?;
         Ok((
             CreatedOrganization {
                 organization,
@@ -258,22 +343,24 @@ pub async fn create(
             },
             String::new(),
         ))
-    })
-    .await
+    }
+    .await;
+    audit.finish(tx, outcome).await
 }
 
 async fn new_admin(
-    state: &AppState,
+    tx: &mut sqlx::AnyConnection,
     org_id: &str,
     org_name: &str,
     email: &str,
+    password: AdminPassword,
 ) -> Result<CreatedAdmin> {
-    let (id, password) = create_org_admin(&state.store, org_id, email, false).await?;
+    let id = insert_org_admin(tx, org_id, email, &password.hash, false).await?;
     Ok(CreatedAdmin {
         id,
         email: email.to_string(),
         organization: org_name.to_string(),
-        password,
+        password: password.password,
     })
 }
 
@@ -296,14 +383,17 @@ pub async fn update(
     req: OrganizationUpdate,
 ) -> Result<Organization> {
     require_instance_admin(op)?;
-    let org = by_id(&state.store, id).await?;
+    let org = by_id(state.store.pool(), id).await?;
     let label = format!("organization:{}", org.name);
     if let Some(name) = &req.name {
-        audited(state, op, "organization.rename", &label, async {
-            rename_org(&state.store, id, name).await?;
+        let audit = Audited::new(state, op, "organization.rename", &label);
+        let mut tx = audit.begin().await?;
+        let outcome: Result<_> = async {
+            rename_org_in(&mut tx, id, name).await?;
             Ok(((), format!("{label} name={name}")))
-        })
-        .await?;
+        }
+        .await;
+        audit.finish(tx, outcome).await?;
     }
     if let Some(disabled) = req.disabled {
         let action = if disabled {
@@ -311,23 +401,27 @@ pub async fn update(
         } else {
             "organization.enable"
         };
-        audited(state, op, action, &label, async {
+        let audit = Audited::new(state, op, action, &label);
+        let mut tx = audit.begin().await?;
+        let outcome: Result<_> = async {
             if disabled && id == op.org_id {
                 return Err(Error::Conflict(
                     "you cannot disable your own organisation".into(),
                 ));
             }
-            set_org_disabled(&state.store, id, disabled).await?;
-            if disabled {
-                // Its devices' cached credentials and poll answers go now.
-                state.credentials.forget_org(id);
-                crate::poll_cache::forget_all(state).await;
-            }
+            set_org_disabled_in(&mut tx, id, disabled).await?;
             Ok(((), String::new()))
-        })
-        .await?;
+        }
+        .await;
+        audit.finish(tx, outcome).await?;
+        if disabled {
+            // Its devices' cached credentials and poll answers go, once
+            // the change is committed.
+            state.credentials.forget_org(id);
+            crate::poll_cache::forget_all(state).await;
+        }
     }
-    by_id(&state.store, id).await
+    by_id(state.store.pool(), id).await
 }
 
 /// A new admin for an organisation.
@@ -347,13 +441,20 @@ pub async fn add_admin(
     req: NewOrgAdmin,
 ) -> Result<CreatedAdmin> {
     require_instance_admin(op)?;
-    let org = by_id(&state.store, id).await?;
+    let org = by_id(state.store.pool(), id).await?;
     let label = format!("organization:{} user:{}", org.name, req.email);
-    audited(state, op, "organization.admin.create", &label, async {
+    let audit = Audited::new(state, op, "organization.admin.create", &label);
+    let password = match admin_password(state, &req.email).await {
+        Ok(p) => p,
+        Err(e) => return audit.fail(e).await,
+    };
+    let mut tx = audit.begin().await?;
+    let outcome: Result<_> = async {
         Ok((
-            new_admin(state, id, &org.name, &req.email).await?,
+            new_admin(&mut tx, id, &org.name, &req.email, password).await?,
             String::new(),
         ))
-    })
-    .await
+    }
+    .await;
+    audit.finish(tx, outcome).await
 }

@@ -185,17 +185,29 @@ pub async fn register_key(
 /// access token of the old key goes, here and in the caches.
 pub async fn replace_key(state: &AppState, pk: &str, public_key: &str) -> Result<()> {
     let mut tx = state.store.begin_write().await?;
+    replace_key_in(&mut tx, pk, public_key).await?;
+    tx.commit().await?;
+    crate::poll_cache::forget_device(state, pk).await;
+    Ok(())
+}
+
+/// [`replace_key`]'s writes, in the caller's transaction; the caller
+/// forgets the device in the caches (`poll_cache::forget_device`) once
+/// it commits.
+pub async fn replace_key_in(
+    conn: &mut sqlx::AnyConnection,
+    pk: &str,
+    public_key: &str,
+) -> Result<()> {
     sqlx::query("UPDATE devices SET public_key = $1, credential_hash = $2 WHERE id = $3")
         .bind(public_key)
         .bind(retired_credential()?)
         .bind(pk)
-        .execute(&mut *tx)
+        .execute(&mut *conn)
         .await?;
     sqlx::query("DELETE FROM device_access_tokens WHERE device_pk = $1")
         .bind(pk)
-        .execute(&mut *tx)
+        .execute(&mut *conn)
         .await?;
-    tx.commit().await?;
-    crate::poll_cache::forget_device(state, pk).await;
     Ok(())
 }

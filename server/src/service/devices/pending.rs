@@ -12,7 +12,7 @@ use kernex_protocol::device_key;
 use super::identity;
 use crate::AppState;
 use crate::auth::{Operator, Role};
-use crate::service::audit::audited;
+use crate::service::audit::Audited;
 use crate::service::users::require;
 use crate::service::{Error, Result};
 use crate::store::{new_id, now_ms};
@@ -159,13 +159,16 @@ pub async fn decide(state: &AppState, op: &Operator, id: &str, approve: bool) ->
     } else {
         "device.enrollment-reject"
     };
-    audited(state, op, action, &format!("enrollment_request:{id}"), async {
+    let target = format!("enrollment_request:{id}");
+    let audit = Audited::new(state, op, action, &target);
+    let mut tx = audit.begin().await?;
+    let outcome: Result<_> = async {
         let row = sqlx::query_as::<_, RequestRow>(&format!(
             "SELECT {COLUMNS} FROM enrollment_requests WHERE id = $1 AND org_id = $2"
         ))
         .bind(id)
         .bind(&op.org_id)
-        .fetch_optional(state.store.pool())
+        .fetch_optional(&mut *tx)
         .await?
         .ok_or(Error::NotFound("no such enrollment request"))?;
         let status = if approve { "approved" } else { "rejected" };
@@ -176,7 +179,7 @@ pub async fn decide(state: &AppState, op: &Operator, id: &str, approve: bool) ->
         .bind(op.actor())
         .bind(now_ms())
         .bind(id)
-        .execute(state.store.pool())
+        .execute(&mut *tx)
         .await?;
         if decided.rows_affected() == 0 {
             return Err(Error::Conflict(format!(
@@ -185,14 +188,21 @@ pub async fn decide(state: &AppState, op: &Operator, id: &str, approve: bool) ->
             )));
         }
         if approve {
-            identity::replace_key(state, &row.device_pk, &row.public_key).await?;
+            identity::replace_key_in(&mut tx, &row.device_pk, &row.public_key).await?;
             sqlx::query("UPDATE devices SET enrollment_token_id = $1 WHERE id = $2")
                 .bind(&row.enrollment_token_id)
                 .bind(&row.device_pk)
-                .execute(state.store.pool())
+                .execute(&mut *tx)
                 .await?;
         }
-        Ok(((), format!("device:{}", row.device_pk)))
-    })
-    .await
+        let label = format!("device:{}", row.device_pk);
+        Ok((row.device_pk, label))
+    }
+    .await;
+    let device_pk = audit.finish(tx, outcome).await?;
+    if approve {
+        // The old key's tokens are gone from the store; now from the caches.
+        crate::poll_cache::forget_device(state, &device_pk).await;
+    }
+    Ok(())
 }

@@ -11,7 +11,7 @@ use super::spec::check_label;
 use super::time::time_zone;
 use crate::AppState;
 use crate::auth::{Operator, Role};
-use crate::service::audit::{Audited, audited};
+use crate::service::audit::Audited;
 use crate::service::users::require;
 use crate::service::{Error, Result};
 
@@ -94,13 +94,19 @@ struct LinkRow {
     link_hint: Option<String>,
 }
 
-async fn read(state: &AppState, op: &Operator, id: &str) -> Result<LinkView> {
+/// The device's link and claim, read through `db` (the pool, or a
+/// change's transaction).
+async fn read<'e>(
+    db: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    op: &Operator,
+    id: &str,
+) -> Result<LinkView> {
     let row = sqlx::query_as::<_, LinkRow>(
         "SELECT link_class, site, time_zone, link_hint FROM devices WHERE id = $1 AND org_id = $2",
     )
     .bind(id)
     .bind(&op.org_id)
-    .fetch_optional(state.store.pool())
+    .fetch_optional(db)
     .await?
     .ok_or(Error::NotFound("no such device"))?;
     Ok(LinkView {
@@ -117,15 +123,18 @@ async fn read(state: &AppState, op: &Operator, id: &str) -> Result<LinkView> {
 
 /// A device's link and its own claim (any role).
 pub async fn link_view(state: &AppState, op: &Operator, id: &str) -> Result<LinkView> {
-    read(state, op, id).await
+    read(state.store.pool(), op, id).await
 }
 
 /// Takes the device's claim as its link (ops): each field it claimed
 /// replaces the stored one; [`Error::Conflict`] when it claimed nothing.
 pub async fn accept_hint(state: &AppState, op: &Operator, id: &str) -> Result<DeviceLink> {
     require(op, Role::Ops)?;
-    audited(state, op, "device.link.accept", &format!("device:{id}"), async {
-        let view = read(state, op, id).await?;
+    let target = format!("device:{id}");
+    let audit = Audited::new(state, op, "device.link.accept", &target);
+    let mut tx = audit.begin().await?;
+    let outcome: Result<_> = async {
+        let view = read(&mut *tx, op, id).await?;
         let Some(hint) = view.hint else {
             return Err(Error::Conflict(
                 "the device has claimed no link class, site or time zone".into(),
@@ -145,9 +154,10 @@ pub async fn accept_hint(state: &AppState, op: &Operator, id: &str) -> Result<De
         .bind(&link.time_zone)
         .bind(id)
         .bind(&op.org_id)
-        .execute(state.store.pool())
+        .execute(&mut *tx)
         .await?;
         Ok((link, String::new()))
-    })
-    .await
+    }
+    .await;
+    audit.finish(tx, outcome).await
 }
