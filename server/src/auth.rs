@@ -164,13 +164,13 @@ struct OperatorRow {
     org_disabled: i64,
 }
 
-/// The operator an operator token (`kxo_` session or `kxa_` API token)
+/// The operator an operator token (`kxo_` session or `kxk_` API token)
 /// authenticates, read from the store on every request: a role change, a
 /// disabled user or organisation, a revoked token take effect at once.
 /// [`Error::Unauthorized`] for an unknown, expired or revoked token, or a
 /// disabled user; [`Error::Refused`] for a disabled organisation.
 pub async fn authenticate(store: &Store, token: &str) -> Result<Operator, Error> {
-    if !token.starts_with("kxo_") && !token.starts_with("kxa_") {
+    if !token.starts_with("kxo_") && !token.starts_with("kxk_") {
         return Err(Error::Unauthorized);
     }
     let hash = crate::store::secret_hash(token);

@@ -295,7 +295,7 @@ async fn admin_lists_and_revokes_sessions_and_tokens(h: Arc<Harness>) {
         .await;
     assert_eq!(s, StatusCode::CREATED, "{created}");
     let api = created["token"].as_str().unwrap().to_string();
-    assert!(api.starts_with("kxa_"), "{created}");
+    assert!(api.starts_with("kxk_"), "{created}");
     assert_eq!(me(&h, &api).await.0, StatusCode::OK);
 
     // The admin sees both, never a secret.
@@ -319,7 +319,7 @@ async fn admin_lists_and_revokes_sessions_and_tokens(h: Arc<Harness>) {
         .fetch_all(h.state.store.pool())
         .await
         .unwrap();
-    assert!(stored.iter().all(|(t,)| t != &api && !t.contains("kxa_")));
+    assert!(stored.iter().all(|(t,)| t != &api && !t.contains("kxk_")));
 
     // Someone else (not admin) may not look.
     let other = h.user("other@localhost", "ops").await;

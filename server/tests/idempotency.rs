@@ -304,7 +304,7 @@ async fn enrollment_token_answers_are_never_stored(h: Arc<Harness>) {
     // The web UI's form, with a key (a browser extension, a proxy).
     let csrf = kernex_server::ui::csrf_token(&h.admin);
     let cookie = format!("kernex_session={}", h.admin);
-    let form = format!("csrf={csrf}&label=batch");
+    let form = format!("csrf={csrf}&label=batch&expires_days=30");
     let headers = [
         ("content-type", "application/x-www-form-urlencoded"),
         ("cookie", cookie.as_str()),
@@ -332,7 +332,7 @@ async fn enrollment_token_answers_are_never_stored(h: Arc<Harness>) {
             "/api/v1/enrollment-tokens",
             Some(&h.admin),
             &headers,
-            Body::from(json!({"label": "api"}).to_string()),
+            Body::from(json!({"label": "api", "expires_in_secs": 3600}).to_string()),
         )
         .await;
     assert_eq!(s, StatusCode::CREATED);

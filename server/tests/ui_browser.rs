@@ -1264,7 +1264,7 @@ fn accounts_in_a_real_browser() {
     b.click("form[action='/ui/account/tokens'] button[type=submit]");
     b.wait_for("#new-token");
     let token = b.text("#new-token");
-    assert!(token.starts_with("kxa_"), "{token}");
+    assert!(token.starts_with("kxk_"), "{token}");
     b.screenshot("22-api-token");
     let (s, v) = request(&http, "GET", &api("/me"), Some(&token), None);
     assert_eq!(s, 200, "{v}");

@@ -106,7 +106,7 @@ async fn checkpoints(pool: &AnyPool) -> Result<Vec<Checkpoint>> {
 
 /// What verification found, per organisation.
 #[derive(Debug, Default, Clone)]
-pub struct Report {
+pub struct VerifyReport {
     /// By organisation id.
     pub orgs: BTreeMap<String, OrgReport>,
 }
@@ -124,7 +124,7 @@ pub struct OrgReport {
     pub problems: Vec<String>,
 }
 
-impl Report {
+impl VerifyReport {
     /// Whether nothing is wrong.
     pub fn ok(&self) -> bool {
         self.orgs.values().all(|o| o.problems.is_empty())
@@ -169,7 +169,7 @@ pub struct Verifier {
     walks: BTreeMap<String, Walk>,
     /// Organisations whose chain broke: nothing after is verified.
     broken: HashSet<String>,
-    report: Report,
+    report: VerifyReport,
 }
 
 impl Verifier {
@@ -184,7 +184,7 @@ impl Verifier {
             pending: BTreeMap::new(),
             walks: BTreeMap::new(),
             broken: HashSet::new(),
-            report: Report::default(),
+            report: VerifyReport::default(),
         }
     }
 
@@ -264,7 +264,7 @@ impl Verifier {
 
     /// The report; checkpoints whose entry never came are problems (a
     /// deleted tail).
-    pub fn finish(mut self) -> Report {
+    pub fn finish(mut self) -> VerifyReport {
         let pending = std::mem::take(&mut self.pending);
         for ((org, seq), _) in pending {
             let r = self.org(&org);
@@ -299,7 +299,7 @@ pub async fn verify_database(
     pool: &AnyPool,
     trusted: Option<HashSet<String>>,
     every_entries: u64,
-) -> Result<Report> {
+) -> Result<VerifyReport> {
     let mut v = Verifier::new(trusted, every_entries);
     for cp in checkpoints(pool).await? {
         v.checkpoint(cp);
@@ -320,7 +320,7 @@ pub fn verify_export(
     input: impl BufRead,
     trusted: Option<HashSet<String>>,
     every_entries: u64,
-) -> Result<Report> {
+) -> Result<VerifyReport> {
     let mut v = Verifier::new(trusted, every_entries);
     let mut header = false;
     let mut entries = false;

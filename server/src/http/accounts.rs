@@ -56,7 +56,7 @@ pub async fn my_tokens(
     ))
 }
 
-/// Create an API token for automation (`Authorization: Bearer kxa_...`):
+/// Create an API token for automation (`Authorization: Bearer kxk_...`):
 /// a name, a role no higher than yours, a required expiry. The secret is
 /// in this answer only.
 #[utoipa::path(post, path = "/api/v1/account/tokens", request_body = NewApiToken,

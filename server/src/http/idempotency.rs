@@ -45,8 +45,8 @@ pub const HEADER: &str = kernex_protocol::api::IDEMPOTENCY_KEY_HEADER;
 /// How long a key is remembered, ms.
 pub const TTL_MS: i64 = crate::retention::IDEMPOTENCY_TTL_MS;
 
-/// Never stored: their answers carry a secret (login, enrollment,
-/// enrollment-token and API-token creation), or the body is streamed, not
+/// Never stored: their answers carry a secret (login, enrollment, device
+/// access tokens and keys, enrollment-token and API-token creation), or the body is streamed, not
 /// buffered (bundle uploads). Matched as path prefixes.
 const EXCLUDED: &[&str] = &[
     "/api/v1/login",
@@ -55,13 +55,16 @@ const EXCLUDED: &[&str] = &[
     "/api/v1/releases",
     "/api/v1/tokens",
     "/api/v1/api-tokens",
+    "/api/v1/account/tokens",
+    "/api/v1/device/auth",
+    "/api/v1/device/key",
     "/ui/",
 ];
 
 /// The prefixes of Kernex secrets (operator tokens, enrollment tokens,
 /// device credentials, UI login tokens): an answer that contains one is
 /// never stored.
-const SECRET_PREFIXES: &[&str] = &["kxo_", "kxe_", "kxd_", "kxl_", "kxa_"];
+const SECRET_PREFIXES: &[&str] = &["kxo_", "kxe_", "kxd_", "kxl_", "kxa_", "kxk_"];
 
 /// Largest response stored for replay.
 const MAX_STORED_RESPONSE: usize = 1 << 20;
@@ -87,7 +90,8 @@ fn applies(req: &Request) -> bool {
 /// takes it from there (no second lookup, no second rate-limit charge).
 /// `Ok(None)`: anonymous, or the credential did not authenticate.
 async fn principal(parts: &mut Parts, state: &AppState) -> Result<Option<String>, Error> {
-    let device = crate::http::extract::bearer(parts).is_some_and(|t| t.starts_with("kxd_"));
+    let device = crate::http::extract::bearer(parts)
+        .is_some_and(|t| crate::service::devices::credential::Kind::of(t).is_some());
     let outcome = if device {
         Device::from_request_parts(parts, state).await.map(|d| {
             let scope = format!("org:{}/device:{}", d.org_id, d.pk);

@@ -463,7 +463,7 @@ pub async fn create_api_token(
                 op.role.as_str()
             )));
         }
-        let token = new_secret("kxa")?;
+        let token = new_secret("kxk")?;
         let hash = secret_hash(&token);
         let now = now_ms();
         let expires_at = now.saturating_add(i64::from(req.expires_in_days) * 86_400_000);
