@@ -29,12 +29,17 @@ async fn create(h: &Harness, body: Value) -> (StatusCode, Value) {
     .await
 }
 
+/// Enrolls `device_id` with its own device key (the same key on a retry,
+/// as a real device would).
 async fn enroll(h: &Harness, token: &str, device_id: &str) -> (StatusCode, Value) {
+    let key = h.device_key(device_id);
+    let proof = h.proof(&key, device_id).await;
     h.call(
         Method::POST,
         "/api/v1/device/enroll",
         None,
-        Some(json!({"enrollment_token": token, "device_id": device_id, "hardware_class": "qemu-aarch64"})),
+        Some(json!({"enrollment_token": token, "device_id": device_id,
+            "hardware_class": "qemu-aarch64", "key": proof})),
     )
     .await
 }

@@ -93,7 +93,17 @@ fn control_plane(dir: &std::path::Path) -> (String, String) {
         Some(json!({"organization": "default", "email": email, "password": password})),
     );
     assert_eq!(s, 200, "{v}");
-    (url, v["token"].as_str().unwrap().to_string())
+    let admin = v["token"].as_str().unwrap().to_string();
+    // The bootstrap password must be changed before anything else.
+    let (s, v) = call(
+        &url,
+        "POST",
+        "/api/v1/account/password",
+        Some(&admin),
+        Some(json!({"current_password": password, "new_password": "migration test admin"})),
+    );
+    assert_eq!(s, 204, "{v}");
+    (url, admin)
 }
 
 struct Daemon(Child);
@@ -115,7 +125,7 @@ fn a_daemon_with_a_bearer_credential_migrates_to_its_key_and_keeps_working() {
         "POST",
         "/api/v1/enrollment-tokens",
         Some(&admin),
-        Some(json!({"label": "old batch"})),
+        Some(json!({"label": "old batch", "expires_in_secs": 3600})),
     );
     assert_eq!(s, 201, "{v}");
     let token = v["token"].as_str().unwrap().to_string();
