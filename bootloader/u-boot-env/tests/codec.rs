@@ -191,3 +191,22 @@ fn text_format_round_trips() {
         "{err}"
     );
 }
+
+/// A data area whose last entry ends at its very end (no terminating empty
+/// entry) is read, as U-Boot reads it; writing it back in the same size
+/// needs one byte more for the terminator, a clear error rather than a
+/// truncated environment (found by the fuzzer).
+#[test]
+fn an_area_filled_to_its_last_byte_reads_and_refuses_a_rewrite_in_place() {
+    let data = b"abcd=efghi\0";
+    let mut image = crc32fast::hash(data).to_le_bytes().to_vec();
+    image.extend_from_slice(data);
+    let copy = decode(&image, Layout::Single).unwrap();
+    assert_eq!(copy.env.get("abcd"), Some("efghi"));
+    match encode(&copy.env, image.len(), Layout::Single, 0) {
+        Err(EnvError::TooLarge { needed, capacity }) => assert_eq!((needed, capacity), (12, 11)),
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    let bigger = encode(&copy.env, image.len() + 1, Layout::Single, 0).unwrap();
+    assert_eq!(decode(&bigger, Layout::Single).unwrap().env, copy.env);
+}
