@@ -213,7 +213,7 @@ async fn a_dropped_request_releases_its_key(h: Arc<Harness>) {
         assert!(request.await.unwrap_err().is_cancelled());
         // The key is released (in the background, at once).
         let mut released = false;
-        for _ in 0..200 {
+        for _ in 0..500 {
             if stored_keys(&h, &key).await.is_empty() {
                 released = true;
                 break;

@@ -314,8 +314,9 @@ impl Claim {
         }
     }
 
+    /// Stores the answer. The guard stays armed until the write is done:
+    /// a request dropped during it still releases its key.
     async fn complete(mut self, status: StatusCode, body: &str) -> Result<(), Error> {
-        self.armed = false;
         sqlx::query(
             "UPDATE idempotency_keys SET status = $1, body = $2 WHERE scope = $3 AND idem_key = $4 AND status = 0 AND created_at = $5",
         )
@@ -326,12 +327,14 @@ impl Claim {
         .bind(self.claimed_at)
         .execute(self.state.store.pool())
         .await?;
+        self.armed = false;
         Ok(())
     }
 
+    /// Releases the key; dropped during it, the guard releases it again.
     async fn release(mut self) {
-        self.armed = false;
         forget(&self.state, &self.scope, &self.key, self.claimed_at).await;
+        self.armed = false;
     }
 }
 
