@@ -57,6 +57,9 @@ Usage: bench/server.sh [options]
                      default 256)
   --attack-rate N    legitimate polls and operator GETs per second during
                      the attack, each (env BENCH_ATTACK_RATE, default 10)
+  --hash-concurrency N  the server's [login] hash-concurrency (passwords
+                     hashed at once; env BENCH_HASH_CONCURRENCY, default:
+                     the server's default, 0 = twice the cores)
   --keep             keep the work directory and the benchmark database
   -h, --help         this text
 
@@ -88,6 +91,7 @@ profile=${BENCH_PROFILE:-release}
 attack_duration=${BENCH_ATTACK_DURATION:-20}
 attackers=${BENCH_ATTACKERS:-256}
 attack_rate=${BENCH_ATTACK_RATE:-10}
+hash_concurrency=${BENCH_HASH_CONCURRENCY:-0}
 keep=0
 
 while (($#)); do
@@ -105,12 +109,13 @@ while (($#)); do
         --attack-duration) attack_duration=${2:?--attack-duration needs SECS}; shift 2 ;;
         --attackers) attackers=${2:?--attackers needs N}; shift 2 ;;
         --attack-rate) attack_rate=${2:?--attack-rate needs N}; shift 2 ;;
+        --hash-concurrency) hash_concurrency=${2:?--hash-concurrency needs N}; shift 2 ;;
         --keep) keep=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown argument: $1" ;;
     esac
 done
-for n in "$devices" "$duration" "$warmup" "$connections" "$threads" "$attack_duration" "$attackers" "$attack_rate"; do
+for n in "$devices" "$duration" "$warmup" "$connections" "$threads" "$attack_duration" "$attackers" "$attack_rate" "$hash_concurrency"; do
     [[ $n =~ ^[0-9]+$ ]] || die "not a number: $n"
 done
 ((devices >= 1 && devices <= 1000000)) || die "--devices must be 1 to 1000000"
@@ -165,6 +170,10 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+
+# The server's configuration: the defaults, but for --hash-concurrency.
+server_config=$work/server.toml
+printf '[login]\nhash-concurrency = %d\n' "$hash_concurrency" >"$server_config"
 
 cores=$(nproc)
 cpu=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
@@ -331,7 +340,7 @@ for backend in $backends; do
             ;;
     esac
     log "$backend: starting kernex-server"
-    start "kernex-server-$backend" "$server_bin" --data-dir "$data" --database-url "$db_url" --listen 127.0.0.1:0
+    start "kernex-server-$backend" "$server_bin" --config "$server_config" --data-dir "$data" --database-url "$db_url" --listen 127.0.0.1:0
     url="http://$addr"
     admin_password=$(sed -n 's/^One-time admin password (shown only now): //p' "$work/kernex-server-$backend.out")
     seed "$backend"
@@ -346,7 +355,7 @@ for backend in $backends; do
     # cache): with the server stopped, then started again.
     stop
     sql "$backend" "UPDATE devices SET desired_release_id = 'bench0000000000000000000000release';"
-    start "kernex-server-$backend" "$server_bin" --data-dir "$data" --database-url "$db_url" --listen 127.0.0.1:0
+    start "kernex-server-$backend" "$server_bin" --config "$server_config" --data-dir "$data" --database-url "$db_url" --listen 127.0.0.1:0
     url="http://$addr"
     code=$(curl -s -o "$work/poll-$backend.json" -w '%{http_code}' \
         -H 'Authorization: Bearer kxd_bench_000000' "$url/api/v1/device/poll")
@@ -424,12 +433,14 @@ if [[ -s $attack_results ]]; then
     echo
     echo "### Login under attack"
     echo
-    python3 - "$attack_results" <<'EOF'
+    python3 - "$attack_results" "$hash_concurrency" <<'EOF'
 import json, sys
 names = {"sqlite": "SQLite", "postgres": "PostgreSQL"}
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 r0 = rows[0]
+hc = int(sys.argv[2])
 print(f"{r0['attackers']} clients hammering POST /api/v1/login with wrong passwords for {r0['duration_secs']:.0f} s;")
+print(f"hash-concurrency = {hc}" + (" (twice the cores)." if hc == 0 else "."))
 print(f"legitimate polls and operator GETs at {r0['rate']:.0f}/s each. Goal: poll p99 < 50 ms, RSS < 300 MB.")
 print()
 print("| server | phase | poll p50 / p99 ms | operator GET p50 / p99 ms | legit errors | RSS max MB | login answers | goal |")
@@ -449,4 +460,4 @@ for r in rows:
 EOF
 fi
 echo
-echo "Reproduce: bench/server.sh --devices $devices --duration $duration --connections $connections --threads $threads --profile $profile --attack-duration $attack_duration --attackers $attackers --attack-rate $attack_rate"
+echo "Reproduce: bench/server.sh --devices $devices --duration $duration --connections $connections --threads $threads --profile $profile --attack-duration $attack_duration --attackers $attackers --attack-rate $attack_rate --hash-concurrency $hash_concurrency"

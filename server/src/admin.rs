@@ -3,7 +3,9 @@
 //! the database anyway). Organisations are created, listed, renamed,
 //! disabled and re-enabled; an organisation gets an admin with a one-time
 //! password (printed once; it must be changed at first login). Every change
-//! is in the organisation's audit log, by `host:kernex-server-admin`.
+//! is in the organisation's audit log, by `host:kernex-server-admin`, in
+//! the change's own transaction (`service::audit::Audited`): both commit
+//! or neither does.
 //!
 //! A running server sees a change at once, except for devices it has
 //! cached: a disabled organisation's devices are refused within the
@@ -12,9 +14,8 @@
 use anyhow::{Result, anyhow};
 use clap::Subcommand;
 
-use crate::audit;
-use crate::service::orgs;
-use crate::store::Store;
+use crate::service::{self, audit::Audited, orgs};
+use crate::store::{Store, new_id};
 
 /// What `kernex-server admin` does.
 #[derive(Debug, Subcommand)]
@@ -68,21 +69,6 @@ pub enum OrgCommand {
 
 const ACTOR: &str = "host:kernex-server-admin";
 
-async fn record(store: &Store, org_id: &str, action: &str, target: &str) -> Result<()> {
-    audit::append(
-        store,
-        audit::Entry {
-            org_id,
-            actor: ACTOR,
-            action,
-            target,
-            result: "ok",
-            detail: serde_json::json!({}),
-        },
-    )
-    .await
-}
-
 fn fail(e: crate::service::Error) -> anyhow::Error {
     anyhow!("{e}")
 }
@@ -92,25 +78,103 @@ fn print_admin(org: &str, email: &str, password: &str) {
     println!("One-time password (shown only now; it must be changed at first login): {password}");
 }
 
-async fn set_disabled(store: &Store, name: &str, disabled: bool) -> Result<()> {
-    let org = orgs::by_name(store, name).await.map_err(fail)?;
-    orgs::set_org_disabled(store, &org.id, disabled)
-        .await
-        .map_err(fail)?;
-    let action = if disabled {
-        "organization.disable"
-    } else {
-        "organization.enable"
+/// Creates organisation `name` and, optionally, its first admin, with
+/// their entries, in one transaction: all of it or nothing. A failure is
+/// not recorded (the organisation's log is what was not made).
+async fn create(store: &Store, name: &str, admin_email: Option<&str>) -> Result<()> {
+    let password = match admin_email {
+        Some(email) => Some(orgs::host_admin_password(email).await.map_err(fail)?),
+        None => None,
     };
-    record(store, &org.id, action, &format!("organization:{name}")).await?;
-    println!(
-        "Organisation {name:?} is {}.",
-        if disabled { "disabled" } else { "enabled" }
-    );
+    let id = new_id()?;
+    let label = format!("organization:{name}");
+    let audit = Audited::by(store, &id, ACTOR, "organization.create", &label).failures_unrecorded();
+    let mut tx = audit.begin().await.map_err(fail)?;
+    let outcome: service::Result<_> = async {
+        orgs::insert_org_in(&mut tx, &id, name).await?;
+        let admin = match (admin_email, password) {
+            (Some(email), Some(p)) => {
+                let admin = orgs::new_admin(&mut tx, &id, name, email, p, false).await?;
+                let target = format!("user:{email}");
+                audit
+                    .also(&mut tx, "organization.admin.create", &target)
+                    .await?;
+                Some(admin)
+            }
+            _ => None,
+        };
+        Ok((admin, String::new()))
+    }
+    .await;
+    let admin = audit.finish(tx, outcome).await.map_err(fail)?;
+    println!("Created organisation {name:?} ({id}).");
+    if let Some(a) = admin {
+        print_admin(name, &a.email, &a.password);
+    }
     Ok(())
 }
 
-/// Runs an admin command against `store` (migrated).
+/// Renames, disables or re-enables organisation `name` and records it, in
+/// one transaction; a failure is recorded in its log.
+async fn change(store: &Store, name: &str, change: Change<'_>) -> Result<()> {
+    let org = orgs::by_name(store, name).await.map_err(fail)?;
+    let label = format!("organization:{name}");
+    let (action, target) = match change {
+        Change::Rename(new_name) => ("organization.rename", format!("{label} name={new_name}")),
+        Change::Disabled(true) => ("organization.disable", label),
+        Change::Disabled(false) => ("organization.enable", label),
+    };
+    let audit = Audited::by(store, &org.id, ACTOR, action, &target);
+    let mut tx = audit.begin().await.map_err(fail)?;
+    let outcome: service::Result<_> = async {
+        match change {
+            Change::Rename(new_name) => orgs::rename_org_in(&mut tx, &org.id, new_name).await?,
+            Change::Disabled(d) => orgs::set_org_disabled_in(&mut tx, &org.id, d).await?,
+        }
+        Ok(((), String::new()))
+    }
+    .await;
+    audit.finish(tx, outcome).await.map_err(fail)?;
+    match change {
+        Change::Rename(new_name) => println!("Renamed organisation {name:?} to {new_name:?}."),
+        Change::Disabled(d) => println!(
+            "Organisation {name:?} is {}.",
+            if d { "disabled" } else { "enabled" }
+        ),
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Change<'a> {
+    Rename(&'a str),
+    Disabled(bool),
+}
+
+/// Creates an admin in organisation `name` and records it, in one
+/// transaction; a failure is recorded in its log.
+async fn add_admin(store: &Store, name: &str, email: &str, instance_admin: bool) -> Result<()> {
+    let org = orgs::by_name(store, name).await.map_err(fail)?;
+    let target = format!("user:{email}");
+    let audit = Audited::by(store, &org.id, ACTOR, "organization.admin.create", &target);
+    let password = match orgs::host_admin_password(email).await {
+        Ok(p) => p,
+        Err(e) => return audit.fail(e).await.map_err(fail),
+    };
+    let mut tx = audit.begin().await.map_err(fail)?;
+    let outcome: service::Result<_> = async {
+        let admin =
+            orgs::new_admin(&mut tx, &org.id, name, email, password, instance_admin).await?;
+        Ok((admin, String::new()))
+    }
+    .await;
+    let admin = audit.finish(tx, outcome).await.map_err(fail)?;
+    print_admin(name, &admin.email, &admin.password);
+    Ok(())
+}
+
+/// Runs an admin command against `store` (migrated). Every change and its
+/// audit entry commit together or not at all.
 pub async fn run(store: &Store, cmd: AdminCommand) -> Result<()> {
     let AdminCommand::Org(cmd) = cmd;
     match cmd {
@@ -132,63 +196,18 @@ pub async fn run(store: &Store, cmd: AdminCommand) -> Result<()> {
             }
         }
         OrgCommand::Create { name, admin_email } => {
-            let id = orgs::create_org(store, &name).await.map_err(fail)?;
-            record(
-                store,
-                &id,
-                "organization.create",
-                &format!("organization:{name}"),
-            )
-            .await?;
-            println!("Created organisation {name:?} ({id}).");
-            if let Some(email) = admin_email {
-                let (_, password) = orgs::create_org_admin(store, &id, &email, false)
-                    .await
-                    .map_err(fail)?;
-                record(
-                    store,
-                    &id,
-                    "organization.admin.create",
-                    &format!("user:{email}"),
-                )
-                .await?;
-                print_admin(&name, &email, &password);
-            }
+            create(store, &name, admin_email.as_deref()).await?;
         }
         OrgCommand::Rename { name, new_name } => {
-            let org = orgs::by_name(store, &name).await.map_err(fail)?;
-            orgs::rename_org(store, &org.id, &new_name)
-                .await
-                .map_err(fail)?;
-            record(
-                store,
-                &org.id,
-                "organization.rename",
-                &format!("organization:{name} name={new_name}"),
-            )
-            .await?;
-            println!("Renamed organisation {name:?} to {new_name:?}.");
+            change(store, &name, Change::Rename(&new_name)).await?;
         }
-        OrgCommand::Disable { name } => set_disabled(store, &name, true).await?,
-        OrgCommand::Enable { name } => set_disabled(store, &name, false).await?,
+        OrgCommand::Disable { name } => change(store, &name, Change::Disabled(true)).await?,
+        OrgCommand::Enable { name } => change(store, &name, Change::Disabled(false)).await?,
         OrgCommand::AddAdmin {
             name,
             email,
             instance_admin,
-        } => {
-            let org = orgs::by_name(store, &name).await.map_err(fail)?;
-            let (_, password) = orgs::create_org_admin(store, &org.id, &email, instance_admin)
-                .await
-                .map_err(fail)?;
-            record(
-                store,
-                &org.id,
-                "organization.admin.create",
-                &format!("user:{email}"),
-            )
-            .await?;
-            print_admin(&name, &email, &password);
-        }
+        } => add_admin(store, &name, &email, instance_admin).await?,
     }
     Ok(())
 }

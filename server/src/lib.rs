@@ -58,7 +58,7 @@ pub struct Shared {
     /// Request metrics.
     pub metrics: Arc<http::metrics::Metrics>,
     /// Per-caller rate limits.
-    pub limits: Arc<http::rate_limit::RateLimiter>,
+    pub limits: Arc<service::rate_limit::RateLimiter>,
     /// Enrollments per token and per source address.
     pub admission: Arc<service::admission::Admission>,
     /// Where "now" comes from for rollouts and the device API (a manual
@@ -121,7 +121,7 @@ impl AppState {
             blobs,
             spool,
             metrics: Arc::new(http::metrics::Metrics::new()),
-            limits: Arc::new(http::rate_limit::RateLimiter::default()),
+            limits: Arc::new(service::rate_limit::RateLimiter::default()),
             admission: Arc::new(service::admission::Admission::default()),
             clock: if config.test_clock {
                 Arc::new(service::rollouts::time::ManualClock::new(now_ms()))

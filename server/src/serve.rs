@@ -4,7 +4,7 @@
 //! * `max-connections` connections at once: the loop accepts no more until
 //!   one closes (further clients wait in the kernel's listen backlog);
 //! * `max-connections-per-address` from one address: more are closed as
-//!   soon as they are accepted;
+//!   soon as they are accepted (counted in `kernex_connections_refused`);
 //! * `header-read-timeout-secs`: a request's header must be complete this
 //!   long after the connection opened or the previous response went out,
 //!   or the connection is closed (a half-sent request, slowloris; an idle
@@ -32,6 +32,7 @@ use axum::http::request::Parts;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
@@ -106,7 +107,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The connection limits (from `[limits]`).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Limits {
     /// Time to receive a request header.
     pub header_read_timeout: Duration,
@@ -116,6 +117,18 @@ pub struct Limits {
     pub max_connections: usize,
     /// Connections at once from one address.
     pub max_per_address: usize,
+    /// Counts connections closed for `max_per_address` (`From` makes a
+    /// new one; [`Limits::counted_in`] the one `/metrics` shows).
+    pub refused: Counter,
+}
+
+impl Limits {
+    /// These limits, counting refusals in `metrics` (what `/metrics`
+    /// shows).
+    pub fn counted_in(mut self, metrics: &crate::http::metrics::Metrics) -> Self {
+        self.refused = metrics.refusals.connections.clone();
+        self
+    }
 }
 
 impl From<&LimitsConfig> for Limits {
@@ -125,6 +138,7 @@ impl From<&LimitsConfig> for Limits {
             idle_timeout: Duration::from_secs(c.idle_timeout_secs.max(1)),
             max_connections: c.max_connections.clamp(1, Semaphore::MAX_PERMITS),
             max_per_address: c.max_connections_per_address.max(1),
+            refused: Counter::default(),
         }
     }
 }
@@ -205,6 +219,7 @@ pub async fn run(
         };
         let Some(slot) = per_address.enter(peer.ip(), limits.max_per_address) else {
             tracing::info!(%peer, max = limits.max_per_address, "connection refused: too many from this address");
+            limits.refused.inc();
             drop(stream);
             continue;
         };
@@ -212,6 +227,7 @@ pub async fn run(
         let app = app.clone();
         let tls = tls.clone();
         let stopping = stopping.clone();
+        let limits = limits.clone();
         tokio::spawn(async move {
             let _held = (permit, slot);
             match tls {

@@ -3,7 +3,8 @@
 //! (a trigger refuses it) the change is not made and a failure is
 //! recorded; a refused change writes nothing but its failure entry; a
 //! change made has both its row and its entry; two admins demoting each
-//! other at once leave one admin.
+//! other at once leave one admin; `kernex-server admin` changes commit with
+//! their entries too.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -19,6 +20,7 @@ both!(
     a_refused_change_writes_only_its_failure_entry,
     a_change_made_has_its_row_and_its_entry,
     two_admins_demoting_each_other_leave_one,
+    the_admin_cli_commits_with_its_entries,
 );
 
 const PW: &str = "correct horse battery";
@@ -306,4 +308,140 @@ async fn two_admins_demoting_each_other_leave_one(h: Arc<Harness>) {
             .await
             .unwrap();
     }
+}
+
+/// Makes the store refuse every entry by `kernex-server admin`; answers
+/// the statement that undoes it.
+async fn refuse_host_entries(h: &Harness) -> &'static str {
+    let when = "NEW.actor = 'host:kernex-server-admin'";
+    let (statements, undo) = match h.db {
+        Db::Sqlite => (
+            vec![format!(
+                "CREATE TRIGGER refuse_host BEFORE INSERT ON audit_log WHEN {when} \
+                 BEGIN SELECT RAISE(ABORT, 'audit entry refused'); END"
+            )],
+            "DROP TRIGGER refuse_host",
+        ),
+        Db::Postgres => (
+            vec![
+                "CREATE FUNCTION refuse_host() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$ BEGIN RAISE EXCEPTION 'audit entry refused'; END $$"
+                    .to_string(),
+                format!(
+                    "CREATE TRIGGER refuse_host BEFORE INSERT ON audit_log FOR EACH ROW \
+                     WHEN ({when}) EXECUTE FUNCTION refuse_host()"
+                ),
+            ],
+            "DROP TRIGGER refuse_host ON audit_log",
+        ),
+    };
+    for s in statements {
+        sqlx::query(&s).execute(h.state.store.pool()).await.unwrap();
+    }
+    undo
+}
+
+/// (name, disabled) of every organisation, by name.
+async fn orgs(h: &Harness) -> Vec<(String, i64)> {
+    sqlx::query_as("SELECT name, disabled FROM organizations ORDER BY name")
+        .fetch_all(h.state.store.pool())
+        .await
+        .unwrap()
+}
+
+/// `kernex-server admin org ...`: when its entry cannot be written, no
+/// change is made (not an organisation, not its admin, not a rename or a
+/// disabling); with the entries allowed, each change has its entry.
+async fn the_admin_cli_commits_with_its_entries(h: Arc<Harness>) {
+    use kernex_server::admin::{AdminCommand, OrgCommand};
+    let run = |cmd: OrgCommand| {
+        let h = h.clone();
+        async move { kernex_server::admin::run(&h.state.store, AdminCommand::Org(cmd)).await }
+    };
+    let create = |name: &str, admin: Option<&str>| OrgCommand::Create {
+        name: name.into(),
+        admin_email: admin.map(String::from),
+    };
+    let add_admin = |email: &str| OrgCommand::AddAdmin {
+        name: "cli-org".into(),
+        email: email.into(),
+        instance_admin: false,
+    };
+    run(create("cli-org", None)).await.unwrap();
+    let before_orgs = orgs(&h).await;
+    let users = h.count("users").await;
+    let before = entries(&h).await.len();
+    let undo = refuse_host_entries(&h).await;
+    for cmd in [
+        create("cli-new", Some("first@cli.example")),
+        create("cli-bare", None),
+        OrgCommand::Rename {
+            name: "cli-org".into(),
+            new_name: "cli-renamed".into(),
+        },
+        OrgCommand::Disable {
+            name: "cli-org".into(),
+        },
+        add_admin("boss@cli.example"),
+    ] {
+        let what = format!("{cmd:?}");
+        let e = run(cmd).await.expect_err(&what);
+        assert!(format!("{e:#}").contains("internal"), "{what}: {e:#}");
+    }
+    assert_eq!(orgs(&h).await, before_orgs, "no change was made");
+    assert_eq!(h.count("users").await, users, "no admin was made");
+    assert_eq!(entries(&h).await.len(), before, "no entry was written");
+
+    sqlx::query(undo)
+        .execute(h.state.store.pool())
+        .await
+        .unwrap();
+    // A refused change writes its failure entry only.
+    let bad = OrgCommand::Rename {
+        name: "cli-org".into(),
+        new_name: "not a name!".into(),
+    };
+    assert!(run(bad).await.is_err());
+    assert_eq!(orgs(&h).await, before_orgs);
+    run(create("cli-new", Some("first@cli.example")))
+        .await
+        .unwrap();
+    run(OrgCommand::Rename {
+        name: "cli-org".into(),
+        new_name: "cli-renamed".into(),
+    })
+    .await
+    .unwrap();
+    run(OrgCommand::Disable {
+        name: "cli-renamed".into(),
+    })
+    .await
+    .unwrap();
+    let log: Vec<_> = entries(&h).await.split_off(before);
+    let ok =
+        |action: &str, target: &str| (action.to_string(), "ok".to_string(), target.to_string());
+    assert_eq!(
+        log,
+        vec![
+            (
+                "organization.rename".into(),
+                "error: 400 organisation name: 1-64 characters of letters, digits and ._-".into(),
+                "organization:cli-org name=not a name!".into()
+            ),
+            ok("organization.admin.create", "user:first@cli.example"),
+            ok("organization.create", "organization:cli-new"),
+            ok(
+                "organization.rename",
+                "organization:cli-org name=cli-renamed"
+            ),
+            ok("organization.disable", "organization:cli-renamed"),
+        ]
+    );
+    let users_of_new: Vec<(String,)> = sqlx::query_as(
+        "SELECT u.email FROM users u JOIN organizations o ON o.id = u.org_id WHERE o.name = 'cli-new'",
+    )
+    .fetch_all(h.state.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(users_of_new, vec![("first@cli.example".to_string(),)]);
 }

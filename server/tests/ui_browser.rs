@@ -1143,7 +1143,14 @@ fn eventually(what: &str, f: impl Fn() -> bool) {
 #[test]
 fn accounts_in_a_real_browser() {
     let dir = tempfile::tempdir().unwrap();
-    let (_server, origin, one_time) = start_server_fresh(&dir.path().join("data"), None);
+    // A lockout after four failures, so that one is quick to cause.
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        "[login]\nfree-attempts = 2\nlockout-after = 4\nbackoff-base-ms = 10\nlockout-secs = 600\n",
+    )
+    .unwrap();
+    let (_server, origin, one_time) = start_server_fresh(&dir.path().join("data"), Some(&config));
     let api = |path: &str| format!("{origin}/api/v1{path}");
     let http = agent();
     let b = Browser::start(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ui-screenshots"));
@@ -1282,4 +1289,52 @@ fn accounts_in_a_real_browser() {
         "a revoked token is refused"
     );
     b.screenshot("23-account");
+
+    // A user locked out by wrong passwords: the admin clears the lockout
+    // on the user's page, and the right password works at once.
+    let (s, _) = request(
+        &http,
+        "POST",
+        &api("/users"),
+        Some(&admin),
+        Some(json!({"email": "locked@localhost", "password": "locked password 1", "role": "ops"})),
+    );
+    assert_eq!(s, 201);
+    let login = |password: &str| {
+        request(
+            &http,
+            "POST",
+            &api("/login"),
+            None,
+            Some(json!({"email": "locked@localhost", "password": password})),
+        )
+        .0
+    };
+    let mut failures = 0;
+    while failures < 4 {
+        match login("a wrong password") {
+            401 => failures += 1,
+            429 => std::thread::sleep(Duration::from_millis(20)),
+            other => panic!("{other}"),
+        }
+    }
+    assert_eq!(login("locked password 1"), 429, "locked out");
+    b.goto(&format!("{origin}/ui/users"));
+    b.click("tr[data-user='locked@localhost'] a");
+    b.wait_for("#clear-login-throttle");
+    let state = b.text("#throttle-state");
+    assert!(state.contains("locked out from 1 address"), "{state}");
+    b.screenshot("24-login-throttle");
+    b.click("#clear-login-throttle");
+    b.wait_for("#throttle-state[data-failures='0']");
+    assert_eq!(login("locked password 1"), 200, "the lockout is cleared");
+    let (_, log) = request(&http, "GET", &api("/audit"), Some(&admin), None);
+    assert!(
+        log["entries"].as_array().unwrap().iter().any(|e| {
+            e["action"] == "user.login_throttle.clear"
+                && e["target"] == "user:locked@localhost"
+                && e["result"] == "ok"
+        }),
+        "{log}"
+    );
 }

@@ -1,7 +1,8 @@
 //! A server that holds under attack (issue 21): login throttling, the
 //! per-address limit of the unauthenticated routes, bounded metrics labels,
 //! early refusal of oversize bodies, heavy work kept from read-only users,
-//! and the connection loop's timeouts and caps on real sockets. On SQLite
+//! the counts of every refusal in `/metrics`, and the connection loop's
+//! timeouts and caps (and the request timeout) on real sockets. On SQLite
 //! and PostgreSQL.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -334,6 +335,135 @@ async fn metrics_labels_are_bounded(h: Arc<Harness>) {
     assert!(!after.contains("/made/up"), "{after}");
 }
 
+/// The value of one series (`name` or `name{labels}`) in a scrape.
+fn value(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in:\n{metrics}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn counting(c: &mut Config) {
+    // A pair is locked at its second failure; an account backs off after
+    // three failures from anywhere, an address after four on any
+    // account; every backoff is a minute, so each refusal is certain.
+    c.login.free_attempts = 2;
+    c.login.lockout_after = 2;
+    c.login.lockout_secs = 600;
+    c.login.backoff_base_ms = 60_000;
+    c.login.account_free_attempts = 3;
+    c.login.account_max_backoff_secs = 60;
+    c.login.address_free_attempts = 4;
+    c.limits.unauthenticated_per_address_per_minute = 8;
+}
+
+/// Every refusal is counted in `/metrics`, by its reason: logins the
+/// throttle refused (lockout, account, address), unauthenticated requests
+/// over their address's limit, and Idempotency-Key conflicts (in
+/// progress, another request). Connection-cap refusals: in
+/// `connections_are_capped`.
+async fn refusals_are_counted(h: Arc<Harness>) {
+    let (_, m) = scrape(&h, None).await;
+    for series in [
+        "kernex_login_throttled_total{reason=\"account\"}",
+        "kernex_login_throttled_total{reason=\"address\"}",
+        "kernex_login_throttled_total{reason=\"lockout\"}",
+        "kernex_unauthenticated_rate_limited_total",
+        "kernex_connections_refused_total",
+        "kernex_idempotency_conflicts_total{kind=\"in_progress\"}",
+        "kernex_idempotency_conflicts_total{kind=\"mismatch\"}",
+    ] {
+        assert_eq!(value(&m, series), 0.0, "{series}");
+    }
+    h.user("a@example.com", "ops").await;
+    h.user("b@example.com", "ops").await;
+    let wrong = "wrong password!";
+    // Lockout: two failures lock the pair; two more attempts are refused.
+    for want in [401, 401, 429, 429] {
+        assert_eq!(
+            login(&h, [10, 2, 0, 1], "a@example.com", wrong).await.0,
+            want
+        );
+    }
+    // Account: three failures from two addresses; a third address backs off.
+    for (ip, want) in [(3, 401), (3, 401), (4, 401), (5, 429)] {
+        assert_eq!(
+            login(&h, [10, 2, 0, ip], "b@example.com", wrong).await.0,
+            want
+        );
+    }
+    // Address: four failures on four accounts; a fifth account backs off.
+    for n in 0..5 {
+        let want = if n < 4 { 401 } else { 429 };
+        let email = format!("nobody{n}@example.com");
+        assert_eq!(login(&h, [10, 2, 0, 6], &email, wrong).await.0, want);
+    }
+    // The unauthenticated routes' limit: 8 a minute from one address.
+    for n in 0..10 {
+        let (s, _, _) = from(
+            &h,
+            [10, 2, 0, 7],
+            Method::POST,
+            "/api/v1/device/enroll",
+            None,
+            Some(json!({"enrollment_token": "kxe_nope", "device_id": "d", "hardware_class": "x"})),
+        )
+        .await;
+        assert_eq!(s == StatusCode::TOO_MANY_REQUESTS, n >= 8, "{n}: {s}");
+    }
+    // Idempotency: a key whose request is in progress, and a key reused for
+    // another request.
+    let create = |email: &str| {
+        let h = h.clone();
+        let body = json!({"email": email, "password": PASSWORD, "role": "ops"}).to_string();
+        async move {
+            let headers = [
+                ("content-type", "application/json"),
+                ("idempotency-key", "user-1"),
+            ];
+            let admin = h.admin.clone();
+            h.raw(
+                Method::POST,
+                "/api/v1/users",
+                Some(&admin),
+                &headers,
+                Body::from(body),
+            )
+            .await
+            .0
+        }
+    };
+    assert_eq!(create("c@example.com").await, StatusCode::CREATED);
+    assert_eq!(
+        create("d@example.com").await,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    sqlx::query("UPDATE idempotency_keys SET status = 0, body = '' WHERE idem_key = 'user-1'")
+        .execute(h.state.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(create("c@example.com").await, StatusCode::CONFLICT);
+
+    let (_, m) = scrape(&h, None).await;
+    for (series, want) in [
+        ("kernex_login_throttled_total{reason=\"lockout\"}", 2.0),
+        ("kernex_login_throttled_total{reason=\"account\"}", 1.0),
+        ("kernex_login_throttled_total{reason=\"address\"}", 1.0),
+        ("kernex_unauthenticated_rate_limited_total", 2.0),
+        (
+            "kernex_idempotency_conflicts_total{kind=\"in_progress\"}",
+            1.0,
+        ),
+        ("kernex_idempotency_conflicts_total{kind=\"mismatch\"}", 1.0),
+        ("kernex_connections_refused_total", 0.0),
+    ] {
+        assert_eq!(value(&m, series), want, "{series}:\n{m}");
+    }
+}
+
 /// A claimed body over the limit is refused before a byte of it is read.
 async fn oversize_content_length_is_refused_up_front(h: Arc<Harness>) {
     let polled = Arc::new(AtomicBool::new(false));
@@ -459,6 +589,20 @@ mod lockout {
     }
 }
 
+mod counted {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_sqlite() {
+        common::run_with(common::Db::Sqlite, counting, refusals_are_counted).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_postgres() {
+        common::run_with(common::Db::Postgres, counting, refusals_are_counted).await;
+    }
+}
+
 mod limits {
     use super::*;
 
@@ -571,6 +715,7 @@ fn limits(
         idle_timeout: Duration::from_secs(idle),
         max_connections: total,
         max_per_address: per_address,
+        refused: Default::default(),
     }
 }
 
@@ -626,11 +771,83 @@ async fn slow_clients_are_cut_off(h: Arc<Harness>) {
     );
 }
 
+/// A request whose body keeps coming, slowly enough that the connection
+/// is never idle, is answered 503 at the request timeout, long before its
+/// body would be complete; a quick request on the same server is served.
+async fn slow_requests_time_out(h: Arc<Harness>) {
+    let secs = h.state.config.limits.request_timeout_secs;
+    assert_eq!(secs, 2);
+    let addr = serve(&h, limits(30, 30, 64, 16)).await;
+    let s = connect_from(20, addr).await;
+    let (mut rx, mut tx) = s.into_split();
+    // 100 bytes of body, one every 100 ms: 10 s to send it all.
+    tx.write_all(
+        b"POST /api/v1/login HTTP/1.1\r\nHost: kernex\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let start = Instant::now();
+    let trickle = tokio::spawn(async move {
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if tx.write_all(b" ").await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tokio::time::timeout(Duration::from_secs(8), rx.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            other => panic!("no answer within 8 s: {other:?}"),
+        }
+    }
+    let took = start.elapsed();
+    trickle.abort();
+    let head = String::from_utf8_lossy(&got).to_string();
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 1"),
+        "{head}"
+    );
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(6),
+        "answered after {took:?}, the timeout is {secs} s"
+    );
+    let mut s = connect_from(21, addr).await;
+    s.write_all(GET).await.unwrap();
+    let (got, _) = read_to_close(&mut s, Duration::from_secs(10)).await;
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+}
+
+mod request_timeout {
+    use super::*;
+
+    fn config(c: &mut Config) {
+        c.limits.request_timeout_secs = 2;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_sqlite() {
+        common::run_with(common::Db::Sqlite, config, slow_requests_time_out).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_postgres() {
+        common::run_with(common::Db::Postgres, config, slow_requests_time_out).await;
+    }
+}
+
 /// At most `max_per_address` connections from one address (more are
 /// closed at once) and `max_connections` in all (more wait until one
 /// closes).
 async fn connections_are_capped(h: Arc<Harness>) {
-    let addr = serve(&h, limits(30, 30, 3, 2)).await;
+    let addr = serve(&h, limits(30, 30, 3, 2).counted_in(&h.state.metrics)).await;
     let mut a1 = connect_from(10, addr).await;
     let _a2 = connect_from(10, addr).await;
     // Give the loop time to accept both.
@@ -641,6 +858,8 @@ async fn connections_are_capped(h: Arc<Harness>) {
         closed.is_some(),
         "a third connection from one address was kept"
     );
+    let (_, m) = scrape(&h, None).await;
+    assert_eq!(value(&m, "kernex_connections_refused_total"), 1.0, "{m}");
     // The first two still work.
     a1.write_all(b"GET /api/v1/openapi.json HTTP/1.1\r\nHost: kernex\r\n\r\n")
         .await

@@ -25,9 +25,11 @@ pub fn entry_hash(fields: [&str; 9]) -> String {
     hex::encode(h.finalize())
 }
 
-/// An audit row as stored: `detail` is the exact JSON text that was
-/// hashed, so an export verifies byte for byte.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// An audit row as stored, and the one type of it: what the API's
+/// `GET /audit` answers, the UI's search lists, export writes and verify
+/// reads. `detail` is the exact JSON text that was hashed, so an entry
+/// verifies byte for byte wherever it was read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StoredEntry {
     /// Organisation.
@@ -44,7 +46,7 @@ pub struct StoredEntry {
     pub target: String,
     /// Outcome.
     pub result: String,
-    /// Extra JSON, as stored.
+    /// Extra JSON, as stored: the exact text hashed (a JSON object).
     pub detail: String,
     /// SHA-256 of the previous entry.
     pub prev_hash: String,

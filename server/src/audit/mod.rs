@@ -15,7 +15,6 @@ pub mod coalesce;
 pub mod offline;
 
 use anyhow::{Context, Result};
-use serde::Serialize;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
 
@@ -37,30 +36,6 @@ pub struct Entry<'a> {
     pub result: &'a str,
     /// Extra JSON.
     pub detail: serde_json::Value,
-}
-
-/// A stored entry.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct Record {
-    /// Position in the organisation's chain, from 1.
-    pub seq: i64,
-    /// Unix milliseconds.
-    pub at: i64,
-    /// Who.
-    pub actor: String,
-    /// What.
-    pub action: String,
-    /// On what.
-    pub target: String,
-    /// Outcome.
-    pub result: String,
-    /// Extra JSON.
-    #[schema(value_type = Object)]
-    pub detail: serde_json::Value,
-    /// SHA-256 of the previous entry.
-    pub prev_hash: String,
-    /// SHA-256 of this entry.
-    pub hash: String,
 }
 
 /// The PostgreSQL advisory lock key of an organisation's chain.
@@ -200,7 +175,7 @@ pub async fn list(
     org_id: &str,
     limit: i64,
     before: Option<i64>,
-) -> Result<(Vec<Record>, Option<i64>)> {
+) -> Result<(Vec<StoredEntry>, Option<i64>)> {
     let rows = sqlx::query(&format!(
         "SELECT {} FROM audit_log WHERE org_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
         chain::COLUMNS
@@ -222,21 +197,7 @@ pub async fn list(
             unfit = Some(below.filter(|_| !links).map_or(e.seq, |b| b.seq.min(e.seq)));
         }
     }
-    Ok((entries.into_iter().map(record).collect(), unfit))
-}
-
-fn record(e: StoredEntry) -> Record {
-    Record {
-        seq: e.seq,
-        at: e.at,
-        detail: serde_json::from_str(&e.detail).unwrap_or(serde_json::Value::Null),
-        actor: e.actor,
-        action: e.action,
-        target: e.target,
-        result: e.result,
-        prev_hash: e.prev_hash,
-        hash: e.hash,
-    }
+    Ok((entries, unfit))
 }
 
 /// Verifies an organisation's chain from where it was last verified (the

@@ -76,7 +76,8 @@ pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> R
         && let Err(e) = state.limits.check(&format!("addr:{ip}"), per_minute)
     {
         tracing::info!(%ip, path = req.uri().path(), "unauthenticated route: address over its limit");
-        return e.into_response();
+        state.metrics.refusals.unauthenticated.inc();
+        return Error::from(e).into_response();
     }
     let secs = state.config.limits.request_timeout_secs;
     if upload || secs == 0 {

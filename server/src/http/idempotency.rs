@@ -37,6 +37,7 @@ use crate::AppState;
 use crate::auth::{Device, Operator};
 use crate::http::Error;
 use crate::http::error::is_unique_violation;
+use crate::service::refusals::IdempotencyConflict as Conflict;
 use crate::store::now_ms;
 
 /// The request header.
@@ -253,16 +254,23 @@ async fn claim(
     .bind(scope)
     .bind(key)
     .fetch_optional(store.pool())
-    .await?
-    .ok_or_else(|| Error::Conflict("this Idempotency-Key was just released; retry".into()))?;
+    .await?;
+    let Some(row) = row else {
+        state.metrics.refusals.idempotency(Conflict::InProgress);
+        return Err(Error::Conflict(
+            "this Idempotency-Key was just released; retry".into(),
+        ));
+    };
     let stored: String = row.try_get("fingerprint")?;
     if stored != fingerprint {
+        state.metrics.refusals.idempotency(Conflict::Mismatch);
         return Err(Error::Unprocessable(
             "this Idempotency-Key was used for a different request".into(),
         ));
     }
     let status: i64 = row.try_get("status")?;
     if status == 0 {
+        state.metrics.refusals.idempotency(Conflict::InProgress);
         let mut response = Error::Conflict(
             "a request with this Idempotency-Key is still in progress; retry later".into(),
         )

@@ -1,5 +1,6 @@
 //! Prometheus metrics at `/metrics`: request counts and latency per route
-//! and status, and the poll cache's hits and misses. With `metrics-token`
+//! and status, the poll cache's hits and misses, and what the server
+//! refused to protect itself (`service::refusals`). With `metrics-token`
 //! set, only `Authorization: Bearer <token>` reads them.
 
 use std::time::Instant;
@@ -19,6 +20,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::AppState;
+use crate::service::refusals::Refusals;
 
 /// The route a request matched (`unmatched` when none): the router's own
 /// shared string, so labelling a request allocates nothing.
@@ -91,6 +93,8 @@ pub struct Metrics {
     pub poll_cache_hits: Counter,
     /// Polls that read the store.
     pub poll_cache_misses: Counter,
+    /// What the server refused to protect itself (throttles, caps).
+    pub refusals: Refusals,
 }
 
 impl Default for Metrics {
@@ -125,8 +129,11 @@ impl Metrics {
             "Device polls that read the store",
             poll_cache_misses.clone(),
         );
+        let refusals = Refusals::default();
+        refusals.register(&mut registry);
         Metrics {
             registry,
+            refusals,
             requests,
             latency,
             poll_cache_hits,

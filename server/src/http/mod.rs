@@ -17,7 +17,6 @@ pub mod idempotency;
 pub mod metrics;
 pub mod openapi;
 pub mod orgs;
-pub mod rate_limit;
 pub mod releases;
 pub mod rollouts;
 pub mod session;

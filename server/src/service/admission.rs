@@ -1,25 +1,33 @@
 //! Enrollment admission: how fast one enrollment token, and one source
 //! address, may enroll devices (`[limits] enrollments-per-token-per-minute`,
 //! `enrollments-per-address-per-minute`). Token buckets in memory, per
-//! server process, as the other rate limits; over the limit an enrollment
-//! is refused with [`Error::TooManyRequests`] (429 with `Retry-After`)
+//! server process, of the one [`RateLimiter`] type the other rate limits
+//! use; over the limit an enrollment
+//! is refused with [`super::Error::TooManyRequests`] (429 with `Retry-After`)
 //! before it touches the database.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
-use std::time::Instant;
 
-use super::{Error, Result};
+use super::Result;
+use super::rate_limit::RateLimiter;
 
-/// Buckets kept per kind before full (idle) ones are dropped.
+/// Buckets kept per kind before idle ones are dropped.
 const MAX_BUCKETS: usize = 100_000;
 
 /// The enrollment buckets: per token id and per source address.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Admission {
-    tokens: Buckets,
-    addresses: Buckets,
+    tokens: RateLimiter,
+    addresses: RateLimiter,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Admission {
+            tokens: RateLimiter::with_max_buckets(MAX_BUCKETS),
+            addresses: RateLimiter::with_max_buckets(MAX_BUCKETS),
+        }
+    }
 }
 
 impl Admission {
@@ -37,62 +45,20 @@ impl Admission {
                 }
             },
         };
-        self.addresses.take(&key, per_minute)
+        self.addresses.check(&key, per_minute)
     }
 
     /// One enrollment with token `token_id`, at most `per_minute` a minute
     /// (0: unlimited).
     pub fn token(&self, token_id: &str, per_minute: u32) -> Result<()> {
-        self.tokens.take(token_id, per_minute)
-    }
-}
-
-#[derive(Debug, Default)]
-struct Buckets(Mutex<HashMap<String, Bucket>>);
-
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
-impl Buckets {
-    /// Takes one from `key`'s bucket of `per_minute` (also the burst).
-    fn take(&self, key: &str, per_minute: u32) -> Result<()> {
-        if per_minute == 0 {
-            return Ok(());
-        }
-        let rate = f64::from(per_minute) / 60.0;
-        let capacity = f64::from(per_minute);
-        let now = Instant::now();
-        let mut buckets = self
-            .0
-            .lock()
-            .map_err(|_| Error::Internal(anyhow::anyhow!("enrollment limiter lock poisoned")))?;
-        if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(key) {
-            buckets
-                .retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < capacity);
-        }
-        let bucket = buckets.entry(key.to_owned()).or_insert(Bucket {
-            tokens: capacity,
-            at: now,
-        });
-        bucket.tokens =
-            (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * rate).min(capacity);
-        bucket.at = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            Ok(())
-        } else {
-            let wait = ((1.0 - bucket.tokens) / rate).ceil().max(1.0);
-            Err(Error::TooManyRequests(wait as u64))
-        }
+        self.tokens.check(token_id, per_minute)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::service::Error;
 
     #[test]
     fn each_token_and_address_has_its_own_bucket() {

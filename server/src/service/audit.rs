@@ -7,8 +7,9 @@ use utoipa::ToSchema;
 
 use super::{Error, Result};
 use crate::AppState;
-use crate::audit::{self, Record};
+use crate::audit::{self, StoredEntry};
 use crate::auth::Operator;
+use crate::store::Store;
 
 /// The status an error is answered with, for the audit log's outcome.
 fn status(e: &Error) -> u16 {
@@ -59,29 +60,80 @@ pub type Tx = sqlx::Transaction<'static, sqlx::Any>;
 /// connection's write would wait for it) and does nothing slow in it:
 /// heavy preparation (hashing, streaming a bundle) runs before `begin`,
 /// and its failure goes to [`Audited::fail`]. A failure is recorded too,
-/// after the rollback, in a transaction of its own.
+/// after the rollback, in a transaction of its own (unless
+/// [`Audited::failures_unrecorded`]).
 #[derive(Debug)]
 pub struct Audited<'a> {
-    state: &'a AppState,
-    op: &'a Operator,
+    store: &'a Store,
+    org_id: &'a str,
+    actor: String,
     action: &'a str,
     target: &'a str,
+    record_failures: bool,
 }
 
 impl<'a> Audited<'a> {
-    /// `action` by `op` on `target` (the default target to record).
+    /// `action` by `op` on `target` (the default target to record), in
+    /// the operator's organisation's log.
     pub fn new(state: &'a AppState, op: &'a Operator, action: &'a str, target: &'a str) -> Self {
         Audited {
-            state,
-            op,
+            store: &state.store,
+            org_id: &op.org_id,
+            actor: op.actor(),
             action,
             target,
+            record_failures: true,
         }
+    }
+
+    /// `action` by `actor` on `target`, in organisation `org_id`'s log:
+    /// for changes made on the host (`kernex-server admin`), with no
+    /// operator session.
+    pub fn by(
+        store: &'a Store,
+        org_id: &'a str,
+        actor: &str,
+        action: &'a str,
+        target: &'a str,
+    ) -> Self {
+        Audited {
+            store,
+            org_id,
+            actor: actor.to_string(),
+            action,
+            target,
+            record_failures: true,
+        }
+    }
+
+    /// Failures are answered but not recorded: for a change whose log
+    /// does not exist unless it succeeds (a new organisation's).
+    pub fn failures_unrecorded(mut self) -> Self {
+        self.record_failures = false;
+        self
     }
 
     /// Begins the write transaction.
     pub async fn begin(&self) -> Result<Tx> {
-        Ok(self.state.store.begin_write().await?)
+        Ok(self.store.begin_write().await?)
+    }
+
+    /// Appends a further successful entry, `action` on `target` by the
+    /// same actor, in `tx` (a change that is recorded as two actions).
+    pub async fn also(&self, tx: &mut Tx, action: &str, target: &str) -> Result<()> {
+        let entry = self.entry(action, target, "ok");
+        Ok(audit::append_in(self.store, tx, &entry).await?)
+    }
+
+    fn entry<'e>(&'e self, action: &'e str, target: &'e str, result: &'e str) -> audit::Entry<'e> {
+        audit::Entry {
+            org_id: self.org_id,
+            actor: &self.actor,
+            action,
+            target,
+            result,
+            detail: serde_json::json!({}),
+        }
     }
 
     /// Ends the work: on success appends the entry (with the work's target,
@@ -91,18 +143,14 @@ impl<'a> Audited<'a> {
     pub async fn finish<T>(&self, mut tx: Tx, outcome: Result<(T, String)>) -> Result<T> {
         match outcome {
             Ok((value, t)) => {
-                let actor = self.op.actor();
-                let entry = audit::Entry {
-                    org_id: &self.op.org_id,
-                    actor: &actor,
-                    action: self.action,
-                    target: if t.is_empty() { self.target } else { &t },
-                    result: "ok",
-                    detail: serde_json::json!({}),
-                };
+                let entry = self.entry(
+                    self.action,
+                    if t.is_empty() { self.target } else { &t },
+                    "ok",
+                );
                 // When the entry or the commit fails, the change goes with
                 // it, and is recorded as failed.
-                if let Err(e) = audit::append_in(&self.state.store, &mut tx, &entry).await {
+                if let Err(e) = audit::append_in(self.store, &mut tx, &entry).await {
                     tx.rollback().await.ok();
                     return self.fail(e.into()).await;
                 }
@@ -118,43 +166,23 @@ impl<'a> Audited<'a> {
         }
     }
 
-    /// Records a failure (before or without a transaction) and answers it.
+    /// Records a failure (before or without a transaction), in a
+    /// transaction of its own, and answers it.
     pub async fn fail<T>(&self, e: Error) -> Result<T> {
-        let result = format!("error: {}", summary(&e));
-        record(self.state, self.op, self.action, self.target, &result).await?;
+        if self.record_failures {
+            let result = format!("error: {}", summary(&e));
+            audit::append(self.store, self.entry(self.action, self.target, &result)).await?;
+        }
         Err(e)
     }
-}
-
-/// Records an outcome in a transaction of its own.
-async fn record(
-    state: &AppState,
-    op: &Operator,
-    action: &str,
-    target: &str,
-    result: &str,
-) -> Result<()> {
-    let actor = op.actor();
-    audit::append(
-        &state.store,
-        audit::Entry {
-            org_id: &op.org_id,
-            actor: &actor,
-            action,
-            target,
-            result,
-            detail: serde_json::json!({}),
-        },
-    )
-    .await?;
-    Ok(())
 }
 
 /// A page of the audit log and whether the chain verifies.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct AuditPage {
-    /// Entries, newest first.
-    pub entries: Vec<Record>,
+    /// Entries, newest first, as stored (each verifies as an export line
+    /// does).
+    pub entries: Vec<StoredEntry>,
     /// The first entry whose hash does not match, if any.
     pub chain_broken_at: Option<i64>,
 }
@@ -238,23 +266,6 @@ pub struct Search {
     pub before: Option<i64>,
 }
 
-/// One entry as a search shows it.
-#[derive(Debug, sqlx::FromRow)]
-pub struct Line {
-    /// Position in the chain.
-    pub seq: i64,
-    /// Unix ms.
-    pub at: i64,
-    /// Who.
-    pub actor: String,
-    /// What.
-    pub action: String,
-    /// On what.
-    pub target: String,
-    /// Outcome.
-    pub result: String,
-}
-
 /// `%value%` for LIKE, with the wildcards in the value escaped.
 fn like(v: &Option<String>) -> Option<String> {
     v.as_ref().map(|s| {
@@ -267,15 +278,21 @@ fn like(v: &Option<String>) -> Option<String> {
 }
 
 /// Entries matching `q`, newest first, at most `limit`.
-pub async fn search(state: &AppState, op: &Operator, q: &Search, limit: i64) -> Result<Vec<Line>> {
-    Ok(sqlx::query_as::<_, Line>(
-        "SELECT seq, at, actor, action, target, result FROM audit_log WHERE org_id = $1 \
+pub async fn search(
+    state: &AppState,
+    op: &Operator,
+    q: &Search,
+    limit: i64,
+) -> Result<Vec<StoredEntry>> {
+    let rows = sqlx::query(&format!(
+        "SELECT {} FROM audit_log WHERE org_id = $1 \
          AND ($2 IS NULL OR actor LIKE $2 ESCAPE '\\') \
          AND ($3 IS NULL OR action LIKE $3 ESCAPE '\\') \
          AND ($4 IS NULL OR target LIKE $4 ESCAPE '\\') \
          AND ($5 IS NULL OR at >= $5) AND ($6 IS NULL OR at < $6) AND ($7 IS NULL OR seq < $7) \
          ORDER BY seq DESC LIMIT $8",
-    )
+        audit::chain::COLUMNS
+    ))
     .bind(&op.org_id)
     .bind(like(&q.actor))
     .bind(like(&q.action))
@@ -285,5 +302,9 @@ pub async fn search(state: &AppState, op: &Operator, q: &Search, limit: i64) -> 
     .bind(q.before)
     .bind(limit)
     .fetch_all(state.store.pool())
-    .await?)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(StoredEntry::from_row)
+        .collect::<sqlx::Result<_>>()?)
 }

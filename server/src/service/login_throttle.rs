@@ -31,6 +31,7 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use super::refusals::LoginRefusal;
 use super::users::{LoginRequest, LoginResponse};
 use super::{Error, Result};
 use crate::AppState;
@@ -71,6 +72,15 @@ struct State {
     /// A pair whose last attempt succeeded: exempt from the account's
     /// backoff.
     trusted: bool,
+}
+
+/// What the throttle holds against one account.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Held {
+    /// Failed logins counted (the most of any of its keys).
+    pub failures: u32,
+    /// Addresses locked out of it.
+    pub locked_addresses: usize,
 }
 
 /// The throttle's table.
@@ -125,12 +135,26 @@ impl LoginThrottle {
     /// 429 with the seconds to wait when `account` may not try from
     /// `from` now.
     pub fn check(&self, account: &str, from: Option<IpAddr>) -> Result<()> {
+        match self.refusal(account, from)? {
+            None => Ok(()),
+            Some((secs, _)) => Err(Error::TooManyRequests(secs)),
+        }
+    }
+
+    /// When `account` may not try from `from` now: the seconds to wait and
+    /// why (the key with the longest wait).
+    pub fn refusal(
+        &self,
+        account: &str,
+        from: Option<IpAddr>,
+    ) -> Result<Option<(u64, LoginRefusal)>> {
         let now = Instant::now();
         let table = self.table()?;
         let pair_trusted = table
             .get(&Key::Pair(account.to_string(), from))
             .is_some_and(|s| s.trusted);
         let mut wait = Duration::ZERO;
+        let mut why = LoginRefusal::Account;
         for key in Self::keys(account, from).into_iter().flatten() {
             if pair_trusted && matches!(key, Key::Account(_)) {
                 continue;
@@ -138,14 +162,24 @@ impl LoginThrottle {
             if let Some(s) = table.get(&key)
                 && now.duration_since(s.last) < self.settings.lockout
             {
-                wait = wait.max(self.wait(&key, s, now));
+                let w = self.wait(&key, s, now);
+                if w > wait {
+                    wait = w;
+                    why = match key {
+                        Key::Pair(..) if s.failures >= self.settings.lockout_after => {
+                            LoginRefusal::Lockout
+                        }
+                        Key::Pair(..) | Key::Account(_) => LoginRefusal::Account,
+                        Key::Address(_) => LoginRefusal::Address,
+                    };
+                }
             }
         }
         if wait.is_zero() {
-            Ok(())
+            Ok(None)
         } else {
             let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            Err(Error::TooManyRequests(secs.max(1)))
+            Ok(Some((secs.max(1), why)))
         }
     }
 
@@ -206,6 +240,27 @@ impl LoginThrottle {
         Ok(before - table.len())
     }
 
+    /// What is held against `account`: the most failures of any of its
+    /// keys, and how many of its (account, address) pairs are locked out.
+    pub fn held(&self, account: &str) -> Result<Held> {
+        let now = Instant::now();
+        let table = self.table()?;
+        let mut held = Held::default();
+        for (k, s) in table.iter() {
+            let live = now.duration_since(s.last) < self.settings.lockout;
+            match k {
+                Key::Pair(a, _) | Key::Account(a) if a == account && live => {
+                    held.failures = held.failures.max(s.failures);
+                    if matches!(k, Key::Pair(..)) && s.failures >= self.settings.lockout_after {
+                        held.locked_addresses += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(held)
+    }
+
     /// Keys held.
     pub fn len(&self) -> usize {
         self.table.lock().map_or(0, |t| t.len())
@@ -254,13 +309,15 @@ pub async fn login(
     from: Option<IpAddr>,
 ) -> Result<LoginResponse> {
     let key = account(state, &req);
-    if let Err(e) = state.login_throttle.check(&key, from) {
+    if let Some((secs, why)) = state.login_throttle.refusal(&key, from)? {
         tracing::info!(
             email = %req.email,
             from = ?from,
+            reason = why.as_str(),
             "login refused: backing off after failed attempts"
         );
-        return Err(e);
+        state.metrics.refusals.login(why);
+        return Err(Error::TooManyRequests(secs));
     }
     match super::users::login(state, req).await {
         Ok(session) => {
@@ -275,6 +332,32 @@ pub async fn login(
     }
 }
 
+/// The throttle's name for user `user_id` of the operator's organisation,
+/// and their email; read through `db`.
+async fn account_of<'e>(
+    db: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    op: &Operator,
+    user_id: &str,
+) -> Result<(String, String)> {
+    let row: Option<(String, String)> = sqlx::query_as(
+        "SELECT u.email, o.name FROM users u JOIN organizations o ON o.id = u.org_id WHERE u.id = $1 AND u.org_id = $2",
+    )
+    .bind(user_id)
+    .bind(&op.org_id)
+    .fetch_optional(db)
+    .await?;
+    let (email, org) = row.ok_or(Error::NotFound("no such user"))?;
+    Ok((format!("{org}\u{0}{email}"), email))
+}
+
+/// What the login throttle holds against user `user_id` of the operator's
+/// organisation (admin), on this server process.
+pub async fn held(state: &AppState, op: &Operator, user_id: &str) -> Result<Held> {
+    op.require(Role::Admin)?;
+    let (account, _) = account_of(state.store.pool(), op, user_id).await?;
+    state.login_throttle.held(&account)
+}
+
 /// Clears the login throttle of user `user_id` of the operator's
 /// organisation (admin): its lockouts and backoff end now. Answers how
 /// many entries were dropped.
@@ -284,16 +367,8 @@ pub async fn clear(state: &AppState, op: &Operator, user_id: &str) -> Result<usi
     let audit = super::audit::Audited::new(state, op, "user.login_throttle.clear", &target);
     let mut tx = audit.begin().await?;
     let outcome: Result<_> = async {
-        let row: Option<(String, String)> = sqlx::query_as(
-            "SELECT u.email, o.name FROM users u JOIN organizations o ON o.id = u.org_id WHERE u.id = $1 AND u.org_id = $2",
-        )
-        .bind(user_id)
-        .bind(&op.org_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let (email, org) = row.ok_or(Error::NotFound("no such user"))?;
-        let label = format!("user:{email}");
-        Ok((format!("{org}\u{0}{email}"), label))
+        let (account, email) = account_of(&mut *tx, op, user_id).await?;
+        Ok((account, format!("user:{email}")))
     }
     .await;
     let account = audit.finish(tx, outcome).await?;
@@ -353,8 +428,12 @@ mod tests {
         t.failed("a", ip(1)).unwrap();
         assert!(t.check("a", ip(2)).is_err());
         t.check("a", ip(3)).unwrap();
+        let held = t.held("a").unwrap();
+        assert_eq!(held.locked_addresses, 1, "{held:?}");
+        assert!(held.failures >= 4, "{held:?}");
         // An admin's clear ends the lockout.
         assert!(t.clear("a").unwrap() >= 2);
+        assert_eq!(t.held("a").unwrap(), Held::default());
         t.check("a", ip(1)).unwrap();
         t.check("a", ip(2)).unwrap();
     }

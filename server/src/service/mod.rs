@@ -18,6 +18,8 @@ pub mod enrollment;
 pub mod login_throttle;
 pub mod names;
 pub mod orgs;
+pub mod rate_limit;
+pub mod refusals;
 pub mod releases;
 pub mod rollouts;
 pub mod users;

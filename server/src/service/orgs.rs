@@ -111,36 +111,33 @@ async fn by_id<'e>(
     .ok_or(Error::NotFound("no such organisation"))
 }
 
-/// Creates an organisation; returns its id.
-pub async fn create_org(store: &Store, name: &str) -> Result<String> {
-    let mut conn = store.pool().acquire().await?;
-    create_org_in(&mut conn, name).await
+/// Creates an organisation through `conn` (the caller's transaction);
+/// returns its id.
+pub async fn create_org_in(conn: &mut sqlx::AnyConnection, name: &str) -> Result<String> {
+    let id = new_id()?;
+    insert_org_in(conn, &id, name).await?;
+    Ok(id)
 }
 
-/// [`create_org`] through `conn` (the caller's transaction).
-pub async fn create_org_in(conn: &mut sqlx::AnyConnection, name: &str) -> Result<String> {
+/// Creates organisation `id` named `name` through `conn` (the caller's
+/// transaction): for a caller that needs the id before the change.
+pub async fn insert_org_in(conn: &mut sqlx::AnyConnection, id: &str, name: &str) -> Result<()> {
     check_org_name(name)?;
-    let id = new_id()?;
     let now = now_ms();
     sqlx::query(
         "INSERT INTO organizations (id, name, metadata, created_at, updated_at) VALUES ($1, $2, '{}', $3, $3)",
     )
-    .bind(&id)
+    .bind(id)
     .bind(name)
     .bind(now)
     .execute(conn)
     .await
     .map_err(|e| conflict(e, name))?;
-    Ok(id)
+    Ok(())
 }
 
-/// Renames an organisation (its operators log in with the new name).
-pub async fn rename_org(store: &Store, id: &str, name: &str) -> Result<()> {
-    let mut conn = store.pool().acquire().await?;
-    rename_org_in(&mut conn, id, name).await
-}
-
-/// [`rename_org`] through `conn` (the caller's transaction).
+/// Renames an organisation through `conn` (the caller's transaction);
+/// its operators log in with the new name.
 pub async fn rename_org_in(conn: &mut sqlx::AnyConnection, id: &str, name: &str) -> Result<()> {
     check_org_name(name)?;
     let done = sqlx::query("UPDATE organizations SET name = $1, updated_at = $2 WHERE id = $3")
@@ -156,13 +153,8 @@ pub async fn rename_org_in(conn: &mut sqlx::AnyConnection, id: &str, name: &str)
     Ok(())
 }
 
-/// Disables or re-enables an organisation.
-pub async fn set_org_disabled(store: &Store, id: &str, disabled: bool) -> Result<()> {
-    let mut conn = store.pool().acquire().await?;
-    set_org_disabled_in(&mut conn, id, disabled).await
-}
-
-/// [`set_org_disabled`] through `conn` (the caller's transaction).
+/// Disables or re-enables an organisation through `conn` (the caller's
+/// transaction).
 pub async fn set_org_disabled_in(
     conn: &mut sqlx::AnyConnection,
     id: &str,
@@ -201,19 +193,11 @@ pub async fn create_org_admin(
     email: &str,
     instance_admin: bool,
 ) -> Result<(String, String)> {
-    check_email(email)?;
-    let password = one_time_password()?;
-    let hash = {
-        let password = password.clone();
-        tokio::task::spawn_blocking(move || auth::hash_password(&password))
-            .await
-            .map_err(|e| Error::Internal(e.into()))?
-            .map_err(Error::Internal)?
-    };
+    let p = host_admin_password(email).await?;
     let mut tx = store.begin_write().await?;
-    let id = insert_org_admin(&mut tx, org_id, email, &hash, instance_admin).await?;
+    let id = insert_org_admin(&mut tx, org_id, email, &p.hash, instance_admin).await?;
     tx.commit().await?;
-    Ok((id, password))
+    Ok((id, p.password))
 }
 
 /// Inserts an admin of organisation `org_id` whose one-time password
@@ -296,15 +280,36 @@ pub async fn list(state: &AppState, op: &Operator) -> Result<Vec<Organization>> 
 
 /// A one-time password for a new admin and its hash, made before the
 /// transaction (hashing is slow).
-struct AdminPassword {
+pub struct AdminPassword {
     password: String,
     hash: String,
+}
+
+impl std::fmt::Debug for AdminPassword {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminPassword(..)")
+    }
 }
 
 async fn admin_password(state: &AppState, email: &str) -> Result<AdminPassword> {
     check_email(email)?;
     let password = one_time_password()?;
     let hash = state.passwords.hash(&password).await?;
+    Ok(AdminPassword { password, hash })
+}
+
+/// [`AdminPassword`] on the host (`kernex-server admin`, no running
+/// server's hasher): default argon2 parameters, on a blocking thread.
+pub async fn host_admin_password(email: &str) -> Result<AdminPassword> {
+    check_email(email)?;
+    let password = one_time_password()?;
+    let hash = {
+        let password = password.clone();
+        tokio::task::spawn_blocking(move || auth::hash_password(&password))
+            .await
+            .map_err(|e| Error::Internal(e.into()))?
+            .map_err(Error::Internal)?
+    };
     Ok(AdminPassword { password, hash })
 }
 
@@ -332,7 +337,9 @@ pub async fn create(
     let outcome: Result<_> = async {
         let id = create_org_in(&mut tx, &req.name).await?;
         let admin = match (&req.admin_email, password) {
-            (Some(email), Some(p)) => Some(new_admin(&mut tx, &id, &req.name, email, p).await?),
+            (Some(email), Some(p)) => {
+                Some(new_admin(&mut tx, &id, &req.name, email, p, false).await?)
+            }
             _ => None,
         };
         let organization = by_id(&mut *tx, &id).await?;
@@ -348,14 +355,17 @@ pub async fn create(
     audit.finish(tx, outcome).await
 }
 
-async fn new_admin(
+/// Creates an admin of organisation `org_id` (named `org_name`) with the
+/// one-time `password` through `tx` (the caller's transaction).
+pub async fn new_admin(
     tx: &mut sqlx::AnyConnection,
     org_id: &str,
     org_name: &str,
     email: &str,
     password: AdminPassword,
+    instance_admin: bool,
 ) -> Result<CreatedAdmin> {
-    let id = insert_org_admin(tx, org_id, email, &password.hash, false).await?;
+    let id = insert_org_admin(tx, org_id, email, &password.hash, instance_admin).await?;
     Ok(CreatedAdmin {
         id,
         email: email.to_string(),
@@ -451,7 +461,7 @@ pub async fn add_admin(
     let mut tx = audit.begin().await?;
     let outcome: Result<_> = async {
         Ok((
-            new_admin(&mut tx, id, &org.name, &req.email, password).await?,
+            new_admin(&mut tx, id, &org.name, &req.email, password, false).await?,
             String::new(),
         ))
     }

@@ -1,5 +1,6 @@
 //! A user as an admin manages them: role, disable and re-enable, delete,
-//! and their live sessions and API tokens (revoke).
+//! their login throttle (clear a lockout), and their live sessions and API
+//! tokens (revoke).
 
 use axum::extract::{Path, State};
 use maud::html;
@@ -10,6 +11,7 @@ use super::{Form, Session, UiError, UiResult, csrf_field, see_other};
 use crate::AppState;
 use crate::auth::Role;
 use crate::service::accounts::{self, UserUpdate};
+use crate::service::login_throttle;
 
 /// `GET /ui/users/{id}` (admin).
 pub async fn detail(State(state): State<AppState>, Path(id): Path<String>, s: Session) -> UiResult {
@@ -18,6 +20,7 @@ pub async fn detail(State(state): State<AppState>, Path(id): Path<String>, s: Se
     }
     let user = accounts::user(&state, &s.op, &id).await?;
     let list = accounts::credentials(&state, &s.op, &id).await?;
+    let held = login_throttle::held(&state, &s.op, &id).await?;
     let me = user.id == s.op.user_id;
     Ok(layout::page(
         &s,
@@ -69,6 +72,24 @@ pub async fn detail(State(state): State<AppState>, Path(id): Path<String>, s: Se
                     }
                 }
             }
+            section.panel #login-throttle {
+                h2 { "Login throttle" }
+                @if held.failures == 0 {
+                    p #throttle-state data-failures="0" { "No failed logins held against this account." }
+                } @else {
+                    p #throttle-state data-failures=(held.failures) {
+                        (held.failures) " failed logins held against this account"
+                        @if held.locked_addresses > 0 { "; locked out from " (held.locked_addresses) " address(es)" }
+                        ": further logins back off."
+                    }
+                }
+                form method="post" action={ "/ui/users/" (user.id) } {
+                    (csrf_field(&s))
+                    input type="hidden" name="action" value="clear-throttle";
+                    button #clear-login-throttle type="submit" { "Clear lockout" }
+                }
+                p.sub { "Ends their lockout and backoff now, on this server process (audited)." }
+            }
             section {
                 h2 { "Sessions and API tokens" }
                 (credential_table(&s, &list, &format!("/ui/users/{}/credentials", user.id)))
@@ -77,8 +98,8 @@ pub async fn detail(State(state): State<AppState>, Path(id): Path<String>, s: Se
     ))
 }
 
-/// `POST /ui/users/{id}`: role, disable, enable or delete (admin, enforced
-/// by the service).
+/// `POST /ui/users/{id}`: role, disable, enable, delete or clear-throttle
+/// (admin, enforced by the service).
 pub async fn act(State(state): State<AppState>, Path(id): Path<String>, form: Form) -> UiResult {
     let op = &form.session.op;
     match form.required("action", "The action")? {
@@ -104,9 +125,12 @@ pub async fn act(State(state): State<AppState>, Path(id): Path<String>, form: Fo
             accounts::delete_user(&state, op, &id).await?;
             return Ok(see_other("/ui/users"));
         }
+        "clear-throttle" => {
+            login_throttle::clear(&state, op, &id).await?;
+        }
         _ => {
             return Err(UiError::bad_request(
-                "Action: role, disable, enable or delete.",
+                "Action: role, disable, enable, delete or clear-throttle.",
             ));
         }
     }

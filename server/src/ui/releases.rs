@@ -106,10 +106,13 @@ pub async fn upload(
     let admitted = require(&s.op, Role::Ops)
         .map_err(Error::from)
         .and_then(|()| {
-            state.limits.check(
-                &format!("upload:{}", s.op.user_id),
-                state.config.uploads_per_minute,
-            )
+            state
+                .limits
+                .check(
+                    &format!("upload:{}", s.op.user_id),
+                    state.config.uploads_per_minute,
+                )
+                .map_err(Error::from)
         });
     if let Err(e) = admitted {
         return e.into_response();

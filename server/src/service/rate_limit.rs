@@ -1,19 +1,29 @@
-//! Per-caller rate limits (token buckets, in memory, per server process):
-//! each device, each operator, bundle uploads per operator, and each
-//! address on the unauthenticated routes (`http::guard`). Over the limit →
-//! 429 with `Retry-After`. At most 200,000 buckets are kept (about 20 MB):
-//! full ones are dropped first, then the least recently used.
+//! Rate limits: token buckets by key, in memory, per server process. One
+//! type serves every limit: each device, each operator, bundle uploads per
+//! operator and each address on the unauthenticated routes
+//! (`AppState::limits`, checked by `http::guard` and the extractors), and
+//! enrollments per token and per address (`service::admission`). Over the
+//! limit: [`Error::TooManyRequests`] with the seconds to wait (429 with
+//! `Retry-After`). The buckets kept are bounded (200,000 by default, about
+//! 20 MB): full ones are dropped first, then the least recently used.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use crate::http::Error;
+use super::{Error, Result};
 
 /// Token buckets by key.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RateLimiter {
     buckets: Mutex<HashMap<String, Bucket>>,
+    max_buckets: usize,
+}
+
+impl Default for RateLimiter {
+    fn default() -> Self {
+        Self::with_max_buckets(MAX_BUCKETS)
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -22,13 +32,22 @@ struct Bucket {
     at: Instant,
 }
 
-/// Buckets kept before idle ones are dropped.
+/// Buckets kept before idle ones are dropped (the default).
 const MAX_BUCKETS: usize = 200_000;
 
 impl RateLimiter {
+    /// Buckets for at most `max` keys (at least 10).
+    pub fn with_max_buckets(max: usize) -> Self {
+        RateLimiter {
+            buckets: Mutex::new(HashMap::new()),
+            max_buckets: max.max(10),
+        }
+    }
+
     /// Takes one token from `key`'s bucket of `per_minute` (also its burst
-    /// size); 429 when empty. `per_minute == 0` disables the limit.
-    pub fn check(&self, key: &str, per_minute: u32) -> Result<(), Error> {
+    /// size); [`Error::TooManyRequests`] when empty. `per_minute == 0`
+    /// disables the limit.
+    pub fn check(&self, key: &str, per_minute: u32) -> Result<()> {
         if per_minute == 0 {
             return Ok(());
         }
@@ -39,15 +58,16 @@ impl RateLimiter {
             .buckets
             .lock()
             .map_err(|_| Error::Internal(anyhow::anyhow!("rate limiter lock poisoned")))?;
-        if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(key) {
+        let max = self.max_buckets;
+        if buckets.len() >= max && !buckets.contains_key(key) {
             // Full buckets are the same as no bucket: drop them.
             buckets
                 .retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < capacity);
-            if buckets.len() >= MAX_BUCKETS {
+            if buckets.len() >= max {
                 // Still full (many callers at once): the least recently
                 // used tenth goes, so memory stays bounded.
                 let mut ages: Vec<Instant> = buckets.values().map(|b| b.at).collect();
-                let (_, cut, _) = ages.select_nth_unstable(MAX_BUCKETS / 10);
+                let (_, cut, _) = ages.select_nth_unstable(max / 10);
                 let cut = *cut;
                 buckets.retain(|_, b| b.at > cut);
             }
@@ -71,7 +91,7 @@ impl RateLimiter {
             bucket.tokens -= 1.0;
             Ok(())
         } else {
-            let wait = ((1.0 - bucket.tokens) / rate).ceil();
+            let wait = ((1.0 - bucket.tokens) / rate).ceil().max(1.0);
             Err(Error::TooManyRequests(wait as u64))
         }
     }
@@ -96,5 +116,17 @@ mod tests {
         for _ in 0..1000 {
             l.check("c", 0).unwrap();
         }
+    }
+
+    #[test]
+    fn the_buckets_kept_are_bounded() {
+        let l = RateLimiter::with_max_buckets(100);
+        for n in 0..1000 {
+            l.check(&format!("k{n}"), 1).unwrap();
+        }
+        let kept = l.buckets.lock().map(|b| b.len()).unwrap();
+        assert!(kept <= 100, "{kept}");
+        // The most recent key is still limited.
+        assert!(l.check("k999", 1).is_err());
     }
 }
