@@ -6,6 +6,12 @@
 //! to be persisted in the TPM. The AK is created once under it; its public
 //! and (TPM-wrapped) private parts are kept in a file ([`AkBlob`]) and
 //! loaded under the EK again for each use.
+//!
+//! Also the device's identity key ([`signing`]) and the anti-rollback
+//! floor counter ([`counter`]).
+
+pub mod counter;
+pub mod signing;
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -129,12 +135,17 @@ pub struct Tpm {
     /// The EK, created on first use and flushed on drop: recreating it is
     /// an RSA key generation inside the TPM (the bulk of a quote's time).
     ek: Option<KeyHandle>,
+    /// The SRK (owner hierarchy), likewise.
+    srk: Option<KeyHandle>,
 }
 
 impl Drop for Tpm {
     fn drop(&mut self) {
         if let Some(ek) = self.ek.take() {
             self.flush(ek);
+        }
+        if let Some(srk) = self.srk.take() {
+            self.flush(srk);
         }
     }
 }
@@ -150,7 +161,11 @@ impl Tpm {
         };
         let conf = TctiNameConf::from_str(tcti).map_err(open_err)?;
         let ctx = Context::new(conf).map_err(open_err)?;
-        Ok(Self { ctx, ek: None })
+        Ok(Self {
+            ctx,
+            ek: None,
+            srk: None,
+        })
     }
 
     fn create_ek(&mut self) -> Result<KeyHandle, DeviceError> {

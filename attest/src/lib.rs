@@ -10,7 +10,9 @@
 //!   against the TPM vendors' CAs ([`EkCaStore`]). Every parser is bounded
 //!   and written in Rust; bad bytes give an error naming the field.
 //! - **Device** ([`Tpm`], through tpm2-tss): the EK and its certificate, the
-//!   AK, TPM2_ActivateCredential, extending the slot measurement, quotes.
+//!   AK, TPM2_ActivateCredential, extending the slot measurement, quotes;
+//!   the device's identity key (P-256, in the TPM) and the anti-rollback
+//!   floor's NV counter.
 //!
 //! See attest/README.md for the protocol, the PCR map and the figures.
 
@@ -25,6 +27,10 @@ pub mod quote;
 mod wire;
 
 pub use credential::{ActivationError, CredentialChallenge};
+#[cfg(feature = "device")]
+pub use device::counter::{FLOOR_BASE_INDEX, FLOOR_COUNTER_INDEX};
+#[cfg(feature = "device")]
+pub use device::signing::SigningKeyBlob;
 #[cfg(feature = "device")]
 pub use device::{AkBlob, DeviceError, Endorsement, Tpm};
 pub use ek_ca::{EkCaStore, EkCaStoreError, EkCertError};

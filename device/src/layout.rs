@@ -64,6 +64,9 @@ pub const SECURITY_FLOOR_B: &str = "security-floor.b";
 pub const ATTEST_AK: &str = "attest/ak.json";
 /// The server's binding of the attestation key.
 pub const ATTEST_BINDING: &str = "attest/binding.json";
+/// The device key when it lives in the TPM (`[tpm]` configured): its
+/// public part and its TPM-wrapped private part; no `DEVICE_KEY` file.
+pub const ATTEST_DEVICE_KEY: &str = "attest/device-key.json";
 
 /// What `slot` holds: its record and chunk indexes (`slot-A`).
 pub fn slot_dir(slot: Slot) -> PathBuf {

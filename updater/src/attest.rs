@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
-use kernex_attest::{AkBlob, DeviceError, Tpm};
+use kernex_attest::{AkBlob, DeviceError, SigningKeyBlob, Tpm};
 use kernex_bootloader::Slot;
 use kernex_device::layout;
 use kernex_protocol::api::{Activation, Quote, TpmIdentity};
@@ -204,4 +204,43 @@ pub fn quote(config: &TpmConfig, ak_path: &Path, nonce: &[u8]) -> Result<Quote> 
     open(config)?
         .quote(&ak, nonce, &[config.pcr])
         .context("unable to quote")
+}
+
+/// Where the TPM-resident device key is kept:
+/// `<data-dir>/attest/device-key.json` (public part and TPM-wrapped private
+/// part: useless without this TPM).
+pub fn device_key_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(layout::ATTEST_DEVICE_KEY)
+}
+
+/// The device key in the TPM: loaded from `path`, or created in the TPM
+/// (ECDSA P-256, not exportable) and stored there the first time.
+pub fn device_key(config: &TpmConfig, path: &Path) -> Result<SigningKeyBlob> {
+    if path.exists() {
+        let bytes = read_limited(path, MAX_AK_FILE)?;
+        return serde_json::from_slice(&bytes)
+            .with_context(|| format!("unable to parse the TPM device key {}", path.display()));
+    }
+    let blob = open(config)?
+        .create_signing_key()
+        .context("unable to create the device key in the TPM")?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("unable to create {}", dir.display()))?;
+    }
+    write_atomically(path, &serde_json::to_vec_pretty(&blob)?)
+        .with_context(|| format!("unable to store the TPM device key in {}", path.display()))?;
+    tracing::info!(path = %path.display(), "device key created in the TPM");
+    Ok(blob)
+}
+
+/// Signs `message` with the TPM device key `blob`: DER ECDSA over SHA-256.
+pub fn sign_with_device_key(
+    config: &TpmConfig,
+    blob: &SigningKeyBlob,
+    message: &[u8],
+) -> Result<Vec<u8>> {
+    open(config)?
+        .sign_with_key(blob, message)
+        .context("the TPM refused to sign with the device key")
 }

@@ -24,7 +24,7 @@ pub fn mark_good(config: &SystemConfig, flow: &mut dyn BootFlow) -> Result<Slot,
 /// the booted (committed) slot; returns the floor in force.
 pub fn raise_floor_to_booted(config: &SystemConfig, booted: Slot) -> Result<u64, UpdateError> {
     let data = DataDir::new(&config.data_dir);
-    let floor = Floor::new(&data);
+    let floor = Floor::for_device(config);
     match data.slot_record(booted)? {
         Some(record) if record.verified => floor.raise(record.manifest()?.security_version),
         _ => floor.get(),
@@ -32,11 +32,33 @@ pub fn raise_floor_to_booted(config: &SystemConfig, booted: Slot) -> Result<u64,
 }
 
 /// Marks the booted slot bad (counter 0, last in the order): the next boot
-/// goes to the other slot.
-pub fn mark_bad(flow: &mut dyn BootFlow) -> Result<Slot, UpdateError> {
+/// goes to the other slot. Refused when that would boot a release below
+/// the anti-rollback floor ([`check_fallback`]).
+pub fn mark_bad(config: &SystemConfig, flow: &mut dyn BootFlow) -> Result<Slot, UpdateError> {
     let booted = flow.booted_slot()?;
+    check_fallback(config, booted.other())?;
     flow.mark_bad(booted)?;
     Ok(booted)
+}
+
+/// Refuses to make `other` boot next when the release recorded in it is
+/// below the anti-rollback floor. A slot with no record of a verified
+/// image (a factory image, or one an install left incomplete) has no
+/// known security version: it passes only while the floor is 0.
+pub fn check_fallback(config: &SystemConfig, other: Slot) -> Result<(), UpdateError> {
+    let floor = Floor::for_device(config);
+    let data = DataDir::new(&config.data_dir);
+    let what = |version: &str| format!("fall back to {version} (slot {other})");
+    match data.slot_record(other)? {
+        Some(record) if record.verified => {
+            let manifest = record.manifest()?;
+            floor.check(
+                manifest.security_version,
+                &what(&manifest.version.to_string()),
+            )
+        }
+        _ => floor.check(0, &what("an unrecorded image")),
+    }
 }
 
 /// The keyring bundles must verify against.
@@ -107,7 +129,7 @@ pub fn rollback(
             manifest.compatible, config.compatible
         )));
     }
-    Floor::new(&data).check(
+    Floor::for_device(config).check(
         manifest.security_version,
         &format!("roll back to {} (slot {other})", manifest.version),
     )?;

@@ -16,6 +16,15 @@
 //! any moment leaves the old floor or the new one, never less. Both copies
 //! present and both corrupt is an error (an install is then refused rather
 //! than the floor dropping to 0).
+//!
+//! With a `[tpm]` (and the `tpm` feature), the floor is also kept in a TPM
+//! NV counter ([`kernex_attest::Tpm::raise_floor_counter`]): the floor in
+//! force is the larger of the files and the counter, so deleting the files
+//! or putting older copies back does not lower it. Raising the floor
+//! writes the files first, then counts the TPM up to the new value (at
+//! most [`MAX_COUNTER_STEPS`] increments per raise, each an NV write; the
+//! files hold the rest, and the next raise catches up). A configured TPM
+//! that cannot be read is an error, as two corrupt copies are.
 
 use std::path::{Path, PathBuf};
 
@@ -23,6 +32,7 @@ use kernex_device::layout;
 use kernex_protocol::Sha256Digest;
 use kernex_protocol::limits::MAX_SECURITY_VERSION;
 
+use crate::config::SystemConfig;
 use crate::error::UpdateError;
 use crate::failpoints::failpoint;
 use crate::store::{DataDir, read_limited, write_atomically};
@@ -32,10 +42,15 @@ const MAGIC: &str = "kernex-security-floor 1";
 /// Largest floor file read.
 const MAX_FLOOR_FILE: u64 = 256;
 
-/// The device's floor in its data dir.
+/// Most TPM counter increments one raise makes.
+pub const MAX_COUNTER_STEPS: u64 = 1024;
+
+/// The device's floor in its data dir (and its TPM).
 #[derive(Debug, Clone)]
 pub struct Floor {
     copies: [PathBuf; 2],
+    /// The TPM holding the floor counter, when configured.
+    tpm: Option<kernex_device::TpmConfig>,
 }
 
 /// What one copy holds.
@@ -71,14 +86,52 @@ pub fn decode(bytes: &[u8]) -> Option<u64> {
 }
 
 impl Floor {
-    /// The floor kept in `data`.
+    /// The floor kept in `data` alone (no TPM).
     pub fn new(data: &DataDir) -> Self {
         Self {
             copies: [
                 data.root().join(layout::SECURITY_FLOOR_A),
                 data.root().join(layout::SECURITY_FLOOR_B),
             ],
+            tpm: None,
         }
+    }
+
+    /// The floor of the device `config` describes: its data dir, and its
+    /// TPM when `[tpm]` is configured.
+    pub fn for_device(config: &SystemConfig) -> Self {
+        Self {
+            tpm: config.tpm.clone(),
+            ..Self::new(&DataDir::new(&config.data_dir))
+        }
+    }
+
+    /// The floor the TPM's counter holds (0 without a TPM, or before the
+    /// first raise).
+    pub fn tpm_floor(&self) -> Result<u64, UpdateError> {
+        #[cfg(feature = "tpm")]
+        if let Some(tpm) = &self.tpm {
+            return crate::attest::open(tpm)
+                .and_then(|mut t| Ok(t.floor_counter()?))
+                .map(Option::unwrap_or_default)
+                .map_err(|e| tpm_error(tpm, &e));
+        }
+        Ok(0)
+    }
+
+    /// Counts the TPM up towards `floor`; the TPM's floor now.
+    fn raise_tpm(&self, floor: u64) -> Result<u64, UpdateError> {
+        #[cfg(feature = "tpm")]
+        if let Some(tpm) = &self.tpm {
+            // Test builds only: a power cut with the files raised and the
+            // TPM not yet.
+            failpoint!(pause "floor-tpm");
+            return crate::attest::open(tpm)
+                .and_then(|mut t| Ok(t.raise_floor_counter(floor, MAX_COUNTER_STEPS)?))
+                .map_err(|e| tpm_error(tpm, &e));
+        }
+        let _ = floor;
+        Ok(0)
     }
 
     fn read_copy(path: &Path) -> Result<Copy, UpdateError> {
@@ -99,9 +152,14 @@ impl Floor {
         })
     }
 
-    /// The floor: the larger of the valid copies, 0 on a device that never
-    /// committed a release with a security version.
+    /// The floor: the larger of the valid copies and the TPM's counter, 0
+    /// on a device that never committed a release with a security version.
     pub fn get(&self) -> Result<u64, UpdateError> {
+        Ok(self.files()?.max(self.tpm_floor()?))
+    }
+
+    /// The floor the data dir's copies hold.
+    fn files(&self) -> Result<u64, UpdateError> {
         let a = Self::read_copy(&self.copies[0])?;
         let b = Self::read_copy(&self.copies[1])?;
         match (a, b) {
@@ -126,7 +184,14 @@ impl Floor {
     /// Raises the floor to `security_version` (never lowers it); returns the
     /// floor now in force.
     pub fn raise(&self, security_version: u64) -> Result<u64, UpdateError> {
-        let current = self.get()?;
+        let files = self.files()?;
+        let tpm = self.tpm_floor()?;
+        let current = files.max(tpm);
+        if tpm < current {
+            // The TPM behind the files (a cut before it was counted up, or
+            // a raise over MAX_COUNTER_STEPS): catch it up.
+            self.raise_tpm(current)?;
+        }
         if security_version <= current {
             // Repair a missing or corrupt copy so both hold the floor.
             if current > 0 {
@@ -146,6 +211,14 @@ impl Floor {
         failpoint!(pause "floor-copy-a");
         write_atomically(&self.copies[1], &bytes)?;
         failpoint!(pause "floor-copy-b");
+        let in_tpm = self.raise_tpm(security_version)?;
+        if cfg!(feature = "tpm") && self.tpm.is_some() && in_tpm < security_version {
+            tracing::warn!(
+                in_tpm,
+                floor = security_version,
+                "the TPM's floor counter is behind the files (at most {MAX_COUNTER_STEPS} increments per raise); the next raise catches it up"
+            );
+        }
         tracing::info!(
             from = current,
             to = security_version,
@@ -167,6 +240,14 @@ impl Floor {
         }
         Ok(())
     }
+}
+
+#[cfg(feature = "tpm")]
+fn tpm_error(tpm: &kernex_device::TpmConfig, e: &anyhow::Error) -> UpdateError {
+    UpdateError::SlotState(format!(
+        "the anti-rollback floor's TPM counter ({}): {e:#}",
+        tpm.tcti
+    ))
 }
 
 #[cfg(test)]

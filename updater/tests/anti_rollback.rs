@@ -3,10 +3,14 @@
 //! and no install or rollback below it happens, whoever asks. A rollback
 //! re-verifies the other slot's manifest signature, and `allow-downgrade`
 //! (default false) governs a lower version of an equal security version.
+//! With a `[tpm]`, the floor is also a TPM NV counter (a real swtpm): the
+//! data dir's copies deleted or rolled back do not lower it.
 //! Real bundles, the real `kernex-updater` binary, a `file` boot backend.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
+#[path = "../../attest/tests/common/mod.rs"]
+mod swtpm;
 
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -186,6 +190,36 @@ fn rollback_below_the_floor_is_refused_by_the_cli() {
     let (_keys, dev) = two_releases(1);
     let out = ok(&dev, &["rollback"]);
     assert!(out.contains("slot B boots next"), "{out}");
+    assert_eq!(dev.flow().primary_slot().unwrap(), Some(Slot::B));
+}
+
+/// `mark-bad` of the booted slot would make the bootloader fall back to
+/// the other slot: refused when that slot's release is below the floor
+/// (the boot state untouched), allowed at an equal security version.
+#[test]
+fn mark_bad_falling_back_below_the_floor_is_refused() {
+    let (_keys, dev) = two_releases(2);
+    let before = snapshot(&dev);
+    let err = refused(&dev, &["mark-bad"]);
+    assert!(err.contains("fall back to 1.0.0 (slot B)"), "{err}");
+    assert!(
+        err.contains("security version 1 is below this device's anti-rollback floor 2"),
+        "{err}"
+    );
+    assert_eq!(snapshot(&dev), before);
+    assert_eq!(dev.flow().primary_slot().unwrap(), Some(Slot::A));
+    let config = dev.load();
+    let err = kernex_updater::boot::mark_bad(&config, dev.flow().as_mut()).unwrap_err();
+    assert!(
+        matches!(err, UpdateError::BelowFloor { floor: 2, .. }),
+        "{err}"
+    );
+    assert_eq!(snapshot(&dev), before);
+
+    // The same security version: mark-bad goes back to slot B.
+    let (_keys, dev) = two_releases(1);
+    let out = ok(&dev, &["mark-bad"]);
+    assert!(out.contains("the next boot goes to slot B"), "{out}");
     assert_eq!(dev.flow().primary_slot().unwrap(), Some(Slot::B));
 }
 
@@ -376,4 +410,81 @@ fn the_floor_survives_a_power_cut_at_every_write() {
         let err = refused(&dev, &["install", &old]);
         assert!(err.contains("anti-rollback floor 3"), "{step}: {err}");
     }
+}
+
+/// A device with a TPM: committing raises the floor in the data dir and
+/// in the TPM's NV counter. Deleting both floor files, or putting back
+/// the copies of an older floor, leaves the floor where the TPM holds it:
+/// installs and rollbacks below it stay refused.
+#[test]
+fn with_a_tpm_the_floor_files_deleted_or_rolled_back_do_not_lower_it() {
+    let keys = keys();
+    let tpm = swtpm::Swtpm::start();
+    let tpm_conf = format!("\n[tpm]\ntcti = \"{}\"\n", tpm.tcti());
+    let dev = Device::new(&keys, &image(MIB, 1));
+    dev.write_config("A", &tpm_conf);
+    let commit = |name: &str, bundle: &Built| {
+        let path = dev.write_bundle(name, &bundle.bytes);
+        ok(&dev, &["install", &path]);
+        let slot = power_on(&dev);
+        dev.write_config(slot.name(), &tpm_conf);
+        ok(&dev, &["mark-good"]);
+        slot
+    };
+    commit(
+        "v10.kxb",
+        &bundle_secure(&image(MIB, 2), "1.0.0", 1, &keys.signer),
+    );
+    let a = dev.path("data/security-floor.a");
+    let b = dev.path("data/security-floor.b");
+    let old = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    assert_eq!(floor::decode(&old.0), Some(1));
+    commit(
+        "v11.kxb",
+        &bundle_secure(&image(MIB, 3), "1.1.0", 3, &keys.signer),
+    );
+    let tpm_floor = || Floor::for_device(&dev.load()).tpm_floor().unwrap();
+    assert_eq!(tpm_floor(), 3, "the TPM counter holds the floor");
+    assert_eq!(status(&dev)["security-floor"], 3);
+
+    let below = dev.write_bundle(
+        "below.kxb",
+        &bundle_secure(&image(MIB, 4), "2.0.0", 2, &keys.signer).bytes,
+    );
+    let expect_refused = |when: &str| {
+        assert_eq!(status(&dev)["security-floor"], 3, "{when}");
+        let before = snapshot(&dev);
+        let err = refused(&dev, &["install", "--allow-downgrade", &below]);
+        assert!(
+            err.contains("security version 2 is below this device's anti-rollback floor 3"),
+            "{when}: {err}"
+        );
+        let err = refused(&dev, &["rollback"]);
+        assert!(
+            err.contains("roll back to 1.0.0 (slot B)") && err.contains("floor 3"),
+            "{when}: {err}"
+        );
+        let err = refused(&dev, &["mark-bad"]);
+        assert!(err.contains("floor 3"), "{when}: {err}");
+        assert_eq!(snapshot(&dev), before, "{when}");
+    };
+    // Both files deleted.
+    std::fs::remove_file(&a).unwrap();
+    std::fs::remove_file(&b).unwrap();
+    expect_refused("floor files deleted");
+    // The copies of floor 1 put back.
+    std::fs::write(&a, &old.0).unwrap();
+    std::fs::write(&b, &old.1).unwrap();
+    assert_eq!(
+        Floor::new(&DataDir::new(dev.path("data"))).get().unwrap(),
+        1
+    );
+    expect_refused("floor files rolled back");
+    assert_eq!(tpm_floor(), 3);
+
+    // The same device without its TPM: the files alone would have let
+    // the old release in (what the counter prevents).
+    dev.write_config("A", "");
+    assert_eq!(status(&dev)["security-floor"], 1);
+    ok(&dev, &["install", "--allow-downgrade", &below]);
 }

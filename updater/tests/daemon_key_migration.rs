@@ -6,9 +6,15 @@
 //! signs server nonces for access tokens that expire within seconds here;
 //! the old credential stops working and the device keeps heartbeating
 //! through several token lifetimes, as the same device.
+//!
+//! And a device with a `[tpm]` (a real swtpm): its key is made in the TPM
+//! (P-256, not exportable), no key file is written, and it enrolls and
+//! signs for its access tokens with the TPM.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
+#[path = "../../attest/tests/common/mod.rs"]
+mod swtpm;
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::process::{Child, Command, Stdio};
@@ -273,4 +279,144 @@ fn a_daemon_with_a_bearer_credential_migrates_to_its_key_and_keeps_working() {
         "{}",
         daemon_log()
     );
+}
+
+/// `[tpm]` configured from the start: the daemon makes its key in the TPM
+/// and enrolls with it (the server also binds the TPM by credential
+/// activation); every access token after that (3 s each) is bought with a
+/// TPM signature over a fresh nonce. No key file is ever written, and the
+/// stored key is a TPM blob whose public part is the P-256 key the
+/// signatures verify with.
+#[test]
+fn a_daemon_with_a_tpm_keeps_its_key_in_the_tpm() {
+    let keys = keys();
+    let dir = tempfile::tempdir().unwrap();
+    let (url, admin) = control_plane(dir.path());
+    let (s, v) = call(
+        &url,
+        "POST",
+        "/api/v1/enrollment-tokens",
+        Some(&admin),
+        Some(json!({"label": "tpm batch", "expires_in_secs": 3600})),
+    );
+    assert_eq!(s, 201, "{v}");
+    let token = v["token"].as_str().unwrap().to_string();
+    let tpm = swtpm::Swtpm::start();
+
+    let dev = common::Device::new(&keys, &image(1024 * 1024, 3));
+    let data = dev.path("data");
+    let p = |n: &str| dev.path(n).display().to_string();
+    std::fs::write(
+        &dev.config,
+        format!(
+            "compatible = \"qemu-aarch64\"\ndata-dir = \"{}\"\nkeyring = \"{}\"\nreboot-command = [\"true\"]\n\
+             [slots.rootfs]\nA = \"{}\"\nB = \"{}\"\n\
+             [bootloader]\nbackend = \"file\"\npath = \"{}\"\ncmdline = \"{}\"\n\
+             [server]\nurl = \"{url}\"\nenrollment-token = \"{token}\"\ndevice-id = \"tpm-keyed\"\npoll-interval = 1\n\
+             [health]\ndeadline = 20\nstability-window = 0\n\
+             [tpm]\ntcti = \"{}\"\n",
+            p("data"),
+            p("keyring.pem"),
+            p("slot-a.img"),
+            p("slot-b.img"),
+            p("boot-state"),
+            p("cmdline"),
+            tpm.tcti(),
+        ),
+    )
+    .unwrap();
+    let log = dev.path("daemon.log");
+    let _daemon = Daemon(
+        Command::new(env!("CARGO_BIN_EXE_kernex-updater"))
+            .arg("--config")
+            .arg(&dev.config)
+            .args(["daemon", "--simulate-boot"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let daemon_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let credential = || -> Value {
+        std::fs::read(data.join("credential.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(Value::Null)
+    };
+    let start = Instant::now();
+    while credential()["keyed"] != true {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "not enrolled; daemon log:\n{}",
+            daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let pk = credential()["id"].as_str().unwrap().to_string();
+    assert!(
+        daemon_log().contains("device key created in the TPM"),
+        "{}",
+        daemon_log()
+    );
+
+    // The stored key is a TPM blob: a P-256 public key and a private part
+    // only this TPM can load.
+    let blob: kernex_attest::SigningKeyBlob =
+        serde_json::from_slice(&std::fs::read(data.join("attest/device-key.json")).unwrap())
+            .unwrap();
+    let spki = hex::encode(blob.spki_der().unwrap());
+    // What the server takes: Ed25519 or P-256 only; this one is EC.
+    let public = kernex_protocol::device_key::public_key(&spki).unwrap();
+    assert!(public.ec_key().is_ok(), "a P-256 key");
+
+    // Several token lifetimes: each new token is a TPM signature.
+    let mut tokens = std::collections::BTreeSet::new();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(3 * TOKEN_SECS + 2) {
+        if let Some(t) = credential()["credential"].as_str() {
+            tokens.insert(t.to_string());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(
+        tokens.len() >= 3,
+        "the daemon signed for new tokens with the TPM: {} seen; log:\n{}",
+        tokens.len(),
+        daemon_log()
+    );
+    let (s, after) = call(
+        &url,
+        "GET",
+        &format!("/api/v1/devices/{pk}"),
+        Some(&admin),
+        None,
+    );
+    assert_eq!(s, 200, "{after}");
+    assert_eq!(after["status"], "online", "{after}");
+    assert!(
+        !daemon_log().contains("enrolling again"),
+        "{}",
+        daemon_log()
+    );
+    // No key file, ever.
+    assert!(!data.join("device-key.pem").exists());
+    let files: Vec<_> = walk(&data);
+    assert!(
+        !files.iter().any(|f| f.ends_with(".pem")),
+        "a key file in the data dir: {files:?}"
+    );
+}
+
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path.display().to_string());
+        }
+    }
+    out
 }

@@ -301,6 +301,33 @@ fn a_hanging_check_times_out_and_is_reverted() {
     assert_eq!(dev.reboots(), 1);
 }
 
+/// A failed trial whose revert would boot a release below the
+/// anti-rollback floor (here slot A holds an image with no verified
+/// record, and the floor is 2): the watchdog does not mark B bad, records
+/// nothing, does not reboot, and says why.
+#[test]
+fn a_revert_below_the_anti_rollback_floor_is_refused() {
+    let dev = Device::on_trial(
+        "deadline = 1\n[[health.checks]]\ntype = \"command\"\ncommand = [\"false\"]\n",
+    );
+    let data = kernex_updater::store::DataDir::new(dev.path("data"));
+    kernex_updater::floor::Floor::new(&data).raise(2).unwrap();
+    let before = std::fs::read(dev.path("boot-state")).unwrap();
+    let out = dev.cmd(&["health", "run", "--json"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("but not reverting"), "{err}");
+    assert!(
+        err.contains("fall back to an unrecorded image (slot A)")
+            && err.contains("below this device's anti-rollback floor 2"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(dev.path("boot-state")).unwrap(), before);
+    assert_eq!(dev.left(Slot::B), 2, "still on trial");
+    assert_eq!(dev.reboots(), 0);
+    assert!(dev.status()["health"].is_null(), "nothing recorded");
+}
+
 #[test]
 fn a_committed_slot_is_left_alone() {
     let dev = Device::on_trial(

@@ -89,7 +89,7 @@ fn install_from_file_then_status_mark_good_and_rollback() {
     assert!(kernex_updater::boot::rollback(&dev.load(), flow.as_mut(), true).is_err());
     // Installing the same release again goes to A; then A can be rolled back to.
     install(&dev, &path).unwrap();
-    kernex_updater::boot::mark_bad(flow.as_mut()).unwrap();
+    kernex_updater::boot::mark_bad(&dev.load(), flow.as_mut()).unwrap();
     assert_eq!(flow.primary_slot().unwrap(), Some(Slot::A));
     kernex_updater::boot::rollback(&dev.load(), flow.as_mut(), true).unwrap();
     assert_eq!(flow.primary_slot().unwrap(), Some(Slot::A));

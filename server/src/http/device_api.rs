@@ -159,7 +159,8 @@ pub async fn report(
 /// Upload a batch of log lines.
 #[utoipa::path(post, path = "/api/v1/device/logs", request_body = LogBatch,
     responses((status = 204), (status = 400), (status = 401),
-        (status = 403, description = "the device must complete TPM credential activation first")))]
+        (status = 403, description = "the device must complete TPM credential activation first"),
+        (status = 413, description = "the batch alone is over device-log-max-lines or device-log-max-bytes; a full log drops its oldest lines instead")))]
 pub async fn logs(
     State(state): State<AppState>,
     device: Device,

@@ -14,8 +14,8 @@ pub fn good(ctx: &mut Context) -> Result<()> {
 
 /// Marks the booted slot bad.
 pub fn bad(ctx: &mut Context) -> Result<()> {
-    let slot =
-        crate::boot::mark_bad(ctx.flow.as_mut()).context("unable to mark the booted slot bad")?;
+    let slot = crate::boot::mark_bad(&ctx.config, ctx.flow.as_mut())
+        .context("unable to mark the booted slot bad")?;
     println!(
         "slot {slot} marked bad; the next boot goes to slot {}",
         slot.other()

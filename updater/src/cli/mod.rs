@@ -48,7 +48,9 @@ pub enum Command {
     Install(install::InstallArgs),
     /// Commit the booted slot: it passed its health checks.
     MarkGood,
-    /// Mark the booted slot bad: the next boot goes to the other slot.
+    /// Mark the booted slot bad: the next boot goes to the other slot
+    /// (refused when that slot holds a release below the anti-rollback
+    /// floor).
     MarkBad,
     /// Boot the other slot next, if it holds a verified image (no download).
     Rollback,

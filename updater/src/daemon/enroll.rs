@@ -1,5 +1,6 @@
 //! The device's credential. Its identity is a key it made
-//! ([`state::device_key`], never sent): it enrolls with the factory token,
+//! ([`super::identity`]: in the TPM with `[tpm]`, else a key file; never
+//! sent): it enrolls with the factory token,
 //! its public key and a signature over a server nonce (with the TPM's
 //! identity and credential activation when a TPM is configured); later
 //! it signs a fresh nonce for an access token whenever the last one is
@@ -50,8 +51,10 @@ impl Daemon<'_> {
     /// A fresh access token for `c`'s device: a server nonce signed with
     /// the device key.
     fn authenticate(&mut self, c: &Credential) -> Result<String, ClientError> {
-        let key = state::device_key(&self.data)
-            .map_err(|e| ClientError::BadAnswer(format!("device key: {e}")))?;
+        let key = self
+            .tpm
+            .device_key(&self.data)
+            .map_err(|e| ClientError::BadAnswer(format!("device key: {e:#}")))?;
         let nonce = self.client.challenge()?.nonce;
         let auth = key
             .auth(&c.id, &nonce)
@@ -85,11 +88,11 @@ impl Daemon<'_> {
     /// server that does not know device keys yet keeps taking the
     /// credential.
     fn migrate(&mut self, c: Credential) -> Result<String> {
-        let key = state::device_key(&self.data)?;
+        let key = self.tpm.device_key(&self.data)?;
         let registered = self.client.challenge().and_then(|challenge| {
             let proof = key
                 .proof(&c.device_id, &challenge.nonce)
-                .map_err(|e| ClientError::BadAnswer(format!("signing the nonce: {e}")))?;
+                .map_err(|e| ClientError::BadAnswer(format!("signing the nonce: {e:#}")))?;
             self.client.register_key(&c.credential, &proof)
         });
         match registered {
@@ -129,7 +132,7 @@ impl Daemon<'_> {
             tracing::warn!(error = %format!("{e:#}"), "unable to read the TPM identity: enrolling without it");
             None
         });
-        let key = state::device_key(&self.data)?;
+        let key = self.tpm.device_key(&self.data)?;
         let proof = match self.client.challenge() {
             Ok(challenge) => Some(
                 key.proof(&device_id, &challenge.nonce)
@@ -181,7 +184,7 @@ impl Daemon<'_> {
                 .context("TPM credential activation failed")?;
             self.tpm.record_binding(&enrolled.id);
         }
-        tracing::info!(device_id = %device_id, id = %enrolled.id, "enrolled");
+        tracing::info!(device_id = %device_id, id = %enrolled.id, key_in_tpm = key.in_tpm(), "enrolled");
         match enrolled.expires_in_secs {
             Some(secs) => self.keep_token(&enrolled.id, enrolled.credential, secs),
             // A server without device keys: a bearer credential, traded

@@ -31,6 +31,7 @@ mod boot;
 pub mod client;
 mod cycle;
 mod enroll;
+mod identity;
 pub mod inventory;
 pub mod logs;
 pub mod outbox;

@@ -1,7 +1,8 @@
 //! The daemon's TPM session (`[tpm]`, compiled in with the cargo feature
 //! `tpm`): the identity sent at enrollment, credential activation, the
 //! binding of a TPM configured after enrollment, the boot-time measurement
-//! of the booted slot, and quotes over the server's nonces. Without the
+//! of the booted slot, quotes over the server's nonces, and the device
+//! key kept in the TPM. Without the
 //! feature, or without `[tpm]`, the session has nothing to do and the
 //! device is shown unattested. The protocol is in attest/README.md.
 
@@ -12,6 +13,7 @@ use kernex_bootloader::BootFlow;
 use kernex_protocol::api;
 
 use super::client::{Client, ClientError};
+use super::identity::DeviceIdentity;
 use super::state::Credential;
 use crate::cli::attest::TpmConfig;
 use crate::status::Status;
@@ -91,6 +93,24 @@ impl TpmSession {
                 tracing::warn!(error = %format!("{e:#}"), "unable to measure the booted slot")
             }
         }
+    }
+
+    /// The device key: the one in the TPM when its blob exists, else an
+    /// existing key file (a device enrolled before its `[tpm]` keeps its
+    /// identity), else a new key in the configured TPM; without `[tpm]`
+    /// the key file ([`super::state::device_key`]).
+    pub fn device_key(&self, data: &DataDir) -> Result<DeviceIdentity> {
+        let Some(tpm) = &self.config else {
+            return Ok(DeviceIdentity::File(super::state::device_key(data)?));
+        };
+        let path = crate::attest::device_key_path(&self.data_dir);
+        if !path.exists() && data.root().join(kernex_device::layout::DEVICE_KEY).exists() {
+            return Ok(DeviceIdentity::File(super::state::device_key(data)?));
+        }
+        Ok(DeviceIdentity::Tpm {
+            config: tpm.clone(),
+            blob: crate::attest::device_key(tpm, &path)?,
+        })
     }
 
     /// The TPM identity for enrollment, when a TPM is configured.
@@ -266,6 +286,11 @@ impl TpmSession {
 impl TpmSession {
     /// Nothing to measure.
     pub fn measure_boot(&self, _data: &DataDir, _flow: &dyn BootFlow) {}
+
+    /// The key file: no TPM to keep a key in.
+    pub fn device_key(&self, data: &DataDir) -> Result<DeviceIdentity> {
+        Ok(DeviceIdentity::File(super::state::device_key(data)?))
+    }
 
     /// No identity: the device enrolls without one.
     pub fn identity(&self) -> Result<Option<api::TpmIdentity>> {

@@ -285,6 +285,15 @@ pub fn run(config: &SystemConfig, flow: &mut dyn BootFlow) -> Result<RunResult, 
             Ok(RunResult::Committed(record))
         }
         Err(reason) => {
+            // Falling back to a release below the anti-rollback floor is
+            // refused before anything is recorded: the slot stays on
+            // trial, and the error says why (updater/README.md,
+            // "Anti-rollback").
+            crate::boot::check_fallback(config, booted.other()).map_err(|e| {
+                UpdateError::SlotState(format!(
+                    "health check failed ({reason}), but not reverting: {e}"
+                ))
+            })?;
             let done = revert_counter(&data)?.consecutive;
             let reboot = done < spec.max_revert_reboots;
             let mut record = HealthRecord {
@@ -307,7 +316,7 @@ pub fn run(config: &SystemConfig, flow: &mut dyn BootFlow) -> Result<RunResult, 
             // trial, and the next run decides again.
             data.write(&revert_path(&data), &record)?;
             data.write(&record_path(&data), &record)?;
-            crate::boot::mark_bad(flow)?;
+            crate::boot::mark_bad(config, flow)?;
             notify::sd_notify(&format!("STATUS=reverted: {}", record.reason));
             if reboot {
                 run_reboot(&config.reboot_command)?;

@@ -158,7 +158,7 @@ pub fn verify_head(
         )));
     }
     // Anti-rollback: no override, not even --allow-downgrade.
-    crate::floor::Floor::new(&DataDir::new(&config.data_dir)).check(
+    crate::floor::Floor::for_device(config).check(
         verified.security_version,
         &format!("install {}", verified.version),
     )?;
