@@ -178,7 +178,8 @@ fn install_json_prints_progress_lines_and_a_local_file_counts_reads() {
     assert_eq!(last["event"], "installed", "{stdout}");
     assert_eq!(last["local"], true, "{stdout}");
     assert_eq!(last["version"], "2.0.0", "{stdout}");
-    assert_eq!(last["bytes-fetched"], b.bytes.len() as u64, "{stdout}");
+    let read = last["bytes-fetched"].as_u64().unwrap();
+    assert!(read > 0 && read <= b.bytes.len() as u64, "{stdout}");
     assert!(progress.len() >= 2, "{stdout}");
     let mut done = 0;
     for p in progress {
@@ -199,7 +200,7 @@ fn install_json_prints_progress_lines_and_a_local_file_counts_reads() {
     assert!(out.status.success(), "{out:?}");
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(
-        stdout.contains(&format!("read {} bytes from {path}", b.bytes.len())),
+        stdout.contains(&format!("read {read} bytes from {path} in ")),
         "{stdout}"
     );
     assert!(!stdout.contains("request"), "{stdout}");

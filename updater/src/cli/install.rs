@@ -60,19 +60,19 @@ struct ReportEvent<'a> {
 
 /// Shows an install's progress: a bar on a terminal, JSON lines with
 /// `--json`, nothing otherwise.
-enum Display {
+enum ProgressView {
     Bar(ProgressBar),
     Json,
     Quiet,
 }
 
-impl Display {
+impl ProgressView {
     fn new(json: bool) -> Self {
         if json {
-            return Display::Json;
+            return ProgressView::Json;
         }
         if !std::io::stderr().is_terminal() {
-            return Display::Quiet;
+            return ProgressView::Quiet;
         }
         let bar = ProgressBar::new(0);
         if let Ok(style) = ProgressStyle::with_template(
@@ -81,13 +81,13 @@ impl Display {
             bar.set_style(style.progress_chars("=> "));
         }
         bar.set_message("installing");
-        Display::Bar(bar)
+        ProgressView::Bar(bar)
     }
 
     fn show(&self, p: InstallProgress, local: bool) {
         let verb = if local { "read" } else { "downloaded" };
         match self {
-            Display::Bar(bar) => {
+            ProgressView::Bar(bar) => {
                 bar.set_length(p.total_bytes);
                 bar.set_position(p.done_bytes);
                 bar.set_prefix(format!(
@@ -95,7 +95,7 @@ impl Display {
                     indicatif::HumanBytes(p.downloaded_bytes)
                 ));
             }
-            Display::Json => {
+            ProgressView::Json => {
                 let event = ProgressEvent {
                     event: "progress",
                     progress: p,
@@ -107,12 +107,12 @@ impl Display {
                     let _ = out.flush();
                 }
             }
-            Display::Quiet => {}
+            ProgressView::Quiet => {}
         }
     }
 
     fn finish(&self) {
-        if let Display::Bar(bar) = self {
+        if let ProgressView::Bar(bar) = self {
             bar.finish_and_clear();
         }
     }
@@ -132,7 +132,7 @@ pub fn run(ctx: &mut Context, args: InstallArgs) -> Result<()> {
         at_time: None,
     };
     let local = source.is_local();
-    let display = Display::new(args.json);
+    let display = ProgressView::new(args.json);
     let result = crate::install::install_with_progress(
         &ctx.config,
         ctx.flow.as_mut(),
