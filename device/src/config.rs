@@ -167,6 +167,9 @@ pub struct LinkProfile {
     /// Bytes the updater may download per UTC day on a metered link.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub daily_budget: Option<u64>,
+    /// Range requests an install keeps in flight at once (default 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch_concurrency: Option<u32>,
 }
 
 impl LinkProfile {

@@ -75,13 +75,23 @@ pub(crate) fn pause_requested(step: &str) -> bool {
 #[cfg(feature = "failpoints")]
 pub(crate) fn stop_self() {
     tracing::warn!("KERNEX_TEST_PAUSE_AT: stopping");
-    let pid = std::process::id().to_string();
+    // Sent to this thread's id: the kernel then wakes this thread to take
+    // the stop, which stops every thread. Sent to the process id, it may
+    // go to a thread busy in a long syscall (an `fdatasync` on the
+    // install's own thread) while this one runs on past the pause point.
+    let id = std::fs::read_link("/proc/thread-self")
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| std::process::id().to_string());
     if let Err(e) = std::process::Command::new("kill")
-        .args(["-STOP", &pid])
+        .args(["-STOP", &id])
         .status()
     {
         tracing::warn!("unable to stop: {e}");
     }
+    // Whichever thread takes the stop, this one stops with the others
+    // before it goes on (it goes on only if the process is continued).
+    std::thread::sleep(std::time::Duration::from_millis(200));
 }
 
 /// Whether `KERNEX_HEALTH_CRASH_AFTER` names `step`.

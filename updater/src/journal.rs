@@ -8,13 +8,20 @@
 //! ```
 //!
 //! A chunk id is appended only after the chunk's data was written at every
-//! image offset where it occurs and the slot was synced; records are
-//! appended in batches and the journal is synced after each batch. Each
-//! stored chunk is recorded at most once, so the journal never grows beyond
-//! `64 + 8 × stored chunks` bytes. A torn last record is ignored, and so is
-//! a journal for another manifest or slot. The journal is a hint, not a
-//! proof: a resumed install re-reads and re-hashes every journaled chunk
-//! from the slot before it skips it.
+//! image offset where it occurs; records are appended in small batches
+//! with a plain `write` (no sync), so they survive the process being killed
+//! (the page cache is the kernel's) and cost no flush. Only a checkpoint
+//! ([`Journal::sync`], after the slot was synced) makes them survive a
+//! power cut. Each stored chunk is recorded at most once, so the journal
+//! never grows beyond `64 + 8 × stored chunks` bytes. A torn last record is
+//! ignored, and so is a journal for another manifest or slot.
+//!
+//! The journal is a hint, not a proof: a resumed install re-reads and
+//! re-hashes every journaled chunk from the slot before it skips it. So a
+//! record whose data a power cut lost (the record reached the disk, the
+//! data did not), or a record of garbage, costs only that chunk's fetch,
+//! never a wrong image; and the slot's SHA-256 is checked whole before the
+//! boot flip in any case.
 
 use std::collections::HashSet;
 use std::fs::{self, OpenOptions};
@@ -147,9 +154,10 @@ impl Journal {
         self.pending.len() / JOURNAL_RECORD
     }
 
-    /// Appends the queued records and syncs the journal. Call only after
-    /// the slot holding their data was synced.
-    pub fn commit(&mut self) -> Result<(), UpdateError> {
+    /// Appends the queued records with a plain write: they survive a kill
+    /// of the process, not (yet) a power cut ([`Journal::sync`]). Call only
+    /// after their chunks' data was written to the slot.
+    pub fn append(&mut self) -> Result<(), UpdateError> {
         if self.pending.is_empty() {
             return Ok(());
         }
@@ -174,8 +182,38 @@ impl Journal {
         self.file
             .write_all(&self.pending)
             .map_err(io_err("write", &self.path))?;
-        self.file.sync_data().map_err(io_err("sync", &self.path))?;
         self.pending.clear();
         Ok(())
+    }
+
+    /// Appends the queued records and flushes the journal to the device.
+    /// Call only after the slot holding their data was synced.
+    pub fn sync(&mut self) -> Result<(), UpdateError> {
+        self.append()?;
+        self.file.sync_data().map_err(io_err("sync", &self.path))
+    }
+
+    /// A handle to flush appended records with ([`JournalSync`]) from
+    /// another thread while this one appends.
+    pub fn syncer(&self) -> Result<JournalSync, UpdateError> {
+        Ok(JournalSync {
+            file: self.file.try_clone().map_err(io_err("open", &self.path))?,
+            path: self.path.clone(),
+        })
+    }
+}
+
+/// Flushes a [`Journal`]'s appended records to the device.
+#[derive(Debug)]
+pub struct JournalSync {
+    file: fs::File,
+    path: PathBuf,
+}
+
+impl JournalSync {
+    /// Flushes every record appended so far. Call only after the slot
+    /// holding their data was synced.
+    pub fn sync(&self) -> Result<(), UpdateError> {
+        self.file.sync_data().map_err(io_err("sync", &self.path))
     }
 }

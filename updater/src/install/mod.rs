@@ -9,10 +9,15 @@
 //!
 //! * [`fetch`]: an image's index and its patch table.
 //! * [`clone`]: the chunks, from the journal, the booted slot, patch
-//!   frames and the archive, written and journaled in synced batches.
+//!   frames and the archive, on a pool of worker threads with several
+//!   requests in flight.
+//! * [`writer`]: writing verified chunks, the journal's save points and
+//!   the checkpoints that make them durable.
 
 mod clone;
 pub mod fetch;
+mod readback;
+mod writer;
 
 use std::path::Path;
 
@@ -37,16 +42,14 @@ use clone::{ImageJob, clone_image};
 pub const UPDATER_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Boot attempts a newly installed slot gets (the boot-state contract's).
 pub use kernex_bootloader::DEFAULT_ATTEMPTS as TRY_ATTEMPTS;
-/// Chunks written between two syncs of the slot and the journal.
-pub const BATCH_CHUNKS: usize = 32;
-/// Bytes written between two syncs of the slot and the journal.
-pub const BATCH_BYTES: u64 = 2 * 1024 * 1024;
-/// Bytes copied from the booted slot between two syncs. A power cut loses
-/// at most this much copying, redone from the seed without downloading
-/// anything, so it is far larger than [`BATCH_BYTES`] (which bounds the
-/// downloads lost): syncing every 32 seed chunks made a 200 MiB delta
-/// install spend most of its time in fsync.
-pub const SEED_BATCH_BYTES: u64 = 32 * 1024 * 1024;
+pub use writer::{
+    CHECKPOINT_EVERY, JOURNAL_BATCH_BYTES, JOURNAL_BATCH_CHUNKS, PROGRESS_EVERY, STATE_EVERY,
+};
+/// Range requests in flight at once (and threads cloning), unless
+/// `[link] fetch-concurrency` says otherwise.
+pub const DEFAULT_FETCH_CONCURRENCY: usize = 4;
+/// Most requests in flight a config may ask for.
+pub const MAX_FETCH_CONCURRENCY: usize = 32;
 /// Times a chunk is fetched before a corrupt download is final: a bit
 /// flipped on the way (a broken proxy, bad RAM in a router) is fetched
 /// again, a chunk corrupt on the server fails the install.
@@ -62,8 +65,8 @@ pub struct InstallOptions {
 }
 
 /// How far an install is, given to the progress callback of
-/// [`install_with_progress`] each time the install's progress is saved
-/// (after every synced batch of chunks).
+/// [`install_with_progress`] every [`PROGRESS_EVERY`] while chunks are
+/// written, and at the end of each step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub struct InstallProgress {
@@ -98,6 +101,9 @@ pub struct InstallReport {
     pub target: Option<Slot>,
     /// The slot already held this release (verified again, not rewritten).
     pub already_installed: bool,
+    /// The bundle was read from local storage: `bytes-fetched` and
+    /// `requests` count reads of a file, not downloads.
+    pub local: bool,
     /// Bytes received from the source in this run.
     pub bytes_fetched: u64,
     /// Requests made (HTTP) or reads (file) in this run.
@@ -219,8 +225,8 @@ pub fn install(
     install_with_progress(config, flow, source, options, &|_| {})
 }
 
-/// [`install`], calling `progress` each time the install's progress is
-/// saved: after every synced batch of chunks, on the install's own thread.
+/// [`install`], calling `progress` every [`PROGRESS_EVERY`] while chunks
+/// are written and at the end of each step, on the install's own thread.
 /// The same progress also lands in the data dir's pending install record
 /// (`kernex-updater status`).
 pub fn install_with_progress(
@@ -289,6 +295,7 @@ fn run(
     let mut report = InstallReport {
         version: verified.version.to_string(),
         target: Some(target),
+        local: source.inner().is_local(),
         ..InstallReport::default()
     };
     let total_bytes: u64 = verified.images.iter().map(|i| i.size).sum();
@@ -367,6 +374,7 @@ fn run(
     let (mut journal, done) = Journal::open(&data.journal_path(), &manifest_sha256, target)?;
 
     let mut indexes: Vec<(SlotClass, Vec<u8>)> = Vec::new();
+    let mut read_back = Vec::new();
     for FetchedIndex {
         entry,
         spans,
@@ -403,7 +411,12 @@ fn run(
             _ => None,
         };
         let slot = TargetSlot::open(pair.path(target), entry.size)?;
-        clone_image(
+        let reading = clone::Reading {
+            source: &*source.inner(),
+            prefix: &head.prefix,
+            concurrency: fetch_concurrency(config),
+        };
+        let digest = clone_image(
             ImageJob {
                 entry,
                 spans,
@@ -411,23 +424,30 @@ fn run(
                 seed,
                 patch,
             },
-            source,
+            &reading,
             &slot,
-            &mut journal,
-            &done,
-            data,
-            &mut pending,
-            &mut report,
-            progress,
+            clone::Progress {
+                journal: &mut journal,
+                done: &done,
+                data,
+                pending: &mut pending,
+                report: &mut report,
+                progress,
+            },
         )?;
+        // The one sync of the slot's data this run must wait for: before
+        // the journal vouches for it durably, and before the final check
+        // and the boot flip.
         slot.sync()?;
         indexes.push((class, index_bytes));
+        read_back.push((entry, digest));
     }
+    journal.sync()?;
     progress(InstallProgress::of(&pending));
     // Every chunk written, synced and journaled; the final SHA-256 check of
     // the slot is next (hw-tests cuts the power here).
     failpoint!(pause "verify");
-    if let Err(e) = verify_slots(config, &verified, target) {
+    if let Err(e) = check_read_back(config, &read_back, target) {
         // The journal vouched for chunks the slot does not hold: start over.
         crate::store::remove(&data.journal_path())?;
         return Err(e);
@@ -450,6 +470,17 @@ fn run(
     Ok(report)
 }
 
+/// Requests in flight at once: `[link] fetch-concurrency`, else
+/// [`DEFAULT_FETCH_CONCURRENCY`]; at least 1, at most
+/// [`MAX_FETCH_CONCURRENCY`].
+pub fn fetch_concurrency(config: &SystemConfig) -> usize {
+    config
+        .link
+        .fetch_concurrency
+        .map_or(DEFAULT_FETCH_CONCURRENCY, |n| n as usize)
+        .clamp(1, MAX_FETCH_CONCURRENCY)
+}
+
 /// An image's index, fetched and checked before the target is touched,
 /// with the booted slot's index of the same class (the seed's).
 struct FetchedIndex<'m> {
@@ -458,6 +489,32 @@ struct FetchedIndex<'m> {
     old: Option<kernex_protocol::index::ChunkIndex>,
     index_bytes: Vec<u8>,
     index: kernex_protocol::index::ChunkIndex,
+}
+
+/// The final check of the written images: the SHA-256 each clone read
+/// back from the slot as its chunks landed (`readback`) against the
+/// manifest's; an image not read back whole is re-read now.
+fn check_read_back(
+    config: &SystemConfig,
+    read_back: &[(&kernex_protocol::manifest::ImageEntry, Option<Sha256Digest>)],
+    target: Slot,
+) -> Result<(), UpdateError> {
+    for (entry, digest) in read_back {
+        let Some(found) = digest else {
+            verify_images(config, std::slice::from_ref(*entry), target)?;
+            continue;
+        };
+        if *found != entry.sha256 {
+            return Err(UpdateError::SlotVerify {
+                slot: target,
+                class: entry.slot_class,
+                expected: entry.sha256.to_hex(),
+                found: found.to_hex(),
+                size: entry.size,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Re-reads every image of `target` and checks size and SHA-256.

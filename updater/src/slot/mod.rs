@@ -140,6 +140,13 @@ impl TargetSlot {
         }
     }
 
+    /// Reads `buf.len()` bytes at `offset` back from the slot.
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<(), UpdateError> {
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(io_err("read back the target slot", &self.path))
+    }
+
     /// Flushes written data to the device.
     pub fn sync(&self) -> Result<(), UpdateError> {
         self.file

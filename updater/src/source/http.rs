@@ -4,11 +4,13 @@
 
 use std::io::Read;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use kernex_protocol::reader::RangeRead;
 
-use super::{Link, Sink, Source};
+use super::{Counts, Link, Sink, Source};
 use crate::error::UpdateError;
 
 /// Attempts per range before giving up (the count restarts whenever a
@@ -19,17 +21,21 @@ pub const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest retry delay.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-/// A bundle behind an HTTP(S) URL, read with Range requests over one
-/// keep-alive agent.
+/// Idle keep-alive connections kept per host: one per range in flight.
+const IDLE_CONNECTIONS: usize = 16;
+
+/// A bundle behind an HTTP(S) URL, read with single-range `Range`
+/// requests (what S3 and CDNs serve) over one keep-alive agent. Its
+/// [`Source::fork`]s share the agent's connection pool, the link profile
+/// and the counts, each with a request of its own in flight.
 #[derive(Debug)]
 pub struct HttpSource {
     url: String,
     agent: ureq::Agent,
-    link: Link,
+    link: Arc<Mutex<Link>>,
     total: Option<u64>,
-    fetched: u64,
-    requests: u64,
-    warned_no_range: bool,
+    counts: Arc<Counts>,
+    warned_no_range: Arc<AtomicBool>,
     bearer: Option<String>,
 }
 
@@ -92,18 +98,23 @@ impl HttpSource {
             .timeout_connect(Some(Duration::from_secs(15)))
             .timeout_recv_response(Some(Duration::from_secs(30)))
             .timeout_per_read(Some(Duration::from_secs(30)))
+            .max_idle_connections_per_host(IDLE_CONNECTIONS)
             .tls_config(tls)
             .build();
         Self {
             url: url.to_owned(),
             agent: ureq::Agent::new_with_config(config),
-            link,
+            link: Arc::new(Mutex::new(link)),
             total: None,
-            fetched: 0,
-            requests: 0,
-            warned_no_range: false,
+            counts: Arc::default(),
+            warned_no_range: Arc::default(),
             bearer: None,
         }
+    }
+
+    /// The link profile, shared with the forks.
+    fn link(&self) -> MutexGuard<'_, Link> {
+        self.link.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Sends `Authorization: Bearer <credential>` with every request (the
@@ -131,7 +142,7 @@ impl HttpSource {
         at_most: bool,
         sink: &mut Sink<'_>,
     ) -> Result<(), Attempt> {
-        self.requests += 1;
+        self.counts.request();
         let mut request = self
             .agent
             .get(&self.url)
@@ -166,9 +177,8 @@ impl HttpSource {
             }
             200 => {
                 // No Range support: the whole body comes; skip to `pos`.
-                if !self.warned_no_range {
+                if !self.warned_no_range.swap(true, Ordering::Relaxed) {
                     tracing::warn!(url = %self.url, "server ignores Range requests: every request downloads from the start of the bundle");
-                    self.warned_no_range = true;
                 }
                 if let Some(len) = header("content-length").and_then(|l| l.parse().ok()) {
                     self.total = Some(len);
@@ -213,8 +223,8 @@ impl HttpSource {
                 Ok(n) => n,
                 Err(e) => return Err(Attempt::Retry(e.to_string())),
             };
-            self.fetched += n as u64;
-            self.link.take(n as u64).map_err(Attempt::Fatal)?;
+            self.counts.fetched(n as u64);
+            self.link().take(n as u64).map_err(Attempt::Fatal)?;
             if skip > 0 {
                 skip -= n as u64;
                 continue;
@@ -262,12 +272,12 @@ impl HttpSource {
         let mut pos = offset;
         let mut failures = 0u32;
         while pos < end {
-            self.link.check()?;
+            self.link().check()?;
             let before = pos;
             match self.attempt(&mut pos, &mut end, at_most, sink) {
                 Ok(()) => {}
                 Err(Attempt::Fatal(e)) => {
-                    self.link.save()?;
+                    self.link().save()?;
                     return Err(e);
                 }
                 Err(Attempt::Retry(reason)) => {
@@ -276,7 +286,7 @@ impl HttpSource {
                     }
                     failures += 1;
                     if failures >= MAX_ATTEMPTS {
-                        self.link.save()?;
+                        self.link().save()?;
                         return Err(self.download_err(format!(
                             "{reason} (gave up after {failures} attempts at byte {pos})"
                         )));
@@ -289,7 +299,8 @@ impl HttpSource {
                 }
             }
         }
-        self.link.save()?;
+        // The usage is saved as it grows (`Link::take`) and when the last
+        // fork drops the link.
         Ok(())
     }
 }
@@ -321,10 +332,26 @@ impl Source for HttpSource {
     }
 
     fn fetched_bytes(&self) -> u64 {
-        self.fetched
+        self.counts.fetched_bytes()
     }
 
     fn requests(&self) -> u64 {
-        self.requests
+        self.counts.requests()
+    }
+
+    fn is_local(&self) -> bool {
+        false
+    }
+
+    fn fork(&self) -> Result<Box<dyn Source>, UpdateError> {
+        Ok(Box::new(Self {
+            url: self.url.clone(),
+            agent: self.agent.clone(),
+            link: self.link.clone(),
+            total: self.total,
+            counts: self.counts.clone(),
+            warned_no_range: self.warned_no_range.clone(),
+            bearer: self.bearer.clone(),
+        }))
     }
 }

@@ -37,8 +37,12 @@ pub struct Link {
     data: Option<DataDir>,
 }
 
-/// Budget counter is persisted at least every this many bytes.
+/// The day's usage is persisted at least every this many bytes when a
+/// daily budget applies (a crash forgets at most this much of the budget)...
 const BUDGET_SAVE_EVERY: u64 = 256 * 1024;
+/// ...and every this many bytes when none does (the count is only shown by
+/// `status`): each save is a synced write and a rename.
+const USAGE_SAVE_EVERY: u64 = 16 * 1024 * 1024;
 
 impl Link {
     /// No limits (tests, local files).
@@ -115,7 +119,12 @@ impl Link {
     pub fn take(&mut self, n: u64) -> Result<(), UpdateError> {
         self.usage.bytes += n;
         self.unsaved += n;
-        if self.unsaved >= BUDGET_SAVE_EVERY {
+        let every = if self.budget.is_some() {
+            BUDGET_SAVE_EVERY
+        } else {
+            USAGE_SAVE_EVERY
+        };
+        if self.unsaved >= every {
             self.save()?;
         }
         if let Some(rate) = self.rate {

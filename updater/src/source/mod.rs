@@ -8,8 +8,10 @@ mod http;
 mod link;
 
 use std::fs;
-use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use kernex_protocol::reader::RangeRead;
 
@@ -23,13 +25,43 @@ pub type Sink<'a> = kernex_protocol::reader::Sink<'a, UpdateError>;
 
 /// A readable bundle: ranges of it ([`RangeRead`], the protocol's one
 /// reader interface), with counts of what reading it cost.
-pub trait Source: RangeRead<Error = UpdateError> + std::fmt::Debug {
+pub trait Source: RangeRead<Error = UpdateError> + std::fmt::Debug + Send + Sync {
     /// The file path or URL, for messages.
     fn name(&self) -> &str;
-    /// Bytes received so far (for HTTP, every body byte the server sent).
+    /// Bytes received so far (for HTTP, every body byte the server sent),
+    /// by this source and every [`Source::fork`] of it.
     fn fetched_bytes(&self) -> u64;
-    /// Requests made so far.
+    /// Requests (HTTP) or reads (file) made so far, forks included.
     fn requests(&self) -> u64;
+    /// Whether the bytes come from local storage (a file, a USB stick)
+    /// rather than over a network: reads, not downloads.
+    fn is_local(&self) -> bool;
+    /// Another reader of the same bundle for another thread: it shares
+    /// the counts, the link profile (rate limit, budget) and the size
+    /// learnt so far, so several ranges can be in flight at once.
+    fn fork(&self) -> Result<Box<dyn Source>, UpdateError>;
+}
+
+/// What a source and its forks have read, shared between threads.
+#[derive(Debug, Default)]
+pub(crate) struct Counts {
+    fetched: AtomicU64,
+    requests: AtomicU64,
+}
+
+impl Counts {
+    pub(crate) fn request(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn fetched(&self, n: u64) {
+        self.fetched.fetch_add(n, Ordering::Relaxed);
+    }
+    pub(crate) fn fetched_bytes(&self) -> u64 {
+        self.fetched.load(Ordering::Relaxed)
+    }
+    pub(crate) fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
 }
 
 /// A bundle the protocol's rules reject (read by
@@ -50,16 +82,18 @@ pub fn open(location: &str, link: Link) -> Result<Box<dyn Source>, UpdateError> 
 }
 
 /// A bundle file on local storage (or a USB stick). Not subject to the link
-/// profile.
+/// profile. Reads are positioned (`pread`), so forks share one open file.
 #[derive(Debug)]
 pub struct FileSource {
-    path: PathBuf,
+    path: Arc<PathBuf>,
     name: String,
-    file: fs::File,
+    file: Arc<fs::File>,
     size: u64,
-    fetched: u64,
-    requests: u64,
+    counts: Arc<Counts>,
 }
+
+/// Bytes a file read hands on at a time.
+const FILE_READ_BUF: usize = 1024 * 1024;
 
 impl FileSource {
     /// Opens the file.
@@ -70,32 +104,28 @@ impl FileSource {
             .map_err(io_err("stat the bundle", path))?
             .len();
         Ok(Self {
-            path: path.to_owned(),
+            path: Arc::new(path.to_owned()),
             name: path.display().to_string(),
-            file,
+            file: Arc::new(file),
             size,
-            fetched: 0,
-            requests: 0,
+            counts: Arc::default(),
         })
     }
-}
 
-impl FileSource {
     fn read_at(&mut self, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<(), UpdateError> {
-        self.requests += 1;
-        self.file
-            .seek(SeekFrom::Start(offset))
-            .map_err(io_err("seek in the bundle", &self.path))?;
+        self.counts.request();
         let mut left = len;
-        let mut buf = vec![0u8; 256 * 1024];
+        let mut at = offset;
+        let mut buf = vec![0u8; len.min(FILE_READ_BUF as u64) as usize];
         while left > 0 {
             let n = left.min(buf.len() as u64) as usize;
             self.file
-                .read_exact(&mut buf[..n])
+                .read_exact_at(&mut buf[..n], at)
                 .map_err(io_err("read the bundle", &self.path))?;
-            self.fetched += n as u64;
+            self.counts.fetched(n as u64);
             sink(&buf[..n])?;
             left -= n as u64;
+            at += n as u64;
         }
         Ok(())
     }
@@ -110,7 +140,7 @@ impl RangeRead for FileSource {
 
     fn read_into(&mut self, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<(), UpdateError> {
         if offset.saturating_add(len) > self.size {
-            self.requests += 1;
+            self.counts.request();
             return Err(UpdateError::Bundle(format!(
                 "{} is truncated: {} bytes, needs at least {}",
                 self.name,
@@ -137,10 +167,24 @@ impl Source for FileSource {
     }
 
     fn fetched_bytes(&self) -> u64 {
-        self.fetched
+        self.counts.fetched_bytes()
     }
 
     fn requests(&self) -> u64 {
-        self.requests
+        self.counts.requests()
+    }
+
+    fn is_local(&self) -> bool {
+        true
+    }
+
+    fn fork(&self) -> Result<Box<dyn Source>, UpdateError> {
+        Ok(Box::new(Self {
+            path: self.path.clone(),
+            name: self.name.clone(),
+            file: self.file.clone(),
+            size: self.size,
+            counts: self.counts.clone(),
+        }))
     }
 }

@@ -205,14 +205,17 @@ pub struct Server {
     /// Responses being written: a client can hold a whole body before the
     /// server thread has counted it, so readers wait for this to be 0.
     busy: Arc<AtomicU64>,
+    /// The most responses ever written at once.
+    max_busy: Arc<AtomicU64>,
 }
 
 /// Counts one response in [`Server::busy`] while it is alive.
 struct Busy<'a>(&'a AtomicU64);
 
 impl<'a> Busy<'a> {
-    fn enter(busy: &'a AtomicU64) -> Self {
-        busy.fetch_add(1, Ordering::SeqCst);
+    fn enter(busy: &'a AtomicU64, max: &AtomicU64) -> Self {
+        let now = busy.fetch_add(1, Ordering::SeqCst) + 1;
+        max.fetch_max(now, Ordering::SeqCst);
         Busy(busy)
     }
 }
@@ -242,11 +245,14 @@ impl Server {
         let body = Arc::new(body);
         let corrupted = Arc::new(AtomicBool::new(false));
         let busy = Arc::new(AtomicU64::new(0));
+        let max_busy = Arc::new(AtomicU64::new(0));
         let (s, r, l, b) = (served.clone(), requests.clone(), log.clone(), busy.clone());
+        let m = max_busy.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
                 let (body, s, r, l, b) = (body.clone(), s.clone(), r.clone(), l.clone(), b.clone());
+                let m = m.clone();
                 let corrupted = corrupted.clone();
                 let observer = observer.clone();
                 std::thread::spawn(move || {
@@ -255,6 +261,7 @@ impl Server {
                         requests: &r,
                         log: &l,
                         busy: &b,
+                        max_busy: &m,
                         observer: &*observer,
                     };
                     let _ = handle(conn, &body, fault, &corrupted, &counters);
@@ -267,7 +274,13 @@ impl Server {
             requests,
             log,
             busy,
+            max_busy,
         }
+    }
+
+    /// The most responses that were ever being written at once.
+    pub fn max_in_flight(&self) -> u64 {
+        self.max_busy.load(Ordering::SeqCst)
     }
 
     /// Waits (up to 10 s) until no response is being written, so the
@@ -304,6 +317,7 @@ struct Counters<'a> {
     requests: &'a AtomicU64,
     log: &'a Mutex<Vec<(u64, u64)>>,
     busy: &'a AtomicU64,
+    max_busy: &'a AtomicU64,
     observer: &'a (dyn Fn(u64, u64) + Send + Sync),
 }
 
@@ -319,6 +333,7 @@ fn handle(
         requests,
         log,
         busy,
+        max_busy,
         observer,
     } = counters;
     let mut reader = BufReader::new(conn.try_clone()?);
@@ -350,7 +365,7 @@ fn handle(
                 range = Some((a.parse().unwrap(), b.parse().ok()));
             }
         }
-        let _busy = Busy::enter(busy);
+        let _busy = Busy::enter(busy, max_busy);
         requests.fetch_add(1, Ordering::SeqCst);
         let len = body.len() as u64;
         let (status, start, end) = match range {
