@@ -18,6 +18,7 @@ pub mod enrollment;
 pub mod login_throttle;
 pub mod names;
 pub mod orgs;
+pub mod patches;
 pub mod releases;
 pub mod rollouts;
 pub mod users;
