@@ -261,7 +261,7 @@ async fn build_job(state: &AppState, id: &str) -> Result<Built> {
     let Some((member, table_size)) = member else {
         return Ok(None);
     };
-    let sha = hex::encode(Sha256::digest(&member.as_slice()[..]));
+    let sha = hex::encode(Sha256::digest(member.as_slice()));
     let table_sha = hex::encode(Sha256::digest(&member.as_slice()[..table_size as usize]));
     let key = format!("patches/{sha}");
     if !state.blobs.exists(&key).await? {
