@@ -24,7 +24,7 @@ use crate::manifest::{
     SlotClass, VerifiedManifest,
 };
 use crate::patch::{BuiltPatch, PatchError, PatchTable};
-use crate::plan::{Held, plan_image};
+use crate::plan::{Held, plan_image_offered};
 use crate::reader::{
     BundleHead, RangeRead, Sink, check_index, check_members, clip, member_reads, read_head,
 };
@@ -358,15 +358,28 @@ impl<R: RangeRead> Bundle<R> {
     /// and `kernex-image bundle delta` are exact.
     pub fn delta_from<S: RangeRead<Error = R::Error>>(
         &mut self,
+        old: Option<&mut Bundle<S>>,
+    ) -> Result<BundleDelta, R::Error> {
+        self.delta_from_offered(old, &[])
+    }
+
+    /// [`Bundle::delta_from`] for a device that is also offered the
+    /// patches `offered` outside the bundle ([`crate::offered`]): what it
+    /// downloads when it uses them (each only for an image whose held
+    /// image it is from, and which the bundle carries no patch from).
+    pub fn delta_from_offered<S: RangeRead<Error = R::Error>>(
+        &mut self,
         mut old: Option<&mut Bundle<S>>,
+        offered: &[crate::offered::Offered],
     ) -> Result<BundleDelta, R::Error> {
         let manifest = self.head.manifest.clone();
         let prefix = self.head.prefix.len() as u64;
         let mut images = Vec::new();
         let mut requests = self.head_reads.len() as u64;
-        for image in &manifest.images {
+        for (k, image) in manifest.images.iter().enumerate() {
             let class = image.slot_class;
             let (_, spans) = self.entry(&manifest, class)?;
+            let offer = offered.iter().find(|o| o.class == class);
             let index = self.read_index(&manifest, class)?;
             let held = match old.as_deref_mut() {
                 Some(o) => {
@@ -384,9 +397,19 @@ impl<R: RangeRead> Bundle<R> {
                 image: Some(*base),
             });
             let reader = &mut self.reader;
-            let plan = plan_image(image, &spans, &index, held, prefix, &mut |r| {
-                reader.read_range(r.offset, r.len)
-            })?;
+            let virtual_patch = offer.map(|o| (&o.patch, crate::offered::span(k, &o.patch)));
+            let plan = plan_image_offered(
+                image,
+                &spans,
+                &index,
+                held,
+                prefix,
+                virtual_patch,
+                &mut |r| match offer {
+                    Some(o) if crate::offered::locate(r.offset).is_some() => Ok(o.table.clone()),
+                    _ => reader.read_range(r.offset, r.len),
+                },
+            )?;
             requests += plan.requests.len() as u64;
             images.push(ImageDelta {
                 slot_class: class,

@@ -21,6 +21,7 @@ pub mod digest;
 pub mod index;
 pub mod limits;
 pub mod manifest;
+pub mod offered;
 pub mod patch;
 pub mod plan;
 pub mod reader;

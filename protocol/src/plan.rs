@@ -337,6 +337,22 @@ pub fn plan_image<E>(
     prefix: u64,
     patch_table: &mut dyn FnMut(&Request) -> Result<Vec<u8>, E>,
 ) -> Result<ImagePlan, E> {
+    plan_image_offered(entry, spans, index, held, prefix, None, patch_table)
+}
+
+/// [`plan_image`], with a patch offered outside the bundle
+/// ([`crate::offered`]) at its virtual span: used, like a bundle's own
+/// patch, when it is from the held image and the bundle carries none
+/// from it.
+pub fn plan_image_offered<E>(
+    entry: &ImageEntry,
+    spans: &ImageSpans,
+    index: &ChunkIndex,
+    held: Option<Held<'_>>,
+    prefix: u64,
+    offered: Option<(&PatchRef, Span)>,
+    patch_table: &mut dyn FnMut(&Request) -> Result<Vec<u8>, E>,
+) -> Result<ImagePlan, E> {
     let mut plan = ImagePlan::default();
     let head = index.head();
     plan.push(
@@ -362,6 +378,7 @@ pub fn plan_image<E>(
     plan.delta.chunks_reused = (stored.len() - todo.len()) as u64;
     if let Some((base, base_size)) = seed.and_then(|s| s.image)
         && let Some((patch, span)) = patch_from(entry, spans, &base)
+            .or_else(|| offered.filter(|(p, _)| p.base_sha256 == base))
     {
         let request = table_request(patch, &span);
         plan.push(prefix, request);

@@ -12,6 +12,7 @@ const WIRE_TYPES: &[&str] = &[
     "EnrollRequest",
     "EnrollResponse",
     "DesiredState",
+    "ServerPatch",
     "DesiredAction",
     "DownloadWindow",
     "Heartbeat",

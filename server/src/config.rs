@@ -64,6 +64,9 @@ pub struct Config {
     pub admin_email: String,
     /// Milliseconds between rollout scheduler passes (0: no scheduler).
     pub scheduler_interval_ms: u64,
+    /// Build chunk patches for devices on releases the new bundle carries
+    /// no patch from (`service::patches`), and offer them when cheaper.
+    pub server_patches: bool,
     /// Lifetime of the scheduler lease, seconds: another replica takes
     /// over this long after the holder stops renewing it.
     pub scheduler_lease_secs: u64,
@@ -229,6 +232,7 @@ impl Default for Config {
             default_organization: "default".into(),
             admin_email: "admin@localhost".into(),
             scheduler_interval_ms: 2000,
+            server_patches: true,
             scheduler_lease_secs: 15,
             rollout_poll_secs: 5,
             rollback_watch_secs: 30 * 60,

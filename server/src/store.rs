@@ -69,6 +69,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "audit_checkpoints",
         include_str!("../migrations/0013_audit_checkpoints.sql"),
     ),
+    (
+        14,
+        "server_patches",
+        include_str!("../migrations/0014_server_patches.sql"),
+    ),
 ];
 
 /// Which database is behind the pool.

@@ -61,6 +61,9 @@ where
             c.device_requests_per_minute = 0;
             c.user_requests_per_minute = 0;
             c.scheduler_interval_ms = 0;
+            // The simulated devices fetch by the protocol's plan without
+            // offers: no server-made patches (tests/planner.rs has them).
+            c.server_patches = false;
         },
         body,
     )

@@ -135,6 +135,50 @@ pub struct DesiredState {
     /// Hint: poll again after this many seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub poll_after_secs: Option<u64>,
+    /// Chunk patches the server made for this device (from its booted
+    /// release, which the bundle carries no patch from): use them like
+    /// the bundle's own ([`crate::offered`] says why that is safe).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub patches: Vec<ServerPatch>,
+}
+
+/// A chunk patch made by the server, offered outside the signed bundle
+/// ([`crate::offered`]). Every chunk it decodes to is verified against the
+/// signed chunk index; a frame that fails costs its bytes, no more.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ServerPatch {
+    /// The image it patches (`rootfs`, `agent`).
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub slot_class: crate::manifest::SlotClass,
+    /// Where to download it (supports `Range`), like `url`.
+    pub url: String,
+    /// SHA-256 of the base image (the booted slot's, by its manifest).
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub base_sha256: crate::Sha256Digest,
+    /// The base release's version (for people).
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub base_version: semver::Version,
+    /// Size of the patch (table and frames).
+    pub size: u64,
+    /// Size of its table, at its start.
+    pub table_size: u64,
+    /// SHA-256 of the table.
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub table_sha256: crate::Sha256Digest,
+}
+
+impl ServerPatch {
+    /// The patch as a manifest would list it.
+    pub fn patch_ref(&self) -> crate::manifest::PatchRef {
+        crate::manifest::PatchRef {
+            base_sha256: self.base_sha256,
+            base_version: self.base_version.clone(),
+            size: self.size,
+            table_size: self.table_size,
+            table_sha256: self.table_sha256,
+        }
+    }
 }
 
 impl DesiredState {

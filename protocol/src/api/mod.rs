@@ -18,6 +18,7 @@
 //! | POST | [`paths::REPORT`] | [`Report`] | 204 |
 //! | POST | [`paths::LOGS`] | [`LogBatch`] | 204 |
 //! | GET | [`paths::bundle`] | | the bundle, with `Range` |
+//! | GET | [`paths::server_patch`] | | a server-made patch ([`ServerPatch`]), with `Range` |
 //! | POST | [`paths::TPM_BIND`] | [`TpmBinding`] | [`TpmBindingAnswer`] |
 //! | POST | [`paths::ACTIVATE`] | [`ActivationAnswer`] | [`Activated`] |
 //! | POST | [`paths::ATTESTATION`] | [`QuoteReport`] | [`QuoteResult`] |
@@ -40,7 +41,7 @@ mod tpm;
 
 pub use device::{
     DesiredAction, DesiredState, DownloadWindow, EnrollRequest, EnrollResponse, Heartbeat,
-    LogBatch, LogLevel, LogLine, MAX_LOG_LINES, MAX_LOG_MESSAGE, Report, ReportState,
+    LogBatch, LogLevel, LogLine, MAX_LOG_LINES, MAX_LOG_MESSAGE, Report, ReportState, ServerPatch,
     parse_poll_after,
 };
 pub use factory::{
@@ -100,6 +101,11 @@ pub mod paths {
     /// A release's bundle, for devices (`Range` supported).
     pub fn bundle(release_id: &str) -> String {
         format!("/api/v1/device/releases/{release_id}/bundle")
+    }
+
+    /// A server-made patch of a release ([`super::ServerPatch`]).
+    pub fn server_patch(release_id: &str, patch_id: &str) -> String {
+        format!("/api/v1/device/releases/{release_id}/patches/{patch_id}")
     }
 
     /// One enrollment token, by id (operators: `DELETE` revokes it).

@@ -32,6 +32,7 @@ pub fn router() -> Router<AppState> {
         .route("/report", post(report))
         .route("/logs", post(logs))
         .route("/releases/{id}/bundle", get(download))
+        .route("/releases/{id}/patches/{patch}", get(download_patch))
         .merge(crate::http::attestation::device_router())
         .merge(crate::http::device_identity::device_router())
 }
@@ -186,6 +187,33 @@ pub async fn download(
     devices::download::check(&state, &device, &id).await?;
     let response =
         crate::http::releases::serve_bundle(&state, &device.org_id, &id, &headers).await?;
+    if response.status().is_success()
+        && let Some(n) = response
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+    {
+        state.egress.add(&device.org_id, state.clock.now_ms(), n);
+    }
+    Ok(response)
+}
+
+/// Download a patch the server made for installing a release assigned to
+/// the device (the delta planner's `patches` in a poll answer), with
+/// `Range`.
+#[utoipa::path(get, path = "/api/v1/device/releases/{id}/patches/{patch}",
+    responses((status = 200), (status = 206), (status = 401), (status = 404), (status = 416)))]
+pub async fn download_patch(
+    State(state): State<AppState>,
+    device: Device,
+    Path((id, patch)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response> {
+    devices::download::check(&state, &device, &id).await?;
+    let (key, size, sha256) =
+        crate::service::patches::blob(&state, &device.org_id, &id, &patch).await?;
+    let response = crate::http::releases::serve_blob(&state, &key, size, &sha256, &headers).await?;
     if response.status().is_success()
         && let Some(n) = response
             .headers()

@@ -22,6 +22,22 @@ pub fn router() -> Router<AppState> {
         .route("/releases", post(upload).get(list))
         .route("/releases/{id}", get(detail).delete(remove))
         .route("/releases/{id}/bundle", get(download_operator))
+        .route("/releases/{id}/patches", get(patch_jobs))
+}
+
+/// The patches the server builds for devices installing this release
+/// (the delta planner), with their progress.
+#[utoipa::path(get, path = "/api/v1/releases/{id}/patches",
+    responses((status = 200, body = [crate::service::patches::PatchJob]), (status = 404)))]
+pub async fn patch_jobs(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(id): Path<String>,
+) -> Result<ApiJson<Vec<crate::service::patches::PatchJob>>> {
+    releases::detail(&state, &op, &id).await?;
+    Ok(ApiJson(
+        crate::service::patches::jobs(&state, &op.org_id, &id).await?,
+    ))
 }
 
 /// Upload a bundle (ops). The body is the `.kxb` file. It is spooled to
@@ -90,6 +106,19 @@ pub async fn serve_bundle(
     headers: &HeaderMap,
 ) -> Result<Response> {
     let releases::BundleBlob { key, size, sha256 } = releases::bundle(state, org_id, id).await?;
+    serve_blob(state, &key, size, &sha256, headers).await
+}
+
+/// Serves blob `key` (`size` bytes, ETag `sha256`) with `Range` support:
+/// from the blob store, or a redirect to a presigned URL (S3).
+pub async fn serve_blob(
+    state: &AppState,
+    key: &str,
+    size: u64,
+    sha256: &str,
+    headers: &HeaderMap,
+) -> Result<Response> {
+    let key = key.to_string();
     // S3: send the client to a presigned URL; the bucket serves Range.
     let ttl = std::time::Duration::from_secs(state.config.presign_ttl_secs);
     if let Some(url) = state.blobs.presigned_get(&key, ttl).await? {

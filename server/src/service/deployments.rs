@@ -137,6 +137,27 @@ pub async fn create(state: &AppState, op: &Operator, req: NewDeployment) -> Resu
                 .execute(&mut *tx)
                 .await?;
         }
+        // The planner: patch jobs for the releases the devices run, in
+        // this transaction, so no device's poll sees the assignment before
+        // its job exists (it waits for the patch: `devices::poll`).
+        let from: Vec<(String,)> = sqlx::query_as(
+            "SELECT DISTINCT r.id FROM devices d JOIN releases r ON r.org_id = d.org_id AND r.version = d.current_version AND r.compatible = d.hardware_class \
+             WHERE d.org_id = $1 AND d.desired_release_id = $2",
+        )
+        .bind(&op.org_id)
+        .bind(&req.release_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let from: Vec<String> = from.into_iter().map(|(id,)| id).collect();
+        crate::service::patches::enqueue(
+            &mut tx,
+            state.config.server_patches,
+            &op.org_id,
+            &req.release_id,
+            &from,
+            now,
+        )
+        .await?;
         if !above_floor.is_empty() {
             // Nothing is written: `finish` rolls the transaction back.
             return Err(anti_rollback::refusal(
@@ -159,7 +180,9 @@ pub async fn create(state: &AppState, op: &Operator, req: NewDeployment) -> Resu
         ))
     }
     .await;
-    audit.finish(tx, outcome).await
+    let created = audit.finish(tx, outcome).await?;
+    crate::service::patches::build::spawn(state);
+    Ok(created)
 }
 
 /// The organisation's deployments, newest first (at most 500).

@@ -18,6 +18,7 @@ pub mod enrollment;
 pub mod login_throttle;
 pub mod names;
 pub mod orgs;
+pub mod patches;
 pub mod rate_limit;
 pub mod refusals;
 pub mod releases;

@@ -339,6 +339,7 @@ fn preview_view(p: &Preview) -> Markup {
         }
         @if p.unschedulable > 0 { p.notice role="alert" { (p.unschedulable) " device(s) never get a download window (check the maintenance window and budgets)." } }
         @for warning in &p.warnings { p.notice role="alert" data-preview="warning" { (warning) } }
+        @if p.patches_building > 0 { p.notice data-preview="patches-building" { "The server is building patches for " (p.patches_building) " device(s): their bytes are the chunk delta until then, and they start once their patch exists." } }
         @if p.already_current > 0 || p.busy > 0 {
             p.small { (p.already_current) " matching device(s) already run " (p.version) "; " (p.busy) " are held by another rollout." }
         }
@@ -367,7 +368,7 @@ fn preview_view(p: &Preview) -> Markup {
                     thead { tr { th scope="col" { "Device" } th scope="col" { "Wave" } th scope="col" { "Link" } th scope="col" { "From" } th scope="col" { "Bytes" } th scope="col" { "Cost" } th scope="col" { "Windows" } th scope="col" { "Starts" } } }
                     tbody { @for d in devices { tr {
                         td { a href={ "/ui/devices/" (d.id) } { (d.device_id) } } td { (d.wave) } td { (d.link_class) }
-                        td { (d.from_version.as_deref().unwrap_or("—")) } td { (format::bytes(d.bytes)) } td { (money(d.cost)) } td { (d.windows) }
+                        td { (d.from_version.as_deref().unwrap_or("—")) } td data-method=(d.method.as_str()) { (format::bytes(d.bytes)) " " span.small { (d.method.as_str()) } } td { (money(d.cost)) } td { (d.windows) }
                         td.nowrap { @match d.projected_start_ms { Some(t) => (format::time(t)), None => "never" } }
                     } } }
                 } }

@@ -202,6 +202,16 @@ impl Daemon<'_> {
         tracing::info!(version = %desired.version, %url, "installing");
         let link = Link::new(&self.ctx.config.link, &self.data)?;
         let mut source = HttpSource::with_tls(&url, link, self.tls.clone()).with_bearer(credential);
+        // Patches the server made from the booted release, read from
+        // their own URLs ([`crate::install::server_patch`]).
+        let mut offers: Vec<(api::ServerPatch, Box<dyn crate::source::Source>)> = Vec::new();
+        for p in &desired.patches {
+            let link = Link::new(&self.ctx.config.link, &self.data)?;
+            let patch_url = self.client.url(&p.url);
+            let src =
+                HttpSource::with_tls(&patch_url, link, self.tls.clone()).with_bearer(credential);
+            offers.push((p.clone(), Box::new(src)));
+        }
         let options = crate::install::InstallOptions {
             allow_downgrade: self.server.allow_downgrade,
             at_time: None,
@@ -223,10 +233,11 @@ impl Daemon<'_> {
                     let _ = tx.try_send(p);
                 }
             };
-            let r = crate::install::install_with_progress(
+            let r = crate::install::server_patch::install_offered(
                 config,
                 flow,
                 &mut source,
+                offers,
                 &options,
                 &on_progress,
             );

@@ -18,6 +18,7 @@ mod clone;
 pub mod fetch;
 mod readback;
 mod writer;
+pub mod server_patch;
 
 use std::path::Path;
 
@@ -236,8 +237,21 @@ pub fn install_with_progress(
     options: &InstallOptions,
     progress: &ProgressFn<'_>,
 ) -> Result<InstallReport, UpdateError> {
+    install_inner(config, flow, source, &[], options, progress)
+}
+
+/// [`install_with_progress`], with the server's offered patches
+/// ([`server_patch`]; `source` then reads them past the bundle).
+fn install_inner(
+    config: &SystemConfig,
+    flow: &mut dyn BootFlow,
+    source: &mut dyn Source,
+    offers: &[kernex_protocol::api::ServerPatch],
+    options: &InstallOptions,
+    progress: &ProgressFn<'_>,
+) -> Result<InstallReport, UpdateError> {
     let data = DataDir::new(&config.data_dir);
-    let result = run(config, flow, source, options, &data, progress);
+    let result = run(config, flow, source, offers, options, &data, progress);
     let (outcome, reason, version, target) = match &result {
         Ok(r) => (
             crate::store::Outcome::Installed,
@@ -274,6 +288,7 @@ fn run(
     config: &SystemConfig,
     flow: &mut dyn BootFlow,
     source: &mut dyn Source,
+    offers: &[kernex_protocol::api::ServerPatch],
     options: &InstallOptions,
     data: &DataDir,
     progress: &ProgressFn<'_>,
@@ -406,7 +421,13 @@ fn run(
         };
         let patch = match (&seed, base_image) {
             (Some(_), Some((base, base_size))) => {
-                fetch::fetch_patch_table(source, &spans, entry, &base, base_size, &index)?
+                match fetch::fetch_patch_table(source, &spans, entry, &base, base_size, &index)? {
+                    Some(p) => Some(p),
+                    // None in the bundle: the server's, if it made one.
+                    None => server_patch::fetch_offered_table(
+                        source, offers, entry, &base, base_size, &index,
+                    ),
+                }
             }
             _ => None,
         };

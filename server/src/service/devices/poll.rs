@@ -27,6 +27,9 @@ pub struct Assigned {
     pub size: i64,
     /// SHA-256 of the bundle.
     pub sha256: String,
+    /// The release of the version the device runs, if known (the
+    /// planner's base).
+    pub from_release_id: Option<String>,
 }
 
 /// An authenticated device and what its poll needs to know.
@@ -73,6 +76,7 @@ struct PollRow {
     version: Option<String>,
     size: Option<i64>,
     sha256: Option<String>,
+    from_release_id: Option<String>,
     in_rollout: i64,
 }
 
@@ -81,12 +85,13 @@ struct PollRow {
 pub async fn authenticate(state: &AppState, kind: Kind, hash: &str) -> Result<Polled> {
     let (from, filter, expires) = kind.from_where("$3");
     let sql = format!(
-        "SELECT {expires} AS expires_at, d.id, d.org_id, d.device_id, d.current_version, d.tpm_required, d.ek_fingerprint, r.id AS release_id, r.version, r.size, r.sha256, \
+        "SELECT {expires} AS expires_at, d.id, d.org_id, d.device_id, d.current_version, d.tpm_required, d.ek_fingerprint, r.id AS release_id, r.version, r.size, r.sha256, cr.id AS from_release_id, \
          CAST(CASE WHEN EXISTS (SELECT 1 FROM rollout_devices rd JOIN rollouts ro ON ro.id = rd.rollout_id \
               WHERE rd.device_pk = d.id AND (ro.status IN ('scheduled', 'running', 'paused', 'rolled_back') \
               OR (ro.status = 'completed' AND (ro.completed_at >= $2 OR rd.state IN ('pending', 'scheduled', 'downloading', 'installed', 'rebooting'))))) \
          THEN 1 ELSE 0 END AS BIGINT) AS in_rollout \
          FROM {from} LEFT JOIN releases r ON r.id = d.desired_release_id \
+         LEFT JOIN releases cr ON r.id IS NOT NULL AND cr.org_id = d.org_id AND cr.version = d.current_version AND cr.compatible = r.compatible \
          WHERE {filter}"
     );
     let row = sqlx::query_as::<_, PollRow>(&sql)
@@ -106,6 +111,7 @@ pub async fn authenticate(state: &AppState, kind: Kind, hash: &str) -> Result<Po
             version,
             size,
             sha256,
+            from_release_id: row.from_release_id,
         }),
         (None, ..) => None,
         (Some(id), ..) => {
@@ -152,6 +158,19 @@ pub async fn answer(state: &AppState, polled: &Polled) -> Result<Answer> {
     if polled.current_version.as_deref() == Some(r.version.as_str()) {
         return Ok(nothing);
     }
+    // The planner: a patch the device needs is still being built: it
+    // starts once it exists (never on a plan that is not final).
+    let from = r.from_release_id.clone();
+    if let Some(from) = &from
+        && crate::service::patches::waiting(state, from, &r.id).await?
+    {
+        return Ok(Answer {
+            desired: None,
+            poll_after_secs: Some(state.config.rollout_poll_secs.max(1)),
+            governs: false,
+        });
+    }
+    let patches = crate::service::patches::offers(state, from.as_deref(), &r.id).await?;
     let desired = Some(DesiredState {
         url: paths::bundle(&r.id),
         release_id: r.id.clone(),
@@ -162,6 +181,7 @@ pub async fn answer(state: &AppState, polled: &Polled) -> Result<Answer> {
         rollout_id: None,
         download_window: None,
         poll_after_secs: None,
+        patches,
     });
     Ok(Answer {
         desired,

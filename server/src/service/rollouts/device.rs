@@ -127,6 +127,9 @@ pub async fn poll(state: &AppState, device: &Device) -> Result<Option<Answer>> {
         return Ok(Some(nothing));
     }
     let mut d = desired(state, &release_id).await?;
+    // The planner's server-made patches from the release it runs.
+    d.patches =
+        crate::service::patches::offers(state, from_release_id.as_deref(), &release_id).await?;
     d.action = Some(DesiredAction::Install);
     d.rollout_id = Some(rollout_id);
     if let (Some(not_before_ms), Some(not_after_ms)) = (window_start, window_end) {
@@ -166,6 +169,7 @@ async fn desired(state: &AppState, release_id: &str) -> Result<DesiredState> {
         rollout_id: None,
         download_window: None,
         poll_after_secs: None,
+        patches: Vec::new(),
     })
 }
 

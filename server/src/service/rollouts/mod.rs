@@ -255,6 +255,18 @@ pub async fn release_delta(state: &AppState, from: Option<&str>, to: &str) -> Re
     Ok(bytes)
 }
 
+/// The releases (ids) the devices of `t` run, for the patch jobs they need.
+pub fn from_releases(t: &Targets) -> Vec<String> {
+    let mut ids: Vec<String> = t
+        .targets
+        .iter()
+        .filter_map(|d| d.from_release_id.clone())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
 /// Who a spec targets, and why others were left out.
 #[derive(Debug, Default)]
 pub struct Targets {
@@ -279,6 +291,9 @@ pub struct Targets {
     /// Selected, but their anti-rollback floor is above the release's
     /// security version: they would refuse it (by device id).
     pub above_floor: Vec<crate::service::anti_rollback::AboveFloor>,
+    /// The planner's choice per release the targets run (`None`: unknown),
+    /// when computed with the deltas.
+    pub plans: HashMap<Option<String>, crate::service::patches::Plan>,
 }
 
 /// A device the selector may take, with the columns a target needs.
@@ -296,7 +311,7 @@ struct Candidate {
 }
 
 /// Selects the devices `spec` targets, with their exact delta bytes
-/// (`with_deltas`; else 0 and no `from_release_id`), in diversity order.
+/// (`with_deltas`; else 0), in diversity order.
 /// `exclude_rollout` is the rollout itself (not "busy").
 pub async fn targets(
     state: &AppState,
@@ -357,6 +372,7 @@ pub async fn targets(
     // Per current version: the release it is and the exact delta from it,
     // computed once per distinct version (not per device).
     let mut deltas: HashMap<Option<String>, (Option<String>, u64)> = HashMap::new();
+    let mut plans = HashMap::new();
     for r in rows {
         let pk = r.id;
         if !spec.selector.tags.is_empty() {
@@ -405,13 +421,16 @@ pub async fn targets(
         }
         let (from, bytes) = match deltas.get(&current) {
             // Only who is targeted was asked (rollout create).
-            None if !with_deltas => (None, 0),
+            None if !with_deltas => (current.as_ref().and_then(|v| versions.get(v)).cloned(), 0),
             Some((from, bytes)) => (from.clone(), *bytes),
             None => {
                 let from = current.as_ref().and_then(|v| versions.get(v)).cloned();
-                let bytes = release_delta(state, from.as_deref(), &release.id).await?;
-                deltas.insert(current.clone(), (from.clone(), bytes));
-                (from, bytes)
+                // The planner's method and its exact bytes.
+                let plan =
+                    crate::service::patches::plan(state, from.as_deref(), &release.id).await?;
+                plans.insert(from.clone(), plan);
+                deltas.insert(current.clone(), (from.clone(), plan.bytes));
+                (from, plan.bytes)
             }
         };
         out.targets.push(Target {
@@ -429,6 +448,7 @@ pub async fn targets(
             tpm,
         });
     }
+    out.plans = plans;
     plan::diversity_order(&mut out.targets);
     let assigned = plan::assign_waves(spec, std::mem::take(&mut out.targets));
     out.targets = assigned.targets;

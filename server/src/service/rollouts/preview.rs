@@ -73,6 +73,12 @@ pub struct DevicePreview {
     pub from_version: Option<String>,
     /// Exact bytes it downloads.
     pub bytes: u64,
+    /// How (the delta planner's choice: `full`, `chunk-delta`,
+    /// `bundle-patch`, `server-patch`).
+    pub method: crate::service::patches::Method,
+    /// The server is still building a patch for it: `bytes` is the chunk
+    /// delta until then, and the device does not start before.
+    pub patch_building: bool,
     /// Cost of those bytes.
     pub cost: f64,
     /// Projected first window (unix ms); none if it never gets one.
@@ -104,6 +110,10 @@ pub struct Preview {
     pub no_tpm_left_out: u64,
     /// What the operator should know before starting, in words.
     pub warnings: Vec<String>,
+    /// Targets whose server-made patch is still being built: their bytes
+    /// are the chunk delta until it is (preview again), and they do not
+    /// start before.
+    pub patches_building: u64,
     /// Bytes all targets download.
     pub total_bytes: u64,
     /// Cost of metered bytes.
@@ -158,6 +168,21 @@ pub fn build_preview(
     let mut metered = 0.0;
     // Per link class, looked up once (the policy merges defaults).
     let mut cost_per_gb: HashMap<&str, f64> = HashMap::new();
+    let plan_of = |d: &Target| {
+        t.plans
+            .get(&d.from_release_id)
+            .copied()
+            .unwrap_or(crate::service::patches::Plan {
+                method: if d.from_release_id.is_some() {
+                    crate::service::patches::Method::ChunkDelta
+                } else {
+                    crate::service::patches::Method::Full
+                },
+                bytes: d.bytes,
+                building: false,
+            })
+    };
+    let patches_building = targets.iter().filter(|d| plan_of(d).building).count() as u64;
     for (w, &size) in sizes.iter().enumerate() {
         let mut wp = WavePreview {
             wave: w as u64 + 1,
@@ -207,6 +232,8 @@ pub fn build_preview(
                     time_zone: d.time_zone.clone(),
                     from_version: d.from_version.clone(),
                     bytes: d.bytes,
+                    method: plan_of(d).method,
+                    patch_building: plan_of(d).building,
                     cost,
                     projected_start_ms: p.start_ms,
                     projected_end_ms: p.end_ms,
@@ -228,6 +255,7 @@ pub fn build_preview(
         unactivated: t.unactivated,
         no_tpm_left_out: t.no_tpm_left_out,
         warnings: warnings(t),
+        patches_building,
         total_bytes: total,
         metered_cost: metered,
         egress_cap_bytes_per_sec: spec.bandwidth.egress_cap_bytes_per_sec,

@@ -51,6 +51,17 @@ pub async fn create(state: &AppState, op: &Operator, spec: RolloutSpec) -> Resul
         }
         let id = new_id()?;
         let now = state.clock.now_ms();
+        // The planner starts now: the patches its devices need are built
+        // while the operator previews.
+        crate::service::patches::enqueue(
+            &mut tx,
+            state.config.server_patches,
+            &op.org_id,
+            &release.id,
+            &super::from_releases(&t),
+            now,
+        )
+        .await?;
         let text = serde_json::to_string(&spec).map_err(|e| Error::Internal(e.into()))?;
         sqlx::query(
             "INSERT INTO rollouts (id, org_id, name, release_id, spec, status, start_at, created_by, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, 'draft', $6, $7, $8, $8)",
@@ -70,6 +81,7 @@ pub async fn create(state: &AppState, op: &Operator, spec: RolloutSpec) -> Resul
     }
     .await;
     let id = audit.finish(tx, outcome).await?;
+    crate::service::patches::build::spawn(state);
     // Read once committed (another connection).
     let (spec, row) = load(state, &op.org_id, &id).await?;
     summary(state, spec, &row).await
@@ -93,6 +105,7 @@ fn refuse(action: &str, status: &str) -> Error {
     Error::Conflict(format!("cannot {action} a rollout that is {status}"))
 }
 
+#[allow(clippy::too_many_arguments)] // one transition's whole context
 async fn apply(
     tx: &mut scheduler::Tx,
     op: &Operator,
@@ -101,6 +114,7 @@ async fn apply(
     status: &str,
     now: i64,
     change: Change,
+    server_patches: bool,
 ) -> Result<()> {
     match change {
         Change::Start(prepared) => {
@@ -122,6 +136,19 @@ async fn apply(
                     t.already_current, t.busy, t.unactivated, t.no_tpm_left_out
                 )));
             }
+            // Jobs for every release the targets run, in the transaction
+            // that makes their rows: the scheduler admits no device whose
+            // patch is still being built, and none can slip in before its
+            // job exists.
+            crate::service::patches::enqueue(
+                tx,
+                server_patches,
+                &op.org_id,
+                &spec.release_id,
+                &super::from_releases(&t),
+                now,
+            )
+            .await?;
             let sizes = t.sizes.clone();
             let mut left_out = BTreeMap::new();
             if t.no_tpm_left_out > 0 {
@@ -264,11 +291,13 @@ async fn transition(
                 "the rollout changed meanwhile; retry".into(),
             ));
         }
-        apply(&mut tx, op, id, &spec, &status, now, change).await?;
+        let patches = state.config.server_patches;
+        apply(&mut tx, op, id, &spec, &status, now, change, patches).await?;
         Ok(((), String::new()))
     }
     .await;
     audit.finish(tx, outcome).await?;
+    crate::service::patches::build::spawn(state);
     // Read once committed (another connection).
     let (spec, row) = load(state, &op.org_id, id).await?;
     summary(state, spec, &row).await

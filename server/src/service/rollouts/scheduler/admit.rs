@@ -1,7 +1,9 @@
 //! Admission (step 4 of a pass): which pending devices get a download
 //! window now, under the egress cap, the concurrency and site limits, the
 //! maintenance windows in each device's time zone and, on metered links,
-//! the daily budget.
+//! the daily budget. A device whose planned patch is still being built
+//! (`service::patches`) is not admitted: it never starts on a plan that
+//! is not final.
 
 use std::collections::HashMap;
 
@@ -61,6 +63,8 @@ pub(super) async fn admit(
         "SELECT rd.device_pk, rd.link_class, rd.site, rd.delta_bytes, rd.bytes_done, rd.bytes_total, rd.rate, d.time_zone \
          FROM rollout_devices rd JOIN devices d ON d.id = rd.device_pk \
          WHERE rd.rollout_id = $1 AND rd.wave <= $2 AND rd.active = 0 AND rd.state IN ('pending', 'downloading') AND d.last_seen_at >= $3 \
+         AND NOT EXISTS (SELECT 1 FROM server_patches sp WHERE sp.from_release_id = rd.from_release_id \
+              AND sp.to_release_id = (SELECT release_id FROM rollouts WHERE id = $1) AND sp.status IN ('pending', 'building')) \
          ORDER BY rd.wave, rd.position LIMIT 5000",
     )
     .bind(id)

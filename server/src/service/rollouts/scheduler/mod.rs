@@ -102,6 +102,10 @@ pub async fn tick(state: &AppState) -> Result<bool> {
     }
     // Offline detection reads last_seen_at: write the pending poll times.
     state.last_seen.flush(&state.store).await?;
+    // Patch jobs left by a restart or a replica that stopped; patches no
+    // device needs any more.
+    crate::service::patches::build::spawn(state);
+    crate::service::patches::build::collect_now_and_then(state).await;
     let ids: Vec<(String,)> = sqlx::query_as(
         "SELECT id FROM rollouts WHERE status IN ('scheduled', 'running', 'paused') \
          OR (status = 'completed' AND EXISTS (SELECT 1 FROM rollout_devices rd WHERE rd.rollout_id = rollouts.id AND rd.state IN ('pending', 'scheduled', 'downloading'))) \
