@@ -17,8 +17,8 @@
 mod clone;
 pub mod fetch;
 mod readback;
-mod writer;
 pub mod server_patch;
+mod writer;
 
 use std::path::Path;
 

@@ -32,16 +32,42 @@ use crate::source::{Sink, Source};
 /// the sums.
 #[derive(Debug)]
 pub struct Spliced<'a> {
-    bundle: &'a mut dyn Source,
+    bundle: Held<'a>,
     /// Per image of the manifest (by position): its offered patch's source.
     patches: Vec<Option<Box<dyn Source>>>,
+}
+
+/// The bundle's source: the caller's, or a fork owned by a worker thread.
+#[derive(Debug)]
+enum Held<'a> {
+    Borrowed(&'a mut dyn Source),
+    Owned(Box<dyn Source>),
+}
+
+impl Held<'_> {
+    fn get(&self) -> &dyn Source {
+        match self {
+            Held::Borrowed(s) => &**s,
+            Held::Owned(s) => s.as_ref(),
+        }
+    }
+
+    fn get_mut(&mut self) -> &mut dyn Source {
+        match self {
+            Held::Borrowed(s) => &mut **s,
+            Held::Owned(s) => s.as_mut(),
+        }
+    }
 }
 
 impl<'a> Spliced<'a> {
     /// `bundle`, with `patches[k]` readable at the virtual span of the
     /// `k`-th image's offered patch.
     pub fn new(bundle: &'a mut dyn Source, patches: Vec<Option<Box<dyn Source>>>) -> Self {
-        Self { bundle, patches }
+        Self {
+            bundle: Held::Borrowed(bundle),
+            patches,
+        }
     }
 }
 
@@ -49,12 +75,12 @@ impl RangeRead for Spliced<'_> {
     type Error = UpdateError;
 
     fn known_size(&mut self) -> Result<Option<u64>, UpdateError> {
-        self.bundle.known_size()
+        self.bundle.get_mut().known_size()
     }
 
     fn read_into(&mut self, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<(), UpdateError> {
         match offered::locate(offset) {
-            None => self.bundle.read_into(offset, len, sink),
+            None => self.bundle.get_mut().read_into(offset, len, sink),
             Some((k, at)) => match self.patches.get_mut(k).and_then(Option::as_mut) {
                 Some(p) => p.read_into(at, len, sink),
                 None => Err(UpdateError::Bundle(format!(
@@ -65,17 +91,17 @@ impl RangeRead for Spliced<'_> {
     }
 
     fn read_start(&mut self, len: u64) -> Result<Vec<u8>, UpdateError> {
-        self.bundle.read_start(len)
+        self.bundle.get_mut().read_start(len)
     }
 }
 
 impl Source for Spliced<'_> {
     fn name(&self) -> &str {
-        self.bundle.name()
+        self.bundle.get().name()
     }
 
     fn fetched_bytes(&self) -> u64 {
-        self.bundle.fetched_bytes()
+        self.bundle.get().fetched_bytes()
             + self
                 .patches
                 .iter()
@@ -85,13 +111,31 @@ impl Source for Spliced<'_> {
     }
 
     fn requests(&self) -> u64 {
-        self.bundle.requests()
+        self.bundle.get().requests()
             + self
                 .patches
                 .iter()
                 .flatten()
                 .map(|p| p.requests())
                 .sum::<u64>()
+    }
+
+    fn is_local(&self) -> bool {
+        self.bundle.get().is_local()
+    }
+
+    /// Forks the bundle's source and every offered patch's: the fork
+    /// shares their counts, so the sums stay those of the whole install.
+    fn fork(&self) -> Result<Box<dyn Source>, UpdateError> {
+        let patches = self
+            .patches
+            .iter()
+            .map(|p| p.as_ref().map(|p| p.fork()).transpose())
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Box::new(Spliced {
+            bundle: Held::Owned(self.bundle.get().fork()?),
+            patches,
+        }))
     }
 }
 
