@@ -169,7 +169,10 @@ impl<'a, B: BaseImage + ?Sized> PatchBuilder<'a, B> {
     /// is never read whole into memory).
     pub fn from_base(base: &'a B, level: i32) -> io::Result<Self> {
         let len = base.size();
-        let mut found = Vec::new();
+        // About one anchor per 2^7 bytes: sized up front, so the index is
+        // not doubled (and copied) as it grows.
+        let expected = (len / (ANCHOR_MASK + 1)).saturating_add(1024);
+        let mut found = Vec::with_capacity(usize::try_from(expected).unwrap_or(0).min(1 << 28));
         let mut last = None;
         let mut scan = AnchorScan::default();
         let mut buf = vec![0u8; SCAN_BLOCK];
