@@ -497,7 +497,7 @@ impl<R: RangeRead> Bundle<R> {
         let occurrences = index.occurrences();
         // Chunks that occur more than once are kept after first use, up to
         // a budget; beyond it they are read again.
-        const CACHE_BUDGET: u64 = 256 * 1024 * 1024;
+        const CACHE_BUDGET: u64 = 32 * 1024 * 1024;
         let mut cache: HashMap<usize, VerifiedChunk> = HashMap::new();
         let mut cached_bytes = 0u64;
         let mut hasher = Sha256::new();

@@ -239,7 +239,7 @@ pub struct BundleBuilder<'a> {
     keyring: Option<&'a Keyring>,
     patch_level: i32,
     scratch_dir: Option<PathBuf>,
-    progress: bool,
+    progress: progress::Mode,
 }
 
 impl<'a> BundleBuilder<'a> {
@@ -271,7 +271,7 @@ impl<'a> BundleBuilder<'a> {
             keyring: None,
             patch_level: DEFAULT_PATCH_LEVEL,
             scratch_dir: None,
-            progress: false,
+            progress: progress::Mode::Off,
         }
     }
 
@@ -347,7 +347,18 @@ impl<'a> BundleBuilder<'a> {
 
     /// Shows progress bars on a terminal's stderr (default: no).
     pub fn progress(mut self, show: bool) -> Self {
-        self.progress = show;
+        self.progress = if show {
+            progress::Mode::Bar
+        } else {
+            progress::Mode::Off
+        };
+        self
+    }
+
+    /// How progress is reported: bars on a terminal, JSON lines on stderr
+    /// (`bundle create --json`), or nothing.
+    pub fn progress_mode(mut self, mode: progress::Mode) -> Self {
+        self.progress = mode;
         self
     }
 
@@ -461,7 +472,12 @@ impl<'a> BundleBuilder<'a> {
             })?,
             None => tempfile::tempfile().context("unable to create a temporary file")?,
         };
-        let bar = progress::bytes(input.len(), class.as_str(), !self.progress);
+        let bar = progress::Step::new(
+            self.progress,
+            progress::Unit::Bytes,
+            input.len(),
+            class.as_str(),
+        );
         let built = {
             let mut writer = BufWriter::with_capacity(1 << 20, &mut data);
             let built = archive::build_archive(reader, &mut writer, &self.archive, &|n| {
@@ -473,7 +489,7 @@ impl<'a> BundleBuilder<'a> {
             writer.flush().context("unable to write chunk data")?;
             built
         };
-        bar.finish_and_clear();
+        bar.finish();
         Ok((built, data))
     }
 }

@@ -1,7 +1,7 @@
 //! Patches from older bundles: the chunks a release adds, each encoded as a
 //! zstd frame against the part of an older image it resembles.
 
-use std::io::{Cursor, Read, Seek, SeekFrom};
+use std::io::{BufWriter, Cursor, Read, Seek, SeekFrom, Write};
 
 use anyhow::{Context, Result, bail};
 use kernex_protocol::SlotClass;
@@ -74,17 +74,29 @@ fn from_one<R: Read + Seek>(
     if out.0.iter().any(|p| p.base_sha256 == entry.sha256) {
         return Ok(()); // two old releases with the same image
     }
-    let base_len = usize::try_from(entry.size).context("base image too large")?;
-    let mut base: Vec<u8> = Vec::with_capacity(base_len);
-    let bar = progress::bytes(
+    // The base image goes to a scratch file, read back by ranges: memory
+    // does not grow with it (kernex_protocol::patch::build_patch_from).
+    let mut base = match &builder.scratch_dir {
+        Some(dir) => tempfile::tempfile_in(dir)
+            .with_context(|| format!("unable to create a temporary file in {}", dir.display()))?,
+        None => tempfile::tempfile().context("unable to create a temporary file")?,
+    };
+    let bar = progress::Step::new(
+        builder.progress,
+        progress::Unit::Bytes,
         entry.size,
         &format!("{class} from {}", verified.version),
-        !builder.progress,
     );
-    bundle
-        .extract_image(&verified, class, &mut base, &|n| bar.set_position(n))
-        .with_context(|| format!("unable to read the {class} image of {}", source.name()))?;
-    bar.finish_and_clear();
+    {
+        let mut writer = BufWriter::with_capacity(1 << 20, &mut base);
+        bundle
+            .extract_image(&verified, class, &mut writer, &|n| bar.set_position(n))
+            .with_context(|| format!("unable to read the {class} image of {}", source.name()))?;
+        writer
+            .flush()
+            .context("unable to write the base image to a temporary file")?;
+    }
+    bar.finish();
     let base_index = bundle.read_index(verified.manifest(), class)?;
     let mut image = new.open(&format!("{class} image"), false)?;
     let read_chunk = |at: u64, len: u32| -> std::io::Result<Vec<u8>> {
@@ -97,15 +109,26 @@ fn from_one<R: Read + Seek>(
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    let (table, data, chunks_new) = patch::build_patch(
+    let bar = progress::Step::new(
+        builder.progress,
+        progress::Unit::Chunks,
+        0,
+        &format!("{class} patch from {}", verified.version),
+    );
+    let (table, data, chunks_new) = patch::build_patch_from(
         &base,
         &base_index,
         &built.index,
         read_chunk,
         builder.patch_level,
         threads,
+        &|done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        },
     )
     .with_context(|| format!("unable to build the {class} patch from {}", source.name()))?;
+    bar.finish();
     if table.entries.is_empty() {
         out.1.push(verified.version.clone());
         return Ok(());

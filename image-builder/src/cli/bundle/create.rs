@@ -12,6 +12,7 @@ use kernex_protocol::signature;
 use serde::Serialize;
 
 use crate::bundle::{self, BundleBuilder, Image};
+use crate::progress;
 
 /// Arguments of `bundle create`.
 #[derive(Debug, Args)]
@@ -91,7 +92,9 @@ pub struct CreateArgs {
     /// release and fetched by every device on the old release).
     #[arg(long, default_value_t = 19)]
     pub patch_level: i32,
-    /// Print the result as JSON.
+    /// Print the result as JSON; progress goes to stderr as JSON lines
+    /// (`{"event":"progress","step":..,"unit":"bytes"|"chunks","done":..,
+    /// "total":..,"rate":..,"eta-seconds":..,"finished":..}`).
     #[arg(long)]
     pub json: bool,
 }
@@ -144,7 +147,11 @@ pub fn run(args: CreateArgs) -> Result<()> {
         threads: args.threads,
     })
     .patch_level(args.patch_level)
-    .progress(!args.json);
+    .progress_mode(if args.json {
+        progress::Mode::Json
+    } else {
+        progress::Mode::Bar
+    });
     if let Some(agent) = &args.agent {
         builder = builder.agent(Image::file(agent));
     }
