@@ -3,7 +3,7 @@
 //! died is taken over), extracts the base and the new image from their
 //! bundles in the blob store (both verified against the organisation's
 //! keyring), builds the patch with the protocol's builder
-//! (`kernex_protocol::patch::build_patch`, as `kernex-image bundle create
+//! (`kernex_protocol::patch::build_patch_from`, as `kernex-image bundle create
 //! --patch-from` does) on a blocking thread, and stores it as a
 //! content-addressed blob (`patches/<sha256>`). Progress (image bytes
 //! read) is written to the row as it goes.
@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use futures_util::StreamExt;
 use kernex_protocol::SlotClass;
 use kernex_protocol::bundle::Bundle;
-use kernex_protocol::patch::build_patch;
+use kernex_protocol::patch::build_patch_from;
 use kernex_protocol::signature::{Keyring, VerifyOptions};
 use sha2::{Digest, Sha256};
 use sqlx::Row;
@@ -294,9 +294,10 @@ fn build_blocking(
     let base_size = vb.image(class).map_or(0, |e| e.size);
     let new_size = vn.image(class).map_or(0, |e| e.size);
     let total = base_size + new_size;
-    // The base in memory (the builder's interface); the new image in a
-    // spool file, read chunk by chunk.
-    let mut base_image: Vec<u8> = Vec::with_capacity(usize::try_from(base_size).unwrap_or(0));
+    // Both images in spool files: the builder reads the base by ranges
+    // and the new image chunk by chunk, so memory stays bounded whatever
+    // the image size.
+    let mut base_image = tempfile::tempfile_in(spool)?;
     base.extract_image(&vb, class, &mut base_image, &|n| progress(n, total))
         .map_err(|e| fail("base image", &e))?;
     let mut file = tempfile::tempfile_in(spool)?;
@@ -315,13 +316,14 @@ fn build_blocking(
         Ok(buf)
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
-    let (table, data, _) = build_patch(
+    let (table, data, _) = build_patch_from(
         &base_image,
         &base_index,
         &new_index,
         read_chunk,
         PATCH_LEVEL,
         threads,
+        &|_, _| {},
     )
     .map_err(|e| fail("building the patch", &e))?;
     progress(total, total);
