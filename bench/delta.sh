@@ -79,6 +79,7 @@ now() { date +%s.%N; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
 
 # ------------------------------------------------------------ the OS-update pair
+# shellcheck source=/dev/null
 suite=${BENCH_DEBIAN_SUITE:-$(. /etc/os-release && echo "${VERSION_CODENAME:-}")}
 [[ -n $suite ]] || die "no Debian suite: set BENCH_DEBIAN_SUITE"
 arch=$(dpkg --print-architecture)
@@ -167,8 +168,10 @@ cat "$pair/summary.txt" >&2
 ((pair_only)) && exit 0
 
 # ------------------------------------------------------------ tools and images
-log "building kernex-image and kernex-updater ($profile)"
-build_flags=(--locked --quiet -p kernex-image -p kernex-updater)
+# Without kernex-updater's default `llm` feature (llama.cpp: minutes of C++
+# build): the install path does not use it.
+log "building kernex-image and kernex-updater ($profile, no llm feature)"
+build_flags=(--locked --quiet -p kernex-image -p kernex-updater --no-default-features)
 [[ $profile == release ]] && build_flags+=(--release)
 (cd "$repo" && nice -n 5 cargo build "${build_flags[@]}") || die "cargo build failed"
 kx=$target_dir/$profile/kernex-image
@@ -206,9 +209,12 @@ emu_pid=
 ns_c=kxbc$$
 ns_s=kxbs$$
 link_down() {
-    [[ -n $server_pid ]] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
+    local p
+    for p in $server_pid $emu_pid; do
+        kill "$p" 2>/dev/null || true
+        wait "$p" 2>/dev/null || true
+    done
     server_pid=
-    [[ -n $emu_pid ]] && kill "$emu_pid" 2>/dev/null && wait "$emu_pid" 2>/dev/null
     emu_pid=
     ip netns del "$ns_c" 2>/dev/null || true
     ip netns del "$ns_s" 2>/dev/null || true
