@@ -25,9 +25,11 @@
 # time, `--patch-from` peak RSS, full local install vs `dd conv=fsync`; and
 # the issue #22 goals with PASS/MISS.
 #
-# Usage: bench/delta.sh [--quick] [--links "lo 4g 4g-loss"] [--work-dir DIR] [--keep] [--pair-only]
+# Usage: bench/delta.sh [--quick] [--links "lo 4g 4g-loss"] [--work-dir DIR] [--keep] [--pair-only] [--report FILE]
 #   --quick      loopback and 4G only (no 1 % loss run)
 #   --pair-only  build (or find) the cached OS-update pair and stop
+#   --report F   print the report again from the figures a run saved in F
+#                ($CARGO_TARGET_DIR/bench-delta/results-*.sh)
 # Environment: KERNEX_CACHE (pair cache; default the cargo target dir),
 #   BENCH_DEBIAN_SUITE, BENCH_DEBIAN_MIRROR (default: the host's apt source),
 #   BENCH_ADD_PACKAGES, BENCH_PROFILE (release|debug), BENCH_WORK_DIR.
@@ -50,6 +52,7 @@ rate_bit=10000000
 loss_pct=1
 keep=0
 pair_only=0
+report_from=
 while (($#)); do
     case $1 in
         --quick) links="lo 4g"; shift ;;
@@ -57,7 +60,8 @@ while (($#)); do
         --work-dir) work_root=${2:?}; shift 2 ;;
         --keep) keep=1; shift ;;
         --pair-only) pair_only=1; shift ;;
-        -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+        --report) report_from=${2:?}; shift 2 ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
         *) die "unknown argument: $1" ;;
     esac
 done
@@ -77,6 +81,113 @@ bita=$(command -v bita 2>/dev/null || echo "$KERNEX_CACHE/cargo-bin/bin/bita")
 
 now() { date +%s.%N; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
+
+# ------------------------------------------------------------ report
+# report: the Markdown report, from the variables a run sets (or --report FILE).
+report() {
+    fmt_b() { awk -v b="$1" 'BEGIN {
+        if (b >= 1e6) printf "%.2f MB", b / 1e6; else if (b >= 1e3) printf "%.1f KB", b / 1e3; else printf "%d B", b }'; }
+    x() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+    mbps() { awk -v b="$1" -v t="$2" 'BEGIN { printf "%.1f MB/s", b / t / 1e6 }'; }
+    ideal() { awk -v b="$1" -v r="$rate_bit" -v rtt="$rtt_ms" 'BEGIN { printf "%.2f", b * 8 / r + rtt / 1000 }'; }
+    # verdict A OP B: PASS when A OP B (OP: le or ge), else MISS.
+    verdict() { awk -v a="$1" -v op="$2" -v b="$3" 'BEGIN { ok = op == "le" ? a <= b : a >= b; print ok ? "PASS" : "MISS" }'; }
+    busy() { awk -v l="$1" -v c="$cores" 'BEGIN { exit !(l > c / 2) }'; }
+    ran() { [[ " $links " == *" $1 "* ]]; }
+    note=""
+    if busy "$load_before" || busy "$load_after"; then note=" — BUSY MACHINE: timings are noisy"; fi
+    declare -A link_name=([lo]="loopback" [4g]="4G: ${rtt_ms} ms RTT, $((rate_bit / 1000000)) Mbit/s" [4g-loss]="4G + ${loss_pct} % loss")
+    # cell LINK TAG: the wall time over LINK, with the bytes when they differ from loopback's.
+    cell() {
+        local l=$1 t=$2
+        ran "$l" || { echo "not run"; return; }
+        local c="${wall[$l-$t]} s"
+        if ran lo && [[ $l != lo && ${bytes[$l-$t]} != "${bytes[lo-$t]}" ]]; then c+=" ($(fmt_b "${bytes[$l-$t]}"))"; fi
+        echo "$c"
+    }
+    first=${links%% *}
+    row() { # LABEL TAG: one method's row (bytes and requests of the first link).
+        local t=$2 l line
+        line="| $1 | $(fmt_b "${bytes[$first-$t]}") | ${reqs[$first-$t]} |"
+        for l in lo 4g 4g-loss; do line+=" $(cell "$l" "$t") |"; done
+        echo "$line"
+    }
+    table() { # UPDATE TITLE
+        local u=$1 l line
+        echo "### $2"
+        echo
+        echo "| method | bytes | requests | ${link_name[lo]} | ${link_name[4g]} | ${link_name[4g-loss]} |"
+        echo "| --- | ---: | ---: | ---: | ---: | ---: |"
+        row "Kernex, plain chunks" "$u-plain"
+        row "Kernex, bundle made with \`--patch-from v1\` (stand-in for the planner's choice)" "$u-patch"
+        row "\`bita clone --seed v1.img\` (bita defaults, zstd)" "$u-bita"
+        row "\`casync extract --seed=v1.img\`" "$u-casync"
+        echo "| \`zstd -19 --long --patch-from=v1.img\` (the floor; size only) | $(fmt_b "${zpatch[$u]}") | | | | |"
+        echo "| \`xdelta3 -9 -s v1.img\` (size only) | $(fmt_b "${xpatch[$u]}") | | | | |"
+        line="| ideal for Kernex \`--patch-from\`: bytes ÷ link rate + one RTT | | | |"
+        for l in 4g 4g-loss; do
+            if ran "$l"; then line+=" $(ideal "${bytes[$l-$u-patch]}") s |"; else line+=" |"; fi
+        done
+        echo "$line"
+        echo
+    }
+    # goal LABEL TARGET-TEXT VALUE OP LIMIT
+    goal() { echo "| $1 | $2 | $3 | $(verdict "$3" "$4" "$5") |"; }
+
+    added=$(wc -l <"$pair/added-packages.txt")
+    echo
+    echo "## Kernex delta benchmark (\`bench/delta.sh\`, $(date -u +%Y-%m-%d))"
+    echo
+    echo "OS-update pair from Debian $suite ($arch) packages, debootstrap --variant=minbase, $img_mb MiB ext4 images (\`kernex-image rootfs\`, timestamp $epoch):"
+    echo "v1 = minbase; v2 = v1 + $added packages ($(tr '\n' ' ' <"$pair/added-packages.txt" | sed 's/ $//')) and one rebuilt binary ($(cat "$pair/rebuilt.txt")); v1c = v1 + one config file ($(cat "$pair/config.txt"))."
+    echo "kernex-image / kernex-updater $profile build of $(git -C "$repo" rev-parse --short HEAD); bita $("$bita" --version 2>/dev/null | awk '{ print $NF }'); $(casync --version 2>/dev/null | head -n1); zstd $(zstd --version | grep -o "v[0-9.]*" | head -n1); $cores cores; load average $load_before before, $load_after after$note."
+    echo "Bytes and requests: response bodies and responses counted by bench/range_server.py (HTTP/1.1, Range, keep-alive). Times: wall clock, one run each, the device's install including its writes and checks."
+    if [[ -n ${link_desc:-} ]]; then echo "Emulated links: two network namespaces made by this run; $link_desc."; fi
+    echo "\`--patch-from\` is today's stand-in for what the server planner will choose and serve (issue #22): the vendor built the bundle with a patch from v1."
+    echo
+    table os "Monthly OS update (v1 → v2: $added packages added, one binary rebuilt)"
+    table cfg "One config file (v1 → v1c)"
+    echo "### Full image, bundle creation, memory"
+    echo
+    echo "| | measured |"
+    echo "| --- | ---: |"
+    echo "| full v2 bundle (\`bundle create\` defaults) | $(fmt_b "$full_bundle") |"
+    echo "| \`zstd -19 --long\` of the v2 image | $(fmt_b "$full_zstd") |"
+    echo "| \`bundle create\` of v2 | $create_time s |"
+    echo "| \`bita compress --compression zstd\` of v2 | $bita_compress_time s |"
+    echo "| \`bundle create --patch-from v1.kxb\` of v2: time, peak RSS | $patch_create_time s, $patch_rss MiB |"
+    echo "| kernex-updater with that bundle (loopback): peak RSS | ${rss[$first-os-patch]} MiB |"
+    echo "| full local install of v1 (\`kernex-updater install v1.kxb\`, no seed) | $full_time s ($(mbps "$img_bytes" "$full_time")) |"
+    echo "| \`dd bs=4M conv=fsync\` of the v1 image to a file | $dd_time s ($(mbps "$img_bytes" "$dd_time")) |"
+    echo
+    echo "### Goals (issue #22)"
+    echo
+    echo "| goal | target | measured | |"
+    echo "| --- | ---: | ---: | --- |"
+    goal "OS update bytes ÷ \`zstd --patch-from\`, Kernex \`--patch-from\`" "≤ 1.10" "$(x "${bytes[$first-os-patch]}" "${zpatch[os]}")" le 1.10
+    goal "… Kernex plain chunks (no vendor flag)" "≤ 1.10" "$(x "${bytes[$first-os-plain]}" "${zpatch[os]}")" le 1.10
+    if ran lo; then
+        goal "OS update wall ÷ \`bita clone\` on loopback, Kernex \`--patch-from\`" "≤ 0.80" "$(x "${wall[lo-os-patch]}" "${wall[lo-os-bita]}")" le 0.80
+        goal "… Kernex plain chunks" "≤ 0.80" "$(x "${wall[lo-os-plain]}" "${wall[lo-os-bita]}")" le 0.80
+    fi
+    if ran 4g; then
+        goal "OS update wall on 4G ÷ (bytes ÷ rate + RTT), Kernex \`--patch-from\`" "≤ 1.20" "$(x "${wall[4g-os-patch]}" "$(ideal "${bytes[4g-os-patch]}")")" le 1.20
+        goal "… Kernex plain chunks" "≤ 1.20" "$(x "${wall[4g-os-plain]}" "$(ideal "${bytes[4g-os-plain]}")")" le 1.20
+    fi
+    goal "Full local install throughput ÷ \`dd conv=fsync\`" "≥ 0.90" "$(x "$dd_time" "$full_time")" ge 0.90
+    goal "Full bundle ÷ \`zstd -19 --long\`" "≤ 1.05" "$(x "$full_bundle" "$full_zstd")" le 1.05
+    goal "\`bundle create\` time ÷ \`bita compress\`" "≤ 2.00" "$(x "$create_time" "$bita_compress_time")" le 2.00
+    goal "One config file, Kernex \`--patch-from\`: bytes" "≤ 10000" "${bytes[$first-cfg-patch]}" le 10000
+    goal "… Kernex plain chunks: bytes" "≤ 10000" "${bytes[$first-cfg-plain]}" le 10000
+    goal "\`--patch-from\` peak RSS (MiB)" "≤ 256" "$patch_rss" le 256
+}
+
+if [[ -n $report_from ]]; then
+    # shellcheck source=/dev/null
+    source "$report_from"
+    report
+    exit 0
+fi
 
 # ------------------------------------------------------------ the OS-update pair
 # shellcheck source=/dev/null
@@ -423,6 +534,7 @@ other_run() { # LINK UPDATE METHOD PREFIX CMD...
     cmp -s "$work/out.img" "${image[$u]}" || die "$m $u over $l produced a different image"
     rm -f "$work/out.img"
 }
+link_desc=
 for l in $links; do
     link_up "$l"
     log "link $l: $url ($link_kind)"
@@ -443,99 +555,9 @@ done
 cmp -s "$work/dev-v1/slot-b.img" "$v1img" || die "the seed slot changed during the updates"
 load_after=$(cut -d' ' -f1 /proc/loadavg)
 
-# ------------------------------------------------------------ report
-fmt_b() { awk -v b="$1" 'BEGIN {
-    if (b >= 1e6) printf "%.2f MB", b / 1e6; else if (b >= 1e3) printf "%.1f KB", b / 1e3; else printf "%d B", b }'; }
-x() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
-mbps() { awk -v b="$1" -v t="$2" 'BEGIN { printf "%.1f MB/s", b / t / 1e6 }'; }
-ideal() { awk -v b="$1" -v r="$rate_bit" -v rtt="$rtt_ms" 'BEGIN { printf "%.2f", b * 8 / r + rtt / 1000 }'; }
-# verdict A OP B: PASS when A OP B (OP: le or ge), else MISS.
-verdict() { awk -v a="$1" -v op="$2" -v b="$3" 'BEGIN { ok = op == "le" ? a <= b : a >= b; print ok ? "PASS" : "MISS" }'; }
-busy() { awk -v l="$1" -v c="$cores" 'BEGIN { exit !(l > c / 2) }'; }
-ran() { [[ " $links " == *" $1 "* ]]; }
-note=""
-if busy "$load_before" || busy "$load_after"; then note=" — BUSY MACHINE: timings are noisy"; fi
-declare -A link_name=([lo]="loopback" [4g]="4G: ${rtt_ms} ms RTT, $((rate_bit / 1000000)) Mbit/s" [4g-loss]="4G + ${loss_pct} % loss")
-# cell LINK TAG: the wall time over LINK, with the bytes when they differ from loopback's.
-cell() {
-    local l=$1 t=$2
-    ran "$l" || { echo "not run"; return; }
-    local c="${wall[$l-$t]} s"
-    if ran lo && [[ $l != lo && ${bytes[$l-$t]} != "${bytes[lo-$t]}" ]]; then c+=" ($(fmt_b "${bytes[$l-$t]}"))"; fi
-    echo "$c"
-}
-first=${links%% *}
-row() { # LABEL TAG: one method's row (bytes and requests of the first link).
-    local t=$2 l line
-    line="| $1 | $(fmt_b "${bytes[$first-$t]}") | ${reqs[$first-$t]} |"
-    for l in lo 4g 4g-loss; do line+=" $(cell "$l" "$t") |"; done
-    echo "$line"
-}
-table() { # UPDATE TITLE
-    local u=$1 l line
-    echo "### $2"
-    echo
-    echo "| method | bytes | requests | ${link_name[lo]} | ${link_name[4g]} | ${link_name[4g-loss]} |"
-    echo "| --- | ---: | ---: | ---: | ---: | ---: |"
-    row "Kernex, plain chunks" "$u-plain"
-    row "Kernex, bundle made with \`--patch-from v1\` (stand-in for the planner's choice)" "$u-patch"
-    row "\`bita clone --seed v1.img\` (bita defaults, zstd)" "$u-bita"
-    row "\`casync extract --seed=v1.img\`" "$u-casync"
-    echo "| \`zstd -19 --long --patch-from=v1.img\` (the floor; size only) | $(fmt_b "${zpatch[$u]}") | | | | |"
-    echo "| \`xdelta3 -9 -s v1.img\` (size only) | $(fmt_b "${xpatch[$u]}") | | | | |"
-    line="| ideal for Kernex \`--patch-from\`: bytes ÷ link rate + one RTT | | | |"
-    for l in 4g 4g-loss; do
-        if ran "$l"; then line+=" $(ideal "${bytes[$l-$u-patch]}") s |"; else line+=" |"; fi
-    done
-    echo "$line"
-    echo
-}
-# goal LABEL TARGET-TEXT VALUE OP LIMIT
-goal() { echo "| $1 | $2 | $3 | $(verdict "$3" "$4" "$5") |"; }
 
-added=$(wc -l <"$pair/added-packages.txt")
-echo
-echo "## Kernex delta benchmark (\`bench/delta.sh\`, $(date -u +%Y-%m-%d))"
-echo
-echo "OS-update pair from Debian $suite ($arch) packages, debootstrap --variant=minbase, $img_mb MiB ext4 images (\`kernex-image rootfs\`, timestamp $epoch):"
-echo "v1 = minbase; v2 = v1 + $added packages ($(tr '\n' ' ' <"$pair/added-packages.txt" | sed 's/ $//')) and one rebuilt binary ($(cat "$pair/rebuilt.txt")); v1c = v1 + one config file ($(cat "$pair/config.txt"))."
-echo "kernex-image / kernex-updater $profile build of $(git -C "$repo" rev-parse --short HEAD); bita $("$bita" --version 2>/dev/null | awk '{ print $NF }'); $(casync --version 2>/dev/null | head -n1); $(zstd --version | head -n1); $cores cores; load average $load_before before, $load_after after$note."
-echo "Bytes and requests: response bodies and responses counted by bench/range_server.py (HTTP/1.1, Range, keep-alive). Times: wall clock, one run each, the device's install including its writes and checks."
-if [[ -n ${link_desc:-} ]]; then echo "Emulated links: two network namespaces made by this run; $link_desc."; fi
-echo "\`--patch-from\` is today's stand-in for what the server planner will choose and serve (issue #22): the vendor built the bundle with a patch from v1."
-echo
-table os "Monthly OS update (v1 → v2: $added packages added, one binary rebuilt)"
-table cfg "One config file (v1 → v1c)"
-echo "### Full image, bundle creation, memory"
-echo
-echo "| | measured |"
-echo "| --- | ---: |"
-echo "| full v2 bundle (\`bundle create\` defaults) | $(fmt_b "$full_bundle") |"
-echo "| \`zstd -19 --long\` of the v2 image | $(fmt_b "$full_zstd") |"
-echo "| \`bundle create\` of v2 | $create_time s |"
-echo "| \`bita compress --compression zstd\` of v2 | $bita_compress_time s |"
-echo "| \`bundle create --patch-from v1.kxb\` of v2: time, peak RSS | $patch_create_time s, $patch_rss MiB |"
-echo "| kernex-updater with that bundle (loopback): peak RSS | ${rss[$first-os-patch]} MiB |"
-echo "| full local install of v1 (\`kernex-updater install v1.kxb\`, no seed) | $full_time s ($(mbps "$img_bytes" "$full_time")) |"
-echo "| \`dd bs=4M conv=fsync\` of the v1 image to a file | $dd_time s ($(mbps "$img_bytes" "$dd_time")) |"
-echo
-echo "### Goals (issue #22)"
-echo
-echo "| goal | target | measured | |"
-echo "| --- | ---: | ---: | --- |"
-goal "OS update bytes ÷ \`zstd --patch-from\`, Kernex \`--patch-from\`" "≤ 1.10" "$(x "${bytes[$first-os-patch]}" "${zpatch[os]}")" le 1.10
-goal "… Kernex plain chunks (no vendor flag)" "≤ 1.10" "$(x "${bytes[$first-os-plain]}" "${zpatch[os]}")" le 1.10
-if ran lo; then
-    goal "OS update wall ÷ \`bita clone\` on loopback, Kernex \`--patch-from\`" "≤ 0.80" "$(x "${wall[lo-os-patch]}" "${wall[lo-os-bita]}")" le 0.80
-    goal "… Kernex plain chunks" "≤ 0.80" "$(x "${wall[lo-os-plain]}" "${wall[lo-os-bita]}")" le 0.80
-fi
-if ran 4g; then
-    goal "OS update wall on 4G ÷ (bytes ÷ rate + RTT), Kernex \`--patch-from\`" "≤ 1.20" "$(x "${wall[4g-os-patch]}" "$(ideal "${bytes[4g-os-patch]}")")" le 1.20
-    goal "… Kernex plain chunks" "≤ 1.20" "$(x "${wall[4g-os-plain]}" "$(ideal "${bytes[4g-os-plain]}")")" le 1.20
-fi
-goal "Full local install throughput ÷ \`dd conv=fsync\`" "≥ 0.90" "$(x "$dd_time" "$full_time")" ge 0.90
-goal "Full bundle ÷ \`zstd -19 --long\`" "≤ 1.05" "$(x "$full_bundle" "$full_zstd")" le 1.05
-goal "\`bundle create\` time ÷ \`bita compress\`" "≤ 2.00" "$(x "$create_time" "$bita_compress_time")" le 2.00
-goal "One config file, Kernex \`--patch-from\`: bytes" "≤ 10000" "${bytes[$first-cfg-patch]}" le 10000
-goal "… Kernex plain chunks: bytes" "≤ 10000" "${bytes[$first-cfg-plain]}" le 10000
-goal "\`--patch-from\` peak RSS (MiB)" "≤ 256" "$patch_rss" le 256
+# Every figure, for `--report FILE` (the same report without re-measuring).
+declare -p rate_bit rtt_ms loss_pct links cores load_before load_after wall bytes reqs rss zpatch xpatch \
+    pair suite arch img_mb epoch profile link_desc full_bundle full_zstd create_time bita_compress_time \
+    patch_create_time patch_rss full_time img_bytes dd_time >"$work_root/results-$(date -u +%Y%m%dT%H%M%S).sh"
+report
