@@ -392,7 +392,7 @@ wlog=$(awk -v b="$img_bytes" 'BEGIN { w = 10; while (2 ^ w < b) w++; print w + 1
 declare -A zpatch xpatch
 for u in $updates; do
     log "$u: zstd -19 --long=$wlog --patch-from=v1.img, xdelta3 -9"
-    zpatch[$u]=$(zstd -q -19 --long="$wlog" -T0 --patch-from="$v1img" -c "${image[$u]}" | wc -c)
+    zpatch[$u]=$(zstd -q -19 --long="$wlog" -T0 --patch-from="$v1img" -c "${image[$u]}" 2>"$work/zstd-$u.log" | wc -c)
     xdelta3 -e -9 -f -B $((1 << wlog)) -s "$v1img" "${image[$u]}" "$work/xdelta" || die "xdelta3 $u failed"
     xpatch[$u]=$(stat -c %s "$work/xdelta")
     rm -f "$work/xdelta"
