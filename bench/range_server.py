@@ -2,8 +2,8 @@
 """A small HTTP/1.1 file server with Range support and keep-alive, for
 bench/delta.sh (python3 -m http.server ignores Range).
 
-Usage: range_server.py DIR LOG   -- prints the port it listens on
-(127.0.0.1, chosen by the OS), then serves DIR. For every response it
+Usage: range_server.py DIR LOG [ADDRESS]   -- prints the port it listens
+on (chosen by the OS) at ADDRESS (default 127.0.0.1), then serves DIR. For every response it
 appends "PATH FIRST-BYTE BODY-BYTES-SENT" to LOG, so the bench counts what
 each client really downloaded.
 """
@@ -76,7 +76,7 @@ class Handler(BaseHTTPRequestHandler):
         LOG.write(f"{self.path} {start} {sent}\n")
 
 
-server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+server = ThreadingHTTPServer((sys.argv[3] if len(sys.argv) > 3 else "127.0.0.1", 0), Handler)
 server.daemon_threads = True
 print(server.server_address[1], flush=True)
 server.serve_forever()
