@@ -173,25 +173,15 @@ pub async fn bootstrap(state: &AppState) -> Result<Option<FirstAdmin>> {
         return Ok(None);
     }
     let org = &state.config.default_organization;
-    let org_id = create_organization(&state.store, org).await?;
     // The instance admin: the default organisation's admin, who must
-    // change this password before anything else.
+    // change this password before anything else. The organisation, the
+    // admin and the audit entry commit together.
     let (_, password) =
-        service::orgs::create_org_admin(&state.store, &org_id, &state.config.admin_email, true)
+        service::orgs::bootstrap_first_org(&state.store, org, &state.config.admin_email)
             .await
-            .map_err(|e| anyhow::anyhow!("unable to create the first admin: {e}"))?;
-    audit::append(
-        &state.store,
-        audit::Entry {
-            org_id: &org_id,
-            actor: "system",
-            action: "organization.bootstrap",
-            target: &format!("user:{}", state.config.admin_email),
-            result: "ok",
-            detail: serde_json::json!({}),
-        },
-    )
-    .await?;
+            .map_err(|e| {
+                anyhow::anyhow!("unable to create the first organisation and admin: {e}")
+            })?;
     Ok(Some(FirstAdmin {
         organization: org.clone(),
         email: state.config.admin_email.clone(),

@@ -4,7 +4,8 @@
 //! recorded; a refused change writes nothing but its failure entry; a
 //! change made has both its row and its entry; two admins demoting each
 //! other at once leave one admin; `kernex-server admin` changes commit with
-//! their entries too.
+//! their entries too, and so does the first start's organisation and
+//! admin.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -21,6 +22,7 @@ both!(
     a_change_made_has_its_row_and_its_entry,
     two_admins_demoting_each_other_leave_one,
     the_admin_cli_commits_with_its_entries,
+    the_first_start_commits_with_its_entry,
 );
 
 const PW: &str = "correct horse battery";
@@ -444,4 +446,64 @@ async fn the_admin_cli_commits_with_its_entries(h: Arc<Harness>) {
     .await
     .unwrap();
     assert_eq!(users_of_new, vec![("first@cli.example".to_string(),)]);
+}
+
+/// The first start (`bootstrap`): when its entry cannot be written, neither
+/// the organisation nor its admin is made (the next start tries again);
+/// with the entry allowed, all three are.
+async fn the_first_start_commits_with_its_entry(h: Arc<Harness>) {
+    use kernex_server::service::orgs::bootstrap_first_org;
+    let statements = match h.db {
+        Db::Sqlite => vec![
+            "CREATE TRIGGER refuse_boot BEFORE INSERT ON audit_log \
+             WHEN NEW.action = 'organization.bootstrap' \
+             BEGIN SELECT RAISE(ABORT, 'audit entry refused'); END"
+                .to_string(),
+        ],
+        Db::Postgres => vec![
+            "CREATE FUNCTION refuse_boot() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'audit entry refused'; END $$"
+                .to_string(),
+            "CREATE TRIGGER refuse_boot BEFORE INSERT ON audit_log FOR EACH ROW \
+             WHEN (NEW.action = 'organization.bootstrap') EXECUTE FUNCTION refuse_boot()"
+                .to_string(),
+        ],
+    };
+    for s in &statements {
+        sqlx::query(s).execute(h.state.store.pool()).await.unwrap();
+    }
+    let before_orgs = orgs(&h).await;
+    let users = h.count("users").await;
+    let before = entries(&h).await.len();
+    let store = &h.state.store;
+    bootstrap_first_org(store, "first-start", "root@first.example")
+        .await
+        .expect_err("the entry is refused");
+    assert_eq!(orgs(&h).await, before_orgs, "no organisation was made");
+    assert_eq!(h.count("users").await, users, "no admin was made");
+    assert_eq!(entries(&h).await.len(), before, "no entry was written");
+
+    let undo = match h.db {
+        Db::Sqlite => "DROP TRIGGER refuse_boot",
+        Db::Postgres => "DROP TRIGGER refuse_boot ON audit_log",
+    };
+    sqlx::query(undo).execute(store.pool()).await.unwrap();
+    let (org, password) = bootstrap_first_org(store, "first-start", "root@first.example")
+        .await
+        .unwrap();
+    assert_eq!(password.len(), 24);
+    assert_eq!(orgs(&h).await.len(), before_orgs.len() + 1);
+    assert_eq!(h.count("users").await, users + 1);
+    let (action, result, target) = entries(&h).await.pop().unwrap();
+    assert_eq!(
+        (action.as_str(), result.as_str(), target.as_str()),
+        ("organization.bootstrap", "ok", "user:root@first.example")
+    );
+    let n: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE org_id = $1 AND instance_admin = 1")
+            .bind(&org)
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(n, 1, "the first admin is the organisation's instance admin");
 }

@@ -200,6 +200,34 @@ pub async fn create_org_admin(
     Ok((id, p.password))
 }
 
+/// The first start: creates organisation `name`, its admin `email` (the
+/// instance admin, with a one-time password they must change at first
+/// login) and the audit entry, in one transaction, so a crash leaves
+/// either all of them or none (and the next start tries again). Returns
+/// (organisation id, password).
+pub async fn bootstrap_first_org(
+    store: &Store,
+    name: &str,
+    email: &str,
+) -> Result<(String, String)> {
+    let p = host_admin_password(email).await?;
+    let mut tx = store.begin_write().await?;
+    let org_id = create_org_in(&mut tx, name).await?;
+    insert_org_admin(&mut tx, &org_id, email, &p.hash, true).await?;
+    let target = format!("user:{email}");
+    let entry = crate::audit::Entry {
+        org_id: &org_id,
+        actor: "system",
+        action: "organization.bootstrap",
+        target: &target,
+        result: "ok",
+        detail: serde_json::json!({}),
+    };
+    crate::audit::append_in(store, &mut tx, &entry).await?;
+    tx.commit().await?;
+    Ok((org_id, p.password))
+}
+
 /// Inserts an admin of organisation `org_id` whose one-time password
 /// hashes to `hash`, through `conn` (the caller's transaction); returns
 /// the user id.
