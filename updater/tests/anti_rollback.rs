@@ -318,6 +318,31 @@ fn is_stopped(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// Runs `mark-good` until it pauses at the failpoint `step`, then cuts
+/// its power (`kill -9`).
+fn mark_good_killed_at(dev: &Device, step: &str) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kernex-updater"))
+        .arg("--config")
+        .arg(&dev.config)
+        .arg("mark-good")
+        .env("RUST_LOG", "error")
+        .env("KERNEX_TEST_PAUSE_AT", step)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !is_stopped(child.id()) {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("{step}: mark-good never reached the step ({status})");
+        }
+        assert!(Instant::now() < deadline, "{step}: not stopped in 30 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+}
+
 /// The floor is raised by the commit in two atomic writes (copy A, then
 /// copy B). `kill -9` at each step: before either write, between them and
 /// after both; plus a torn temp file and a torn copy as a cut in the middle
@@ -340,26 +365,7 @@ fn the_floor_survives_a_power_cut_at_every_write() {
         );
         ok(&dev, &["install", &path]);
         power_on(&dev);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kernex-updater"))
-            .arg("--config")
-            .arg(&dev.config)
-            .arg("mark-good")
-            .env("RUST_LOG", "error")
-            .env("KERNEX_TEST_PAUSE_AT", step)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !is_stopped(child.id()) {
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!("{step}: mark-good never reached the step ({status})");
-            }
-            assert!(Instant::now() < deadline, "{step}: not stopped in 30 s");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        mark_good_killed_at(&dev, step);
 
         let a = dev.path("data/security-floor.a");
         let b = dev.path("data/security-floor.b");
@@ -487,4 +493,56 @@ fn with_a_tpm_the_floor_files_deleted_or_rolled_back_do_not_lower_it() {
     dev.write_config("A", "");
     assert_eq!(status(&dev)["security-floor"], 1);
     ok(&dev, &["install", "--allow-downgrade", &below]);
+}
+
+/// With a TPM the raise writes both copies, then counts the TPM up. A
+/// power cut between the two (`floor-tpm`): the copies hold the new floor,
+/// so it is in force at once; the next boot's watchdog run catches the
+/// counter up, and from then on deleting the copies does not lower it.
+#[test]
+fn with_a_tpm_a_power_cut_before_the_counter_is_raised_is_caught_up() {
+    let keys = keys();
+    let tpm = swtpm::Swtpm::start();
+    let tpm_conf = format!("\n[tpm]\ntcti = \"{}\"\n", tpm.tcti());
+    let dev = Device::new(&keys, &image(MIB, 1));
+    dev.write_config("A", &tpm_conf);
+    let install = |name: &str, bundle: &Built| {
+        let path = dev.write_bundle(name, &bundle.bytes);
+        ok(&dev, &["install", &path]);
+        let slot = power_on(&dev);
+        dev.write_config(slot.name(), &tpm_conf);
+    };
+    install(
+        "v10.kxb",
+        &bundle_secure(&image(MIB, 2), "1.0.0", 1, &keys.signer),
+    );
+    ok(&dev, &["mark-good"]);
+    let tpm_floor = || Floor::for_device(&dev.load()).tpm_floor().unwrap();
+    assert_eq!(tpm_floor(), 1);
+
+    install(
+        "v11.kxb",
+        &bundle_secure(&image(MIB, 3), "1.1.0", 3, &keys.signer),
+    );
+    mark_good_killed_at(&dev, "floor-tpm");
+    let a = dev.path("data/security-floor.a");
+    let b = dev.path("data/security-floor.b");
+    let read = |p: &std::path::Path| floor::decode(&std::fs::read(p).unwrap_or_default());
+    assert_eq!((read(&a), read(&b)), (Some(3), Some(3)));
+    assert_eq!(tpm_floor(), 1, "cut before the counter was raised");
+    assert_eq!(status(&dev)["security-floor"], 3, "the copies are in force");
+
+    // Next boot: the watchdog completes the raise in the TPM.
+    let out = ok(&dev, &["health", "run", "--json"]);
+    assert!(out.contains("not-on-trial"), "{out}");
+    assert_eq!(tpm_floor(), 3, "the counter caught up");
+    std::fs::remove_file(&a).unwrap();
+    std::fs::remove_file(&b).unwrap();
+    assert_eq!(status(&dev)["security-floor"], 3);
+    let below = dev.write_bundle(
+        "below.kxb",
+        &bundle_secure(&image(MIB, 4), "2.0.0", 2, &keys.signer).bytes,
+    );
+    let err = refused(&dev, &["install", "--allow-downgrade", &below]);
+    assert!(err.contains("anti-rollback floor 3"), "{err}");
 }
