@@ -192,8 +192,8 @@ async fn serve(config: Config) -> Result<()> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     println!("kernex-server listening on {scheme}://{local}");
     tracing::info!(%local, scheme, "kernex-server listening");
-    let limits =
-        kernex_server::serve::Limits::from(&state.config.limits).counted_in(&state.metrics);
+    let limits = kernex_server::serve::Limits::from(&state.config.limits)
+        .counted_in(&state.metrics.refusals.connections);
     kernex_server::serve::run(
         listener,
         tls,

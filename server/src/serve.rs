@@ -118,15 +118,15 @@ pub struct Limits {
     /// Connections at once from one address.
     pub max_per_address: usize,
     /// Counts connections closed for `max_per_address` (`From` makes a
-    /// new one; [`Limits::counted_in`] the one `/metrics` shows).
+    /// new one; [`Limits::counted_in`] takes the one `/metrics` shows).
     pub refused: Counter,
 }
 
 impl Limits {
-    /// These limits, counting refusals in `metrics` (what `/metrics`
-    /// shows).
-    pub fn counted_in(mut self, metrics: &crate::http::metrics::Metrics) -> Self {
-        self.refused = metrics.refusals.connections.clone();
+    /// These limits, counting refusals in `refused` (the counter
+    /// `/metrics` shows: `Metrics::refusals.connections`).
+    pub fn counted_in(mut self, refused: &Counter) -> Self {
+        self.refused = refused.clone();
         self
     }
 }

@@ -847,7 +847,11 @@ mod request_timeout {
 /// closed at once) and `max_connections` in all (more wait until one
 /// closes).
 async fn connections_are_capped(h: Arc<Harness>) {
-    let addr = serve(&h, limits(30, 30, 3, 2).counted_in(&h.state.metrics)).await;
+    let addr = serve(
+        &h,
+        limits(30, 30, 3, 2).counted_in(&h.state.metrics.refusals.connections),
+    )
+    .await;
     let mut a1 = connect_from(10, addr).await;
     let _a2 = connect_from(10, addr).await;
     // Give the loop time to accept both.
