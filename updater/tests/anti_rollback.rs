@@ -12,8 +12,7 @@ mod common;
 #[path = "../../attest/tests/common/mod.rs"]
 mod swtpm;
 
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
 
 use common::*;
 use kernex_bootloader::Slot;
@@ -308,39 +307,10 @@ fn allow_downgrade_governs_a_lower_version_of_equal_security_version() {
     assert_eq!(dev.flow().primary_slot().unwrap(), Some(Slot::A));
 }
 
-fn is_stopped(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().next().map(|st| st == "T"))
-        })
-        .unwrap_or(false)
-}
-
 /// Runs `mark-good` until it pauses at the failpoint `step`, then cuts
 /// its power (`kill -9`).
 fn mark_good_killed_at(dev: &Device, step: &str) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kernex-updater"))
-        .arg("--config")
-        .arg(&dev.config)
-        .arg("mark-good")
-        .env("RUST_LOG", "error")
-        .env("KERNEX_TEST_PAUSE_AT", step)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !is_stopped(child.id()) {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("{step}: mark-good never reached the step ({status})");
-        }
-        assert!(Instant::now() < deadline, "{step}: not stopped in 30 s");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    kill_at_pause(&dev.config, &["mark-good"], step, 30);
 }
 
 /// The floor is raised by the commit in two atomic writes (copy A, then

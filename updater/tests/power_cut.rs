@@ -178,17 +178,6 @@ fn chunk_spans(bundle: &[u8]) -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// Whether the process is stopped (state `T` in /proc/<pid>/stat).
-fn is_stopped(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().next().map(|st| st == "T"))
-        })
-        .unwrap_or(false)
-}
-
 /// Power cuts at exact steps, not random ones: in the middle of a journal
 /// write (a torn record on disk), between writing the slot record and the
 /// boot env, and right after the boot env. The updater binary stops itself
@@ -213,29 +202,7 @@ fn kill_9_at_named_steps() {
         let a_before = file_sha256(&dev.path("slot-a.img"));
         let journal = dev.path("data/install/journal");
         server.take_log();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kernex-updater"))
-            .args([
-                "--config",
-                dev.config.to_str().unwrap(),
-                "install",
-                &server.url,
-            ])
-            .env("RUST_LOG", "error")
-            .env("KERNEX_TEST_PAUSE_AT", step)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !is_stopped(child.id()) {
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!("{step}: the updater never reached the step ({status})");
-            }
-            assert!(Instant::now() < deadline, "{step}: not stopped in 60 s");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        kill_at_pause(&dev.config, &["install", &server.url], step, 60);
 
         // The booted slot is untouched; A boots, or B once B verified.
         assert_eq!(file_sha256(&dev.path("slot-a.img")), a_before, "{step}");
@@ -320,29 +287,12 @@ fn a_power_cut_losing_unsynced_data_or_records_costs_only_those_chunks() {
     let server = Server::start(b.bytes.clone(), Fault::None);
     let dev = Device::new(&keys, &v1);
     let journal = dev.path("data/install/journal");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kernex-updater"))
-        .args([
-            "--config",
-            dev.config.to_str().unwrap(),
-            "install",
-            &server.url,
-        ])
-        .env("RUST_LOG", "error")
-        .env("KERNEX_TEST_PAUSE_AT", "journal-write:6")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !is_stopped(child.id()) {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("the updater never reached the sixth journal write ({status})");
-        }
-        assert!(Instant::now() < deadline, "not stopped in 60 s");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_at_pause(
+        &dev.config,
+        &["install", &server.url],
+        "journal-write:6",
+        60,
+    );
 
     let text = std::fs::read_to_string(dev.path("data/install/state.json")).unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
