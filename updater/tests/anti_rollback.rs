@@ -9,6 +9,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
+mod pause;
 #[path = "../../attest/tests/common/mod.rs"]
 mod swtpm;
 
@@ -20,6 +21,7 @@ use kernex_updater::floor::{self, Floor};
 use kernex_updater::source::{self, Link};
 use kernex_updater::store::DataDir;
 use kernex_updater::{InstallOptions, UpdateError};
+use pause::kill_at_pause;
 
 const MIB: usize = 1024 * 1024;
 

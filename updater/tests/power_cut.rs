@@ -7,6 +7,7 @@
 #![allow(clippy::zombie_processes)]
 
 mod common;
+mod pause;
 
 use std::io::Cursor;
 use std::process::{Command, Stdio};
@@ -16,6 +17,7 @@ use common::*;
 use kernex_bootloader::Slot;
 use kernex_protocol::bundle::Bundle;
 use kernex_protocol::{Sha256Digest, SlotClass};
+use pause::kill_at_pause;
 
 fn run_updater(dev: &Device, url: &str) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_kernex-updater"))
