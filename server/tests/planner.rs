@@ -32,6 +32,9 @@ both!(
     preview_equals_what_a_real_updater_fetches_bundle_patch,
     a_corrupted_server_made_patch_still_installs_the_right_image,
     no_device_starts_before_its_patch_exists,
+    a_failed_patch_job_is_retried_by_an_operator,
+    a_deployment_preview_equals_what_each_device_fetches,
+    a_server_made_patch_is_the_vendor_s_patch_byte_for_byte,
 );
 
 /// Serves the harness's app on 127.0.0.1 (the updater speaks HTTP).
@@ -526,4 +529,216 @@ async fn no_device_starts_before_its_patch_exists(h: Arc<Harness>) {
             sha256(&r.images[2])
         );
     }
+}
+
+/// The base release's bundle is missing from the blob store when its job
+/// runs: the job fails, its pair is planned as the chunk delta, and an
+/// operator's retry (audited; 404/409/403 where it does not apply) builds
+/// the patch once the bundle is back, after which the device is planned
+/// and fetches the server patch, to the byte.
+async fn a_failed_patch_job_is_retried_by_an_operator(h: Arc<Harness>) {
+    let url = serve(&h).await;
+    let r = releases(&h, false).await;
+    let (_, enrollment) = h.enrollment_token(&h.admin, &["lab"]).await;
+    let dev = device(&h, &r, &enrollment, "on-1.0.0", Some(0)).await;
+    let (key,): (String,) = sqlx::query_as("SELECT blob_key FROM releases WHERE id = $1")
+        .bind(&r.ids[0])
+        .fetch_one(h.state.store.pool())
+        .await
+        .unwrap();
+    h.state.blobs.delete(&key).await.unwrap();
+    let id = rollout(&h, &r.ids[2]).await;
+    let jobs = built(&h, &r.ids[2]).await;
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert_eq!(jobs[0]["status"], "failed", "{jobs:?}");
+    assert!(jobs[0]["error"].as_str().is_some_and(|e| !e.is_empty()), "{jobs:?}");
+    let job = jobs[0]["id"].as_str().unwrap().to_string();
+    let plain = chunk_delta(Some(&r.bundles[0]), &r.bundles[2]);
+    assert_eq!(preview(&h, &id).await["on-1.0.0"], ("chunk-delta".to_string(), plain));
+    let retry = |job: String, token: String| {
+        let h = h.clone();
+        let release = r.ids[2].clone();
+        async move {
+            h.call(
+                Method::POST,
+                &format!("/api/v1/releases/{release}/patches/{job}/retry"),
+                Some(&token),
+                None,
+            )
+            .await
+        }
+    };
+    // A viewer may not; an unknown job is not found.
+    let viewer = h.user("viewer@example.com", "viewer").await;
+    assert_eq!(retry(job.clone(), viewer).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(retry("nope".into(), h.admin.clone()).await.0, StatusCode::NOT_FOUND);
+    // The bundle is back; the retry builds the patch.
+    let spool = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(spool.path(), &r.bundles[0].bytes).unwrap();
+    h.state.blobs.put_file(&key, spool.path()).await.unwrap();
+    let (s, v) = retry(job.clone(), h.admin.clone()).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    let jobs = built(&h, &r.ids[2]).await;
+    assert_eq!(jobs[0]["status"], "ready", "{jobs:?}");
+    assert!(jobs[0]["error"].is_null(), "{jobs:?}");
+    // Only a failed job is retried.
+    assert_eq!(retry(job.clone(), h.admin.clone()).await.0, StatusCode::CONFLICT);
+    let planned = preview(&h, &id).await;
+    let (method, bytes) = planned["on-1.0.0"].clone();
+    assert_eq!(method, "server-patch", "{planned:?}");
+    assert!(bytes < plain, "{bytes} >= {plain}");
+    let (s, v) = h
+        .call(Method::GET, "/api/v1/audit?limit=50", Some(&h.admin), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let retries: Vec<&Value> = v["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "release.patch.retry")
+        .collect();
+    assert_eq!(retries.len(), 2, "the retry and the refused one (409): {retries:?}");
+    start(&h, &id).await;
+    let d = desired(&h, &dev).await;
+    assert_eq!(d.patches.len(), 1, "{d:?}");
+    let report = install(&url, &dev, &d).await;
+    assert_eq!(report.bytes_fetched, bytes, "{report:?}");
+    assert!(report.chunks_patched > 0, "{report:?}");
+    assert_eq!(file_sha256(&dev.device.path("slot-a.img")), sha256(&r.images[2]));
+}
+
+/// Per device (method, bytes, building) of a deployment preview.
+fn per_device(v: &Value) -> std::collections::BTreeMap<String, (String, u64, bool)> {
+    v["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["device_id"].as_str().unwrap().to_string(),
+                (
+                    d["method"].as_str().unwrap().to_string(),
+                    d["bytes"].as_u64().unwrap(),
+                    d["patch_building"].as_bool().unwrap(),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// A deployment's preview, before it is made (patches to be built: the
+/// chunk delta meanwhile) and after (final), equals what each device
+/// fetches, to the byte, for every method.
+async fn a_deployment_preview_equals_what_each_device_fetches(h: Arc<Harness>) {
+    let url = serve(&h).await;
+    let r = releases(&h, false).await;
+    let (_, enrollment) = h.enrollment_token(&h.admin, &["lab"]).await;
+    let devs = vec![
+        device(&h, &r, &enrollment, "factory", None).await,
+        device(&h, &r, &enrollment, "on-1.0.0", Some(0)).await,
+        device(&h, &r, &enrollment, "on-1.1.0", Some(1)).await,
+    ];
+    let ids: Vec<String> = devs.iter().map(|d| d.id.clone()).collect();
+    let body = json!({"release_id": r.ids[2], "devices": ids});
+    let (s, v) = h
+        .call(Method::POST, "/api/v1/deployments/preview", Some(&h.admin), Some(body.clone()))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let before = per_device(&v);
+    let plain = |k: usize| chunk_delta(Some(&r.bundles[k]), &r.bundles[2]);
+    assert_eq!(before["factory"], ("full".into(), chunk_delta(None, &r.bundles[2]), false));
+    assert_eq!(before["on-1.0.0"], ("chunk-delta".into(), plain(0), true));
+    assert_eq!(before["on-1.1.0"], ("chunk-delta".into(), plain(1), true));
+    assert_eq!(v["patches_building"], 2, "{v}");
+    assert_eq!(h.count("deployments").await, 0, "a preview makes nothing");
+    // Bad input: an unknown release, a device of another hardware class.
+    let (s, _) = h
+        .call(
+            Method::POST,
+            "/api/v1/deployments/preview",
+            Some(&h.admin),
+            Some(json!({"release_id": "nope", "devices": [devs[0].id]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (other, _) = h.enroll(&enrollment, "other-class", "x86_64-efi").await;
+    let (s, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/deployments/preview",
+            Some(&h.admin),
+            Some(json!({"release_id": r.ids[2], "devices": [other]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    // Made: the server builds both patches, and the preview is final.
+    let (s, v) = h
+        .call(Method::POST, "/api/v1/deployments", Some(&h.admin), Some(body))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let deployment = v["id"].as_str().unwrap().to_string();
+    let jobs = built(&h, &r.ids[2]).await;
+    assert!(jobs.iter().all(|j| j["status"] == "ready"), "{jobs:?}");
+    let (s, v) = h
+        .call(
+            Method::GET,
+            &format!("/api/v1/deployments/{deployment}/preview"),
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["patches_building"], 0, "{v}");
+    assert_eq!(v["methods"]["server-patch"], 2, "{v}");
+    let after = per_device(&v);
+    assert!(after["on-1.0.0"].1 < plain(0), "{after:?}");
+    assert!(after["on-1.1.0"].1 < plain(1), "{after:?}");
+    assert_eq!(
+        v["total_bytes"].as_u64().unwrap(),
+        after.values().map(|p| p.1).sum::<u64>()
+    );
+    for dev in &devs {
+        let (method, bytes, building) = after[&dev.name].clone();
+        assert!(!building);
+        let d = desired(&h, dev).await;
+        assert_eq!(d.patches.len(), usize::from(method == "server-patch"), "{d:?}");
+        let report = install(&url, dev, &d).await;
+        assert_eq!(report.bytes_fetched, bytes, "{}: {method}", dev.name);
+        let slot = if dev.name == "factory" { "slot-b.img" } else { "slot-a.img" };
+        assert_eq!(file_sha256(&dev.device.path(slot)), sha256(&r.images[2]));
+    }
+}
+
+/// The server builds its patch with the protocol's builder at the level
+/// `kernex-image bundle create --patch-from` uses: the patch a device gets
+/// from the server is the one the vendor would have put in the bundle,
+/// byte for byte (so `bench/delta.sh`'s `--patch-from` row is the
+/// planner's bytes).
+async fn a_server_made_patch_is_the_vendor_s_patch_byte_for_byte(h: Arc<Harness>) {
+    let r = releases(&h, false).await;
+    let (_, enrollment) = h.enrollment_token(&h.admin, &["lab"]).await;
+    let _dev = device(&h, &r, &enrollment, "on-1.1.0", Some(1)).await;
+    let _id = rollout(&h, &r.ids[2]).await;
+    let jobs = built(&h, &r.ids[2]).await;
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert_eq!(jobs[0]["status"], "ready", "{jobs:?}");
+    let (key, size): (String, i64) =
+        sqlx::query_as("SELECT blob_key, size FROM server_patches WHERE id = $1")
+            .bind(jobs[0]["id"].as_str().unwrap())
+            .fetch_one(h.state.store.pool())
+            .await
+            .unwrap();
+    let server_made = kernex_server::service::patches::build::read_blob(
+        &h.state,
+        &key,
+        0..u64::try_from(size).unwrap(),
+    )
+    .await
+    .unwrap();
+    let vendor = bundle_patched(&r.images[2], "2.0.0", &r.keys, &r.bundles[1]);
+    let b = Bundle::open(std::io::Cursor::new(vendor.bytes.clone())).unwrap();
+    let (_, span) = b.layout().images[0].patches[0];
+    let member = &vendor.bytes[span.offset as usize..span.end() as usize];
+    assert_eq!(server_made.len(), member.len());
+    assert!(server_made == member, "the server-made patch differs from the vendor's");
 }

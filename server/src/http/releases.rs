@@ -23,6 +23,20 @@ pub fn router() -> Router<AppState> {
         .route("/releases/{id}", get(detail).delete(remove))
         .route("/releases/{id}/bundle", get(download_operator))
         .route("/releases/{id}/patches", get(patch_jobs))
+        .route("/releases/{id}/patches/{job}/retry", post(retry_patch_job))
+}
+
+/// Build a failed server patch job again (ops, audited): devices of its
+/// pair that have not started wait for it, then get the cheaper method.
+#[utoipa::path(post, path = "/api/v1/releases/{id}/patches/{job}/retry",
+    responses((status = 204), (status = 403), (status = 404), (status = 409)))]
+pub async fn retry_patch_job(
+    State(state): State<AppState>,
+    op: Operator,
+    Path((id, job)): Path<(String, String)>,
+) -> Result<StatusCode> {
+    crate::service::patches::retry(&state, &op, &id, &job).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// The patches the server builds for devices installing this release

@@ -27,6 +27,7 @@ mod layout;
 mod link;
 mod operations;
 mod orgs;
+mod patch_jobs;
 mod people;
 mod releases;
 mod rollouts;
@@ -81,6 +82,10 @@ pub fn router() -> Router<AppState> {
         .route("/ui/releases/upload", post(releases::upload))
         .route("/ui/releases/delta", get(releases::delta))
         .route("/ui/releases/{id}", get(releases::detail))
+        .route(
+            "/ui/releases/{id}/patches/{job}/retry",
+            post(patch_jobs::retry),
+        )
         .route(
             "/ui/deployments",
             get(operations::deployments).post(operations::deploy),

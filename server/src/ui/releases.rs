@@ -129,6 +129,7 @@ pub async fn detail(State(state): State<AppState>, s: Session, Path(id): Path<St
     let raw = r.manifest.clone().unwrap_or_default();
     let typed: Option<Manifest> = serde_json::from_value(raw.clone()).ok();
     let pretty = serde_json::to_string_pretty(&raw).unwrap_or_default();
+    let jobs = super::patch_jobs::of(&state, &s, &id).await?;
     Ok(layout::page(
         &s,
         Nav::Releases,
@@ -166,6 +167,7 @@ pub async fn detail(State(state): State<AppState>, s: Session, Path(id): Path<St
                     pre { (serde_json::to_string_pretty(h).unwrap_or_default()) }
                 }
             }
+            (super::patch_jobs::section(&s, &r.id, &jobs))
             details {
                 summary { "Signed manifest (JSON)" }
                 pre { (pretty) }

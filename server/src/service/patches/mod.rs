@@ -29,11 +29,16 @@
 //!   poll answer offers; [`waiting`]: a patch of the pair is still being
 //!   built (the device is not started).
 //! * [`gc`]: patches of base releases no device runs any more.
+//! * [`retry`]: an operator puts a failed job back in the queue.
+//! * [`per_device`]: a deployment's preview, the choice per device.
 
 pub mod build;
 mod gc;
+pub mod per_device;
+mod retry;
 
 pub use gc::gc;
+pub use retry::retry;
 
 use kernex_protocol::Manifest;
 use kernex_protocol::api::{ServerPatch, paths};
