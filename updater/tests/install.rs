@@ -460,6 +460,33 @@ fn daily_budget_stops_cleanly_and_resumes() {
     );
 }
 
+/// A server-made patch is read over the bundle's link
+/// (`HttpSource::sibling`, as the daemon does): its bytes count against
+/// the same daily budget. Two links would each start from the saved count
+/// and miss the other's bytes.
+#[test]
+fn a_sibling_source_counts_against_the_same_daily_budget() {
+    use kernex_protocol::reader::RangeRead;
+    let keys = keys();
+    let dev = Device::new(&keys, &image(MIB, 1));
+    dev.write_config("A", "metered = true\ndaily-budget = 300000\n");
+    let bundle_server = Server::start(vec![1u8; 200_000], Fault::None);
+    let patch_server = Server::start(vec![2u8; 200_000], Fault::None);
+    let config = dev.load();
+    let data = kernex_updater::store::DataDir::new(&config.data_dir);
+    let link = Link::new(&config.link, &data).unwrap();
+    let mut bundle = source::HttpSource::new(&bundle_server.url, link);
+    let mut patch = bundle.sibling(&patch_server.url);
+    assert_eq!(bundle.read_range(0, 150_000).unwrap(), vec![1u8; 150_000]);
+    let err = patch.read_range(0, 200_000).unwrap_err();
+    assert!(matches!(err, UpdateError::BudgetSpent { .. }), "{err}");
+    assert_eq!(bundle.fetched_bytes(), 150_000, "each keeps its own counts");
+    drop(patch);
+    drop(bundle);
+    let status = kernex_updater::status(&dev.load(), dev.flow().as_mut()).unwrap();
+    assert!(status.link.used_today > 300_000, "{:?}", status.link);
+}
+
 #[test]
 fn rate_limit_holds() {
     let keys = keys();

@@ -203,13 +203,11 @@ impl Daemon<'_> {
         let link = Link::new(&self.ctx.config.link, &self.data)?;
         let mut source = HttpSource::with_tls(&url, link, self.tls.clone()).with_bearer(credential);
         // Patches the server made from the booted release, read from
-        // their own URLs ([`crate::install::server_patch`]).
+        // their own URLs ([`crate::install::server_patch`]) over the
+        // bundle's connections and link (one rate limit, one budget).
         let mut offers: Vec<(api::ServerPatch, Box<dyn crate::source::Source>)> = Vec::new();
         for p in &desired.patches {
-            let link = Link::new(&self.ctx.config.link, &self.data)?;
-            let patch_url = self.client.url(&p.url);
-            let src =
-                HttpSource::with_tls(&patch_url, link, self.tls.clone()).with_bearer(credential);
+            let src = source.sibling(&self.client.url(&p.url));
             offers.push((p.clone(), Box::new(src)));
         }
         let options = crate::install::InstallOptions {

@@ -112,6 +112,24 @@ impl HttpSource {
         }
     }
 
+    /// Another file on the same server (a server-made patch beside the
+    /// bundle): its own URL, size and counts, but this source's connection
+    /// pool, credential and link profile. One link, so the rate limit holds
+    /// for both together and every byte of either counts against the one
+    /// daily budget (two links would each keep a count of their own, and
+    /// the last to save would drop the other's bytes).
+    pub fn sibling(&self, url: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            agent: self.agent.clone(),
+            link: self.link.clone(),
+            total: None,
+            counts: Arc::default(),
+            warned_no_range: Arc::default(),
+            bearer: self.bearer.clone(),
+        }
+    }
+
     /// The link profile, shared with the forks.
     fn link(&self) -> MutexGuard<'_, Link> {
         self.link.lock().unwrap_or_else(PoisonError::into_inner)
