@@ -21,13 +21,9 @@ async fn releases_of(state: &AppState, s: &Session) -> UiResult<Vec<Release>> {
     Ok(releases::list(state, &s.op).await?)
 }
 
-async fn devices_of(state: &AppState, s: &Session) -> UiResult<Vec<Device>> {
-    let all = DeviceFilter {
-        limit: Some(5000),
-        ..DeviceFilter::default()
-    };
-    Ok(fleet::list(state, &s.op, &all).await?)
-}
+/// Devices the deployment picker lists at most (the device list selects
+/// any number through its filters).
+const PICKER: i64 = 500;
 
 /// Query of the deployments page.
 #[derive(Debug, Deserialize)]
@@ -54,13 +50,22 @@ pub async fn deployments(
         .release
         .as_deref()
         .and_then(|id| releases.iter().find(|r| r.id == id));
-    let candidates: Vec<Device> = match chosen {
-        Some(r) => devices_of(&state, &s)
-            .await?
-            .into_iter()
-            .filter(|d| d.hardware_class == r.compatible && !d.revoked)
-            .collect(),
-        None => Vec::new(),
+    let (candidates, matching): (Vec<Device>, i64) = match chosen {
+        Some(r) => {
+            let page = fleet::page(
+                &state,
+                &s.op,
+                &DeviceFilter {
+                    hardware_class: Some(r.compatible.clone()),
+                    limit: Some(PICKER),
+                    ..DeviceFilter::default()
+                },
+            )
+            .await?;
+            let list = page.devices.into_iter().filter(|d| !d.revoked).collect();
+            (list, page.total)
+        }
+        None => (Vec::new(), 0),
     };
     Ok(layout::page(
         &s,
@@ -94,6 +99,16 @@ pub async fn deployments(
                                 fieldset {
                                     legend { "Devices (" (r.compatible) ")" }
                                     @if candidates.is_empty() { p.empty { "No enrolled " (r.compatible) " device." } }
+                                    @else {
+                                        div.check {
+                                            input #select-all type="checkbox" data-select-all="device";
+                                            label for="select-all" { "Select all listed" }
+                                        }
+                                    }
+                                    @if matching > PICKER {
+                                        p.small { "The first " (PICKER) " of " (matching) " " (r.compatible) " devices. To choose among all, filter the "
+                                            a href={ "/ui/devices?hardware_class=" (format::url_encode(&r.compatible)) } { "device list" } " and deploy from there." }
+                                    }
                                     @for d in &candidates {
                                         div.check {
                                             input type="checkbox" name="device" value=(d.id) id={ "dev-" (d.id) };
@@ -149,7 +164,7 @@ pub async fn confirm_deploy(State(state): State<AppState>, form: Form) -> UiResu
     }
     let req = new_deployment(&form)?;
     let release = releases::detail(&state, &s.op, &req.release_id).await?;
-    let all = devices_of(&state, s).await?;
+    let all = fleet::named(&state, &s.op, &req.devices).await?;
     let by_id: BTreeMap<&str, &Device> = all.iter().map(|d| (d.id.as_str(), d)).collect();
     let mut chosen = Vec::new();
     for id in &req.devices {
@@ -200,7 +215,14 @@ async fn deployment_body(
     id: &str,
 ) -> UiResult<(Deployment, Markup)> {
     let d = deployments::detail(state, &s.op, id).await?;
-    let names: HashMap<String, String> = devices_of(state, s)
+    let ids: Vec<String> = d
+        .devices
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .map(|st| st.device.clone())
+        .collect();
+    let names: HashMap<String, String> = fleet::named(state, &s.op, &ids)
         .await?
         .into_iter()
         .map(|d| (d.id, d.device_id))
