@@ -61,7 +61,12 @@ async fn seed(state: &AppState, org: &str, n: usize) -> Result<()> {
     Ok(())
 }
 
-async fn get(app: &axum::Router, path: &str, cookie: &str, bearer: &str) -> Result<(Duration, usize)> {
+async fn get(
+    app: &axum::Router,
+    path: &str,
+    cookie: &str,
+    bearer: &str,
+) -> Result<(Duration, usize)> {
     let req = Request::get(path)
         .header("cookie", cookie)
         .header("authorization", bearer)
@@ -94,7 +99,11 @@ async fn main() -> Result<()> {
             plain.push(a.clone());
         }
     }
-    let n: usize = plain.first().map(|a| a.parse()).transpose()?.unwrap_or(100_000);
+    let n: usize = plain
+        .first()
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(100_000);
     let runs: usize = plain.get(1).map(|a| a.parse()).transpose()?.unwrap_or(20);
     let dir = tempfile::tempdir()?;
     let mut config = Config {
@@ -107,7 +116,9 @@ async fn main() -> Result<()> {
         let name = format!("kx_ui_bench_{}", std::process::id());
         sqlx::any::install_default_drivers();
         let admin = sqlx::AnyPool::connect(url).await?;
-        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await?;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await?;
         let (prefix, _) = url.rsplit_once('/').context("a URL with a database")?;
         config.database_url = Some(format!("{prefix}/{name}"));
         drop_db = Some((admin, name));
@@ -125,7 +136,11 @@ async fn main() -> Result<()> {
     println!(
         "setup: {n} devices in {:.1} s ({})",
         t.elapsed().as_secs_f64(),
-        if postgres.is_some() { "PostgreSQL" } else { "SQLite" }
+        if postgres.is_some() {
+            "PostgreSQL"
+        } else {
+            "SQLite"
+        }
     );
     let app = http::app(state.clone());
     let login = Request::post("/api/v1/login")
@@ -140,22 +155,43 @@ async fn main() -> Result<()> {
     let token = body["token"].as_str().context("no token")?.to_string();
     let cookie = format!("kernex_session={token}");
     let bearer = format!("Bearer {token}");
-    let page_500 = hex::encode(format!("dev-{:07}", (499 * 100 - 1).min(n.saturating_sub(2))));
+    let page_500 = hex::encode(format!(
+        "dev-{:07}",
+        (499 * 100 - 1).min(n.saturating_sub(2))
+    ));
     let pages = [
         ("overview", "/ui/".to_string()),
         ("overview live fragment", "/ui/live/overview".to_string()),
         ("device list, first page", "/ui/devices".to_string()),
-        ("device list, page 500", format!("/ui/devices?after={page_500}")),
-        ("device list, search", format!("/ui/devices?q=host-{}", n / 2)),
-        ("device list, tag filter", "/ui/devices?tag=canary".to_string()),
+        (
+            "device list, page 500",
+            format!("/ui/devices?after={page_500}"),
+        ),
+        (
+            "device list, search",
+            format!("/ui/devices?q=host-{}", n / 2),
+        ),
+        (
+            "device list, tag filter",
+            "/ui/devices?tag=canary".to_string(),
+        ),
         ("device page", "/ui/devices/pk0000007".to_string()),
-        ("device live fragment", "/ui/devices/pk0000007/live".to_string()),
+        (
+            "device live fragment",
+            "/ui/devices/pk0000007/live".to_string(),
+        ),
         ("API list, 500", "/api/v1/devices".to_string()),
         ("API list, 5000", "/api/v1/devices?limit=5000".to_string()),
-        ("API list, page 500 of 100", format!("/api/v1/devices?limit=100&after={page_500}")),
+        (
+            "API list, page 500 of 100",
+            format!("/api/v1/devices?limit=100&after={page_500}"),
+        ),
         ("API search", format!("/api/v1/devices?q=host-{}", n / 2)),
     ];
-    println!("{:<28} {:>9} {:>9} {:>9} {:>10}", "page", "p50 ms", "p95 ms", "max ms", "bytes");
+    println!(
+        "{:<28} {:>9} {:>9} {:>9} {:>10}",
+        "page", "p50 ms", "p95 ms", "max ms", "bytes"
+    );
     for (name, path) in &pages {
         let mut times = Vec::with_capacity(runs);
         let mut size = 0;
@@ -166,7 +202,8 @@ async fn main() -> Result<()> {
             size = s;
         }
         times.sort();
-        let at = |q: f64| times[((times.len() as f64 * q).ceil() as usize).clamp(1, times.len()) - 1];
+        let at =
+            |q: f64| times[((times.len() as f64 * q).ceil() as usize).clamp(1, times.len()) - 1];
         println!(
             "{name:<28} {:>9.1} {:>9.1} {:>9.1} {size:>10}",
             ms(at(0.5)),

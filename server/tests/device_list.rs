@@ -158,7 +158,12 @@ async fn search_matches_ids_hostnames_and_tags(h: Arc<Harness>) {
     let find = |q: &str| format!("/api/v1/devices?q={q}&limit=5000");
     // The device id, in any case.
     let (_, hd, v) = get(&h, &find("DEV-000119")).await;
-    assert_eq!(ids(&v), (1190..1200).map(|i| format!("dev-{i:07}")).collect::<Vec<_>>());
+    assert_eq!(
+        ids(&v),
+        (1190..1200)
+            .map(|i| format!("dev-{i:07}"))
+            .collect::<Vec<_>>()
+    );
     assert_eq!(total(&hd), 10);
     // The hostname of its hardware metadata.
     let (_, hd, v) = get(&h, &find("host-1201")).await;
@@ -195,12 +200,23 @@ struct Ui {
 
 async fn page(h: &Harness, ui: &Ui, path: &str) -> (StatusCode, String) {
     let (s, _, bytes) = h
-        .raw(Method::GET, path, None, &[("cookie", &ui.cookie)], Body::empty())
+        .raw(
+            Method::GET,
+            path,
+            None,
+            &[("cookie", &ui.cookie)],
+            Body::empty(),
+        )
         .await;
     (s, String::from_utf8(bytes).unwrap())
 }
 
-async fn post(h: &Harness, ui: &Ui, path: &str, fields: &[(&str, &str)]) -> (StatusCode, HeaderMap, String) {
+async fn post(
+    h: &Harness,
+    ui: &Ui,
+    path: &str,
+    fields: &[(&str, &str)],
+) -> (StatusCode, HeaderMap, String) {
     let mut all = vec![("csrf", ui.csrf.as_str())];
     all.extend_from_slice(fields);
     let (s, hd, bytes) = h
@@ -251,16 +267,26 @@ async fn ui_counts_and_search_at_5001(h: Arc<Harness>) {
     let cards = body.split("data-count=\"total\"").nth(1).unwrap();
     assert!(cards.contains(">5001<"), "the overview counts every device");
     let (_, body) = page(&h, &ui, "/ui/devices").await;
-    assert_eq!(attr_after(&body, "id=\"device-count\"", "data-total"), "5001");
+    assert_eq!(
+        attr_after(&body, "id=\"device-count\"", "data-total"),
+        "5001"
+    );
     assert_eq!(body.matches("data-device=\"").count(), 100, "one page");
     let next = attr_after(&body, "id=\"next-page\"", "href").replace("&amp;", "&");
     let (s, body) = page(&h, &ui, &next).await;
     assert_eq!(s, StatusCode::OK);
-    assert!(body.contains("data-device=\"dev-0000100\""), "the second page");
+    assert!(
+        body.contains("data-device=\"dev-0000100\""),
+        "the second page"
+    );
     // Search finds a device beyond the first 5,000 and the 4,999th.
     for (q, want) in [("dev-0004999", "dev-0004999"), ("host-5000", "dev-0005000")] {
         let (_, body) = page(&h, &ui, &format!("/ui/devices?q={q}")).await;
-        assert_eq!(attr_after(&body, "id=\"device-count\"", "data-total"), "1", "{q}");
+        assert_eq!(
+            attr_after(&body, "id=\"device-count\"", "data-total"),
+            "1",
+            "{q}"
+        );
         assert!(body.contains(&format!("data-device=\"{want}\"")), "{q}");
     }
     // A bad address is said in the page's words, not the parser's.
@@ -280,7 +306,12 @@ async fn bulk_tag_on_a_filter_reaches_the_rollout_selector(h: Arc<Harness>) {
         &h,
         &ui,
         "/ui/devices/bulk",
-        &[("f_q", "dev-000001"), ("scope", "filter"), ("action", "tag"), ("value", "canary")],
+        &[
+            ("f_q", "dev-000001"),
+            ("scope", "filter"),
+            ("action", "tag"),
+            ("value", "canary"),
+        ],
     )
     .await;
     assert_eq!(s, StatusCode::OK, "{body}");
@@ -292,7 +323,13 @@ async fn bulk_tag_on_a_filter_reaches_the_rollout_selector(h: Arc<Harness>) {
         &h,
         &ui,
         "/ui/devices/bulk",
-        &[("scope", "selected"), ("device", "pk0000001"), ("device", "pk0000003"), ("action", "link_class"), ("value", "metered-4g")],
+        &[
+            ("scope", "selected"),
+            ("device", "pk0000001"),
+            ("device", "pk0000003"),
+            ("action", "link_class"),
+            ("value", "metered-4g"),
+        ],
     )
     .await;
     assert_eq!(s, StatusCode::OK);
@@ -301,7 +338,12 @@ async fn bulk_tag_on_a_filter_reaches_the_rollout_selector(h: Arc<Harness>) {
         &h,
         &ui,
         "/ui/devices/bulk",
-        &[("scope", "selected"), ("device", "pk0000001"), ("action", "time_zone"), ("value", "Mars/Olympus")],
+        &[
+            ("scope", "selected"),
+            ("device", "pk0000001"),
+            ("action", "time_zone"),
+            ("value", "Mars/Olympus"),
+        ],
     )
     .await;
     assert_eq!(s, StatusCode::OK);
@@ -314,12 +356,22 @@ async fn bulk_tag_on_a_filter_reaches_the_rollout_selector(h: Arc<Harness>) {
         "waves": [{"percent": 100, "soak_secs": 0}],
     });
     let (s, p) = h
-        .call(Method::POST, "/api/v1/rollouts/preview", Some(&h.admin), Some(spec))
+        .call(
+            Method::POST,
+            "/api/v1/rollouts/preview",
+            Some(&h.admin),
+            Some(spec),
+        )
         .await;
     assert_eq!(s, StatusCode::OK, "{p}");
     assert_eq!(p["targets"], 110);
     let (s, link) = h
-        .call(Method::GET, "/api/v1/devices/pk0000003/link", Some(&h.admin), None)
+        .call(
+            Method::GET,
+            "/api/v1/devices/pk0000003/link",
+            Some(&h.admin),
+            None,
+        )
         .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(link["link"]["link_class"], "metered-4g", "{link}");
@@ -328,30 +380,59 @@ async fn bulk_tag_on_a_filter_reaches_the_rollout_selector(h: Arc<Harness>) {
         &h,
         &ui,
         "/ui/devices/bulk",
-        &[("f_tag", "canary"), ("scope", "filter"), ("action", "untag"), ("value", "canary")],
+        &[
+            ("f_tag", "canary"),
+            ("scope", "filter"),
+            ("action", "untag"),
+            ("value", "canary"),
+        ],
     )
     .await;
-    assert!(body.contains("Removed tag canary from 110 device(s)."), "{body}");
-    let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM audit_log WHERE action = 'device.bulk_untag'")
-        .fetch_one(h.state.store.pool())
-        .await
-        .unwrap();
+    assert!(
+        body.contains("Removed tag canary from 110 device(s)."),
+        "{body}"
+    );
+    let (n,): (i64,) =
+        sqlx::query_as("SELECT COUNT(*) FROM audit_log WHERE action = 'device.bulk_untag'")
+            .fetch_one(h.state.store.pool())
+            .await
+            .unwrap();
     assert_eq!(n, 1);
 }
 
 async fn device_edits_keep_the_values_and_say_what_is_wrong(h: Arc<Harness>) {
     seed(&h, 3).await;
     let ui = ui(&h).await;
-    let (s, _, body) = post(&h, &ui, "/ui/devices/pk0000001/tags", &[("tags", "lab, bad!tag")]).await;
+    let (s, _, body) = post(
+        &h,
+        &ui,
+        "/ui/devices/pk0000001/tags",
+        &[("tags", "lab, bad!tag")],
+    )
+    .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(body.contains("id=\"tags-error\""), "{body}");
     assert!(body.contains("bad!tag"), "{body}");
-    assert!(body.contains("value=\"lab, bad!tag\""), "the typed value is kept");
-    let (s, hd, _) = post(&h, &ui, "/ui/devices/pk0000001/tags", &[("tags", "lab plant-7, lab")]).await;
+    assert!(
+        body.contains("value=\"lab, bad!tag\""),
+        "the typed value is kept"
+    );
+    let (s, hd, _) = post(
+        &h,
+        &ui,
+        "/ui/devices/pk0000001/tags",
+        &[("tags", "lab plant-7, lab")],
+    )
+    .await;
     assert_eq!(s, StatusCode::SEE_OTHER);
     assert_eq!(hd.get("location").unwrap(), "/ui/devices/pk0000001#tags");
     let (_, d) = h
-        .call(Method::GET, "/api/v1/devices/pk0000001", Some(&h.admin), None)
+        .call(
+            Method::GET,
+            "/api/v1/devices/pk0000001",
+            Some(&h.admin),
+            None,
+        )
         .await;
     assert_eq!(d["tags"], json!(["lab", "plant-7"]));
 
@@ -359,7 +440,11 @@ async fn device_edits_keep_the_values_and_say_what_is_wrong(h: Arc<Harness>) {
         &h,
         &ui,
         "/ui/devices/pk0000001/link",
-        &[("link_class", "wifi"), ("site", "plant-7"), ("time_zone", "Mars/Olympus")],
+        &[
+            ("link_class", "wifi"),
+            ("site", "plant-7"),
+            ("time_zone", "Mars/Olympus"),
+        ],
     )
     .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
@@ -369,18 +454,30 @@ async fn device_edits_keep_the_values_and_say_what_is_wrong(h: Arc<Harness>) {
         &h,
         &ui,
         "/ui/devices/pk0000001/link",
-        &[("link_class", "wifi"), ("site", "plant-7"), ("time_zone", "Europe/Berlin")],
+        &[
+            ("link_class", "wifi"),
+            ("site", "plant-7"),
+            ("time_zone", "Europe/Berlin"),
+        ],
     )
     .await;
     assert_eq!(s, StatusCode::SEE_OTHER);
     let (_, link) = h
-        .call(Method::GET, "/api/v1/devices/pk0000001/link", Some(&h.admin), None)
+        .call(
+            Method::GET,
+            "/api/v1/devices/pk0000001/link",
+            Some(&h.admin),
+            None,
+        )
         .await;
     assert_eq!(link["link"]["time_zone"], "Europe/Berlin", "{link}");
     // The device page shows what was done to it.
     let (_, body) = page(&h, &ui, "/ui/devices/pk0000001").await;
     let history = body.split("id=\"history\"").nth(1).unwrap();
-    assert!(history.contains("device.tags") && history.contains("device.link"), "{history}");
+    assert!(
+        history.contains("device.tags") && history.contains("device.link"),
+        "{history}"
+    );
 }
 
 async fn rollout_buttons_follow_the_state(h: Arc<Harness>) {
@@ -396,7 +493,12 @@ async fn rollout_buttons_follow_the_state(h: Arc<Harness>) {
     let (_, live) = page(&h, &ui, &format!("/ui/rollouts/{id}/live")).await;
     assert!(live.contains("data-action=\"start\""), "{live}");
     let (s, _) = h
-        .call(Method::POST, &format!("/api/v1/rollouts/{id}/abort"), Some(&h.admin), None)
+        .call(
+            Method::POST,
+            &format!("/api/v1/rollouts/{id}/abort"),
+            Some(&h.admin),
+            None,
+        )
         .await;
     assert!(s.is_success(), "{s}");
     // The live fragment carries the buttons: an aborted rollout offers
@@ -404,9 +506,16 @@ async fn rollout_buttons_follow_the_state(h: Arc<Harness>) {
     let (_, live) = page(&h, &ui, &format!("/ui/rollouts/{id}/live")).await;
     assert!(live.contains("data-action=\"rollback\""), "{live}");
     for gone in ["pause", "abort", "start", "resume"] {
-        assert!(!live.contains(&format!("data-action=\"{gone}\"")), "{gone}: {live}");
+        assert!(
+            !live.contains(&format!("data-action=\"{gone}\"")),
+            "{gone}: {live}"
+        );
     }
-    assert!(live.len() < 20_000, "a live update is small: {}", live.len());
+    assert!(
+        live.len() < 20_000,
+        "a live update is small: {}",
+        live.len()
+    );
     // A button from a stale page: the refusal in place, with what is
     // possible now.
     let (s, _, body) = post(&h, &ui, &format!("/ui/rollouts/{id}/pause"), &[]).await;

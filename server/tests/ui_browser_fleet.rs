@@ -107,7 +107,13 @@ fn live_pages_keep_the_operators_place() {
     assert_eq!(s, 200, "{v}");
     let admin = v["token"].as_str().unwrap().to_string();
     let ca = std::fs::read_to_string(golden("ca.crt")).unwrap();
-    let (s, _) = request(&http, "PUT", &api("/org/keyring"), Some(&admin), Some(json!({"pem": ca})));
+    let (s, _) = request(
+        &http,
+        "PUT",
+        &api("/org/keyring"),
+        Some(&admin),
+        Some(json!({"pem": ca})),
+    );
     assert_eq!(s, 204);
     let bundle = std::fs::read(golden("valid.kxb")).unwrap();
     let mut r = http
@@ -126,7 +132,9 @@ fn live_pages_keep_the_operators_place() {
         "POST",
         &api("/rollouts"),
         Some(&admin),
-        Some(json!({"name": "keep my place", "release_id": release, "waves": [{"percent": 100, "soak_secs": 0}]})),
+        Some(
+            json!({"name": "keep my place", "release_id": release, "waves": [{"percent": 100, "soak_secs": 0}]}),
+        ),
     );
     assert_eq!(s, 201, "{v}");
     let id = v["id"].as_str().unwrap().to_string();
@@ -154,7 +162,10 @@ fn live_pages_keep_the_operators_place() {
         std::thread::sleep(Duration::from_millis(500));
     }
     assert_eq!(b.js("return document.getElementById('edit').open;"), true);
-    assert_eq!(b.js("return document.querySelector('#edit #soak_minutes').value;"), "17");
+    assert_eq!(
+        b.js("return document.querySelector('#edit #soak_minutes').value;"),
+        "17"
+    );
     assert_eq!(b.js("return window.scrollY;").as_f64().unwrap(), scrolled);
     assert_eq!(
         b.js("return document.querySelector('#live [data-status]').kernexMark || null;"),
@@ -163,7 +174,13 @@ fn live_pages_keep_the_operators_place() {
     );
     // The buttons follow the state, without a reload: abort it elsewhere.
     b.js("window.kernexNoReload = true; return 0;");
-    let (s, _) = request(&http, "POST", &api(&format!("/rollouts/{id}/abort")), Some(&admin), None);
+    let (s, _) = request(
+        &http,
+        "POST",
+        &api(&format!("/rollouts/{id}/abort")),
+        Some(&admin),
+        None,
+    );
     assert_eq!(s, 200);
     let deadline = Instant::now() + Duration::from_secs(20);
     while b.exists("#live [data-action=start]") {
@@ -172,6 +189,10 @@ fn live_pages_keep_the_operators_place() {
     }
     assert!(b.exists("#live [data-action=rollback]"));
     assert!(!b.exists("[data-action=abort]") && !b.exists("[data-action=pause]"));
-    assert_eq!(b.js("return window.kernexNoReload === true;"), true, "no reload");
+    assert_eq!(
+        b.js("return window.kernexNoReload === true;"),
+        true,
+        "no reload"
+    );
     b.screenshot("fleet-03-rollout-after-abort");
 }

@@ -15,7 +15,7 @@ use super::layout::{self, Nav, heading, status_badge};
 use super::{Form, Session, UiError, UiResult, csrf_field, see_other};
 use crate::AppState;
 use crate::auth::Role;
-use crate::service::audit::{self, Search};
+use crate::service::audit;
 use crate::service::devices::fleet::{self, Device, LogFilter};
 use crate::store::now_ms;
 
@@ -34,7 +34,12 @@ impl Edit {
     /// The value typed for `field` in `form`, if this edit is that form's.
     pub fn value(&self, form: &str, field: &str) -> Option<&str> {
         (self.form == form)
-            .then(|| self.values.iter().find(|(k, _)| k == field).map(|(_, v)| v.as_str()))
+            .then(|| {
+                self.values
+                    .iter()
+                    .find(|(k, _)| k == field)
+                    .map(|(_, v)| v.as_str())
+            })
             .flatten()
     }
 
@@ -200,16 +205,7 @@ async fn render(
     let rollout_rows = fleet::rollouts(state, &s.op, id).await?;
     let live = device_live_body(state, s, &d).await?;
     let link = super::link::panel(state, s, &d.id, edit).await?;
-    let actions = audit::search(
-        state,
-        &s.op,
-        &Search {
-            target: Some(format!("device:{}", d.id)),
-            ..Search::default()
-        },
-        50,
-    )
-    .await?;
+    let actions = audit::for_target(state, &s.op, &format!("device:{}", d.id), 50).await?;
     let typed_tags = edit
         .value("tags", "tags")
         .map(str::to_string)
@@ -357,7 +353,11 @@ async fn refused(state: &AppState, s: &Session, id: &str, edit: Edit) -> UiResul
 }
 
 /// `POST /ui/devices/{id}/tags` (ops): replaces the tags.
-pub async fn set_tags(State(state): State<AppState>, Path(id): Path<String>, form: Form) -> UiResult {
+pub async fn set_tags(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    form: Form,
+) -> UiResult {
     let typed = form.get("tags").unwrap_or("").to_string();
     match fleet::set_tags(&state, &form.session.op, &id, words(&typed)).await {
         Ok(()) => Ok(see_other(&format!("/ui/devices/{id}#tags"))),
@@ -375,7 +375,11 @@ pub async fn set_tags(State(state): State<AppState>, Path(id): Path<String>, for
 
 /// `POST /ui/devices/{id}/link` (ops): sets link class, site, time zone
 /// (an empty field clears it).
-pub async fn set_link(State(state): State<AppState>, Path(id): Path<String>, form: Form) -> UiResult {
+pub async fn set_link(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    form: Form,
+) -> UiResult {
     let get = |k: &str| form.get(k).map(str::to_string);
     let link = crate::service::rollouts::link::DeviceLink {
         link_class: get("link_class"),

@@ -185,7 +185,9 @@ async fn render(
         Ok(p) => p,
         // A bad filter value is said next to the filters.
         Err(crate::service::Error::Invalid(why)) => {
-            return Err(UiError::bad_request(format!("The device list's filter: {why}.")));
+            return Err(UiError::bad_request(format!(
+                "The device list's filter: {why}."
+            )));
         }
         Err(e) => return Err(e.into()),
     };
@@ -196,7 +198,10 @@ async fn render(
         Vec::new()
     };
     let requests = super::enrollment_requests::section(state, s).await?;
-    let select = |name: &'static str, label: &'static str, options: &[String], current: &Option<String>| {
+    let select = |name: &'static str,
+                  label: &'static str,
+                  options: &[String],
+                  current: &Option<String>| {
         html! {
             div.field {
                 label for=(name) { (label) }
@@ -338,9 +343,18 @@ pub async fn bulk(State(state): State<AppState>, form: Form) -> UiResult {
     let action = match values.action.as_str() {
         "tag" => Some(Action::Tag(v.clone())),
         "untag" => Some(Action::Untag(v.clone())),
-        "link_class" => Some(Action::Link(DeviceLink { link_class: Some(v.clone()), ..Default::default() })),
-        "site" => Some(Action::Link(DeviceLink { site: Some(v.clone()), ..Default::default() })),
-        "time_zone" => Some(Action::Link(DeviceLink { time_zone: Some(v.clone()), ..Default::default() })),
+        "link_class" => Some(Action::Link(DeviceLink {
+            link_class: Some(v.clone()),
+            ..Default::default()
+        })),
+        "site" => Some(Action::Link(DeviceLink {
+            site: Some(v.clone()),
+            ..Default::default()
+        })),
+        "time_zone" => Some(Action::Link(DeviceLink {
+            time_zone: Some(v.clone()),
+            ..Default::default()
+        })),
         "revoke" => Some(Action::Revoke),
         _ => None,
     };

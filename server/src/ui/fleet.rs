@@ -125,4 +125,3 @@ pub async fn overview(State(state): State<AppState>, s: Session) -> UiResult {
 pub async fn overview_live(State(state): State<AppState>, s: Session) -> UiResult {
     Ok(layout::fragment(overview_body(&state, &s).await?))
 }
-

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use axum::extract::{Path, Query, State};
+use axum::response::IntoResponse;
 use maud::{Markup, html};
 use serde::Deserialize;
 
@@ -39,21 +40,35 @@ pub async fn deployments(
     s: Session,
     query: Result<Query<DeploymentsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> UiResult {
-    let Query(q) = query.map_err(|e| UiError::bad_request(e.body_text()))?;
-    let list = deployments::list(&state, &s.op).await?;
-    let releases = releases_of(&state, &s).await?;
+    let Ok(Query(q)) = query else {
+        return Err(UiError::bad_request(
+            "This address has a parameter the deployments page does not know; its only one is release.",
+        ));
+    };
+    deployments_page(&state, &s, q.release, None).await
+}
+
+/// The deployments and the form (with `error` above the device choice, a
+/// 400, when the form was refused).
+async fn deployments_page(
+    state: &AppState,
+    s: &Session,
+    release: Option<String>,
+    error: Option<&str>,
+) -> UiResult {
+    let list = deployments::list(state, &s.op).await?;
+    let releases = releases_of(state, s).await?;
     let versions: HashMap<&str, &str> = releases
         .iter()
         .map(|r| (r.id.as_str(), r.version.as_str()))
         .collect();
-    let chosen = q
-        .release
+    let chosen = release
         .as_deref()
         .and_then(|id| releases.iter().find(|r| r.id == id));
     let (candidates, matching): (Vec<Device>, i64) = match chosen {
         Some(r) => {
             let page = fleet::page(
-                &state,
+                state,
                 &s.op,
                 &DeviceFilter {
                     hardware_class: Some(r.compatible.clone()),
@@ -67,8 +82,8 @@ pub async fn deployments(
         }
         None => (Vec::new(), 0),
     };
-    Ok(layout::page(
-        &s,
+    let page = layout::page(
+        s,
         Nav::Deployments,
         "Deployments",
         html! {
@@ -79,6 +94,7 @@ pub async fn deployments(
                     @if releases.is_empty() {
                         p.empty { "Upload a release first." }
                     } @else {
+                        @if let Some(e) = error { p.error #deploy-error role="alert" { (e) } }
                         form.filters method="get" action="/ui/deployments" {
                             div.field {
                                 label for="release" { "Release" }
@@ -94,7 +110,7 @@ pub async fn deployments(
                         }
                         @if let Some(r) = chosen {
                             form method="post" action="/ui/deployments/confirm" {
-                                (csrf_field(&s))
+                                (csrf_field(s))
                                 input type="hidden" name="release_id" value=(r.id);
                                 fieldset {
                                     legend { "Devices (" (r.compatible) ")" }
@@ -139,7 +155,12 @@ pub async fn deployments(
                 } }
             }
         },
-    ))
+    );
+    Ok(if error.is_some() {
+        (axum::http::StatusCode::BAD_REQUEST, page).into_response()
+    } else {
+        page
+    })
 }
 
 fn new_deployment(form: &Form) -> UiResult<NewDeployment> {
@@ -161,6 +182,10 @@ pub async fn confirm_deploy(State(state): State<AppState>, form: Form) -> UiResu
     let s = &form.session;
     if !s.can(Role::Ops) {
         return Err(UiError::forbidden());
+    }
+    if form.all("device").is_empty() {
+        let release = form.get("release_id").map(str::to_string);
+        return deployments_page(&state, s, release, Some("Choose at least one device.")).await;
     }
     let req = new_deployment(&form)?;
     let release = releases::detail(&state, &s.op, &req.release_id).await?;

@@ -420,4 +420,3 @@ pub fn start_server_fresh(data_dir: &Path, config: Option<&Path>) -> (Proc, Stri
         }
     }
 }
-

@@ -81,7 +81,12 @@ fn describe(t: &Target) -> String {
 }
 
 /// Applies `action` to the devices of `target`; how many it changed.
-pub async fn apply(state: &AppState, op: &Operator, target: &Target, action: &Action) -> Result<u64> {
+pub async fn apply(
+    state: &AppState,
+    op: &Operator,
+    target: &Target,
+    action: &Action,
+) -> Result<u64> {
     require(op, Role::Ops)?;
     match action {
         Action::Tag(t) | Action::Untag(t) => check_tags(std::slice::from_ref(t))?,
@@ -142,7 +147,9 @@ pub async fn apply(state: &AppState, op: &Operator, target: &Target, action: &Ac
             "UPDATE devices SET link_class = COALESCE($11, link_class), site = COALESCE($12, site), \
              time_zone = COALESCE($13, time_zone) WHERE id IN ({chosen})"
         ),
-        Action::Revoke => format!("UPDATE devices SET revoked = 1 WHERE revoked = 0 AND id IN ({chosen})"),
+        Action::Revoke => {
+            format!("UPDATE devices SET revoked = 1 WHERE revoked = 0 AND id IN ({chosen})")
+        }
     };
     let target_name = describe(target);
     let audit = Audited::new(state, op, action.audit_name(), &target_name);

@@ -9,6 +9,7 @@ use sqlx::any::AnyRow;
 use sqlx::{FromRow, Row};
 use utoipa::{IntoParams, ToSchema};
 
+use super::selection::{Matching, cursor, read_cursor};
 use crate::AppState;
 use crate::auth::{Operator, Role};
 use crate::service::attestation as verdict;
@@ -16,12 +17,11 @@ use crate::service::audit::Audited;
 use crate::service::names::check_tags;
 use crate::service::users::require;
 use crate::service::{Error, Result};
-use super::selection::{Matching, cursor, read_cursor};
 use crate::store::now_ms;
 
 pub use super::history::{
-    DeploymentEntry, DeviceLogEntry, Load, LogFilter, RolloutEntry, deployments, load_history, logs,
-    rollouts,
+    DeploymentEntry, DeviceLogEntry, Load, LogFilter, RolloutEntry, deployments, load_history,
+    logs, rollouts,
 };
 
 /// A device's attestation as operators see it.
@@ -221,13 +221,19 @@ async fn devices_of(state: &AppState, rows: &[AnyRow]) -> Result<Vec<Device>> {
 /// filter value is a bound parameter.
 pub async fn page(state: &AppState, op: &Operator, f: &DeviceFilter) -> Result<DevicePage> {
     let m = Matching::new(state, op, f)?;
-    let after = f.after.as_deref().map(read_cursor).transpose()?;
+    // No cursor: after "" (every device id is longer), so the statement
+    // is always an index range from the cursor on.
+    let after = f
+        .after
+        .as_deref()
+        .map(read_cursor)
+        .transpose()?
+        .unwrap_or_default();
     let limit = f.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
     state.last_seen.flush(&state.store).await?;
     let clause = Matching::clause(state);
-    let sql = format!(
-        "{SELECT} WHERE {clause} AND ($11 IS NULL OR d.device_id > $11) ORDER BY d.device_id LIMIT $12"
-    );
+    let sql =
+        format!("{SELECT} WHERE {clause} AND d.device_id > $11 ORDER BY d.device_id LIMIT $12");
     let mut rows = m
         .bind(sqlx::query(&sql))
         .bind(&after)
@@ -319,7 +325,11 @@ pub async fn summary(state: &AppState, op: &Operator) -> Result<FleetSummary> {
     .await?;
     let mut out = FleetSummary::default();
     for st in STATUSES {
-        let n = statuses.iter().filter(|(s, _, _)| s == st).map(|r| r.2).sum();
+        let n = statuses
+            .iter()
+            .filter(|(s, _, _)| s == st)
+            .map(|r| r.2)
+            .sum();
         out.by_status.push((st.to_string(), n));
     }
     out.total = statuses.iter().map(|r| r.2).sum();
@@ -339,12 +349,10 @@ pub async fn summary(state: &AppState, op: &Operator) -> Result<FleetSummary> {
         .await?,
     );
     out.by_class = largest_first(
-        sqlx::query_as(
-            "SELECT hardware_class, COUNT(*) FROM devices WHERE org_id = $1 GROUP BY 1",
-        )
-        .bind(&op.org_id)
-        .fetch_all(pool)
-        .await?,
+        sqlx::query_as("SELECT hardware_class, COUNT(*) FROM devices WHERE org_id = $1 GROUP BY 1")
+            .bind(&op.org_id)
+            .fetch_all(pool)
+            .await?,
     );
     Ok(out)
 }

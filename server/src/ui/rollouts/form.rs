@@ -116,12 +116,25 @@ impl SpecForm {
         set("waves", waves.join(", "));
         if let Some(w) = spec.waves.first() {
             set("soak_minutes", num(w.soak_secs as f64 / 60.0));
-            set("promote_max_error_pct", num(w.gates.promote_max_error_rate * 100.0));
-            set("rollback_error_pct", num(w.gates.rollback_error_rate * 100.0));
-            set("promote_min_committed_pct", num(w.gates.promote_min_committed * 100.0));
+            set(
+                "promote_max_error_pct",
+                num(w.gates.promote_max_error_rate * 100.0),
+            );
+            set(
+                "rollback_error_pct",
+                num(w.gates.rollback_error_rate * 100.0),
+            );
+            set(
+                "promote_min_committed_pct",
+                num(w.gates.promote_min_committed * 100.0),
+            );
             set(
                 "require_attestation",
-                if w.gates.require_attestation { "1".into() } else { String::new() },
+                if w.gates.require_attestation {
+                    "1".into()
+                } else {
+                    String::new()
+                },
             );
         }
         set(
@@ -136,12 +149,18 @@ impl SpecForm {
             set("window_days", w.days.join(" "));
         }
         let b = &spec.bandwidth;
-        set("egress_cap_mb_s", num(b.egress_cap_bytes_per_sec as f64 / 1e6));
+        set(
+            "egress_cap_mb_s",
+            num(b.egress_cap_bytes_per_sec as f64 / 1e6),
+        );
         set("max_concurrent", b.max_concurrent_downloads.to_string());
         set("max_per_site", b.max_concurrent_per_site.to_string());
         for (class, prefix, _) in CLASSES {
             if let Some(p) = b.link_classes.get(class) {
-                set(class_field(prefix, "rate"), num(p.rate_bytes_per_sec as f64 / 1e6));
+                set(
+                    class_field(prefix, "rate"),
+                    num(p.rate_bytes_per_sec as f64 / 1e6),
+                );
                 set(
                     class_field(prefix, "budget"),
                     num(p.budget_bytes_per_day.unwrap_or(0) as f64 / 1e6),
@@ -176,7 +195,12 @@ impl SpecForm {
         v.parse::<f64>()
             .ok()
             .filter(|n| n.is_finite() && (min..=max).contains(n))
-            .ok_or_else(|| refuse(k, format!("{label}: a number from {min} to {max}, not {v:?}.")))
+            .ok_or_else(|| {
+                refuse(
+                    k,
+                    format!("{label}: a number from {min} to {max}, not {v:?}."),
+                )
+            })
     }
 
     fn words(&self, k: &str) -> Vec<String> {
@@ -207,7 +231,9 @@ impl SpecForm {
                     .parse()
                     .ok()
                     .filter(|p: &f64| *p > 0.0 && *p <= 100.0)
-                    .ok_or_else(|| refuse("waves", format!("Wave {w:?}: a share from 1% to 100%.")))?;
+                    .ok_or_else(|| {
+                        refuse("waves", format!("Wave {w:?}: a share from 1% to 100%."))
+                    })?;
                 json!({"percent": p})
             } else {
                 let n: u64 = w.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
@@ -229,12 +255,18 @@ impl SpecForm {
         let start_at_ms = match self.get("start_at") {
             "" => None,
             s => Some(parse_local(s).ok_or_else(|| {
-                refuse("start_at", format!("Start: a date and time (UTC), not {s:?}."))
+                refuse(
+                    "start_at",
+                    format!("Start: a date and time (UTC), not {s:?}."),
+                )
             })?),
         };
         let days = self.words("window_days");
         if let Some(d) = days.iter().find(|d| !DAYS.contains(&d.as_str())) {
-            return Err(refuse("window_days", format!("Window days: mon to sun, not {d:?}.")));
+            return Err(refuse(
+                "window_days",
+                format!("Window days: mon to sun, not {d:?}."),
+            ));
         }
         let windows = match (self.get("window_start"), self.get("window_end")) {
             ("", "") if days.is_empty() => vec![],
@@ -258,17 +290,38 @@ impl SpecForm {
         let mut classes = serde_json::Map::new();
         for (class, prefix, label) in CLASSES {
             let key = |what: &str| class_field(prefix, what);
-            let rate = self.number(key("rate"), &format!("{label} rate (MB/s per device)"), 0.001, 100_000.0)?;
-            let budget = self.number(key("budget"), &format!("{label} budget (MB per device and day)"), 0.0, 1_000_000.0)?;
-            let cost = self.number(key("cost"), &format!("{label} cost per GB"), 0.0, 1_000_000.0)?;
-            let mut policy = json!({"rate_bytes_per_sec": (rate * 1e6).round() as u64, "cost_per_gb": cost});
+            let rate = self.number(
+                key("rate"),
+                &format!("{label} rate (MB/s per device)"),
+                0.001,
+                100_000.0,
+            )?;
+            let budget = self.number(
+                key("budget"),
+                &format!("{label} budget (MB per device and day)"),
+                0.0,
+                1_000_000.0,
+            )?;
+            let cost = self.number(
+                key("cost"),
+                &format!("{label} cost per GB"),
+                0.0,
+                1_000_000.0,
+            )?;
+            let mut policy =
+                json!({"rate_bytes_per_sec": (rate * 1e6).round() as u64, "cost_per_gb": cost});
             if budget > 0.0 {
                 policy["budget_bytes_per_day"] = json!((budget * 1e6).round() as u64);
             }
             classes.insert(class.to_string(), policy);
         }
         let concurrent = self.number("max_concurrent", "Downloads at once", 1.0, 1_000_000.0)?;
-        let per_site = self.number("max_per_site", "Downloads at once per site", 0.0, 1_000_000.0)?;
+        let per_site = self.number(
+            "max_per_site",
+            "Downloads at once per site",
+            0.0,
+            1_000_000.0,
+        )?;
         let spec = json!({
             "name": self.get("name"),
             "release_id": release_id,
@@ -310,7 +363,12 @@ fn parse_local(s: &str) -> Option<i64> {
 }
 
 /// The rollout form, with `error` next to its field and the values kept.
-pub fn spec_form(s: &Session, f: &SpecForm, releases: &[Release], error: Option<&FieldError>) -> Markup {
+pub fn spec_form(
+    s: &Session,
+    f: &SpecForm,
+    releases: &[Release],
+    error: Option<&FieldError>,
+) -> Markup {
     spec_form_to(s, f, releases, error, "/ui/rollouts/preview", "Preview")
 }
 

@@ -182,10 +182,7 @@ fn devices_section(r: &Rollout, page: usize) -> Markup {
     let devices = r.devices.as_deref().unwrap_or_default();
     let pages = devices.len().div_ceil(DEVICES_PAGE).max(1);
     let page = page.min(pages - 1);
-    let shown = devices
-        .iter()
-        .skip(page * DEVICES_PAGE)
-        .take(DEVICES_PAGE);
+    let shown = devices.iter().skip(page * DEVICES_PAGE).take(DEVICES_PAGE);
     html! {
         @if !devices.is_empty() {
             details #devices open[page > 0] {
@@ -371,7 +368,10 @@ async fn render(
             None => (current, None),
         };
         let releases = release_list(state, s).await?;
-        let mine: Vec<Release> = releases.into_iter().filter(|x| x.id == r.release_id).collect();
+        let mine: Vec<Release> = releases
+            .into_iter()
+            .filter(|x| x.id == r.release_id)
+            .collect();
         Some(html! {
             details.panel #edit open[error.is_some()] {
                 summary { "Edit the policy" }
