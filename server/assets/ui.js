@@ -168,8 +168,25 @@
     });
   }
 
+  // button[data-copy=SELECTOR]: copies that element's text (a secret
+  // shown once) to the clipboard and says so on the button.
+  function copyButtons() {
+    document.addEventListener("click", function (e) {
+      var button = e.target;
+      if (!button.matches || !button.matches("button[data-copy]")) return;
+      var source = document.querySelector(button.getAttribute("data-copy"));
+      if (!source || !navigator.clipboard) return;
+      navigator.clipboard.writeText(source.textContent.trim()).then(function () {
+        button.textContent = "Copied";
+      }, function () {
+        button.textContent = "Select and copy it";
+      });
+    });
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
     selectAll();
+    copyButtons();
     document.querySelectorAll("[data-refresh]").forEach(refresh);
     document.querySelectorAll("form[data-upload]").forEach(upload);
     confirmForms();

@@ -26,6 +26,29 @@ pub struct AuditQuery {
     before: Option<String>,
 }
 
+/// An audit target as a link to its page when it names one
+/// (`device:ID`, `rollout:ID`, `release:ID`, `deployment:ID`, `user:ID`).
+fn target_link(target: &str) -> maud::Markup {
+    let page = target.split_once(':').and_then(|(kind, id)| {
+        let base = match kind {
+            "device" => "/ui/devices/",
+            "rollout" => "/ui/rollouts/",
+            "release" => "/ui/releases/",
+            "deployment" => "/ui/deployments/",
+            _ => return None,
+        };
+        let plain = !id.is_empty()
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        plain.then(|| format!("{base}{id}"))
+    });
+    match page {
+        Some(href) => html! { a href=(href) { (target) } },
+        None => html! { (target) },
+    }
+}
+
 fn clean(v: Option<String>) -> Option<String> {
     v.map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
 }
@@ -39,7 +62,12 @@ pub async fn audit(
     s: Session,
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> UiResult {
-    let Query(q) = query.map_err(|e| UiError::bad_request(e.body_text()))?;
+    let Ok(Query(q)) = query else {
+        return Err(UiError::bad_request(
+            "This address has a parameter the audit log does not know. \
+             Its filters are actor, action, target, since, until and before.",
+        ));
+    };
     let (actor, action, target) = (clean(q.actor), clean(q.action), clean(q.target));
     let (since_s, until_s) = (clean(q.since), clean(q.until));
     let date = |v: &Option<String>, what: &str| -> UiResult<Option<i64>> {
@@ -124,7 +152,7 @@ pub async fn audit(
                 div.table-wrap { table {
                     thead { tr { th scope="col" { "#" } th scope="col" { "Time" } th scope="col" { "User" } th scope="col" { "Action" } th scope="col" { "Target" } th scope="col" { "Result" } } }
                     tbody { @for e in &entries { tr {
-                        td { (e.seq) } td.nowrap { (format::time(e.at)) } td { (e.actor) } td { code { (e.action) } } td.small { (e.target) }
+                        td { (e.seq) } td.nowrap { (format::time(e.at)) } td { (e.actor) } td { code { (e.action) } } td.small.reason { (target_link(&e.target)) }
                         td { @if e.result == "ok" { (status_badge("ok")) } @else { span.badge.bad { (e.result) } } }
                     } } }
                 } }

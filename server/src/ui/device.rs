@@ -272,7 +272,8 @@ async fn render(
                                 td { (r.from_version.as_deref().unwrap_or("?")) " → " (r.version) }
                                 td { (r.wave + 1) }
                                 td { (status_badge(&r.state)) @if let Some(why) = &r.reason { br; span.small { (why) } } }
-                                td { (charts::progress(r.bytes_done, r.delta_bytes, "download")) " " span.small { (format::ibytes(r.delta_bytes)) " delta" } }
+                                @let (done, planned) = charts::download_share(&r.state, r.bytes_done, r.delta_bytes);
+                                td { (charts::progress(done, planned, "download")) " " span.small { (format::ibytes(done)) " / " (format::ibytes(planned)) " planned" } }
                                 td { (format::time(r.updated_at)) }
                             }
                         } }
@@ -290,7 +291,9 @@ async fn render(
                                 td { a href={ "/ui/deployments/" (dep) } { (dep.get(..8).unwrap_or(dep)) } }
                                 td { (r.version) }
                                 td { (status_badge(&r.state)) @if let Some(why) = &r.reason { br; span.small { (why) } } }
-                                td { @if let (Some(d), Some(t)) = (r.bytes_done, r.bytes_total) { (charts::progress(d, t, "download")) } }
+                                td { @if let (Some(d), Some(t)) = (r.bytes_done, r.bytes_total) {
+                                    @let (done, total) = charts::download_share(&r.state, d, t);
+                                    (charts::progress(done, total, "download")) } }
                                 td { (format::time(r.updated_at)) }
                             }
                         } }

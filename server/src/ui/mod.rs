@@ -86,6 +86,7 @@ pub fn router() -> Router<AppState> {
         .route("/ui/releases/upload", post(releases::upload))
         .route("/ui/releases/delta", get(releases::delta))
         .route("/ui/releases/{id}", get(releases::detail))
+        .route("/ui/releases/{id}/delete", post(releases::delete))
         .route(
             "/ui/deployments",
             get(operations::deployments).post(operations::deploy),

@@ -270,6 +270,7 @@ async fn deployment_body(
                 td { a href={ "/ui/devices/" (st.device) } { (names.get(&st.device).map(String::as_str).unwrap_or(&st.device)) } }
                 td { (status_badge(&st.state)) @if let Some(r) = &st.reason { br; span.small { (r) } } }
                 td { @if let (Some(done), Some(total)) = (st.bytes_done, st.bytes_total) {
+                    @let (done, total) = charts::download_share(&st.state, done, total);
                     (charts::progress(done, total, "download")) " " span.small { (format::ibytes(done)) " / " (format::ibytes(total)) }
                 } }
                 td { (format::time(st.updated_at)) }

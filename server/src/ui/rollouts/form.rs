@@ -186,6 +186,11 @@ impl SpecForm {
         f
     }
 
+    /// Sets one field.
+    pub fn set(&mut self, k: &str, v: &str) {
+        self.0.insert(k.to_string(), v.to_string());
+    }
+
     fn get(&self, k: &str) -> &str {
         self.0.get(k).map(String::as_str).unwrap_or("")
     }

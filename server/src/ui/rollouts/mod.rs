@@ -33,8 +33,24 @@ async fn release_list(state: &AppState, s: &Session) -> UiResult<Vec<Release>> {
 }
 
 /// `GET /ui/rollouts`.
-pub async fn list(State(state): State<AppState>, s: Session) -> UiResult {
-    list_page(&state, &s, &SpecForm::defaults(), None).await
+/// Query of the rollouts page.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// The release the new-rollout form starts with.
+    release: Option<String>,
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    s: Session,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> UiResult {
+    let mut f = SpecForm::defaults();
+    if let Ok(Query(ListQuery { release: Some(r) })) = query {
+        f.set("release_id", &r);
+    }
+    list_page(&state, &s, &f, None).await
 }
 
 /// The rollouts and the new-rollout form (with `error` next to its field
@@ -58,7 +74,7 @@ async fn list_page(
         html! {
             (heading("Rollouts", Some(html! { "Staged waves with health gates, maintenance windows and a bandwidth budget." })))
             @if s.can(Role::Ops) {
-                section.panel {
+                section.panel #new-rollout {
                     h2 { "New rollout" }
                     @if releases.is_empty() { p.empty { "Upload a release first." } }
                     @else { (spec_form(s, f, &releases, error)) }
@@ -163,34 +179,18 @@ fn state_class(state: &str) -> &'static str {
 }
 
 /// Devices per page of a rollout's device list.
-const DEVICES_PAGE: usize = 100;
-
-/// What a device has downloaded of what was planned for it: a committed
-/// device has all it needed, and nobody more than planned.
-fn download(d: &progress::RolloutDevice) -> (i64, i64) {
-    let planned = d.delta_bytes.max(0);
-    let done = if d.stored_state == "committed" {
-        planned
-    } else {
-        d.bytes_done.clamp(0, planned)
-    };
-    (done, planned)
-}
+const DEVICES_PAGE: i64 = 100;
 
 /// The rollout's devices, one page (not refreshed: the numbers above are).
-fn devices_section(r: &Rollout, page: usize) -> Markup {
-    let devices = r.devices.as_deref().unwrap_or_default();
-    let pages = devices.len().div_ceil(DEVICES_PAGE).max(1);
-    let page = page.min(pages - 1);
-    let shown = devices.iter().skip(page * DEVICES_PAGE).take(DEVICES_PAGE);
+fn devices_section(r: &Rollout, page: &progress::DevicePage, after: Option<&str>) -> Markup {
     html! {
-        @if !devices.is_empty() {
-            details #devices open[page > 0] {
-                summary { "Devices (" (devices.len()) ")" }
+        @if !page.devices.is_empty() {
+            details #devices open[after.is_some()] {
+                summary { "Devices (" (r.devices_total) ")" }
                 div.table-wrap { table {
                     thead { tr { th scope="col" { "Device" } th scope="col" { "Wave" } th scope="col" { "State" } th scope="col" { "Link" } th scope="col" { "Download (of planned)" } th scope="col" { "Window" } } }
-                    tbody { @for d in shown {
-                        @let (done, planned) = download(d);
+                    tbody { @for d in &page.devices {
+                        @let (done, planned) = charts::download_share(&d.stored_state, d.bytes_done, d.delta_bytes);
                         tr data-device=(d.device_id) {
                             td { a href={ "/ui/devices/" (d.id) } { (d.device_id) } } td { (d.wave) }
                             td { (status_badge(&d.state)) @if let Some(why) = &d.reason { br; span.small.reason { (why) } } }
@@ -200,12 +200,9 @@ fn devices_section(r: &Rollout, page: usize) -> Markup {
                         }
                     } }
                 } }
-                @if pages > 1 {
-                    nav.pager aria-label="Device pages" {
-                        "Page " (page + 1) " of " (pages) " "
-                        @if page > 0 { a href={ "/ui/rollouts/" (r.id) "?devices_page=" (page - 1) "#devices" } { "← Previous" } " " }
-                        @if page + 1 < pages { a href={ "/ui/rollouts/" (r.id) "?devices_page=" (page + 1) "#devices" } { "Next →" } }
-                    }
+                nav.pager aria-label="Device pages" {
+                    @if after.is_some() { a href={ "/ui/rollouts/" (r.id) "#devices" } { "← First page" } " " }
+                    @if let Some(n) = &page.next { a #devices-next href={ "/ui/rollouts/" (r.id) "?devices_after=" (n) "#devices" } { "Next " (DEVICES_PAGE) " →" } }
                 }
             }
         }
@@ -330,7 +327,7 @@ fn actions(status: &str) -> Vec<(&'static str, &'static str, &'static str)> {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DetailQuery {
-    devices_page: Option<usize>,
+    devices_after: Option<String>,
 }
 
 /// `GET /ui/rollouts/{id}`.
@@ -342,10 +339,10 @@ pub async fn detail(
 ) -> UiResult {
     let Ok(Query(q)) = query else {
         return Err(UiError::bad_request(
-            "This address has a parameter the rollout page does not know; its only one is devices_page.",
+            "This address has a parameter the rollout page does not know; its only one is devices_after.",
         ));
     };
-    render(&state, &s, &id, q.devices_page.unwrap_or(0), None, None).await
+    render(&state, &s, &id, q.devices_after.as_deref(), None, None).await
 }
 
 /// An edit of the policy that was refused: the form as typed, the error.
@@ -355,11 +352,12 @@ async fn render(
     state: &AppState,
     s: &Session,
     id: &str,
-    devices_page: usize,
+    devices_after: Option<&str>,
     refusal: Option<String>,
     edit: Refused<'_>,
 ) -> UiResult {
-    let (r, live) = live_body(state, s, id, true).await?;
+    let (r, live) = live_body(state, s, id, false).await?;
+    let devices = progress::devices_page(state, &s.op, id, devices_after, DEVICES_PAGE).await?;
     let editable = s.can(Role::Ops) && matches!(r.status.as_str(), "draft" | "paused");
     let edit_form = if editable {
         let current = SpecForm::from_spec(&r.spec);
@@ -408,7 +406,7 @@ async fn render(
             }
             div #live data-refresh={ "/ui/rollouts/" (r.id) "/live" } data-interval="3" aria-live="polite" { (live) }
             @if let Some(e) = edit_form { (e) }
-            (devices_section(&r, devices_page))
+            (devices_section(&r, &devices, devices_after))
             @if let Some(p) = draft_preview {
                 h2 { "Preview" }
                 (p)
@@ -438,11 +436,11 @@ pub async fn act(
         // The state changed under the operator: say so in place, with
         // the buttons of the state it is in now.
         Err(crate::service::Error::Conflict(why)) => {
-            let page = render(&state, &form.session, &id, 0, Some(why), None).await?;
+            let page = render(&state, &form.session, &id, None, Some(why), None).await?;
             Ok((StatusCode::CONFLICT, page).into_response())
         }
         Err(crate::service::Error::Unprocessable(why)) => {
-            let page = render(&state, &form.session, &id, 0, Some(why), None).await?;
+            let page = render(&state, &form.session, &id, None, Some(why), None).await?;
             Ok((StatusCode::UNPROCESSABLE_ENTITY, page).into_response())
         }
         Err(e) => Err(e.into()),
@@ -459,7 +457,7 @@ pub async fn edit(State(state): State<AppState>, Path(id): Path<String>, form: F
         let state = state.clone();
         let id = id.clone();
         async move {
-            let page = render(&state, s, &id, 0, None, Some((&f, &e))).await?;
+            let page = render(&state, s, &id, None, None, Some((&f, &e))).await?;
             Ok::<_, UiError>((status, page).into_response())
         }
     };
@@ -473,7 +471,7 @@ pub async fn edit(State(state): State<AppState>, Path(id): Path<String>, form: F
             refused(refuse("form", format!("{why}.")), StatusCode::BAD_REQUEST).await
         }
         Err(crate::service::Error::Conflict(why)) => {
-            let page = render(&state, s, &id, 0, Some(why), None).await?;
+            let page = render(&state, s, &id, None, Some(why), None).await?;
             Ok((StatusCode::CONFLICT, page).into_response())
         }
         Err(e) => Err(e.into()),
