@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, StatusCode};
-use common::{Harness, both, upload_sim_releases};
+use common::{Harness, upload_sim_releases};
 use serde_json::{Value, json};
 
 /// Inserts `n` devices `dev-0000000`.. of class `sim-x86` running 1.0.0,

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 pub struct Proc(pub Child);
 
 impl Drop for Proc {
-    pub fn drop(&mut self) {
+    fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -82,7 +82,7 @@ pub fn request(
 pub struct Browser {
     agent: ureq::Agent,
     base: String,
-    shots: PathBuf,
+    pub shots: PathBuf,
     _driver: Proc,
     _profile: tempfile::TempDir,
 }
@@ -343,7 +343,7 @@ impl Browser {
 }
 
 impl Drop for Browser {
-    pub fn drop(&mut self) {
+    fn drop(&mut self) {
         let _ = self.agent.delete(&self.base).call();
     }
 }

@@ -392,7 +392,7 @@ pub async fn detail(
     };
     let mut devices = Vec::new();
     for d in rows {
-        let stored = d.state;
+        let stored = d.state.clone();
         let done = matches!(
             stored.as_str(),
             "committed" | "reverted" | "failed" | "rolled_back" | "cancelled"
