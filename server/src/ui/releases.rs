@@ -151,7 +151,7 @@ async fn detail_page(state: &AppState, s: &Session, id: &str, refusal: Option<&s
     let typed: Option<Manifest> = serde_json::from_value(raw.clone()).ok();
     let pretty = serde_json::to_string_pretty(&raw).unwrap_or_default();
     Ok(layout::page(
-        &s,
+        s,
         Nav::Releases,
         &r.version,
         html! {
