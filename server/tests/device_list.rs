@@ -134,7 +134,7 @@ async fn pages_walk_the_whole_fleet(h: Arc<Harness>) {
     assert!(totals.iter().all(|t| *t == 602), "{totals:?}");
     assert!(pages.concat().iter().all(|d| {
         let n: usize = d.trim_start_matches("dev-").parse().unwrap();
-        n % 2 == 0
+        n.is_multiple_of(2)
     }));
 
     // Limits: at most 5000, at least 1.
