@@ -1,7 +1,10 @@
 // Kernex web UI: progressive enhancement only. Every page works without
 // this script except the upload (which needs a progress bar and a raw body).
 // - [data-refresh]: re-fetch the element's HTML every data-interval seconds
-//   while the page is visible (live status, charts, progress);
+//   while the page is visible (live status, charts, progress, the buttons
+//   the state allows) and merge it into the page node by node, so what the
+//   operator did stays: open sections, scroll position, focus, ticked boxes
+//   and typed input;
 // - form[data-confirm]: ask before a destructive action;
 // - form[data-upload]: send the chosen file to /ui/releases/upload with
 //   XMLHttpRequest, showing upload progress.
@@ -11,6 +14,47 @@
     var input = document.querySelector('input[name="csrf"]');
     return input ? input.value : "";
   };
+
+  // Makes `old` look like `fresh` (a parsed copy), changing only what
+  // differs. A <details> keeps the open state the operator gave it; a
+  // field being typed in keeps its value.
+  function morphChildren(old, fresh) {
+    var olds = Array.prototype.slice.call(old.childNodes);
+    var news = Array.prototype.slice.call(fresh.childNodes);
+    for (var i = 0; i < news.length; i++) {
+      var n = news[i];
+      var o = olds[i];
+      if (!o) {
+        old.appendChild(n);
+      } else if (o.nodeType !== n.nodeType || o.nodeName !== n.nodeName ||
+                 (o.id || "") !== (n.id || "")) {
+        old.replaceChild(n, o);
+      } else if (o.nodeType === 1) {
+        morphElement(o, n);
+      } else if (o.nodeValue !== n.nodeValue) {
+        o.nodeValue = n.nodeValue;
+      }
+    }
+    for (var j = news.length; j < olds.length; j++) old.removeChild(olds[j]);
+  }
+
+  function morphElement(o, n) {
+    var keep = function (name) {
+      return (o.nodeName === "DETAILS" && name === "open") || name === "data-stale" ||
+        (o === document.activeElement && name === "value");
+    };
+    var i, a;
+    for (i = 0; i < n.attributes.length; i++) {
+      a = n.attributes[i];
+      if (!keep(a.name) && o.getAttribute(a.name) !== a.value) o.setAttribute(a.name, a.value);
+    }
+    for (i = o.attributes.length - 1; i >= 0; i--) {
+      a = o.attributes[i];
+      if (!keep(a.name) && !n.hasAttribute(a.name)) o.removeAttribute(a.name);
+    }
+    if (o.nodeName === "TEXTAREA" || o.nodeName === "SELECT") return;
+    morphChildren(o, n);
+  }
 
   function refresh(el) {
     var url = el.getAttribute("data-refresh");
@@ -25,8 +69,11 @@
           throw new Error("HTTP " + r.status);
         })
         .then(function (html) {
-          el.innerHTML = html;
+          var fresh = document.createElement(el.nodeName);
+          fresh.innerHTML = html;
+          morphChildren(el, fresh);
           el.removeAttribute("data-stale");
+          el.setAttribute("data-refreshed", String(1 + parseInt(el.getAttribute("data-refreshed") || "0", 10)));
         })
         .catch(function () {
           el.setAttribute("data-stale", "true");
@@ -107,7 +154,39 @@
     });
   }
 
+  // [data-select-all=NAME]: ticks or unticks every checkbox named NAME of
+  // the same form (a form attribute counts).
+  function selectAll() {
+    document.addEventListener("change", function (e) {
+      var box = e.target;
+      if (!box.matches || !box.matches("input[data-select-all]")) return;
+      var name = box.getAttribute("data-select-all");
+      var form = box.form;
+      document.querySelectorAll('input[type="checkbox"][name="' + name + '"]').forEach(function (c) {
+        if (c.form === form) c.checked = box.checked;
+      });
+    });
+  }
+
+  // button[data-copy=SELECTOR]: copies that element's text (a secret
+  // shown once) to the clipboard and says so on the button.
+  function copyButtons() {
+    document.addEventListener("click", function (e) {
+      var button = e.target;
+      if (!button.matches || !button.matches("button[data-copy]")) return;
+      var source = document.querySelector(button.getAttribute("data-copy"));
+      if (!source || !navigator.clipboard) return;
+      navigator.clipboard.writeText(source.textContent.trim()).then(function () {
+        button.textContent = "Copied";
+      }, function () {
+        button.textContent = "Select and copy it";
+      });
+    });
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
+    selectAll();
+    copyButtons();
     document.querySelectorAll("[data-refresh]").forEach(refresh);
     document.querySelectorAll("form[data-upload]").forEach(upload);
     confirmForms();

@@ -74,6 +74,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "server_patches",
         include_str!("../migrations/0014_server_patches.sql"),
     ),
+    (
+        15,
+        "fleet_pages",
+        include_str!("../migrations/0015_fleet_pages.sql"),
+    ),
 ];
 
 /// Which database is behind the pool.

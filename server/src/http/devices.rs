@@ -2,8 +2,10 @@
 //! (`service::devices::fleet`).
 
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::StatusCode;
+use axum::http::header::{self, HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use serde::Deserialize;
 use utoipa::ToSchema;
@@ -24,15 +26,49 @@ pub fn router() -> Router<AppState> {
         .route("/devices/{id}/logs", get(logs))
 }
 
-/// List devices, filtered. Every filter value is a bound parameter.
-#[utoipa::path(get, path = "/api/v1/devices", params(DeviceFilter), responses((status = 200, body = [Device])))]
+/// List devices, filtered and searched, in device id order, one page at a
+/// time (keyset paging: the `Link: <...>; rel="next"` header carries the
+/// next page's URL while there is one). `X-Total-Count` is how many
+/// devices match the filter, on every page. Every filter value is a bound
+/// parameter.
+#[utoipa::path(get, path = "/api/v1/devices", params(DeviceFilter), responses(
+    (status = 200, body = [Device], headers(
+        ("X-Total-Count" = i64, description = "How many devices match the filter (all pages)"),
+        ("Link" = String, description = "`<URL>; rel=\"next\"`: the next page, absent on the last"),
+    )),
+    (status = 400, description = "A bad filter value or cursor")))]
 pub async fn list(
     State(state): State<AppState>,
     op: Operator,
+    RawQuery(raw): RawQuery,
     filter: Result<Query<DeviceFilter>, axum::extract::rejection::QueryRejection>,
-) -> Result<ApiJson<Vec<Device>>> {
+) -> Result<Response> {
     let Query(f) = filter?;
-    Ok(ApiJson(fleet::list(&state, &op, &f).await?))
+    let page = fleet::page(&state, &op, &f).await?;
+    let mut headers = HeaderMap::new();
+    headers.insert("x-total-count", HeaderValue::from(page.total));
+    if let Some(next) = &page.next
+        && let Ok(v) = HeaderValue::from_str(&format!(
+            "<{}>; rel=\"next\"",
+            next_url("/api/v1/devices", raw.as_deref(), next)
+        ))
+    {
+        headers.insert(header::LINK, v);
+    }
+    Ok((headers, ApiJson(page.devices)).into_response())
+}
+
+/// `path?query` with `after` replaced by `cursor` (the other parameters
+/// kept as sent, so the next page has the same filter).
+pub fn next_url(path: &str, query: Option<&str>, cursor: &str) -> String {
+    let mut parts: Vec<&str> = query
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty() && !p.starts_with("after=") && *p != "after")
+        .collect();
+    let after = format!("after={cursor}");
+    parts.push(&after);
+    format!("{path}?{}", parts.join("&"))
 }
 
 /// A device in detail, with its latest inventory.

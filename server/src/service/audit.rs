@@ -277,6 +277,29 @@ fn like(v: &Option<String>) -> Option<String> {
     })
 }
 
+/// The entries about `target` exactly (e.g. `device:<id>`), newest first,
+/// at most `limit` (an index range: `audit_log_org_target`).
+pub async fn for_target(
+    state: &AppState,
+    op: &Operator,
+    target: &str,
+    limit: i64,
+) -> Result<Vec<StoredEntry>> {
+    let rows = sqlx::query(&format!(
+        "SELECT {} FROM audit_log WHERE org_id = $1 AND target = $2 ORDER BY seq DESC LIMIT $3",
+        audit::chain::COLUMNS
+    ))
+    .bind(&op.org_id)
+    .bind(target)
+    .bind(limit)
+    .fetch_all(state.store.pool())
+    .await?;
+    Ok(rows
+        .iter()
+        .map(StoredEntry::from_row)
+        .collect::<sqlx::Result<_>>()?)
+}
+
 /// Entries matching `q`, newest first, at most `limit`.
 pub async fn search(
     state: &AppState,

@@ -65,7 +65,7 @@ async fn account_page(
             section.panel role="status" #created-token {
                 h2 { "API token " (t.name) " created" }
                 p { "Copy it now: it is shown only this once and stored only as a hash." }
-                p { code #new-token { (t.token) } }
+                p { code #new-token { (t.token) } " " button.small type="button" data-copy="#new-token" { "Copy" } }
                 p.sub { "Use it as " code { "Authorization: Bearer <token>" } "; role " (t.role.as_str()) ", expires " (format::time(t.expires_at)) "." }
             }
         }

@@ -1,6 +1,8 @@
 //! The audit log (filtered), users and roles, the organisation's keyring.
 
 use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use maud::html;
 use serde::Deserialize;
 
@@ -24,6 +26,29 @@ pub struct AuditQuery {
     before: Option<String>,
 }
 
+/// An audit target as a link to its page when it names one
+/// (`device:ID`, `rollout:ID`, `release:ID`, `deployment:ID`, `user:ID`).
+fn target_link(target: &str) -> maud::Markup {
+    let page = target.split_once(':').and_then(|(kind, id)| {
+        let base = match kind {
+            "device" => "/ui/devices/",
+            "rollout" => "/ui/rollouts/",
+            "release" => "/ui/releases/",
+            "deployment" => "/ui/deployments/",
+            _ => return None,
+        };
+        let plain = !id.is_empty()
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        plain.then(|| format!("{base}{id}"))
+    });
+    match page {
+        Some(href) => html! { a href=(href) { (target) } },
+        None => html! { (target) },
+    }
+}
+
 fn clean(v: Option<String>) -> Option<String> {
     v.map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
 }
@@ -37,7 +62,12 @@ pub async fn audit(
     s: Session,
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> UiResult {
-    let Query(q) = query.map_err(|e| UiError::bad_request(e.body_text()))?;
+    let Ok(Query(q)) = query else {
+        return Err(UiError::bad_request(
+            "This address has a parameter the audit log does not know. \
+             Its filters are actor, action, target, since, until and before.",
+        ));
+    };
     let (actor, action, target) = (clean(q.actor), clean(q.action), clean(q.target));
     let (since_s, until_s) = (clean(q.since), clean(q.until));
     let date = |v: &Option<String>, what: &str| -> UiResult<Option<i64>> {
@@ -122,7 +152,7 @@ pub async fn audit(
                 div.table-wrap { table {
                     thead { tr { th scope="col" { "#" } th scope="col" { "Time" } th scope="col" { "User" } th scope="col" { "Action" } th scope="col" { "Target" } th scope="col" { "Result" } } }
                     tbody { @for e in &entries { tr {
-                        td { (e.seq) } td.nowrap { (format::time(e.at)) } td { (e.actor) } td { code { (e.action) } } td.small { (e.target) }
+                        td { (e.seq) } td.nowrap { (format::time(e.at)) } td { (e.actor) } td { code { (e.action) } } td.small.reason { (target_link(&e.target)) }
                         td { @if e.result == "ok" { (status_badge("ok")) } @else { span.badge.bad { (e.result) } } }
                     } } }
                 } }
@@ -149,9 +179,29 @@ pub async fn users(
         return Err(UiError::forbidden());
     }
     let created = query.ok().and_then(|q| q.0.created);
-    let list = users::list_users(&state, &s.op).await?;
-    Ok(layout::page(
-        &s,
+    users_page(&state, &s, created, &UserDraft::default()).await
+}
+
+/// A new-user form as typed, and why it was refused.
+#[derive(Debug, Default)]
+struct UserDraft {
+    email: String,
+    role: String,
+    error: Option<String>,
+}
+
+async fn users_page(
+    state: &AppState,
+    s: &Session,
+    created: Option<String>,
+    draft: &UserDraft,
+) -> UiResult {
+    if !s.can(Role::Admin) {
+        return Err(UiError::forbidden());
+    }
+    let list = users::list_users(state, &s.op).await?;
+    let page = layout::page(
+        s,
         Nav::Users,
         "Users",
         html! {
@@ -160,14 +210,15 @@ pub async fn users(
             section.panel {
                 h2 { "New user" }
                 form method="post" action="/ui/users" {
-                    (csrf_field(&s))
-                    div.field { label for="email" { "Email" } input #email type="email" name="email" required maxlength="254" autocomplete="off"; }
+                    (csrf_field(s))
+                    @if let Some(e) = &draft.error { p.error #user-error role="alert" { (e) } }
+                    div.field { label for="email" { "Email" } input #email type="email" name="email" required maxlength="254" autocomplete="off" value=(draft.email); }
                     div.field { label for="password" { "Initial password (at least 12 characters)" } input #password type="password" name="password" required minlength="12" autocomplete="new-password"; }
                     div.field { label for="role" { "Role" }
                         select #role name="role" {
-                            option value="read_only" { "read-only" }
-                            option value="ops" { "ops" }
-                            option value="admin" { "admin" }
+                            option value="read_only" selected[draft.role == "read_only"] { "read-only" }
+                            option value="ops" selected[draft.role == "ops"] { "ops" }
+                            option value="admin" selected[draft.role == "admin"] { "admin" }
                         }
                     }
                     div.field.actions { button.primary type="submit" { "Create user" } }
@@ -182,38 +233,61 @@ pub async fn users(
                 } } }
             } }
         },
-    ))
+    );
+    Ok(if draft.error.is_some() {
+        (StatusCode::BAD_REQUEST, page).into_response()
+    } else {
+        page
+    })
 }
 
 /// `POST /ui/users` (admin, enforced by the service).
 pub async fn create_user(State(state): State<AppState>, form: Form) -> UiResult {
-    let email = form.required("email", "The email")?.to_string();
-    let password = form.required("password", "The password")?.to_string();
-    let role = form
-        .get("role")
-        .and_then(Role::parse)
-        .ok_or_else(|| UiError::bad_request("Role: read_only, ops or admin."))?;
-    users::create_user(
-        &state,
-        &form.session.op,
-        NewUser {
-            email: email.clone(),
-            password,
-            role,
-        },
-    )
-    .await?;
-    Ok(see_other(&format!(
-        "/ui/users?created={}",
-        format::url_encode(&email)
-    )))
+    let email = form.get("email").unwrap_or("").to_string();
+    let mut draft = UserDraft {
+        email: email.clone(),
+        role: form.get("role").unwrap_or("").to_string(),
+        error: None,
+    };
+    let refusal = match (form.get("password"), form.get("role").and_then(Role::parse)) {
+        _ if email.is_empty() => "The email is required.".to_string(),
+        (None, _) => "The password is required.".to_string(),
+        (_, None) => "Role: read_only, ops or admin.".to_string(),
+        (Some(password), Some(role)) => {
+            let new = NewUser {
+                email: email.clone(),
+                password: password.to_string(),
+                role,
+            };
+            match users::create_user(&state, &form.session.op, new).await {
+                Ok(_) => {
+                    return Ok(see_other(&format!(
+                        "/ui/users?created={}",
+                        format::url_encode(&email)
+                    )));
+                }
+                Err(
+                    crate::service::Error::Invalid(why)
+                    | crate::service::Error::Conflict(why)
+                    | crate::service::Error::Refused(why),
+                ) => why,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    draft.error = Some(format!("Not created: {refusal}"));
+    users_page(&state, &form.session, None, &draft).await
 }
 
 /// `GET /ui/keyring`: the CA certificates bundles must chain to.
 pub async fn keyring(State(state): State<AppState>, s: Session) -> UiResult {
-    let list = users::keyring_certificates(&state, &s.op).await?;
-    Ok(layout::page(
-        &s,
+    keyring_page(&state, &s, "", None).await
+}
+
+async fn keyring_page(state: &AppState, s: &Session, typed: &str, error: Option<&str>) -> UiResult {
+    let list = users::keyring_certificates(state, &s.op).await?;
+    let page = layout::page(
+        s,
         Nav::Keyring,
         "Keyring",
         html! {
@@ -228,22 +302,44 @@ pub async fn keyring(State(state): State<AppState>, s: Session) -> UiResult {
                 section.panel {
                     h2 { "Replace the keyring" }
                     form method="post" action="/ui/keyring" data-confirm="Replace the organisation's keyring? Bundles signed under other CAs will be refused." {
-                        (csrf_field(&s))
+                        (csrf_field(s))
                         div.field {
                             label for="pem" { "CA certificates (PEM)" }
-                            textarea #pem name="pem" rows="8" required placeholder="-----BEGIN CERTIFICATE-----" {}
+                            textarea #pem name="pem" rows="8" required placeholder="-----BEGIN CERTIFICATE-----"
+                                aria-invalid=[error.map(|_| "true")] aria-describedby=[error.map(|_| "pem-error")] { (typed) }
+                            @if let Some(e) = error { span.error #pem-error role="alert" { (e) } }
                         }
                         div.field.actions { button.primary type="submit" { "Set keyring" } }
                     }
                 }
             }
         },
-    ))
+    );
+    Ok(if error.is_some() {
+        (StatusCode::BAD_REQUEST, page).into_response()
+    } else {
+        page
+    })
 }
 
-/// `POST /ui/keyring` (admin, enforced by the service).
+/// `POST /ui/keyring` (admin, enforced by the service); a refused
+/// keyring is shown again with the reason next to it.
 pub async fn set_keyring(State(state): State<AppState>, form: Form) -> UiResult {
-    let pem = form.required("pem", "The PEM text")?.to_string();
-    users::set_keyring(&state, &form.session.op, Keyring { pem }).await?;
-    Ok(see_other("/ui/keyring"))
+    let pem = form.get("pem").unwrap_or("").to_string();
+    if pem.is_empty() {
+        return keyring_page(&state, &form.session, "", Some("The PEM text is required.")).await;
+    }
+    match users::set_keyring(&state, &form.session.op, Keyring { pem: pem.clone() }).await {
+        Ok(_) => Ok(see_other("/ui/keyring")),
+        Err(crate::service::Error::Invalid(why) | crate::service::Error::Unprocessable(why)) => {
+            keyring_page(
+                &state,
+                &form.session,
+                &pem,
+                Some(&format!("Not set: {why}")),
+            )
+            .await
+        }
+        Err(e) => Err(e.into()),
+    }
 }

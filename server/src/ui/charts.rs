@@ -203,6 +203,18 @@ pub fn lines(title: &str, series: &[Series<'_>], y_max: f64, unit: &str) -> Mark
     }
 }
 
+/// What a device downloaded of what was planned for it, as a progress
+/// bar shows it: a committed device had everything it needed, and none
+/// shows more than planned.
+pub fn download_share(state: &str, done: i64, planned: i64) -> (i64, i64) {
+    let planned = planned.max(0);
+    if state == "committed" {
+        (planned, planned)
+    } else {
+        (done.clamp(0, planned), planned)
+    }
+}
+
 /// A progress bar with its text.
 pub fn progress(done: i64, total: i64, label: &str) -> Markup {
     let total = total.max(0);

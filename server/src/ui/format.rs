@@ -80,13 +80,17 @@ pub fn parse_date(s: &str) -> Option<i64> {
     (civil_from_days(days) == (y, m, d)).then_some(days * 86_400_000)
 }
 
-/// Bytes in binary units, e.g. `1.5 MiB`.
+/// Bytes in decimal units, e.g. `1.5 MB` (1 MB = 1,000,000 bytes).
+///
+/// The UI has one unit system: decimal (SI) prefixes for every size,
+/// rate and budget, as the rollout form takes them (MB/s, MB per day) and
+/// as metered links bill them (cost per GB = 10^9 bytes).
 pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
     let mut v = n as f64;
     let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
+    while v >= 1000.0 && unit < UNITS.len() - 1 {
+        v /= 1000.0;
         unit += 1;
     }
     if unit == 0 {
@@ -137,8 +141,9 @@ mod tests {
     #[test]
     fn sizes_and_urls() {
         assert_eq!(bytes(512), "512 B");
-        assert_eq!(bytes(1536), "1.5 KiB");
-        assert_eq!(bytes(3 * 1024 * 1024), "3.0 MiB");
+        assert_eq!(bytes(1500), "1.5 kB");
+        assert_eq!(bytes(3_000_000), "3.0 MB");
+        assert_eq!(bytes(999), "999 B");
         assert_eq!(
             url_encode("/ui/devices?x=a b&c"),
             "/ui/devices%3Fx%3Da%20b%26c"

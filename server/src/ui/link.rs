@@ -5,6 +5,7 @@
 use axum::extract::{Path, State};
 use maud::{Markup, html};
 
+use super::device::Edit;
 use super::{Form, Session, UiResult, csrf_field, see_other};
 use crate::AppState;
 use crate::auth::Role;
@@ -19,7 +20,7 @@ fn fields(l: &DeviceLink) -> Markup {
 }
 
 /// The device page's "Link" section.
-pub async fn panel(state: &AppState, s: &Session, id: &str) -> UiResult<Markup> {
+pub async fn panel(state: &AppState, s: &Session, id: &str, edit: &Edit) -> UiResult<Markup> {
     let LinkView {
         link: current,
         hint,
@@ -46,6 +47,31 @@ pub async fn panel(state: &AppState, s: &Session, id: &str) -> UiResult<Markup> 
                         (csrf_field(s))
                         button.small type="submit" { "Accept the device's claim" }
                     }
+                }
+            }
+            @if s.can(Role::Ops) {
+                @let typed = |k: &str, now: &Option<String>| edit.value("link", k).map(str::to_string).or_else(|| now.clone()).unwrap_or_default();
+                @let error = edit.error("link");
+                form.filters #link-form method="post" action={ "/ui/devices/" (id) "/link" } {
+                    (csrf_field(s))
+                    div.field {
+                        label for="link_class" { "Link class" }
+                        input #link_class type="text" name="link_class" list="link-classes" value=(typed("link_class", &current.link_class))
+                            placeholder="ethernet" maxlength="128" aria-invalid=[error.filter(|e| e.contains("link_class")).map(|_| "true")];
+                        datalist #link-classes { option value="ethernet" {} option value="wifi" {} option value="metered-4g" {} }
+                    }
+                    div.field {
+                        label for="site" { "Site" }
+                        input #site type="text" name="site" value=(typed("site", &current.site)) maxlength="128"
+                            aria-invalid=[error.filter(|e| e.contains("site")).map(|_| "true")];
+                    }
+                    div.field {
+                        label for="time_zone" { "Time zone (IANA)" }
+                        input #time_zone type="text" name="time_zone" value=(typed("time_zone", &current.time_zone))
+                            placeholder="UTC" maxlength="64" aria-invalid=[error.filter(|e| e.contains("time_zone")).map(|_| "true")];
+                    }
+                    div.field.actions { button type="submit" { "Save link" } }
+                    @if let Some(e) = error { p.error #link-error role="alert" { (e) } }
                 }
             }
         }

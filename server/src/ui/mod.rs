@@ -20,6 +20,8 @@
 mod account;
 mod admin;
 mod charts;
+mod device;
+mod devices;
 mod enrollment_requests;
 mod fleet;
 mod format;
@@ -65,10 +67,13 @@ pub fn router() -> Router<AppState> {
         .route("/ui/logout", post(layout::logout))
         .route("/ui/", get(fleet::overview))
         .route("/ui/live/overview", get(fleet::overview_live))
-        .route("/ui/devices", get(fleet::devices))
-        .route("/ui/devices/{id}", get(fleet::device))
-        .route("/ui/devices/{id}/live", get(fleet::device_live))
-        .route("/ui/devices/{id}/revoke", post(fleet::revoke))
+        .route("/ui/devices", get(devices::devices))
+        .route("/ui/devices/bulk", post(devices::bulk))
+        .route("/ui/devices/{id}", get(device::device))
+        .route("/ui/devices/{id}/live", get(device::device_live))
+        .route("/ui/devices/{id}/revoke", post(device::revoke))
+        .route("/ui/devices/{id}/tags", post(device::set_tags))
+        .route("/ui/devices/{id}/link", post(device::set_link))
         .route("/ui/devices/{id}/link/accept", post(link::accept))
         .route(
             "/ui/enrollment-requests/{id}/approve",
@@ -82,6 +87,7 @@ pub fn router() -> Router<AppState> {
         .route("/ui/releases/upload", post(releases::upload))
         .route("/ui/releases/delta", get(releases::delta))
         .route("/ui/releases/{id}", get(releases::detail))
+        .route("/ui/releases/{id}/delete", post(releases::delete))
         .route(
             "/ui/releases/{id}/patches/{job}/retry",
             post(patch_jobs::retry),
@@ -108,6 +114,7 @@ pub fn router() -> Router<AppState> {
         .route("/ui/rollouts/preview", post(rollouts::preview))
         .route("/ui/rollouts/{id}", get(rollouts::detail))
         .route("/ui/rollouts/{id}/live", get(rollouts::live))
+        .route("/ui/rollouts/{id}/edit", post(rollouts::edit))
         .route("/ui/rollouts/{id}/{action}", post(rollouts::act))
         .route("/ui/audit", get(admin::audit))
         .route("/ui/users", get(admin::users).post(admin::create_user))

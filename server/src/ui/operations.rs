@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use axum::extract::{Path, Query, State};
+use axum::response::IntoResponse;
 use maud::{Markup, html};
 use serde::Deserialize;
 
@@ -21,13 +22,9 @@ async fn releases_of(state: &AppState, s: &Session) -> UiResult<Vec<Release>> {
     Ok(releases::list(state, &s.op).await?)
 }
 
-async fn devices_of(state: &AppState, s: &Session) -> UiResult<Vec<Device>> {
-    let all = DeviceFilter {
-        limit: Some(5000),
-        ..DeviceFilter::default()
-    };
-    Ok(fleet::list(state, &s.op, &all).await?)
-}
+/// Devices the deployment picker lists at most (the device list selects
+/// any number through its filters).
+const PICKER: i64 = 500;
 
 /// Query of the deployments page.
 #[derive(Debug, Deserialize)]
@@ -43,27 +40,50 @@ pub async fn deployments(
     s: Session,
     query: Result<Query<DeploymentsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> UiResult {
-    let Query(q) = query.map_err(|e| UiError::bad_request(e.body_text()))?;
-    let list = deployments::list(&state, &s.op).await?;
-    let releases = releases_of(&state, &s).await?;
+    let Ok(Query(q)) = query else {
+        return Err(UiError::bad_request(
+            "This address has a parameter the deployments page does not know; its only one is release.",
+        ));
+    };
+    deployments_page(&state, &s, q.release, None).await
+}
+
+/// The deployments and the form (with `error` above the device choice, a
+/// 400, when the form was refused).
+async fn deployments_page(
+    state: &AppState,
+    s: &Session,
+    release: Option<String>,
+    error: Option<&str>,
+) -> UiResult {
+    let list = deployments::list(state, &s.op).await?;
+    let releases = releases_of(state, s).await?;
     let versions: HashMap<&str, &str> = releases
         .iter()
         .map(|r| (r.id.as_str(), r.version.as_str()))
         .collect();
-    let chosen = q
-        .release
+    let chosen = release
         .as_deref()
         .and_then(|id| releases.iter().find(|r| r.id == id));
-    let candidates: Vec<Device> = match chosen {
-        Some(r) => devices_of(&state, &s)
-            .await?
-            .into_iter()
-            .filter(|d| d.hardware_class == r.compatible && !d.revoked)
-            .collect(),
-        None => Vec::new(),
+    let (candidates, matching): (Vec<Device>, i64) = match chosen {
+        Some(r) => {
+            let page = fleet::page(
+                state,
+                &s.op,
+                &DeviceFilter {
+                    hardware_class: Some(r.compatible.clone()),
+                    limit: Some(PICKER),
+                    ..DeviceFilter::default()
+                },
+            )
+            .await?;
+            let list = page.devices.into_iter().filter(|d| !d.revoked).collect();
+            (list, page.total)
+        }
+        None => (Vec::new(), 0),
     };
-    Ok(layout::page(
-        &s,
+    let page = layout::page(
+        s,
         Nav::Deployments,
         "Deployments",
         html! {
@@ -74,6 +94,7 @@ pub async fn deployments(
                     @if releases.is_empty() {
                         p.empty { "Upload a release first." }
                     } @else {
+                        @if let Some(e) = error { p.error #deploy-error role="alert" { (e) } }
                         form.filters method="get" action="/ui/deployments" {
                             div.field {
                                 label for="release" { "Release" }
@@ -89,11 +110,21 @@ pub async fn deployments(
                         }
                         @if let Some(r) = chosen {
                             form method="post" action="/ui/deployments/confirm" {
-                                (csrf_field(&s))
+                                (csrf_field(s))
                                 input type="hidden" name="release_id" value=(r.id);
                                 fieldset {
                                     legend { "Devices (" (r.compatible) ")" }
                                     @if candidates.is_empty() { p.empty { "No enrolled " (r.compatible) " device." } }
+                                    @else {
+                                        div.check {
+                                            input #select-all type="checkbox" data-select-all="device";
+                                            label for="select-all" { "Select all listed" }
+                                        }
+                                    }
+                                    @if matching > PICKER {
+                                        p.small { "The first " (PICKER) " of " (matching) " " (r.compatible) " devices. To choose among all, filter the "
+                                            a href={ "/ui/devices?hardware_class=" (format::url_encode(&r.compatible)) } { "device list" } " and deploy from there." }
+                                    }
                                     @for d in &candidates {
                                         div.check {
                                             input type="checkbox" name="device" value=(d.id) id={ "dev-" (d.id) };
@@ -124,7 +155,12 @@ pub async fn deployments(
                 } }
             }
         },
-    ))
+    );
+    Ok(if error.is_some() {
+        (axum::http::StatusCode::BAD_REQUEST, page).into_response()
+    } else {
+        page
+    })
 }
 
 fn new_deployment(form: &Form) -> UiResult<NewDeployment> {
@@ -147,9 +183,13 @@ pub async fn confirm_deploy(State(state): State<AppState>, form: Form) -> UiResu
     if !s.can(Role::Ops) {
         return Err(UiError::forbidden());
     }
+    if form.all("device").is_empty() {
+        let release = form.get("release_id").map(str::to_string);
+        return deployments_page(&state, s, release, Some("Choose at least one device.")).await;
+    }
     let req = new_deployment(&form)?;
     let release = releases::detail(&state, &s.op, &req.release_id).await?;
-    let all = devices_of(&state, s).await?;
+    let all = fleet::named(&state, &s.op, &req.devices).await?;
     let by_id: BTreeMap<&str, &Device> = all.iter().map(|d| (d.id.as_str(), d)).collect();
     let mut chosen = Vec::new();
     for id in &req.devices {
@@ -200,7 +240,14 @@ async fn deployment_body(
     id: &str,
 ) -> UiResult<(Deployment, Markup)> {
     let d = deployments::detail(state, &s.op, id).await?;
-    let names: HashMap<String, String> = devices_of(state, s)
+    let ids: Vec<String> = d
+        .devices
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .map(|st| st.device.clone())
+        .collect();
+    let names: HashMap<String, String> = fleet::named(state, &s.op, &ids)
         .await?
         .into_iter()
         .map(|d| (d.id, d.device_id))
@@ -223,6 +270,7 @@ async fn deployment_body(
                 td { a href={ "/ui/devices/" (st.device) } { (names.get(&st.device).map(String::as_str).unwrap_or(&st.device)) } }
                 td { (status_badge(&st.state)) @if let Some(r) = &st.reason { br; span.small { (r) } } }
                 td { @if let (Some(done), Some(total)) = (st.bytes_done, st.bytes_total) {
+                    @let (done, total) = charts::download_share(&st.state, done, total);
                     (charts::progress(done, total, "download")) " " span.small { (format::ibytes(done)) " / " (format::ibytes(total)) }
                 } }
                 td { (format::time(st.updated_at)) }

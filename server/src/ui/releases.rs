@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::format;
 use super::layout::{self, Nav, heading, status_badge};
-use super::{CsrfHeader, Session, UiError, UiResult};
+use super::{CsrfHeader, Form, Session, UiError, UiResult, csrf_field, see_other};
 use crate::AppState;
 use crate::auth::Role;
 use crate::http::Error;
@@ -125,18 +125,50 @@ pub async fn upload(
 
 /// `GET /ui/releases/{id}`: the release and its signed manifest.
 pub async fn detail(State(state): State<AppState>, s: Session, Path(id): Path<String>) -> UiResult {
-    let r = releases::detail(&state, &s.op, &id).await?;
+    detail_page(&state, &s, &id, None).await
+}
+
+/// `POST /ui/releases/{id}/delete` (ops): deletes a release no device and
+/// no deployment uses; refused, the release page says why.
+pub async fn delete(State(state): State<AppState>, Path(id): Path<String>, form: Form) -> UiResult {
+    match releases::remove(&state, &form.session.op, &id).await {
+        Ok(()) => Ok(see_other("/ui/releases")),
+        Err(
+            crate::service::Error::Conflict(why)
+            | crate::service::Error::Invalid(why)
+            | crate::service::Error::Refused(why),
+        ) => {
+            let page = detail_page(&state, &form.session, &id, Some(&why)).await?;
+            Ok((axum::http::StatusCode::CONFLICT, page).into_response())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn detail_page(state: &AppState, s: &Session, id: &str, refusal: Option<&str>) -> UiResult {
+    let r = releases::detail(state, &s.op, id).await?;
     let raw = r.manifest.clone().unwrap_or_default();
     let typed: Option<Manifest> = serde_json::from_value(raw.clone()).ok();
     let pretty = serde_json::to_string_pretty(&raw).unwrap_or_default();
     let jobs = super::patch_jobs::of(&state, &s, &id).await?;
     Ok(layout::page(
-        &s,
+        s,
         Nav::Releases,
         &r.version,
         html! {
             nav.crumbs aria-label="Breadcrumb" { a href="/ui/releases" { "Releases" } " / " (r.version) }
             (heading(&format!("Release {}", r.version), Some(html! { (r.compatible) " · uploaded " (format::time(r.created_at)) })))
+            @if let Some(why) = refusal { p.notice #refused role="alert" { "Not deleted: " (why) "." } }
+            @if s.can(Role::Ops) {
+                div.actions-bar {
+                    a.button #roll-out href={ "/ui/rollouts?release=" (r.id) "#new-rollout" } { "Roll out this release" }
+                    " "
+                    form.inline method="post" action={ "/ui/releases/" (r.id) "/delete" } data-confirm={ "Delete release " (r.version) "? Only a release no device and no deployment uses can go." } {
+                        (csrf_field(s))
+                        button.danger type="submit" { "Delete release" }
+                    }
+                }
+            }
             dl.facts {
                 dt { "State" } dd { @if r.unstable { (status_badge("unstable")) " failed installs were reported" } @else { (status_badge("ok")) } }
                 dt { "Signer" } dd { (r.signer) }
@@ -191,7 +223,11 @@ pub async fn delta(
     s: Session,
     query: Result<Query<DeltaQuery>, axum::extract::rejection::QueryRejection>,
 ) -> UiResult {
-    let Query(q) = query.map_err(|e| UiError::bad_request(e.body_text()))?;
+    let Ok(Query(q)) = query else {
+        return Err(UiError::bad_request(
+            "This address has a parameter the delta page does not know; its parameters are from and to.",
+        ));
+    };
     let (Some(from), Some(to)) = (q.from, q.to) else {
         return Err(UiError::bad_request(
             "Choose the two releases (from and to).",

@@ -86,7 +86,7 @@ async fn tokens_page(
                 section.panel.secret role="status" {
                     h2 { "Token created: " (label) }
                     p { "Copy it now: it is shown only once and stored only as a hash." }
-                    p { code #new-token.mono { (token) } }
+                    p { code #new-token.mono { (token) } " " button.small type="button" data-copy="#new-token" { "Copy" } }
                 }
             }
             @if s.can(Role::Ops) { (new_token_form(s, &draft)) }

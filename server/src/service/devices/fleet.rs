@@ -2,11 +2,14 @@
 //! the latest inventory, revoke, tags, logs, heartbeat history, and the
 //! rollouts and deployments a device was in.
 
+use std::collections::HashMap;
+
 use serde::{Deserialize, Serialize};
-use sqlx::FromRow;
 use sqlx::any::AnyRow;
+use sqlx::{FromRow, Row};
 use utoipa::{IntoParams, ToSchema};
 
+use super::selection::{Matching, cursor, read_cursor};
 use crate::AppState;
 use crate::auth::{Operator, Role};
 use crate::service::attestation as verdict;
@@ -16,6 +19,11 @@ use crate::service::users::require;
 use crate::service::{Error, Result};
 use crate::store::now_ms;
 
+pub use super::history::{
+    DeploymentEntry, DeviceLogEntry, Load, LogFilter, RolloutEntry, deployments, load_history,
+    logs, rollouts,
+};
+
 /// A device's attestation as operators see it.
 pub type AttestationView = verdict::AttestationView;
 
@@ -24,8 +32,10 @@ pub const STATUSES: [&str; 6] = [
     "online", "updating", "degraded", "reverted", "error", "offline",
 ];
 
-/// Filters for the device list; all optional, combined with AND.
-#[derive(Debug, Default, Deserialize, IntoParams)]
+/// Filters and paging for the device list; all optional, combined with
+/// AND. The list is in device id order, paged by keyset: `after` is the
+/// cursor of the `Link: rel="next"` header.
+#[derive(Debug, Default, Clone, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceFilter {
     /// Has this tag.
@@ -34,10 +44,39 @@ pub struct DeviceFilter {
     pub hardware_class: Option<String>,
     /// Current version.
     pub version: Option<String>,
-    /// Status: online, offline, degraded, updating, reverted, error.
+    /// Status: online, offline, degraded, updating, reverted, error, or
+    /// `attention` (offline, degraded, reverted or error, not revoked).
     pub status: Option<String>,
+    /// Link class (e.g. ethernet, wifi, metered-4g; ethernet matches
+    /// devices with none set).
+    pub link_class: Option<String>,
+    /// Site.
+    pub site: Option<String>,
+    /// Not seen since this time, unix ms (never-seen devices included).
+    pub seen_before: Option<i64>,
+    /// Search: a case-insensitive substring of the device id, the internal
+    /// id, the hostname or name in its hardware metadata, or a tag
+    /// (at most 128 characters).
+    pub q: Option<String>,
+    /// Opaque cursor: the page after the one that returned it.
+    pub after: Option<String>,
     /// At most this many (default 500, max 5000).
     pub limit: Option<i64>,
+}
+
+/// The most devices one page holds.
+pub const MAX_PAGE: i64 = 5000;
+/// Devices per page when the caller does not say.
+pub const DEFAULT_PAGE: i64 = 500;
+/// One page of the device list.
+#[derive(Debug)]
+pub struct DevicePage {
+    /// The devices, in device id order.
+    pub devices: Vec<Device>,
+    /// How many devices match the filter (all pages).
+    pub total: i64,
+    /// The cursor of the next page, if there is one.
+    pub next: Option<String>,
 }
 
 /// A device.
@@ -109,7 +148,7 @@ struct DeviceRow {
     registered_at: i64,
 }
 
-fn offline_after_ms(state: &AppState) -> i64 {
+pub(crate) fn offline_after_ms(state: &AppState) -> i64 {
     i64::try_from(state.config.offline_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX)
 }
 
@@ -117,13 +156,8 @@ fn attestation(state: &AppState, row: &AnyRow) -> Result<AttestationView> {
     Ok(verdict::view(state, &verdict::ViewRow::from_row(row)?))
 }
 
-async fn device(state: &AppState, row: &AnyRow) -> Result<Device> {
+fn device(state: &AppState, row: &AnyRow, tags: Vec<String>) -> Result<Device> {
     let r = DeviceRow::from_row(row)?;
-    let tags: Vec<(String,)> =
-        sqlx::query_as("SELECT tag FROM device_tags WHERE device_pk = $1 ORDER BY tag")
-            .bind(&r.id)
-            .fetch_all(state.store.pool())
-            .await?;
     let offline = r
         .last_seen_at
         .is_none_or(|t| now_ms().saturating_sub(t) > offline_after_ms(state));
@@ -132,7 +166,7 @@ async fn device(state: &AppState, row: &AnyRow) -> Result<Device> {
         id: r.id,
         device_id: r.device_id,
         hardware_class: r.hardware_class,
-        tags: tags.into_iter().map(|(t,)| t).collect(),
+        tags,
         current_version: r.current_version,
         desired_version: r.desired_version,
         desired_release_id: r.desired_release_id,
@@ -149,38 +183,182 @@ async fn device(state: &AppState, row: &AnyRow) -> Result<Device> {
     })
 }
 
-/// The organisation's devices matching `f`, by device id. Every filter
-/// value is a bound parameter.
-pub async fn list(state: &AppState, op: &Operator, f: &DeviceFilter) -> Result<Vec<Device>> {
-    state.last_seen.flush(&state.store).await?;
-    let offline_before = now_ms().saturating_sub(offline_after_ms(state));
-    // The statement's shape is fixed; an absent filter binds NULL and the
-    // `$n IS NULL OR ...` arm makes it a no-op.
-    let sql = format!(
-        "{SELECT} WHERE d.org_id = $1 \
-         AND ($2 IS NULL OR EXISTS (SELECT 1 FROM device_tags t WHERE t.device_pk = d.id AND t.tag = $2)) \
-         AND ($3 IS NULL OR d.hardware_class = $3) \
-         AND ($4 IS NULL OR d.current_version = $4) \
-         AND ($5 IS NULL \
-              OR ($5 = 'offline' AND (d.last_seen_at IS NULL OR d.last_seen_at < $6)) \
-              OR ($5 <> 'offline' AND d.status = $5 AND d.last_seen_at >= $6)) \
-         ORDER BY d.device_id LIMIT $7"
-    );
-    let rows = sqlx::query(&sql)
-        .bind(&op.org_id)
-        .bind(&f.tag)
-        .bind(&f.hardware_class)
-        .bind(&f.version)
-        .bind(&f.status)
-        .bind(offline_before)
-        .bind(f.limit.unwrap_or(500).clamp(1, 5000))
-        .fetch_all(state.store.pool())
-        .await?;
-    let mut out = Vec::with_capacity(rows.len());
-    for r in &rows {
-        out.push(device(state, r).await?);
+/// The tags of devices `pks`, each sorted, in one query per 500 devices.
+async fn tags_of(state: &AppState, pks: &[String]) -> Result<HashMap<String, Vec<String>>> {
+    let mut out: HashMap<String, Vec<String>> = HashMap::new();
+    for chunk in pks.chunks(500) {
+        let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "SELECT device_pk, tag FROM device_tags WHERE device_pk IN ({}) ORDER BY tag",
+            marks.join(", ")
+        );
+        let mut q = sqlx::query_as::<_, (String, String)>(&sql);
+        for pk in chunk {
+            q = q.bind(pk);
+        }
+        for (pk, tag) in q.fetch_all(state.store.pool()).await? {
+            out.entry(pk).or_default().push(tag);
+        }
     }
     Ok(out)
+}
+
+async fn devices_of(state: &AppState, rows: &[AnyRow]) -> Result<Vec<Device>> {
+    let pks: Vec<String> = rows
+        .iter()
+        .map(|r| r.try_get::<String, _>("id"))
+        .collect::<std::result::Result<_, _>>()?;
+    let mut tags = tags_of(state, &pks).await?;
+    rows.iter()
+        .zip(&pks)
+        .map(|(row, pk)| device(state, row, tags.remove(pk).unwrap_or_default()))
+        .collect()
+}
+
+/// One page of the organisation's devices matching `f`, in device id
+/// order, with the number of all that match. Paged by keyset (the
+/// `(org_id, device_id)` index), so page 500 costs what page 1 does. Every
+/// filter value is a bound parameter.
+pub async fn page(state: &AppState, op: &Operator, f: &DeviceFilter) -> Result<DevicePage> {
+    let m = Matching::new(state, op, f)?;
+    // No cursor: after "" (every device id is longer), so the statement
+    // is always an index range from the cursor on.
+    let after = f
+        .after
+        .as_deref()
+        .map(read_cursor)
+        .transpose()?
+        .unwrap_or_default();
+    let limit = f.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
+    state.last_seen.flush(&state.store).await?;
+    let clause = Matching::clause(state);
+    let sql =
+        format!("{SELECT} WHERE {clause} AND d.device_id > $11 ORDER BY d.device_id LIMIT $12");
+    let mut rows = m
+        .bind(sqlx::query(&sql))
+        .bind(&after)
+        .bind(limit + 1)
+        .fetch_all(state.store.pool())
+        .await?;
+    let more = rows.len() as i64 > limit;
+    rows.truncate(usize::try_from(limit).unwrap_or(0));
+    let total: i64 = m
+        .bind(sqlx::query(&format!(
+            "SELECT COUNT(*) AS n FROM devices d WHERE {clause}"
+        )))
+        .fetch_one(state.store.pool())
+        .await?
+        .try_get("n")?;
+    let devices = devices_of(state, &rows).await?;
+    let next = if more {
+        devices.last().map(|d| cursor(&d.device_id))
+    } else {
+        None
+    };
+    Ok(DevicePage {
+        devices,
+        total,
+        next,
+    })
+}
+
+/// The organisation's devices matching `f`, by device id: [`page`]
+/// without the count and cursor.
+pub async fn list(state: &AppState, op: &Operator, f: &DeviceFilter) -> Result<Vec<Device>> {
+    Ok(page(state, op, f).await?.devices)
+}
+
+/// The organisation's devices among `ids` (internal ids), in device id
+/// order; ids of other organisations or of no device are left out.
+pub async fn named(state: &AppState, op: &Operator, ids: &[String]) -> Result<Vec<Device>> {
+    state.last_seen.flush(&state.store).await?;
+    let mut out = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(500) {
+        let marks: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 2)).collect();
+        let sql = format!(
+            "{SELECT} WHERE d.org_id = $1 AND d.id IN ({}) ORDER BY d.device_id",
+            marks.join(", ")
+        );
+        let mut q = sqlx::query(&sql).bind(&op.org_id);
+        for id in chunk {
+            q = q.bind(id);
+        }
+        let rows = q.fetch_all(state.store.pool()).await?;
+        out.extend(devices_of(state, &rows).await?);
+    }
+    out.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+    Ok(out)
+}
+
+/// Counts over the whole fleet, from the database.
+#[derive(Debug, Default)]
+pub struct FleetSummary {
+    /// Every device.
+    pub total: i64,
+    /// Per status of [`STATUSES`] (revoked devices included), in that order.
+    pub by_status: Vec<(String, i64)>,
+    /// Per running version ("unknown" when not reported), largest first.
+    pub by_version: Vec<(String, i64)>,
+    /// Per hardware class, largest first.
+    pub by_class: Vec<(String, i64)>,
+    /// Devices that need attention (`status=attention`).
+    pub attention: i64,
+}
+
+fn largest_first(mut v: Vec<(String, i64)>) -> Vec<(String, i64)> {
+    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    v
+}
+
+/// The fleet's counts by status, version and hardware class.
+pub async fn summary(state: &AppState, op: &Operator) -> Result<FleetSummary> {
+    state.last_seen.flush(&state.store).await?;
+    let pool = state.store.pool();
+    let offline_before = now_ms().saturating_sub(offline_after_ms(state));
+    let statuses: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT CASE WHEN d.last_seen_at IS NULL OR d.last_seen_at < $2 THEN 'offline' ELSE d.status END AS s, \
+         d.revoked, COUNT(*) FROM devices d WHERE d.org_id = $1 GROUP BY 1, 2",
+    )
+    .bind(&op.org_id)
+    .bind(offline_before)
+    .fetch_all(pool)
+    .await?;
+    let mut out = FleetSummary::default();
+    for st in STATUSES {
+        let n = statuses
+            .iter()
+            .filter(|(s, _, _)| s == st)
+            .map(|r| r.2)
+            .sum();
+        out.by_status.push((st.to_string(), n));
+    }
+    out.total = statuses.iter().map(|r| r.2).sum();
+    out.attention = statuses
+        .iter()
+        .filter(|(s, revoked, _)| {
+            *revoked == 0 && matches!(s.as_str(), "offline" | "degraded" | "reverted" | "error")
+        })
+        .map(|r| r.2)
+        .sum();
+    out.by_version = largest_first(
+        sqlx::query_as(
+            "SELECT COALESCE(current_version, 'unknown') AS v, COUNT(*) FROM devices WHERE org_id = $1 GROUP BY 1",
+        )
+        .bind(&op.org_id)
+        .fetch_all(pool)
+        .await?,
+    );
+    out.by_class = largest_first(
+        sqlx::query_as("SELECT hardware_class, COUNT(*) FROM devices WHERE org_id = $1 GROUP BY 1")
+            .bind(&op.org_id)
+            .fetch_all(pool)
+            .await?,
+    );
+    Ok(out)
+}
+
+fn d_id(row: &AnyRow) -> Result<String> {
+    Ok(row.try_get("id")?)
 }
 
 /// A device in detail, with its latest inventory.
@@ -192,7 +370,8 @@ pub async fn detail(state: &AppState, op: &Operator, id: &str) -> Result<Device>
         .fetch_optional(state.store.pool())
         .await?
         .ok_or(Error::NotFound("no such device"))?;
-    let mut d = device(state, &row).await?;
+    let tags = tags_of(state, std::slice::from_ref(&d_id(&row)?)).await?;
+    let mut d = device(state, &row, tags.into_values().next().unwrap_or_default())?;
     let inventory: Option<(String,)> = sqlx::query_as(
         "SELECT inventory FROM heartbeats WHERE device_pk = $1 ORDER BY at DESC LIMIT 1",
     )
@@ -230,7 +409,7 @@ pub async fn revoke(state: &AppState, op: &Operator, id: &str) -> Result<()> {
     Ok(())
 }
 
-async fn exists(state: &AppState, op: &Operator, id: &str) -> Result<()> {
+pub(crate) async fn exists(state: &AppState, op: &Operator, id: &str) -> Result<()> {
     let found: Option<(String,)> =
         sqlx::query_as("SELECT id FROM devices WHERE id = $1 AND org_id = $2")
             .bind(id)
@@ -277,153 +456,6 @@ pub async fn set_tags(state: &AppState, op: &Operator, id: &str, tags: Vec<Strin
     }
     .await;
     audit.finish(tx, outcome).await
-}
-
-/// Log filters.
-#[derive(Debug, Default, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-pub struct LogFilter {
-    /// Only this level: debug, info, warn, error.
-    pub level: Option<String>,
-    /// Only lines before this time, unix ms (paging).
-    pub before: Option<i64>,
-    /// At most this many (default 200, max 2000).
-    pub limit: Option<i64>,
-}
-
-/// One log line of a device, as operators read it (the device sends
-/// `kernex_protocol::api::LogLine`).
-#[derive(Debug, Serialize, ToSchema, FromRow)]
-pub struct DeviceLogEntry {
-    /// When, unix ms.
-    pub at: i64,
-    /// Level.
-    pub level: String,
-    /// Message.
-    pub message: String,
-}
-
-/// A device's log lines, newest first.
-pub async fn logs(
-    state: &AppState,
-    op: &Operator,
-    id: &str,
-    f: &LogFilter,
-) -> Result<Vec<DeviceLogEntry>> {
-    exists(state, op, id).await?;
-    Ok(sqlx::query_as::<_, DeviceLogEntry>(
-        "SELECT at, level, message FROM device_logs WHERE device_pk = $1 AND org_id = $2 AND ($3 IS NULL OR level = $3) AND at < $4 ORDER BY at DESC LIMIT $5",
-    )
-    .bind(id)
-    .bind(&op.org_id)
-    .bind(&f.level)
-    .bind(f.before.unwrap_or(i64::MAX))
-    .bind(f.limit.unwrap_or(200).clamp(1, 2000))
-    .fetch_all(state.store.pool())
-    .await?)
-}
-
-/// One heartbeat's load figures.
-#[derive(Debug, FromRow)]
-pub struct Load {
-    /// When, unix ms.
-    pub at: i64,
-    /// CPU use, percent.
-    pub cpu_percent: Option<f64>,
-    /// Memory use, percent.
-    pub memory_percent: Option<f64>,
-}
-
-/// A device's heartbeats since `since` (unix ms), oldest first, at most
-/// the latest 1440.
-pub async fn load_history(
-    state: &AppState,
-    op: &Operator,
-    id: &str,
-    since: i64,
-) -> Result<Vec<Load>> {
-    let mut rows = sqlx::query_as::<_, Load>(
-        "SELECT at, cpu_percent, memory_percent FROM heartbeats WHERE device_pk = $1 AND org_id = $2 AND at >= $3 ORDER BY at DESC LIMIT 1440",
-    )
-    .bind(id)
-    .bind(&op.org_id)
-    .bind(since)
-    .fetch_all(state.store.pool())
-    .await?;
-    rows.reverse();
-    Ok(rows)
-}
-
-/// A device's part in a deployment.
-#[derive(Debug, FromRow)]
-pub struct DeploymentEntry {
-    /// Deployment id.
-    pub deployment_id: String,
-    /// The device's state in it.
-    pub state: String,
-    /// Bytes downloaded.
-    pub bytes_done: Option<i64>,
-    /// Bytes to download.
-    pub bytes_total: Option<i64>,
-    /// Why (reverted, failed).
-    pub reason: Option<String>,
-    /// Last change, unix ms.
-    pub updated_at: i64,
-    /// The release's version.
-    pub version: String,
-}
-
-/// The deployments a device was in, latest change first (at most 50).
-pub async fn deployments(
-    state: &AppState,
-    op: &Operator,
-    id: &str,
-) -> Result<Vec<DeploymentEntry>> {
-    Ok(sqlx::query_as::<_, DeploymentEntry>(
-        "SELECT dd.deployment_id, dd.state, dd.bytes_done, dd.bytes_total, dd.reason, dd.updated_at, r.version FROM deployment_devices dd JOIN deployments dep ON dep.id = dd.deployment_id JOIN releases r ON r.id = dep.release_id WHERE dd.device_pk = $1 AND dep.org_id = $2 ORDER BY dd.updated_at DESC LIMIT 50",
-    )
-    .bind(id)
-    .bind(&op.org_id)
-    .fetch_all(state.store.pool())
-    .await?)
-}
-
-/// A device's part in a rollout.
-#[derive(Debug, FromRow)]
-pub struct RolloutEntry {
-    /// Rollout id.
-    pub rollout_id: String,
-    /// 0-based wave.
-    pub wave: i64,
-    /// The device's state in it.
-    pub state: String,
-    /// The version it ran at the start.
-    pub from_version: Option<String>,
-    /// Exact bytes planned.
-    pub delta_bytes: i64,
-    /// Bytes downloaded.
-    pub bytes_done: i64,
-    /// Why (reverted, failed).
-    pub reason: Option<String>,
-    /// Last change, unix ms.
-    pub updated_at: i64,
-    /// The rollout's name.
-    pub name: String,
-    /// The rollout's status.
-    pub status: String,
-    /// The release's version.
-    pub version: String,
-}
-
-/// The rollouts a device was in, latest change first (at most 50).
-pub async fn rollouts(state: &AppState, op: &Operator, id: &str) -> Result<Vec<RolloutEntry>> {
-    Ok(sqlx::query_as::<_, RolloutEntry>(
-        "SELECT rd.rollout_id, rd.wave, rd.state, rd.from_version, rd.delta_bytes, rd.bytes_done, rd.reason, rd.updated_at, ro.name, ro.status, r.version FROM rollout_devices rd JOIN rollouts ro ON ro.id = rd.rollout_id JOIN releases r ON r.id = ro.release_id WHERE rd.device_pk = $1 AND ro.org_id = $2 ORDER BY rd.updated_at DESC LIMIT 50",
-    )
-    .bind(id)
-    .bind(&op.org_id)
-    .fetch_all(state.store.pool())
-    .await?)
 }
 
 /// The values the device list can be filtered by.

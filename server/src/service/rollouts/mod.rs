@@ -20,6 +20,7 @@
 //! indexes of the two releases' bundles in the blob store.
 
 pub mod device;
+pub mod edit;
 pub mod link;
 pub mod plan;
 pub mod preview;

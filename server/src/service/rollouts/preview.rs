@@ -254,7 +254,11 @@ pub fn build_preview(
         busy: t.busy,
         unactivated: t.unactivated,
         no_tpm_left_out: t.no_tpm_left_out,
-        warnings: warnings(t),
+        warnings: {
+            let mut w = warnings(t);
+            w.extend(budget_warnings(spec, targets));
+            w
+        },
         patches_building,
         total_bytes: total,
         metered_cost: metered,
@@ -305,6 +309,39 @@ fn warnings(t: &Targets) -> Vec<String> {
         );
     }
     out
+}
+
+/// Devices whose download is larger than their link class's daily
+/// budget: they take more than one UTC day, waiting between days with
+/// nothing to show for it, which the operator should know before starting.
+fn budget_warnings(spec: &RolloutSpec, targets: &[Target]) -> Vec<String> {
+    // class -> (devices over budget, largest number of days, budget)
+    let mut over: BTreeMap<&str, (u64, u64, u64)> = BTreeMap::new();
+    let mut budgets: HashMap<&str, Option<u64>> = HashMap::new();
+    for d in targets {
+        let budget = *budgets.entry(d.link_class.as_str()).or_insert_with(|| {
+            spec.bandwidth
+                .class(&d.link_class)
+                .budget_bytes_per_day
+                .filter(|b| *b > 0)
+        });
+        let Some(budget) = budget else {
+            continue;
+        };
+        if d.bytes > budget {
+            let days = d.bytes.div_ceil(budget);
+            let e = over.entry(d.link_class.as_str()).or_insert((0, 0, budget));
+            e.0 += 1;
+            e.1 = e.1.max(days);
+        }
+    }
+    over.into_iter()
+        .map(|(class, (n, days, budget))| {
+            format!(
+                "{n} {class} device(s) need more than one day of their daily budget ({budget} bytes per device and day): up to {days} UTC days each, downloading part of the release per day"
+            )
+        })
+        .collect()
 }
 
 /// Previews `spec` (of the saved rollout `id`, whose devices do not count

@@ -230,6 +230,107 @@ struct MemberRow {
     updated_at: i64,
 }
 
+fn member(d: MemberRow, shown: String, stored: String) -> RolloutDevice {
+    let window = match (d.window_start, d.window_end) {
+        (Some(not_before_ms), Some(not_after_ms)) => Some(DownloadWindow {
+            not_before_ms,
+            not_after_ms,
+        }),
+        _ => None,
+    };
+    RolloutDevice {
+        id: d.device_pk,
+        device_id: d.device_id,
+        wave: d.wave + 1,
+        state: shown,
+        stored_state: stored,
+        link_class: d.link_class,
+        site: d.site,
+        from_version: d.from_version,
+        delta_bytes: d.delta_bytes,
+        bytes_done: d.bytes_done,
+        bytes_total: d.bytes_total,
+        download_window: window,
+        windows_given: d.windows_given,
+        reason: d.reason,
+        updated_at: d.updated_at,
+    }
+}
+
+const MEMBER_COLUMNS: &str = "rd.device_pk, d.device_id, d.last_seen_at, rd.wave, rd.state, rd.link_class, rd.site, rd.from_version, rd.delta_bytes, rd.bytes_done, rd.bytes_total, rd.window_start, rd.window_end, rd.windows_given, rd.reason, rd.updated_at";
+
+/// One page of a rollout's devices.
+#[derive(Debug)]
+pub struct DevicePage {
+    /// The devices, in wave order.
+    pub devices: Vec<RolloutDevice>,
+    /// The cursor of the next page, if there is one.
+    pub next: Option<String>,
+}
+
+/// A rollout's devices in wave order, `limit` (1 to 5000) after the
+/// cursor `after` (from the previous page's `next`): keyset on (wave,
+/// position), so any page costs what the first does.
+pub async fn devices_page(
+    state: &AppState,
+    op: &Operator,
+    id: &str,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<DevicePage> {
+    load(state, &op.org_id, id).await?;
+    let bad = || Error::Invalid("after: not a cursor of this list".into());
+    let (wave, position) = match after {
+        None => (-1, -1),
+        Some(c) => {
+            let (w, p) = c.split_once('.').ok_or_else(bad)?;
+            (
+                w.parse::<i64>().map_err(|_| bad())?,
+                p.parse::<i64>().map_err(|_| bad())?,
+            )
+        }
+    };
+    let limit = limit.clamp(1, 5000);
+    state.last_seen.flush(&state.store).await?;
+    let offline_before = state.clock.now_ms()
+        - i64::try_from(state.config.offline_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let rows: Vec<(i64, MemberRow)> = sqlx::query(&format!(
+        "SELECT rd.position, {MEMBER_COLUMNS} FROM rollout_devices rd JOIN devices d ON d.id = rd.device_pk \
+         WHERE rd.rollout_id = $1 AND (rd.wave > $2 OR (rd.wave = $2 AND rd.position > $3)) \
+         ORDER BY rd.wave, rd.position LIMIT $4"
+    ))
+    .bind(id)
+    .bind(wave)
+    .bind(position)
+    .bind(limit + 1)
+    .fetch_all(state.store.pool())
+    .await?
+    .iter()
+    .map(|row| Ok((sqlx::Row::try_get(row, "position")?, MemberRow::from_row(row)?)))
+    .collect::<std::result::Result<_, sqlx::Error>>()?;
+    let more = rows.len() as i64 > limit;
+    let mut devices = Vec::new();
+    let mut last = None;
+    for (position, d) in rows.into_iter().take(usize::try_from(limit).unwrap_or(0)) {
+        last = Some(format!("{}.{position}", d.wave));
+        let stored = d.state.clone();
+        let done = matches!(
+            stored.as_str(),
+            "committed" | "reverted" | "failed" | "rolled_back" | "cancelled"
+        );
+        let shown = if !done && d.last_seen_at.is_none_or(|t| t < offline_before) {
+            "offline".to_string()
+        } else {
+            stored.clone()
+        };
+        devices.push(member(d, shown, stored));
+    }
+    Ok(DevicePage {
+        devices,
+        next: if more { last } else { None },
+    })
+}
+
 /// A rollout with per-wave state and, `with_devices`, per-device state.
 pub async fn detail(
     state: &AppState,
@@ -244,13 +345,6 @@ pub async fn detail(
     let now = state.clock.now_ms();
     let offline_before = now
         - i64::try_from(state.config.offline_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
-    let rows = sqlx::query_as::<_, MemberRow>(
-        "SELECT rd.device_pk, d.device_id, d.last_seen_at, rd.wave, rd.state, rd.link_class, rd.site, rd.from_version, rd.delta_bytes, rd.bytes_done, rd.bytes_total, rd.window_start, rd.window_end, rd.windows_given, rd.reason, rd.updated_at \
-         FROM rollout_devices rd JOIN devices d ON d.id = rd.device_pk WHERE rd.rollout_id = $1 ORDER BY rd.wave, rd.position",
-    )
-    .bind(id)
-    .fetch_all(state.store.pool())
-    .await?;
     let mut waves: Vec<WaveState> = (0..n_waves)
         .map(|w| WaveState {
             wave: w as i64 + 1,
@@ -267,9 +361,38 @@ pub async fn detail(
             committed_ratio: 0.0,
         })
         .collect();
+    if !with_devices {
+        // Counts only (the live view): one grouped query, not a row per
+        // device.
+        let counts: Vec<(i64, String, i64)> = sqlx::query_as(
+            "SELECT rd.wave, CASE WHEN rd.state NOT IN ('committed', 'reverted', 'failed', 'rolled_back', 'cancelled') \
+             AND (d.last_seen_at IS NULL OR d.last_seen_at < $2) THEN 'offline' ELSE rd.state END AS shown, COUNT(*) AS n \
+             FROM rollout_devices rd JOIN devices d ON d.id = rd.device_pk WHERE rd.rollout_id = $1 GROUP BY 1, 2",
+        )
+        .bind(id)
+        .bind(offline_before)
+        .fetch_all(state.store.pool())
+        .await?;
+        for (wave, shown, n) in counts {
+            if let Some(w) = usize::try_from(wave).ok().and_then(|w| waves.get_mut(w)) {
+                w.devices += n;
+                *w.states.entry(shown).or_default() += n;
+            }
+        }
+    }
+    let rows = if !with_devices {
+        Vec::new()
+    } else {
+        sqlx::query_as::<_, MemberRow>(&format!(
+            "SELECT {MEMBER_COLUMNS} FROM rollout_devices rd JOIN devices d ON d.id = rd.device_pk WHERE rd.rollout_id = $1 ORDER BY rd.wave, rd.position"
+        ))
+    .bind(id)
+    .fetch_all(state.store.pool())
+    .await?
+    };
     let mut devices = Vec::new();
     for d in rows {
-        let stored = d.state;
+        let stored = d.state.clone();
         let done = matches!(
             stored.as_str(),
             "committed" | "reverted" | "failed" | "rolled_back" | "cancelled"
@@ -284,30 +407,7 @@ pub async fn detail(
             *w.states.entry(shown.clone()).or_default() += 1;
         }
         if with_devices {
-            let window = match (d.window_start, d.window_end) {
-                (Some(not_before_ms), Some(not_after_ms)) => Some(DownloadWindow {
-                    not_before_ms,
-                    not_after_ms,
-                }),
-                _ => None,
-            };
-            devices.push(RolloutDevice {
-                id: d.device_pk,
-                device_id: d.device_id,
-                wave: d.wave + 1,
-                state: shown,
-                stored_state: stored,
-                link_class: d.link_class,
-                site: d.site,
-                from_version: d.from_version,
-                delta_bytes: d.delta_bytes,
-                bytes_done: d.bytes_done,
-                bytes_total: d.bytes_total,
-                download_window: window,
-                windows_given: d.windows_given,
-                reason: d.reason,
-                updated_at: d.updated_at,
-            });
+            devices.push(member(d, shown, stored));
         }
     }
     for w in &mut waves {
