@@ -164,7 +164,10 @@ impl VendorBoard {
         let uboot = boot_file(disk, &kernel, work)?;
         let dtb = boot_file(disk, dtb, work)?;
         let mut cmd = Command::new("qemu-system-aarch64");
-        cmd.args(["-M", machine, "-kernel"])
+        // One host thread for the board's four cores: on a shared 2-core
+        // machine this boots faster (U-Boot read the 33 MB kernel in 15 s,
+        // against 32 s with a thread per core) and leaves a core free.
+        cmd.args(["-M", machine, "-accel", "tcg,thread=single", "-kernel"])
             .arg(&uboot)
             .arg("-dtb")
             .arg(&dtb)
