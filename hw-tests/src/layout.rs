@@ -74,7 +74,7 @@ impl GuestLayout {
 }
 
 /// The health checks of a release whose config is the factory image's
-/// (`GuestLayout::config_link`): the same as [`system_toml`]'s, carried
+/// (`GuestLayout::config_link`): the same as the virt boards' `system.toml` has, carried
 /// in the bundle's manifest.
 pub fn manifest_health() -> kernex_protocol::manifest::HealthSpec {
     use kernex_protocol::manifest::{HealthCheck, HealthSpec, ServiceMode};
