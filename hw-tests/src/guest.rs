@@ -145,6 +145,12 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 exec </dev/console >/dev/console 2>&1
+# A board without a battery-backed clock (a Pi) starts in 1970, when no
+# signing certificate is valid yet. Like systemd (its build time) and
+# fake-hwclock, never run with a clock earlier than the release's build.
+if [ "$(date +%s)" -lt "$(cat /etc/kernex-hw-epoch)" ]; then
+    date -s "@$(cat /etc/kernex-hw-epoch)" >/dev/null && echo "KERNEX-HW: clock set to the release's build time"
+fi
 for m in $(cat /etc/modules.list); do
     insmod "/lib/modules/$m" || echo "KERNEX-HW: insmod $m failed"
 done
@@ -355,6 +361,15 @@ pub fn initramfs(assets: &Assets, keys: &Keys, release: &Release) -> Result<Vec<
         path: "usr/bin/kernex-hw-daemon".into(),
         mode: 0o755,
         data: START_DAEMON.as_bytes().to_vec(),
+    });
+    let built = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    e.push(Entry::File {
+        path: "etc/kernex-hw-epoch".into(),
+        mode: 0o644,
+        data: format!("{built}\n").into_bytes(),
     });
     e.push(Entry::File {
         path: "etc/kernex-hw.env".into(),
