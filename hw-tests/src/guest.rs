@@ -17,9 +17,9 @@ use kernex_protocol::manifest::VerifiedManifest;
 use kernex_protocol::{Keyring, VerifyOptions};
 
 use crate::assets::Assets;
+use crate::cpio::{self, Entry};
 pub use crate::layout::{GuestLayout, manifest_health};
 use crate::layout::{PANIC_INIT, SYSTEMCTL_SHIM};
-use crate::cpio::{self, Entry};
 use crate::run;
 
 /// Disk layout as the guest sees it (virtio-blk, MBR).
@@ -570,7 +570,7 @@ pub fn build(assets: &Assets, keys: &Keys, release: &Release, dir: &Path) -> Res
     }
     builder
         .build(&bundle)
-    .with_context(|| format!("bundle of {}", release.version))?;
+        .with_context(|| format!("bundle of {}", release.version))?;
     Ok(Built {
         release: release.clone(),
         image,

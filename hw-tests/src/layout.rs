@@ -96,7 +96,6 @@ pub fn manifest_health() -> kernex_protocol::manifest::HealthSpec {
 /// `systemctl reboot` for a BusyBox userland (see [`GuestLayout::config_link`]).
 pub(crate) const SYSTEMCTL_SHIM: &str = "#!/bin/sh\ncase \"$*\" in\n    reboot*) exec reboot -f ;;\nesac\necho \"systemctl (BusyBox shim): $* is not supported\" >&2\nexit 1\n";
 
-
 /// The init of a [`crate::guest::Behaviour::KernelPanics`] release on a board
 /// with [`GuestLayout::panic_after_modules`].
 pub(crate) const PANIC_INIT: &str = "#!/bin/sh\nexport PATH=/bin\nfor m in $(cat /etc/modules.list); do insmod \"/lib/modules/$m\"; done\necho \"KERNEX-HW: this release's init exits: the kernel panics\"\nexit 1\n";

@@ -275,7 +275,9 @@ pub fn partition_start(disk: &Path, number: usize) -> Result<u64> {
         .get(number.checked_sub(1).context("partitions count from 1")?)
         .with_context(|| format!("{} has no partition {number}", disk.display()))?;
     let start = p["start"].as_u64().context("sfdisk -J: no start")?;
-    let sector = table["partitiontable"]["sectorsize"].as_u64().unwrap_or(512);
+    let sector = table["partitiontable"]["sectorsize"]
+        .as_u64()
+        .unwrap_or(512);
     Ok(start * sector)
 }
 
@@ -286,7 +288,8 @@ pub fn partition_start(disk: &Path, number: usize) -> Result<u64> {
 /// the factory image, byte for byte.
 pub fn add_bundles(disk: &Path, files: &[&Path]) -> Result<()> {
     let fs = format!("{}?offset={}", disk.display(), partition_start(disk, 4)?);
-    let mut script = String::from("mkdir kernex-hw\nmkdir kernex-hw/bundles\ncd kernex-hw/bundles\n");
+    let mut script =
+        String::from("mkdir kernex-hw\nmkdir kernex-hw/bundles\ncd kernex-hw/bundles\n");
     for f in files {
         let name = f
             .file_name()
@@ -343,10 +346,7 @@ mod tests {
             config_txt_kernel("arm_64bit=1\n#kernel=old.bin\nkernel=u-boot.bin # U-Boot\n"),
             Some("u-boot.bin".into())
         );
-        assert_eq!(
-            config_txt_kernel("kernel=a\nkernel=b\n"),
-            Some("b".into())
-        );
+        assert_eq!(config_txt_kernel("kernel=a\nkernel=b\n"), Some("b".into()));
         assert_eq!(config_txt_kernel("arm_64bit=1\n"), None);
         assert_eq!(config_txt_kernel("kernel=\n"), None);
     }

@@ -40,9 +40,18 @@ fn grub_setting(board: &str, name: &str) -> Option<String> {
 #[test]
 fn arm_boards_reset_on_a_kernel_panic() {
     for (board, args) in [
-        ("raspberrypi4-64", uboot_setting("raspberrypi4-64", "kernex_bootargs")),
-        ("qemu-aarch64", uboot_setting("qemu-aarch64", "kernex_bootargs")),
-        ("jetson-orin-nano", grub_setting("jetson-orin-nano", "kernex_bootargs")),
+        (
+            "raspberrypi4-64",
+            uboot_setting("raspberrypi4-64", "kernex_bootargs"),
+        ),
+        (
+            "qemu-aarch64",
+            uboot_setting("qemu-aarch64", "kernex_bootargs"),
+        ),
+        (
+            "jetson-orin-nano",
+            grub_setting("jetson-orin-nano", "kernex_bootargs"),
+        ),
     ] {
         let args = args.unwrap();
         let panic = args
