@@ -215,9 +215,9 @@ pub fn config_txt_kernel(config: &str) -> Option<String> {
         .lines()
         .map(|l| l.split('#').next().unwrap_or_default().trim())
         .filter_map(|l| l.strip_prefix("kernel="))
-        .map(|v| v.trim().to_owned())
-        .filter(|v| !v.is_empty())
-        .next_back()
+        .map(str::trim)
+        .rfind(|v| !v.is_empty())
+        .map(str::to_owned)
 }
 
 /// `$KERNEX_CACHE/hw-tests-rpi` (scripts/setup.d/73-hw-tests-rpi.sh);
