@@ -6,6 +6,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 use crate::arch::Arch;
+use crate::guest::GuestLayout;
 use crate::run;
 
 /// The tpm2-tss TCTI for the kernel's TPM device (`device:/dev/tpmrm0`), on
@@ -29,6 +30,9 @@ pub struct Assets {
     /// An ssh server in the guest, for a QEMU board run as a lab board
     /// ([`Assets::with_ssh`]).
     pub ssh: Option<GuestSsh>,
+    /// The disk layout and config of a vendor board's guest (`None`: the
+    /// QEMU board's, [`GuestLayout::virt`]).
+    pub layout: Option<GuestLayout>,
 }
 
 /// The guest's ssh server: Debian's dropbear (the host's `dropbear-bin`),
@@ -118,6 +122,7 @@ impl Assets {
             updater,
             libraries,
             ssh: None,
+            layout: None,
         };
         for p in [assets.kernel(), assets.busybox()] {
             if !p.exists() {
@@ -164,6 +169,13 @@ impl Assets {
             authorized_key: authorized_key.to_owned(),
         });
         Ok(self)
+    }
+
+    /// The guest's disk layout and config.
+    pub fn layout(&self) -> GuestLayout {
+        self.layout
+            .clone()
+            .unwrap_or_else(|| GuestLayout::virt(self.arch))
     }
 
     pub fn kernel(&self) -> PathBuf {

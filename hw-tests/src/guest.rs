@@ -18,6 +18,8 @@ use kernex_protocol::{Keyring, VerifyOptions};
 
 use crate::assets::Assets;
 use crate::cpio::{self, Entry};
+pub use crate::layout::{GuestLayout, manifest_health};
+use crate::layout::{PANIC_INIT, SYSTEMCTL_SHIM};
 use crate::run;
 
 /// Disk layout as the guest sees it (virtio-blk, MBR).
@@ -137,24 +139,42 @@ backoff-ms = 200
 /// for the test runner.
 const INIT: &str = r#"#!/bin/sh
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+# The board's disk layout (GuestLayout): KX_BOOT_DEV, KX_BOOT_MOUNT, ...
+. /etc/kernex-hw.env
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 exec </dev/console >/dev/console 2>&1
+# A board without a battery-backed clock (a Pi) starts in 1970, when no
+# signing certificate is valid yet. Like systemd (its build time) and
+# fake-hwclock, never run with a clock earlier than the release's build.
+if [ "$(date +%s)" -lt "$(cat /etc/kernex-hw-epoch)" ]; then
+    date -s "@$(cat /etc/kernex-hw-epoch)" >/dev/null && echo "KERNEX-HW: clock set to the release's build time"
+fi
 for m in $(cat /etc/modules.list); do
     insmod "/lib/modules/$m" || echo "KERNEX-HW: insmod $m failed"
 done
 i=0
-while [ ! -b /dev/vda4 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+while [ ! -b "$KX_DATA_DEV" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
 # `sync`: the env file's rename must reach the disk before a power cut.
 # The updater fsyncs the new file but cannot fsync a vfat directory; without
 # this mount option a cut within the writeback window (30 s) loses the
 # commit (seen here: the counter U-Boot read back was the old one).
-mount -t vfat -o sync /dev/vda1 /boot || echo "KERNEX-HW: cannot mount the boot partition"
-mount -t ext4 /dev/vda4 /data || echo "KERNEX-HW: cannot mount the data partition"
+mkdir -p "$KX_BOOT_MOUNT"
+mount -t vfat -o sync "$KX_BOOT_DEV" "$KX_BOOT_MOUNT" || echo "KERNEX-HW: cannot mount the boot partition"
+mount -t ext4 "$KX_DATA_DEV" /data || echo "KERNEX-HW: cannot mount the data partition"
 mkdir -p /data/kernex
-if [ -b /dev/vdb ]; then
-    mount -t ext4 -o ro /dev/vdb /bundles || echo "KERNEX-HW: cannot mount the bundles disk"
+if [ -n "$KX_BUNDLES_DEV" ] && [ -b "$KX_BUNDLES_DEV" ]; then
+    mount -t ext4 -o ro "$KX_BUNDLES_DEV" /bundles || echo "KERNEX-HW: cannot mount the bundles disk"
+fi
+# A board with one disk (a Pi's SD card) keeps the bundles on its data partition.
+if [ -n "$KX_BUNDLES_DIR" ]; then
+    rmdir /bundles && ln -s "$KX_BUNDLES_DIR" /bundles
+fi
+# A factory image made by `kernex-image disk create` keeps the updater's
+# config on the data partition; the root filesystem links to it.
+if [ -n "$KX_CONFIG" ]; then
+    ln -sf "$KX_CONFIG" /etc/kernex/system.toml
 fi
 echo "KERNEX-HW: up version=$(cat /etc/kernex-release) cmdline=$(cat /proc/cmdline)"
 # A board with a TPM: configure it and measure the booted slot into PCR 14
@@ -268,6 +288,7 @@ const BUSYBOX_APPLETS: &[&str] = &[
 
 /// The initramfs (gzip-compressed newc cpio) of a release.
 pub fn initramfs(assets: &Assets, keys: &Keys, release: &Release) -> Result<Vec<u8>> {
+    let layout = assets.layout();
     let mut e = Vec::new();
     let dir = |p: &str| Entry::Dir {
         path: p.to_owned(),
@@ -313,6 +334,12 @@ pub fn initramfs(assets: &Assets, keys: &Keys, release: &Release) -> Result<Vec<
             mode: 0o755,
             data: INIT.as_bytes().to_vec(),
         });
+    } else if layout.panic_after_modules {
+        e.push(Entry::File {
+            path: "init".into(),
+            mode: 0o755,
+            data: PANIC_INIT.as_bytes().to_vec(),
+        });
     }
     e.push(Entry::File {
         path: "bin/busybox".into(),
@@ -335,6 +362,27 @@ pub fn initramfs(assets: &Assets, keys: &Keys, release: &Release) -> Result<Vec<
         mode: 0o755,
         data: START_DAEMON.as_bytes().to_vec(),
     });
+    let built = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    e.push(Entry::File {
+        path: "etc/kernex-hw-epoch".into(),
+        mode: 0o644,
+        data: format!("{built}\n").into_bytes(),
+    });
+    e.push(Entry::File {
+        path: "etc/kernex-hw.env".into(),
+        mode: 0o644,
+        data: layout.env().into_bytes(),
+    });
+    if layout.config_link.is_some() {
+        e.push(Entry::File {
+            path: "usr/bin/systemctl".into(),
+            mode: 0o755,
+            data: SYSTEMCTL_SHIM.as_bytes().to_vec(),
+        });
+    }
     e.push(Entry::File {
         path: "usr/bin/agent".into(),
         mode: 0o755,
@@ -349,7 +397,7 @@ pub fn initramfs(assets: &Assets, keys: &Keys, release: &Release) -> Result<Vec<
     }
     let mut list = String::new();
     let mut loaded: Vec<String> = Vec::new();
-    for (i, m) in assets.arch.modules().iter().enumerate() {
+    for (i, m) in layout.modules.iter().enumerate() {
         let file = m.rsplit('/').next().unwrap_or(m);
         let name = format!("{i:02}-{file}");
         let data = std::fs::read(assets.module(m))
@@ -379,11 +427,13 @@ pub fn initramfs(assets: &Assets, keys: &Keys, release: &Release) -> Result<Vec<
         mode: 0o644,
         data: list.into_bytes(),
     });
-    e.push(Entry::File {
-        path: "etc/kernex/system.toml".into(),
-        mode: 0o644,
-        data: system_toml(assets.arch.compatible()).into_bytes(),
-    });
+    if layout.config_link.is_none() {
+        e.push(Entry::File {
+            path: "etc/kernex/system.toml".into(),
+            mode: 0o644,
+            data: system_toml(&layout.compatible).into_bytes(),
+        });
+    }
     e.push(Entry::File {
         path: "etc/kernex/keyring.pem".into(),
         mode: 0o644,
@@ -495,7 +545,8 @@ fn tempfile_path(near: &Path, suffix: &str) -> PathBuf {
 pub fn build(assets: &Assets, keys: &Keys, release: &Release, dir: &Path) -> Result<Built> {
     let stage = dir.join(format!("rootfs-{}", release.version));
     std::fs::create_dir_all(stage.join("boot"))?;
-    std::fs::copy(assets.kernel(), stage.join("boot/vmlinuz"))?;
+    let layout = assets.layout();
+    std::fs::copy(assets.kernel(), stage.join(&layout.kernel_path))?;
     std::fs::write(
         stage.join("boot/initrd.img"),
         initramfs(assets, keys, release)?,
@@ -509,18 +560,17 @@ pub fn build(assets: &Assets, keys: &Keys, release: &Release, dir: &Path) -> Res
     let version = semver::Version::parse(&release.version)
         .with_context(|| format!("release version {}", release.version))?;
     let signer = load_signer(&keys.dir.join("signing.key"), &keys.dir.join("signing.crt"))?;
-    BundleBuilder::new(
-        assets.arch.compatible(),
-        version,
-        Image::file(&image),
-        &signer,
-    )
-    .archive_options(ArchiveOptions {
-        threads: 2,
-        ..ArchiveOptions::default()
-    })
-    .build(&bundle)
-    .with_context(|| format!("bundle of {}", release.version))?;
+    let mut builder = BundleBuilder::new(&layout.compatible, version, Image::file(&image), &signer)
+        .archive_options(ArchiveOptions {
+            threads: 2,
+            ..ArchiveOptions::default()
+        });
+    if layout.config_link.is_some() {
+        builder = builder.health(manifest_health());
+    }
+    builder
+        .build(&bundle)
+        .with_context(|| format!("bundle of {}", release.version))?;
     Ok(Built {
         release: release.clone(),
         image,

@@ -20,7 +20,11 @@
 //! - [`scenarios`]: scenarios 1 and 2 written once for any board (QEMU or
 //!   lab), run by `tests/scenarios.rs` and by `kernex-hw-run`;
 //! - [`server`]: a real `kernex-server` on the host's loopback for the
-//!   guest's daemon.
+//!   guest's daemon;
+//! - [`layout`] and [`vendor`]: the vendor boards (Raspberry Pi 4 on QEMU's
+//!   `raspi4b`, Jetson Orin Nano's UEFI + GRUB path on `virt` with AAVMF)
+//!   booting the factory image `kernex-image disk create` makes for their
+//!   board profile.
 //!
 //! See hw-tests/README.md for the scenarios built on them.
 
@@ -29,9 +33,11 @@ pub mod assets;
 pub mod cpio;
 pub mod disk;
 pub mod guest;
+pub mod layout;
 pub mod machine;
 pub mod scenarios;
 pub mod server;
+pub mod vendor;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -86,12 +86,24 @@ impl Machine {
                     "tpm-tis,tpmdev=tpm0",
                 ]);
         }
+        Self::spawn(cmd, swtpm, log)
+    }
+
+    /// Powers on a board whose QEMU command line the caller wrote (a
+    /// vendor board, `crate::vendor`): `cmd`'s stdin is typed into, its
+    /// stdout and stderr are the console.
+    pub fn start_command(cmd: Command, log: &Path) -> Result<Self> {
+        Self::spawn(cmd, None, log)
+    }
+
+    fn spawn(mut cmd: Command, swtpm: Option<Swtpm>, log: &Path) -> Result<Self> {
+        let program = cmd.get_program().to_string_lossy().into_owned();
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd
             .spawn()
-            .with_context(|| format!("start {} (scripts/setup)", hw.arch.qemu()))?;
+            .with_context(|| format!("start {program} (scripts/setup)"))?;
         let stdin = child.stdin.take().context("qemu stdin")?;
         let logf = open_log(log, "power on")?;
         let console = Arc::new(Mutex::new(Vec::new()));
