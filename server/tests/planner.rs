@@ -551,10 +551,16 @@ async fn a_failed_patch_job_is_retried_by_an_operator(h: Arc<Harness>) {
     let jobs = built(&h, &r.ids[2]).await;
     assert_eq!(jobs.len(), 1, "{jobs:?}");
     assert_eq!(jobs[0]["status"], "failed", "{jobs:?}");
-    assert!(jobs[0]["error"].as_str().is_some_and(|e| !e.is_empty()), "{jobs:?}");
+    assert!(
+        jobs[0]["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{jobs:?}"
+    );
     let job = jobs[0]["id"].as_str().unwrap().to_string();
     let plain = chunk_delta(Some(&r.bundles[0]), &r.bundles[2]);
-    assert_eq!(preview(&h, &id).await["on-1.0.0"], ("chunk-delta".to_string(), plain));
+    assert_eq!(
+        preview(&h, &id).await["on-1.0.0"],
+        ("chunk-delta".to_string(), plain)
+    );
     let retry = |job: String, token: String| {
         let h = h.clone();
         let release = r.ids[2].clone();
@@ -571,7 +577,10 @@ async fn a_failed_patch_job_is_retried_by_an_operator(h: Arc<Harness>) {
     // A viewer may not; an unknown job is not found.
     let viewer = h.user("viewer@example.com", "viewer").await;
     assert_eq!(retry(job.clone(), viewer).await.0, StatusCode::FORBIDDEN);
-    assert_eq!(retry("nope".into(), h.admin.clone()).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        retry("nope".into(), h.admin.clone()).await.0,
+        StatusCode::NOT_FOUND
+    );
     // The bundle is back; the retry builds the patch.
     let spool = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(spool.path(), &r.bundles[0].bytes).unwrap();
@@ -582,7 +591,10 @@ async fn a_failed_patch_job_is_retried_by_an_operator(h: Arc<Harness>) {
     assert_eq!(jobs[0]["status"], "ready", "{jobs:?}");
     assert!(jobs[0]["error"].is_null(), "{jobs:?}");
     // Only a failed job is retried.
-    assert_eq!(retry(job.clone(), h.admin.clone()).await.0, StatusCode::CONFLICT);
+    assert_eq!(
+        retry(job.clone(), h.admin.clone()).await.0,
+        StatusCode::CONFLICT
+    );
     let planned = preview(&h, &id).await;
     let (method, bytes) = planned["on-1.0.0"].clone();
     assert_eq!(method, "server-patch", "{planned:?}");
@@ -597,14 +609,21 @@ async fn a_failed_patch_job_is_retried_by_an_operator(h: Arc<Harness>) {
         .iter()
         .filter(|e| e["action"] == "release.patch.retry")
         .collect();
-    assert_eq!(retries.len(), 2, "the retry and the refused one (409): {retries:?}");
+    assert_eq!(
+        retries.len(),
+        2,
+        "the retry and the refused one (409): {retries:?}"
+    );
     start(&h, &id).await;
     let d = desired(&h, &dev).await;
     assert_eq!(d.patches.len(), 1, "{d:?}");
     let report = install(&url, &dev, &d).await;
     assert_eq!(report.bytes_fetched, bytes, "{report:?}");
     assert!(report.chunks_patched > 0, "{report:?}");
-    assert_eq!(file_sha256(&dev.device.path("slot-a.img")), sha256(&r.images[2]));
+    assert_eq!(
+        file_sha256(&dev.device.path("slot-a.img")),
+        sha256(&r.images[2])
+    );
 }
 
 /// Per device (method, bytes, building) of a deployment preview.
@@ -641,12 +660,20 @@ async fn a_deployment_preview_equals_what_each_device_fetches(h: Arc<Harness>) {
     let ids: Vec<String> = devs.iter().map(|d| d.id.clone()).collect();
     let body = json!({"release_id": r.ids[2], "devices": ids});
     let (s, v) = h
-        .call(Method::POST, "/api/v1/deployments/preview", Some(&h.admin), Some(body.clone()))
+        .call(
+            Method::POST,
+            "/api/v1/deployments/preview",
+            Some(&h.admin),
+            Some(body.clone()),
+        )
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let before = per_device(&v);
     let plain = |k: usize| chunk_delta(Some(&r.bundles[k]), &r.bundles[2]);
-    assert_eq!(before["factory"], ("full".into(), chunk_delta(None, &r.bundles[2]), false));
+    assert_eq!(
+        before["factory"],
+        ("full".into(), chunk_delta(None, &r.bundles[2]), false)
+    );
     assert_eq!(before["on-1.0.0"], ("chunk-delta".into(), plain(0), true));
     assert_eq!(before["on-1.1.0"], ("chunk-delta".into(), plain(1), true));
     assert_eq!(v["patches_building"], 2, "{v}");
@@ -673,7 +700,12 @@ async fn a_deployment_preview_equals_what_each_device_fetches(h: Arc<Harness>) {
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
     // Made: the server builds both patches, and the preview is final.
     let (s, v) = h
-        .call(Method::POST, "/api/v1/deployments", Some(&h.admin), Some(body))
+        .call(
+            Method::POST,
+            "/api/v1/deployments",
+            Some(&h.admin),
+            Some(body),
+        )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
     let deployment = v["id"].as_str().unwrap().to_string();
@@ -701,10 +733,18 @@ async fn a_deployment_preview_equals_what_each_device_fetches(h: Arc<Harness>) {
         let (method, bytes, building) = after[&dev.name].clone();
         assert!(!building);
         let d = desired(&h, dev).await;
-        assert_eq!(d.patches.len(), usize::from(method == "server-patch"), "{d:?}");
+        assert_eq!(
+            d.patches.len(),
+            usize::from(method == "server-patch"),
+            "{d:?}"
+        );
         let report = install(&url, dev, &d).await;
         assert_eq!(report.bytes_fetched, bytes, "{}: {method}", dev.name);
-        let slot = if dev.name == "factory" { "slot-b.img" } else { "slot-a.img" };
+        let slot = if dev.name == "factory" {
+            "slot-b.img"
+        } else {
+            "slot-a.img"
+        };
         assert_eq!(file_sha256(&dev.device.path(slot)), sha256(&r.images[2]));
     }
 }
@@ -740,5 +780,8 @@ async fn a_server_made_patch_is_the_vendor_s_patch_byte_for_byte(h: Arc<Harness>
     let (_, span) = b.layout().images[0].patches[0];
     let member = &vendor.bytes[span.offset as usize..span.end() as usize];
     assert_eq!(server_made.len(), member.len());
-    assert!(server_made == member, "the server-made patch differs from the vendor's");
+    assert!(
+        server_made == member,
+        "the server-made patch differs from the vendor's"
+    );
 }

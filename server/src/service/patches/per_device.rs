@@ -73,14 +73,13 @@ pub async fn preview(
             "devices: 1 to {MAX_DEVICES} device ids"
         )));
     }
-    let (compatible, version): (String, String) = sqlx::query_as(
-        "SELECT compatible, version FROM releases WHERE id = $1 AND org_id = $2",
-    )
-    .bind(release_id)
-    .bind(org_id)
-    .fetch_optional(state.store.pool())
-    .await?
-    .ok_or(Error::NotFound("no such release"))?;
+    let (compatible, version): (String, String) =
+        sqlx::query_as("SELECT compatible, version FROM releases WHERE id = $1 AND org_id = $2")
+            .bind(release_id)
+            .bind(org_id)
+            .fetch_optional(state.store.pool())
+            .await?
+            .ok_or(Error::NotFound("no such release"))?;
     let mut plans: HashMap<Option<String>, Plan> = HashMap::new();
     let mut seen = std::collections::HashSet::new();
     let mut out = DeploymentPreview {
@@ -126,7 +125,9 @@ pub async fn preview(
         out.targets += 1;
         out.total_bytes += p.bytes;
         out.patches_building += u64::from(p.building);
-        *out.methods.entry(p.method.as_str().to_string()).or_default() += 1;
+        *out.methods
+            .entry(p.method.as_str().to_string())
+            .or_default() += 1;
         out.devices.push(DevicePlan {
             id: pk.clone(),
             device_id,
