@@ -150,7 +150,7 @@ async fn detail_page(state: &AppState, s: &Session, id: &str, refusal: Option<&s
     let raw = r.manifest.clone().unwrap_or_default();
     let typed: Option<Manifest> = serde_json::from_value(raw.clone()).ok();
     let pretty = serde_json::to_string_pretty(&raw).unwrap_or_default();
-    let jobs = super::patch_jobs::of(&state, &s, &id).await?;
+    let jobs = super::patch_jobs::of(state, s, id).await?;
     Ok(layout::page(
         s,
         Nav::Releases,
@@ -199,7 +199,7 @@ async fn detail_page(state: &AppState, s: &Session, id: &str, refusal: Option<&s
                     pre { (serde_json::to_string_pretty(h).unwrap_or_default()) }
                 }
             }
-            (super::patch_jobs::section(&s, &r.id, &jobs))
+            (super::patch_jobs::section(s, &r.id, &jobs))
             details {
                 summary { "Signed manifest (JSON)" }
                 pre { (pretty) }
