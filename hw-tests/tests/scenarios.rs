@@ -532,6 +532,15 @@ fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T
     }
 }
 
+/// Sets its flag when dropped (also while a panic unwinds).
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 #[test]
 fn s7_daemon_enrolls_with_a_real_server_over_the_network_installs_reboots_and_commits() {
     let f = fixture(Arch::X86_64);
@@ -610,6 +619,9 @@ fn s7_daemon_enrolls_with_a_real_server_over_the_network_installs_reboots_and_co
             }
             (states, beats)
         });
+        // A failed wait below must stop the watcher too, or the scope
+        // would wait for it forever instead of failing the test.
+        let _stop = StopOnDrop(&done);
         m.wait_for(
             "Kernex: booting slot B (A left 3, B left 2)",
             INSTALL_TIMEOUT,
