@@ -697,13 +697,30 @@ async fn sql_injection_in_filters_has_no_effect(h: Arc<Harness>) {
     let (_, token) = h.enrollment_token(&h.admin, &["lab"]).await;
     h.enroll(&token, "dev-a", "qemu-aarch64").await;
     h.enroll(&token, "dev-b", "raspberrypi4-64").await;
-    for param in ["tag", "hardware_class", "version", "status"] {
+    for param in [
+        "tag",
+        "hardware_class",
+        "version",
+        "q",
+        "site",
+        "link_class",
+    ] {
         for attack in INJECTIONS {
             let path = format!("/api/v1/devices?{param}={}", urlencode(attack));
             let (s, v) = h.call(Method::GET, &path, Some(&h.admin), None).await;
             assert_eq!(s, StatusCode::OK, "{path}: {v}");
             assert_eq!(v, json!([]), "{path} matched something");
         }
+    }
+    // A status is one of a fixed set: anything else is refused, by name.
+    for attack in INJECTIONS {
+        let path = format!("/api/v1/devices?status={}", urlencode(attack));
+        let (s, v) = h.call(Method::GET, &path, Some(&h.admin), None).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{path}: {v}");
+        assert!(
+            v["detail"].as_str().is_some_and(|d| d.contains("status")),
+            "{v}"
+        );
     }
     assert_eq!(h.count("devices").await, 2);
     // The filters do work with real values.
