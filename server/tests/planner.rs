@@ -556,6 +556,11 @@ async fn a_failed_patch_job_is_retried_by_an_operator(h: Arc<Harness>) {
         "{jobs:?}"
     );
     let job = jobs[0]["id"].as_str().unwrap().to_string();
+    // The bundle is back (the preview reads its index too): the pair is
+    // planned as the chunk delta.
+    let spool = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(spool.path(), &r.bundles[0].bytes).unwrap();
+    h.state.blobs.put_file(&key, spool.path()).await.unwrap();
     let plain = chunk_delta(Some(&r.bundles[0]), &r.bundles[2]);
     assert_eq!(
         preview(&h, &id).await["on-1.0.0"],
@@ -575,16 +580,13 @@ async fn a_failed_patch_job_is_retried_by_an_operator(h: Arc<Harness>) {
         }
     };
     // A viewer may not; an unknown job is not found.
-    let viewer = h.user("viewer@example.com", "viewer").await;
+    let viewer = h.user("viewer@example.com", "read_only").await;
     assert_eq!(retry(job.clone(), viewer).await.0, StatusCode::FORBIDDEN);
     assert_eq!(
         retry("nope".into(), h.admin.clone()).await.0,
         StatusCode::NOT_FOUND
     );
-    // The bundle is back; the retry builds the patch.
-    let spool = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(spool.path(), &r.bundles[0].bytes).unwrap();
-    h.state.blobs.put_file(&key, spool.path()).await.unwrap();
+    // The retry builds the patch.
     let (s, v) = retry(job.clone(), h.admin.clone()).await;
     assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
     let jobs = built(&h, &r.ids[2]).await;
@@ -609,11 +611,17 @@ async fn a_failed_patch_job_is_retried_by_an_operator(h: Arc<Harness>) {
         .iter()
         .filter(|e| e["action"] == "release.patch.retry")
         .collect();
-    assert_eq!(
-        retries.len(),
-        2,
-        "the retry and the refused one (409): {retries:?}"
-    );
+    // The unknown job (404), the retry and the refused one (409); the
+    // viewer's 403 is refused before anything is attempted, unaudited.
+    let results: Vec<&str> = retries
+        .iter()
+        .rev()
+        .map(|e| e["result"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(results.len(), 3, "{retries:?}");
+    assert!(results[0].starts_with("error"), "{results:?}");
+    assert_eq!(results[1], "ok", "{results:?}");
+    assert!(results[2].starts_with("error"), "{results:?}");
     start(&h, &id).await;
     let d = desired(&h, &dev).await;
     assert_eq!(d.patches.len(), 1, "{d:?}");
