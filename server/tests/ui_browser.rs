@@ -192,7 +192,8 @@ fn operator_flows_in_a_real_browser() {
         &format!("/element/{el}/value"),
         Some(json!({"text": "error"})),
     );
-    b.click(".filters button[type=submit]");
+    // The device page has several forms (tags, link): the log's own.
+    b.click("form:has(#level) button[type=submit]");
     b.wait_url("level=error");
     let page = b.text("main");
     assert!(

@@ -603,7 +603,7 @@ async fn bad_input_gets_an_error_page(h: Arc<Harness>) {
         (
             "/ui/keyring",
             vec![("pem", "not a certificate")],
-            StatusCode::UNPROCESSABLE_ENTITY,
+            StatusCode::BAD_REQUEST,
         ),
         ("/ui/devices/nope/revoke", vec![], StatusCode::NOT_FOUND),
     ] {
